@@ -1,0 +1,371 @@
+//! `Deduper`: the engine. Fingerprints are routed to shards; each shard is
+//! used by one thread at a time (its lock), so two copies of one key never
+//! race and the filter's "definitely new" needs no confirmation.
+
+mod builder;
+mod shard;
+mod stats;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+
+use crate::filter::Probe;
+use crate::fingerprint::{Fingerprint, Key, Namespace};
+use crate::time::{ClockSource, Timestamp};
+use crate::verdict::Verdict;
+
+pub use builder::{DeduperBuilder, Mode};
+pub use stats::Stats;
+
+pub(crate) use builder::Plan;
+pub(crate) use shard::{Shard, ShardFilter};
+pub(crate) use stats::ShardCounters as ShardCountersView;
+
+/// Keys processed ahead of the current one in a batch, so that their filter
+/// blocks are already on their way from memory.
+const PREFETCH_AHEAD: usize = 8;
+
+/// The deduplication engine: "was this key accepted within the window?"
+///
+/// `Send + Sync`: share it (`Arc<Deduper>`) between threads and call it
+/// through `&self`. See the [crate documentation](crate) for the tiers and
+/// the guarantees.
+pub struct Deduper {
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    shard_mask: u64,
+    plan: Plan,
+    clock: ClockSource,
+    /// Event time: highest timestamp seen (0 before any).
+    watermark: CachePadded<AtomicU64>,
+    late: AtomicU64,
+}
+
+impl Deduper {
+    /// A builder with the defaults (one-hour window, 10⁶ keys per window,
+    /// 1% filter rate, processing time, exact mode, memory tier).
+    pub fn builder() -> DeduperBuilder {
+        DeduperBuilder::default()
+    }
+
+    pub(crate) fn from_parts(
+        plan: Plan,
+        shards: Box<[CachePadded<Mutex<Shard>>]>,
+        clock: ClockSource,
+    ) -> Self {
+        Deduper {
+            shard_mask: shards.len() as u64 - 1,
+            shards,
+            plan,
+            clock,
+            watermark: CachePadded::new(AtomicU64::new(0)),
+            late: AtomicU64::new(0),
+        }
+    }
+
+    /// The fingerprint of `key` in this engine's namespace.
+    #[inline]
+    pub fn fingerprint<K: Key + ?Sized>(&self, key: &K) -> Fingerprint {
+        key.fingerprint(self.plan.namespace)
+    }
+
+    /// The namespace keys are hashed in.
+    #[must_use]
+    pub fn namespace(&self) -> Namespace {
+        self.plan.namespace
+    }
+
+    /// The window (`None`: keys never expire).
+    #[must_use]
+    pub fn window(&self) -> Option<Duration> {
+        self.plan.window.map(Duration::from_nanos)
+    }
+
+    /// The length of one generation (window plus lateness, over six).
+    #[must_use]
+    pub fn slice_duration(&self) -> Option<Duration> {
+        self.plan
+            .slicing
+            .map(|s| Duration::from_nanos(s.slice_nanos))
+    }
+
+    /// The event-time watermark: the highest timestamp passed so far.
+    #[must_use]
+    pub fn watermark(&self) -> Timestamp {
+        Timestamp::from_nanos(self.watermark.load(Ordering::Acquire))
+    }
+
+    /// Number of shards.
+    #[must_use]
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// How the filter was sized: bits per key and probes per generation,
+    /// the rate per generation, and keys per generation slot per shard.
+    #[must_use]
+    pub fn sizing(&self) -> Sizing {
+        let s = &self.plan.sizing;
+        Sizing {
+            bits_per_key_per_generation: s.bits_per_key,
+            hashes: s.hashes,
+            generation_fpr: s.generation_fpr,
+            slot_capacity_per_shard: self.plan.rules.slot_capacity,
+            namespace: self.plan.namespace_name.clone(),
+        }
+    }
+
+    /// The mode the engine runs in.
+    #[must_use]
+    pub fn mode(&self) -> Mode {
+        self.plan.mode
+    }
+
+    #[inline]
+    fn shard_of(&self, fp: Fingerprint) -> usize {
+        (fp.low() & self.shard_mask) as usize
+    }
+
+    #[inline]
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        // A shard's state is consistent between calls (a panic inside one
+        // would be a bug of ours): keep serving after a poisoned lock.
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The verdict for `key` now: [`Verdict::New`] (accepted now) or
+    /// [`Verdict::Duplicate`] (accepted less than the window ago). Under
+    /// [`crate::Clock::EventTime`], "now" is the watermark.
+    #[inline]
+    pub fn check<K: Key + ?Sized>(&self, key: &K) -> Verdict {
+        let fp = self.fingerprint(key);
+        let mut shard = self.lock(self.shard_of(fp));
+        let t = match self.clock.read() {
+            Some(reading) => shard.processing_time(reading),
+            None => self.watermark(),
+        };
+        shard.check(fp, None, t, &self.plan.rules)
+    }
+
+    /// The verdict for `key` at event time `t`: a duplicate when it was
+    /// accepted at `t0` with `t − t0 < window` (a repeat timestamped before
+    /// its accepted occurrence is a duplicate too). An event more than the
+    /// allowed lateness behind the watermark is [`Verdict::Late`].
+    #[inline]
+    pub fn check_at<K: Key + ?Sized>(&self, key: &K, t: Timestamp) -> Verdict {
+        if let Some(late) = self.observe(t) {
+            return late;
+        }
+        let fp = self.fingerprint(key);
+        let mut shard = self.lock(self.shard_of(fp));
+        shard.check(fp, None, t, &self.plan.rules)
+    }
+
+    /// Moves the watermark to `t`, or returns `Late` when `t` is behind it by
+    /// more than the allowed lateness.
+    #[inline]
+    fn observe(&self, t: Timestamp) -> Option<Verdict> {
+        let wm = self.watermark.load(Ordering::Acquire);
+        let t = t.as_nanos();
+        if t.saturating_add(self.plan.lateness) < wm {
+            self.late.fetch_add(1, Ordering::Relaxed);
+            return Some(Verdict::Late {
+                watermark: Timestamp::from_nanos(wm),
+            });
+        }
+        if t > wm {
+            self.watermark.fetch_max(t, Ordering::AcqRel);
+        }
+        None
+    }
+
+    /// Verdicts for many keys, in order: the same as calling
+    /// [`Deduper::check`] on each in turn, at one clock reading. Keys are
+    /// grouped by shard (one lock per shard per batch) and their filter
+    /// blocks prefetched.
+    pub fn check_batch<K: Key>(&self, keys: &[K]) -> Vec<Verdict> {
+        let mut out = Vec::with_capacity(keys.len());
+        self.check_batch_into(keys, &mut out);
+        out
+    }
+
+    /// [`Deduper::check_batch`] into a caller's vector (cleared first).
+    pub fn check_batch_into<K: Key>(&self, keys: &[K], out: &mut Vec<Verdict>) {
+        let fps: Vec<Fingerprint> = keys.iter().map(|k| self.fingerprint(k)).collect();
+        let reading = self.clock.read();
+        let wm = self.watermark();
+        out.clear();
+        out.resize(fps.len(), Verdict::New);
+        self.run_batch(&fps, out, |shard, _| {
+            Some(match reading {
+                Some(r) => shard.processing_time(r),
+                None => wm,
+            })
+        });
+    }
+
+    /// Verdicts for many `(key, event time)` pairs, in order: the same as
+    /// calling [`Deduper::check_at`] on each in turn.
+    pub fn check_batch_at<K: Key>(&self, keys: &[(K, Timestamp)]) -> Vec<Verdict> {
+        // Lateness is decided up front against the watermark each event would
+        // meet if checked one at a time; late events are not routed.
+        let mut out = Vec::with_capacity(keys.len());
+        let mut wm = self.watermark.load(Ordering::Acquire);
+        let mut late_count = 0;
+        for (_, t) in keys {
+            let t = t.as_nanos();
+            if t.saturating_add(self.plan.lateness) < wm {
+                late_count += 1;
+                out.push(Verdict::Late {
+                    watermark: Timestamp::from_nanos(wm),
+                });
+            } else {
+                wm = wm.max(t);
+                out.push(Verdict::New);
+            }
+        }
+        self.watermark.fetch_max(wm, Ordering::AcqRel);
+        self.late.fetch_add(late_count, Ordering::Relaxed);
+        let fps: Vec<Fingerprint> = keys.iter().map(|(k, _)| self.fingerprint(k)).collect();
+        let skip: Vec<bool> = out.iter().map(|v| v.is_late()).collect();
+        self.run_batch(&fps, &mut out, |_, i| (!skip[i]).then_some(keys[i].1));
+        out
+    }
+
+    /// Groups `fps` by shard, takes each shard's lock once, and writes the
+    /// verdicts in input order into `out` (which has one slot per key).
+    /// `time(shard, i)` is the time of key `i`, or `None` to leave `out[i]`.
+    fn run_batch(
+        &self,
+        fps: &[Fingerprint],
+        out: &mut [Verdict],
+        time: impl Fn(&Shard, usize) -> Option<Timestamp>,
+    ) {
+        debug_assert_eq!(fps.len(), out.len());
+        // Counting sort of key indices by shard; order within a shard is the
+        // input order, so repeats of one key are judged in input order.
+        let n_shards = self.shards.len();
+        let mut starts = vec![0u32; n_shards + 1];
+        for &fp in fps {
+            starts[self.shard_of(fp) + 1] += 1;
+        }
+        for s in 0..n_shards {
+            starts[s + 1] += starts[s];
+        }
+        let mut cursor = starts.clone();
+        let mut order = vec![0u32; fps.len()];
+        for (i, &fp) in fps.iter().enumerate() {
+            let s = self.shard_of(fp);
+            order[cursor[s] as usize] = i as u32;
+            cursor[s] += 1;
+        }
+        let mut probes: Vec<Option<Probe>> = Vec::new();
+        for s in 0..n_shards {
+            let group = &order[starts[s] as usize..starts[s + 1] as usize];
+            if group.is_empty() {
+                continue;
+            }
+            let mut shard = self.lock(s);
+            probes.clear();
+            probes.extend(group.iter().map(|&i| shard.probe(fps[i as usize])));
+            for p in probes.iter().take(PREFETCH_AHEAD).flatten() {
+                shard.prefetch(*p);
+            }
+            for (j, &i) in group.iter().enumerate() {
+                if let Some(Some(ahead)) = probes.get(j + PREFETCH_AHEAD) {
+                    shard.prefetch(*ahead);
+                }
+                let i = i as usize;
+                if let Some(t) = time(&shard, i) {
+                    out[i] = shard.check(fps[i], probes[j], t, &self.plan.rules);
+                }
+            }
+        }
+    }
+
+    /// Rotates every shard to the current time (processing time) or the
+    /// watermark (event time), freeing expired generations of shards that
+    /// have seen no key for a while. Checks rotate their own shard; call this
+    /// periodically when some shards may sit idle for longer than a window.
+    pub fn maintain(&self) {
+        for s in 0..self.shards.len() {
+            let mut shard = self.lock(s);
+            let t = match self.clock.read() {
+                Some(r) => shard.processing_time(r),
+                None => self.watermark(),
+            };
+            shard.advance(t);
+        }
+    }
+
+    /// Counters and sizes, summed over shards (each shard read under its
+    /// lock, one after another).
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats {
+            late: self.late.load(Ordering::Relaxed),
+            ..Stats::default()
+        };
+        let mut fpr_sum = 0.0;
+        for s in 0..self.shards.len() {
+            let shard = self.lock(s);
+            stats.add(&shard.counters);
+            stats.filter_bytes += shard.filter_bytes() as u64;
+            if let Some(exact) = &shard.exact {
+                stats.exact_entries += exact.len();
+                stats.exact_bytes += exact.bytes() as u64;
+            }
+            fpr_sum += shard.estimated_fpr();
+        }
+        stats.estimated_fpr = fpr_sum / self.shards.len() as f64;
+        stats
+    }
+
+    pub(crate) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub(crate) fn lock_all(&self) -> Vec<MutexGuard<'_, Shard>> {
+        (0..self.shards.len()).map(|s| self.lock(s)).collect()
+    }
+
+    pub(crate) fn restore_watermark(&self, wm: u64, late: u64) {
+        self.watermark.store(wm, Ordering::Release);
+        self.late.store(late, Ordering::Relaxed);
+    }
+
+    pub(crate) fn late_count(&self) -> u64 {
+        self.late.load(Ordering::Relaxed)
+    }
+}
+
+/// How an engine's filter was sized (see [`Deduper::sizing`]).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Sizing {
+    /// Filter bits per key in one generation.
+    pub bits_per_key_per_generation: f64,
+    /// Probe bits per key.
+    pub hashes: u32,
+    /// Target false-positive rate of one full generation.
+    pub generation_fpr: f64,
+    /// Keys one generation slot of one shard holds at its rate.
+    pub slot_capacity_per_shard: u64,
+    /// The namespace's name.
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for Deduper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deduper")
+            .field("window", &self.window())
+            .field("shards", &self.shards.len())
+            .field("mode", &self.plan.mode)
+            .field("exact_tier", &self.plan.exact_name)
+            .finish_non_exhaustive()
+    }
+}

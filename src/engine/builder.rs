@@ -1,0 +1,296 @@
+//! `DeduperBuilder`: validates a configuration and sizes the tiers.
+
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+
+use crate::error::ConfigError;
+use crate::exact::ExactTier;
+use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing};
+use crate::fingerprint::Namespace;
+use crate::time::{duration_nanos, Clock, ClockSource, Slicing, SLICES_PER_SPAN};
+
+use super::shard::{Shard, ShardFilter, ShardRules};
+use super::Deduper;
+
+/// Exact (the default) or filter-only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// No false negative, no false positive: every filter match is confirmed
+    /// by the exact tier.
+    #[default]
+    Exact,
+    /// Filter only: about 2 bytes per key, no false negative inside the
+    /// window, but a never-seen key is reported [`crate::Verdict::LikelyDuplicate`]
+    /// at the configured false-positive rate, and the window is rounded up to
+    /// whole slices (keys may be remembered up to one slice longer).
+    Probabilistic,
+}
+
+/// How many keys to size for.
+#[derive(Clone, Copy, Debug)]
+enum Expected {
+    PerWindow(u64),
+    PerSecond(f64),
+}
+
+/// Configures a [`Deduper`]; [`DeduperBuilder::build`] validates it.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct DeduperBuilder {
+    window: Option<Duration>,
+    expected: Expected,
+    false_positive_rate: f64,
+    namespace: (String, Namespace),
+    clock: Clock,
+    lateness: Option<Duration>,
+    mode: Mode,
+    shards: Option<usize>,
+    exact: ExactTier,
+    memory_limit: Option<u64>,
+}
+
+impl Default for DeduperBuilder {
+    fn default() -> Self {
+        DeduperBuilder {
+            window: Some(Duration::from_secs(3600)),
+            expected: Expected::PerWindow(1_000_000),
+            false_positive_rate: 0.01,
+            namespace: (String::new(), Namespace::default()),
+            clock: Clock::System,
+            lateness: None,
+            mode: Mode::Exact,
+            shards: None,
+            exact: ExactTier::Memory,
+            memory_limit: None,
+        }
+    }
+}
+
+impl DeduperBuilder {
+    /// A key is a duplicate when it was accepted less than `window` ago.
+    /// Default: one hour.
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// Keys never expire: every earlier acceptance counts (like `sort -u`).
+    /// The filter then grows with the key count, keeping its rate.
+    /// Default: off (a one-hour window).
+    pub fn no_window(mut self) -> Self {
+        self.window = None;
+        self
+    }
+
+    /// Distinct keys expected within one window (the filter's sizing; more
+    /// keys raise its rate and are counted in [`crate::Stats::over_capacity`],
+    /// never forgotten). Without a window: the initial size. Default: 10⁶.
+    pub fn expected_keys(mut self, keys: u64) -> Self {
+        self.expected = Expected::PerWindow(keys);
+        self
+    }
+
+    /// Distinct keys expected per second; the count per window follows from
+    /// the window. Default: unset (see [`DeduperBuilder::expected_keys`]).
+    pub fn expected_rate(mut self, keys_per_second: f64) -> Self {
+        self.expected = Expected::PerSecond(keys_per_second);
+        self
+    }
+
+    /// The filter's false-positive rate per query (over all live
+    /// generations). In exact mode it only costs exact-tier lookups; in
+    /// probabilistic mode it is the rate of wrong `LikelyDuplicate`s.
+    /// Default: 0.01.
+    pub fn false_positive_rate(mut self, rate: f64) -> Self {
+        self.false_positive_rate = rate;
+        self
+    }
+
+    /// The key space: the same key in two namespaces is two keys.
+    /// Default: `""`.
+    pub fn namespace(mut self, name: &str) -> Self {
+        self.namespace = (name.to_owned(), Namespace::new(name));
+        self
+    }
+
+    /// Where "now" comes from. Default: [`Clock::System`] (processing time).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Event time only: how far behind the watermark an event may be and
+    /// still be judged exactly (older ones are [`crate::Verdict::Late`]).
+    /// Costs filter memory in proportion to `(window + lateness) / window`.
+    /// Default: zero.
+    pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
+        self.lateness = Some(lateness);
+        self
+    }
+
+    /// Exact or filter-only. Default: [`Mode::Exact`].
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Number of shards (rounded up to a power of two). More shards mean
+    /// less contention between threads. Default: 4 per available core.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// The exact tier. Default: [`ExactTier::Memory`].
+    pub fn exact_tier(mut self, tier: ExactTier) -> Self {
+        self.exact = tier;
+        self
+    }
+
+    /// Refuse to build a filter larger than `bytes`. Default: no limit
+    /// (beyond 1 TiB).
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// The engine.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming what to change: a zero window, zero expected
+    /// keys, a false-positive rate outside (0, 1), zero shards, lateness
+    /// without event time, or a filter over the memory limit.
+    pub fn build(self) -> Result<Deduper, ConfigError> {
+        let plan = self.plan()?;
+        let shards = (0..plan.shards)
+            .map(|i| {
+                plan.make_shard(i, &self.exact)
+                    .map(|s| CachePadded::new(std::sync::Mutex::new(s)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Deduper::from_parts(
+            plan,
+            shards.into_boxed_slice(),
+            ClockSource::new(&self.clock),
+        ))
+    }
+
+    /// Validates and sizes, without allocating.
+    pub(crate) fn plan(&self) -> Result<Plan, ConfigError> {
+        if self.window.is_some_and(|w| w.is_zero()) {
+            return Err(ConfigError::ZeroWindow);
+        }
+        if !(self.false_positive_rate > 0.0 && self.false_positive_rate < 1.0) {
+            return Err(ConfigError::FalsePositiveRate(self.false_positive_rate));
+        }
+        if self.lateness.is_some() && !matches!(self.clock, Clock::EventTime) {
+            return Err(ConfigError::LatenessWithoutEventTime);
+        }
+        let shards = match self.shards {
+            Some(0) => return Err(ConfigError::ZeroShards),
+            Some(n) => n.next_power_of_two(),
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cores * 4).next_power_of_two()
+            }
+        };
+        let window = self.window.map(duration_nanos);
+        let lateness = self.lateness.map_or(0, duration_nanos);
+        let keys_per_window = match (self.expected, self.window) {
+            (Expected::PerWindow(n), _) => n,
+            (Expected::PerSecond(r), Some(w)) if r.is_finite() && r > 0.0 => {
+                (r * w.as_secs_f64()).ceil().min(u64::MAX as f64) as u64
+            }
+            (Expected::PerSecond(_), _) => 0,
+        };
+        if keys_per_window == 0 {
+            return Err(ConfigError::ZeroExpectedKeys);
+        }
+        let (slicing, keys_per_slot_total) = match window {
+            Some(w) => {
+                let span = w.saturating_add(lateness);
+                let slicing = Slicing::for_span(span);
+                // Keys arriving in one slice at the expected rate.
+                let per_slice =
+                    (keys_per_window as f64 * slicing.slice_nanos as f64 / w as f64).ceil();
+                (Some(slicing), per_slice.max(1.0) as u64)
+            }
+            None => (None, keys_per_window.div_ceil(SLICES_PER_SPAN)),
+        };
+        // Per shard, with three standard deviations of slack for the uneven
+        // split of keys over shards.
+        let mean = keys_per_slot_total as f64 / shards as f64;
+        let slot_capacity = (mean + 3.0 * mean.sqrt() + 1.0).ceil() as u64;
+        let sizing = SlotSizing::new(slot_capacity, self.false_positive_rate, 1)?;
+        let filter_bytes = match window {
+            Some(_) => sizing.num_blocks as u64 * 64 * shards as u64,
+            None => 0,
+        };
+        if let Some(limit) = self.memory_limit {
+            if filter_bytes > limit {
+                return Err(ConfigError::MemoryLimit {
+                    needed: filter_bytes,
+                    limit,
+                });
+            }
+        }
+        Ok(Plan {
+            window,
+            lateness,
+            slicing,
+            shards,
+            sizing,
+            rules: ShardRules {
+                window,
+                slot_capacity,
+            },
+            keys_per_window,
+            false_positive_rate: self.false_positive_rate,
+            namespace: self.namespace.1,
+            namespace_name: self.namespace.0.clone(),
+            mode: self.mode,
+            exact_name: self.exact.name(),
+        })
+    }
+}
+
+/// A validated configuration with its sizes.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub(crate) window: Option<u64>,
+    pub(crate) lateness: u64,
+    pub(crate) slicing: Option<Slicing>,
+    pub(crate) shards: usize,
+    pub(crate) sizing: SlotSizing,
+    pub(crate) rules: ShardRules,
+    pub(crate) keys_per_window: u64,
+    pub(crate) false_positive_rate: f64,
+    pub(crate) namespace: Namespace,
+    pub(crate) namespace_name: String,
+    pub(crate) mode: Mode,
+    pub(crate) exact_name: &'static str,
+}
+
+impl Plan {
+    pub(crate) fn make_shard(&self, index: usize, exact: &ExactTier) -> Result<Shard, ConfigError> {
+        let filter = match self.slicing {
+            Some(slicing) => ShardFilter::Windowed(GenerationalBloom::with_parts(
+                slicing,
+                self.sizing.num_blocks,
+                self.sizing.hashes,
+            )),
+            None => ShardFilter::Unbounded(GrowingBloom::new(
+                (self.keys_per_window / self.shards as u64).max(1),
+                self.false_positive_rate,
+            )?),
+        };
+        let partition = match self.mode {
+            Mode::Exact => {
+                Some(exact.partition(index, self.shards, self.rules.slot_capacity as usize))
+            }
+            Mode::Probabilistic => None,
+        };
+        Ok(Shard::new(filter, partition))
+    }
+}

@@ -1,0 +1,242 @@
+//! One shard: a filter segment, an exact-tier partition and counters, used by
+//! one thread at a time (the shard lock, or a pipeline worker).
+
+use crate::exact::ExactPartition;
+use crate::filter::{GenerationalBloom, GrowingBloom, Probe};
+use crate::fingerprint::Fingerprint;
+use crate::time::{live_slots, slot_of, Timestamp, GENERATIONS};
+use crate::verdict::Verdict;
+
+use super::stats::ShardCounters;
+
+/// What every shard of an engine shares: the window and the sizing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShardRules {
+    /// The window in nanoseconds; `None`: keys never expire.
+    pub(crate) window: Option<u64>,
+    /// Keys one slot of one shard was sized for.
+    pub(crate) slot_capacity: u64,
+}
+
+pub(crate) enum ShardFilter {
+    /// A windowed engine: rotating generations.
+    Windowed(GenerationalBloom),
+    /// No window: growing layers.
+    Unbounded(GrowingBloom),
+}
+
+pub(crate) struct Shard {
+    pub(crate) filter: ShardFilter,
+    /// `None` in probabilistic mode.
+    pub(crate) exact: Option<Box<dyn ExactPartition>>,
+    /// Highest time this shard has seen (its processing clock never goes back).
+    pub(crate) time: u64,
+    /// Keys inserted into each slot since it was last cleared.
+    pub(crate) slot_inserts: [u64; GENERATIONS],
+    pub(crate) counters: ShardCounters,
+}
+
+impl Shard {
+    pub(crate) fn new(filter: ShardFilter, exact: Option<Box<dyn ExactPartition>>) -> Self {
+        Shard {
+            filter,
+            exact,
+            time: 0,
+            slot_inserts: [0; GENERATIONS],
+            counters: ShardCounters::default(),
+        }
+    }
+
+    /// The filter probe of `fp`, for prefetching ahead of [`Shard::check`].
+    #[inline]
+    pub(crate) fn probe(&self, fp: Fingerprint) -> Option<Probe> {
+        match &self.filter {
+            ShardFilter::Windowed(f) => Some(f.bloom().probe(fp)),
+            ShardFilter::Unbounded(_) => None,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn prefetch(&self, probe: Probe) {
+        if let ShardFilter::Windowed(f) = &self.filter {
+            f.bloom().prefetch(probe);
+        }
+    }
+
+    /// Processing time: the later of the clock reading and the shard's time,
+    /// so time never goes backwards inside a shard.
+    #[inline]
+    pub(crate) fn processing_time(&self, reading: Timestamp) -> Timestamp {
+        Timestamp::from_nanos(reading.as_nanos().max(self.time))
+    }
+
+    /// Moves the shard's generations to `t`, dropping expired exact entries.
+    #[inline]
+    pub(crate) fn advance(&mut self, t: Timestamp) {
+        self.time = self.time.max(t.as_nanos());
+        if let ShardFilter::Windowed(f) = &self.filter {
+            let cleared = f.advance(Timestamp::from_nanos(self.time));
+            if cleared != 0 {
+                self.counters.rotations += 1;
+                if let Some(exact) = &mut self.exact {
+                    exact.clear_slots(cleared);
+                }
+                for (slot, n) in self.slot_inserts.iter_mut().enumerate() {
+                    if cleared & (1 << slot) != 0 {
+                        *n = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The verdict for `fp` at time `t` (not late; `advance` not required).
+    /// `probe` is `self.probe(fp)` when the caller already computed it.
+    #[inline]
+    pub(crate) fn check(
+        &mut self,
+        fp: Fingerprint,
+        probe: Option<Probe>,
+        t: Timestamp,
+        rules: &ShardRules,
+    ) -> Verdict {
+        self.advance(t);
+        self.counters.checks += 1;
+        let verdict = match &mut self.filter {
+            ShardFilter::Windowed(f) => {
+                let probe = probe.unwrap_or_else(|| f.bloom().probe(fp));
+                let cur = f.current_or_zero();
+                let hits = f.bloom().hits(probe) & live_slots(cur);
+                if hits == 0 {
+                    self.accept(fp, Some(probe), t, rules)
+                } else {
+                    self.counters.maybe_seen += 1;
+                    self.confirm(fp, Some(probe), hits, cur, t, rules)
+                }
+            }
+            ShardFilter::Unbounded(g) => {
+                if g.contains(fp) {
+                    self.counters.maybe_seen += 1;
+                    self.confirm(fp, None, 1, 0, t, rules)
+                } else {
+                    self.accept(fp, None, t, rules)
+                }
+            }
+        };
+        match verdict {
+            Verdict::New => self.counters.new += 1,
+            Verdict::Duplicate { .. } => self.counters.duplicates += 1,
+            Verdict::LikelyDuplicate { .. } => self.counters.likely_duplicates += 1,
+            Verdict::Unavailable => self.counters.unavailable += 1,
+            Verdict::Late { .. } => {}
+        }
+        verdict
+    }
+
+    /// The filter matched slots `hits`: ask the exact tier, newest slot first.
+    fn confirm(
+        &mut self,
+        fp: Fingerprint,
+        probe: Option<Probe>,
+        hits: u8,
+        cur: u64,
+        t: Timestamp,
+        rules: &ShardRules,
+    ) -> Verdict {
+        let Some(exact) = &mut self.exact else {
+            // Probabilistic mode: trust the filter.
+            return self.likely_duplicate(hits, cur);
+        };
+        // Slots in recency order: the current slice's first, then older ones.
+        let order = (0..GENERATIONS as u64).map(|back| slot_of(cur.wrapping_sub(back)));
+        for slot in order {
+            if hits & (1 << slot) == 0 {
+                continue;
+            }
+            match exact.lookup(fp, slot) {
+                Ok(Some(first_seen)) => {
+                    let inside = match rules.window {
+                        None => true,
+                        // t − t0 < W, where an out-of-order repeat (t < t0)
+                        // counts as inside.
+                        Some(w) => t.as_nanos() < first_seen.as_nanos().saturating_add(w),
+                    };
+                    if inside {
+                        return Verdict::Duplicate { first_seen };
+                    }
+                    // The newest entry is expired; older ones are too.
+                    self.counters.reaccepted_after_window += 1;
+                    return self.accept(fp, probe, t, rules);
+                }
+                Ok(None) => {}
+                Err(_) => return Verdict::Unavailable,
+            }
+        }
+        self.counters.false_positives += 1;
+        self.accept(fp, probe, t, rules)
+    }
+
+    /// Accepts `fp` at `t`: into the filter's current generation and the
+    /// exact tier's matching slot.
+    fn accept(
+        &mut self,
+        fp: Fingerprint,
+        probe: Option<Probe>,
+        t: Timestamp,
+        rules: &ShardRules,
+    ) -> Verdict {
+        let slot = match &mut self.filter {
+            ShardFilter::Windowed(f) => {
+                let slot = slot_of(f.current_or_zero());
+                let probe = probe.unwrap_or_else(|| f.bloom().probe(fp));
+                f.bloom().insert(probe, slot);
+                slot
+            }
+            ShardFilter::Unbounded(g) => {
+                if !g.insert(fp) {
+                    self.counters.over_capacity += 1;
+                }
+                0
+            }
+        };
+        self.slot_inserts[slot] += 1;
+        if rules.window.is_some() && self.slot_inserts[slot] > rules.slot_capacity {
+            self.counters.over_capacity += 1;
+        }
+        if let Some(exact) = &mut self.exact {
+            if exact.mark(fp, slot, t).is_err() {
+                self.counters.mark_errors += 1;
+            }
+        }
+        Verdict::New
+    }
+
+    fn likely_duplicate(&self, hits: u8, cur: u64) -> Verdict {
+        let since = match &self.filter {
+            ShardFilter::Windowed(f) => {
+                // The oldest matching live slice bounds when it was accepted.
+                let oldest_back = (0..GENERATIONS as u64 - 1)
+                    .rev()
+                    .find(|&back| hits & (1 << slot_of(cur.wrapping_sub(back))) != 0)
+                    .unwrap_or(0);
+                f.slicing().slice_start(cur.saturating_sub(oldest_back))
+            }
+            ShardFilter::Unbounded(_) => Timestamp::ZERO,
+        };
+        Verdict::LikelyDuplicate { since }
+    }
+
+    pub(crate) fn filter_bytes(&self) -> usize {
+        match &self.filter {
+            ShardFilter::Windowed(f) => f.bytes(),
+            ShardFilter::Unbounded(g) => g.bytes(),
+        }
+    }
+
+    pub(crate) fn estimated_fpr(&self) -> f64 {
+        match &self.filter {
+            ShardFilter::Windowed(f) => f.estimated_fpr(),
+            ShardFilter::Unbounded(g) => g.estimated_fpr(),
+        }
+    }
+}

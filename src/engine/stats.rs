@@ -1,0 +1,74 @@
+//! Counters: plain integers per shard (the shard's owner is the only
+//! writer), summed into a [`Stats`] snapshot on read.
+
+/// What one shard has decided. Private to the shard; read through [`Stats`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ShardCounters {
+    pub(crate) checks: u64,
+    pub(crate) new: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) likely_duplicates: u64,
+    pub(crate) unavailable: u64,
+    pub(crate) maybe_seen: u64,
+    pub(crate) false_positives: u64,
+    pub(crate) reaccepted_after_window: u64,
+    pub(crate) rotations: u64,
+    pub(crate) over_capacity: u64,
+    pub(crate) mark_errors: u64,
+}
+
+/// A snapshot of an engine's counters and sizes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Keys checked (late events excluded).
+    pub checks: u64,
+    /// Verdicts `New`.
+    pub new: u64,
+    /// Verdicts `Duplicate`.
+    pub duplicates: u64,
+    /// Verdicts `LikelyDuplicate` (probabilistic mode).
+    pub likely_duplicates: u64,
+    /// Verdicts `Late` (event time).
+    pub late: u64,
+    /// Verdicts `Unavailable`.
+    pub unavailable: u64,
+    /// Keys the filter matched (sent to the exact tier in exact mode).
+    pub filter_maybe_seen: u64,
+    /// Filter matches the exact tier found absent: false positives caught.
+    pub false_positives_caught: u64,
+    /// Keys found in the exact tier but older than the window, accepted again.
+    pub reaccepted_after_window: u64,
+    /// Shard rotations (a shard moving to a new slice and clearing its spare).
+    pub rotations: u64,
+    /// Keys inserted into a generation already holding its sized capacity:
+    /// the filter's rate is above target while this grows (never a false
+    /// negative). Raise expected keys if it keeps growing.
+    pub over_capacity: u64,
+    /// Exact-tier marks that failed.
+    pub mark_errors: u64,
+    /// Bytes of filter memory.
+    pub filter_bytes: u64,
+    /// Entries in the exact tier (local backends).
+    pub exact_entries: u64,
+    /// Bytes of exact-tier memory in this process.
+    pub exact_bytes: u64,
+    /// Estimated false-positive rate of a filter query now (mean over shards).
+    pub estimated_fpr: f64,
+}
+
+impl Stats {
+    pub(crate) fn add(&mut self, c: &ShardCounters) {
+        self.checks += c.checks;
+        self.new += c.new;
+        self.duplicates += c.duplicates;
+        self.likely_duplicates += c.likely_duplicates;
+        self.unavailable += c.unavailable;
+        self.filter_maybe_seen += c.maybe_seen;
+        self.false_positives_caught += c.false_positives;
+        self.reaccepted_after_window += c.reaccepted_after_window;
+        self.rotations += c.rotations;
+        self.over_capacity += c.over_capacity;
+        self.mark_errors += c.mark_errors;
+    }
+}

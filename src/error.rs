@@ -1,0 +1,94 @@
+//! Errors: bad configuration, exact-tier failures, and refused snapshots.
+
+use std::io;
+
+/// A configuration the builder refuses, with what to change.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The window is zero.
+    #[error(
+        "the window is zero: give a positive duration, or `no_window()` for keys that never expire"
+    )]
+    ZeroWindow,
+    /// The expected key count is zero.
+    #[error("expected keys per window is zero: give the number of distinct keys you expect within one window (or per second with `expected_rate`)")]
+    ZeroExpectedKeys,
+    /// The false-positive target is not in (0, 1).
+    #[error("false-positive target {0} is outside (0, 1): use e.g. 0.01 for 1%")]
+    FalsePositiveRate(f64),
+    /// The false-positive target is below what the blocked layout reaches.
+    #[error(
+        "false-positive target {0} is too small for the blocked filter layout: use 1e-6 or more"
+    )]
+    FalsePositiveRateTooSmall(f64),
+    /// The shard count is zero.
+    #[error("shard count is zero: use at least 1 (default: 4 per core, a power of two)")]
+    ZeroShards,
+    /// The filter would be larger than allowed.
+    #[error("the filter would need {bytes} bytes: lower expected keys, raise the false-positive target, or shorten the window")]
+    FilterTooLarge {
+        /// Bytes the filter would need.
+        bytes: u64,
+    },
+    /// The filter would exceed the configured memory limit.
+    #[error("the filter would need {needed} bytes but the memory limit is {limit}: raise `memory_limit`, lower expected keys, or raise the false-positive target")]
+    MemoryLimit {
+        /// Bytes the filter would need.
+        needed: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// Allowed lateness is set without event time.
+    #[error("allowed lateness only applies to event time: set `clock(Clock::EventTime)` or drop `allowed_lateness`")]
+    LatenessWithoutEventTime,
+}
+
+/// An exact tier that could not answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExactTierError {
+    /// The backend is unreachable or failed.
+    #[error("exact tier unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A snapshot that was not written, or was refused on restore.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// Reading or writing failed.
+    #[error("snapshot I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The data does not start with the snapshot magic bytes.
+    #[error("not a tiered-dedup snapshot (bad magic bytes)")]
+    NotASnapshot,
+    /// Written by an incompatible format version.
+    #[error(
+        "snapshot format version {found} is not supported (this build reads version {supported})"
+    )]
+    Version {
+        /// Version in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The data ends early.
+    #[error("snapshot is truncated")]
+    Truncated,
+    /// The checksum does not match: the data is corrupt.
+    #[error("snapshot checksum mismatch: the file is corrupt")]
+    Checksum,
+    /// The data is well-formed but inconsistent.
+    #[error("snapshot is malformed: {0}")]
+    Malformed(&'static str),
+    /// The snapshot was taken with another configuration.
+    #[error("snapshot was taken with a different {0}: restore it with the configuration it was written with")]
+    Mismatch(&'static str),
+    /// The builder's configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(ConfigError),
+    /// The exact-tier backend keeps no local state to snapshot.
+    #[error("the exact tier `{0}` cannot be snapshotted")]
+    Unsupported(&'static str),
+}

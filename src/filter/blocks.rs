@@ -1,0 +1,213 @@
+//! The storage of the filter tier: cache-line blocks of eight 64-bit words,
+//! one word per generation slot.
+//!
+//! A key maps to one block (from the fingerprint's low half, by 64-bit
+//! multiply-high, so any block count up to 2⁶⁴ is uniform) and to one probe
+//! mask of `k` bits (from the high half). The same mask is tested in every
+//! slot of the block, so one query reads one cache line whatever the number of
+//! live generations.
+
+use crate::fingerprint::Fingerprint;
+use crate::sync::{AtomicU64, Ordering};
+use crate::time::GENERATIONS;
+
+use super::sizing::MAX_HASHES;
+
+/// One cache line: one 64-bit word per generation slot.
+#[repr(C, align(64))]
+pub(crate) struct Block(pub(crate) [AtomicU64; GENERATIONS]);
+
+/// Where a key lives in the filter: its block and its probe mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Probe {
+    pub(crate) block: usize,
+    pub(crate) mask: u64,
+}
+
+/// Blocks of eight generation slots with atomic bit sets.
+pub(crate) struct BlockedBloom {
+    blocks: Box<[Block]>,
+    hashes: u32,
+}
+
+impl BlockedBloom {
+    /// A zeroed filter of `num_blocks` blocks (at least one) setting `hashes`
+    /// bits per key.
+    pub(crate) fn new(num_blocks: usize, hashes: u32) -> Self {
+        assert!((1..=MAX_HASHES).contains(&hashes));
+        BlockedBloom {
+            blocks: zeroed_blocks(num_blocks.max(1)),
+            hashes,
+        }
+    }
+
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub(crate) fn hashes(&self) -> u32 {
+        self.hashes
+    }
+
+    /// Bytes of filter memory.
+    pub(crate) fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<Block>()
+    }
+
+    /// The block and probe mask of a fingerprint.
+    #[inline]
+    pub(crate) fn probe(&self, fp: Fingerprint) -> Probe {
+        // Multiply-high maps the 64-bit low half uniformly onto [0, n) with
+        // 64-bit arithmetic: no modulo bias, no collapse past 2³² blocks.
+        let block = ((u128::from(fp.low()) * self.blocks.len() as u128) >> 64) as usize;
+        let high = fp.high();
+        let mut mask = 0u64;
+        for i in 0..self.hashes {
+            mask |= 1u64 << ((high >> (6 * i)) & 63);
+        }
+        Probe { block, mask }
+    }
+
+    /// Bit `g` of the result is set when slot `g` holds every probe bit.
+    #[inline]
+    pub(crate) fn hits(&self, probe: Probe) -> u8 {
+        let words = &self.blocks[probe.block].0;
+        let mut hits = 0u8;
+        for (slot, word) in words.iter().enumerate() {
+            let w = word.load(Ordering::SeqCst);
+            hits |= u8::from(w & probe.mask == probe.mask) << slot;
+        }
+        hits
+    }
+
+    /// Sets the probe bits in `slot`; true when at least one was clear before
+    /// (so this call, and no concurrent one, made the key present).
+    #[inline]
+    pub(crate) fn insert(&self, probe: Probe, slot: usize) -> bool {
+        let word = &self.blocks[probe.block].0[slot];
+        if word.load(Ordering::Relaxed) & probe.mask == probe.mask {
+            return false;
+        }
+        let before = word.fetch_or(probe.mask, Ordering::SeqCst);
+        before & probe.mask != probe.mask
+    }
+
+    /// Starts loading the block of `probe` into cache.
+    #[inline]
+    pub(crate) fn prefetch(&self, probe: Probe) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let ptr = std::ptr::from_ref(&self.blocks[probe.block]).cast::<i8>();
+            // SAFETY: prefetch is a hint; the pointer is in bounds.
+            unsafe { std::arch::x86_64::_mm_prefetch(ptr, std::arch::x86_64::_MM_HINT_T0) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = probe;
+    }
+
+    /// Clears every word of `slot`. Concurrent queries may see a mix of old
+    /// and cleared words; callers make the slot unreachable first.
+    pub(crate) fn clear_slot(&self, slot: usize) {
+        for block in &*self.blocks {
+            block.0[slot].store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The fraction of set bits in `slot` and the false-positive rate it
+    /// implies, estimated from up to `samples` evenly spaced blocks.
+    pub(crate) fn slot_occupancy(&self, slot: usize, samples: usize) -> SlotOccupancy {
+        let n = self.blocks.len();
+        let step = (n / samples.max(1)).max(1);
+        let (mut set_bits, mut fpr, mut count) = (0u64, 0.0f64, 0u64);
+        for block in self.blocks.iter().step_by(step) {
+            let ones = block.0[slot].load(Ordering::Relaxed).count_ones();
+            set_bits += u64::from(ones);
+            // A random probe bit is set with probability ones/64.
+            fpr += (f64::from(ones) / 64.0).powi(self.hashes as i32);
+            count += 1;
+        }
+        SlotOccupancy {
+            fill: set_bits as f64 / (count * 64) as f64,
+            estimated_fpr: fpr / count as f64,
+        }
+    }
+
+    /// Calls `f` with every word, block by block, slot by slot.
+    pub(crate) fn for_each_word(&self, mut f: impl FnMut(u64)) {
+        for block in &*self.blocks {
+            for word in &block.0 {
+                f(word.load(Ordering::Relaxed));
+            }
+        }
+    }
+
+    /// Overwrites the words in the order [`BlockedBloom::for_each_word`]
+    /// produced them. `next` is called `num_blocks · 8` times.
+    pub(crate) fn fill_words<E>(&self, mut next: impl FnMut() -> Result<u64, E>) -> Result<(), E> {
+        for block in &*self.blocks {
+            for word in &block.0 {
+                word.store(next()?, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How full one generation slot is.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct SlotOccupancy {
+    /// Fraction of its bits that are set.
+    pub fill: f64,
+    /// The false-positive rate a never-inserted key meets in this slot.
+    pub estimated_fpr: f64,
+}
+
+#[cfg(not(loom))]
+fn zeroed_blocks(n: usize) -> Box<[Block]> {
+    use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+    let layout = Layout::array::<Block>(n).expect("filter size overflows the address space");
+    // SAFETY: the layout is non-zero (n ≥ 1); all-zero bytes are a valid
+    // `[AtomicU64; 8]`; the pointer is owned by the returned box and was
+    // allocated with the layout of `[Block; n]`. Zeroed allocation lets the
+    // OS hand out untouched pages lazily for large filters.
+    unsafe {
+        let ptr = alloc_zeroed(layout).cast::<Block>();
+        if ptr.is_null() {
+            handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n))
+    }
+}
+
+#[cfg(loom)]
+fn zeroed_blocks(n: usize) -> Box<[Block]> {
+    (0..n)
+        .map(|_| Block(std::array::from_fn(|_| AtomicU64::new(0))))
+        .collect()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Namespace;
+
+    #[test]
+    fn insert_then_hit_in_that_slot_only() {
+        let bloom = BlockedBloom::new(64, 6);
+        let probe = bloom.probe(Namespace::default().fingerprint(b"k"));
+        assert_eq!(bloom.hits(probe), 0);
+        assert!(bloom.insert(probe, 3));
+        assert!(!bloom.insert(probe, 3));
+        assert_eq!(bloom.hits(probe) & (1 << 3), 1 << 3);
+        bloom.clear_slot(3);
+        assert_eq!(bloom.hits(probe) & (1 << 3), 0);
+    }
+
+    #[test]
+    fn block_index_is_uniform_past_two_to_the_32() {
+        // A filter of 2^34 blocks is not allocated: probe() only needs len().
+        let n: u128 = 1 << 34;
+        let top = ((u128::from(u64::MAX) * n) >> 64) as u64;
+        assert_eq!(top, (1u64 << 34) - 1);
+    }
+}

@@ -1,0 +1,444 @@
+//! `GenerationalBloom`: the rotating filter of a windowed engine.
+
+use std::sync::PoisonError;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::fingerprint::Fingerprint;
+use crate::sync::{fence, AtomicU64, Mutex, Ordering};
+use crate::time::{duration_nanos, live_slots, slot_of, Slicing, Timestamp, GENERATIONS};
+
+use super::blocks::{BlockedBloom, Probe, SlotOccupancy};
+use super::sizing::shape_for;
+
+/// `current` before the first advance: nothing inserted, nothing to clear.
+const NOT_STARTED: u64 = u64::MAX;
+
+/// What the filter says about a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterAnswer {
+    /// No live generation holds the key: it was not inserted within the
+    /// window (filters have no false negatives). It has now been inserted.
+    DefinitelyNew,
+    /// Some live generation holds every probe bit of the key: it was seen,
+    /// or this is a false positive. `slots` names the generation slots that
+    /// matched (an exact tier only needs to look there).
+    MaybeSeen {
+        /// Bit `g` set: slot `g` matched.
+        slots: u8,
+    },
+}
+
+impl FilterAnswer {
+    /// True for [`FilterAnswer::DefinitelyNew`].
+    #[must_use]
+    pub fn is_definitely_new(self) -> bool {
+        matches!(self, FilterAnswer::DefinitelyNew)
+    }
+}
+
+/// A rotating, cache-line-blocked Bloom filter over a time window.
+///
+/// The window is cut into six slices; each slice is a *generation* held in
+/// one of the eight 64-bit words of every block (six full slices, the slice
+/// now filling, and a spare cleared one slice ahead of its use). A query tests
+/// the key's probe mask against all eight words of one cache line. A key is
+/// kept for at least the window: a generation is cleared only when every key
+/// in it is older than that.
+///
+/// Inserts go through `&self` from any number of threads (atomic bit sets).
+/// Rotation happens inside the calls that see time cross a slice boundary,
+/// under a lock no query takes; queries that overlap a rotation notice it and
+/// retry, so a generation being cleared is never trusted.
+///
+/// ```
+/// use std::time::Duration;
+/// use tiered_dedup::{GenerationalBloom, Namespace, Timestamp};
+///
+/// let filter = GenerationalBloom::new(Duration::from_secs(60), 10_000, 0.01)?;
+/// let key = Namespace::default().fingerprint(b"order-17");
+/// let t = Timestamp::from_secs(1_000);
+/// assert!(filter.check_and_insert(key, t).is_definitely_new());
+/// assert!(filter.contains(key, t.saturating_add(Duration::from_secs(59))));
+/// assert!(!filter.contains(key, t.saturating_add(Duration::from_secs(90))));
+/// # Ok::<(), tiered_dedup::ConfigError>(())
+/// ```
+pub struct GenerationalBloom {
+    bloom: BlockedBloom,
+    slicing: Slicing,
+    /// The slice now filling; its slot takes the inserts.
+    current: AtomicU64,
+    /// Held while publishing a new slice and clearing the spare.
+    rotation: Mutex<()>,
+}
+
+impl GenerationalBloom {
+    /// A filter that remembers keys for at least `window`, sized for
+    /// `keys_per_window` keys per window at an overall false-positive rate of
+    /// `false_positive_rate` (split evenly over the seven live generations).
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the window is zero, the rate is outside (0, 1) or
+    /// too small for the layout, or the filter would not fit in memory.
+    pub fn new(
+        window: Duration,
+        keys_per_window: u64,
+        false_positive_rate: f64,
+    ) -> Result<Self, ConfigError> {
+        if window.is_zero() {
+            return Err(ConfigError::ZeroWindow);
+        }
+        let slicing = Slicing::for_span(duration_nanos(window));
+        let per_slice = keys_per_window
+            .div_ceil(crate::time::SLICES_PER_SPAN)
+            .max(1);
+        let sizing = SlotSizing::new(per_slice, false_positive_rate, 1)?;
+        Ok(Self::with_parts(slicing, sizing.num_blocks, sizing.hashes))
+    }
+
+    /// A filter of explicit shape: `keys_per_generation` keys per slice at
+    /// `shape.bits_per_key` bits and `shape.hashes` probes (see
+    /// [`super::sizing::shape_for`]); for benchmarks and experiments at a
+    /// given bits-per-key.
+    ///
+    /// # Errors
+    /// [`ConfigError::ZeroWindow`] for a zero window.
+    pub fn with_shape(
+        window: Duration,
+        keys_per_generation: u64,
+        shape: super::sizing::FilterShape,
+    ) -> Result<Self, ConfigError> {
+        if window.is_zero() {
+            return Err(ConfigError::ZeroWindow);
+        }
+        let blocks = (keys_per_generation as f64 * shape.bits_per_key / 64.0).ceil() as usize;
+        Ok(Self::with_parts(
+            Slicing::for_span(duration_nanos(window)),
+            blocks.max(1),
+            shape.hashes.clamp(1, super::sizing::MAX_HASHES),
+        ))
+    }
+
+    pub(crate) fn with_parts(slicing: Slicing, num_blocks: usize, hashes: u32) -> Self {
+        GenerationalBloom {
+            bloom: BlockedBloom::new(num_blocks, hashes),
+            slicing,
+            current: AtomicU64::new(NOT_STARTED),
+            rotation: Mutex::new(()),
+        }
+    }
+
+    /// Moves the filter to the slice of `now`, clearing the generations that
+    /// expire on the way. Returns the mask of slots cleared. Called by every
+    /// method that takes a time; time never moves backwards.
+    pub fn advance(&self, now: Timestamp) -> u8 {
+        let target = self.slicing.slice_of(now);
+        let seen = self.current.load(Ordering::SeqCst);
+        if seen != NOT_STARTED && target <= seen {
+            return 0;
+        }
+        let _guard = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        let cur = self.current.load(Ordering::SeqCst);
+        if cur == NOT_STARTED {
+            // All slots are clean: start at `target`.
+            self.current.store(target, Ordering::SeqCst);
+            return 0;
+        }
+        if target <= cur {
+            return 0;
+        }
+        if target - cur >= GENERATIONS as u64 {
+            // Every key in the filter is older than the span: clear it all.
+            // A query overlapping this is linearized after it (nothing is
+            // live at `target`); an insert overlapping it re-validates below.
+            for slot in 0..GENERATIONS {
+                self.bloom.clear_slot(slot);
+            }
+            self.current.store(target, Ordering::SeqCst);
+            return u8::MAX;
+        }
+        let mut cleared = 0u8;
+        for s in cur + 1..=target {
+            // Slot of `s` is the spare cleared one step ago: publish it.
+            self.current.store(s, Ordering::SeqCst);
+            // Publish before clearing: a reader that sees a cleared word also
+            // sees the new `current` (release fence here, acquire in readers)
+            // and retries instead of trusting the half-cleared slot.
+            fence(Ordering::Release);
+            // The slot after `s` held slice s−7, all older than the span.
+            let spare = slot_of(s + 1);
+            self.bloom.clear_slot(spare);
+            cleared |= 1 << spare;
+        }
+        cleared
+    }
+
+    /// Asks whether `fp` was inserted within the window, and inserts it if
+    /// not. Of many threads inserting one fresh key at once, at most one gets
+    /// [`FilterAnswer::DefinitelyNew`].
+    pub fn check_and_insert(&self, fp: Fingerprint, now: Timestamp) -> FilterAnswer {
+        self.advance(now);
+        let probe = self.bloom.probe(fp);
+        loop {
+            let cur = self.current.load(Ordering::SeqCst);
+            let hits = self.bloom.hits(probe) & live_slots(cur);
+            let answer = if hits != 0 {
+                FilterAnswer::MaybeSeen { slots: hits }
+            } else if self.bloom.insert(probe, slot_of(cur)) {
+                FilterAnswer::DefinitelyNew
+            } else {
+                // A concurrent insert of the same mask won the race.
+                FilterAnswer::MaybeSeen {
+                    slots: 1 << slot_of(cur),
+                }
+            };
+            // Validate: no rotation overlapped the reads and the insert.
+            fence(Ordering::Acquire);
+            if self.current.load(Ordering::SeqCst) == cur {
+                return answer;
+            }
+        }
+    }
+
+    /// True when `fp` may have been inserted within the window of `now`.
+    pub fn contains(&self, fp: Fingerprint, now: Timestamp) -> bool {
+        self.advance(now);
+        let probe = self.bloom.probe(fp);
+        loop {
+            let cur = self.current.load(Ordering::SeqCst);
+            let hit = self.bloom.hits(probe) & live_slots(cur) != 0;
+            fence(Ordering::Acquire);
+            if self.current.load(Ordering::SeqCst) == cur {
+                return hit;
+            }
+        }
+    }
+
+    /// Inserts `fp` into the generation of `now`.
+    pub fn insert(&self, fp: Fingerprint, now: Timestamp) {
+        self.advance(now);
+        let probe = self.bloom.probe(fp);
+        loop {
+            let cur = self.current.load(Ordering::SeqCst);
+            self.bloom.insert(probe, slot_of(cur));
+            fence(Ordering::Acquire);
+            if self.current.load(Ordering::SeqCst) == cur {
+                return;
+            }
+        }
+    }
+
+    /// [`GenerationalBloom::contains`] for many keys, keeping several cache
+    /// misses in flight. Writes one answer per key to `out` (cleared first).
+    pub fn contains_batch(&self, fps: &[Fingerprint], now: Timestamp, out: &mut Vec<bool>) {
+        const AHEAD: usize = 16;
+        self.advance(now);
+        out.clear();
+        let probes: Vec<Probe> = fps.iter().map(|&fp| self.bloom.probe(fp)).collect();
+        loop {
+            let cur = self.current.load(Ordering::SeqCst);
+            let live = live_slots(cur);
+            for p in probes.iter().take(AHEAD) {
+                self.bloom.prefetch(*p);
+            }
+            for (i, p) in probes.iter().enumerate() {
+                if let Some(ahead) = probes.get(i + AHEAD) {
+                    self.bloom.prefetch(*ahead);
+                }
+                out.push(self.bloom.hits(*p) & live != 0);
+            }
+            fence(Ordering::Acquire);
+            if self.current.load(Ordering::SeqCst) == cur {
+                return;
+            }
+            out.clear();
+        }
+    }
+
+    /// The slice now filling (`None` before the first call with a time).
+    #[must_use]
+    pub fn current_slice(&self) -> Option<u64> {
+        let cur = self.current.load(Ordering::SeqCst);
+        (cur != NOT_STARTED).then_some(cur)
+    }
+
+    /// The duration of one slice (one generation's span of time).
+    #[must_use]
+    pub fn slice_duration(&self) -> Duration {
+        Duration::from_nanos(self.slicing.slice_nanos)
+    }
+
+    /// Bytes of filter memory.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        self.bloom.bytes()
+    }
+
+    /// Fill and estimated false-positive rate of each generation slot,
+    /// sampled from up to 4096 blocks.
+    #[must_use]
+    pub fn occupancy(&self) -> [SlotOccupancy; GENERATIONS] {
+        std::array::from_fn(|slot| self.bloom.slot_occupancy(slot, 4096))
+    }
+
+    /// The estimated false-positive rate of a query now: the chance that a
+    /// never-inserted key matches some live generation.
+    #[must_use]
+    pub fn estimated_fpr(&self) -> f64 {
+        let Some(cur) = self.current_slice() else {
+            return 0.0;
+        };
+        let live = live_slots(cur);
+        let miss_all: f64 = self
+            .occupancy()
+            .iter()
+            .enumerate()
+            .filter(|(slot, _)| live & (1 << slot) != 0)
+            .map(|(_, o)| 1.0 - o.estimated_fpr)
+            .product();
+        1.0 - miss_all
+    }
+
+    // Exclusive-access path for engine shards, which hold the shard lock
+    // across advance, query and insert: no rotation can overlap, so the
+    // validation loop is not needed.
+
+    pub(crate) fn bloom(&self) -> &BlockedBloom {
+        &self.bloom
+    }
+
+    pub(crate) fn slicing(&self) -> Slicing {
+        self.slicing
+    }
+
+    /// The current slice, or 0 before the first advance.
+    pub(crate) fn current_or_zero(&self) -> u64 {
+        self.current_slice().unwrap_or(0)
+    }
+
+    pub(crate) fn restore_current(&self, current: Option<u64>) {
+        self.current
+            .store(current.unwrap_or(NOT_STARTED), Ordering::SeqCst);
+    }
+}
+
+impl std::fmt::Debug for GenerationalBloom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerationalBloom")
+            .field("blocks", &self.bloom.num_blocks())
+            .field("hashes", &self.bloom.hashes())
+            .field("slice", &self.slice_duration())
+            .field("current", &self.current_slice())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Blocks and probe count for one generation slot of `capacity` keys at a
+/// per-generation rate of `overall / live_generations`, split over `parts`
+/// filters (shards).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlotSizing {
+    pub(crate) num_blocks: usize,
+    pub(crate) hashes: u32,
+    pub(crate) bits_per_key: f64,
+    pub(crate) generation_fpr: f64,
+}
+
+/// Largest filter accepted: 1 TiB.
+const MAX_FILTER_BYTES: f64 = (1u64 << 40) as f64;
+
+impl SlotSizing {
+    pub(crate) fn new(capacity: u64, overall_fpr: f64, parts: usize) -> Result<Self, ConfigError> {
+        Self::for_generation_rate(capacity, overall_fpr / 7.0, overall_fpr, parts)
+    }
+
+    pub(crate) fn for_generation_rate(
+        capacity: u64,
+        generation_fpr: f64,
+        overall_fpr: f64,
+        parts: usize,
+    ) -> Result<Self, ConfigError> {
+        if !(overall_fpr > 0.0 && overall_fpr < 1.0) {
+            return Err(ConfigError::FalsePositiveRate(overall_fpr));
+        }
+        let shape =
+            shape_for(generation_fpr).ok_or(ConfigError::FalsePositiveRateTooSmall(overall_fpr))?;
+        let bits = capacity as f64 * shape.bits_per_key;
+        let bytes = bits / 8.0 * GENERATIONS as f64;
+        if bytes > MAX_FILTER_BYTES {
+            return Err(ConfigError::FilterTooLarge {
+                bytes: bytes as u64,
+            });
+        }
+        let num_blocks = ((bits / 64.0 / parts as f64).ceil() as usize).max(1);
+        Ok(SlotSizing {
+            num_blocks,
+            hashes: shape.hashes,
+            bits_per_key: shape.bits_per_key,
+            generation_fpr,
+        })
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Namespace;
+
+    fn fp(i: u64) -> Fingerprint {
+        Namespace::default().fingerprint(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn keeps_keys_for_the_window_and_forgets_them_later() {
+        let window = Duration::from_secs(60);
+        // 6000 keys per window: 1000 per slice; insert half of that.
+        let f = GenerationalBloom::new(window, 6_000, 0.01).unwrap();
+        let t0 = Timestamp::from_secs(1_000_000);
+        let new = (0..500)
+            .filter(|&i| f.check_and_insert(fp(i), t0).is_definitely_new())
+            .count();
+        assert!(new >= 495, "{new}");
+        let almost = t0.saturating_add(window - Duration::from_nanos(1));
+        for i in 0..500 {
+            assert!(f.contains(fp(i), almost), "lost key {i} inside the window");
+        }
+        // 7 slices later, the generation of t0 is cleared.
+        let later = t0.saturating_add(f.slice_duration() * 7);
+        assert!((0..500).filter(|&i| f.contains(fp(i), later)).count() == 0);
+    }
+
+    #[test]
+    fn a_big_jump_clears_everything() {
+        let f = GenerationalBloom::new(Duration::from_secs(6), 100, 0.01).unwrap();
+        f.insert(fp(1), Timestamp::from_secs(10));
+        assert_eq!(f.advance(Timestamp::from_secs(1_000)), u8::MAX);
+        assert!(!f.contains(fp(1), Timestamp::from_secs(1_000)));
+    }
+
+    #[test]
+    fn batch_matches_single_queries() {
+        let f = GenerationalBloom::new(Duration::from_secs(60), 10_000, 0.01).unwrap();
+        let t = Timestamp::from_secs(5);
+        for i in (0..20_000).step_by(2) {
+            f.insert(fp(i), t);
+        }
+        let keys: Vec<_> = (0..20_000).map(fp).collect();
+        let mut out = Vec::new();
+        f.contains_batch(&keys, t, &mut out);
+        for (k, &hit) in keys.iter().zip(&out) {
+            assert_eq!(hit, f.contains(*k, t));
+        }
+        assert!(out.iter().step_by(2).all(|&h| h));
+    }
+
+    #[test]
+    fn rejects_bad_configuration() {
+        assert!(matches!(
+            GenerationalBloom::new(Duration::ZERO, 10, 0.01),
+            Err(ConfigError::ZeroWindow)
+        ));
+        assert!(GenerationalBloom::new(Duration::from_secs(1), 10, 1.5).is_err());
+        assert!(GenerationalBloom::new(Duration::from_secs(1), 10, 0.0).is_err());
+    }
+}

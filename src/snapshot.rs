@@ -1,0 +1,356 @@
+//! Snapshots: the whole engine state (filter generations, exact memory tier,
+//! clocks and counters) to a writer and back, so a restarted process keeps
+//! its window.
+//!
+//! Layout (little-endian): magic `TDEDUPSN`, format version (u32), the
+//! configuration it was taken with, every shard, then an xxh3-64 checksum of
+//! all the bytes before it. A restore builds a complete new engine while it
+//! reads and returns it only once the checksum matched: a truncated, corrupt
+//! or foreign file is refused with an error, never half-loaded.
+
+use std::io::{self, Read, Write};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::engine::{Deduper, DeduperBuilder, Mode, ShardFilter};
+use crate::error::{ConfigError, SnapshotError};
+use crate::filter::{BlockedBloom, GrowingBloom, Layer};
+use crate::fingerprint::Fingerprint;
+use crate::time::{Timestamp, GENERATIONS};
+
+const MAGIC: &[u8; 8] = b"TDEDUPSN";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest block count a snapshot may declare for one filter (1 TiB).
+const MAX_BLOCKS: u64 = (1 << 40) / 64;
+const NONE: u64 = u64::MAX;
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Xxh3,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn bytes(&mut self, b: &[u8]) -> io::Result<()> {
+        self.hasher.update(b);
+        self.inner.write_all(b)
+    }
+    fn u8(&mut self, v: u8) -> io::Result<()> {
+        self.bytes(&[v])
+    }
+    fn u32(&mut self, v: u32) -> io::Result<()> {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) -> io::Result<()> {
+        self.bytes(&v.to_le_bytes())
+    }
+}
+
+struct HashingReader<R: Read> {
+    inner: R,
+    hasher: Xxh3,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
+        let mut buf = [0u8; N];
+        self.inner.read_exact(&mut buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                SnapshotError::Truncated
+            } else {
+                SnapshotError::Io(e)
+            }
+        })?;
+        self.hasher.update(&buf);
+        Ok(buf)
+    }
+    fn u8(&mut self) -> Result<u8, SnapshotError> {
+        Ok(self.bytes::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+}
+
+/// The configuration fields a snapshot must agree with to be restored.
+fn header_fields(engine: &Deduper) -> [u64; 7] {
+    let plan = engine.plan();
+    [
+        plan.namespace.seed(),
+        plan.window.unwrap_or(NONE),
+        plan.lateness,
+        plan.slicing.map_or(NONE, |s| s.slice_nanos),
+        u64::from(plan.mode == Mode::Probabilistic),
+        plan.shards as u64,
+        plan.sizing.num_blocks as u64 | (u64::from(plan.sizing.hashes) << 56),
+    ]
+}
+
+const HEADER_NAMES: [&str; 7] = [
+    "namespace",
+    "window",
+    "allowed lateness",
+    "slice duration",
+    "mode",
+    "shard count",
+    "filter size (expected keys or false-positive rate)",
+];
+
+impl Deduper {
+    /// Writes the whole engine state to `w`. Every shard is locked for the
+    /// duration, so the snapshot is one consistent cut; checks wait.
+    ///
+    /// # Errors
+    /// [`SnapshotError::Io`] when writing fails, and
+    /// [`SnapshotError::Unsupported`] for an exact tier that keeps no local
+    /// state.
+    pub fn snapshot<W: Write>(&self, w: W) -> Result<(), SnapshotError> {
+        let mut w = HashingWriter {
+            inner: io::BufWriter::with_capacity(1 << 20, w),
+            hasher: Xxh3::new(),
+        };
+        let shards = self.lock_all();
+        w.bytes(MAGIC)?;
+        w.u32(FORMAT_VERSION)?;
+        for field in header_fields(self) {
+            w.u64(field)?;
+        }
+        w.u64(self.watermark().as_nanos())?;
+        w.u64(self.late_count())?;
+        for shard in &shards {
+            w.u64(shard.time)?;
+            for n in shard.slot_inserts {
+                w.u64(n)?;
+            }
+            for n in counters_to_array(&shard.counters) {
+                w.u64(n)?;
+            }
+            match &shard.filter {
+                ShardFilter::Windowed(f) => {
+                    w.u8(1)?;
+                    w.u64(f.current_slice().unwrap_or(NONE))?;
+                    write_words(&mut w, f.bloom())?;
+                }
+                ShardFilter::Unbounded(g) => {
+                    w.u8(2)?;
+                    w.u32(g.layers().len() as u32)?;
+                    for layer in g.layers() {
+                        w.u64(layer.bloom.num_blocks() as u64)?;
+                        w.u32(layer.bloom.hashes())?;
+                        w.u64(layer.stage_capacity)?;
+                        write_words(&mut w, &layer.bloom)?;
+                    }
+                    let (stage, len) = g.stage();
+                    w.u32(stage as u32)?;
+                    w.u64(len)?;
+                }
+            }
+            match &shard.exact {
+                None => w.u8(0)?,
+                Some(exact) => {
+                    let entries = exact
+                        .entries()
+                        .ok_or(SnapshotError::Unsupported(self.plan().exact_name))?;
+                    w.u8(1)?;
+                    w.u64(entries.len() as u64)?;
+                    for (slot, fp, at) in entries {
+                        w.u8(slot as u8)?;
+                        w.bytes(&fp.to_bytes())?;
+                        w.u64(at.as_nanos())?;
+                    }
+                }
+            }
+        }
+        let checksum = w.hasher.digest();
+        w.inner.write_all(&checksum.to_le_bytes())?;
+        w.inner.flush()?;
+        Ok(())
+    }
+}
+
+fn write_words<W: Write>(w: &mut HashingWriter<W>, bloom: &BlockedBloom) -> io::Result<()> {
+    let mut result = Ok(());
+    let mut buf = Vec::with_capacity(1 << 16);
+    bloom.for_each_word(|word| {
+        buf.extend_from_slice(&word.to_le_bytes());
+        if buf.len() >= 1 << 16 && result.is_ok() {
+            result = w.bytes(&buf);
+            buf.clear();
+        }
+    });
+    result?;
+    w.bytes(&buf)
+}
+
+fn read_words<R: Read>(
+    r: &mut HashingReader<R>,
+    bloom: &BlockedBloom,
+) -> Result<(), SnapshotError> {
+    bloom.fill_words(|| r.u64())
+}
+
+fn counters_to_array(c: &crate::engine::ShardCountersView) -> [u64; 11] {
+    [
+        c.checks,
+        c.new,
+        c.duplicates,
+        c.likely_duplicates,
+        c.unavailable,
+        c.maybe_seen,
+        c.false_positives,
+        c.reaccepted_after_window,
+        c.rotations,
+        c.over_capacity,
+        c.mark_errors,
+    ]
+}
+
+impl DeduperBuilder {
+    /// Builds the engine this builder describes and loads the state a
+    /// [`Deduper::snapshot`] wrote. The configuration must be the one the
+    /// snapshot was taken with (namespace, window, lateness, mode, shards,
+    /// sizing); the exact tier must keep local state.
+    ///
+    /// # Errors
+    /// [`SnapshotError`] when the data is not a snapshot, of another version,
+    /// truncated, corrupt (checksum), or taken with another configuration
+    /// (the message names the field); nothing is half-loaded.
+    pub fn restore<R: Read>(self, r: R) -> Result<Deduper, SnapshotError> {
+        let engine = self.build().map_err(SnapshotError::Config)?;
+        let mut r = HashingReader {
+            inner: io::BufReader::with_capacity(1 << 20, r),
+            hasher: Xxh3::new(),
+        };
+        if &r.bytes::<8>()? != MAGIC {
+            return Err(SnapshotError::NotASnapshot);
+        }
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::Version {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        for (expected, name) in header_fields(&engine).into_iter().zip(HEADER_NAMES) {
+            if r.u64()? != expected {
+                return Err(SnapshotError::Mismatch(name));
+            }
+        }
+        let watermark = r.u64()?;
+        let late = r.u64()?;
+        {
+            let mut shards = engine.lock_all();
+            for shard in shards.iter_mut() {
+                shard.time = r.u64()?;
+                for n in &mut shard.slot_inserts {
+                    *n = r.u64()?;
+                }
+                let mut c = [0u64; 11];
+                for n in &mut c {
+                    *n = r.u64()?;
+                }
+                shard.counters = counters_from_array(c);
+                let tag = r.u8()?;
+                match (&mut shard.filter, tag) {
+                    (ShardFilter::Windowed(f), 1) => {
+                        let current = r.u64()?;
+                        f.restore_current((current != NONE).then_some(current));
+                        read_words(&mut r, f.bloom())?;
+                    }
+                    (ShardFilter::Unbounded(g), 2) => {
+                        let n_layers = r.u32()?;
+                        if n_layers == 0 || n_layers > 64 {
+                            return Err(SnapshotError::Malformed("layer count"));
+                        }
+                        let mut layers = Vec::new();
+                        for _ in 0..n_layers {
+                            let blocks = r.u64()?;
+                            let hashes = r.u32()?;
+                            let stage_capacity = r.u64()?;
+                            if blocks == 0 || blocks > MAX_BLOCKS || !(1..=10).contains(&hashes) {
+                                return Err(SnapshotError::Malformed("filter layer size"));
+                            }
+                            let bloom = BlockedBloom::new(blocks as usize, hashes);
+                            read_words(&mut r, &bloom)?;
+                            layers.push(Layer {
+                                bloom,
+                                stage_capacity,
+                            });
+                        }
+                        let stage = r.u32()? as usize;
+                        let stage_len = r.u64()?;
+                        if stage >= GENERATIONS {
+                            return Err(SnapshotError::Malformed("fill stage"));
+                        }
+                        *g = GrowingBloom::from_parts(
+                            layers,
+                            engine.plan().false_positive_rate,
+                            stage,
+                            stage_len,
+                        );
+                    }
+                    _ => return Err(SnapshotError::Malformed("filter kind")),
+                }
+                match (&mut shard.exact, r.u8()?) {
+                    (None, 0) => {}
+                    (Some(exact), 1) => {
+                        let count = r.u64()?;
+                        for _ in 0..count {
+                            let slot = r.u8()? as usize;
+                            if slot >= GENERATIONS {
+                                return Err(SnapshotError::Malformed("exact-tier slot"));
+                            }
+                            let fp = Fingerprint::from_bytes(r.bytes()?);
+                            let at = Timestamp::from_nanos(r.u64()?);
+                            exact.mark(fp, slot, at).map_err(|_| {
+                                SnapshotError::Unsupported(engine.plan().exact_name)
+                            })?;
+                        }
+                    }
+                    _ => return Err(SnapshotError::Malformed("exact tier kind")),
+                }
+            }
+        }
+        let computed = r.hasher.digest();
+        let mut stored = [0u8; 8];
+        r.inner
+            .read_exact(&mut stored)
+            .map_err(|_| SnapshotError::Truncated)?;
+        if u64::from_le_bytes(stored) != computed {
+            return Err(SnapshotError::Checksum);
+        }
+        let mut rest = [0u8; 1];
+        if r.inner.read(&mut rest)? != 0 {
+            return Err(SnapshotError::Malformed(
+                "trailing bytes after the checksum",
+            ));
+        }
+        engine.restore_watermark(watermark, late);
+        Ok(engine)
+    }
+}
+
+fn counters_from_array(c: [u64; 11]) -> crate::engine::ShardCountersView {
+    crate::engine::ShardCountersView {
+        checks: c[0],
+        new: c[1],
+        duplicates: c[2],
+        likely_duplicates: c[3],
+        unavailable: c[4],
+        maybe_seen: c[5],
+        false_positives: c[6],
+        reaccepted_after_window: c[7],
+        rotations: c[8],
+        over_capacity: c[9],
+        mark_errors: c[10],
+    }
+}
+
+impl From<ConfigError> for SnapshotError {
+    fn from(e: ConfigError) -> Self {
+        SnapshotError::Config(e)
+    }
+}
