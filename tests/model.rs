@@ -1,0 +1,320 @@
+//! Randomized model tests: the engine's verdicts equal those of a trivial
+//! reference (a map from key to first-accepted time) over long random
+//! streams, for several windows, capacities, shard counts and paths.
+
+#[path = "support/rng.rs"]
+mod rng;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rng::Rng;
+use tiered_dedup::{Clock, Deduper, ExactTier, ManualClock, Timestamp, Verdict};
+
+/// The contract, written as plainly as possible.
+struct Reference {
+    window: Option<u64>,
+    lateness: u64,
+    first: HashMap<u64, u64>,
+    watermark: u64,
+}
+
+impl Reference {
+    fn new(window: Option<Duration>, lateness: Duration) -> Self {
+        Reference {
+            window: window.map(|w| w.as_nanos() as u64),
+            lateness: lateness.as_nanos() as u64,
+            first: HashMap::new(),
+            watermark: 0,
+        }
+    }
+
+    /// Processing time: `t` never goes backwards.
+    fn check(&mut self, key: u64, t: u64) -> Verdict {
+        match self.first.get(&key) {
+            Some(&t0) if self.window.is_none_or(|w| t < t0 + w) => Verdict::Duplicate {
+                first_seen: Timestamp::from_nanos(t0),
+            },
+            _ => {
+                self.first.insert(key, t);
+                Verdict::New
+            }
+        }
+    }
+
+    /// Event time: late events are neither accepted nor recorded.
+    fn check_at(&mut self, key: u64, t: u64) -> Verdict {
+        if t + self.lateness < self.watermark {
+            return Verdict::Late {
+                watermark: Timestamp::from_nanos(self.watermark),
+            };
+        }
+        self.watermark = self.watermark.max(t);
+        self.check(key, t)
+    }
+}
+
+struct Setting {
+    name: &'static str,
+    window: Option<Duration>,
+    expected_keys: u64,
+    key_space: u64,
+    shards: usize,
+    /// Largest time step between operations, in nanoseconds.
+    max_step: u64,
+    /// Chance that a step is a burst of many keys at one instant.
+    burst_chance: f64,
+    exact: ExactTier,
+}
+
+fn settings() -> Vec<Setting> {
+    vec![
+        Setting {
+            name: "1-minute window, sized right, 4 shards",
+            window: Some(Duration::from_secs(60)),
+            expected_keys: 3_000,
+            key_space: 6_000,
+            shards: 4,
+            max_step: 40_000_000,
+            burst_chance: 0.0,
+            exact: ExactTier::Memory,
+        },
+        Setting {
+            name: "tiny window, bursts far over capacity, 1 shard",
+            window: Some(Duration::from_millis(7)),
+            expected_keys: 20,
+            key_space: 400,
+            shards: 1,
+            max_step: 50_000,
+            burst_chance: 0.01,
+            exact: ExactTier::Memory,
+        },
+        Setting {
+            name: "odd window in nanoseconds, 16 shards, dashmap tier",
+            window: Some(Duration::from_nanos(1_000_003)),
+            expected_keys: 500,
+            key_space: 2_000,
+            shards: 16,
+            max_step: 5_000,
+            burst_chance: 0.001,
+            exact: ExactTier::DashMap,
+        },
+        Setting {
+            name: "no window, growing filter",
+            window: None,
+            expected_keys: 1_000,
+            key_space: 200_000,
+            shards: 2,
+            max_step: 1_000,
+            burst_chance: 0.0,
+            exact: ExactTier::Memory,
+        },
+    ]
+}
+
+fn builder(s: &Setting) -> tiered_dedup::DeduperBuilder {
+    let b = Deduper::builder()
+        .expected_keys(s.expected_keys)
+        .shards(s.shards)
+        .exact_tier(s.exact.clone());
+    match s.window {
+        Some(w) => b.window(w),
+        None => b.no_window(),
+    }
+}
+
+const OPS: usize = 1_000_000;
+
+/// Single checks on a manual processing clock.
+#[test]
+fn smoke() {
+    let clock = ManualClock::new(Timestamp::from_secs(100));
+    let d = Deduper::builder()
+        .window(Duration::from_secs(10))
+        .clock(Clock::Manual(clock.clone()))
+        .build()
+        .unwrap();
+    assert_eq!(d.check("a"), Verdict::New);
+    clock.advance(Duration::from_secs(3));
+    assert_eq!(
+        d.check("a"),
+        Verdict::Duplicate {
+            first_seen: Timestamp::from_secs(100)
+        }
+    );
+}
+
+#[test]
+fn single_checks_match_the_reference() {
+    for (seed, s) in settings().into_iter().enumerate() {
+        let clock = ManualClock::new(Timestamp::from_secs(1_700_000_000));
+        let d = builder(&s).clock(Clock::Manual(clock.clone())).build().unwrap();
+        let mut reference = Reference::new(s.window, Duration::ZERO);
+        let mut rng = Rng::new(seed as u64);
+        let mut burst = 0;
+        for op in 0..OPS {
+            if burst > 0 {
+                burst -= 1;
+            } else if rng.chance(s.burst_chance) {
+                burst = 2_000;
+            } else {
+                clock.advance(Duration::from_nanos(rng.below(s.max_step + 1)));
+            }
+            let key = rng.below(s.key_space);
+            let expected = reference.check(key, clock.now().as_nanos());
+            let got = d.check(&key);
+            assert_eq!(got, expected, "{}: op {op}, key {key}", s.name);
+        }
+        let stats = d.stats();
+        if s.window.is_some() {
+            assert!(stats.rotations >= 100, "{}: only {} rotations", s.name, stats.rotations);
+        }
+        assert_eq!(stats.checks, OPS as u64);
+        assert_eq!(stats.new + stats.duplicates, OPS as u64);
+        eprintln!("{}: {stats:?}", s.name);
+    }
+}
+
+#[test]
+fn batches_match_the_reference() {
+    for (seed, s) in settings().into_iter().enumerate() {
+        let clock = ManualClock::new(Timestamp::from_secs(1_700_000_000));
+        let d = builder(&s).clock(Clock::Manual(clock.clone())).build().unwrap();
+        let mut reference = Reference::new(s.window, Duration::ZERO);
+        let mut rng = Rng::new(100 + seed as u64);
+        let mut done = 0;
+        while done < OPS {
+            // A batch is checked at one clock reading.
+            clock.advance(Duration::from_nanos(rng.below(s.max_step * 8 + 1)));
+            let max = if rng.chance(0.1) { 4096 } else { 64 };
+            let len = 1 + rng.below(max) as usize;
+            let keys: Vec<u64> = (0..len).map(|_| rng.below(s.key_space)).collect();
+            let now = clock.now().as_nanos();
+            let expected: Vec<Verdict> = keys.iter().map(|&k| reference.check(k, now)).collect();
+            assert_eq!(d.check_batch(&keys), expected, "{}: batch at op {done}", s.name);
+            done += len;
+        }
+    }
+}
+
+#[test]
+fn event_time_with_disorder_matches_the_reference() {
+    let cases = [
+        (Duration::from_secs(30), Duration::ZERO, 4, 0.05),
+        (Duration::from_secs(30), Duration::from_secs(5), 8, 0.2),
+        (Duration::from_millis(3), Duration::from_millis(1), 1, 0.3),
+    ];
+    for (seed, (window, lateness, shards, disorder)) in cases.into_iter().enumerate() {
+        let mut b = Deduper::builder()
+            .window(window)
+            .expected_keys(2_000)
+            .shards(shards)
+            .clock(Clock::EventTime);
+        if !lateness.is_zero() {
+            b = b.allowed_lateness(lateness);
+        }
+        let d = b.build().unwrap();
+        let mut reference = Reference::new(Some(window), lateness);
+        let mut rng = Rng::new(200 + seed as u64);
+        let w = window.as_nanos() as u64;
+        let mut t = 1_000_000_000_000u64;
+        let mut pending: Vec<(u64, Timestamp)> = Vec::new();
+        for op in 0..OPS {
+            t += rng.below(w / 500 + 1);
+            // Some events arrive out of order: up to 1.5 lateness (or a
+            // slice) behind the newest.
+            let back = if rng.chance(disorder) {
+                rng.below(w / 4 + lateness.as_nanos() as u64 * 3 / 2)
+            } else {
+                0
+            };
+            let at = t.saturating_sub(back);
+            let key = rng.below(3_000);
+            if op % 3 == 0 {
+                pending.push((key, Timestamp::from_nanos(at)));
+                if pending.len() >= 1 + rng.below(100) as usize {
+                    let expected: Vec<Verdict> = pending
+                        .iter()
+                        .map(|(k, at)| reference.check_at(*k, at.as_nanos()))
+                        .collect();
+                    assert_eq!(d.check_batch_at(&pending), expected, "case {seed} op {op}");
+                    pending.clear();
+                }
+                continue;
+            }
+            for (k, at) in pending.drain(..) {
+                let expected = reference.check_at(k, at.as_nanos());
+                assert_eq!(d.check_at(&k, at), expected, "case {seed} op {op}");
+            }
+            let expected = reference.check_at(key, at);
+            assert_eq!(d.check_at(&key, Timestamp::from_nanos(at)), expected, "case {seed} op {op} key {key}");
+        }
+        let stats = d.stats();
+        assert!(stats.rotations >= 100, "case {seed}: {} rotations", stats.rotations);
+    }
+}
+
+#[test]
+fn window_boundary_is_exact() {
+    let window = Duration::from_secs(60);
+    for shards in [1, 8] {
+        let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+        let d = Deduper::builder()
+            .window(window)
+            .shards(shards)
+            .clock(Clock::Manual(clock.clone()))
+            .build()
+            .unwrap();
+        let t0 = clock.now();
+        assert_eq!(d.check("k"), Verdict::New);
+        clock.set(t0.saturating_add(window - Duration::from_nanos(1)));
+        assert_eq!(d.check("k"), Verdict::Duplicate { first_seen: t0 });
+        clock.set(t0.saturating_add(window));
+        assert_eq!(d.check("k"), Verdict::New, "a repeat exactly one window later is new");
+        // The window is anchored at the new acceptance, not extended by the
+        // duplicate above.
+        assert_eq!(
+            d.check("k"),
+            Verdict::Duplicate {
+                first_seen: t0.saturating_add(window)
+            }
+        );
+    }
+    // The same under event time.
+    let d = Deduper::builder().window(window).clock(Clock::EventTime).build().unwrap();
+    let t0 = Timestamp::from_secs(5_000);
+    assert_eq!(d.check_at("k", t0), Verdict::New);
+    let almost = t0.saturating_add(window - Duration::from_nanos(1));
+    assert_eq!(d.check_at("k", almost), Verdict::Duplicate { first_seen: t0 });
+    assert_eq!(d.check_at("k", t0.saturating_add(window)), Verdict::New);
+}
+
+#[test]
+fn namespaces_are_independent() {
+    let a = Deduper::builder().namespace("a").build().unwrap();
+    let b = Deduper::builder().namespace("b").build().unwrap();
+    assert_ne!(a.fingerprint("k"), b.fingerprint("k"));
+}
+
+#[test]
+fn bad_configuration_says_what_to_change() {
+    use tiered_dedup::ConfigError;
+    let err = |b: tiered_dedup::DeduperBuilder| b.build().unwrap_err();
+    assert_eq!(err(Deduper::builder().window(Duration::ZERO)), ConfigError::ZeroWindow);
+    assert_eq!(err(Deduper::builder().shards(0)), ConfigError::ZeroShards);
+    assert_eq!(err(Deduper::builder().expected_keys(0)), ConfigError::ZeroExpectedKeys);
+    assert!(matches!(err(Deduper::builder().false_positive_rate(1.0)), ConfigError::FalsePositiveRate(_)));
+    assert!(matches!(err(Deduper::builder().false_positive_rate(f64::NAN)), ConfigError::FalsePositiveRate(_)));
+    assert!(matches!(err(Deduper::builder().false_positive_rate(1e-12)), ConfigError::FalsePositiveRateTooSmall(_)));
+    assert!(matches!(err(Deduper::builder().expected_keys(u64::MAX / 4)), ConfigError::FilterTooLarge { .. }));
+    assert!(matches!(
+        err(Deduper::builder().expected_keys(100_000_000).memory_limit(1 << 20)),
+        ConfigError::MemoryLimit { .. }
+    ));
+    assert_eq!(
+        err(Deduper::builder().allowed_lateness(Duration::from_secs(1))),
+        ConfigError::LatenessWithoutEventTime
+    );
+    let msg = ConfigError::ZeroWindow.to_string();
+    assert!(msg.contains("no_window"), "{msg}");
+}
