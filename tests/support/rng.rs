@@ -1,4 +1,5 @@
 //! A seeded SplitMix64: deterministic streams without a dependency.
+#![allow(dead_code)] // each test crate uses a different part
 
 pub struct Rng(u64);
 

@@ -1,0 +1,134 @@
+//! Snapshots: a restored engine continues exactly like the reference, and a
+//! truncated, corrupt, foreign or mismatched snapshot is refused.
+
+#[path = "support/rng.rs"]
+mod rng;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rng::Rng;
+use tiered_dedup::{Clock, Deduper, DeduperBuilder, ExactTier, Mode, SnapshotError, Timestamp, Verdict};
+
+fn builder(window: Option<Duration>) -> DeduperBuilder {
+    let b = Deduper::builder().expected_keys(5_000).shards(4).clock(Clock::EventTime);
+    match window {
+        Some(w) => b.window(w),
+        None => b.no_window(),
+    }
+}
+
+/// Runs `ops` random event-time checks on `d` and the reference, asserting
+/// equal verdicts; time starts at `*t`.
+fn run(d: &Deduper, reference: &mut HashMap<u64, u64>, window: Option<u64>, rng: &mut Rng, t: &mut u64, ops: usize) {
+    for op in 0..ops {
+        *t += rng.below(2_000_000);
+        let key = rng.below(20_000);
+        let expected = match reference.get(&key) {
+            Some(&t0) if window.is_none_or(|w| *t < t0 + w) => Verdict::Duplicate {
+                first_seen: Timestamp::from_nanos(t0),
+            },
+            _ => {
+                reference.insert(key, *t);
+                Verdict::New
+            }
+        };
+        assert_eq!(d.check_at(&key, Timestamp::from_nanos(*t)), expected, "op {op}");
+    }
+}
+
+fn snapshot(d: &Deduper) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    d.snapshot(&mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn smoke() {
+    let d = builder(Some(Duration::from_secs(60))).build().unwrap();
+    assert!(d.check_at("a", Timestamp::from_secs(10)).is_new());
+    let restored = builder(Some(Duration::from_secs(60))).restore(&snapshot(&d)[..]).unwrap();
+    assert!(restored.check_at("a", Timestamp::from_secs(11)).is_duplicate());
+    assert_eq!(restored.watermark(), Timestamp::from_secs(11));
+}
+
+#[test]
+fn restored_engines_continue_like_the_reference() {
+    for window in [Some(Duration::from_millis(300)), None] {
+        let w = window.map(|w| w.as_nanos() as u64);
+        let mut rng = Rng::new(9);
+        let mut reference = HashMap::new();
+        let mut t = 1_000_000_000u64;
+        let mut d = builder(window).build().unwrap();
+        // Snapshot and restore five times along the stream.
+        for _ in 0..5 {
+            run(&d, &mut reference, w, &mut rng, &mut t, 60_000);
+            let bytes = snapshot(&d);
+            let stats = d.stats();
+            d = builder(window).restore(&bytes[..]).unwrap();
+            let restored_stats = d.stats();
+            assert_eq!(restored_stats.checks, stats.checks);
+            assert_eq!(restored_stats.exact_entries, stats.exact_entries);
+        }
+        run(&d, &mut reference, w, &mut rng, &mut t, 60_000);
+    }
+}
+
+#[test]
+fn probabilistic_and_dashmap_engines_round_trip() {
+    for b in [
+        builder(Some(Duration::from_secs(5))).mode(Mode::Probabilistic),
+        builder(Some(Duration::from_secs(5))).exact_tier(ExactTier::DashMap),
+    ] {
+        let d = b.clone().build().unwrap();
+        for i in 0..10_000u64 {
+            d.check_at(&i, Timestamp::from_millis(1_000 + i));
+        }
+        let restored = b.restore(&snapshot(&d)[..]).unwrap();
+        for i in 0..10_000u64 {
+            assert!(restored.check_at(&i, Timestamp::from_millis(20_000)).is_duplicate() || i < 10);
+        }
+    }
+}
+
+#[test]
+fn truncated_corrupt_and_foreign_snapshots_are_refused() {
+    let b = builder(Some(Duration::from_secs(60)));
+    let d = b.clone().build().unwrap();
+    for i in 0..3_000u64 {
+        d.check_at(&i, Timestamp::from_secs(100 + i / 100));
+    }
+    let bytes = snapshot(&d);
+    // Every truncation point in the header, then a spread through the body.
+    let cuts = (0..200).chain((200..bytes.len()).step_by(bytes.len() / 500 + 1));
+    for cut in cuts {
+        match b.clone().restore(&bytes[..cut]) {
+            Err(SnapshotError::Truncated | SnapshotError::NotASnapshot) => {}
+            other => panic!("truncated at {cut} of {}: {:?}", bytes.len(), other.map(|_| ())),
+        }
+    }
+    // Single bit flips anywhere.
+    let mut rng = Rng::new(3);
+    for _ in 0..300 {
+        let mut flipped = bytes.clone();
+        let i = rng.below(bytes.len() as u64) as usize;
+        flipped[i] ^= 1 << rng.below(8);
+        assert!(b.clone().restore(&flipped[..]).is_err(), "bit flip at byte {i} accepted");
+    }
+    // Trailing garbage.
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(b.clone().restore(&longer[..]).is_err());
+    // Foreign data and another version.
+    assert!(matches!(b.clone().restore(&b"{\"json\": true}"[..]), Err(SnapshotError::NotASnapshot)));
+    let mut v2 = bytes.clone();
+    v2[8] = 2;
+    assert!(matches!(b.clone().restore(&v2[..]), Err(SnapshotError::Version { found: 2, .. })));
+    // Another configuration: the error names the field.
+    let err = builder(Some(Duration::from_secs(61))).restore(&bytes[..]).unwrap_err();
+    assert!(err.to_string().contains("window"), "{err}");
+    let err = b.clone().namespace("other").restore(&bytes[..]).unwrap_err();
+    assert!(err.to_string().contains("namespace"), "{err}");
+    // The intact snapshot still restores.
+    assert!(b.restore(&bytes[..]).is_ok());
+}
