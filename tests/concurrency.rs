@@ -10,9 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use rng::Rng;
-use tiered_dedup::{
-    Clock, Deduper, GenerationalBloom, ManualClock, Namespace, Timestamp, Verdict,
-};
+use tiered_dedup::{Clock, Deduper, GenerationalBloom, ManualClock, Namespace, Timestamp, Verdict};
 
 const THREADS: usize = 4;
 
@@ -25,7 +23,11 @@ fn smoke() {
             thread::spawn(move || d.check("same").is_new())
         })
         .collect();
-    let news = handles.into_iter().map(|h| h.join().unwrap()).filter(|&new| new).count();
+    let news = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|&new| new)
+        .count();
     assert_eq!(news, 1);
 }
 
@@ -180,6 +182,13 @@ fn filter_inserts_race_rotation_without_losing_keys() {
     }
     let last_slice = ticker.join().unwrap();
     let first_slice = 10_000 / 100;
-    assert!(last_slice - first_slice >= 500, "only {} rotations", last_slice - first_slice);
-    assert!(counts.iter().all(|&c| c <= 1), "a key was definitely new twice");
+    assert!(
+        last_slice - first_slice >= 500,
+        "only {} rotations",
+        last_slice - first_slice
+    );
+    assert!(
+        counts.iter().all(|&c| c <= 1),
+        "a key was definitely new twice"
+    );
 }

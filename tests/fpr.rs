@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use rng::Rng;
 use tiered_dedup::filter::sizing::{generation_fpr, shape_for, FilterShape};
-use tiered_dedup::{Clock, Deduper, GenerationalBloom, ManualClock, Mode, Namespace, Timestamp, Verdict};
+use tiered_dedup::{
+    Clock, Deduper, GenerationalBloom, ManualClock, Mode, Namespace, Timestamp, Verdict,
+};
 
 /// Fills one generation with `keys` keys and measures the rate on `queries`
 /// never-inserted keys. Returns (measured, formula).
@@ -25,14 +27,20 @@ fn measure(keys: u64, shape: FilterShape, fill: f64, queries: u64, seed: u64) ->
         .filter(|i| filter.contains(ns.fingerprint(&(u64::MAX - i).to_le_bytes()), t))
         .count();
     let blocks = (keys as f64 * shape.bits_per_key / 64.0).ceil();
-    (hits as f64 / queries as f64, generation_fpr(inserted as f64 / blocks, shape.hashes))
+    (
+        hits as f64 / queries as f64,
+        generation_fpr(inserted as f64 / blocks, shape.hashes),
+    )
 }
 
 #[test]
 fn smoke() {
     let shape = shape_for(0.01).unwrap();
     let (measured, formula) = measure(10_000, shape, 1.0, 200_000, 0);
-    assert!(measured < 0.02 && formula <= 0.0100001, "{measured} {formula}");
+    assert!(
+        measured < 0.02 && formula <= 0.0100001,
+        "{measured} {formula}"
+    );
 }
 
 #[test]
@@ -43,14 +51,31 @@ fn measured_rate_is_within_15_percent_of_the_formula() {
         (shape_for(0.01).unwrap(), 0.5),
         (shape_for(0.01).unwrap(), 2.0),
         (shape_for(0.002).unwrap(), 1.0),
-        (FilterShape { bits_per_key: 8.0, hashes: 3 }, 1.0),
-        (FilterShape { bits_per_key: 16.0, hashes: 8 }, 1.0),
+        (
+            FilterShape {
+                bits_per_key: 8.0,
+                hashes: 3,
+            },
+            1.0,
+        ),
+        (
+            FilterShape {
+                bits_per_key: 16.0,
+                hashes: 8,
+            },
+            1.0,
+        ),
     ];
     for (seed, (shape, fill)) in cases.into_iter().enumerate() {
         let (measured, formula) = measure(200_000, shape, fill, 2_000_000, seed as u64);
         let ratio = measured / formula;
-        eprintln!("{shape:?} fill {fill}: measured {measured:.5}, formula {formula:.5}, ratio {ratio:.3}");
-        assert!((0.85..=1.15).contains(&ratio), "{shape:?} fill {fill}: measured {measured} vs formula {formula}");
+        eprintln!(
+            "{shape:?} fill {fill}: measured {measured:.5}, formula {formula:.5}, ratio {ratio:.3}"
+        );
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "{shape:?} fill {fill}: measured {measured} vs formula {formula}"
+        );
     }
 }
 
@@ -64,8 +89,13 @@ fn no_collapse_past_two_to_the_32_bits() {
     let shape = shape_for(0.01).unwrap();
     let bits: u64 = 1 << 32;
     let keys = (bits as f64 / shape.bits_per_key) as u64;
-    let filter = std::sync::Arc::new(GenerationalBloom::with_shape(Duration::from_secs(600), keys, shape).unwrap());
-    assert!(filter.bytes() as u64 * 8 / 8 >= bits, "generation smaller than 2^32 bits");
+    let filter = std::sync::Arc::new(
+        GenerationalBloom::with_shape(Duration::from_secs(600), keys, shape).unwrap(),
+    );
+    assert!(
+        filter.bytes() as u64 * 8 / 8 >= bits,
+        "generation smaller than 2^32 bits"
+    );
     let t = Timestamp::from_secs(1_000);
     let ns = Namespace::new("large");
     std::thread::scope(|s| {
@@ -87,7 +117,10 @@ fn no_collapse_past_two_to_the_32_bits() {
     let measured = hits as f64 / queries as f64;
     let formula = shape.fpr();
     eprintln!("2^32-bit generation, {keys} keys: measured {measured:.5}, formula {formula:.5}");
-    assert!((0.85..=1.15).contains(&(measured / formula)), "measured {measured} vs formula {formula}");
+    assert!(
+        (0.85..=1.15).contains(&(measured / formula)),
+        "measured {measured} vs formula {formula}"
+    );
     // Spot-check: a sample of inserted keys is present (no false negatives).
     let mut rng = Rng::new(7);
     for _ in 0..100_000 {
@@ -142,9 +175,18 @@ fn probabilistic_mode_meets_its_target_without_false_negatives() {
         }
     }
     let measured = false_positives as f64 / fresh_in_steady_state as f64;
-    eprintln!("probabilistic: measured {measured:.5} against target {target}, stats {:?}", d.stats());
-    assert!(measured <= target * 1.15, "rate {measured} above target {target}");
-    assert!(measured >= target * 0.2, "rate {measured} implausibly far below target {target}: sizing wasteful");
+    eprintln!(
+        "probabilistic: measured {measured:.5} against target {target}, stats {:?}",
+        d.stats()
+    );
+    assert!(
+        measured <= target * 1.15,
+        "rate {measured} above target {target}"
+    );
+    assert!(
+        measured >= target * 0.2,
+        "rate {measured} implausibly far below target {target}: sizing wasteful"
+    );
     let bytes_per_key = d.stats().filter_bytes as f64 / expected_keys as f64;
     assert!(bytes_per_key < 4.5, "{bytes_per_key} bytes per key");
 }

@@ -148,7 +148,10 @@ fn smoke() {
 fn single_checks_match_the_reference() {
     for (seed, s) in settings().into_iter().enumerate() {
         let clock = ManualClock::new(Timestamp::from_secs(1_700_000_000));
-        let d = builder(&s).clock(Clock::Manual(clock.clone())).build().unwrap();
+        let d = builder(&s)
+            .clock(Clock::Manual(clock.clone()))
+            .build()
+            .unwrap();
         let mut reference = Reference::new(s.window, Duration::ZERO);
         let mut rng = Rng::new(seed as u64);
         let mut burst = 0;
@@ -167,7 +170,12 @@ fn single_checks_match_the_reference() {
         }
         let stats = d.stats();
         if s.window.is_some() {
-            assert!(stats.rotations >= 100, "{}: only {} rotations", s.name, stats.rotations);
+            assert!(
+                stats.rotations >= 100,
+                "{}: only {} rotations",
+                s.name,
+                stats.rotations
+            );
         }
         assert_eq!(stats.checks, OPS as u64);
         assert_eq!(stats.new + stats.duplicates, OPS as u64);
@@ -179,7 +187,10 @@ fn single_checks_match_the_reference() {
 fn batches_match_the_reference() {
     for (seed, s) in settings().into_iter().enumerate() {
         let clock = ManualClock::new(Timestamp::from_secs(1_700_000_000));
-        let d = builder(&s).clock(Clock::Manual(clock.clone())).build().unwrap();
+        let d = builder(&s)
+            .clock(Clock::Manual(clock.clone()))
+            .build()
+            .unwrap();
         let mut reference = Reference::new(s.window, Duration::ZERO);
         let mut rng = Rng::new(100 + seed as u64);
         let mut done = 0;
@@ -191,7 +202,12 @@ fn batches_match_the_reference() {
             let keys: Vec<u64> = (0..len).map(|_| rng.below(s.key_space)).collect();
             let now = clock.now().as_nanos();
             let expected: Vec<Verdict> = keys.iter().map(|&k| reference.check(k, now)).collect();
-            assert_eq!(d.check_batch(&keys), expected, "{}: batch at op {done}", s.name);
+            assert_eq!(
+                d.check_batch(&keys),
+                expected,
+                "{}: batch at op {done}",
+                s.name
+            );
             done += len;
         }
     }
@@ -247,10 +263,18 @@ fn event_time_with_disorder_matches_the_reference() {
                 assert_eq!(d.check_at(&k, at), expected, "case {seed} op {op}");
             }
             let expected = reference.check_at(key, at);
-            assert_eq!(d.check_at(&key, Timestamp::from_nanos(at)), expected, "case {seed} op {op} key {key}");
+            assert_eq!(
+                d.check_at(&key, Timestamp::from_nanos(at)),
+                expected,
+                "case {seed} op {op} key {key}"
+            );
         }
         let stats = d.stats();
-        assert!(stats.rotations >= 100, "case {seed}: {} rotations", stats.rotations);
+        assert!(
+            stats.rotations >= 100,
+            "case {seed}: {} rotations",
+            stats.rotations
+        );
     }
 }
 
@@ -270,7 +294,11 @@ fn window_boundary_is_exact() {
         clock.set(t0.saturating_add(window - Duration::from_nanos(1)));
         assert_eq!(d.check("k"), Verdict::Duplicate { first_seen: t0 });
         clock.set(t0.saturating_add(window));
-        assert_eq!(d.check("k"), Verdict::New, "a repeat exactly one window later is new");
+        assert_eq!(
+            d.check("k"),
+            Verdict::New,
+            "a repeat exactly one window later is new"
+        );
         // The window is anchored at the new acceptance, not extended by the
         // duplicate above.
         assert_eq!(
@@ -281,11 +309,18 @@ fn window_boundary_is_exact() {
         );
     }
     // The same under event time.
-    let d = Deduper::builder().window(window).clock(Clock::EventTime).build().unwrap();
+    let d = Deduper::builder()
+        .window(window)
+        .clock(Clock::EventTime)
+        .build()
+        .unwrap();
     let t0 = Timestamp::from_secs(5_000);
     assert_eq!(d.check_at("k", t0), Verdict::New);
     let almost = t0.saturating_add(window - Duration::from_nanos(1));
-    assert_eq!(d.check_at("k", almost), Verdict::Duplicate { first_seen: t0 });
+    assert_eq!(
+        d.check_at("k", almost),
+        Verdict::Duplicate { first_seen: t0 }
+    );
     assert_eq!(d.check_at("k", t0.saturating_add(window)), Verdict::New);
 }
 
@@ -300,15 +335,35 @@ fn namespaces_are_independent() {
 fn bad_configuration_says_what_to_change() {
     use tiered_dedup::ConfigError;
     let err = |b: tiered_dedup::DeduperBuilder| b.build().unwrap_err();
-    assert_eq!(err(Deduper::builder().window(Duration::ZERO)), ConfigError::ZeroWindow);
+    assert_eq!(
+        err(Deduper::builder().window(Duration::ZERO)),
+        ConfigError::ZeroWindow
+    );
     assert_eq!(err(Deduper::builder().shards(0)), ConfigError::ZeroShards);
-    assert_eq!(err(Deduper::builder().expected_keys(0)), ConfigError::ZeroExpectedKeys);
-    assert!(matches!(err(Deduper::builder().false_positive_rate(1.0)), ConfigError::FalsePositiveRate(_)));
-    assert!(matches!(err(Deduper::builder().false_positive_rate(f64::NAN)), ConfigError::FalsePositiveRate(_)));
-    assert!(matches!(err(Deduper::builder().false_positive_rate(1e-12)), ConfigError::FalsePositiveRateTooSmall(_)));
-    assert!(matches!(err(Deduper::builder().expected_keys(u64::MAX / 4)), ConfigError::FilterTooLarge { .. }));
+    assert_eq!(
+        err(Deduper::builder().expected_keys(0)),
+        ConfigError::ZeroExpectedKeys
+    );
     assert!(matches!(
-        err(Deduper::builder().expected_keys(100_000_000).memory_limit(1 << 20)),
+        err(Deduper::builder().false_positive_rate(1.0)),
+        ConfigError::FalsePositiveRate(_)
+    ));
+    assert!(matches!(
+        err(Deduper::builder().false_positive_rate(f64::NAN)),
+        ConfigError::FalsePositiveRate(_)
+    ));
+    assert!(matches!(
+        err(Deduper::builder().false_positive_rate(1e-12)),
+        ConfigError::FalsePositiveRateTooSmall(_)
+    ));
+    assert!(matches!(
+        err(Deduper::builder().expected_keys(u64::MAX / 4)),
+        ConfigError::FilterTooLarge { .. }
+    ));
+    assert!(matches!(
+        err(Deduper::builder()
+            .expected_keys(100_000_000)
+            .memory_limit(1 << 20)),
         ConfigError::MemoryLimit { .. }
     ));
     assert_eq!(

@@ -162,9 +162,10 @@ impl GenerationalBloom {
             // Slot of `s` is the spare cleared one step ago: publish it.
             self.current.store(s, Ordering::SeqCst);
             // Publish before clearing: a reader that sees a cleared word also
-            // sees the new `current` (release fence here, acquire in readers)
-            // and retries instead of trusting the half-cleared slot.
-            fence(Ordering::Release);
+            // sees the new `current` (this fence, the acquire fence in
+            // readers) and retries instead of trusting the half-cleared slot.
+            // SeqCst: also the store-buffering guard of `check_and_insert`.
+            fence(Ordering::SeqCst);
             // The slot after `s` held slice s−7, all older than the span.
             let spare = slot_of(s + 1);
             self.bloom.clear_slot(spare);
@@ -181,6 +182,13 @@ impl GenerationalBloom {
         let probe = self.bloom.probe(fp);
         loop {
             let cur = self.current.load(Ordering::SeqCst);
+            // Store-buffering guard, with the fence after publishing in
+            // `advance` and the one after the insert below: a thread that
+            // inserts a key in slice c and then reads `current == c` and a
+            // thread that observed slice c+1 and then reads the slot of c
+            // cannot both miss each other's write, so of two threads racing
+            // one fresh key across a rotation at most one is told it is new.
+            fence(Ordering::SeqCst);
             let hits = self.bloom.hits(probe) & live_slots(cur);
             let answer = if hits != 0 {
                 FilterAnswer::MaybeSeen { slots: hits }
@@ -193,7 +201,7 @@ impl GenerationalBloom {
                 }
             };
             // Validate: no rotation overlapped the reads and the insert.
-            fence(Ordering::Acquire);
+            fence(Ordering::SeqCst);
             if self.current.load(Ordering::SeqCst) == cur {
                 return answer;
             }
