@@ -90,3 +90,8 @@ pub use fingerprint::{ContentKey, Fingerprint, Key, Namespace};
 pub use snapshot::FORMAT_VERSION;
 pub use time::{Clock, ManualClock, Timestamp, GENERATIONS};
 pub use verdict::Verdict;
+
+/// The README's examples, compiled and run as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

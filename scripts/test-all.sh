@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md gives it and .ci/run runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Redis-backed tests start their own redis-server on loopback ports.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server from the distribution's packages"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --all-features -- -D warnings
+
+echo "== unit, integration and doc tests (release)"
+cargo test --release --all-features
+
+echo "== the 2^32-bit filter run (ignored by default: 4 GiB)"
+cargo test --release --all-features --test fpr -- --ignored
+
+echo "== loom model checks of the filter's atomics"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom
+
+echo "== benchmarks compile"
+cargo bench --no-run --all-features
