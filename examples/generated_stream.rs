@@ -21,7 +21,9 @@ impl Rng {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let messages: u64 = std::env::args().nth(1).map_or(Ok(5_000_000), |s| s.parse())?;
+    let messages: u64 = std::env::args()
+        .nth(1)
+        .map_or(Ok(5_000_000), |s| s.parse())?;
     // The stream spans one hour of event time, at the rate the engine is
     // sized for: `messages` distinct ids per one-hour window.
     let window = Duration::from_secs(3600);
@@ -53,7 +55,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let timed: Vec<(&str, Timestamp)> = stream
         .iter()
         .enumerate()
-        .map(|(i, id)| (id.as_str(), Timestamp::from_nanos(t0.as_nanos() + i as u64 * step)))
+        .map(|(i, id)| {
+            (
+                id.as_str(),
+                Timestamp::from_nanos(t0.as_nanos() + i as u64 * step),
+            )
+        })
         .collect();
 
     let start = Instant::now();
