@@ -24,9 +24,11 @@ pub(crate) use builder::Plan;
 pub(crate) use shard::{Shard, ShardFilter};
 pub(crate) use stats::ShardCounters as ShardCountersView;
 
-/// Keys processed ahead of the current one in a batch, so that their filter
-/// blocks are already on their way from memory.
-const PREFETCH_AHEAD: usize = 8;
+/// How far ahead of the key being checked a batch starts loading its filter
+/// block, and (half as far ahead) its exact-tier bucket: two pipelined
+/// prefetch stages, so both DRAM misses of a key overlap other keys' work.
+const PREFETCH_AHEAD: usize = 16;
+const PREFETCH_EXACT_AHEAD: usize = 8;
 
 /// The deduplication engine: "was this key accepted within the window?"
 ///
@@ -275,9 +277,15 @@ impl Deduper {
             for p in probes.iter().take(PREFETCH_AHEAD).flatten() {
                 shard.prefetch(*p);
             }
+            for j in 0..group.len().min(PREFETCH_EXACT_AHEAD) {
+                shard.prefetch_exact(fps[group[j] as usize], probes[j]);
+            }
             for (j, &i) in group.iter().enumerate() {
                 if let Some(Some(ahead)) = probes.get(j + PREFETCH_AHEAD) {
                     shard.prefetch(*ahead);
+                }
+                if let Some(&ahead) = group.get(j + PREFETCH_EXACT_AHEAD) {
+                    shard.prefetch_exact(fps[ahead as usize], probes[j + PREFETCH_EXACT_AHEAD]);
                 }
                 let i = i as usize;
                 if let Some(t) = time(&shard, i) {

@@ -11,6 +11,7 @@
 
 mod dashmap_tier;
 mod memory;
+mod table;
 
 use std::sync::Arc;
 
@@ -35,6 +36,12 @@ pub trait ExactPartition: Send {
     /// # Errors
     /// [`ExactTierError`] when the backend cannot record it.
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError>;
+
+    /// Starts loading what a `lookup` or `mark` of `fp` in `slot` will touch
+    /// (the batch path calls it a few keys ahead). Default: nothing.
+    fn prefetch(&self, fp: Fingerprint, slot: usize) {
+        let _ = (fp, slot);
+    }
 
     /// Drops every entry of the slots in `slots` (bit `g` = slot `g`): their
     /// slices have expired.
@@ -75,7 +82,7 @@ pub trait ExactBackend: Send + Sync {
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum ExactTier {
-    /// Open-addressing tables owned by each shard (the embedded default: the
+    /// Prefetchable open-addressing tables owned by each shard (the embedded default: the
     /// fastest measured, see `docs/benchmarks.md`).
     #[default]
     Memory,

@@ -63,6 +63,25 @@ impl Shard {
         }
     }
 
+    /// Second prefetch stage, once the filter block is (nearly) in cache:
+    /// start loading the exact-tier bucket the check will touch — the
+    /// newest matching slot for a lookup, the current slot for a mark.
+    #[inline]
+    pub(crate) fn prefetch_exact(&self, fp: Fingerprint, probe: Option<Probe>) {
+        let (Some(exact), ShardFilter::Windowed(f), Some(probe)) =
+            (&self.exact, &self.filter, probe)
+        else {
+            return;
+        };
+        let cur = f.current_or_zero();
+        let hits = f.bloom().hits(probe) & live_slots(cur);
+        let slot = (0..GENERATIONS as u64)
+            .map(|back| slot_of(cur.wrapping_sub(back)))
+            .find(|&slot| hits & (1 << slot) != 0)
+            .unwrap_or(slot_of(cur));
+        exact.prefetch(fp, slot);
+    }
+
     /// Processing time: the later of the clock reading and the shard's time,
     /// so time never goes backwards inside a shard.
     #[inline]

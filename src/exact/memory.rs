@@ -1,42 +1,27 @@
-//! `MemoryPartition`: one open-addressing table per generation slot.
-
-use hashbrown::HashTable;
+//! `MemoryPartition`: one prefetchable open-addressing table per generation
+//! slot.
 
 use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
-use super::{table_hash, ExactPartition};
+use super::table::FingerprintTable;
+use super::ExactPartition;
 
-/// 24 bytes: a fingerprint as two words (8-byte aligned, unlike `u128`) and
-/// the first-accepted time.
-#[derive(Clone, Copy)]
-struct Entry {
-    low: u64,
-    high: u64,
-    at: u64,
-}
-
-impl Entry {
-    fn fingerprint(&self) -> Fingerprint {
-        Fingerprint(u128::from(self.low) | (u128::from(self.high) << 64))
-    }
-}
-
-/// The embedded exact tier of one shard: `hashbrown` tables, one per slot,
-/// owned by the shard (no locks, no atomics).
+/// The embedded exact tier of one shard: one [`FingerprintTable`] per slot,
+/// owned by the shard (no locks, no atomics), 24 bytes per entry.
 pub struct MemoryPartition {
-    slots: [HashTable<Entry>; GENERATIONS],
+    slots: [FingerprintTable; GENERATIONS],
     expected_per_slot: usize,
 }
 
 impl MemoryPartition {
     /// An empty partition expecting about `per_slot` entries per slot (tables
-    /// are reserved on first use, so idle slots cost nothing).
+    /// are allocated on first use, so idle slots cost nothing).
     #[must_use]
     pub fn with_capacity(per_slot: usize) -> Self {
         MemoryPartition {
-            slots: std::array::from_fn(|_| HashTable::new()),
+            slots: std::array::from_fn(|_| FingerprintTable::new()),
             expected_per_slot: per_slot,
         }
     }
@@ -49,45 +34,31 @@ impl ExactPartition for MemoryPartition {
         fp: Fingerprint,
         slot: usize,
     ) -> Result<Option<Timestamp>, ExactTierError> {
-        let (low, high) = (fp.low(), fp.high());
-        Ok(self.slots[slot]
-            .find(table_hash(fp), |e| e.low == low && e.high == high)
-            .map(|e| Timestamp::from_nanos(e.at)))
+        Ok(self.slots[slot].get(fp).map(Timestamp::from_nanos))
     }
 
     #[inline]
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
         let table = &mut self.slots[slot];
-        if table.capacity() == 0 {
-            table.reserve(self.expected_per_slot.min(1 << 20), |e| {
-                table_hash(e.fingerprint())
-            });
+        if !table.is_allocated() {
+            // Size for the expected keys up front (capped at 2^20 entries, so
+            // a generous estimate does not allocate a huge idle table).
+            *table = FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20));
         }
-        let (low, high) = (fp.low(), fp.high());
-        let entry = Entry {
-            low,
-            high,
-            at: at.as_nanos(),
-        };
-        match table.entry(
-            table_hash(fp),
-            |e| e.low == low && e.high == high,
-            |e| table_hash(e.fingerprint()),
-        ) {
-            hashbrown::hash_table::Entry::Occupied(mut o) => *o.get_mut() = entry,
-            hashbrown::hash_table::Entry::Vacant(v) => {
-                v.insert(entry);
-            }
-        }
+        table.insert(fp, at.as_nanos());
         Ok(())
+    }
+
+    #[inline]
+    fn prefetch(&self, fp: Fingerprint, slot: usize) {
+        self.slots[slot].prefetch(fp);
     }
 
     fn clear_slots(&mut self, slots: u8) {
         for (g, table) in self.slots.iter_mut().enumerate() {
             if slots & (1 << g) != 0 {
-                // Free the memory: dropping a table of `Copy` entries is one
-                // deallocation, not a walk over its entries.
-                *table = HashTable::new();
+                // Free the memory: one deallocation, no walk over entries.
+                *table = FingerprintTable::new();
             }
         }
     }
@@ -97,10 +68,7 @@ impl ExactPartition for MemoryPartition {
     }
 
     fn bytes(&self) -> usize {
-        self.slots
-            .iter()
-            .map(|t| t.capacity() * (std::mem::size_of::<Entry>() + 1))
-            .sum()
+        self.slots.iter().map(FingerprintTable::bytes).sum()
     }
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
@@ -109,7 +77,7 @@ impl ExactPartition for MemoryPartition {
             out.extend(
                 table
                     .iter()
-                    .map(|e| (slot, e.fingerprint(), Timestamp::from_nanos(e.at))),
+                    .map(|(fp, at)| (slot, fp, Timestamp::from_nanos(at))),
             );
         }
         Some(out)
