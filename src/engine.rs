@@ -3,6 +3,7 @@
 //! race and the filter's "definitely new" needs no confirmation.
 
 mod builder;
+mod marks;
 mod shard;
 mod stats;
 
@@ -297,8 +298,9 @@ impl Deduper {
 
     /// Rotates every shard to the current time (processing time) or the
     /// watermark (event time), freeing expired generations of shards that
-    /// have seen no key for a while. Checks rotate their own shard; call this
-    /// periodically when some shards may sit idle for longer than a window.
+    /// have seen no key for a while, and writes pending marks older than the
+    /// flush interval. Checks rotate their own shard; call this periodically
+    /// when some shards may sit idle for longer than a window.
     pub fn maintain(&self) {
         for s in 0..self.shards.len() {
             let mut shard = self.lock(s);
@@ -307,6 +309,14 @@ impl Deduper {
                 None => self.watermark(),
             };
             shard.advance(t);
+            shard.flush_marks_if_due(self.plan.flush_interval);
+        }
+    }
+
+    /// Writes every shard's pending marks to the exact tier now.
+    pub fn flush(&self) {
+        for s in 0..self.shards.len() {
+            self.lock(s).flush_marks();
         }
     }
 
@@ -322,6 +332,7 @@ impl Deduper {
         for s in 0..self.shards.len() {
             let shard = self.lock(s);
             stats.add(&shard.counters);
+            stats.marks_pending += shard.pending.len() as u64;
             stats.filter_bytes += shard.filter_bytes() as u64;
             if let Some(exact) = &shard.exact {
                 stats.exact_entries += exact.len();

@@ -39,6 +39,9 @@ pub enum ConfigError {
         /// The configured limit.
         limit: u64,
     },
+    /// The mark batch size is zero.
+    #[error("mark batch size is zero: use 1 to write each mark at once, or more to batch them")]
+    ZeroMarkBatch,
     /// Allowed lateness is set without event time.
     #[error("allowed lateness only applies to event time: set `clock(Clock::EventTime)` or drop `allowed_lateness`")]
     LatenessWithoutEventTime,

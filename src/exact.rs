@@ -11,7 +11,7 @@
 
 mod dashmap_tier;
 mod memory;
-mod table;
+pub(crate) mod table;
 
 use std::sync::Arc;
 
@@ -21,6 +21,17 @@ use crate::time::Timestamp;
 
 pub use dashmap_tier::DashMapPartition;
 pub use memory::MemoryPartition;
+
+/// A key accepted at `at`, to be recorded in generation slot `slot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    /// The accepted key.
+    pub fingerprint: Fingerprint,
+    /// The generation slot of the slice it was accepted in.
+    pub slot: usize,
+    /// When it was accepted.
+    pub at: Timestamp,
+}
 
 /// One shard's share of an exact tier.
 pub trait ExactPartition: Send {
@@ -36,6 +47,20 @@ pub trait ExactPartition: Send {
     /// # Errors
     /// [`ExactTierError`] when the backend cannot record it.
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError>;
+
+    /// Records many marks at once (a flushed [`Mark`] batch). The default
+    /// calls [`ExactPartition::mark`] for each; remote backends send one
+    /// request.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend cannot record them; none of the
+    /// marks is then assumed recorded.
+    fn mark_batch(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        for m in marks {
+            self.mark(m.fingerprint, m.slot, m.at)?;
+        }
+        Ok(())
+    }
 
     /// Starts loading what a `lookup` or `mark` of `fp` in `slot` will touch
     /// (the batch path calls it a few keys ahead). Default: nothing.

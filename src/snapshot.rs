@@ -112,7 +112,11 @@ impl Deduper {
             inner: io::BufWriter::with_capacity(1 << 20, w),
             hasher: Xxh3::new(),
         };
-        let shards = self.lock_all();
+        let mut shards = self.lock_all();
+        // Pending marks are part of the state: write them through first.
+        for shard in shards.iter_mut() {
+            shard.flush_marks();
+        }
         w.bytes(MAGIC)?;
         w.u32(FORMAT_VERSION)?;
         for field in header_fields(self) {
@@ -192,7 +196,7 @@ fn read_words<R: Read>(
     bloom.fill_words(|| r.u64())
 }
 
-fn counters_to_array(c: &crate::engine::ShardCountersView) -> [u64; 11] {
+fn counters_to_array(c: &crate::engine::ShardCountersView) -> [u64; COUNTERS] {
     [
         c.checks,
         c.new,
@@ -205,8 +209,14 @@ fn counters_to_array(c: &crate::engine::ShardCountersView) -> [u64; 11] {
         c.rotations,
         c.over_capacity,
         c.mark_errors,
+        c.marks_queued,
+        c.marks_flushed,
+        c.mark_flushes,
     ]
 }
+
+/// Counters stored per shard.
+const COUNTERS: usize = 14;
 
 impl DeduperBuilder {
     /// Builds the engine this builder describes and loads the state a
@@ -248,7 +258,7 @@ impl DeduperBuilder {
                 for n in &mut shard.slot_inserts {
                     *n = r.u64()?;
                 }
-                let mut c = [0u64; 11];
+                let mut c = [0u64; COUNTERS];
                 for n in &mut c {
                     *n = r.u64()?;
                 }
@@ -333,7 +343,7 @@ impl DeduperBuilder {
     }
 }
 
-fn counters_from_array(c: [u64; 11]) -> crate::engine::ShardCountersView {
+fn counters_from_array(c: [u64; COUNTERS]) -> crate::engine::ShardCountersView {
     crate::engine::ShardCountersView {
         checks: c[0],
         new: c[1],
@@ -346,6 +356,9 @@ fn counters_from_array(c: [u64; 11]) -> crate::engine::ShardCountersView {
         rotations: c[8],
         over_capacity: c[9],
         mark_errors: c[10],
+        marks_queued: c[11],
+        marks_flushed: c[12],
+        mark_flushes: c[13],
     }
 }
 

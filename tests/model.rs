@@ -65,6 +65,8 @@ struct Setting {
     /// Chance that a step is a burst of many keys at one instant.
     burst_chance: f64,
     exact: ExactTier,
+    /// Marks queued per shard before a write (1 = write-through).
+    mark_batch: usize,
 }
 
 fn settings() -> Vec<Setting> {
@@ -78,6 +80,7 @@ fn settings() -> Vec<Setting> {
             max_step: 40_000_000,
             burst_chance: 0.0,
             exact: ExactTier::Memory,
+            mark_batch: 1,
         },
         Setting {
             name: "tiny window, bursts far over capacity, 1 shard",
@@ -88,6 +91,7 @@ fn settings() -> Vec<Setting> {
             max_step: 50_000,
             burst_chance: 0.01,
             exact: ExactTier::Memory,
+            mark_batch: 64,
         },
         Setting {
             name: "odd window in nanoseconds, 16 shards, dashmap tier",
@@ -98,6 +102,7 @@ fn settings() -> Vec<Setting> {
             max_step: 5_000,
             burst_chance: 0.001,
             exact: ExactTier::DashMap,
+            mark_batch: 7,
         },
         Setting {
             name: "no window, growing filter",
@@ -108,6 +113,7 @@ fn settings() -> Vec<Setting> {
             max_step: 1_000,
             burst_chance: 0.0,
             exact: ExactTier::Memory,
+            mark_batch: 1000,
         },
     ]
 }
@@ -116,6 +122,7 @@ fn builder(s: &Setting) -> tiered_dedup::DeduperBuilder {
     let b = Deduper::builder()
         .expected_keys(s.expected_keys)
         .shards(s.shards)
+        .mark_batch(s.mark_batch)
         .exact_tier(s.exact.clone());
     match s.window {
         Some(w) => b.window(w),
@@ -225,6 +232,7 @@ fn event_time_with_disorder_matches_the_reference() {
             .window(window)
             .expected_keys(2_000)
             .shards(shards)
+            .mark_batch([1, 33, 500][seed])
             .clock(Clock::EventTime);
         if !lateness.is_zero() {
             b = b.allowed_lateness(lateness);

@@ -48,6 +48,8 @@ pub struct DeduperBuilder {
     shards: Option<usize>,
     exact: ExactTier,
     memory_limit: Option<u64>,
+    mark_batch: usize,
+    flush_interval: Duration,
 }
 
 impl Default for DeduperBuilder {
@@ -63,6 +65,8 @@ impl Default for DeduperBuilder {
             shards: None,
             exact: ExactTier::Memory,
             memory_limit: None,
+            mark_batch: 1,
+            flush_interval: Duration::from_millis(10),
         }
     }
 }
@@ -145,6 +149,22 @@ impl DeduperBuilder {
     /// The exact tier. Default: [`ExactTier::Memory`].
     pub fn exact_tier(mut self, tier: ExactTier) -> Self {
         self.exact = tier;
+        self
+    }
+
+    /// Marks of accepted keys are queued per shard and written to the exact
+    /// tier `size` at a time (read-your-writes: a shard sees its own queued
+    /// marks). `1` writes each mark at once. Larger batches cut round trips
+    /// to a remote tier. Default: 1.
+    pub fn mark_batch(mut self, size: usize) -> Self {
+        self.mark_batch = size;
+        self
+    }
+
+    /// A queued mark is written within this long (by the pipeline's workers,
+    /// or by [`Deduper::maintain`]). Default: 10 ms.
+    pub fn flush_interval(mut self, interval: Duration) -> Self {
+        self.flush_interval = interval;
         self
     }
 
@@ -235,7 +255,12 @@ impl DeduperBuilder {
                 });
             }
         }
+        if self.mark_batch == 0 {
+            return Err(ConfigError::ZeroMarkBatch);
+        }
         Ok(Plan {
+            mark_batch: self.mark_batch,
+            flush_interval: self.flush_interval,
             window,
             lateness,
             slicing,
@@ -258,6 +283,8 @@ impl DeduperBuilder {
 /// A validated configuration with its sizes.
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
+    pub(crate) mark_batch: usize,
+    pub(crate) flush_interval: Duration,
     pub(crate) window: Option<u64>,
     pub(crate) lateness: u64,
     pub(crate) slicing: Option<Slicing>,
@@ -291,6 +318,6 @@ impl Plan {
             }
             Mode::Probabilistic => None,
         };
-        Ok(Shard::new(filter, partition))
+        Ok(Shard::new(filter, partition, self.mark_batch))
     }
 }

@@ -1,12 +1,15 @@
 //! One shard: a filter segment, an exact-tier partition and counters, used by
 //! one thread at a time (the shard lock, or a pipeline worker).
 
-use crate::exact::ExactPartition;
+use std::time::Duration;
+
+use crate::exact::{ExactPartition, Mark};
 use crate::filter::{GenerationalBloom, GrowingBloom, Probe};
 use crate::fingerprint::Fingerprint;
 use crate::time::{live_slots, slot_of, Timestamp, GENERATIONS};
 use crate::verdict::Verdict;
 
+use super::marks::MarkBatch;
 use super::stats::ShardCounters;
 
 /// What every shard of an engine shares: the window and the sizing.
@@ -33,17 +36,48 @@ pub(crate) struct Shard {
     pub(crate) time: u64,
     /// Keys inserted into each slot since it was last cleared.
     pub(crate) slot_inserts: [u64; GENERATIONS],
+    /// Marks not yet written to the exact tier.
+    pub(crate) pending: MarkBatch,
     pub(crate) counters: ShardCounters,
 }
 
 impl Shard {
-    pub(crate) fn new(filter: ShardFilter, exact: Option<Box<dyn ExactPartition>>) -> Self {
+    pub(crate) fn new(
+        filter: ShardFilter,
+        exact: Option<Box<dyn ExactPartition>>,
+        mark_batch: usize,
+    ) -> Self {
         Shard {
             filter,
             exact,
             time: 0,
             slot_inserts: [0; GENERATIONS],
+            pending: MarkBatch::new(mark_batch),
             counters: ShardCounters::default(),
+        }
+    }
+
+    /// Writes the pending marks to the exact tier.
+    pub(crate) fn flush_marks(&mut self) {
+        let Some(exact) = &mut self.exact else {
+            return;
+        };
+        let n = self.pending.len() as u64;
+        if n == 0 {
+            return;
+        }
+        match exact.mark_batch(self.pending.marks()) {
+            Ok(()) => self.counters.marks_flushed += n,
+            Err(_) => self.counters.mark_errors += n,
+        }
+        self.counters.mark_flushes += 1;
+        self.pending.clear();
+    }
+
+    /// Flushes the pending marks if the oldest has waited `interval`.
+    pub(crate) fn flush_marks_if_due(&mut self, interval: Duration) {
+        if self.pending.is_due(interval) {
+            self.flush_marks();
         }
     }
 
@@ -97,6 +131,9 @@ impl Shard {
             let cleared = f.advance(Timestamp::from_nanos(self.time));
             if cleared != 0 {
                 self.counters.rotations += 1;
+                // Pending marks may belong to a slot being cleared: write
+                // them first, so the clear below drops them with the rest.
+                self.flush_marks();
                 if let Some(exact) = &mut self.exact {
                     exact.clear_slots(cleared);
                 }
@@ -162,10 +199,15 @@ impl Shard {
         t: Timestamp,
         rules: &ShardRules,
     ) -> Verdict {
-        let Some(exact) = &mut self.exact else {
+        if self.exact.is_none() {
             // Probabilistic mode: trust the filter.
             return self.likely_duplicate(hits, cur);
-        };
+        }
+        // A pending mark is newer than anything in the exact tier.
+        if let Some(first_seen) = self.pending.get(fp) {
+            return self.judge(fp, probe, first_seen, t, rules);
+        }
+        let exact = self.exact.as_mut().expect("exact mode");
         // Slots in recency order: the current slice's first, then older ones.
         let order = (0..GENERATIONS as u64).map(|back| slot_of(cur.wrapping_sub(back)));
         for slot in order {
@@ -173,25 +215,35 @@ impl Shard {
                 continue;
             }
             match exact.lookup(fp, slot) {
-                Ok(Some(first_seen)) => {
-                    let inside = match rules.window {
-                        None => true,
-                        // t − t0 < W, where an out-of-order repeat (t < t0)
-                        // counts as inside.
-                        Some(w) => t.as_nanos() < first_seen.as_nanos().saturating_add(w),
-                    };
-                    if inside {
-                        return Verdict::Duplicate { first_seen };
-                    }
-                    // The newest entry is expired; older ones are too.
-                    self.counters.reaccepted_after_window += 1;
-                    return self.accept(fp, probe, t, rules);
-                }
+                Ok(Some(first_seen)) => return self.judge(fp, probe, first_seen, t, rules),
                 Ok(None) => {}
                 Err(_) => return Verdict::Unavailable,
             }
         }
         self.counters.false_positives += 1;
+        self.accept(fp, probe, t, rules)
+    }
+
+    /// The newest accepted occurrence of `fp` was at `first_seen`.
+    fn judge(
+        &mut self,
+        fp: Fingerprint,
+        probe: Option<Probe>,
+        first_seen: Timestamp,
+        t: Timestamp,
+        rules: &ShardRules,
+    ) -> Verdict {
+        let inside = match rules.window {
+            None => true,
+            // t − t0 < W, where an out-of-order repeat (t < t0) counts as
+            // inside.
+            Some(w) => t.as_nanos() < first_seen.as_nanos().saturating_add(w),
+        };
+        if inside {
+            return Verdict::Duplicate { first_seen };
+        }
+        // The newest entry is expired; older ones are too.
+        self.counters.reaccepted_after_window += 1;
         self.accept(fp, probe, t, rules)
     }
 
@@ -223,8 +275,21 @@ impl Shard {
             self.counters.over_capacity += 1;
         }
         if let Some(exact) = &mut self.exact {
-            if exact.mark(fp, slot, t).is_err() {
-                self.counters.mark_errors += 1;
+            self.counters.marks_queued += 1;
+            if self.pending.is_write_through() {
+                match exact.mark(fp, slot, t) {
+                    Ok(()) => self.counters.marks_flushed += 1,
+                    Err(_) => self.counters.mark_errors += 1,
+                }
+            } else {
+                let mark = Mark {
+                    fingerprint: fp,
+                    slot,
+                    at: t,
+                };
+                if self.pending.push(mark) {
+                    self.flush_marks();
+                }
             }
         }
         Verdict::New

@@ -15,6 +15,9 @@ pub(crate) struct ShardCounters {
     pub(crate) rotations: u64,
     pub(crate) over_capacity: u64,
     pub(crate) mark_errors: u64,
+    pub(crate) marks_queued: u64,
+    pub(crate) marks_flushed: u64,
+    pub(crate) mark_flushes: u64,
 }
 
 /// A snapshot of an engine's counters and sizes.
@@ -47,6 +50,15 @@ pub struct Stats {
     pub over_capacity: u64,
     /// Exact-tier marks that failed.
     pub mark_errors: u64,
+    /// Marks of accepted keys queued for the exact tier.
+    pub marks_queued: u64,
+    /// Marks written to the exact tier.
+    pub marks_flushed: u64,
+    /// Mark batches written (`marks_flushed / mark_flushes` is the mean
+    /// batch size).
+    pub mark_flushes: u64,
+    /// Marks queued but not yet written.
+    pub marks_pending: u64,
     /// Bytes of filter memory.
     pub filter_bytes: u64,
     /// Entries in the exact tier (local backends).
@@ -70,5 +82,8 @@ impl Stats {
         self.rotations += c.rotations;
         self.over_capacity += c.over_capacity;
         self.mark_errors += c.mark_errors;
+        self.marks_queued += c.marks_queued;
+        self.marks_flushed += c.marks_flushed;
+        self.mark_flushes += c.mark_flushes;
     }
 }

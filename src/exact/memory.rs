@@ -6,7 +6,7 @@ use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
 use super::table::FingerprintTable;
-use super::ExactPartition;
+use super::{ExactPartition, Mark};
 
 /// The embedded exact tier of one shard: one [`FingerprintTable`] per slot,
 /// owned by the shard (no locks, no atomics), 24 bytes per entry.
@@ -46,6 +46,27 @@ impl ExactPartition for MemoryPartition {
             *table = FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20));
         }
         table.insert(fp, at.as_nanos());
+        Ok(())
+    }
+
+    fn mark_batch(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        // Allocate first, so prefetches hit the tables the inserts will use.
+        for m in marks {
+            if !self.slots[m.slot].is_allocated() {
+                self.slots[m.slot] =
+                    FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20));
+            }
+        }
+        const AHEAD: usize = 8;
+        for m in marks.iter().take(AHEAD) {
+            self.slots[m.slot].prefetch(m.fingerprint);
+        }
+        for (i, m) in marks.iter().enumerate() {
+            if let Some(ahead) = marks.get(i + AHEAD) {
+                self.slots[ahead.slot].prefetch(ahead.fingerprint);
+            }
+            self.slots[m.slot].insert(m.fingerprint, m.at.as_nanos());
+        }
         Ok(())
     }
 

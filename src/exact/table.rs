@@ -143,6 +143,14 @@ impl FingerprintTable {
         }
     }
 
+    /// Empties the table, keeping its buckets.
+    pub(crate) fn clear(&mut self) {
+        if self.len > 0 {
+            self.buckets.fill(FREE);
+            self.len = 0;
+        }
+    }
+
     fn grow(&mut self) {
         let mut bigger = FingerprintTable::with_capacity((self.len + 1) * 2);
         for b in self.buckets.iter().filter(|b| b.at != EMPTY) {
