@@ -214,29 +214,53 @@ impl Deduper {
     /// Verdicts for many `(key, event time)` pairs, in order: the same as
     /// calling [`Deduper::check_at`] on each in turn.
     pub fn check_batch_at<K: Key>(&self, keys: &[(K, Timestamp)]) -> Vec<Verdict> {
-        // Lateness is decided up front against the watermark each event would
-        // meet if checked one at a time; late events are not routed.
         let mut out = Vec::with_capacity(keys.len());
+        let late = self.screen_late(keys.iter().map(|(_, t)| *t), &mut out);
+        let fps: Vec<Fingerprint> = keys.iter().map(|(k, _)| self.fingerprint(k)).collect();
+        self.run_batch(&fps, &mut out, |_, i| (!late[i]).then_some(keys[i].1));
+        out
+    }
+
+    /// Decides lateness for a batch of event times up front, against the
+    /// watermark each event would meet if checked one at a time, and moves
+    /// the watermark. Fills `out` with `Late` or a placeholder `New` per
+    /// event and returns which are late (late events are not routed).
+    pub(crate) fn screen_late(
+        &self,
+        times: impl ExactSizeIterator<Item = Timestamp>,
+        out: &mut Vec<Verdict>,
+    ) -> Vec<bool> {
+        out.clear();
+        let mut late = Vec::with_capacity(times.len());
         let mut wm = self.watermark.load(Ordering::Acquire);
         let mut late_count = 0;
-        for (_, t) in keys {
+        for t in times {
             let t = t.as_nanos();
             if t.saturating_add(self.plan.lateness) < wm {
                 late_count += 1;
+                late.push(true);
                 out.push(Verdict::Late {
                     watermark: Timestamp::from_nanos(wm),
                 });
             } else {
                 wm = wm.max(t);
+                late.push(false);
                 out.push(Verdict::New);
             }
         }
         self.watermark.fetch_max(wm, Ordering::AcqRel);
         self.late.fetch_add(late_count, Ordering::Relaxed);
-        let fps: Vec<Fingerprint> = keys.iter().map(|(k, _)| self.fingerprint(k)).collect();
-        let skip: Vec<bool> = out.iter().map(|v| v.is_late()).collect();
-        self.run_batch(&fps, &mut out, |_, i| (!skip[i]).then_some(keys[i].1));
-        out
+        late
+    }
+
+    /// The processing-clock reading for a batch (`None` under event time).
+    pub(crate) fn clock_reading(&self) -> Option<Timestamp> {
+        self.clock.read()
+    }
+
+    /// The shard a fingerprint belongs to.
+    pub(crate) fn shard_index(&self, fp: Fingerprint) -> usize {
+        self.shard_of(fp)
     }
 
     /// Groups `fps` by shard, takes each shard's lock once, and writes the
@@ -249,51 +273,64 @@ impl Deduper {
         time: impl Fn(&Shard, usize) -> Option<Timestamp>,
     ) {
         debug_assert_eq!(fps.len(), out.len());
-        // Counting sort of key indices by shard; order within a shard is the
-        // input order, so repeats of one key are judged in input order.
-        let n_shards = self.shards.len();
-        let mut starts = vec![0u32; n_shards + 1];
-        for &fp in fps {
-            starts[self.shard_of(fp) + 1] += 1;
-        }
-        for s in 0..n_shards {
-            starts[s + 1] += starts[s];
-        }
-        let mut cursor = starts.clone();
-        let mut order = vec![0u32; fps.len()];
-        for (i, &fp) in fps.iter().enumerate() {
-            let s = self.shard_of(fp);
-            order[cursor[s] as usize] = i as u32;
-            cursor[s] += 1;
-        }
-        let mut probes: Vec<Option<Probe>> = Vec::new();
-        for s in 0..n_shards {
+        let (starts, order) = group_by(fps.len(), self.shards.len(), |i| self.shard_of(fps[i]));
+        for s in 0..self.shards.len() {
             let group = &order[starts[s] as usize..starts[s + 1] as usize];
-            if group.is_empty() {
-                continue;
+            self.check_group(s, fps, group, &time, out);
+        }
+    }
+
+    /// Checks the keys `group` (indices into `fps`, all of shard `s`, in
+    /// input order) under one lock of shard `s`, with two prefetch stages.
+    pub(crate) fn check_group(
+        &self,
+        s: usize,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        out: &mut [Verdict],
+    ) {
+        if group.is_empty() {
+            return;
+        }
+        let mut shard = self.lock(s);
+        let probes: Vec<Option<Probe>> = group
+            .iter()
+            .map(|&i| shard.probe(fps[i as usize]))
+            .collect();
+        for p in probes.iter().take(PREFETCH_AHEAD).flatten() {
+            shard.prefetch(*p);
+        }
+        for j in 0..group.len().min(PREFETCH_EXACT_AHEAD) {
+            shard.prefetch_exact(fps[group[j] as usize], probes[j]);
+        }
+        for (j, &i) in group.iter().enumerate() {
+            if let Some(Some(ahead)) = probes.get(j + PREFETCH_AHEAD) {
+                shard.prefetch(*ahead);
             }
-            let mut shard = self.lock(s);
-            probes.clear();
-            probes.extend(group.iter().map(|&i| shard.probe(fps[i as usize])));
-            for p in probes.iter().take(PREFETCH_AHEAD).flatten() {
-                shard.prefetch(*p);
+            if let Some(&ahead) = group.get(j + PREFETCH_EXACT_AHEAD) {
+                shard.prefetch_exact(fps[ahead as usize], probes[j + PREFETCH_EXACT_AHEAD]);
             }
-            for j in 0..group.len().min(PREFETCH_EXACT_AHEAD) {
-                shard.prefetch_exact(fps[group[j] as usize], probes[j]);
-            }
-            for (j, &i) in group.iter().enumerate() {
-                if let Some(Some(ahead)) = probes.get(j + PREFETCH_AHEAD) {
-                    shard.prefetch(*ahead);
-                }
-                if let Some(&ahead) = group.get(j + PREFETCH_EXACT_AHEAD) {
-                    shard.prefetch_exact(fps[ahead as usize], probes[j + PREFETCH_EXACT_AHEAD]);
-                }
-                let i = i as usize;
-                if let Some(t) = time(&shard, i) {
-                    out[i] = shard.check(fps[i], probes[j], t, &self.plan.rules);
-                }
+            let i = i as usize;
+            if let Some(t) = time(&shard, i) {
+                out[i] = shard.check(fps[i], probes[j], t, &self.plan.rules);
             }
         }
+    }
+
+    /// Writes shard `s`'s pending marks if the oldest has waited the flush
+    /// interval (`force`: whatever their age).
+    pub(crate) fn flush_shard(&self, s: usize, force: bool) {
+        let mut shard = self.lock(s);
+        if force {
+            shard.flush_marks();
+        } else {
+            shard.flush_marks_if_due(self.plan.flush_interval);
+        }
+    }
+
+    pub(crate) fn flush_interval(&self) -> Duration {
+        self.plan.flush_interval
     }
 
     /// Rotates every shard to the current time (processing time) or the
@@ -376,6 +413,30 @@ pub struct Sizing {
     pub slot_capacity_per_shard: u64,
     /// The namespace's name.
     pub namespace: String,
+}
+
+/// A counting sort of `0..n` by `key(i) < buckets`: returns bucket starts
+/// (`buckets + 1` offsets) and the indices, in input order within a bucket.
+pub(crate) fn group_by(
+    n: usize,
+    buckets: usize,
+    key: impl Fn(usize) -> usize,
+) -> (Vec<u32>, Vec<u32>) {
+    let mut starts = vec![0u32; buckets + 1];
+    for i in 0..n {
+        starts[key(i) + 1] += 1;
+    }
+    for b in 0..buckets {
+        starts[b + 1] += starts[b];
+    }
+    let mut cursor = starts.clone();
+    let mut order = vec![0u32; n];
+    for i in 0..n {
+        let b = key(i);
+        order[cursor[b] as usize] = i as u32;
+        cursor[b] += 1;
+    }
+    (starts, order)
 }
 
 impl std::fmt::Debug for Deduper {

@@ -39,6 +39,12 @@ pub enum ConfigError {
         /// The configured limit.
         limit: u64,
     },
+    /// A pipeline size (workers, queue depth, message size, in-flight
+    /// batches) is zero.
+    #[error(
+        "pipeline workers, queue depth, message size and in-flight batches must all be at least 1"
+    )]
+    ZeroWorkers,
     /// The mark batch size is zero.
     #[error("mark batch size is zero: use 1 to write each mark at once, or more to batch them")]
     ZeroMarkBatch,

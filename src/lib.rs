@@ -64,6 +64,13 @@
 //!   [`Deduper::check_batch`] takes each shard's lock once per batch and
 //!   prefetches filter blocks.
 //!
+//! - **Pipeline** ([`Pipeline`]): for streams. Each shard is owned by one
+//!   worker thread; producers submit batches over bounded queues
+//!   (back-pressure) and receive each batch's verdicts in submission order.
+//!   Marks of new keys are queued per shard and written to the exact tier in
+//!   batches after the verdicts are sent (a shard reads its own queued
+//!   marks); shutdown finishes every queued batch and writes every mark.
+//!
 //! [`Mode::Probabilistic`] drops the exact tier: about 2 bytes per key, no
 //! false negatives, and a configured false-positive rate.
 //!
@@ -77,6 +84,7 @@ mod error;
 pub mod exact;
 pub mod filter;
 mod fingerprint;
+mod pipeline;
 mod snapshot;
 mod sync;
 mod time;
@@ -87,6 +95,7 @@ pub use error::{ConfigError, ExactTierError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};
 pub use fingerprint::{ContentKey, Fingerprint, Key, Namespace};
+pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, Producer};
 pub use snapshot::FORMAT_VERSION;
 pub use time::{Clock, ManualClock, Timestamp, GENERATIONS};
 pub use verdict::Verdict;

@@ -1,0 +1,649 @@
+//! `Pipeline`: the sharded worker pipeline for streams.
+//!
+//! ```text
+//! producer ─ fingerprint, split by worker ─▶ bounded queue ─▶ worker w ─▶ shards s ≡ w (mod W)
+//!    ▲                                                           │
+//!    └──────────── verdicts, reassembled in submission order ◀───┘
+//! ```
+//!
+//! Each shard is owned by exactly one worker (shard `s` by worker
+//! `s mod workers`), so two copies of one key are always judged by the same
+//! thread, in submission order, with no per-key lock. Producers hash on their
+//! own threads and block when a worker's queue is full (back-pressure, not
+//! unbounded memory). Each worker writes its shards' pending marks to the
+//! exact tier after replying (off the verdict path) once they fill a batch or
+//! wait the flush interval.
+//!
+//! **Memory bound.** At most `workers × queue_depth` messages of at most
+//! `max_message_keys` keys wait in the queues; each producer has at most
+//! `max_in_flight` batches not yet answered (answered batches wait, as
+//! verdicts, until the caller receives them).
+//!
+//! **Shutdown.** [`Pipeline::shutdown`] (and dropping the pipeline) stops
+//! accepting batches, lets every worker finish the messages already queued
+//! (their verdicts are delivered to producers still holding them), writes
+//! every pending mark, and joins the workers. A batch submitted after that
+//! gets [`PipelineError::Closed`]. A worker that panics marks the pipeline
+//! failed: every waiting and later call returns [`PipelineError::WorkerPanicked`],
+//! never hangs.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+
+use crate::engine::{group_by, Deduper, DeduperBuilder, Shard};
+use crate::error::ConfigError;
+use crate::fingerprint::{Fingerprint, Key};
+use crate::time::Timestamp;
+use crate::verdict::Verdict;
+
+/// How a pipeline call failed. Batches are handed back where they were not
+/// processed, so the caller can retry them elsewhere.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The pipeline is shut down; nothing of this batch was processed.
+    #[error("the pipeline is shut down")]
+    Closed,
+    /// A worker panicked; the pipeline stopped. The message is the panic's.
+    #[error("a pipeline worker panicked: {0}")]
+    WorkerPanicked(String),
+    /// `recv` was called with no batch in flight.
+    #[error("no batch is in flight")]
+    NothingInFlight,
+}
+
+/// The times of the keys of one message.
+enum Times {
+    /// Processing time: one clock reading for the whole batch (under event
+    /// time without timestamps, the watermark).
+    Processing(Timestamp),
+    /// Event time: one timestamp per key.
+    Event(Vec<Timestamp>),
+}
+
+/// Part of one submitted batch, for one worker.
+struct Job {
+    batch: u64,
+    fps: Vec<Fingerprint>,
+    /// Position of each key in the submitted batch.
+    positions: Vec<u32>,
+    times: Times,
+    reply: Sender<Reply>,
+}
+
+enum Message {
+    Work(Job),
+    /// Finish what is queued, flush, exit.
+    Stop,
+}
+
+struct Reply {
+    batch: u64,
+    positions: Vec<u32>,
+    verdicts: Vec<Verdict>,
+}
+
+/// What workers and producers share.
+struct Core {
+    deduper: Deduper,
+    workers: usize,
+    max_message_keys: usize,
+    max_in_flight: usize,
+    closed: AtomicBool,
+    panicked: Mutex<Option<String>>,
+    /// Workers still running.
+    alive: AtomicUsize,
+}
+
+impl Core {
+    fn failure(&self) -> Option<PipelineError> {
+        if let Some(msg) = self
+            .panicked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            return Some(PipelineError::WorkerPanicked(msg.clone()));
+        }
+        self.closed
+            .load(Ordering::Acquire)
+            .then_some(PipelineError::Closed)
+    }
+
+    fn worker_of(&self, fp: Fingerprint) -> usize {
+        self.deduper.shard_index(fp) % self.workers
+    }
+}
+
+/// Configures a [`Pipeline`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct PipelineBuilder {
+    deduper: DeduperBuilder,
+    workers: Option<usize>,
+    queue_depth: usize,
+    max_message_keys: usize,
+    max_in_flight: usize,
+}
+
+impl PipelineBuilder {
+    /// Worker threads (at most the shard count). Default: available cores.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// Messages each worker's queue holds before producers block.
+    /// Default: 4.
+    pub fn queue_depth(mut self, depth: usize) -> Self {
+        self.queue_depth = depth;
+        self
+    }
+
+    /// Largest number of keys sent to a worker in one message; larger
+    /// batches are split. Default: 4096.
+    pub fn max_message_keys(mut self, keys: usize) -> Self {
+        self.max_message_keys = keys;
+        self
+    }
+
+    /// Batches one producer may have submitted whose verdicts are not all
+    /// in yet; a further `submit` waits for answers first. Answered batches
+    /// wait for [`Producer::recv`] without counting. Default: 16.
+    pub fn max_in_flight(mut self, batches: usize) -> Self {
+        self.max_in_flight = batches;
+        self
+    }
+
+    /// Starts the workers.
+    ///
+    /// # Errors
+    /// [`ConfigError`] from the engine's configuration, or
+    /// [`ConfigError::ZeroWorkers`] for zero workers, queue depth, message
+    /// size or in-flight batches.
+    pub fn build(self) -> Result<Pipeline, ConfigError> {
+        if self.workers == Some(0)
+            || self.queue_depth == 0
+            || self.max_message_keys == 0
+            || self.max_in_flight == 0
+        {
+            return Err(ConfigError::ZeroWorkers);
+        }
+        let deduper = self.deduper.build()?;
+        let workers = self
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .min(deduper.shard_count());
+        let core = Arc::new(Core {
+            deduper,
+            workers,
+            max_message_keys: self.max_message_keys,
+            max_in_flight: self.max_in_flight,
+            closed: AtomicBool::new(false),
+            panicked: Mutex::new(None),
+            alive: AtomicUsize::new(workers),
+        });
+        let mut senders = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = bounded(self.queue_depth);
+            senders.push(tx);
+            let core = Arc::clone(&core);
+            let handle = std::thread::Builder::new()
+                .name(format!("tiered-dedup-worker-{w}"))
+                .spawn(move || run_worker(&core, w, &rx))
+                .expect("spawning a pipeline worker thread");
+            handles.push(handle);
+        }
+        Ok(Pipeline {
+            core,
+            senders,
+            handles: Mutex::new(handles),
+            queue_depth: self.queue_depth,
+        })
+    }
+}
+
+/// The sharded worker pipeline. `Send + Sync`: share it, and give every
+/// producing thread its own [`Producer`] (its own ordered verdict stream).
+pub struct Pipeline {
+    core: Arc<Core>,
+    senders: Vec<Sender<Message>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    queue_depth: usize,
+}
+
+impl Pipeline {
+    /// A builder around the engine `deduper` describes.
+    pub fn builder(deduper: DeduperBuilder) -> PipelineBuilder {
+        PipelineBuilder {
+            deduper,
+            workers: None,
+            queue_depth: 4,
+            max_message_keys: 4096,
+            max_in_flight: 16,
+        }
+    }
+
+    /// A producer: submits batches and receives their verdicts in order.
+    pub fn producer(&self) -> Producer {
+        let (reply_tx, reply_rx) = unbounded();
+        Producer {
+            core: Arc::clone(&self.core),
+            senders: self.senders.clone(),
+            reply_tx,
+            reply_rx,
+            next_batch: 0,
+            in_flight: VecDeque::new(),
+            unanswered: 0,
+        }
+    }
+
+    /// Verdicts for `keys` in order, like [`Deduper::check_batch`], through
+    /// the workers.
+    ///
+    /// # Errors
+    /// [`PipelineError::Closed`] after shutdown, and
+    /// [`PipelineError::WorkerPanicked`] when a worker died.
+    pub fn process<K: Key>(&self, keys: &[K]) -> Result<Vec<Verdict>, PipelineError> {
+        let mut producer = self.producer();
+        producer.submit(keys)?;
+        producer.recv()
+    }
+
+    /// The engine (for stats, snapshots, single checks).
+    pub fn deduper(&self) -> &Deduper {
+        &self.core.deduper
+    }
+
+    /// Messages waiting in the workers' queues now.
+    #[must_use]
+    pub fn queued_messages(&self) -> usize {
+        self.senders.iter().map(Sender::len).sum()
+    }
+
+    /// The most messages the queues hold: workers × queue depth.
+    #[must_use]
+    pub fn queue_bound(&self) -> usize {
+        self.senders.len() * self.queue_depth
+    }
+
+    /// Number of worker threads.
+    #[must_use]
+    pub fn workers(&self) -> usize {
+        self.core.workers
+    }
+
+    /// Stops accepting batches, lets the workers finish every queued
+    /// message, writes every pending mark, and joins the workers.
+    ///
+    /// # Errors
+    /// [`PipelineError::WorkerPanicked`] when a worker had panicked.
+    pub fn shutdown(&self) -> Result<(), PipelineError> {
+        self.core.closed.store(true, Ordering::Release);
+        let handles =
+            std::mem::take(&mut *self.handles.lock().unwrap_or_else(PoisonError::into_inner));
+        if handles.is_empty() {
+            return self.panic_result();
+        }
+        for tx in &self.senders {
+            // A worker that died no longer receives: nothing to stop.
+            let _ = tx.send(Message::Stop);
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+        self.panic_result()
+    }
+
+    fn panic_result(&self) -> Result<(), PipelineError> {
+        match self
+            .core
+            .panicked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            Some(msg) => Err(PipelineError::WorkerPanicked(msg.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    /// Same as [`Pipeline::shutdown`]: queued messages are finished and
+    /// every pending mark is written before the workers exit.
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("workers", &self.core.workers)
+            .field("queue_depth", &self.queue_depth)
+            .field("deduper", &self.core.deduper)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A batch submitted and not yet fully answered.
+struct InFlight {
+    batch: u64,
+    verdicts: Vec<Verdict>,
+    parts_left: usize,
+}
+
+/// One producer's handle: submits batches and receives each batch's
+/// verdicts in submission order. `Send`, not shared: one per thread.
+pub struct Producer {
+    core: Arc<Core>,
+    senders: Vec<Sender<Message>>,
+    reply_tx: Sender<Reply>,
+    reply_rx: Receiver<Reply>,
+    next_batch: u64,
+    in_flight: VecDeque<InFlight>,
+    /// Batches in `in_flight` still waiting for a reply.
+    unanswered: usize,
+}
+
+impl Producer {
+    /// Submits a batch (processing time: one clock reading for the batch).
+    /// Blocks while the workers' queues are full, or while this producer
+    /// has `max_in_flight` batches unanswered.
+    ///
+    /// # Errors
+    /// [`PipelineError::Closed`] or [`PipelineError::WorkerPanicked`]; the
+    /// batch was not processed.
+    pub fn submit<K: Key>(&mut self, keys: &[K]) -> Result<(), PipelineError> {
+        let fps: Vec<Fingerprint> = keys
+            .iter()
+            .map(|k| self.core.deduper.fingerprint(k))
+            .collect();
+        // Event time without timestamps: the watermark, like `check`.
+        let reading = self
+            .core
+            .deduper
+            .clock_reading()
+            .unwrap_or_else(|| self.core.deduper.watermark());
+        let times = Times::Processing(reading);
+        let placeholder = vec![Verdict::New; fps.len()];
+        self.dispatch(fps, placeholder, None, times)
+    }
+
+    /// Submits a batch of `(key, event time)` pairs; late events are
+    /// answered [`Verdict::Late`] without reaching a worker.
+    ///
+    /// # Errors
+    /// As [`Producer::submit`].
+    pub fn submit_at<K: Key>(&mut self, keys: &[(K, Timestamp)]) -> Result<(), PipelineError> {
+        if let Some(e) = self.core.failure() {
+            return Err(e);
+        }
+        let mut verdicts = Vec::with_capacity(keys.len());
+        let late = self
+            .core
+            .deduper
+            .screen_late(keys.iter().map(|(_, t)| *t), &mut verdicts);
+        let fps: Vec<Fingerprint> = keys
+            .iter()
+            .map(|(k, _)| self.core.deduper.fingerprint(k))
+            .collect();
+        let times: Vec<Timestamp> = keys.iter().map(|(_, t)| *t).collect();
+        self.dispatch(fps, verdicts, Some(&late), Times::Event(times))
+    }
+
+    fn dispatch(
+        &mut self,
+        fps: Vec<Fingerprint>,
+        verdicts: Vec<Verdict>,
+        skip: Option<&[bool]>,
+        times: Times,
+    ) -> Result<(), PipelineError> {
+        if let Some(e) = self.core.failure() {
+            return Err(e);
+        }
+        while self.unanswered >= self.core.max_in_flight {
+            self.collect_one()?;
+        }
+        let batch = self.next_batch;
+        // Split by worker, keeping input order within each worker (so the
+        // copies of one key reach their shard in order), then by message
+        // size.
+        let core = &self.core;
+        let (starts, order) = group_by(fps.len(), core.workers, |i| core.worker_of(fps[i]));
+        let mut jobs = Vec::new();
+        for w in 0..core.workers {
+            let mine = &order[starts[w] as usize..starts[w + 1] as usize];
+            let mine: Vec<u32> = match skip {
+                Some(skip) => mine
+                    .iter()
+                    .copied()
+                    .filter(|&i| !skip[i as usize])
+                    .collect(),
+                None => mine.to_vec(),
+            };
+            for chunk in mine.chunks(core.max_message_keys) {
+                let job_times = match &times {
+                    Times::Processing(r) => Times::Processing(*r),
+                    Times::Event(ts) => {
+                        Times::Event(chunk.iter().map(|&i| ts[i as usize]).collect())
+                    }
+                };
+                jobs.push((
+                    w,
+                    Job {
+                        batch,
+                        fps: chunk.iter().map(|&i| fps[i as usize]).collect(),
+                        positions: chunk.to_vec(),
+                        times: job_times,
+                        reply: self.reply_tx.clone(),
+                    },
+                ));
+            }
+        }
+        self.in_flight.push_back(InFlight {
+            batch,
+            verdicts,
+            parts_left: jobs.len(),
+        });
+        if !jobs.is_empty() {
+            self.unanswered += 1;
+        }
+        self.next_batch += 1;
+        for (w, job) in jobs {
+            if self.senders[w].send(Message::Work(job)).is_err() {
+                // The worker is gone (shutdown or panic). Parts already sent
+                // may still be answered; this batch is abandoned.
+                self.in_flight.pop_back();
+                self.unanswered -= 1;
+                return Err(self.core.failure().unwrap_or(PipelineError::Closed));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for one reply and files it.
+    fn collect_one(&mut self) -> Result<(), PipelineError> {
+        loop {
+            match self.reply_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(reply) => {
+                    self.file(reply);
+                    return Ok(());
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    // Not a hang: a dead worker's replies never come.
+                    if let Some(PipelineError::WorkerPanicked(msg)) = self.core.failure() {
+                        return Err(PipelineError::WorkerPanicked(msg));
+                    }
+                    if self.core.alive.load(Ordering::Acquire) == 0 {
+                        // Every worker finished its queue and exited: what
+                        // they answered is in the channel already.
+                        return match self.reply_rx.try_recv() {
+                            Ok(reply) => {
+                                self.file(reply);
+                                Ok(())
+                            }
+                            Err(_) => Err(PipelineError::Closed),
+                        };
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the producer holds a sender"),
+            }
+        }
+    }
+
+    fn file(&mut self, reply: Reply) {
+        // A reply to an abandoned batch (its submit failed half-way) has no
+        // entry: drop it.
+        let Some(entry) = self.in_flight.iter_mut().find(|b| b.batch == reply.batch) else {
+            return;
+        };
+        for (p, v) in reply.positions.into_iter().zip(reply.verdicts) {
+            entry.verdicts[p as usize] = v;
+        }
+        entry.parts_left -= 1;
+        if entry.parts_left == 0 {
+            self.unanswered -= 1;
+        }
+    }
+
+    /// The verdicts of the oldest batch in flight, in its key order; blocks
+    /// until they are all in.
+    ///
+    /// # Errors
+    /// [`PipelineError::NothingInFlight`] when no batch is in flight;
+    /// [`PipelineError::WorkerPanicked`] when a worker died;
+    /// [`PipelineError::Closed`] when the pipeline shut down before the
+    /// batch was processed.
+    pub fn recv(&mut self) -> Result<Vec<Verdict>, PipelineError> {
+        let front_done = |p: &Self| p.in_flight.front().map(|b| b.parts_left == 0);
+        loop {
+            match front_done(self) {
+                None => return Err(PipelineError::NothingInFlight),
+                Some(true) => {
+                    return Ok(self.in_flight.pop_front().expect("front exists").verdicts);
+                }
+                Some(false) => self.collect_one()?,
+            }
+        }
+    }
+
+    /// Submits `keys` and returns their verdicts (earlier batches in flight
+    /// stay queued for [`Producer::recv`]).
+    ///
+    /// # Errors
+    /// As [`Producer::submit`] and [`Producer::recv`].
+    pub fn process<K: Key>(&mut self, keys: &[K]) -> Result<Vec<Verdict>, PipelineError> {
+        self.submit(keys)?;
+        let batch = self.next_batch - 1;
+        loop {
+            let back = self.in_flight.back().expect("just submitted");
+            if back.batch == batch && back.parts_left == 0 {
+                return Ok(self.in_flight.pop_back().expect("just checked").verdicts);
+            }
+            self.collect_one()?;
+        }
+    }
+
+    /// Batches submitted and not yet received.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Batches submitted whose verdicts are not all in yet (at most the
+    /// pipeline's `max_in_flight`).
+    #[must_use]
+    pub fn unanswered(&self) -> usize {
+        self.unanswered
+    }
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A worker's loop: judge queued messages for its shards, reply, then write
+/// its shards' due marks; on `Stop`, finish the queue, flush and exit.
+fn run_worker(core: &Core, w: usize, rx: &Receiver<Message>) {
+    let my_shards: Vec<usize> = (w..core.deduper.shard_count())
+        .step_by(core.workers)
+        .collect();
+    let flush_every = core.deduper.flush_interval();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        loop {
+            match rx.recv_timeout(flush_every) {
+                Ok(Message::Work(job)) => {
+                    process_job(core, job);
+                    flush_due(core, &my_shards, false);
+                }
+                Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => flush_due(core, &my_shards, false),
+            }
+        }
+        // Finish every message already queued, then write every mark.
+        while let Ok(message) = rx.try_recv() {
+            if let Message::Work(job) = message {
+                process_job(core, job);
+            }
+        }
+        flush_due(core, &my_shards, true);
+    }));
+    core.alive.fetch_sub(1, Ordering::AcqRel);
+    if let Err(payload) = result {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(ToString::to_string)
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        *core.panicked.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(format!("worker {w}: {msg}"));
+    }
+}
+
+fn flush_due(core: &Core, shards: &[usize], force: bool) {
+    for &s in shards {
+        core.deduper.flush_shard(s, force);
+    }
+}
+
+fn process_job(core: &Core, job: Job) {
+    let Job {
+        batch,
+        fps,
+        positions,
+        times,
+        reply,
+    } = job;
+    let d = &core.deduper;
+    let mut verdicts = vec![Verdict::New; fps.len()];
+    let (starts, order) = group_by(fps.len(), d.shard_count(), |i| d.shard_index(fps[i]));
+    let time = |shard: &Shard, i: usize| -> Option<Timestamp> {
+        Some(match &times {
+            Times::Processing(r) => shard.processing_time(*r),
+            Times::Event(ts) => ts[i],
+        })
+    };
+    for s in (0..d.shard_count()).filter(|s| starts[s + 1] > starts[*s]) {
+        let group = &order[starts[s] as usize..starts[s + 1] as usize];
+        d.check_group(s, &fps, group, &time, &mut verdicts);
+    }
+    // The producer may be gone; its verdicts are then nobody's.
+    let _ = reply.send(Reply {
+        batch,
+        positions,
+        verdicts,
+    });
+}
