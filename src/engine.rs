@@ -298,15 +298,17 @@ impl Deduper {
             .iter()
             .map(|&i| shard.probe(fps[i as usize]))
             .collect();
-        for p in probes.iter().take(PREFETCH_AHEAD).flatten() {
-            shard.prefetch(*p);
+        for (j, p) in probes.iter().take(PREFETCH_AHEAD).enumerate() {
+            if let Some(p) = p {
+                shard.prefetch(fps[group[j] as usize], *p);
+            }
         }
         for j in 0..group.len().min(PREFETCH_EXACT_AHEAD) {
             shard.prefetch_exact(fps[group[j] as usize], probes[j]);
         }
         for (j, &i) in group.iter().enumerate() {
             if let Some(Some(ahead)) = probes.get(j + PREFETCH_AHEAD) {
-                shard.prefetch(*ahead);
+                shard.prefetch(fps[group[j + PREFETCH_AHEAD] as usize], *ahead);
             }
             if let Some(&ahead) = group.get(j + PREFETCH_EXACT_AHEAD) {
                 shard.prefetch_exact(fps[ahead as usize], probes[j + PREFETCH_EXACT_AHEAD]);
@@ -371,6 +373,9 @@ impl Deduper {
             stats.add(&shard.counters);
             stats.marks_pending += shard.pending.len() as u64;
             stats.filter_bytes += shard.filter_bytes() as u64;
+            if let ShardFilter::Windowed(f) = &shard.filter {
+                stats.overflow_layers += f.overflow.len() as u64;
+            }
             if let Some(exact) = &shard.exact {
                 stats.exact_entries += exact.len();
                 stats.exact_bytes += exact.bytes() as u64;

@@ -84,6 +84,7 @@ mod error;
 pub mod exact;
 pub mod filter;
 mod fingerprint;
+mod hugealloc;
 mod pipeline;
 mod snapshot;
 mod sync;

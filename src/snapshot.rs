@@ -14,7 +14,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::engine::{Deduper, DeduperBuilder, Mode, ShardFilter};
 use crate::error::{ConfigError, SnapshotError};
-use crate::filter::{BlockedBloom, GrowingBloom, Layer};
+use crate::filter::{BlockedBloom, GrowingBloom, Layer, OverflowLayer};
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
@@ -126,17 +126,26 @@ impl Deduper {
         w.u64(self.late_count())?;
         for shard in &shards {
             w.u64(shard.time)?;
-            for n in shard.slot_inserts {
-                w.u64(n)?;
-            }
             for n in counters_to_array(&shard.counters) {
                 w.u64(n)?;
             }
             match &shard.filter {
                 ShardFilter::Windowed(f) => {
                     w.u8(1)?;
-                    w.u64(f.current_slice().unwrap_or(NONE))?;
-                    write_words(&mut w, f.bloom())?;
+                    w.u64(f.base.current_slice().unwrap_or(NONE))?;
+                    for n in f.inserts {
+                        w.u64(n)?;
+                    }
+                    write_words(&mut w, f.base.bloom())?;
+                    w.u32(f.overflow.len() as u32)?;
+                    for layer in &f.overflow {
+                        w.u64(layer.bloom.num_blocks() as u64)?;
+                        w.u64(layer.capacity)?;
+                        for n in layer.inserts {
+                            w.u64(n)?;
+                        }
+                        write_words(&mut w, &layer.bloom)?;
+                    }
                 }
                 ShardFilter::Unbounded(g) => {
                     w.u8(2)?;
@@ -208,6 +217,7 @@ fn counters_to_array(c: &crate::engine::ShardCountersView) -> [u64; COUNTERS] {
         c.reaccepted_after_window,
         c.rotations,
         c.over_capacity,
+        c.overflow_inserts,
         c.mark_errors,
         c.marks_queued,
         c.marks_flushed,
@@ -216,7 +226,7 @@ fn counters_to_array(c: &crate::engine::ShardCountersView) -> [u64; COUNTERS] {
 }
 
 /// Counters stored per shard.
-const COUNTERS: usize = 14;
+const COUNTERS: usize = 15;
 
 impl DeduperBuilder {
     /// Builds the engine this builder describes and loads the state a
@@ -255,9 +265,6 @@ impl DeduperBuilder {
             let mut shards = engine.lock_all();
             for shard in shards.iter_mut() {
                 shard.time = r.u64()?;
-                for n in &mut shard.slot_inserts {
-                    *n = r.u64()?;
-                }
                 let mut c = [0u64; COUNTERS];
                 for n in &mut c {
                     *n = r.u64()?;
@@ -267,8 +274,34 @@ impl DeduperBuilder {
                 match (&mut shard.filter, tag) {
                     (ShardFilter::Windowed(f), 1) => {
                         let current = r.u64()?;
-                        f.restore_current((current != NONE).then_some(current));
-                        read_words(&mut r, f.bloom())?;
+                        f.base.restore_current((current != NONE).then_some(current));
+                        for n in &mut f.inserts {
+                            *n = r.u64()?;
+                        }
+                        read_words(&mut r, f.base.bloom())?;
+                        let layers = r.u32()?;
+                        if layers > 40 {
+                            return Err(SnapshotError::Malformed("overflow layer count"));
+                        }
+                        f.overflow.clear();
+                        for _ in 0..layers {
+                            let blocks = r.u64()?;
+                            if blocks == 0 || blocks > MAX_BLOCKS {
+                                return Err(SnapshotError::Malformed("overflow layer size"));
+                            }
+                            let capacity = r.u64()?;
+                            let mut inserts = [0u64; GENERATIONS];
+                            for n in &mut inserts {
+                                *n = r.u64()?;
+                            }
+                            let bloom = BlockedBloom::new(blocks as usize, f.base.bloom().hashes());
+                            read_words(&mut r, &bloom)?;
+                            f.overflow.push(OverflowLayer {
+                                bloom,
+                                capacity,
+                                inserts,
+                            });
+                        }
                     }
                     (ShardFilter::Unbounded(g), 2) => {
                         let n_layers = r.u32()?;
@@ -355,10 +388,11 @@ fn counters_from_array(c: [u64; COUNTERS]) -> crate::engine::ShardCountersView {
         reaccepted_after_window: c[7],
         rotations: c[8],
         over_capacity: c[9],
-        mark_errors: c[10],
-        marks_queued: c[11],
-        marks_flushed: c[12],
-        mark_flushes: c[13],
+        overflow_inserts: c[10],
+        mark_errors: c[11],
+        marks_queued: c[12],
+        marks_flushed: c[13],
+        mark_flushes: c[14],
     }
 }
 

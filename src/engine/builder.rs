@@ -6,7 +6,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::error::ConfigError;
 use crate::exact::ExactTier;
-use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing};
+use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter};
 use crate::fingerprint::Namespace;
 use crate::time::{duration_nanos, Clock, ClockSource, Slicing, SLICES_PER_SPAN};
 
@@ -302,10 +302,9 @@ pub(crate) struct Plan {
 impl Plan {
     pub(crate) fn make_shard(&self, index: usize, exact: &ExactTier) -> Result<Shard, ConfigError> {
         let filter = match self.slicing {
-            Some(slicing) => ShardFilter::Windowed(GenerationalBloom::with_parts(
-                slicing,
-                self.sizing.num_blocks,
-                self.sizing.hashes,
+            Some(slicing) => ShardFilter::Windowed(WindowedFilter::new(
+                GenerationalBloom::with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes),
+                self.rules.slot_capacity,
             )),
             None => ShardFilter::Unbounded(GrowingBloom::new(
                 (self.keys_per_window / self.shards as u64).max(1),

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use crate::exact::{ExactPartition, Mark};
-use crate::filter::{GenerationalBloom, GrowingBloom, Probe};
+use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
 use crate::fingerprint::Fingerprint;
-use crate::time::{live_slots, slot_of, Timestamp, GENERATIONS};
+use crate::time::{slot_of, Timestamp, GENERATIONS};
 use crate::verdict::Verdict;
 
 use super::marks::MarkBatch;
@@ -22,8 +22,8 @@ pub(crate) struct ShardRules {
 }
 
 pub(crate) enum ShardFilter {
-    /// A windowed engine: rotating generations.
-    Windowed(GenerationalBloom),
+    /// A windowed engine: rotating generations, overflow layers on bursts.
+    Windowed(WindowedFilter),
     /// No window: growing layers.
     Unbounded(GrowingBloom),
 }
@@ -34,8 +34,6 @@ pub(crate) struct Shard {
     pub(crate) exact: Option<Box<dyn ExactPartition>>,
     /// Highest time this shard has seen (its processing clock never goes back).
     pub(crate) time: u64,
-    /// Keys inserted into each slot since it was last cleared.
-    pub(crate) slot_inserts: [u64; GENERATIONS],
     /// Marks not yet written to the exact tier.
     pub(crate) pending: MarkBatch,
     pub(crate) counters: ShardCounters,
@@ -51,7 +49,6 @@ impl Shard {
             filter,
             exact,
             time: 0,
-            slot_inserts: [0; GENERATIONS],
             pending: MarkBatch::new(mark_batch),
             counters: ShardCounters::default(),
         }
@@ -85,15 +82,17 @@ impl Shard {
     #[inline]
     pub(crate) fn probe(&self, fp: Fingerprint) -> Option<Probe> {
         match &self.filter {
-            ShardFilter::Windowed(f) => Some(f.bloom().probe(fp)),
+            ShardFilter::Windowed(f) => Some(f.probe(fp)),
             ShardFilter::Unbounded(_) => None,
         }
     }
 
+    /// First prefetch stage: start loading the key's filter block in every
+    /// layer.
     #[inline]
-    pub(crate) fn prefetch(&self, probe: Probe) {
+    pub(crate) fn prefetch(&self, fp: Fingerprint, probe: Probe) {
         if let ShardFilter::Windowed(f) = &self.filter {
-            f.bloom().prefetch(probe);
+            f.prefetch(fp, probe);
         }
     }
 
@@ -107,8 +106,8 @@ impl Shard {
         else {
             return;
         };
-        let cur = f.current_or_zero();
-        let hits = f.bloom().hits(probe) & live_slots(cur);
+        let cur = f.current();
+        let hits = f.hits(fp, probe);
         let slot = (0..GENERATIONS as u64)
             .map(|back| slot_of(cur.wrapping_sub(back)))
             .find(|&slot| hits & (1 << slot) != 0)
@@ -127,7 +126,7 @@ impl Shard {
     #[inline]
     pub(crate) fn advance(&mut self, t: Timestamp) {
         self.time = self.time.max(t.as_nanos());
-        if let ShardFilter::Windowed(f) = &self.filter {
+        if let ShardFilter::Windowed(f) = &mut self.filter {
             let cleared = f.advance(Timestamp::from_nanos(self.time));
             if cleared != 0 {
                 self.counters.rotations += 1;
@@ -136,11 +135,6 @@ impl Shard {
                 self.flush_marks();
                 if let Some(exact) = &mut self.exact {
                     exact.clear_slots(cleared);
-                }
-                for (slot, n) in self.slot_inserts.iter_mut().enumerate() {
-                    if cleared & (1 << slot) != 0 {
-                        *n = 0;
-                    }
                 }
             }
         }
@@ -160,9 +154,9 @@ impl Shard {
         self.counters.checks += 1;
         let verdict = match &mut self.filter {
             ShardFilter::Windowed(f) => {
-                let probe = probe.unwrap_or_else(|| f.bloom().probe(fp));
-                let cur = f.current_or_zero();
-                let hits = f.bloom().hits(probe) & live_slots(cur);
+                let probe = probe.unwrap_or_else(|| f.probe(fp));
+                let cur = f.current();
+                let hits = f.hits(fp, probe);
                 if hits == 0 {
                     self.accept(fp, Some(probe), t, rules)
                 } else {
@@ -256,12 +250,16 @@ impl Shard {
         t: Timestamp,
         rules: &ShardRules,
     ) -> Verdict {
+        let _ = rules;
         let slot = match &mut self.filter {
             ShardFilter::Windowed(f) => {
-                let slot = slot_of(f.current_or_zero());
-                let probe = probe.unwrap_or_else(|| f.bloom().probe(fp));
-                f.bloom().insert(probe, slot);
-                slot
+                let probe = probe.unwrap_or_else(|| f.probe(fp));
+                match f.insert(fp, probe) {
+                    Placement::Base => {}
+                    Placement::Overflow => self.counters.overflow_inserts += 1,
+                    Placement::OverCapacity => self.counters.over_capacity += 1,
+                }
+                slot_of(f.current())
             }
             ShardFilter::Unbounded(g) => {
                 if !g.insert(fp) {
@@ -270,10 +268,6 @@ impl Shard {
                 0
             }
         };
-        self.slot_inserts[slot] += 1;
-        if rules.window.is_some() && self.slot_inserts[slot] > rules.slot_capacity {
-            self.counters.over_capacity += 1;
-        }
         if let Some(exact) = &mut self.exact {
             self.counters.marks_queued += 1;
             if self.pending.is_write_through() {
@@ -303,7 +297,7 @@ impl Shard {
                     .rev()
                     .find(|&back| hits & (1 << slot_of(cur.wrapping_sub(back))) != 0)
                     .unwrap_or(0);
-                f.slicing().slice_start(cur.saturating_sub(oldest_back))
+                f.base.slicing().slice_start(cur.saturating_sub(oldest_back))
             }
             ShardFilter::Unbounded(_) => Timestamp::ZERO,
         };

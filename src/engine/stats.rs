@@ -14,6 +14,7 @@ pub(crate) struct ShardCounters {
     pub(crate) reaccepted_after_window: u64,
     pub(crate) rotations: u64,
     pub(crate) over_capacity: u64,
+    pub(crate) overflow_inserts: u64,
     pub(crate) mark_errors: u64,
     pub(crate) marks_queued: u64,
     pub(crate) marks_flushed: u64,
@@ -44,10 +45,16 @@ pub struct Stats {
     pub reaccepted_after_window: u64,
     /// Shard rotations (a shard moving to a new slice and clearing its spare).
     pub rotations: u64,
-    /// Keys inserted into a generation already holding its sized capacity:
-    /// the filter's rate is above target while this grows (never a false
-    /// negative). Raise expected keys if it keeps growing.
+    /// Keys inserted into a generation whose every layer was full (past 40
+    /// overflow layers, or a growing filter out of memory limits): the rate
+    /// is above target while this grows (never a false negative).
     pub over_capacity: u64,
+    /// Keys a burst sent to overflow layers because their slice already held
+    /// its sized capacity; the layers are freed when their slices expire.
+    /// Often nonzero: raise expected keys to avoid the extra cache line.
+    pub overflow_inserts: u64,
+    /// Overflow layers alive now.
+    pub overflow_layers: u64,
     /// Exact-tier marks that failed.
     pub mark_errors: u64,
     /// Marks of accepted keys queued for the exact tier.
@@ -81,6 +88,7 @@ impl Stats {
         self.reaccepted_after_window += c.reaccepted_after_window;
         self.rotations += c.rotations;
         self.over_capacity += c.over_capacity;
+        self.overflow_inserts += c.overflow_inserts;
         self.mark_errors += c.mark_errors;
         self.marks_queued += c.marks_queued;
         self.marks_flushed += c.marks_flushed;

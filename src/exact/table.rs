@@ -10,11 +10,12 @@
 
 use crate::fingerprint::Fingerprint;
 
-/// Marks an empty bucket (no real time is `u64::MAX` nanoseconds).
-const EMPTY: u64 = u64::MAX;
+/// Marks an empty bucket: times are stored plus one (saturating), so a
+/// table is all-zero memory when new and can come straight from the OS.
+const EMPTY: u64 = 0;
 
 /// 24 bytes: the fingerprint as two words (8-byte aligned, unlike `u128`)
-/// and the first-accepted time, `EMPTY` for a free bucket.
+/// and the first-accepted time plus one, `EMPTY` for a free bucket.
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Bucket {
@@ -29,9 +30,15 @@ const FREE: Bucket = Bucket {
     at: EMPTY,
 };
 
+/// The stored form of a time (plus one; `u64::MAX`, 2554, saturates).
+#[inline]
+fn encode(at: u64) -> u64 {
+    at.saturating_add(1)
+}
+
 /// Fingerprint → first-accepted time, for one slot of one shard.
 pub(crate) struct FingerprintTable {
-    buckets: Box<[Bucket]>,
+    buckets: crate::hugealloc::ZeroedArray<Bucket>,
     len: usize,
     /// `64 − log2(buckets)`: the bucket of a key is its hash's top bits.
     shift: u32,
@@ -45,7 +52,8 @@ impl FingerprintTable {
     /// An empty table that allocates nothing.
     pub(crate) fn new() -> Self {
         FingerprintTable {
-            buckets: Box::new([]),
+            // SAFETY: all-zero bytes are a free `Bucket`.
+            buckets: unsafe { crate::hugealloc::ZeroedArray::new(0) },
             len: 0,
             shift: 64,
         }
@@ -55,7 +63,8 @@ impl FingerprintTable {
     pub(crate) fn with_capacity(entries: usize) -> Self {
         let buckets = (entries.max(8) * MAX_LOAD_DEN / MAX_LOAD_NUM + 1).next_power_of_two();
         FingerprintTable {
-            buckets: vec![FREE; buckets].into_boxed_slice(),
+            // SAFETY: all-zero bytes are a free `Bucket`.
+            buckets: unsafe { crate::hugealloc::ZeroedArray::new(buckets) },
             len: 0,
             shift: 64 - buckets.trailing_zeros(),
         }
@@ -112,7 +121,7 @@ impl FingerprintTable {
                 return None;
             }
             if b.low == low && b.high == high {
-                return Some(b.at);
+                return Some(b.at - 1);
             }
             i = (i + 1) & mask;
         }
@@ -121,7 +130,7 @@ impl FingerprintTable {
     /// Stores `at` for `fp`, replacing an earlier time.
     #[inline]
     pub(crate) fn insert(&mut self, fp: Fingerprint, at: u64) {
-        debug_assert_ne!(at, EMPTY);
+        let at = encode(at);
         if (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
             self.grow();
         }
@@ -156,7 +165,7 @@ impl FingerprintTable {
         for b in self.buckets.iter().filter(|b| b.at != EMPTY) {
             bigger.insert(
                 Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64)),
-                b.at,
+                b.at - 1,
             );
         }
         *self = bigger;
@@ -167,7 +176,7 @@ impl FingerprintTable {
         self.buckets.iter().filter(|b| b.at != EMPTY).map(|b| {
             (
                 Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64)),
-                b.at,
+                b.at - 1,
             )
         })
     }

@@ -26,7 +26,7 @@ pub(crate) struct Probe {
 
 /// Blocks of eight generation slots with atomic bit sets.
 pub(crate) struct BlockedBloom {
-    blocks: Box<[Block]>,
+    blocks: Blocks,
     hashes: u32,
 }
 
@@ -163,24 +163,19 @@ pub struct SlotOccupancy {
 }
 
 #[cfg(not(loom))]
-fn zeroed_blocks(n: usize) -> Box<[Block]> {
-    use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
-    let layout = Layout::array::<Block>(n).expect("filter size overflows the address space");
-    // SAFETY: the layout is non-zero (n ≥ 1); all-zero bytes are a valid
-    // `[AtomicU64; 8]`; the pointer is owned by the returned box and was
-    // allocated with the layout of `[Block; n]`. Zeroed allocation lets the
-    // OS hand out untouched pages lazily for large filters.
-    unsafe {
-        let ptr = alloc_zeroed(layout).cast::<Block>();
-        if ptr.is_null() {
-            handle_alloc_error(layout);
-        }
-        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n))
-    }
+type Blocks = crate::hugealloc::ZeroedArray<Block>;
+#[cfg(loom)]
+type Blocks = Box<[Block]>;
+
+#[cfg(not(loom))]
+fn zeroed_blocks(n: usize) -> Blocks {
+    // SAFETY: all-zero bytes are a valid `[AtomicU64; 8]`. Zeroed allocation
+    // lets the OS hand out untouched pages lazily for large filters.
+    unsafe { crate::hugealloc::ZeroedArray::new(n) }
 }
 
 #[cfg(loom)]
-fn zeroed_blocks(n: usize) -> Box<[Block]> {
+fn zeroed_blocks(n: usize) -> Blocks {
     (0..n)
         .map(|_| Block(std::array::from_fn(|_| AtomicU64::new(0))))
         .collect()

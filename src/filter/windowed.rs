@@ -1,0 +1,198 @@
+//! `WindowedFilter`: an engine shard's windowed filter — a
+//! [`GenerationalBloom`] that grows under bursts instead of losing its rate.
+//!
+//! Each generation slot of the base filter is sized for the keys one slice
+//! is expected to receive. When a burst brings more (a whole window's keys in
+//! one slice: a file replayed, a backlog drained), further inserts for that
+//! slice go to *overflow layers*: blocked filters of the same eight-slot
+//! layout, each twice the size of the previous, into the same slot. A query
+//! also reads one cache line per live layer. Rotation clears a slot in every
+//! layer; a layer whose slots are all empty is freed. So the rate stays at
+//! target, nothing is ever dropped early, and memory follows the keys that
+//! are really inside the window. Used only under the shard lock.
+
+use crate::fingerprint::Fingerprint;
+use crate::time::{live_slots, slot_of, Timestamp, GENERATIONS};
+
+use super::blocks::{BlockedBloom, Probe};
+use super::generational::GenerationalBloom;
+
+/// Most overflow layers (the last takes 2⁴⁰× the base's capacity).
+const MAX_LAYERS: usize = 40;
+
+pub(crate) struct OverflowLayer {
+    pub(crate) bloom: BlockedBloom,
+    /// Keys each slot of this layer is sized for.
+    pub(crate) capacity: u64,
+    /// Keys inserted into each slot since it was cleared.
+    pub(crate) inserts: [u64; GENERATIONS],
+}
+
+pub(crate) struct WindowedFilter {
+    pub(crate) base: GenerationalBloom,
+    /// Keys each base slot is sized for.
+    pub(crate) capacity: u64,
+    /// Keys inserted into each base slot since it was cleared.
+    pub(crate) inserts: [u64; GENERATIONS],
+    pub(crate) overflow: Vec<OverflowLayer>,
+}
+
+/// Where an insert went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Into the base filter, within its sizing.
+    Base,
+    /// Into an overflow layer (the base slot was full).
+    Overflow,
+    /// Every layer is full and no more may be added: into the base slot
+    /// beyond its sizing (the rate rises; counted).
+    OverCapacity,
+}
+
+impl WindowedFilter {
+    pub(crate) fn new(base: GenerationalBloom, capacity: u64) -> Self {
+        WindowedFilter {
+            base,
+            capacity: capacity.max(1),
+            inserts: [0; GENERATIONS],
+            overflow: Vec::new(),
+        }
+    }
+
+    /// Moves to the slice of `t`; returns the slots cleared (in every layer).
+    pub(crate) fn advance(&mut self, t: Timestamp) -> u8 {
+        let cleared = self.base.advance(t);
+        if cleared == 0 {
+            return 0;
+        }
+        for slot in (0..GENERATIONS).filter(|s| cleared & (1 << s) != 0) {
+            self.inserts[slot] = 0;
+            for layer in &mut self.overflow {
+                if layer.inserts[slot] > 0 {
+                    layer.bloom.clear_slot(slot);
+                    layer.inserts[slot] = 0;
+                }
+            }
+        }
+        // Free the layers that hold nothing any more (the newest ones last:
+        // keep the order, so capacities stay increasing).
+        while self.overflow.last().is_some_and(|l| l.inserts.iter().all(|&n| n == 0)) {
+            self.overflow.pop();
+        }
+        cleared
+    }
+
+    #[inline]
+    pub(crate) fn probe(&self, fp: Fingerprint) -> Probe {
+        self.base.bloom().probe(fp)
+    }
+
+    /// Starts loading the blocks of `fp` in the base and every overflow layer.
+    #[inline]
+    pub(crate) fn prefetch(&self, fp: Fingerprint, probe: Probe) {
+        self.base.bloom().prefetch(probe);
+        for layer in &self.overflow {
+            layer.bloom.prefetch(layer.bloom.probe(fp));
+        }
+    }
+
+    #[inline]
+    pub(crate) fn current(&self) -> u64 {
+        self.base.current_or_zero()
+    }
+
+    /// Live slots holding every probe bit of `fp`, over all layers.
+    #[inline]
+    pub(crate) fn hits(&self, fp: Fingerprint, probe: Probe) -> u8 {
+        let mut hits = self.base.bloom().hits(probe);
+        for layer in &self.overflow {
+            hits |= layer.bloom.hits(layer.bloom.probe(fp));
+        }
+        hits & live_slots(self.current())
+    }
+
+    /// Inserts `fp` into the current slot of the first layer with room.
+    pub(crate) fn insert(&mut self, fp: Fingerprint, probe: Probe) -> Placement {
+        let slot = slot_of(self.current());
+        if self.inserts[slot] < self.capacity {
+            self.inserts[slot] += 1;
+            self.base.bloom().insert(probe, slot);
+            return Placement::Base;
+        }
+        if let Some(layer) = self.overflow.iter_mut().find(|l| l.inserts[slot] < l.capacity) {
+            layer.inserts[slot] += 1;
+            layer.bloom.insert(layer.bloom.probe(fp), slot);
+            return Placement::Overflow;
+        }
+        if self.overflow.len() < MAX_LAYERS {
+            let capacity = self.overflow.last().map_or(self.capacity, |l| l.capacity).saturating_mul(2);
+            let blocks = self.base.bloom().num_blocks() << (self.overflow.len() + 1);
+            let bloom = BlockedBloom::new(blocks, self.base.bloom().hashes());
+            let mut inserts = [0; GENERATIONS];
+            inserts[slot] = 1;
+            bloom.insert(bloom.probe(fp), slot);
+            self.overflow.push(OverflowLayer {
+                bloom,
+                capacity,
+                inserts,
+            });
+            return Placement::Overflow;
+        }
+        self.inserts[slot] += 1;
+        self.base.bloom().insert(probe, slot);
+        Placement::OverCapacity
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.base.bytes() + self.overflow.iter().map(|l| l.bloom.bytes()).sum::<usize>()
+    }
+
+    /// The estimated rate of a query now: a never-inserted key matching a
+    /// live slot of any layer.
+    pub(crate) fn estimated_fpr(&self) -> f64 {
+        let live = live_slots(self.current());
+        let mut miss = 1.0 - self.base.estimated_fpr();
+        for layer in &self.overflow {
+            for slot in (0..GENERATIONS).filter(|s| live & (1 << s) != 0 && layer.inserts[*s] > 0) {
+                miss *= 1.0 - layer.bloom.slot_occupancy(slot, 4096).estimated_fpr;
+            }
+        }
+        1.0 - miss
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Namespace;
+    use std::time::Duration;
+
+    #[test]
+    fn a_burst_grows_layers_keeps_the_rate_and_frees_them_later() {
+        let base = GenerationalBloom::new(Duration::from_secs(60), 6_000, 0.01).unwrap();
+        let mut f = WindowedFilter::new(base, 1_000);
+        let ns = Namespace::default();
+        let t = Timestamp::from_secs(1_000);
+        f.advance(t);
+        // Ten times the slice's capacity in one slice.
+        for i in 0u64..10_000 {
+            let fp = ns.fingerprint(&i.to_le_bytes());
+            assert_ne!(f.insert(fp, f.probe(fp)), Placement::OverCapacity);
+        }
+        assert_eq!(f.overflow.len(), 3, "1000 + 2000 + 4000 + 8000 ≥ 10000");
+        for i in 0u64..10_000 {
+            let fp = ns.fingerprint(&i.to_le_bytes());
+            assert_ne!(f.hits(fp, f.probe(fp)), 0, "lost key {i}");
+        }
+        let fps = (10_000u64..110_000)
+            .filter(|i| {
+                let fp = ns.fingerprint(&i.to_le_bytes());
+                f.hits(fp, f.probe(fp)) != 0
+            })
+            .count();
+        assert!(fps < 2_000, "{fps} false positives in 100000 after a 10x burst");
+        // Seven slices later the burst's slot is cleared and the layers freed.
+        f.advance(t.saturating_add(Duration::from_secs(70)));
+        assert!(f.overflow.is_empty());
+    }
+}
