@@ -18,11 +18,11 @@ use crate::fingerprint::{Fingerprint, Key, Namespace};
 use crate::time::{ClockSource, Timestamp};
 use crate::verdict::Verdict;
 
-pub use builder::{DeduperBuilder, Mode};
+pub use builder::{Affinity, DeduperBuilder, Mode};
 pub use stats::Stats;
 
 pub(crate) use builder::Plan;
-pub(crate) use shard::{Shard, ShardFilter};
+pub(crate) use shard::{Shard, ShardFilter, Warmth};
 pub(crate) use stats::ShardCounters as ShardCountersView;
 
 /// How far ahead of the key being checked a batch starts loading its filter
@@ -151,7 +151,20 @@ impl Deduper {
             Some(reading) => shard.processing_time(reading),
             None => self.watermark(),
         };
-        shard.check(fp, None, t, &self.plan.rules)
+        self.check_one(&mut shard, fp, t)
+    }
+
+    /// One key under its shard's lock, by the batched path where the shard
+    /// needs it (one round trip for one key is all a single check can do).
+    #[inline]
+    fn check_one(&self, shard: &mut Shard, fp: Fingerprint, t: Timestamp) -> Verdict {
+        if shard.wants_batches(self.plan.trust) {
+            let mut out = [Verdict::Unavailable];
+            shard.check_batched(&[(0, fp, None, t)], &self.plan.rules, self.plan.trust, self.plan.span, &mut out);
+            out[0]
+        } else {
+            shard.check(fp, None, t, &self.plan.rules)
+        }
     }
 
     /// The verdict for `key` at event time `t`: a duplicate when it was
@@ -165,7 +178,7 @@ impl Deduper {
         }
         let fp = self.fingerprint(key);
         let mut shard = self.lock(self.shard_of(fp));
-        shard.check(fp, None, t, &self.plan.rules)
+        self.check_one(&mut shard, fp, t)
     }
 
     /// Moves the watermark to `t`, or returns `Late` when `t` is behind it by

@@ -45,6 +45,9 @@ pub enum ConfigError {
         "pipeline workers, queue depth, message size and in-flight batches must all be at least 1"
     )]
     ZeroWorkers,
+    /// Shared affinity needs an exact tier to claim keys in.
+    #[error("shared affinity needs the exact tier: use Mode::Exact, or Affinity::Owned for a filter-only engine")]
+    SharedWithoutExactTier,
     /// The mark batch size is zero.
     #[error("mark batch size is zero: use 1 to write each mark at once, or more to batch them")]
     ZeroMarkBatch,

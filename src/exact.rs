@@ -29,8 +29,38 @@ pub struct Mark {
     pub fingerprint: Fingerprint,
     /// The generation slot of the slice it was accepted in.
     pub slot: usize,
+    /// The slice it was accepted in (`slot == slice % 8`; 0 without a
+    /// window).
+    pub slice: u64,
     /// When it was accepted.
     pub at: Timestamp,
+}
+
+/// A batched lookup: the newest stored time of `fingerprint` among the
+/// slots in `slots` (bit `g` = slot `g`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    /// The key.
+    pub fingerprint: Fingerprint,
+    /// The generation slots to search.
+    pub slots: u8,
+}
+
+/// A batched claim (shared mode): record the key at `at` unless it was
+/// accepted less than the window before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// The key.
+    pub fingerprint: Fingerprint,
+    /// Its time.
+    pub at: Timestamp,
+}
+
+/// The newest slot first: slots of slices `current, current−1, …`.
+pub(crate) fn slots_newest_first(current: u64) -> impl Iterator<Item = (u64, usize)> {
+    (0..crate::time::GENERATIONS as u64 - 1)
+        .filter(move |&back| back <= current)
+        .map(move |back| (current - back, crate::time::slot_of(current - back)))
 }
 
 /// One shard's share of an exact tier.
@@ -47,6 +77,86 @@ pub trait ExactPartition: Send {
     /// # Errors
     /// [`ExactTierError`] when the backend cannot record it.
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError>;
+
+    /// True for a remote backend: the engine then gathers a batch's filter
+    /// matches and asks [`ExactPartition::lookup_batch`] once, instead of
+    /// one [`ExactPartition::lookup`] per key. Default: false.
+    fn prefers_batches(&self) -> bool {
+        false
+    }
+
+    /// True when entries outlive the process (a remote tier): a fresh
+    /// engine's filter is then cold — it does not know what was accepted
+    /// before it started — and "definitely new" is confirmed here until a
+    /// whole window has passed. Default: false.
+    fn persistent(&self) -> bool {
+        false
+    }
+
+    /// For each lookup, in order, the newest stored time of its fingerprint
+    /// in its slots (the slice of slot `g` is the newest slice `≤ current`
+    /// in that slot). Default: [`ExactPartition::lookup`] per slot.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend cannot answer; `out` is then
+    /// meaningless.
+    fn lookup_batch(
+        &mut self,
+        current: u64,
+        lookups: &[Lookup],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        out.clear();
+        for q in lookups {
+            let mut found = None;
+            for (_, slot) in slots_newest_first(current) {
+                if q.slots & (1 << slot) != 0 {
+                    if let Some(t) = self.lookup(q.fingerprint, slot)? {
+                        found = Some(t);
+                        break;
+                    }
+                }
+            }
+            out.push(found);
+        }
+        Ok(())
+    }
+
+    /// Shared mode: for each claim in order, atomically with respect to
+    /// every other engine on the same store: if its key was accepted at
+    /// `t0` in a live slice with `at − t0 < window`, answer `Some(t0)`;
+    /// otherwise record it at `at` in slice `current` and answer `None`.
+    /// Default (local backends): lookups and marks.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend cannot answer; nothing is then
+    /// assumed recorded.
+    fn claim_batch(
+        &mut self,
+        current: u64,
+        window: Option<u64>,
+        claims: &[Claim],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        out.clear();
+        for c in claims {
+            let mut newest = None;
+            for (_, slot) in slots_newest_first(current) {
+                if let Some(t) = self.lookup(c.fingerprint, slot)? {
+                    newest = Some(t);
+                    break;
+                }
+            }
+            let inside = newest.filter(|t0| {
+                window.is_none_or(|w| c.at.as_nanos() < t0.as_nanos().saturating_add(w))
+            });
+            if inside.is_none() {
+                self.mark(c.fingerprint, crate::time::slot_of(current), c.at)?;
+            }
+            out.push(inside);
+        }
+        Ok(())
+    }
 
     /// Records many marks at once (a flushed [`Mark`] batch). The default
     /// calls [`ExactPartition::mark`] for each; remote backends send one

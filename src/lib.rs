@@ -91,7 +91,7 @@ mod sync;
 mod time;
 mod verdict;
 
-pub use engine::{Deduper, DeduperBuilder, Mode, Sizing, Stats};
+pub use engine::{Affinity, Deduper, DeduperBuilder, Mode, Sizing, Stats};
 pub use error::{ConfigError, ExactTierError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};

@@ -371,6 +371,10 @@ impl DeduperBuilder {
                 "trailing bytes after the checksum",
             ));
         }
+        // The restored filter knows every key this engine accepted.
+        for shard in engine.lock_all().iter_mut() {
+            shard.warmth = crate::engine::Warmth::Warm;
+        }
         engine.restore_watermark(watermark, late);
         Ok(engine)
     }

@@ -9,7 +9,55 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rng::Rng;
-use tiered_dedup::{Clock, Deduper, ExactTier, ManualClock, Timestamp, Verdict};
+use std::sync::Arc;
+
+use tiered_dedup::exact::{ExactBackend, ExactPartition, MemoryPartition};
+use tiered_dedup::{
+    Affinity, Clock, Deduper, ExactTier, ExactTierError, Fingerprint, ManualClock, Timestamp,
+    Verdict,
+};
+
+/// The memory tier presented as a remote, persistent one: the engine takes
+/// its batched, cold-start path (what a Redis tier gets), with local state.
+struct RemoteLike;
+
+struct RemoteLikePartition(MemoryPartition);
+
+impl ExactPartition for RemoteLikePartition {
+    fn lookup(&mut self, fp: Fingerprint, slot: usize) -> Result<Option<Timestamp>, ExactTierError> {
+        self.0.lookup(fp, slot)
+    }
+    fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
+        self.0.mark(fp, slot, at)
+    }
+    fn clear_slots(&mut self, slots: u8) {
+        self.0.clear_slots(slots);
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn bytes(&self) -> usize {
+        self.0.bytes()
+    }
+    fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
+        self.0.entries()
+    }
+    fn prefers_batches(&self) -> bool {
+        true
+    }
+    fn persistent(&self) -> bool {
+        true
+    }
+}
+
+impl ExactBackend for RemoteLike {
+    fn name(&self) -> &'static str {
+        "remote-like"
+    }
+    fn partition(&self, _: usize, _: usize, per_slot: usize) -> Box<dyn ExactPartition> {
+        Box::new(RemoteLikePartition(MemoryPartition::with_capacity(per_slot)))
+    }
+}
 
 /// The contract, written as plainly as possible.
 struct Reference {
@@ -67,6 +115,7 @@ struct Setting {
     exact: ExactTier,
     /// Marks queued per shard before a write (1 = write-through).
     mark_batch: usize,
+    affinity: Affinity,
 }
 
 fn settings() -> Vec<Setting> {
@@ -81,6 +130,7 @@ fn settings() -> Vec<Setting> {
             burst_chance: 0.0,
             exact: ExactTier::Memory,
             mark_batch: 1,
+            affinity: Affinity::Owned,
         },
         Setting {
             name: "tiny window, bursts far over capacity, 1 shard",
@@ -92,6 +142,7 @@ fn settings() -> Vec<Setting> {
             burst_chance: 0.01,
             exact: ExactTier::Memory,
             mark_batch: 64,
+            affinity: Affinity::Owned,
         },
         Setting {
             name: "odd window in nanoseconds, 16 shards, dashmap tier",
@@ -103,6 +154,31 @@ fn settings() -> Vec<Setting> {
             burst_chance: 0.001,
             exact: ExactTier::DashMap,
             mark_batch: 7,
+            affinity: Affinity::Owned,
+        },
+        Setting {
+            name: "batched remote-like tier, cold start, 8 shards",
+            window: Some(Duration::from_millis(20)),
+            expected_keys: 1_000,
+            key_space: 3_000,
+            shards: 8,
+            max_step: 20_000,
+            burst_chance: 0.002,
+            exact: ExactTier::Custom(Arc::new(RemoteLike)),
+            mark_batch: 50,
+            affinity: Affinity::Owned,
+        },
+        Setting {
+            name: "shared affinity: every key claimed, 4 shards",
+            window: Some(Duration::from_millis(20)),
+            expected_keys: 1_000,
+            key_space: 3_000,
+            shards: 4,
+            max_step: 20_000,
+            burst_chance: 0.002,
+            exact: ExactTier::Custom(Arc::new(RemoteLike)),
+            mark_batch: 1,
+            affinity: Affinity::Shared,
         },
         Setting {
             name: "no window, growing filter",
@@ -114,6 +190,7 @@ fn settings() -> Vec<Setting> {
             burst_chance: 0.0,
             exact: ExactTier::Memory,
             mark_batch: 1000,
+            affinity: Affinity::Owned,
         },
     ]
 }
@@ -123,6 +200,7 @@ fn builder(s: &Setting) -> tiered_dedup::DeduperBuilder {
         .expected_keys(s.expected_keys)
         .shards(s.shards)
         .mark_batch(s.mark_batch)
+        .affinity(s.affinity)
         .exact_tier(s.exact.clone());
     match s.window {
         Some(w) => b.window(w),
@@ -380,4 +458,100 @@ fn bad_configuration_says_what_to_change() {
     );
     let msg = ConfigError::ZeroWindow.to_string();
     assert!(msg.contains("no_window"), "{msg}");
+}
+
+/// A store that outlives engines: each shard's partition is kept here and
+/// handed to the next engine built on it (a process restart on a durable
+/// tier, without a snapshot).
+#[derive(Default)]
+struct DurableStore {
+    partitions: std::sync::Mutex<HashMap<usize, Arc<std::sync::Mutex<MemoryPartition>>>>,
+}
+
+struct DurablePartition(Arc<std::sync::Mutex<MemoryPartition>>);
+
+impl ExactPartition for DurablePartition {
+    fn lookup(&mut self, fp: Fingerprint, slot: usize) -> Result<Option<Timestamp>, ExactTierError> {
+        self.0.lock().unwrap().lookup(fp, slot)
+    }
+    fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
+        self.0.lock().unwrap().mark(fp, slot, at)
+    }
+    fn clear_slots(&mut self, slots: u8) {
+        self.0.lock().unwrap().clear_slots(slots);
+    }
+    fn len(&self) -> u64 {
+        self.0.lock().unwrap().len()
+    }
+    fn bytes(&self) -> usize {
+        0
+    }
+    fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
+        None
+    }
+    fn prefers_batches(&self) -> bool {
+        true
+    }
+    fn persistent(&self) -> bool {
+        true
+    }
+}
+
+impl ExactBackend for DurableStore {
+    fn name(&self) -> &'static str {
+        "durable-store"
+    }
+    fn partition(&self, shard: usize, _: usize, per_slot: usize) -> Box<dyn ExactPartition> {
+        let mut parts = self.partitions.lock().unwrap();
+        let part = parts
+            .entry(shard)
+            .or_insert_with(|| Arc::new(std::sync::Mutex::new(MemoryPartition::with_capacity(per_slot))));
+        Box::new(DurablePartition(Arc::clone(part)))
+    }
+}
+
+/// Engine A accepts keys and stops (marks flushed, no snapshot); engine B
+/// starts on the same store with a cold filter: every key A accepted inside
+/// the window is still a duplicate, and after a window B's verdicts are the
+/// reference's.
+#[test]
+fn a_restart_on_a_durable_tier_confirms_until_warm() {
+    let store = Arc::new(DurableStore::default());
+    let window = Duration::from_secs(60);
+    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+    let build = || {
+        Deduper::builder()
+            .window(window)
+            .expected_keys(20_000)
+            .shards(4)
+            .mark_batch(64)
+            .clock(Clock::Manual(clock.clone()))
+            .exact_tier(ExactTier::Custom(store.clone()))
+            .build()
+            .unwrap()
+    };
+    let mut reference = Reference::new(Some(window), Duration::ZERO);
+    let mut rng = Rng::new(77);
+    let a = build();
+    for _ in 0..50_000 {
+        clock.advance(Duration::from_micros(rng.below(1_000)));
+        let key = rng.below(20_000);
+        assert_eq!(a.check(&key), reference.check(key, clock.now().as_nanos()));
+    }
+    a.flush();
+    drop(a);
+    let b = build();
+    let mut cold_duplicates = 0;
+    for op in 0..200_000 {
+        clock.advance(Duration::from_micros(rng.below(1_000)));
+        let key = rng.below(20_000);
+        let expected = reference.check(key, clock.now().as_nanos());
+        if op < 20_000 && expected.is_duplicate() {
+            cold_duplicates += 1;
+        }
+        let batch = [key];
+        let got = if op % 2 == 0 { b.check(&key) } else { b.check_batch(&batch)[0] };
+        assert_eq!(got, expected, "op {op} after the restart, key {key}");
+    }
+    assert!(cold_duplicates > 1_000, "the test never met a key accepted before the restart");
 }

@@ -10,7 +10,7 @@ use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter}
 use crate::fingerprint::Namespace;
 use crate::time::{duration_nanos, Clock, ClockSource, Slicing, SLICES_PER_SPAN};
 
-use super::shard::{Shard, ShardFilter, ShardRules};
+use super::shard::{Shard, ShardFilter, ShardRules, Trust};
 use super::Deduper;
 
 /// Exact (the default) or filter-only.
@@ -25,6 +25,23 @@ pub enum Mode {
     /// at the configured false-positive rate, and the window is rounded up to
     /// whole slices (keys may be remembered up to one slice longer).
     Probabilistic,
+}
+
+/// Whether this engine owns its keys (the filter tier may answer alone) or
+/// shares them with other engines on the same exact tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Affinity {
+    /// Key affinity: every key is routed to one owner (e.g. broker partitions
+    /// keyed by the dedup key), so a warm filter's "definitely new" is final
+    /// and marks are written asynchronously. After a restart without a
+    /// snapshot (or a partition hand-over) the filter is cold: until a whole
+    /// window has passed, "definitely new" is confirmed in the exact tier.
+    #[default]
+    Owned,
+    /// No affinity: several engines may see the same key. Every key is
+    /// claimed atomically in the exact tier (one batched request per batch),
+    /// and the verdict comes after the claim.
+    Shared,
 }
 
 /// How many keys to size for.
@@ -50,6 +67,7 @@ pub struct DeduperBuilder {
     memory_limit: Option<u64>,
     mark_batch: usize,
     flush_interval: Duration,
+    affinity: Affinity,
 }
 
 impl Default for DeduperBuilder {
@@ -67,6 +85,7 @@ impl Default for DeduperBuilder {
             memory_limit: None,
             mark_batch: 1,
             flush_interval: Duration::from_millis(10),
+            affinity: Affinity::Owned,
         }
     }
 }
@@ -168,6 +187,13 @@ impl DeduperBuilder {
         self
     }
 
+    /// Whether keys are owned by this engine or shared with others on the
+    /// same exact tier. Default: [`Affinity::Owned`].
+    pub fn affinity(mut self, affinity: Affinity) -> Self {
+        self.affinity = affinity;
+        self
+    }
+
     /// Refuse to build a filter larger than `bytes`. Default: no limit
     /// (beyond 1 TiB).
     pub fn memory_limit(mut self, bytes: u64) -> Self {
@@ -258,7 +284,15 @@ impl DeduperBuilder {
         if self.mark_batch == 0 {
             return Err(ConfigError::ZeroMarkBatch);
         }
+        if self.affinity == Affinity::Shared && self.mode == Mode::Probabilistic {
+            return Err(ConfigError::SharedWithoutExactTier);
+        }
         Ok(Plan {
+            trust: match self.affinity {
+                Affinity::Owned => Trust::Owned,
+                Affinity::Shared => Trust::Shared,
+            },
+            span: window.map_or(u64::MAX, |w| w.saturating_add(lateness)),
             mark_batch: self.mark_batch,
             flush_interval: self.flush_interval,
             window,
@@ -283,6 +317,9 @@ impl DeduperBuilder {
 /// A validated configuration with its sizes.
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
+    pub(crate) trust: Trust,
+    /// Window plus lateness (how long a fresh filter stays cold).
+    pub(crate) span: u64,
     pub(crate) mark_batch: usize,
     pub(crate) flush_interval: Duration,
     pub(crate) window: Option<u64>,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::exact::{ExactPartition, Mark};
+use crate::exact::{Claim, ExactPartition, Lookup, Mark};
 use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
 use crate::fingerprint::Fingerprint;
 use crate::time::{slot_of, Timestamp, GENERATIONS};
@@ -36,7 +36,30 @@ pub(crate) struct Shard {
     pub(crate) time: u64,
     /// Marks not yet written to the exact tier.
     pub(crate) pending: MarkBatch,
+    /// Whether the filter knows everything the exact tier holds.
+    pub(crate) warmth: Warmth,
     pub(crate) counters: ShardCounters,
+}
+
+/// Does the filter know every key the exact tier holds?
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Warmth {
+    /// Yes: a local tier, or a restored snapshot, or a window has passed.
+    Warm,
+    /// A persistent tier and a fresh filter; warm once the shard's time
+    /// reaches the given nanosecond (its first time plus the span).
+    ColdUntil(u64),
+    /// A persistent tier and no time seen yet.
+    ColdFresh,
+}
+
+/// How the engine may trust its filter (see [`crate::Affinity`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Trust {
+    /// Owned keys: "definitely new" is final once the filter is warm.
+    Owned,
+    /// Shared keys: every key is claimed atomically in the exact tier.
+    Shared,
 }
 
 impl Shard {
@@ -45,11 +68,17 @@ impl Shard {
         exact: Option<Box<dyn ExactPartition>>,
         mark_batch: usize,
     ) -> Self {
+        let warmth = if exact.as_ref().is_some_and(|e| e.persistent()) {
+            Warmth::ColdFresh
+        } else {
+            Warmth::Warm
+        };
         Shard {
             filter,
             exact,
             time: 0,
             pending: MarkBatch::new(mark_batch),
+            warmth,
             counters: ShardCounters::default(),
         }
     }
@@ -183,6 +212,193 @@ impl Shard {
         verdict
     }
 
+    /// True when this shard must use [`Shard::check_batched`]: a remote
+    /// exact tier, a cold filter, or shared keys.
+    #[inline]
+    pub(crate) fn wants_batches(&self, trust: Trust) -> bool {
+        trust == Trust::Shared
+            || self.warmth != Warmth::Warm
+            || self.exact.as_ref().is_some_and(|e| e.prefers_batches())
+    }
+
+    fn update_warmth(&mut self, span: u64) {
+        match self.warmth {
+            Warmth::Warm => {}
+            Warmth::ColdFresh => {
+                self.warmth = Warmth::ColdUntil(self.time.saturating_add(span));
+            }
+            Warmth::ColdUntil(until) => {
+                if self.time >= until {
+                    self.warmth = Warmth::Warm;
+                }
+            }
+        }
+    }
+
+    /// Verdicts for `items` (`(position, fingerprint, probe, time)`, in
+    /// input order, none late) with the exact tier asked once per run:
+    ///
+    /// 1. In order, the filter decides what it can: a key it has never seen
+    ///    (and the filter is warm, the keys owned) is accepted at once; a key
+    ///    with a queued mark is judged from it; any other key waits. (A later
+    ///    copy of a waiting key waits too: it meets the same filter bits, or
+    ///    the same cold filter, since a run never spans a rotation.)
+    /// 2. One [`ExactPartition::lookup_batch`] answers the waiting keys,
+    ///    which are then judged in order (a copy accepted earlier in this
+    ///    step is seen through the queued marks).
+    ///
+    /// Shared keys skip the filter: one [`ExactPartition::claim_batch`]
+    /// judges and records them atomically. A run ends before any rotation,
+    /// so all of its keys see the same slices.
+    pub(crate) fn check_batched(
+        &mut self,
+        items: &[(usize, Fingerprint, Option<Probe>, Timestamp)],
+        rules: &ShardRules,
+        trust: Trust,
+        span: u64,
+        out: &mut [Verdict],
+    ) {
+        let mut waiting: Vec<(usize, Fingerprint, Option<Probe>, Timestamp, u8)> = Vec::new();
+        for &(pos, fp, probe, t) in items {
+            if self.would_rotate(t) && !waiting.is_empty() {
+                self.resolve(&mut waiting, rules, trust, out);
+            }
+            self.advance(t);
+            self.update_warmth(span);
+            self.counters.checks += 1;
+            if trust == Trust::Shared {
+                waiting.push((pos, fp, probe, t, u8::MAX));
+                continue;
+            }
+            if let Some(first_seen) = self.pending.get(fp) {
+                out[pos] = self.judge(fp, probe, first_seen, t, rules);
+                self.count(out[pos]);
+                continue;
+            }
+            let hits = self.filter_hits(fp, probe);
+            if hits == 0 && self.warmth == Warmth::Warm {
+                out[pos] = self.accept(fp, probe, t, rules);
+                self.count(out[pos]);
+                continue;
+            }
+            if hits != 0 {
+                self.counters.maybe_seen += 1;
+            }
+            if self.exact.is_none() {
+                out[pos] = self.likely_duplicate(hits, self.current_slice());
+                self.count(out[pos]);
+                continue;
+            }
+            // Cold: the exact tier may hold it in any live slot.
+            let slots = if self.warmth == Warmth::Warm { hits } else { u8::MAX };
+            waiting.push((pos, fp, probe, t, slots));
+        }
+        self.resolve(&mut waiting, rules, trust, out);
+    }
+
+    fn current_slice(&self) -> u64 {
+        match &self.filter {
+            ShardFilter::Windowed(f) => f.current(),
+            ShardFilter::Unbounded(_) => 0,
+        }
+    }
+
+    fn would_rotate(&self, t: Timestamp) -> bool {
+        match &self.filter {
+            ShardFilter::Windowed(f) => {
+                let target = f.base.slicing().slice_of(Timestamp::from_nanos(t.as_nanos().max(self.time)));
+                f.base.current_slice().is_some_and(|c| target > c)
+            }
+            ShardFilter::Unbounded(_) => false,
+        }
+    }
+
+    fn filter_hits(&self, fp: Fingerprint, probe: Option<Probe>) -> u8 {
+        match &self.filter {
+            ShardFilter::Windowed(f) => f.hits(fp, probe.unwrap_or_else(|| f.probe(fp))),
+            ShardFilter::Unbounded(g) => u8::from(g.contains(fp)),
+        }
+    }
+
+    fn count(&mut self, v: Verdict) {
+        match v {
+            Verdict::New => self.counters.new += 1,
+            Verdict::Duplicate { .. } => self.counters.duplicates += 1,
+            Verdict::LikelyDuplicate { .. } => self.counters.likely_duplicates += 1,
+            Verdict::Unavailable => self.counters.unavailable += 1,
+            Verdict::Late { .. } => {}
+        }
+    }
+
+    /// Step 2 of [`Shard::check_batched`]: one round trip for every waiting
+    /// key, then their verdicts in order.
+    fn resolve(
+        &mut self,
+        waiting: &mut Vec<(usize, Fingerprint, Option<Probe>, Timestamp, u8)>,
+        rules: &ShardRules,
+        trust: Trust,
+        out: &mut [Verdict],
+    ) {
+        if waiting.is_empty() {
+            return;
+        }
+        let current = self.current_slice();
+        let exact = self.exact.as_mut().expect("only exact mode waits");
+        let mut answers = Vec::with_capacity(waiting.len());
+        if trust == Trust::Shared {
+            let claims: Vec<Claim> = waiting
+                .iter()
+                .map(|&(_, fp, _, t, _)| Claim { fingerprint: fp, at: t })
+                .collect();
+            let result = exact.claim_batch(current, rules.window, &claims, &mut answers);
+            for (i, &(pos, fp, probe, t, _)) in waiting.iter().enumerate() {
+                out[pos] = match (&result, answers.get(i)) {
+                    (Ok(()), Some(Some(first_seen))) => Verdict::Duplicate { first_seen: *first_seen },
+                    (Ok(()), Some(None)) => {
+                        // Recorded by the claim: keep the local filter in step.
+                        if let ShardFilter::Windowed(f) = &mut self.filter {
+                            let probe = probe.unwrap_or_else(|| f.probe(fp));
+                            let _ = f.insert(fp, probe);
+                        }
+                        let _ = t;
+                        Verdict::New
+                    }
+                    _ => Verdict::Unavailable,
+                };
+                self.count(out[pos]);
+            }
+            waiting.clear();
+            return;
+        }
+        let lookups: Vec<Lookup> = waiting
+            .iter()
+            .map(|&(_, fp, _, _, slots)| Lookup { fingerprint: fp, slots })
+            .collect();
+        let result = exact.lookup_batch(current, &lookups, &mut answers);
+        for (i, &(pos, fp, probe, t, slots)) in waiting.iter().enumerate() {
+            out[pos] = if result.is_err() {
+                Verdict::Unavailable
+            } else if let Some(first_seen) = self.pending.get(fp) {
+                // Accepted by an earlier copy in this batch.
+                self.judge(fp, probe, first_seen, t, rules)
+            } else {
+                match answers.get(i).copied().flatten() {
+                    Some(first_seen) => self.judge(fp, probe, first_seen, t, rules),
+                    None => {
+                        // Matched by the filter but absent: a false
+                        // positive caught (a cold lookup is not one).
+                        if slots != u8::MAX {
+                            self.counters.false_positives += 1;
+                        }
+                        self.accept(fp, probe, t, rules)
+                    }
+                }
+            };
+            self.count(out[pos]);
+        }
+        waiting.clear();
+    }
+
     /// The filter matched slots `hits`: ask the exact tier, newest slot first.
     fn confirm(
         &mut self,
@@ -279,6 +495,10 @@ impl Shard {
                 let mark = Mark {
                     fingerprint: fp,
                     slot,
+                    slice: match &self.filter {
+                        ShardFilter::Windowed(f) => f.current(),
+                        ShardFilter::Unbounded(_) => 0,
+                    },
                     at: t,
                 };
                 if self.pending.push(mark) {
