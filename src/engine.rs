@@ -311,6 +311,18 @@ impl Deduper {
             .iter()
             .map(|&i| shard.probe(fps[i as usize]))
             .collect();
+        if shard.wants_batches(self.plan.trust) {
+            let items: Vec<_> = group
+                .iter()
+                .zip(&probes)
+                .filter_map(|(&i, &p)| {
+                    let i = i as usize;
+                    time(&shard, i).map(|t| (i, fps[i], p, t))
+                })
+                .collect();
+            shard.check_batched(&items, &self.plan.rules, self.plan.trust, self.plan.span, out);
+            return;
+        }
         for (j, p) in probes.iter().take(PREFETCH_AHEAD).enumerate() {
             if let Some(p) = p {
                 shard.prefetch(fps[group[j] as usize], *p);

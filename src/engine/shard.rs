@@ -375,10 +375,17 @@ impl Shard {
             .map(|&(_, fp, _, _, slots)| Lookup { fingerprint: fp, slots })
             .collect();
         let result = exact.lookup_batch(current, &lookups, &mut answers);
+        // Keys accepted below, in this step: the answers above predate them,
+        // and the queued marks may be flushed in between.
+        let mut accepted_here = crate::exact::table::FingerprintTable::new();
         for (i, &(pos, fp, probe, t, slots)) in waiting.iter().enumerate() {
+            let newest = accepted_here
+                .get(fp)
+                .map(Timestamp::from_nanos)
+                .or_else(|| self.pending.get(fp));
             out[pos] = if result.is_err() {
                 Verdict::Unavailable
-            } else if let Some(first_seen) = self.pending.get(fp) {
+            } else if let Some(first_seen) = newest {
                 // Accepted by an earlier copy in this batch.
                 self.judge(fp, probe, first_seen, t, rules)
             } else {
@@ -394,6 +401,9 @@ impl Shard {
                     }
                 }
             };
+            if out[pos].is_new() {
+                accepted_here.insert(fp, t.as_nanos());
+            }
             self.count(out[pos]);
         }
         waiting.clear();
