@@ -53,7 +53,9 @@ fn stream(n: u64) -> Vec<u64> {
 }
 
 fn engine(n: u64) -> DeduperBuilder {
-    Deduper::builder().window(Duration::from_secs(3600)).expected_keys(n)
+    Deduper::builder()
+        .window(Duration::from_secs(3600))
+        .expected_keys(n)
 }
 
 /// Runs `f(part)` on `threads` threads, each over its share of `keys`.
@@ -72,75 +74,91 @@ fn throughput(c: &mut Criterion) {
     let n = distinct();
     let keys = stream(n);
     let mut group = c.benchmark_group(format!("dedup/{n}-distinct/30pct-dup"));
-    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements(keys.len() as u64));
     for threads in [1usize, 2] {
         for batch in [64usize, 4096] {
-            group.bench_with_input(BenchmarkId::new(format!("pipeline/{threads}-producers"), batch), &batch, |b, &batch| {
+            group.bench_with_input(
+                BenchmarkId::new(format!("pipeline/{threads}-producers"), batch),
+                &batch,
+                |b, &batch| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let p = Pipeline::builder(engine(n)).workers(2).build().unwrap();
+                            total += split(&keys, threads, |part| {
+                                let mut producer = p.producer();
+                                for chunk in part.chunks(batch) {
+                                    producer.submit(chunk).unwrap();
+                                    while producer.unanswered() > 4 || producer.in_flight() > 8 {
+                                        producer.recv().unwrap();
+                                    }
+                                }
+                                while producer.in_flight() > 0 {
+                                    producer.recv().unwrap();
+                                }
+                            });
+                        }
+                        total
+                    });
+                },
+            );
+        }
+        group.bench_function(
+            BenchmarkId::new(format!("check_batch/{threads}-threads"), 4096),
+            |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let p = Pipeline::builder(engine(n)).workers(2).build().unwrap();
+                        let d = engine(n).build().unwrap();
                         total += split(&keys, threads, |part| {
-                            let mut producer = p.producer();
-                            for chunk in part.chunks(batch) {
-                                producer.submit(chunk).unwrap();
-                                while producer.unanswered() > 4 || producer.in_flight() > 8 {
-                                    producer.recv().unwrap();
-                                }
-                            }
-                            while producer.in_flight() > 0 {
-                                producer.recv().unwrap();
+                            let mut out = Vec::new();
+                            for chunk in part.chunks(4096) {
+                                d.check_batch_into(chunk, &mut out);
                             }
                         });
                     }
                     total
                 });
-            });
-        }
-        group.bench_function(BenchmarkId::new(format!("check_batch/{threads}-threads"), 4096), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = engine(n).build().unwrap();
-                    total += split(&keys, threads, |part| {
-                        let mut out = Vec::new();
-                        for chunk in part.chunks(4096) {
-                            d.check_batch_into(chunk, &mut out);
-                        }
-                    });
-                }
-                total
-            });
-        });
-        group.bench_function(BenchmarkId::new(format!("check/{threads}-threads"), 1), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = engine(n).build().unwrap();
-                    total += split(&keys, threads, |part| {
-                        for k in part {
-                            std::hint::black_box(d.check(k));
-                        }
-                    });
-                }
-                total
-            });
-        });
-        group.bench_function(BenchmarkId::new(format!("dashset/{threads}-threads"), 1), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let set: Arc<DashSet<u64>> = Arc::new(DashSet::with_capacity(n as usize));
-                    total += split(&keys, threads, |part| {
-                        for k in part {
-                            std::hint::black_box(set.insert(*k));
-                        }
-                    });
-                }
-                total
-            });
-        });
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new(format!("check/{threads}-threads"), 1),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let d = engine(n).build().unwrap();
+                        total += split(&keys, threads, |part| {
+                            for k in part {
+                                std::hint::black_box(d.check(k));
+                            }
+                        });
+                    }
+                    total
+                });
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new(format!("dashset/{threads}-threads"), 1),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let set: Arc<DashSet<u64>> = Arc::new(DashSet::with_capacity(n as usize));
+                        total += split(&keys, threads, |part| {
+                            for k in part {
+                                std::hint::black_box(set.insert(*k));
+                            }
+                        });
+                    }
+                    total
+                });
+            },
+        );
     }
     group.finish();
 }

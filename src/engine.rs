@@ -160,7 +160,13 @@ impl Deduper {
     fn check_one(&self, shard: &mut Shard, fp: Fingerprint, t: Timestamp) -> Verdict {
         if shard.wants_batches(self.plan.trust) {
             let mut out = [Verdict::Unavailable];
-            shard.check_batched(&[(0, fp, None, t)], &self.plan.rules, self.plan.trust, self.plan.span, &mut out);
+            shard.check_batched(
+                &[(0, fp, None, t)],
+                &self.plan.rules,
+                self.plan.trust,
+                self.plan.span,
+                &mut out,
+            );
             out[0]
         } else {
             shard.check(fp, None, t, &self.plan.rules)
@@ -320,7 +326,13 @@ impl Deduper {
                     time(&shard, i).map(|t| (i, fps[i], p, t))
                 })
                 .collect();
-            shard.check_batched(&items, &self.plan.rules, self.plan.trust, self.plan.span, out);
+            shard.check_batched(
+                &items,
+                &self.plan.rules,
+                self.plan.trust,
+                self.plan.span,
+                out,
+            );
             return;
         }
         for (j, p) in probes.iter().take(PREFETCH_AHEAD).enumerate() {

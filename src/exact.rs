@@ -11,6 +11,8 @@
 
 mod dashmap_tier;
 mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub(crate) mod table;
 
 use std::sync::Arc;
@@ -203,14 +205,28 @@ pub trait ExactBackend: Send + Sync {
     /// A short name for errors and metrics.
     fn name(&self) -> &'static str;
 
-    /// The partition of shard `shard` out of `shards`, sized for about
-    /// `keys_per_slot` entries per slot.
-    fn partition(
-        &self,
-        shard: usize,
-        shards: usize,
-        keys_per_slot: usize,
-    ) -> Box<dyn ExactPartition>;
+    /// The partition of one shard.
+    fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition>;
+}
+
+/// What a backend needs to know to make one shard's partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionSpec {
+    /// This shard's index.
+    pub shard: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// Entries one slot is expected to hold.
+    pub keys_per_slot: usize,
+    /// The window in nanoseconds (`None`: keys never expire).
+    pub window_nanos: Option<u64>,
+    /// One slice in nanoseconds (`None` without a window).
+    pub slice_nanos: Option<u64>,
+    /// Window plus allowed lateness in nanoseconds.
+    pub span_nanos: Option<u64>,
+    /// The namespace's seed (part of remote key names).
+    pub namespace_seed: u64,
 }
 
 /// Which exact tier an engine confirms with.
@@ -238,16 +254,11 @@ impl ExactTier {
         }
     }
 
-    pub(crate) fn partition(
-        &self,
-        shard: usize,
-        shards: usize,
-        keys_per_slot: usize,
-    ) -> Box<dyn ExactPartition> {
+    pub(crate) fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition> {
         match self {
-            ExactTier::Memory => Box::new(MemoryPartition::with_capacity(keys_per_slot)),
-            ExactTier::DashMap => Box::new(DashMapPartition::with_capacity(keys_per_slot)),
-            ExactTier::Custom(b) => b.partition(shard, shards, keys_per_slot),
+            ExactTier::Memory => Box::new(MemoryPartition::with_capacity(spec.keys_per_slot)),
+            ExactTier::DashMap => Box::new(DashMapPartition::with_capacity(spec.keys_per_slot)),
+            ExactTier::Custom(b) => b.partition(spec),
         }
     }
 }

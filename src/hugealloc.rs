@@ -87,7 +87,10 @@ impl<T> Drop for ZeroedArray<T> {
         // SAFETY: the elements are initialised and dropped exactly once;
         // the memory was allocated with this same layout.
         unsafe {
-            std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len));
+            std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
+                self.ptr.as_ptr(),
+                self.len,
+            ));
             dealloc(self.ptr.as_ptr().cast(), layout);
         }
     }

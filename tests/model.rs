@@ -11,7 +11,7 @@ use std::time::Duration;
 use rng::Rng;
 use std::sync::Arc;
 
-use tiered_dedup::exact::{ExactBackend, ExactPartition, MemoryPartition};
+use tiered_dedup::exact::{ExactBackend, ExactPartition, MemoryPartition, PartitionSpec};
 use tiered_dedup::{
     Affinity, Clock, Deduper, ExactTier, ExactTierError, Fingerprint, ManualClock, Timestamp,
     Verdict,
@@ -24,7 +24,11 @@ struct RemoteLike;
 struct RemoteLikePartition(MemoryPartition);
 
 impl ExactPartition for RemoteLikePartition {
-    fn lookup(&mut self, fp: Fingerprint, slot: usize) -> Result<Option<Timestamp>, ExactTierError> {
+    fn lookup(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+    ) -> Result<Option<Timestamp>, ExactTierError> {
         self.0.lookup(fp, slot)
     }
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
@@ -54,8 +58,10 @@ impl ExactBackend for RemoteLike {
     fn name(&self) -> &'static str {
         "remote-like"
     }
-    fn partition(&self, _: usize, _: usize, per_slot: usize) -> Box<dyn ExactPartition> {
-        Box::new(RemoteLikePartition(MemoryPartition::with_capacity(per_slot)))
+    fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition> {
+        Box::new(RemoteLikePartition(MemoryPartition::with_capacity(
+            spec.keys_per_slot,
+        )))
     }
 }
 
@@ -471,7 +477,11 @@ struct DurableStore {
 struct DurablePartition(Arc<std::sync::Mutex<MemoryPartition>>);
 
 impl ExactPartition for DurablePartition {
-    fn lookup(&mut self, fp: Fingerprint, slot: usize) -> Result<Option<Timestamp>, ExactTierError> {
+    fn lookup(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+    ) -> Result<Option<Timestamp>, ExactTierError> {
         self.0.lock().unwrap().lookup(fp, slot)
     }
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
@@ -501,11 +511,14 @@ impl ExactBackend for DurableStore {
     fn name(&self) -> &'static str {
         "durable-store"
     }
-    fn partition(&self, shard: usize, _: usize, per_slot: usize) -> Box<dyn ExactPartition> {
+    fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition> {
+        let (shard, per_slot) = (spec.shard, spec.keys_per_slot);
         let mut parts = self.partitions.lock().unwrap();
-        let part = parts
-            .entry(shard)
-            .or_insert_with(|| Arc::new(std::sync::Mutex::new(MemoryPartition::with_capacity(per_slot))));
+        let part = parts.entry(shard).or_insert_with(|| {
+            Arc::new(std::sync::Mutex::new(MemoryPartition::with_capacity(
+                per_slot,
+            )))
+        });
         Box::new(DurablePartition(Arc::clone(part)))
     }
 }
@@ -550,8 +563,15 @@ fn a_restart_on_a_durable_tier_confirms_until_warm() {
             cold_duplicates += 1;
         }
         let batch = [key];
-        let got = if op % 2 == 0 { b.check(&key) } else { b.check_batch(&batch)[0] };
+        let got = if op % 2 == 0 {
+            b.check(&key)
+        } else {
+            b.check_batch(&batch)[0]
+        };
         assert_eq!(got, expected, "op {op} after the restart, key {key}");
     }
-    assert!(cold_duplicates > 1_000, "the test never met a key accepted before the restart");
+    assert!(
+        cold_duplicates > 1_000,
+        "the test never met a key accepted before the restart"
+    );
 }

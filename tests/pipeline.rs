@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use rng::Rng;
-use tiered_dedup::exact::{ExactBackend, ExactPartition, MemoryPartition};
+use tiered_dedup::exact::{ExactBackend, ExactPartition, MemoryPartition, PartitionSpec};
 use tiered_dedup::{
     Clock, Deduper, ExactTier, ExactTierError, Fingerprint, ManualClock, Pipeline, PipelineError,
     Timestamp, Verdict,
@@ -332,9 +332,9 @@ impl ExactBackend for Exploding {
     fn name(&self) -> &'static str {
         "exploding"
     }
-    fn partition(&self, _shard: usize, _shards: usize, per_slot: usize) -> Box<dyn ExactPartition> {
+    fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition> {
         Box::new(ExplodingPartition {
-            inner: MemoryPartition::with_capacity(per_slot),
+            inner: MemoryPartition::with_capacity(spec.keys_per_slot),
             marks: 0,
         })
     }

@@ -349,9 +349,15 @@ impl Plan {
             )?),
         };
         let partition = match self.mode {
-            Mode::Exact => {
-                Some(exact.partition(index, self.shards, self.rules.slot_capacity as usize))
-            }
+            Mode::Exact => Some(exact.partition(&crate::exact::PartitionSpec {
+                shard: index,
+                shards: self.shards,
+                keys_per_slot: self.rules.slot_capacity as usize,
+                window_nanos: self.window,
+                slice_nanos: self.slicing.map(|s| s.slice_nanos),
+                span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),
+                namespace_seed: self.namespace.seed(),
+            })),
             Mode::Probabilistic => None,
         };
         Ok(Shard::new(filter, partition, self.mark_batch))

@@ -290,7 +290,11 @@ impl Shard {
                 continue;
             }
             // Cold: the exact tier may hold it in any live slot.
-            let slots = if self.warmth == Warmth::Warm { hits } else { u8::MAX };
+            let slots = if self.warmth == Warmth::Warm {
+                hits
+            } else {
+                u8::MAX
+            };
             waiting.push((pos, fp, probe, t, slots));
         }
         self.resolve(&mut waiting, rules, trust, out);
@@ -306,7 +310,10 @@ impl Shard {
     fn would_rotate(&self, t: Timestamp) -> bool {
         match &self.filter {
             ShardFilter::Windowed(f) => {
-                let target = f.base.slicing().slice_of(Timestamp::from_nanos(t.as_nanos().max(self.time)));
+                let target = f
+                    .base
+                    .slicing()
+                    .slice_of(Timestamp::from_nanos(t.as_nanos().max(self.time)));
                 f.base.current_slice().is_some_and(|c| target > c)
             }
             ShardFilter::Unbounded(_) => false,
@@ -348,12 +355,17 @@ impl Shard {
         if trust == Trust::Shared {
             let claims: Vec<Claim> = waiting
                 .iter()
-                .map(|&(_, fp, _, t, _)| Claim { fingerprint: fp, at: t })
+                .map(|&(_, fp, _, t, _)| Claim {
+                    fingerprint: fp,
+                    at: t,
+                })
                 .collect();
             let result = exact.claim_batch(current, rules.window, &claims, &mut answers);
             for (i, &(pos, fp, probe, t, _)) in waiting.iter().enumerate() {
                 out[pos] = match (&result, answers.get(i)) {
-                    (Ok(()), Some(Some(first_seen))) => Verdict::Duplicate { first_seen: *first_seen },
+                    (Ok(()), Some(Some(first_seen))) => Verdict::Duplicate {
+                        first_seen: *first_seen,
+                    },
                     (Ok(()), Some(None)) => {
                         // Recorded by the claim: keep the local filter in step.
                         if let ShardFilter::Windowed(f) = &mut self.filter {
@@ -372,7 +384,10 @@ impl Shard {
         }
         let lookups: Vec<Lookup> = waiting
             .iter()
-            .map(|&(_, fp, _, _, slots)| Lookup { fingerprint: fp, slots })
+            .map(|&(_, fp, _, _, slots)| Lookup {
+                fingerprint: fp,
+                slots,
+            })
             .collect();
         let result = exact.lookup_batch(current, &lookups, &mut answers);
         // Keys accepted below, in this step: the answers above predate them,
@@ -527,7 +542,9 @@ impl Shard {
                     .rev()
                     .find(|&back| hits & (1 << slot_of(cur.wrapping_sub(back))) != 0)
                     .unwrap_or(0);
-                f.base.slicing().slice_start(cur.saturating_sub(oldest_back))
+                f.base
+                    .slicing()
+                    .slice_start(cur.saturating_sub(oldest_back))
             }
             ShardFilter::Unbounded(_) => Timestamp::ZERO,
         };

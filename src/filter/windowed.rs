@@ -76,7 +76,11 @@ impl WindowedFilter {
         }
         // Free the layers that hold nothing any more (the newest ones last:
         // keep the order, so capacities stay increasing).
-        while self.overflow.last().is_some_and(|l| l.inserts.iter().all(|&n| n == 0)) {
+        while self
+            .overflow
+            .last()
+            .is_some_and(|l| l.inserts.iter().all(|&n| n == 0))
+        {
             self.overflow.pop();
         }
         cleared
@@ -119,13 +123,21 @@ impl WindowedFilter {
             self.base.bloom().insert(probe, slot);
             return Placement::Base;
         }
-        if let Some(layer) = self.overflow.iter_mut().find(|l| l.inserts[slot] < l.capacity) {
+        if let Some(layer) = self
+            .overflow
+            .iter_mut()
+            .find(|l| l.inserts[slot] < l.capacity)
+        {
             layer.inserts[slot] += 1;
             layer.bloom.insert(layer.bloom.probe(fp), slot);
             return Placement::Overflow;
         }
         if self.overflow.len() < MAX_LAYERS {
-            let capacity = self.overflow.last().map_or(self.capacity, |l| l.capacity).saturating_mul(2);
+            let capacity = self
+                .overflow
+                .last()
+                .map_or(self.capacity, |l| l.capacity)
+                .saturating_mul(2);
             let blocks = self.base.bloom().num_blocks() << (self.overflow.len() + 1);
             let bloom = BlockedBloom::new(blocks, self.base.bloom().hashes());
             let mut inserts = [0; GENERATIONS];
@@ -190,7 +202,10 @@ mod tests {
                 f.hits(fp, f.probe(fp)) != 0
             })
             .count();
-        assert!(fps < 2_000, "{fps} false positives in 100000 after a 10x burst");
+        assert!(
+            fps < 2_000,
+            "{fps} false positives in 100000 after a 10x burst"
+        );
         // Seven slices later the burst's slot is cleared and the layers freed.
         f.advance(t.saturating_add(Duration::from_secs(70)));
         assert!(f.overflow.is_empty());

@@ -1,0 +1,647 @@
+//! `RedisTier`: the shared, durable exact tier (feature `redis`).
+//!
+//! **Layout.** One Redis hash per (namespace, shard, slice):
+//! `{prefix}:{<namespace>:<shard>}:<slice>`. Fields are the 16 fingerprint
+//! bytes, values the first-accepted time as 8 big-endian bytes. The hash tag
+//! `{<namespace>:<shard>}` puts all slices of one shard in one Cluster slot,
+//! so every batch is slot-local. A slice's hash is deleted whole when the
+//! engine's rotation retires its slot (engine time: processing or event
+//! time), and carries a TTL (refreshed on every write) only as a backstop
+//! for keys of an engine that stopped: by default twice the span plus two
+//! slices, and at least an hour, so a clock slower than the wall clock
+//! (an event-time replay) never loses a key early.
+//!
+//! **Batches, never a round trip per key.** Lookups are one pipeline of
+//! `HMGET`s (one per slice needed); marks one pipeline of `HSET` + `PEXPIRE`
+//! per slice; shared-mode claims one `EVALSHA` of a script that, per key,
+//! checks the live slices and records the key unless it is inside the
+//! window — atomically, so two engines never both accept one key.
+//!
+//! **Faults.** A failed call drops the connection; the next one reconnects
+//! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. What a
+//! failure means is the [`FailurePolicy`]. Marks that cannot be written are
+//! kept in a bounded buffer, still visible to lookups, and retried with every
+//! later write; past the bound they are counted as dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::{Cmd, ConnectionLike, Value};
+
+use super::table::FingerprintTable;
+use super::{
+    slots_newest_first, Claim, ExactBackend, ExactPartition, Lookup, Mark, MemoryPartition,
+};
+use crate::error::ExactTierError;
+use crate::fingerprint::Fingerprint;
+use crate::time::{slot_of, Timestamp, GENERATIONS};
+
+/// What a Redis failure does to a verdict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Keys that need Redis get [`crate::Verdict::Unavailable`]: the caller
+    /// retries them later. Nothing is accepted that could be a duplicate.
+    #[default]
+    FailClosed,
+    /// Keys that need Redis are treated as new (counted in
+    /// [`RedisStats::degraded_decisions`]): availability over exactness.
+    FailOpen,
+    /// Keys are judged by a local memory tier that holds every mark this
+    /// process made (counted in [`RedisStats::degraded_decisions`]); exact
+    /// for this process's own keys, blind to other engines' while Redis is
+    /// down.
+    FallbackToMemory,
+}
+
+/// Configures a [`RedisTier`].
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]` of a single server, or several seed nodes of
+    /// a Redis Cluster (with `cluster: true`).
+    pub urls: Vec<String>,
+    /// Connect to a Redis Cluster.
+    pub cluster: bool,
+    /// Prefix of every key. Default: `td`.
+    pub prefix: String,
+    /// What a failure means. Default: fail closed.
+    pub policy: FailurePolicy,
+    /// Connect, read and write timeout. Default: 500 ms.
+    pub timeout: Duration,
+    /// Marks kept for retry while Redis is unreachable, per shard.
+    /// Default: 100 000.
+    pub max_unsent_marks: usize,
+    /// TTL of a slice's hash after its last write (a backstop: slices are
+    /// deleted when they expire in engine time). Default: twice the span
+    /// plus two slices, at least one hour.
+    pub ttl: Option<Duration>,
+}
+
+impl RedisConfig {
+    /// A single server at `url`, with the defaults.
+    #[must_use]
+    pub fn new(url: &str) -> Self {
+        RedisConfig {
+            urls: vec![url.to_owned()],
+            cluster: false,
+            prefix: "td".to_owned(),
+            policy: FailurePolicy::FailClosed,
+            timeout: Duration::from_millis(500),
+            max_unsent_marks: 100_000,
+            ttl: None,
+        }
+    }
+
+    /// A Redis Cluster reached through `seeds`, with the defaults.
+    #[must_use]
+    pub fn cluster(seeds: &[&str]) -> Self {
+        RedisConfig {
+            urls: seeds.iter().map(|s| (*s).to_owned()).collect(),
+            cluster: true,
+            ..RedisConfig::new("")
+        }
+    }
+}
+
+/// Counters of a Redis tier, shared by its partitions.
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    /// Requests sent (pipelines and scripts).
+    pub requests: AtomicU64,
+    /// Requests that failed.
+    pub failures: AtomicU64,
+    /// Connections (re)established.
+    pub connects: AtomicU64,
+    /// Verdicts decided without Redis under `FailOpen` or `FallbackToMemory`.
+    pub degraded_decisions: AtomicU64,
+    /// Marks written.
+    pub marks_written: AtomicU64,
+    /// Marks waiting for Redis to come back.
+    pub marks_unsent: AtomicU64,
+    /// Marks dropped because the retry buffer was full.
+    pub marks_dropped: AtomicU64,
+}
+
+/// The Redis exact tier: give it to
+/// [`crate::DeduperBuilder::exact_tier`] as `ExactTier::Custom(Arc::new(tier))`.
+#[derive(Debug)]
+pub struct RedisTier {
+    config: Arc<RedisConfig>,
+    stats: Arc<RedisStats>,
+}
+
+impl RedisTier {
+    /// A tier with `config`; connections are opened lazily.
+    #[must_use]
+    pub fn new(config: RedisConfig) -> Self {
+        RedisTier {
+            config: Arc::new(config),
+            stats: Arc::new(RedisStats::default()),
+        }
+    }
+
+    /// The tier's counters.
+    #[must_use]
+    pub fn stats(&self) -> Arc<RedisStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl ExactBackend for RedisTier {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn partition(&self, spec: &super::PartitionSpec) -> Box<dyn ExactPartition> {
+        let slice_ms = spec.slice_nanos.map_or(0, |n| n.div_ceil(1_000_000));
+        let span_ms = spec.span_nanos.map_or(0, |n| n.div_ceil(1_000_000));
+        Box::new(RedisPartition {
+            config: Arc::clone(&self.config),
+            stats: Arc::clone(&self.stats),
+            key_base: format!(
+                "{}:{{{:x}:{}}}:",
+                self.config.prefix, spec.namespace_seed, spec.shard
+            ),
+            window: spec.window_nanos,
+            ttl_ms: self
+                .config
+                .ttl
+                .map_or((2 * (span_ms + 2 * slice_ms)).max(3_600_000), |t| {
+                    (t.as_millis() as u64).max(1)
+                }),
+            conn: None,
+            retry_at: Instant::now(),
+            backoff: Duration::from_millis(10),
+            unsent: Vec::new(),
+            unsent_index: FingerprintTable::new(),
+            fallback: (self.config.policy == FailurePolicy::FallbackToMemory)
+                .then(|| MemoryPartition::with_capacity(spec.keys_per_slot)),
+            current: 0,
+            script: redis::Script::new(CLAIM_SCRIPT),
+        })
+    }
+}
+
+/// Claims keys atomically. KEYS: the live slice hashes, newest (current)
+/// first. ARGV: ttl ms, then per key: fingerprint, time (8 bytes BE),
+/// threshold (8 bytes BE: the oldest first-accepted time still inside the
+/// window, or 0 without one). Returns per key the stored time (a duplicate)
+/// or `false` (recorded now). Times are compared as two 32-bit halves: Lua
+/// numbers are doubles.
+const CLAIM_SCRIPT: &str = r"
+local ttl = tonumber(ARGV[1])
+local out = {}
+local wrote = false
+for i = 2, #ARGV, 3 do
+  local fp, at, threshold = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local th_hi, th_lo = struct.unpack('>I4>I4', threshold)
+  local found = false
+  for k = 1, #KEYS do
+    local v = redis.call('HGET', KEYS[k], fp)
+    if v then
+      local hi, lo = struct.unpack('>I4>I4', v)
+      if hi > th_hi or (hi == th_hi and lo >= th_lo) then
+        found = v
+      end
+      break
+    end
+  end
+  if found then
+    out[#out + 1] = found
+  else
+    redis.call('HSET', KEYS[1], fp, at)
+    wrote = true
+    out[#out + 1] = false
+  end
+end
+if wrote then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return out
+";
+
+enum Conn {
+    Single(redis::Connection),
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl Conn {
+    fn open(config: &RedisConfig) -> redis::RedisResult<Conn> {
+        if config.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
+                .connection_timeout(config.timeout)
+                .build()?;
+            let conn = client.get_connection()?;
+            conn.set_read_timeout(Some(config.timeout))?;
+            conn.set_write_timeout(Some(config.timeout))?;
+            Ok(Conn::Cluster(conn))
+        } else {
+            let client = redis::Client::open(config.urls.first().map_or("", String::as_str))?;
+            let conn = client.get_connection_with_timeout(config.timeout)?;
+            conn.set_read_timeout(Some(config.timeout))?;
+            conn.set_write_timeout(Some(config.timeout))?;
+            Ok(Conn::Single(conn))
+        }
+    }
+
+    /// Runs `cmds` as one pipeline (one round trip; slot-local keys).
+    fn pipeline(&mut self, cmds: Vec<Cmd>) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c)
+            }
+            Conn::Cluster(c) => {
+                let mut p = redis::cluster::cluster_pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c)
+            }
+        }
+    }
+
+    fn like(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c,
+        }
+    }
+}
+
+struct RedisPartition {
+    config: Arc<RedisConfig>,
+    stats: Arc<RedisStats>,
+    key_base: String,
+    window: Option<u64>,
+    ttl_ms: u64,
+    conn: Option<Conn>,
+    /// No reconnect before this instant.
+    retry_at: Instant,
+    backoff: Duration,
+    /// Marks not yet written, oldest first, and their index for lookups.
+    unsent: Vec<Mark>,
+    unsent_index: FingerprintTable,
+    fallback: Option<MemoryPartition>,
+    /// The newest slice the engine has named (maps slots to slices).
+    current: u64,
+    script: redis::Script,
+}
+
+fn unavailable(e: &redis::RedisError) -> ExactTierError {
+    ExactTierError::Unavailable(e.to_string())
+}
+
+fn decode(v: &[u8]) -> Option<Timestamp> {
+    let bytes: [u8; 8] = v.try_into().ok()?;
+    Some(Timestamp::from_nanos(u64::from_be_bytes(bytes)))
+}
+
+impl RedisPartition {
+    fn key(&self, slice: u64) -> String {
+        format!("{}{slice}", self.key_base)
+    }
+
+    /// Runs `f` on a connection, reconnecting with backoff; a failure drops
+    /// the connection.
+    fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Conn, &mut Self) -> redis::RedisResult<T>,
+    ) -> Result<T, ExactTierError> {
+        if self.conn.is_none() {
+            if Instant::now() < self.retry_at {
+                return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+            }
+            match Conn::open(&self.config) {
+                Ok(c) => {
+                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    self.conn = Some(c);
+                    self.backoff = Duration::from_millis(10);
+                }
+                Err(e) => {
+                    self.fail();
+                    return Err(unavailable(&e));
+                }
+            }
+        }
+        let mut conn = self.conn.take().expect("connected above");
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        match f(&mut conn, self) {
+            Ok(v) => {
+                self.conn = Some(conn);
+                Ok(v)
+            }
+            Err(e) => {
+                self.fail();
+                Err(unavailable(&e))
+            }
+        }
+    }
+
+    fn fail(&mut self) {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.conn = None;
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+    }
+
+    /// Writes every unsent mark (oldest first) in one pipeline.
+    fn send_unsent(&mut self) -> Result<(), ExactTierError> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let mut by_slice: Vec<(u64, Cmd)> = Vec::new();
+        for m in &self.unsent {
+            let cmd = match by_slice.iter_mut().find(|(s, _)| *s == m.slice) {
+                Some((_, cmd)) => cmd,
+                None => {
+                    let mut cmd = redis::cmd("HSET");
+                    cmd.arg(self.key(m.slice));
+                    by_slice.push((m.slice, cmd));
+                    &mut by_slice.last_mut().expect("just pushed").1
+                }
+            };
+            cmd.arg(&m.fingerprint.to_bytes()[..])
+                .arg(&m.at.as_nanos().to_be_bytes()[..]);
+        }
+        let mut cmds = Vec::with_capacity(by_slice.len() * 2);
+        for (slice, hset) in by_slice {
+            cmds.push(hset);
+            let mut expire = redis::cmd("PEXPIRE");
+            expire.arg(self.key(slice)).arg(self.ttl_ms);
+            cmds.push(expire);
+        }
+        self.with_conn(|c, _| c.pipeline(cmds))?;
+        let n = self.unsent.len() as u64;
+        self.stats.marks_written.fetch_add(n, Ordering::Relaxed);
+        self.stats.marks_unsent.fetch_sub(n, Ordering::Relaxed);
+        self.unsent.clear();
+        self.unsent_index.clear();
+        Ok(())
+    }
+
+    fn degraded(&self, n: usize) {
+        self.stats
+            .degraded_decisions
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl ExactPartition for RedisPartition {
+    fn lookup(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+    ) -> Result<Option<Timestamp>, ExactTierError> {
+        let mut out = Vec::new();
+        let lookup = Lookup {
+            fingerprint: fp,
+            slots: 1 << slot,
+        };
+        self.lookup_batch(self.current, &[lookup], &mut out)?;
+        Ok(out.pop().flatten())
+    }
+
+    fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
+        let slice = slots_newest_first(self.current)
+            .find(|&(_, s)| s == slot)
+            .map_or(self.current, |(slice, _)| slice);
+        self.mark_batch(&[Mark {
+            fingerprint: fp,
+            slot,
+            slice,
+            at,
+        }])
+    }
+
+    fn mark_batch(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        if let Some(newest) = marks.iter().map(|m| m.slice).max() {
+            self.current = self.current.max(newest);
+        }
+        if let Some(fallback) = &mut self.fallback {
+            fallback.mark_batch(marks)?;
+        }
+        let room = self
+            .config
+            .max_unsent_marks
+            .saturating_sub(self.unsent.len());
+        let dropped = marks.len().saturating_sub(room);
+        for m in &marks[..marks.len() - dropped] {
+            self.unsent.push(*m);
+            self.unsent_index.insert(m.fingerprint, m.at.as_nanos());
+        }
+        self.stats
+            .marks_unsent
+            .fetch_add((marks.len() - dropped) as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            self.stats
+                .marks_dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        // Kept for retry whatever happens now; report the failure.
+        self.send_unsent()?;
+        if dropped > 0 {
+            return Err(ExactTierError::Unavailable(format!(
+                "{dropped} marks dropped: the retry buffer is full"
+            )));
+        }
+        Ok(())
+    }
+
+    fn prefers_batches(&self) -> bool {
+        true
+    }
+
+    fn persistent(&self) -> bool {
+        true
+    }
+
+    fn lookup_batch(
+        &mut self,
+        current: u64,
+        lookups: &[Lookup],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        self.current = self.current.max(current);
+        out.clear();
+        // Marks not yet in Redis first (read-your-writes), then one HMGET
+        // per live slice that some lookup needs.
+        let _ = self.send_unsent();
+        let live: Vec<(u64, usize)> = slots_newest_first(current).collect();
+        let mut cmds = Vec::new();
+        let mut asked: Vec<(u64, Vec<usize>)> = Vec::new();
+        for &(slice, slot) in &live {
+            let which: Vec<usize> = (0..lookups.len())
+                .filter(|&i| lookups[i].slots & (1 << slot) != 0)
+                .collect();
+            if which.is_empty() {
+                continue;
+            }
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(self.key(slice));
+            for &i in &which {
+                cmd.arg(&lookups[i].fingerprint.to_bytes()[..]);
+            }
+            cmds.push(cmd);
+            asked.push((slice, which));
+        }
+        let result = if cmds.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.with_conn(|c, _| c.pipeline(cmds))
+        };
+        let replies = match result {
+            Ok(r) => r,
+            Err(e) => {
+                return match self.config.policy {
+                    FailurePolicy::FailClosed => Err(e),
+                    FailurePolicy::FailOpen => {
+                        self.degraded(lookups.len());
+                        out.extend(lookups.iter().map(|q| {
+                            self.unsent_index
+                                .get(q.fingerprint)
+                                .map(Timestamp::from_nanos)
+                        }));
+                        Ok(())
+                    }
+                    FailurePolicy::FallbackToMemory => {
+                        self.degraded(lookups.len());
+                        let fallback = self.fallback.as_mut().expect("fallback policy");
+                        fallback.lookup_batch(current, lookups, out)
+                    }
+                };
+            }
+        };
+        // Newest slice first: the first value found per lookup wins.
+        out.resize(lookups.len(), None);
+        for ((_, which), reply) in asked.iter().zip(replies) {
+            let Value::Array(values) = reply else {
+                return Err(ExactTierError::Unavailable(
+                    "unexpected HMGET reply".to_owned(),
+                ));
+            };
+            for (&i, v) in which.iter().zip(values) {
+                if out[i].is_none() {
+                    if let Value::BulkString(bytes) = v {
+                        out[i] = decode(&bytes);
+                    }
+                }
+            }
+        }
+        for (i, q) in lookups.iter().enumerate() {
+            if let Some(at) = self.unsent_index.get(q.fingerprint) {
+                out[i] = Some(Timestamp::from_nanos(at));
+            }
+        }
+        Ok(())
+    }
+
+    fn claim_batch(
+        &mut self,
+        current: u64,
+        window: Option<u64>,
+        claims: &[Claim],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        self.current = self.current.max(current);
+        out.clear();
+        let window = window.or(self.window);
+        let script = self.script.clone();
+        let result: Result<Vec<Value>, ExactTierError> = {
+            let keys: Vec<String> = slots_newest_first(current)
+                .map(|(slice, _)| self.key(slice))
+                .collect();
+            let ttl = self.ttl_ms;
+            let args: Vec<Vec<u8>> = claims
+                .iter()
+                .flat_map(|c| {
+                    let threshold =
+                        window.map_or(0, |w| c.at.as_nanos().saturating_sub(w).saturating_add(1));
+                    [
+                        c.fingerprint.to_bytes().to_vec(),
+                        c.at.as_nanos().to_be_bytes().to_vec(),
+                        threshold.to_be_bytes().to_vec(),
+                    ]
+                })
+                .collect();
+            self.with_conn(move |c, _| {
+                let mut invocation = script.prepare_invoke();
+                for k in &keys {
+                    invocation.key(k);
+                }
+                invocation.arg(ttl);
+                for a in &args {
+                    invocation.arg(&a[..]);
+                }
+                invocation.invoke(c.like())
+            })
+        };
+        match result {
+            Ok(values) => {
+                for v in values {
+                    out.push(match v {
+                        Value::BulkString(bytes) => decode(&bytes),
+                        _ => None,
+                    });
+                }
+                if let Some(fallback) = &mut self.fallback {
+                    for (c, r) in claims.iter().zip(out.iter()) {
+                        if r.is_none() {
+                            fallback.mark(c.fingerprint, slot_of(current), c.at)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => match self.config.policy {
+                FailurePolicy::FailClosed => Err(e),
+                FailurePolicy::FailOpen => {
+                    self.degraded(claims.len());
+                    out.extend(claims.iter().map(|_| None));
+                    Ok(())
+                }
+                FailurePolicy::FallbackToMemory => {
+                    self.degraded(claims.len());
+                    let fallback = self.fallback.as_mut().expect("fallback policy");
+                    fallback.claim_batch(current, window, claims, out)
+                }
+            },
+        }
+    }
+
+    fn clear_slots(&mut self, slots: u8) {
+        // The slot's retiring slice is the newest one in it up to the last
+        // slice the engine named: delete those hashes now (best effort; the
+        // TTL is the backstop).
+        let expired: Vec<String> = (0..GENERATIONS as u64)
+            .filter_map(|back| self.current.checked_sub(back))
+            .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
+            .map(|slice| self.key(slice))
+            .collect();
+        if !expired.is_empty() {
+            let mut del = redis::cmd("DEL");
+            for k in &expired {
+                del.arg(k);
+            }
+            let _ = self.with_conn(|c, _| c.pipeline(vec![del]));
+        }
+        if let Some(fallback) = &mut self.fallback {
+            fallback.clear_slots(slots);
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.unsent.len() as u64
+    }
+
+    fn bytes(&self) -> usize {
+        self.fallback.as_ref().map_or(0, MemoryPartition::bytes) + self.unsent.capacity() * 48
+    }
+
+    fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
+        None
+    }
+}

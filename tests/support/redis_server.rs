@@ -1,0 +1,156 @@
+//! Starts a private `redis-server` on a free 127.0.0.1 port for a test and
+//! stops it on drop. Never touches a server it did not start.
+#![allow(dead_code)] // each test crate uses a different part
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn require_redis() {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        found,
+        "redis-server is not installed: run ./scripts/test-all.sh (it installs it), or `apt-get install redis-server`"
+    );
+}
+
+impl RedisServer {
+    /// A fresh server (no persistence) on a free loopback port.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A fresh server with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        require_redis();
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("td-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = RedisServer {
+            port,
+            child: None,
+            dir,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&self.dir)
+        .args(&self.extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        self.child = Some(cmd.spawn().expect("starting redis-server"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(client) = redis::Client::open(self.url()) {
+                if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
+                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server on port {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9` the server (its data is lost: no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// `SIGSTOP`: the server stops answering (slow, not down).
+    pub fn pause(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// `SIGCONT`.
+    pub fn resume(&self) {
+        signal(self.pid(), "CONT");
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "CONT");
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
