@@ -68,6 +68,9 @@ pub struct GenerationalBloom {
     slicing: Slicing,
     /// The slice now filling; its slot takes the inserts.
     current: AtomicU64,
+    /// Start of the slice after `current` (nanoseconds): a time below it
+    /// needs no rotation, so the common call skips the division.
+    next_slice_at: AtomicU64,
     /// Held while publishing a new slice and clearing the spare.
     rotation: Mutex<()>,
 }
@@ -124,6 +127,7 @@ impl GenerationalBloom {
             bloom: BlockedBloom::new(num_blocks, hashes),
             slicing,
             current: AtomicU64::new(NOT_STARTED),
+            next_slice_at: AtomicU64::new(0),
             rotation: Mutex::new(()),
         }
     }
@@ -132,6 +136,13 @@ impl GenerationalBloom {
     /// expire on the way. Returns the mask of slots cleared. Called by every
     /// method that takes a time; time never moves backwards.
     pub fn advance(&self, now: Timestamp) -> u8 {
+        // Fast path: still inside the current slice. The bound only grows
+        // and is published after `current` (release/acquire), so a caller
+        // that passes it then reads a `current` at least as new; a stale
+        // bound only sends the call down the slow path.
+        if now.as_nanos() < self.next_slice_at.load(Ordering::Acquire) {
+            return 0;
+        }
         let target = self.slicing.slice_of(now);
         let seen = self.current.load(Ordering::SeqCst);
         if seen != NOT_STARTED && target <= seen {
@@ -139,6 +150,17 @@ impl GenerationalBloom {
         }
         let _guard = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
         let cur = self.current.load(Ordering::SeqCst);
+        let result = self.advance_locked(cur, target);
+        let cur = self.current.load(Ordering::SeqCst);
+        self.next_slice_at.store(
+            self.slicing.slice_start(cur.saturating_add(1)).as_nanos(),
+            Ordering::Release,
+        );
+        result
+    }
+
+    /// The rotation itself, under the rotation lock.
+    fn advance_locked(&self, cur: u64, target: u64) -> u8 {
         if cur == NOT_STARTED {
             // All slots are clean: start at `target`.
             self.current.store(target, Ordering::SeqCst);
@@ -327,6 +349,8 @@ impl GenerationalBloom {
     pub(crate) fn restore_current(&self, current: Option<u64>) {
         self.current
             .store(current.unwrap_or(NOT_STARTED), Ordering::SeqCst);
+        let next = current.map_or(0, |c| self.slicing.slice_start(c.saturating_add(1)).as_nanos());
+        self.next_slice_at.store(next, Ordering::Release);
     }
 }
 
