@@ -24,6 +24,8 @@ pub use stats::Stats;
 pub(crate) use builder::Plan;
 pub(crate) use shard::{Shard, ShardFilter, Warmth};
 pub(crate) use stats::ShardCounters as ShardCountersView;
+#[cfg(feature = "metrics")]
+pub(crate) use stats::LATENCY_BUCKETS_MICROS;
 
 /// How far ahead of the key being checked a batch starts loading its filter
 /// block, and (half as far ahead) its exact-tier bucket: two pipelined
@@ -118,6 +120,12 @@ impl Deduper {
             slot_capacity_per_shard: self.plan.rules.slot_capacity,
             namespace: self.plan.namespace_name.clone(),
         }
+    }
+
+    /// The exact tier's name (`memory`, `dashmap`, `redis`, …).
+    #[must_use]
+    pub fn exact_tier_name(&self) -> &'static str {
+        self.plan.exact_name
     }
 
     /// The mode the engine runs in.
@@ -313,6 +321,8 @@ impl Deduper {
             return;
         }
         let mut shard = self.lock(s);
+        shard.counters.batches += 1;
+        shard.counters.batch_keys += group.len() as u64;
         let probes: Vec<Option<Probe>> = group
             .iter()
             .map(|&i| shard.probe(fps[i as usize]))

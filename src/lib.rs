@@ -85,6 +85,8 @@ pub mod exact;
 pub mod filter;
 mod fingerprint;
 mod hugealloc;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod pipeline;
 mod snapshot;
 mod sync;
@@ -96,6 +98,8 @@ pub use error::{ConfigError, ExactTierError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};
 pub use fingerprint::{ContentKey, Fingerprint, Key, Namespace};
+#[cfg(feature = "metrics")]
+pub use metrics::MetricsPublisher;
 pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, Producer};
 pub use snapshot::FORMAT_VERSION;
 pub use time::{Clock, ManualClock, Timestamp, GENERATIONS};

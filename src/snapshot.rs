@@ -397,6 +397,8 @@ fn counters_from_array(c: [u64; COUNTERS]) -> crate::engine::ShardCountersView {
         marks_queued: c[12],
         marks_flushed: c[13],
         mark_flushes: c[14],
+        // Batch and latency figures describe this process's run: not kept.
+        ..crate::engine::ShardCountersView::default()
     }
 }
 

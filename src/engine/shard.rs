@@ -92,7 +92,13 @@ impl Shard {
         if n == 0 {
             return;
         }
-        match exact.mark_batch(self.pending.marks()) {
+        let started = std::time::Instant::now();
+        let result = exact.mark_batch(self.pending.marks());
+        if exact.prefers_batches() {
+            self.counters
+                .exact_call(started.elapsed().as_nanos() as u64);
+        }
+        match result {
             Ok(()) => self.counters.marks_flushed += n,
             Err(_) => self.counters.mark_errors += n,
         }
@@ -360,7 +366,10 @@ impl Shard {
                     at: t,
                 })
                 .collect();
+            let started = std::time::Instant::now();
             let result = exact.claim_batch(current, rules.window, &claims, &mut answers);
+            self.counters
+                .exact_call(started.elapsed().as_nanos() as u64);
             for (i, &(pos, fp, probe, t, _)) in waiting.iter().enumerate() {
                 out[pos] = match (&result, answers.get(i)) {
                     (Ok(()), Some(Some(first_seen))) => Verdict::Duplicate {
@@ -389,7 +398,10 @@ impl Shard {
                 slots,
             })
             .collect();
+        let started = std::time::Instant::now();
         let result = exact.lookup_batch(current, &lookups, &mut answers);
+        self.counters
+            .exact_call(started.elapsed().as_nanos() as u64);
         // Keys accepted below, in this step: the answers above predate them,
         // and the queued marks may be flushed in between.
         let mut accepted_here = crate::exact::table::FingerprintTable::new();

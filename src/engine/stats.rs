@@ -1,6 +1,13 @@
 //! Counters: plain integers per shard (the shard's owner is the only
 //! writer), summed into a [`Stats`] snapshot on read.
 
+/// Upper bounds (µs) of the exact-tier latency buckets; one more bucket
+/// holds the rest.
+pub(crate) const LATENCY_BUCKETS_MICROS: [u64; 16] = [
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+    1_000_000, 2_000_000, 5_000_000,
+];
+
 /// What one shard has decided. Private to the shard; read through [`Stats`].
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ShardCounters {
@@ -19,6 +26,25 @@ pub(crate) struct ShardCounters {
     pub(crate) marks_queued: u64,
     pub(crate) marks_flushed: u64,
     pub(crate) mark_flushes: u64,
+    pub(crate) batches: u64,
+    pub(crate) batch_keys: u64,
+    pub(crate) exact_calls: u64,
+    pub(crate) exact_call_nanos: u64,
+    pub(crate) exact_latency_buckets: [u64; LATENCY_BUCKETS_MICROS.len() + 1],
+}
+
+impl ShardCounters {
+    /// Records one batched exact-tier call that took `nanos`.
+    pub(crate) fn exact_call(&mut self, nanos: u64) {
+        self.exact_calls += 1;
+        self.exact_call_nanos += nanos;
+        let micros = nanos / 1_000;
+        let bucket = LATENCY_BUCKETS_MICROS
+            .iter()
+            .position(|&b| micros <= b)
+            .unwrap_or(LATENCY_BUCKETS_MICROS.len());
+        self.exact_latency_buckets[bucket] += 1;
+    }
 }
 
 /// A snapshot of an engine's counters and sizes.
@@ -66,6 +92,18 @@ pub struct Stats {
     pub mark_flushes: u64,
     /// Marks queued but not yet written.
     pub marks_pending: u64,
+    /// Shard groups checked in batches (one lock per shard per batch).
+    pub batches: u64,
+    /// Keys checked in those batches (`batch_keys / batches` is the mean
+    /// per-shard batch size).
+    pub batch_keys: u64,
+    /// Batched exact-tier calls (lookups, claims, mark writes).
+    pub exact_calls: u64,
+    /// Their total time in nanoseconds.
+    pub exact_call_nanos: u64,
+    /// Their latency histogram: counts per bucket, bounds in
+    /// `docs/metrics.md` (50 µs … 5 s, then the rest).
+    pub exact_latency_buckets: [u64; 17],
     /// Bytes of filter memory.
     pub filter_bytes: u64,
     /// Entries in the exact tier (local backends).
@@ -93,5 +131,16 @@ impl Stats {
         self.marks_queued += c.marks_queued;
         self.marks_flushed += c.marks_flushed;
         self.mark_flushes += c.mark_flushes;
+        self.batches += c.batches;
+        self.batch_keys += c.batch_keys;
+        self.exact_calls += c.exact_calls;
+        self.exact_call_nanos += c.exact_call_nanos;
+        for (sum, n) in self
+            .exact_latency_buckets
+            .iter_mut()
+            .zip(c.exact_latency_buckets)
+        {
+            *sum += n;
+        }
     }
 }

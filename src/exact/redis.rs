@@ -222,7 +222,7 @@ return out
 
 enum Conn {
     Single(redis::Connection),
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl Conn {
@@ -234,7 +234,7 @@ impl Conn {
             let conn = client.get_connection()?;
             conn.set_read_timeout(Some(config.timeout))?;
             conn.set_write_timeout(Some(config.timeout))?;
-            Ok(Conn::Cluster(conn))
+            Ok(Conn::Cluster(Box::new(conn)))
         } else {
             let client = redis::Client::open(config.urls.first().map_or("", String::as_str))?;
             let conn = client.get_connection_with_timeout(config.timeout)?;
@@ -267,7 +267,7 @@ impl Conn {
     fn like(&mut self) -> &mut dyn ConnectionLike {
         match self {
             Conn::Single(c) => c,
-            Conn::Cluster(c) => c,
+            Conn::Cluster(c) => &mut **c,
         }
     }
 }

@@ -349,7 +349,9 @@ impl GenerationalBloom {
     pub(crate) fn restore_current(&self, current: Option<u64>) {
         self.current
             .store(current.unwrap_or(NOT_STARTED), Ordering::SeqCst);
-        let next = current.map_or(0, |c| self.slicing.slice_start(c.saturating_add(1)).as_nanos());
+        let next = current.map_or(0, |c| {
+            self.slicing.slice_start(c.saturating_add(1)).as_nanos()
+        });
         self.next_slice_at.store(next, Ordering::Release);
     }
 }

@@ -1,0 +1,138 @@
+//! Publishing an engine's counters through the [`metrics`] facade
+//! (feature `metrics`): the host application installs the exporter
+//! (Prometheus, StatsD, …) and reads them under the names in
+//! `docs/metrics.md`.
+//!
+//! Nothing is recorded per key. Shards keep plain counters (their owner is
+//! the only writer); [`Deduper::publish_metrics`] sums them (each shard
+//! locked briefly, one after another) and sets absolute counters and
+//! gauges. [`MetricsPublisher`] does that on a background thread at an
+//! interval.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::engine::{Deduper, LATENCY_BUCKETS_MICROS};
+
+impl Deduper {
+    /// Publishes every counter and gauge of [`Deduper::stats`] through the
+    /// `metrics` facade, labelled with the namespace and the exact tier.
+    pub fn publish_metrics(&self) {
+        let s = self.stats();
+        let labels = [
+            ("namespace", self.sizing().namespace),
+            ("exact_tier", self.exact_tier_name().to_owned()),
+        ];
+        let counters: [(&'static str, u64); 20] = [
+            ("tiered_dedup_checks_total", s.checks),
+            ("tiered_dedup_new_total", s.new),
+            ("tiered_dedup_duplicates_total", s.duplicates),
+            ("tiered_dedup_likely_duplicates_total", s.likely_duplicates),
+            ("tiered_dedup_late_total", s.late),
+            ("tiered_dedup_unavailable_total", s.unavailable),
+            ("tiered_dedup_filter_maybe_seen_total", s.filter_maybe_seen),
+            (
+                "tiered_dedup_false_positives_caught_total",
+                s.false_positives_caught,
+            ),
+            (
+                "tiered_dedup_reaccepted_after_window_total",
+                s.reaccepted_after_window,
+            ),
+            ("tiered_dedup_rotations_total", s.rotations),
+            ("tiered_dedup_overflow_inserts_total", s.overflow_inserts),
+            ("tiered_dedup_over_capacity_total", s.over_capacity),
+            ("tiered_dedup_marks_queued_total", s.marks_queued),
+            ("tiered_dedup_marks_flushed_total", s.marks_flushed),
+            ("tiered_dedup_mark_flushes_total", s.mark_flushes),
+            ("tiered_dedup_mark_errors_total", s.mark_errors),
+            ("tiered_dedup_batches_total", s.batches),
+            ("tiered_dedup_batch_keys_total", s.batch_keys),
+            ("tiered_dedup_exact_calls_total", s.exact_calls),
+            (
+                "tiered_dedup_exact_call_nanoseconds_total",
+                s.exact_call_nanos,
+            ),
+        ];
+        for (name, value) in counters {
+            metrics::counter!(name, &labels).absolute(value);
+        }
+        // Cumulative latency buckets of batched exact-tier calls, in the
+        // Prometheus histogram convention (`le` in seconds).
+        let mut cumulative = 0;
+        for (i, &count) in s.exact_latency_buckets.iter().enumerate() {
+            cumulative += count;
+            let le = LATENCY_BUCKETS_MICROS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+            let mut bucket_labels = labels.to_vec();
+            bucket_labels.push(("le", le));
+            metrics::counter!("tiered_dedup_exact_call_seconds_bucket", &bucket_labels)
+                .absolute(cumulative);
+        }
+        let gauges: [(&'static str, f64); 7] = [
+            ("tiered_dedup_filter_bytes", s.filter_bytes as f64),
+            ("tiered_dedup_exact_bytes", s.exact_bytes as f64),
+            ("tiered_dedup_exact_entries", s.exact_entries as f64),
+            ("tiered_dedup_filter_estimated_fpr", s.estimated_fpr),
+            ("tiered_dedup_marks_pending", s.marks_pending as f64),
+            ("tiered_dedup_overflow_layers", s.overflow_layers as f64),
+            (
+                "tiered_dedup_watermark_seconds",
+                self.watermark().as_nanos() as f64 / 1e9,
+            ),
+        ];
+        for (name, value) in gauges {
+            metrics::gauge!(name, &labels).set(value);
+        }
+    }
+}
+
+/// Publishes an engine's metrics every `interval` on a background thread,
+/// until dropped.
+pub struct MetricsPublisher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsPublisher {
+    /// Starts publishing `engine`'s metrics every `interval`.
+    #[must_use]
+    pub fn start(engine: Arc<Deduper>, interval: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("tiered-dedup-metrics".to_owned())
+            .spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    engine.publish_metrics();
+                    std::thread::park_timeout(interval);
+                }
+                engine.publish_metrics();
+            })
+            .expect("spawning the metrics thread");
+        MetricsPublisher {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for MetricsPublisher {
+    /// Publishes once more and stops the thread.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for MetricsPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsPublisher").finish_non_exhaustive()
+    }
+}
