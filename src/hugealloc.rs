@@ -17,6 +17,9 @@ const HUGE: usize = 2 << 20;
 pub(crate) struct ZeroedArray<T> {
     ptr: NonNull<T>,
     len: usize,
+    /// True when `ptr` came from [`map_huge`] (unmapped on drop), false
+    /// when from the global allocator.
+    mapped: bool,
 }
 
 // SAFETY: `ZeroedArray<T>` owns its elements like `Box<[T]>`.
@@ -35,31 +38,33 @@ impl<T> ZeroedArray<T> {
             return ZeroedArray {
                 ptr: NonNull::dangling(),
                 len,
+                mapped: false,
             };
+        }
+        #[cfg(target_os = "linux")]
+        if layout.size() >= HUGE {
+            if let Some(ptr) = map_huge(layout.size()) {
+                return ZeroedArray {
+                    ptr: ptr.cast(),
+                    len,
+                    mapped: true,
+                };
+            }
         }
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
             handle_alloc_error(layout)
         };
-        #[cfg(target_os = "linux")]
-        if layout.size() >= HUGE {
-            // SAFETY: the range is our own fresh allocation; the advice is
-            // only a hint and failure is harmless.
-            unsafe {
-                libc::madvise(raw.cast(), layout.size(), libc::MADV_HUGEPAGE);
-            }
+        ZeroedArray {
+            ptr,
+            len,
+            mapped: false,
         }
-        ZeroedArray { ptr, len }
     }
 
     fn layout(len: usize) -> Layout {
-        let layout = Layout::array::<T>(len).expect("array size overflows the address space");
-        if layout.size() >= HUGE {
-            layout.align_to(HUGE).expect("2 MiB is a valid alignment")
-        } else {
-            layout
-        }
+        Layout::array::<T>(len).expect("array size overflows the address space")
     }
 }
 
@@ -85,14 +90,70 @@ impl<T> Drop for ZeroedArray<T> {
             return;
         }
         // SAFETY: the elements are initialised and dropped exactly once;
-        // the memory was allocated with this same layout.
+        // the memory is released the way it was obtained.
         unsafe {
             std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
                 self.ptr.as_ptr(),
                 self.len,
             ));
+            #[cfg(target_os = "linux")]
+            if self.mapped {
+                unmap_huge(self.ptr.cast(), layout.size());
+                return;
+            }
             dealloc(self.ptr.as_ptr().cast(), layout);
         }
+    }
+}
+
+/// Maps `size` bytes of anonymous, zero-filled memory on a 2 MiB boundary
+/// and advises huge pages before anything touches it (advice given after
+/// the first write comes too late: the pages are already 4 KiB). The kernel
+/// zeroes pages lazily, so untouched parts of a large filter cost nothing.
+#[cfg(target_os = "linux")]
+fn map_huge(size: usize) -> Option<NonNull<u8>> {
+    let mapped = size.checked_add(HUGE)?;
+    // SAFETY: an anonymous private mapping with no address hint.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            mapped,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    let base = base.cast::<u8>();
+    let offset = base.align_offset(HUGE);
+    // SAFETY: `offset < HUGE`, so the aligned range of `size` bytes lies in
+    // the mapping; unmapping the unused head and tail keeps only it.
+    unsafe {
+        let aligned = base.add(offset);
+        if offset > 0 {
+            libc::munmap(base.cast(), offset);
+        }
+        let tail = HUGE - offset;
+        if tail > 0 {
+            libc::munmap(aligned.add(size).cast(), tail);
+        }
+        libc::madvise(aligned.cast(), size, libc::MADV_HUGEPAGE);
+        NonNull::new(aligned)
+    }
+}
+
+/// Unmaps what [`map_huge`] returned.
+///
+/// # Safety
+/// `ptr` and `size` come from one `map_huge` call, unmapped once.
+#[cfg(target_os = "linux")]
+unsafe fn unmap_huge(ptr: NonNull<u8>, size: usize) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        libc::munmap(ptr.as_ptr().cast(), size);
     }
 }
 
@@ -114,5 +175,37 @@ mod tests {
                 assert_eq!(a.as_ptr() as usize % HUGE, 0);
             }
         }
+    }
+
+    /// Where the kernel honours `madvise` (THP `always` or `madvise`), a
+    /// large array is backed by huge pages once touched.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn large_arrays_get_huge_pages_where_the_kernel_allows() {
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !(mode.contains("[always]") || mode.contains("[madvise]")) {
+            return; // the kernel gives none to anyone: nothing to check
+        }
+        let huge_kb = || {
+            std::fs::read_to_string("/proc/self/smaps_rollup")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("AnonHugePages:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let before = huge_kb();
+        // SAFETY: zero is a valid u64.
+        let mut a = unsafe { ZeroedArray::<u64>::new((64 << 20) / 8) };
+        for i in (0..a.len()).step_by(512) {
+            a[i] = 1;
+        }
+        let after = huge_kb();
+        assert!(
+            after >= before + 32 * 1024,
+            "only {} kB of huge pages for 64 MB",
+            after - before
+        );
     }
 }

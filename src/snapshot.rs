@@ -280,7 +280,7 @@ impl DeduperBuilder {
                         }
                         read_words(&mut r, f.base.bloom())?;
                         let layers = r.u32()?;
-                        if layers > 40 {
+                        if layers > 12 {
                             return Err(SnapshotError::Malformed("overflow layer count"));
                         }
                         f.overflow.clear();

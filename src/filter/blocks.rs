@@ -92,6 +92,20 @@ impl BlockedBloom {
         before & probe.mask != probe.mask
     }
 
+    /// [`BlockedBloom::insert`] for a caller with exclusive access (an
+    /// engine shard under its lock): a plain load and store instead of a
+    /// locked read-modify-write, so the CPU can overlap the cache misses of
+    /// many inserts. Concurrent inserts into the same word would lose bits:
+    /// callers guarantee there are none.
+    #[inline]
+    pub(crate) fn insert_exclusive(&self, probe: Probe, slot: usize) {
+        let word = &self.blocks[probe.block].0[slot];
+        let w = word.load(Ordering::Relaxed);
+        if w & probe.mask != probe.mask {
+            word.store(w | probe.mask, Ordering::Relaxed);
+        }
+    }
+
     /// Starts loading the block of `probe` into cache.
     #[inline]
     pub(crate) fn prefetch(&self, probe: Probe) {

@@ -70,7 +70,9 @@ impl GrowingBloom {
     /// is then kept in the newest stage beyond its capacity).
     pub(crate) fn insert(&mut self, fp: Fingerprint) -> bool {
         let layer = self.layers.last().expect("at least one layer");
-        layer.bloom.insert(layer.bloom.probe(fp), self.stage);
+        layer
+            .bloom
+            .insert_exclusive(layer.bloom.probe(fp), self.stage);
         self.stage_len += 1;
         if self.stage_len < layer.stage_capacity {
             return true;

@@ -2,10 +2,13 @@
 //! [`GenerationalBloom`] that grows under bursts instead of losing its rate.
 //!
 //! Each generation slot of the base filter is sized for the keys one slice
-//! is expected to receive. When a burst brings more (a whole window's keys in
-//! one slice: a file replayed, a backlog drained), further inserts for that
+//! is expected to receive. A slot takes up to a quarter more than that (an
+//! uneven stream; the rate rises a little, counted in `overflow_inserts`
+//! only past it). When a burst brings more (a whole window's keys in one
+//! slice: a file replayed, a backlog drained), further inserts for that
 //! slice go to *overflow layers*: blocked filters of the same eight-slot
-//! layout, each twice the size of the previous, into the same slot. A query
+//! layout, each eight times the size of the previous, into the same slot
+//! (their pages are only backed by memory where keys land). A query
 //! also reads one cache line per live layer. Rotation clears a slot in every
 //! layer; a layer whose slots are all empty is freed. So the rate stays at
 //! target, nothing is ever dropped early, and memory follows the keys that
@@ -17,8 +20,10 @@ use crate::time::{live_slots, slot_of, Timestamp, GENERATIONS};
 use super::blocks::{BlockedBloom, Probe};
 use super::generational::GenerationalBloom;
 
-/// Most overflow layers (the last takes 2⁴⁰× the base's capacity).
-const MAX_LAYERS: usize = 40;
+/// Most overflow layers (the last takes 8¹²× the base's capacity).
+const MAX_LAYERS: usize = 12;
+/// Each overflow layer is this many times the previous one.
+const GROWTH: u64 = 8;
 
 pub(crate) struct OverflowLayer {
     pub(crate) bloom: BlockedBloom,
@@ -118,9 +123,11 @@ impl WindowedFilter {
     /// Inserts `fp` into the current slot of the first layer with room.
     pub(crate) fn insert(&mut self, fp: Fingerprint, probe: Probe) -> Placement {
         let slot = slot_of(self.current());
-        if self.inserts[slot] < self.capacity {
+        // A quarter of slack before growing: a layer costs every query a
+        // cache line, a little overfill only a little rate.
+        if self.inserts[slot] < self.capacity + self.capacity / 4 {
             self.inserts[slot] += 1;
-            self.base.bloom().insert(probe, slot);
+            self.base.bloom().insert_exclusive(probe, slot);
             return Placement::Base;
         }
         if let Some(layer) = self
@@ -129,7 +136,7 @@ impl WindowedFilter {
             .find(|l| l.inserts[slot] < l.capacity)
         {
             layer.inserts[slot] += 1;
-            layer.bloom.insert(layer.bloom.probe(fp), slot);
+            layer.bloom.insert_exclusive(layer.bloom.probe(fp), slot);
             return Placement::Overflow;
         }
         if self.overflow.len() < MAX_LAYERS {
@@ -137,12 +144,13 @@ impl WindowedFilter {
                 .overflow
                 .last()
                 .map_or(self.capacity, |l| l.capacity)
-                .saturating_mul(2);
-            let blocks = self.base.bloom().num_blocks() << (self.overflow.len() + 1);
+                .saturating_mul(GROWTH);
+            let factor = GROWTH.saturating_pow(self.overflow.len() as u32 + 1) as usize;
+            let blocks = self.base.bloom().num_blocks().saturating_mul(factor);
             let bloom = BlockedBloom::new(blocks, self.base.bloom().hashes());
             let mut inserts = [0; GENERATIONS];
             inserts[slot] = 1;
-            bloom.insert(bloom.probe(fp), slot);
+            bloom.insert_exclusive(bloom.probe(fp), slot);
             self.overflow.push(OverflowLayer {
                 bloom,
                 capacity,
@@ -151,7 +159,7 @@ impl WindowedFilter {
             return Placement::Overflow;
         }
         self.inserts[slot] += 1;
-        self.base.bloom().insert(probe, slot);
+        self.base.bloom().insert_exclusive(probe, slot);
         Placement::OverCapacity
     }
 
@@ -191,7 +199,7 @@ mod tests {
             let fp = ns.fingerprint(&i.to_le_bytes());
             assert_ne!(f.insert(fp, f.probe(fp)), Placement::OverCapacity);
         }
-        assert_eq!(f.overflow.len(), 3, "1000 + 2000 + 4000 + 8000 ≥ 10000");
+        assert_eq!(f.overflow.len(), 2, "1250 + 8000 + 64000 ≥ 10000");
         for i in 0u64..10_000 {
             let fp = ns.fingerprint(&i.to_le_bytes());
             assert_ne!(f.hits(fp, f.probe(fp)), 0, "lost key {i}");
