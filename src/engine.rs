@@ -346,15 +346,13 @@ impl Deduper {
             return;
         }
         for (j, p) in probes.iter().take(PREFETCH_AHEAD).enumerate() {
-            if let Some(p) = p {
-                shard.prefetch(fps[group[j] as usize], *p);
-            }
+            shard.prefetch(fps[group[j] as usize], *p);
         }
         for j in 0..group.len().min(PREFETCH_EXACT_AHEAD) {
             shard.prefetch_exact(fps[group[j] as usize], probes[j]);
         }
         for (j, &i) in group.iter().enumerate() {
-            if let Some(Some(ahead)) = probes.get(j + PREFETCH_AHEAD) {
+            if let Some(ahead) = probes.get(j + PREFETCH_AHEAD) {
                 shard.prefetch(fps[group[j + PREFETCH_AHEAD] as usize], *ahead);
             }
             if let Some(&ahead) = group.get(j + PREFETCH_EXACT_AHEAD) {

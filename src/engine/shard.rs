@@ -125,9 +125,11 @@ impl Shard {
     /// First prefetch stage: start loading the key's filter block in every
     /// layer.
     #[inline]
-    pub(crate) fn prefetch(&self, fp: Fingerprint, probe: Probe) {
-        if let ShardFilter::Windowed(f) = &self.filter {
-            f.prefetch(fp, probe);
+    pub(crate) fn prefetch(&self, fp: Fingerprint, probe: Option<Probe>) {
+        match (&self.filter, probe) {
+            (ShardFilter::Windowed(f), Some(probe)) => f.prefetch(fp, probe),
+            (ShardFilter::Unbounded(g), _) => g.prefetch(fp),
+            (ShardFilter::Windowed(_), None) => {}
         }
     }
 
@@ -136,6 +138,11 @@ impl Shard {
     /// newest matching slot for a lookup, the current slot for a mark.
     #[inline]
     pub(crate) fn prefetch_exact(&self, fp: Fingerprint, probe: Option<Probe>) {
+        // Without a window every entry lives in slot 0.
+        if let (Some(exact), ShardFilter::Unbounded(_)) = (&self.exact, &self.filter) {
+            exact.prefetch(fp, 0);
+            return;
+        }
         let (Some(exact), ShardFilter::Windowed(f), Some(probe)) =
             (&self.exact, &self.filter, probe)
         else {

@@ -160,13 +160,26 @@ impl FingerprintTable {
         }
     }
 
+    /// Doubles the buckets (exactly: sizing by entries would round up to
+    /// four times) and re-inserts every entry.
     fn grow(&mut self) {
-        let mut bigger = FingerprintTable::with_capacity((self.len + 1) * 2);
+        let buckets = (self.buckets.len() * 2).max(8);
+        let mut bigger = FingerprintTable {
+            // SAFETY: all-zero bytes are a free `Bucket`.
+            buckets: unsafe { crate::hugealloc::ZeroedArray::new(buckets) },
+            len: 0,
+            shift: 64 - buckets.trailing_zeros(),
+        };
         for b in self.buckets.iter().filter(|b| b.at != EMPTY) {
-            bigger.insert(
-                Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64)),
-                b.at - 1,
-            );
+            // Stored times are already encoded: copy the bucket as it is.
+            let fp = Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64));
+            let mask = bigger.buckets.len() - 1;
+            let mut i = bigger.home(fp);
+            while bigger.buckets[i].at != EMPTY {
+                i = (i + 1) & mask;
+            }
+            bigger.buckets[i] = *b;
+            bigger.len += 1;
         }
         *self = bigger;
     }
@@ -212,6 +225,22 @@ mod tests {
         assert_eq!(table.iter().count(), reference.len());
         for (fp, at) in table.iter() {
             assert_eq!(reference[&fp], at);
+        }
+    }
+
+    #[test]
+    fn growth_doubles_the_buckets() {
+        let mut table = FingerprintTable::with_capacity(7);
+        let start = table.bytes();
+        let ns = crate::fingerprint::Namespace::default();
+        let mut i = 0u64;
+        while table.bytes() == start {
+            table.insert(ns.fingerprint(&i.to_le_bytes()), i);
+            i += 1;
+        }
+        assert_eq!(table.bytes(), 2 * start);
+        for j in 0..i {
+            assert_eq!(table.get(ns.fingerprint(&j.to_le_bytes())), Some(j));
         }
     }
 

@@ -59,6 +59,13 @@ impl GrowingBloom {
         })
     }
 
+    /// Starts loading the blocks of `fp` in every layer.
+    pub(crate) fn prefetch(&self, fp: Fingerprint) {
+        for l in &self.layers {
+            l.bloom.prefetch(l.bloom.probe(fp));
+        }
+    }
+
     /// True when some stage of some layer holds every probe bit of `fp`.
     pub(crate) fn contains(&self, fp: Fingerprint) -> bool {
         self.layers
