@@ -1,0 +1,259 @@
+//! The engine configuration a run resolves from its flags: what builds the
+//! `Deduper`, and what a saved state must agree with (its manifest).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tiered_dedup::{Clock, Deduper, DeduperBuilder};
+
+use crate::cli::RunArgs;
+use crate::input::{Chunk, Source};
+
+/// Shards of the CLI's engine: fixed (not per core) so that a state written
+/// on one machine restores on another.
+pub const SHARDS: usize = 16;
+
+/// Expected keys when nothing better is known (standard input).
+const DEFAULT_EXPECTED_KEYS: u64 = 1_000_000;
+
+/// Upper bound of the estimate for a windowed engine, whose filter is
+/// allocated in full up front.
+const MAX_ESTIMATED_WINDOW_KEYS: u64 = 100_000_000;
+
+/// Everything that shapes the engine and the meaning of its keys. Saved as
+/// the manifest of a `--state` directory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// `lines` or `ndjson`.
+    pub format: String,
+    /// Key pointers, as given.
+    pub keys: Vec<String>,
+    /// The time pointer, as given.
+    pub time_field: Option<String>,
+    /// The unit of numeric times (with a time field).
+    pub time_unit: Option<String>,
+    /// The window in nanoseconds; `None`: keys never expire.
+    pub window_ns: Option<u64>,
+    /// Allowed lateness in nanoseconds (with a time field).
+    pub allowed_lateness_ns: Option<u64>,
+    /// The namespace.
+    pub namespace: String,
+    /// The exact tier.
+    pub exact: String,
+    /// Engine shards.
+    pub shards: usize,
+    /// Distinct keys the filter is sized for.
+    pub expected_keys: u64,
+    /// The filter's false-positive target.
+    pub false_positive_rate: f64,
+}
+
+impl Settings {
+    /// The settings `args` ask for; `expected_keys` is resolved later
+    /// ([`Settings::with_estimate`] or a saved state's).
+    pub fn from_args(args: &RunArgs) -> Self {
+        let time = args.time_field.as_ref();
+        let lateness = time.map(|_| match (args.allowed_lateness, args.window) {
+            (Some(l), _) => nanos(l),
+            (None, Some(w)) => nanos(w),
+            // No window: every earlier occurrence counts, so none is late.
+            (None, None) => u64::MAX,
+        });
+        Settings {
+            format: args.format.name().to_owned(),
+            keys: args.keys.iter().map(|k| k.as_str().to_owned()).collect(),
+            time_field: time.map(|p| p.as_str().to_owned()),
+            time_unit: time.map(|_| args.time_unit.name().to_owned()),
+            window_ns: args.window.map(nanos),
+            allowed_lateness_ns: lateness,
+            namespace: args.namespace.clone(),
+            exact: "memory".to_owned(),
+            shards: SHARDS,
+            expected_keys: args.expected_keys.unwrap_or(0),
+            false_positive_rate: args.false_positive_rate,
+        }
+    }
+
+    /// Fills in `expected_keys` when the flags left it open: the records the
+    /// input files hold, estimated from their sizes and the mean record
+    /// length of the first chunk.
+    pub fn with_estimate(mut self, sources: &[Source], first: Option<&Chunk>) -> Self {
+        if self.expected_keys > 0 {
+            return self;
+        }
+        let total: Option<u64> = sources.iter().map(Source::size).sum();
+        let estimate = match (total, first) {
+            (Some(total), Some(chunk)) if chunk.len() > 0 => {
+                let mean = (chunk.data.len() as f64 / chunk.len() as f64).max(1.0);
+                (total as f64 / mean).ceil() as u64
+            }
+            (Some(total), _) => total / 16,
+            (None, _) => DEFAULT_EXPECTED_KEYS,
+        };
+        let cap = if self.window_ns.is_some() {
+            MAX_ESTIMATED_WINDOW_KEYS
+        } else {
+            u64::MAX
+        };
+        self.expected_keys = estimate.clamp(1024, cap);
+        self
+    }
+
+    /// The engine builder these settings describe.
+    pub fn builder(&self) -> DeduperBuilder {
+        let mut b = Deduper::builder()
+            .namespace(&self.namespace)
+            .shards(self.shards)
+            .expected_keys(self.expected_keys.max(1))
+            .false_positive_rate(self.false_positive_rate);
+        b = match self.window_ns {
+            Some(w) => b.window(Duration::from_nanos(w)),
+            None => b.no_window(),
+        };
+        if let Some(lateness) = self.allowed_lateness_ns {
+            b = b
+                .clock(Clock::EventTime)
+                .allowed_lateness(Duration::from_nanos(lateness));
+        }
+        b
+    }
+
+    /// How this run's settings contradict `saved`'s, one line per flag.
+    pub fn contradictions(&self, saved: &Settings) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |flag: &str, now: String, then: String| {
+            if now != then {
+                out.push(format!(
+                    "{flag}: the state was written with {then}, this run has {now}"
+                ));
+            }
+        };
+        check("--format", self.format.clone(), saved.format.clone());
+        check("--key", list(&self.keys), list(&saved.keys));
+        check(
+            "--time-field",
+            opt(&self.time_field),
+            opt(&saved.time_field),
+        );
+        check("--time-unit", opt(&self.time_unit), opt(&saved.time_unit));
+        check(
+            "--window",
+            duration(self.window_ns),
+            duration(saved.window_ns),
+        );
+        check(
+            "--allowed-lateness",
+            duration(self.allowed_lateness_ns),
+            duration(saved.allowed_lateness_ns),
+        );
+        check(
+            "--namespace",
+            format!("{:?}", self.namespace),
+            format!("{:?}", saved.namespace),
+        );
+        check("--exact", self.exact.clone(), saved.exact.clone());
+        check(
+            "--false-positive-rate",
+            self.false_positive_rate.to_string(),
+            saved.false_positive_rate.to_string(),
+        );
+        if self.expected_keys != 0 {
+            check(
+                "--expected-keys",
+                self.expected_keys.to_string(),
+                saved.expected_keys.to_string(),
+            );
+        }
+        if self.shards != saved.shards {
+            out.push(format!(
+                "shards: the state was written with {}, this build uses {}",
+                saved.shards, self.shards
+            ));
+        }
+        out
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn duration(ns: Option<u64>) -> String {
+    match ns {
+        None => "none".to_owned(),
+        Some(u64::MAX) => "unlimited".to_owned(),
+        Some(ns) => humantime::format_duration(Duration::from_nanos(ns)).to_string(),
+    }
+}
+
+fn opt(s: &Option<String>) -> String {
+    s.as_ref()
+        .map_or_else(|| "none".to_owned(), |s| format!("`{s}`"))
+}
+
+fn list(keys: &[String]) -> String {
+    if keys.is_empty() {
+        "the whole record".to_owned()
+    } else {
+        keys.iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Cli;
+
+    fn settings(args: &[&str]) -> Settings {
+        let cli =
+            Cli::try_parse_from(std::iter::once("dedup").chain(args.iter().copied())).unwrap();
+        Settings::from_args(&cli.run)
+    }
+
+    #[test]
+    fn lateness_defaults_to_the_window_under_event_time() {
+        let s = settings(&["--format", "ndjson", "--time-field", "/t", "--window", "1m"]);
+        assert_eq!(s.allowed_lateness_ns, Some(60_000_000_000));
+        let s = settings(&["--format", "ndjson", "--time-field", "/t"]);
+        assert_eq!(s.allowed_lateness_ns, Some(u64::MAX));
+        assert_eq!(settings(&["--window", "1m"]).allowed_lateness_ns, None);
+    }
+
+    #[test]
+    fn contradictions_name_each_flag() {
+        let saved = settings(&["--window", "1h"]);
+        assert!(settings(&["--window", "1h"])
+            .contradictions(&saved)
+            .is_empty());
+        let now = settings(&["--namespace", "x", "--expected-keys", "5"]);
+        let lines = now.contradictions(&saved);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].starts_with("--window: the state was written with 1h, this run has none"));
+        assert!(lines.iter().any(|l| l.starts_with("--namespace")));
+        assert!(lines.iter().any(|l| l.starts_with("--expected-keys")));
+    }
+
+    #[test]
+    fn the_estimate_uses_file_sizes_and_the_first_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![b'x'; 100_000]).unwrap();
+        let chunk = Chunk {
+            data: b"abc\nde\nfghi\n".to_vec(),
+            ends: vec![3, 6, 11],
+            ..Chunk::default()
+        };
+        let s = settings(&[]).with_estimate(&[Source::File(p)], Some(&chunk));
+        assert_eq!(s.expected_keys, 25_000);
+        let pipe = Source::File(dir.path().join("not-a-file"));
+        let s = settings(&[]).with_estimate(&[pipe], None);
+        assert_eq!(s.expected_keys, DEFAULT_EXPECTED_KEYS);
+        let s = settings(&["--expected-keys", "7"]).with_estimate(&[Source::Stdin], None);
+        assert_eq!(s.expected_keys, 7);
+    }
+}
