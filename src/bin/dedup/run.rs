@@ -73,9 +73,10 @@ fn check_flags(args: &RunArgs) -> Result<(), Stop> {
             return Err(Stop::Usage("--time-field needs --format ndjson".into()));
         }
     }
-    if let ExactArg::Redis(url) = &args.exact {
+    if let (ExactArg::Redis(url), Some(_)) = (&args.exact, &args.state) {
         return Err(Stop::Usage(format!(
-            "--exact {url}: the Redis tier is not built yet (issue 4); use --exact memory"
+            "--state keeps the memory tier's entries between runs; with --exact {url} they \
+             already live in Redis: drop --state"
         )));
     }
     if !(args.false_positive_rate > 0.0 && args.false_positive_rate < 1.0) {
@@ -85,6 +86,19 @@ fn check_flags(args: &RunArgs) -> Result<(), Stop> {
         )));
     }
     Ok(())
+}
+
+/// A message when some accepted records' marks did not reach the exact tier
+/// (the next run would not know them).
+fn redis_failure(engine: &Deduper) -> Option<String> {
+    let s = engine.stats();
+    (s.mark_errors > 0 || s.marks_pending > 0).then(|| {
+        format!(
+            "{} marks of accepted records could not be written to the exact tier ({} still queued): \
+             a later run may accept them again",
+            s.mark_errors, s.marks_pending
+        )
+    })
 }
 
 fn input_error(e: &InputError) -> Stop {
@@ -195,6 +209,15 @@ fn run_inner(args: &RunArgs) -> Result<(), Stop> {
     let elapsed = started.elapsed();
     if matches!(result, Err(Stop::OutputClosed)) {
         return result;
+    }
+    // Marks still queued for the exact tier (Redis batches them) are
+    // written before the program ends.
+    engine.flush();
+    if let Some(e) = redis_failure(&engine) {
+        eprintln!("dedup: {e}");
+        if result.is_ok() {
+            result = Err(Stop::Fatal(e));
+        }
     }
     if result.is_ok() {
         if let Some(dir) = &args.state {

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tiered_dedup::{Clock, Deduper, DeduperBuilder};
+use std::sync::Arc;
+
+use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
+use tiered_dedup::{Clock, Deduper, DeduperBuilder, ExactTier};
 
 use crate::cli::RunArgs;
 use crate::input::{Chunk, Source};
@@ -67,7 +70,10 @@ impl Settings {
             window_ns: args.window.map(nanos),
             allowed_lateness_ns: lateness,
             namespace: args.namespace.clone(),
-            exact: "memory".to_owned(),
+            exact: match &args.exact {
+                crate::cli::ExactArg::Memory => "memory".to_owned(),
+                crate::cli::ExactArg::Redis(url) => url.clone(),
+            },
             shards: SHARDS,
             expected_keys: args.expected_keys.unwrap_or(0),
             false_positive_rate: args.false_positive_rate,
@@ -110,6 +116,15 @@ impl Settings {
             Some(w) => b.window(Duration::from_nanos(w)),
             None => b.no_window(),
         };
+        if self.exact.starts_with("redis://") {
+            // One engine per run, owning its keys: marks are queued and
+            // written in batches; a fresh run's cold filter confirms
+            // "definitely new" in Redis until a window has passed.
+            let tier = RedisTier::new(RedisConfig::new(&self.exact));
+            b = b
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .mark_batch(4096);
+        }
         if let Some(lateness) = self.allowed_lateness_ns {
             b = b
                 .clock(Clock::EventTime)
