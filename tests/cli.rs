@@ -890,14 +890,19 @@ fn state_keeps_an_event_time_window() {
 
 #[test]
 fn errors_exit_1_with_a_message() {
-    let r = dedup(&["--exact", "redis://127.0.0.1:6379"], b"");
-    assert_eq!(r.code, 1);
-    assert!(
-        r.stderr
-            .contains("the Redis tier is not built yet (issue 4)"),
-        "{}",
-        r.stderr
+    // Refused before any connection is tried (no server is assumed).
+    let state = std::env::temp_dir().join(format!("td-cli-state-{}", std::process::id()));
+    let r = dedup(
+        &[
+            "--exact",
+            "redis://127.0.0.1:1",
+            "--state",
+            state.to_str().unwrap(),
+        ],
+        b"",
     );
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("drop --state"), "{}", r.stderr);
     let r = dedup(&["--exact", "memcached"], b"");
     assert_eq!(r.code, 1);
     let r = dedup(&["--window", "soon"], b"");
