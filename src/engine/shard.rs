@@ -83,13 +83,16 @@ impl Shard {
         }
     }
 
-    /// Writes the pending marks to the exact tier.
+    /// Writes the pending marks to the exact tier; with none pending, lets
+    /// the tier retry the marks it kept after a failure.
     pub(crate) fn flush_marks(&mut self) {
         let Some(exact) = &mut self.exact else {
             return;
         };
         let n = self.pending.len() as u64;
         if n == 0 {
+            // Still failing: the tier keeps (and counts) them.
+            let _ = exact.flush();
             return;
         }
         match exact.mark_batch(self.pending.marks()) {
