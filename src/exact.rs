@@ -174,6 +174,19 @@ pub trait ExactPartition: Send {
         Ok(())
     }
 
+    /// Writes what the backend itself still holds for writing: marks kept
+    /// for retry after a failure (a remote backend). The engine calls it on
+    /// a forced flush ([`crate::Deduper::flush`], shutdown) when no batch is
+    /// pending, so marks kept while the store was down are written once it
+    /// is back even if no key arrives. Default: nothing.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend still cannot write them (they
+    /// stay kept).
+    fn flush(&mut self) -> Result<(), ExactTierError> {
+        Ok(())
+    }
+
     /// Starts loading what a `lookup` or `mark` of `fp` in `slot` will touch
     /// (the batch path calls it a few keys ahead). Default: nothing.
     fn prefetch(&self, fp: Fingerprint, slot: usize) {

@@ -58,6 +58,12 @@ impl MarkBatch {
         self.marks.len() >= self.capacity
     }
 
+    /// Starts loading the index bucket a [`MarkBatch::get`] of `fp` reads.
+    #[inline]
+    pub(crate) fn prefetch(&self, fp: Fingerprint) {
+        self.index.prefetch(fp);
+    }
+
     /// The time of the newest pending mark of `fp`.
     #[inline]
     pub(crate) fn get(&self, fp: Fingerprint) -> Option<Timestamp> {

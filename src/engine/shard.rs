@@ -12,6 +12,10 @@ use crate::verdict::Verdict;
 use super::marks::MarkBatch;
 use super::stats::ShardCounters;
 
+/// How far ahead of the key being judged [`Shard::check_batched`] starts
+/// loading its filter block and pending-mark bucket.
+const BATCHED_PREFETCH_AHEAD: usize = 16;
+
 /// What every shard of an engine shares: the window and the sizing.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ShardRules {
@@ -83,13 +87,16 @@ impl Shard {
         }
     }
 
-    /// Writes the pending marks to the exact tier.
+    /// Writes the pending marks to the exact tier; with none pending, lets
+    /// the tier retry the marks it kept after a failure.
     pub(crate) fn flush_marks(&mut self) {
         let Some(exact) = &mut self.exact else {
             return;
         };
         let n = self.pending.len() as u64;
         if n == 0 {
+            // Still failing: the tier keeps (and counts) them.
+            let _ = exact.flush();
             return;
         }
         let started = std::time::Instant::now();
@@ -272,7 +279,21 @@ impl Shard {
         out: &mut [Verdict],
     ) {
         let mut waiting: Vec<(usize, Fingerprint, Option<Probe>, Timestamp, u8)> = Vec::new();
-        for &(pos, fp, probe, t) in items {
+        // Owned keys read the pending marks' index and the filter: start
+        // loading both `BATCHED_PREFETCH_AHEAD` keys ahead (shared keys
+        // read neither).
+        let prefetch = trust == Trust::Owned;
+        if prefetch {
+            for &(_, fp, probe, _) in items.iter().take(BATCHED_PREFETCH_AHEAD) {
+                self.prefetch_batched(fp, probe);
+            }
+        }
+        for (j, &(pos, fp, probe, t)) in items.iter().enumerate() {
+            if prefetch {
+                if let Some(&(_, ahead, probe, _)) = items.get(j + BATCHED_PREFETCH_AHEAD) {
+                    self.prefetch_batched(ahead, probe);
+                }
+            }
             if self.would_rotate(t) && !waiting.is_empty() {
                 self.resolve(&mut waiting, rules, trust, out);
             }
@@ -311,6 +332,14 @@ impl Shard {
             waiting.push((pos, fp, probe, t, slots));
         }
         self.resolve(&mut waiting, rules, trust, out);
+    }
+
+    /// What step 1 of [`Shard::check_batched`] reads for `fp`: its pending
+    /// mark's index bucket and its filter block.
+    #[inline]
+    fn prefetch_batched(&self, fp: Fingerprint, probe: Option<Probe>) {
+        self.pending.prefetch(fp);
+        self.prefetch(fp, probe);
     }
 
     fn current_slice(&self) -> u64 {

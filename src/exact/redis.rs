@@ -21,8 +21,14 @@
 //! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. What a
 //! failure means is the [`FailurePolicy`]. Marks that cannot be written are
 //! kept in a bounded buffer, still visible to lookups, and retried with every
-//! later write; past the bound they are counted as dropped.
+//! later request (and on [`crate::Deduper::flush`]); past the bound they are
+//! counted as dropped. In shared mode, a key accepted without Redis (fail
+//! open, fallback) gets such a mark too, so Redis holds it once it is back.
+//! A shared-mode claim whose answer was lost may still have run: its retry
+//! recognises the claim's own time and accepts the key (see
+//! `UnansweredClaims`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,6 +182,12 @@ impl ExactBackend for RedisTier {
             unsent_index: FingerprintTable::new(),
             fallback: (self.config.policy == FailurePolicy::FallbackToMemory)
                 .then(|| MemoryPartition::with_capacity(spec.keys_per_slot)),
+            unanswered: UnansweredClaims {
+                times: HashMap::new(),
+                len: 0,
+                max: self.config.max_unsent_marks,
+                oldest: u64::MAX,
+            },
             current: 0,
             script: redis::Script::new(CLAIM_SCRIPT),
         })
@@ -222,6 +234,7 @@ return out
 
 enum Conn {
     Single(redis::Connection),
+    /// Boxed: a cluster connection is four times a single one.
     Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
@@ -286,9 +299,88 @@ struct RedisPartition {
     unsent: Vec<Mark>,
     unsent_index: FingerprintTable,
     fallback: Option<MemoryPartition>,
+    /// Claims sent whose answer was lost (fail closed).
+    unanswered: UnansweredClaims,
     /// The newest slice the engine has named (maps slots to slices).
     current: u64,
     script: redis::Script,
+}
+
+/// Shared mode, fail closed: claims that were sent but whose answer was
+/// lost (a timeout, a connection cut mid-request). The caller got
+/// `Unavailable` and will retry, yet the script may have run — at once, or
+/// when a stopped server resumes — and recorded the key at the claim's
+/// time. A later claim that finds exactly that time is the retry of that
+/// claim: the key is accepted then, not refused as a duplicate of a claim
+/// nobody acted on. (Another engine claiming the same key at the same
+/// nanosecond would be taken for ours.) Bounded by `max_unsent_marks`;
+/// entries older than the window are forgotten.
+struct UnansweredClaims {
+    /// Fingerprint → times of its unanswered claims.
+    times: HashMap<Fingerprint, Vec<u64>>,
+    len: usize,
+    max: usize,
+    /// No time held is older (`u64::MAX` when empty).
+    oldest: u64,
+}
+
+impl UnansweredClaims {
+    fn remember(&mut self, claims: &[Claim]) {
+        for c in claims {
+            if self.len >= self.max {
+                return;
+            }
+            self.times
+                .entry(c.fingerprint)
+                .or_default()
+                .push(c.at.as_nanos());
+            self.len += 1;
+            self.oldest = self.oldest.min(c.at.as_nanos());
+        }
+    }
+
+    /// Forgets `fp`: a claim recorded it now, so no earlier one of ours can
+    /// record it any more.
+    fn forget(&mut self, fp: Fingerprint) {
+        if self.len > 0 {
+            if let Some(times) = self.times.remove(&fp) {
+                self.len -= times.len();
+            }
+        }
+    }
+
+    /// True (and forgotten) when `fp` has an unanswered claim at `at`.
+    fn take(&mut self, fp: Fingerprint, at: Timestamp) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        let Some(times) = self.times.get(&fp) else {
+            return false;
+        };
+        if !times.contains(&at.as_nanos()) {
+            return false;
+        }
+        self.len -= times.len();
+        self.times.remove(&fp);
+        true
+    }
+
+    /// Forgets claims made before `t` (outside the window: a claim's
+    /// record no longer counts then).
+    fn forget_before(&mut self, t: u64) {
+        if self.len == 0 || self.oldest >= t {
+            return;
+        }
+        let (mut len, mut oldest) = (0, u64::MAX);
+        self.times.retain(|_, times| {
+            times.retain(|&at| at >= t);
+            len += times.len();
+            oldest = times.iter().copied().fold(oldest, u64::min);
+            !times.is_empty()
+        });
+        self.len = len;
+        self.oldest = oldest;
+    }
 }
 
 fn unavailable(e: &redis::RedisError) -> ExactTierError {
@@ -388,6 +480,79 @@ impl RedisPartition {
             .degraded_decisions
             .fetch_add(n as u64, Ordering::Relaxed);
     }
+
+    /// Keeps `marks` for writing, indexed for lookups, up to
+    /// `max_unsent_marks`; returns how many did not fit (counted dropped).
+    fn keep(&mut self, marks: &[Mark]) -> usize {
+        let room = self
+            .config
+            .max_unsent_marks
+            .saturating_sub(self.unsent.len());
+        let dropped = marks.len().saturating_sub(room);
+        for m in &marks[..marks.len() - dropped] {
+            self.unsent.push(*m);
+            self.unsent_index.insert(m.fingerprint, m.at.as_nanos());
+        }
+        self.stats
+            .marks_unsent
+            .fetch_add((marks.len() - dropped) as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            self.stats
+                .marks_dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        dropped
+    }
+
+    /// A mark of a key this partition accepted in slice `current`.
+    fn mark_now(fingerprint: Fingerprint, current: u64, at: Timestamp) -> Mark {
+        Mark {
+            fingerprint,
+            slot: slot_of(current),
+            slice: current,
+            at,
+        }
+    }
+
+    /// Shared mode without Redis, under a policy that accepts keys: judges
+    /// `claims` in order from the marks this partition keeps (fail open) or
+    /// its memory tier (fallback), and keeps a mark of every key accepted,
+    /// so that Redis holds it once it is back.
+    fn claim_degraded(
+        &mut self,
+        current: u64,
+        window: Option<u64>,
+        claims: &[Claim],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        self.degraded(claims.len());
+        out.clear();
+        if let Some(fallback) = &mut self.fallback {
+            fallback.claim_batch(current, window, claims, out)?;
+        } else {
+            for c in claims {
+                // Kept marks are written in order: a copy accepted earlier
+                // in this batch is seen here.
+                let inside = self
+                    .unsent_index
+                    .get(c.fingerprint)
+                    .filter(|&t0| window.is_none_or(|w| c.at.as_nanos() < t0.saturating_add(w)));
+                if inside.is_none() {
+                    self.keep(&[Self::mark_now(c.fingerprint, current, c.at)]);
+                }
+                out.push(inside.map(Timestamp::from_nanos));
+            }
+            return Ok(());
+        }
+        let accepted: Vec<Mark> = claims
+            .iter()
+            .zip(out.iter())
+            .filter(|(_, r)| r.is_none())
+            .map(|(c, _)| Self::mark_now(c.fingerprint, current, c.at))
+            .collect();
+        self.keep(&accepted);
+        Ok(())
+    }
 }
 
 impl ExactPartition for RedisPartition {
@@ -424,23 +589,7 @@ impl ExactPartition for RedisPartition {
         if let Some(fallback) = &mut self.fallback {
             fallback.mark_batch(marks)?;
         }
-        let room = self
-            .config
-            .max_unsent_marks
-            .saturating_sub(self.unsent.len());
-        let dropped = marks.len().saturating_sub(room);
-        for m in &marks[..marks.len() - dropped] {
-            self.unsent.push(*m);
-            self.unsent_index.insert(m.fingerprint, m.at.as_nanos());
-        }
-        self.stats
-            .marks_unsent
-            .fetch_add((marks.len() - dropped) as u64, Ordering::Relaxed);
-        if dropped > 0 {
-            self.stats
-                .marks_dropped
-                .fetch_add(dropped as u64, Ordering::Relaxed);
-        }
+        let dropped = self.keep(marks);
         // Kept for retry whatever happens now; report the failure.
         self.send_unsent()?;
         if dropped > 0 {
@@ -449,6 +598,10 @@ impl ExactPartition for RedisPartition {
             )));
         }
         Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ExactTierError> {
+        self.send_unsent()
     }
 
     fn prefers_batches(&self) -> bool {
@@ -549,7 +702,11 @@ impl ExactPartition for RedisPartition {
         self.current = self.current.max(current);
         out.clear();
         let window = window.or(self.window);
+        // Marks kept through an outage first: the script must see them. If
+        // they cannot be written, the script below fails fast (backoff).
+        let _ = self.send_unsent();
         let script = self.script.clone();
+        let mut sent = false;
         let result: Result<Vec<Value>, ExactTierError> = {
             let keys: Vec<String> = slots_newest_first(current)
                 .map(|(slice, _)| self.key(slice))
@@ -567,7 +724,9 @@ impl ExactPartition for RedisPartition {
                     ]
                 })
                 .collect();
+            let sent = &mut sent;
             self.with_conn(move |c, _| {
+                *sent = true;
                 let mut invocation = script.prepare_invoke();
                 for k in &keys {
                     invocation.key(k);
@@ -579,37 +738,70 @@ impl ExactPartition for RedisPartition {
                 invocation.invoke(c.like())
             })
         };
-        match result {
-            Ok(values) => {
-                for v in values {
-                    out.push(match v {
-                        Value::BulkString(bytes) => decode(&bytes),
-                        _ => None,
-                    });
-                }
-                if let Some(fallback) = &mut self.fallback {
-                    for (c, r) in claims.iter().zip(out.iter()) {
-                        if r.is_none() {
-                            fallback.mark(c.fingerprint, slot_of(current), c.at)?;
+        let values = match result {
+            Ok(values) => values,
+            Err(e) => {
+                return match self.config.policy {
+                    FailurePolicy::FailClosed => {
+                        if sent {
+                            // The script may still run (a reply lost, a
+                            // stopped server resumed): remember what it
+                            // would record, so the caller's retry is not
+                            // taken for a duplicate of its own claim.
+                            self.unanswered.remember(claims);
                         }
+                        Err(e)
                     }
-                }
-                Ok(())
+                    FailurePolicy::FailOpen | FailurePolicy::FallbackToMemory => {
+                        self.claim_degraded(current, window, claims, out)
+                    }
+                };
             }
-            Err(e) => match self.config.policy {
-                FailurePolicy::FailClosed => Err(e),
-                FailurePolicy::FailOpen => {
-                    self.degraded(claims.len());
-                    out.extend(claims.iter().map(|_| None));
-                    Ok(())
+        };
+        // Keys whose stored time is that of a claim of ours answered
+        // `Unavailable`: recorded by that claim, never accepted by the
+        // caller. Accept them now, and record the time they are accepted.
+        let mut reclaimed: Vec<Mark> = Vec::new();
+        for (c, v) in claims.iter().zip(values) {
+            let found = match v {
+                Value::BulkString(bytes) => decode(&bytes),
+                _ => None,
+            };
+            let found = match found {
+                Some(t0) if self.unanswered.take(c.fingerprint, t0) => {
+                    reclaimed.push(Self::mark_now(c.fingerprint, current, c.at));
+                    None
                 }
-                FailurePolicy::FallbackToMemory => {
-                    self.degraded(claims.len());
-                    let fallback = self.fallback.as_mut().expect("fallback policy");
-                    fallback.claim_batch(current, window, claims, out)
+                // A later copy of a key reclaimed in this batch.
+                Some(t0) => Some(
+                    reclaimed
+                        .iter()
+                        .find(|m| m.fingerprint == c.fingerprint)
+                        .map_or(t0, |m| m.at),
+                ),
+                None => {
+                    self.unanswered.forget(c.fingerprint);
+                    None
                 }
-            },
+            };
+            out.push(found);
         }
+        if let Some(fallback) = &mut self.fallback {
+            for (c, r) in claims.iter().zip(out.iter()) {
+                if r.is_none() {
+                    fallback.mark(c.fingerprint, slot_of(current), c.at)?;
+                }
+            }
+        }
+        if !reclaimed.is_empty() {
+            self.keep(&reclaimed);
+            let _ = self.send_unsent();
+        }
+        if let Some(at) = claims.iter().map(|c| c.at.as_nanos()).max() {
+            self.unanswered
+                .forget_before(window.map_or(0, |w| at.saturating_sub(w)));
+        }
+        Ok(())
     }
 
     fn clear_slots(&mut self, slots: u8) {
@@ -643,5 +835,42 @@ impl ExactPartition for RedisPartition {
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(fp: u128, at: u64) -> Claim {
+        Claim {
+            fingerprint: Fingerprint(fp),
+            at: Timestamp::from_nanos(at),
+        }
+    }
+
+    #[test]
+    fn unanswered_claims_are_recognised_once_and_forgotten_with_age() {
+        let mut u = UnansweredClaims {
+            times: HashMap::new(),
+            len: 0,
+            max: 3,
+            oldest: u64::MAX,
+        };
+        u.remember(&[claim(1, 10), claim(1, 20), claim(2, 30), claim(3, 40)]);
+        assert_eq!(u.len, 3, "bounded");
+        assert!(!u.take(Fingerprint(1), Timestamp::from_nanos(15)));
+        assert!(u.take(Fingerprint(1), Timestamp::from_nanos(20)));
+        assert!(!u.take(Fingerprint(1), Timestamp::from_nanos(10)), "once");
+        assert!(
+            !u.take(Fingerprint(3), Timestamp::from_nanos(40)),
+            "never held"
+        );
+        u.remember(&[claim(4, 50)]);
+        u.forget_before(31);
+        assert_eq!((u.len, u.oldest), (1, 50));
+        assert!(!u.take(Fingerprint(2), Timestamp::from_nanos(30)));
+        u.forget(Fingerprint(4));
+        assert_eq!(u.len, 0);
     }
 }

@@ -1,0 +1,573 @@
+//! The Redis exact tier under faults, against a private `redis-server`:
+//! `kill -9` mid-stream then a restart, and `SIGSTOP` for a second then
+//! `SIGCONT`. For each [`FailurePolicy`], in owned and shared modes:
+//!
+//! - every verdict keeps the policy's promise (fail closed: a key that
+//!   needs Redis is `Unavailable`, never wrongly `New`; fail open: never
+//!   `Unavailable`; fallback: this process's duplicates still caught);
+//! - the tier reconnects once the server is back, within a deadline (no
+//!   hang), and every call returns within a bound (no hang);
+//! - after recovery every accepted key's mark is in Redis: the test counts
+//!   the hash fields;
+//! - the tier's counters say what happened.
+//!
+//! Servers that must keep what they held across `kill -9` run with
+//! `--appendonly yes --appendfsync always`.
+#![cfg(feature = "redis")]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+#[path = "support/rng.rs"]
+mod rng;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis_server::RedisServer;
+use rng::Rng;
+use tiered_dedup::exact::redis::{FailurePolicy, RedisConfig, RedisStats, RedisTier};
+use tiered_dedup::{Affinity, Clock, Deduper, ExactTier, ManualClock, Timestamp, Verdict};
+
+const SHARDS: usize = 4;
+const WINDOW: Duration = Duration::from_secs(60);
+/// The request timeout of every engine here.
+const TIMEOUT: Duration = Duration::from_millis(100);
+/// No single call may take longer (a hang).
+const CALL_BOUND: Duration = Duration::from_secs(2);
+/// The tier must be back this long after the server is.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
+/// The main stream runs in slice `MAIN_START / slice` (window 60 s: 10 s
+/// slices), so every mark it makes lands in hashes named `…:120`.
+const MAIN_START: u64 = 1_200;
+const MAIN_SLICE: &str = ":120";
+
+const DURABLE: &[&str] = &["--appendonly", "yes", "--appendfsync", "always"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Phase {
+    /// Redis up, before the fault.
+    Before,
+    /// Killed or stopped.
+    Down,
+    /// Restarted or resumed; the tier may not have noticed yet.
+    Recovering,
+    /// The tier answered a whole step without a failure.
+    Up,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// `kill -9`, then a restart on the same port.
+    Kill,
+    /// `SIGSTOP` for a second, then `SIGCONT`.
+    Pause,
+}
+
+/// One engine on one server, a stream of batches and what the test knows
+/// about every key.
+struct Run {
+    server: RedisServer,
+    /// The server keeps its data across `kill -9` (append-only file).
+    durable: bool,
+    d: Deduper,
+    stats: Arc<RedisStats>,
+    clock: ManualClock,
+    policy: FailurePolicy,
+    affinity: Affinity,
+    rng: Rng,
+    next_id: u64,
+    issued: Vec<u64>,
+    /// Key → (time of its latest acceptance, phase it was accepted in).
+    accepted: HashMap<u64, (u64, Phase)>,
+    /// Keys answered `Unavailable`: the caller retries them.
+    retry: Vec<u64>,
+    phase: Phase,
+    /// Verdicts per phase: (new, duplicate, unavailable).
+    tally: HashMap<Phase, (u64, u64, u64)>,
+}
+
+impl Run {
+    fn new(policy: FailurePolicy, affinity: Affinity, durable: bool) -> Run {
+        Self::with_config(policy, affinity, durable, |c| c)
+    }
+
+    fn with_config(
+        policy: FailurePolicy,
+        affinity: Affinity,
+        durable: bool,
+        configure: impl FnOnce(RedisConfig) -> RedisConfig,
+    ) -> Run {
+        let server = if durable {
+            RedisServer::start_with(DURABLE)
+        } else {
+            RedisServer::start()
+        };
+        let tier = RedisTier::new(configure(RedisConfig {
+            policy,
+            timeout: TIMEOUT,
+            ..RedisConfig::new(&server.url())
+        }));
+        let stats = tier.stats();
+        let clock = ManualClock::new(Timestamp::from_secs(1_000));
+        let d = Deduper::builder()
+            .window(WINDOW)
+            .expected_keys(100_000)
+            .shards(SHARDS)
+            .mark_batch(64)
+            .affinity(affinity)
+            .clock(Clock::Manual(clock.clone()))
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap();
+        let mut run = Run {
+            server,
+            durable,
+            d,
+            stats,
+            clock,
+            policy,
+            affinity,
+            rng: Rng::new(policy as u64 * 10 + affinity as u64),
+            next_id: 1_000_000,
+            issued: Vec::new(),
+            accepted: HashMap::new(),
+            retry: Vec::new(),
+            phase: Phase::Before,
+            tally: HashMap::new(),
+        };
+        run.warm_up();
+        run
+    }
+
+    /// A fresh engine on a persistent tier has a cold filter: every key is
+    /// confirmed by Redis until a whole window has passed. Check some keys,
+    /// then move past the window so the owned-mode filter may answer alone.
+    fn warm_up(&mut self) {
+        let keys: Vec<u64> = (0..400).collect();
+        assert!(self.d.check_batch(&keys).iter().all(|v| v.is_new()));
+        self.d.flush();
+        self.clock.set(Timestamp::from_secs(MAIN_START));
+        assert_eq!(self.failures(), 0, "Redis failed before any fault");
+    }
+
+    fn failures(&self) -> u64 {
+        self.stats.failures.load(Ordering::Relaxed)
+    }
+
+    fn degraded(&self) -> u64 {
+        self.stats.degraded_decisions.load(Ordering::Relaxed)
+    }
+
+    fn unsent(&self) -> u64 {
+        self.stats.marks_unsent.load(Ordering::Relaxed)
+    }
+
+    /// One batch: the keys to retry, then 200 keys, a fifth of them repeats
+    /// of keys issued before. Checks every verdict against what the policy
+    /// promises; returns whether the tier failed during the batch.
+    fn step(&mut self) -> bool {
+        self.clock.advance(Duration::from_millis(1));
+        let now = self.clock.now().as_nanos();
+        let mut keys: Vec<u64> = std::mem::take(&mut self.retry);
+        for _ in 0..200 {
+            if !self.issued.is_empty() && self.rng.chance(0.2) {
+                keys.push(self.issued[self.rng.below(self.issued.len() as u64) as usize]);
+            } else {
+                keys.push(self.next_id);
+                self.issued.push(self.next_id);
+                self.next_id += 1;
+            }
+        }
+        let failures = self.failures();
+        let start = Instant::now();
+        let verdicts = self.d.check_batch(&keys);
+        let took = start.elapsed();
+        assert!(
+            took < CALL_BOUND,
+            "{:?}/{:?}: a batch took {took:?} in phase {:?}",
+            self.policy,
+            self.affinity,
+            self.phase
+        );
+        let failed = self.failures() > failures;
+        // Where Redis may have failed (a fault, or a timeout at any time),
+        // the policy's rules apply; otherwise verdicts are exact.
+        let degraded = failed || self.phase != Phase::Before;
+        for (&k, v) in keys.iter().zip(verdicts) {
+            self.judge(k, v, now, degraded);
+        }
+        failed
+    }
+
+    fn judge(&mut self, k: u64, v: Verdict, now: u64, degraded: bool) {
+        let what = format!(
+            "{:?}/{:?}, phase {:?}, key {k}: {v:?}",
+            self.policy, self.affinity, self.phase
+        );
+        let tally = self.tally.entry(self.phase).or_default();
+        match v {
+            Verdict::Unavailable => {
+                tally.2 += 1;
+                assert_eq!(self.policy, FailurePolicy::FailClosed, "{what}");
+                assert!(degraded, "{what}: Redis did not fail");
+                self.retry.push(k);
+            }
+            Verdict::New => {
+                tally.0 += 1;
+                if let Some(&(_, accepted_in)) = self.accepted.get(&k) {
+                    // Accepted again: only fail open may, only while its
+                    // earlier mark is out of reach (in a Redis that is
+                    // down, or that lost it to kill -9 without a log).
+                    let lost =
+                        accepted_in == Phase::Before && (self.phase != Phase::Up || !self.durable);
+                    assert!(
+                        self.policy == FailurePolicy::FailOpen && degraded && lost,
+                        "{what}: accepted again (first accepted in {accepted_in:?})"
+                    );
+                }
+                self.accepted.insert(k, (now, self.phase));
+            }
+            Verdict::Duplicate { first_seen } => {
+                tally.1 += 1;
+                let Some(&(t0, _)) = self.accepted.get(&k) else {
+                    panic!("{what}: never accepted");
+                };
+                assert_eq!(first_seen.as_nanos(), t0, "{what}");
+            }
+            other => panic!("{what}: unexpected {other:?}"),
+        }
+    }
+
+    fn tally(&self, phase: Phase) -> (u64, u64, u64) {
+        self.tally.get(&phase).copied().unwrap_or_default()
+    }
+
+    /// Steps for `duration` of real time, a step every 10 ms.
+    fn run_for(&mut self, duration: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            self.step();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Steps until one whole step and a flush go through without a failure
+    /// (every shard reconnected, nothing left to retry): the tier is back.
+    fn recover(&mut self) {
+        self.phase = Phase::Recovering;
+        let start = Instant::now();
+        loop {
+            let failures = self.failures();
+            let degraded = self.degraded();
+            let failed = self.step();
+            self.d.flush();
+            if !failed
+                && self.failures() == failures
+                && self.degraded() == degraded
+                && self.retry.is_empty()
+                && self.unsent() == 0
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < RECOVERY_DEADLINE,
+                "{:?}/{:?}: the tier did not recover within {RECOVERY_DEADLINE:?} \
+                 (failures {}, unsent marks {}, keys to retry {})",
+                self.policy,
+                self.affinity,
+                self.failures(),
+                self.unsent(),
+                self.retry.len()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.phase = Phase::Up;
+    }
+
+    /// The whole scenario: a stream, the fault mid-stream, recovery, more
+    /// stream, then everything the engine accepted is counted in Redis.
+    fn play(mut self, fault: Fault) -> Run {
+        for _ in 0..20 {
+            self.step();
+        }
+        assert_eq!(self.failures(), 0, "Redis failed before the fault");
+        let connects = self.stats.connects.load(Ordering::Relaxed);
+        self.phase = Phase::Down;
+        match fault {
+            Fault::Kill => {
+                self.server.kill();
+                self.run_for(Duration::from_millis(300));
+                self.server.restart();
+            }
+            Fault::Pause => {
+                self.server.pause();
+                self.run_for(Duration::from_secs(1));
+                self.server.resume();
+            }
+        }
+        self.recover();
+        for _ in 0..20 {
+            self.step();
+        }
+        self.d.flush();
+        assert!(self.retry.is_empty(), "every retried key was judged");
+        assert!(self.failures() > 0, "the fault was noticed");
+        assert!(
+            self.stats.connects.load(Ordering::Relaxed) > connects,
+            "the tier reconnected"
+        );
+        assert_eq!(self.unsent(), 0, "marks left unsent");
+        assert_eq!(self.stats.marks_dropped.load(Ordering::Relaxed), 0);
+        let degraded = self.degraded();
+        if self.policy == FailurePolicy::FailClosed {
+            assert_eq!(degraded, 0, "fail closed decides nothing without Redis");
+        } else {
+            assert!(degraded > 0, "degraded decisions are counted");
+            let (_, _, unavailable) = self.tally(Phase::Down);
+            assert_eq!(unavailable, 0);
+        }
+        self.assert_marks_in_redis();
+        self
+    }
+
+    /// Counts the main stream's hash fields in Redis against the keys the
+    /// engine accepted.
+    fn assert_marks_in_redis(&self) {
+        let mut conn = self.server.connection();
+        let hashes: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut conn).unwrap();
+        let mut fields = 0;
+        let mut stored = HashSet::new();
+        for h in hashes.iter().filter(|h| h.ends_with(MAIN_SLICE)) {
+            fields += redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap();
+            let names: Vec<Vec<u8>> = redis::cmd("HKEYS").arg(h).query(&mut conn).unwrap();
+            stored.extend(names);
+        }
+        let fp = |k: u64| self.d.fingerprint(&k).to_bytes().to_vec();
+        let accepted: HashSet<Vec<u8>> = self.accepted.keys().map(|&k| fp(k)).collect();
+        assert!(
+            stored.is_subset(&accepted),
+            "{:?}/{:?}: Redis holds marks of keys never accepted",
+            self.policy,
+            self.affinity
+        );
+        // Everything accepted since the fault; everything, if the server
+        // kept its data across the fault.
+        let must: Vec<u64> = self
+            .accepted
+            .iter()
+            .filter(|(_, &(_, phase))| self.durable || phase != Phase::Before)
+            .map(|(&k, _)| k)
+            .collect();
+        let missing = must.iter().filter(|&&k| !stored.contains(&fp(k))).count();
+        assert_eq!(
+            missing,
+            0,
+            "{:?}/{:?}: {missing} of {} accepted keys have no mark in Redis",
+            self.policy,
+            self.affinity,
+            must.len()
+        );
+        if self.durable {
+            assert_eq!(fields, self.accepted.len() as u64, "one field per key");
+        }
+        let after: usize = self
+            .accepted
+            .values()
+            .filter(|(_, p)| *p != Phase::Before)
+            .count();
+        assert!(after > 100, "keys were accepted after the fault");
+    }
+}
+
+#[test]
+fn smoke() {
+    let mut run = Run::new(FailurePolicy::FailClosed, Affinity::Owned, false);
+    assert!(run.d.check(&7u64).is_new());
+    run.d.flush();
+    assert!(run.d.check(&7u64).is_duplicate());
+    run.server.kill();
+    // The filter matches 7; Redis cannot confirm it.
+    assert!(run.d.check(&7u64).is_unavailable());
+    // The warm filter has never seen 8: new without Redis, its mark kept.
+    assert!(run.d.check(&8u64).is_new());
+    run.d.flush();
+    assert!(run.d.check(&8u64).is_unavailable());
+    run.server.restart();
+    let start = Instant::now();
+    let verdict = loop {
+        match run.d.check(&8u64) {
+            Verdict::Unavailable => {
+                assert!(start.elapsed() < RECOVERY_DEADLINE, "no reconnect");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            v => break v,
+        }
+    };
+    assert!(verdict.is_duplicate(), "8's mark was written on reconnect");
+}
+
+// ---- kill -9 mid-stream, then restart ---------------------------------
+
+#[test]
+fn fail_closed_owned_survives_kill() {
+    let run = Run::new(FailurePolicy::FailClosed, Affinity::Owned, true).play(Fault::Kill);
+    let (new, _, unavailable) = run.tally(Phase::Down);
+    assert!(
+        unavailable > 0,
+        "repeats needed Redis and were refused: {unavailable}"
+    );
+    assert!(new > 0, "a warm filter still accepts new keys: {new}");
+}
+
+#[test]
+fn fail_closed_shared_survives_kill() {
+    let run = Run::new(FailurePolicy::FailClosed, Affinity::Shared, true).play(Fault::Kill);
+    let (new, dup, unavailable) = run.tally(Phase::Down);
+    assert_eq!((new, dup), (0, 0), "shared mode needs Redis for every key");
+    assert!(unavailable > 0);
+}
+
+#[test]
+fn fail_open_owned_survives_kill() {
+    // No append-only file: the restarted server is empty. Counted in
+    // Redis afterwards: what the engine accepted after the kill.
+    let run = Run::new(FailurePolicy::FailOpen, Affinity::Owned, false).play(Fault::Kill);
+    let (new, _, _) = run.tally(Phase::Down);
+    assert!(new > 0);
+}
+
+#[test]
+fn fail_open_shared_survives_kill() {
+    let run = Run::new(FailurePolicy::FailOpen, Affinity::Shared, true).play(Fault::Kill);
+    let (new, dup, _) = run.tally(Phase::Down);
+    assert!(new > 0);
+    assert!(dup > 0, "repeats of keys accepted in the outage are caught");
+}
+
+#[test]
+fn fallback_owned_survives_kill() {
+    let run = Run::new(FailurePolicy::FallbackToMemory, Affinity::Owned, true).play(Fault::Kill);
+    let (new, dup, _) = run.tally(Phase::Down);
+    assert!(
+        new > 0 && dup > 0,
+        "the memory tier judges: {new} new, {dup} dup"
+    );
+}
+
+#[test]
+fn fallback_shared_survives_kill() {
+    let run = Run::new(FailurePolicy::FallbackToMemory, Affinity::Shared, true).play(Fault::Kill);
+    let (new, dup, _) = run.tally(Phase::Down);
+    assert!(
+        new > 0 && dup > 0,
+        "the memory tier judges: {new} new, {dup} dup"
+    );
+}
+
+// ---- SIGSTOP for a second, then SIGCONT --------------------------------
+
+#[test]
+fn fail_closed_owned_survives_pause() {
+    let run = Run::new(FailurePolicy::FailClosed, Affinity::Owned, false).play(Fault::Pause);
+    let (_, _, unavailable) = run.tally(Phase::Down);
+    assert!(unavailable > 0, "requests timed out");
+}
+
+#[test]
+fn fail_closed_shared_survives_pause() {
+    let run = Run::new(FailurePolicy::FailClosed, Affinity::Shared, false).play(Fault::Pause);
+    let (_, _, unavailable) = run.tally(Phase::Down);
+    assert!(unavailable > 0, "requests timed out");
+}
+
+#[test]
+fn fail_open_owned_survives_pause() {
+    let run = Run::new(FailurePolicy::FailOpen, Affinity::Owned, false).play(Fault::Pause);
+    assert!(run.tally(Phase::Down).0 > 0);
+}
+
+#[test]
+fn fallback_shared_survives_pause() {
+    let run = Run::new(FailurePolicy::FallbackToMemory, Affinity::Shared, false).play(Fault::Pause);
+    let (new, dup, _) = run.tally(Phase::Down);
+    assert!(
+        new > 0 && dup > 0,
+        "the memory tier judges: {new} new, {dup} dup"
+    );
+}
+
+// ---- the retry buffer ---------------------------------------------------
+
+/// Marks accepted while Redis is down wait in the tier's buffer; with no
+/// further traffic, `Deduper::flush` after the restart writes them.
+#[test]
+fn flush_after_recovery_writes_marks_kept_while_down() {
+    let mut run = Run::new(FailurePolicy::FailClosed, Affinity::Owned, false);
+    run.server.kill();
+    let keys: Vec<u64> = (5_000_000..5_001_000).collect();
+    // A warm filter accepts new keys without Redis.
+    assert!(run.d.check_batch(&keys).iter().all(|v| v.is_new()));
+    run.d.flush();
+    assert_eq!(run.unsent(), 1_000, "kept for retry");
+    run.server.restart();
+    let start = Instant::now();
+    while run.unsent() > 0 {
+        assert!(
+            start.elapsed() < RECOVERY_DEADLINE,
+            "flush did not write the {} marks kept while Redis was down",
+            run.unsent()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        run.d.flush();
+    }
+    let mut conn = run.server.connection();
+    let hashes: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut conn).unwrap();
+    let fields: u64 = hashes
+        .iter()
+        .map(|h| redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap())
+        .sum();
+    assert_eq!(fields, 1_000);
+    assert_eq!(run.stats.marks_written.load(Ordering::Relaxed), 1_400);
+}
+
+/// Past `max_unsent_marks` per shard, marks are dropped, and counted: in
+/// the tier's `marks_dropped` and the engine's `mark_errors`. The rest are
+/// written after recovery.
+#[test]
+fn a_full_retry_buffer_counts_what_it_drops() {
+    let mut run = Run::with_config(FailurePolicy::FailOpen, Affinity::Owned, false, |c| {
+        RedisConfig {
+            max_unsent_marks: 100,
+            ..c
+        }
+    });
+    run.server.kill();
+    let keys: Vec<u64> = (5_000_000..5_002_000).collect();
+    assert!(run.d.check_batch(&keys).iter().all(|v| v.is_new()));
+    run.d.flush();
+    let dropped = run.stats.marks_dropped.load(Ordering::Relaxed);
+    let unsent = run.unsent();
+    assert_eq!(unsent, SHARDS as u64 * 100, "each shard keeps its bound");
+    assert_eq!(dropped + unsent, 2_000, "every mark kept or counted");
+    assert_eq!(
+        run.d.stats().mark_errors,
+        2_000,
+        "every failed flush counted"
+    );
+    run.server.restart();
+    let start = Instant::now();
+    while run.unsent() > 0 {
+        assert!(start.elapsed() < RECOVERY_DEADLINE, "no recovery");
+        std::thread::sleep(Duration::from_millis(20));
+        run.d.flush();
+    }
+    let mut conn = run.server.connection();
+    let hashes: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut conn).unwrap();
+    let fields: u64 = hashes
+        .iter()
+        .map(|h| redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap())
+        .sum();
+    assert_eq!(fields, unsent);
+}

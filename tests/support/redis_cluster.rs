@@ -1,0 +1,120 @@
+//! A private three-master Redis Cluster on loopback ports for a test:
+//! three `redis-server --cluster-enabled yes` nodes (each a
+//! [`RedisServer`], so each is stopped on drop), joined with
+//! `redis-cli --cluster create … --cluster-replicas 0`, ready once every
+//! node reports `cluster_state:ok`. Needs `super::redis_server`.
+#![allow(dead_code)] // each test crate uses a different part
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::redis_server::RedisServer;
+
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+/// A port nobody listens on now, for a node's cluster bus: the default bus
+/// port (`port + 10000`) may be taken, or above 65535.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisCluster {
+    /// Starts `masters` nodes and joins them into one cluster, hash slots
+    /// split evenly, no replicas.
+    pub fn start(masters: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    // Each node has its own directory: one name fits all.
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let cluster = RedisCluster { nodes };
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect(
+                "running redis-cli (installed with redis-server: `apt-get install redis-server`)",
+            );
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every node says `cluster_state:ok` and knows every
+    /// other node (10 s at most).
+    fn wait_ok(&self) {
+        let start = Instant::now();
+        loop {
+            let ready = self.nodes.iter().all(|n| {
+                let mut c = n.connection();
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut c)
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+            });
+            if ready {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the cluster on ports {:?} did not reach cluster_state:ok",
+                self.ports()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node (the seeds).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Deletes every key on every master.
+    pub fn flush_all(&self) {
+        for n in &self.nodes {
+            let _: () = redis::cmd("FLUSHALL").query(&mut n.connection()).unwrap();
+        }
+    }
+
+    /// Keys held by each node (`DBSIZE`), in node order.
+    pub fn dbsizes(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|n| redis::cmd("DBSIZE").query(&mut n.connection()).unwrap())
+            .collect()
+    }
+}
