@@ -93,6 +93,7 @@ mod pipeline;
 mod snapshot;
 mod sync;
 mod time;
+mod trace;
 mod verdict;
 
 pub use engine::{Affinity, Deduper, DeduperBuilder, Mode, Sizing, Stats};

@@ -180,6 +180,7 @@ impl Deduper {
         let checksum = w.hasher.digest();
         w.inner.write_all(&checksum.to_le_bytes())?;
         w.inner.flush()?;
+        crate::trace::event!(info, shards = shards.len(), "snapshot written");
         Ok(())
     }
 }
@@ -376,6 +377,7 @@ impl DeduperBuilder {
             shard.warmth = crate::engine::Warmth::Warm;
         }
         engine.restore_watermark(watermark, late);
+        crate::trace::event!(info, shards = engine.shard_count(), "snapshot restored");
         Ok(engine)
     }
 }

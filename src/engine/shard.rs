@@ -179,6 +179,13 @@ impl Shard {
             let cleared = f.advance(Timestamp::from_nanos(self.time));
             if cleared != 0 {
                 self.counters.rotations += 1;
+                crate::trace::event!(
+                    debug,
+                    slice = f.current(),
+                    cleared_slots = cleared,
+                    overflow_layers = f.overflow.len(),
+                    "shard rotated"
+                );
                 // Pending marks may belong to a slot being cleared: write
                 // them first, so the clear below drops them with the rest.
                 self.flush_marks();

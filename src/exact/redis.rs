@@ -409,7 +409,10 @@ impl RedisPartition {
             }
             match Conn::open(&self.config) {
                 Ok(c) => {
-                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    let n = self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    if n > 0 {
+                        crate::trace::event!(info, key_base = %self.key_base, "reconnected to Redis");
+                    }
                     self.conn = Some(c);
                     self.backoff = Duration::from_millis(10);
                 }
@@ -435,6 +438,13 @@ impl RedisPartition {
 
     fn fail(&mut self) {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        crate::trace::event!(
+            warn,
+            key_base = %self.key_base,
+            retry_in_ms = self.backoff.as_millis() as u64,
+            unsent_marks = self.unsent.len(),
+            "Redis request failed; connection dropped"
+        );
         self.conn = None;
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
@@ -479,6 +489,12 @@ impl RedisPartition {
         self.stats
             .degraded_decisions
             .fetch_add(n as u64, Ordering::Relaxed);
+        crate::trace::event!(
+            warn,
+            keys = n,
+            policy = ?self.config.policy,
+            "decided without Redis (degraded mode)"
+        );
     }
 
     /// Keeps `marks` for writing, indexed for lookups, up to
