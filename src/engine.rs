@@ -22,16 +22,20 @@ pub use builder::{Affinity, DeduperBuilder, Mode};
 pub use stats::Stats;
 
 pub(crate) use builder::Plan;
-pub(crate) use shard::{Shard, ShardFilter, Warmth};
+pub(crate) use shard::{Shard, ShardFilter, Staged, Warmth};
 pub(crate) use stats::ShardCounters as ShardCountersView;
 #[cfg(feature = "metrics")]
 pub(crate) use stats::LATENCY_BUCKETS_MICROS;
 
 /// How far ahead of the key being checked a batch starts loading its filter
-/// block, and (half as far ahead) its exact-tier bucket: two pipelined
-/// prefetch stages, so both DRAM misses of a key overlap other keys' work.
+/// block, and (half as far ahead) reads the block and starts loading its
+/// exact-tier bucket: two pipelined prefetch stages, so both DRAM misses of a
+/// key overlap other keys' work.
 const PREFETCH_AHEAD: usize = 16;
 const PREFETCH_EXACT_AHEAD: usize = 8;
+/// Keys in flight between the stages (a power of two above
+/// `PREFETCH_AHEAD`).
+const RING: usize = 32;
 
 /// The deduplication engine: "was this key accepted within the window?"
 ///
@@ -323,6 +327,12 @@ impl Deduper {
         let mut shard = self.lock(s);
         shard.counters.batches += 1;
         shard.counters.batch_keys += group.len() as u64;
+        if !shard.wants_batches(self.plan.trust) {
+            if let ShardFilter::Windowed(_) = shard.filter {
+                self.check_group_staged(&mut shard, fps, group, time, out);
+                return;
+            }
+        }
         let probes: Vec<Option<Probe>> = group
             .iter()
             .map(|&i| shard.probe(fps[i as usize]))
@@ -361,6 +371,59 @@ impl Deduper {
             let i = i as usize;
             if let Some(t) = time(&shard, i) {
                 out[i] = shard.check(fps[i], probes[j], t, &self.plan.rules);
+            }
+        }
+    }
+
+    /// [`Deduper::check_group`] for a windowed shard that judges keys one by
+    /// one (a local exact tier, or none): three stages over a ring of the
+    /// next `RING` keys — compute the probe and prefetch the filter block
+    /// (`PREFETCH_AHEAD` keys ahead), read the block and prefetch the exact
+    /// bucket (`PREFETCH_EXACT_AHEAD` ahead), check.
+    fn check_group_staged(
+        &self,
+        shard: &mut Shard,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        out: &mut [Verdict],
+    ) {
+        let fp_at = |j: usize| fps[group[j] as usize];
+        let mut probes = [Probe::default(); RING];
+        let mut staged = [Staged::default(); RING];
+        let n = group.len();
+        let load = |shard: &Shard, probes: &mut [Probe; RING], j: usize| {
+            let fp = fp_at(j);
+            let ShardFilter::Windowed(f) = &shard.filter else {
+                unreachable!("checked by the caller");
+            };
+            let probe = f.probe(fp);
+            f.prefetch(fp, probe);
+            probes[j % RING] = probe;
+        };
+        for j in 0..n.min(PREFETCH_AHEAD) {
+            load(shard, &mut probes, j);
+        }
+        for j in 0..n.min(PREFETCH_EXACT_AHEAD) {
+            staged[j % RING] = shard.stage(fp_at(j), probes[j % RING]);
+        }
+        for j in 0..n {
+            if j + PREFETCH_AHEAD < n {
+                load(shard, &mut probes, j + PREFETCH_AHEAD);
+            }
+            let b = j + PREFETCH_EXACT_AHEAD;
+            if b < n {
+                staged[b % RING] = shard.stage(fp_at(b), probes[b % RING]);
+            }
+            let i = group[j] as usize;
+            if let Some(t) = time(shard, i) {
+                out[i] = shard.check_staged(
+                    fps[i],
+                    probes[j % RING],
+                    staged[j % RING],
+                    t,
+                    &self.plan.rules,
+                );
             }
         }
     }

@@ -42,9 +42,9 @@
 //! collisions); the verdicts equal those of a map from key to first-accepted
 //! time (tested against one in `tests/model.rs`); memory bounded by the keys
 //! inside the window (filter: about 2.7 bytes per key at a 1% rate per
-//! generation, 3.7 at 1% per query; exact tier: 24-byte buckets at 44–88%
-//! load, 28–55 bytes per key, measured up to 65 after growth — see
-//! `docs/architecture.md` and `docs/benchmarks.md`).
+//! generation, 3.7 at 1% per query; exact tier: 24-byte buckets at 53–80%
+//! load, 30–45 bytes per key — see `docs/architecture.md` and
+//! `docs/benchmarks.md`).
 //!
 //! ## The tiers
 //!

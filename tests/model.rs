@@ -416,6 +416,45 @@ fn window_boundary_is_exact() {
     assert_eq!(d.check_at("k", t0.saturating_add(window)), Verdict::New);
 }
 
+/// A batch checks keys a few at a time behind prefetches that read the
+/// filter ahead: a repeat whose first copy is accepted in the same batch just
+/// before a rotation (event times cross a slice inside the batch) must still
+/// be a duplicate, at every distance up to the prefetch depth and beyond.
+#[test]
+fn a_repeat_across_a_rotation_inside_one_batch_is_a_duplicate() {
+    let window = Duration::from_secs(60);
+    for gap in 1..40u64 {
+        let d = Deduper::builder()
+            .window(window)
+            .shards(1)
+            .clock(Clock::EventTime)
+            .build()
+            .unwrap();
+        let slice = d.slice_duration().unwrap();
+        let t0 = Timestamp::from_secs(6_000);
+        let t1 = t0.saturating_add(slice);
+        // "k" at t0, fillers, the first event of the next slice (a
+        // rotation), more fillers, then "k" again at t1.
+        let mut batch = vec![("k".to_owned(), t0)];
+        for f in 0..gap / 2 {
+            batch.push((format!("a{f}"), t0));
+        }
+        batch.push(("rotate".to_owned(), t1));
+        for f in gap / 2..gap {
+            batch.push((format!("b{f}"), t1));
+        }
+        batch.push(("k".to_owned(), t1));
+        let verdicts = d.check_batch_at(&batch);
+        assert_eq!(verdicts[0], Verdict::New);
+        assert_eq!(
+            *verdicts.last().unwrap(),
+            Verdict::Duplicate { first_seen: t0 },
+            "gap {gap}"
+        );
+        assert_eq!(d.stats().rotations, 1, "gap {gap}");
+    }
+}
+
 #[test]
 fn namespaces_are_independent() {
     let a = Deduper::builder().namespace("a").build().unwrap();

@@ -45,6 +45,16 @@ pub(crate) struct Shard {
     pub(crate) counters: ShardCounters,
 }
 
+/// The filter's answer for a key, read ahead of its check by
+/// [`Shard::stage`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Staged {
+    /// Live slots holding every probe bit.
+    hits: u8,
+    /// The current slice when they were read.
+    slice: u64,
+}
+
 /// Does the filter know every key the exact tier holds?
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Warmth {
@@ -164,6 +174,64 @@ impl Shard {
         exact.prefetch(fp, slot);
     }
 
+    /// Stage two of the grouped path ([`crate::Deduper`]'s `check_group`),
+    /// once the key's filter block is (nearly) in cache: the filter's answer
+    /// for `fp` now and a prefetch of the exact-tier bucket the check will
+    /// touch (the newest matching slot for a lookup, the current slot for a
+    /// mark). Windowed filters only.
+    #[inline]
+    pub(crate) fn stage(&self, fp: Fingerprint, probe: Probe) -> Staged {
+        let ShardFilter::Windowed(f) = &self.filter else {
+            unreachable!("staged checks are for windowed filters");
+        };
+        let slice = f.current();
+        let hits = f.hits(fp, probe);
+        if let Some(exact) = &self.exact {
+            let slot = (0..GENERATIONS as u64)
+                .map(|back| slot_of(slice.wrapping_sub(back)))
+                .find(|&slot| hits & (1 << slot) != 0)
+                .unwrap_or(slot_of(slice));
+            exact.prefetch(fp, slot);
+        }
+        Staged { hits, slice }
+    }
+
+    /// [`Shard::check`] with the filter's answer staged a few keys earlier
+    /// by [`Shard::stage`]. Between the two, keys accepted in between may
+    /// have set bits in the current slot (re-read here: one word per
+    /// layer), and a rotation may have cleared slots (then everything is
+    /// re-read). Bits are never cleared otherwise, so the staged answer plus
+    /// the current slot's is the answer now.
+    #[inline]
+    pub(crate) fn check_staged(
+        &mut self,
+        fp: Fingerprint,
+        probe: Probe,
+        staged: Staged,
+        t: Timestamp,
+        rules: &ShardRules,
+    ) -> Verdict {
+        self.advance(t);
+        self.counters.checks += 1;
+        let ShardFilter::Windowed(f) = &self.filter else {
+            unreachable!("staged checks are for windowed filters");
+        };
+        let cur = f.current();
+        let hits = if cur == staged.slice {
+            staged.hits | f.current_slot_hit(fp, probe)
+        } else {
+            f.hits(fp, probe)
+        };
+        let verdict = if hits == 0 {
+            self.accept(fp, Some(probe), t, rules)
+        } else {
+            self.counters.maybe_seen += 1;
+            self.confirm(fp, Some(probe), hits, cur, t, rules)
+        };
+        self.count(verdict);
+        verdict
+    }
+
     /// Processing time: the later of the clock reading and the shard's time,
     /// so time never goes backwards inside a shard.
     #[inline]
@@ -229,13 +297,7 @@ impl Shard {
                 }
             }
         };
-        match verdict {
-            Verdict::New => self.counters.new += 1,
-            Verdict::Duplicate { .. } => self.counters.duplicates += 1,
-            Verdict::LikelyDuplicate { .. } => self.counters.likely_duplicates += 1,
-            Verdict::Unavailable => self.counters.unavailable += 1,
-            Verdict::Late { .. } => {}
-        }
+        self.count(verdict);
         verdict
     }
 
@@ -376,6 +438,7 @@ impl Shard {
         }
     }
 
+    #[inline]
     fn count(&mut self, v: Verdict) {
         match v {
             Verdict::New => self.counters.new += 1,

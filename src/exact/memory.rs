@@ -27,6 +27,20 @@ impl MemoryPartition {
     }
 }
 
+impl MemoryPartition {
+    /// A slot's table, sized up front for the keys the filter lets into a
+    /// slot before it grows (the expected keys and a quarter more: about
+    /// 64% of the buckets used when the slot gets its expected keys),
+    /// capped at 2²⁰ entries so a generous estimate does not allocate a huge
+    /// idle table.
+    fn fresh_table(&self) -> FingerprintTable {
+        let entries = self
+            .expected_per_slot
+            .saturating_add(self.expected_per_slot / 4);
+        FingerprintTable::with_capacity(entries.min(1 << 20))
+    }
+}
+
 impl ExactPartition for MemoryPartition {
     #[inline]
     fn lookup(
@@ -39,13 +53,10 @@ impl ExactPartition for MemoryPartition {
 
     #[inline]
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
-        let table = &mut self.slots[slot];
-        if !table.is_allocated() {
-            // Size for the expected keys up front (capped at 2^20 entries, so
-            // a generous estimate does not allocate a huge idle table).
-            *table = FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20));
+        if !self.slots[slot].is_allocated() {
+            self.slots[slot] = self.fresh_table();
         }
-        table.insert(fp, at.as_nanos());
+        self.slots[slot].insert(fp, at.as_nanos());
         Ok(())
     }
 
@@ -53,8 +64,7 @@ impl ExactPartition for MemoryPartition {
         // Allocate first, so prefetches hit the tables the inserts will use.
         for m in marks {
             if !self.slots[m.slot].is_allocated() {
-                self.slots[m.slot] =
-                    FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20));
+                self.slots[m.slot] = self.fresh_table();
             }
         }
         const AHEAD: usize = 8;

@@ -3,7 +3,11 @@
 //!
 //! The exact tier never deletes single entries (a whole slot is dropped when
 //! its slice expires), so the table is the simplest kind there is: linear
-//! probing, no tombstones, growth by rehashing into twice the buckets. What a
+//! probing, no tombstones, growth by rehashing into half as many buckets
+//! again. Any bucket count works (a key's home bucket is a multiply-high of
+//! its hash, not a mask), so a table sized for its expected entries is not
+//! rounded up to a power of two: at most 4/5 and, after a growth, at least
+//! 8/15 of the buckets are used. What a
 //! general-purpose map cannot offer is [`FingerprintTable::prefetch`]: the
 //! batch path computes a key's bucket several keys ahead and starts loading
 //! it, so the DRAM miss of a 10⁷-entry table overlaps other work.
@@ -40,33 +44,29 @@ fn encode(at: u64) -> u64 {
 pub(crate) struct FingerprintTable {
     buckets: crate::hugealloc::ZeroedArray<Bucket>,
     len: usize,
-    /// `64 − log2(buckets)`: the bucket of a key is its hash's top bits.
-    shift: u32,
 }
 
-/// Grow when more than 7/8 of the buckets would be used.
-const MAX_LOAD_NUM: usize = 7;
-const MAX_LOAD_DEN: usize = 8;
+/// Grow when more than 4/5 of the buckets would be used (linear probing
+/// then inspects about 13 buckets to insert a new key, 3 to find one).
+const MAX_LOAD_NUM: usize = 4;
+const MAX_LOAD_DEN: usize = 5;
 
 impl FingerprintTable {
     /// An empty table that allocates nothing.
     pub(crate) fn new() -> Self {
-        FingerprintTable {
-            // SAFETY: all-zero bytes are a free `Bucket`.
-            buckets: unsafe { crate::hugealloc::ZeroedArray::new(0) },
-            len: 0,
-            shift: 64,
-        }
+        Self::with_buckets(0)
     }
 
     /// A table with room for `entries` before it grows.
     pub(crate) fn with_capacity(entries: usize) -> Self {
-        let buckets = (entries.max(8) * MAX_LOAD_DEN / MAX_LOAD_NUM + 1).next_power_of_two();
+        Self::with_buckets(entries.max(8).div_ceil(MAX_LOAD_NUM) * MAX_LOAD_DEN)
+    }
+
+    fn with_buckets(buckets: usize) -> Self {
         FingerprintTable {
             // SAFETY: all-zero bytes are a free `Bucket`.
             buckets: unsafe { crate::hugealloc::ZeroedArray::new(buckets) },
             len: 0,
-            shift: 64 - buckets.trailing_zeros(),
         }
     }
 
@@ -82,12 +82,23 @@ impl FingerprintTable {
         !self.buckets.is_empty()
     }
 
-    /// The home bucket of `fp`: the top bits of its high half (the low half's
-    /// low bits are the shard number, equal for every key here).
+    /// The home bucket of `fp`: its high half scaled onto the buckets by a
+    /// multiply-high (the low half's low bits are the shard number, equal
+    /// for every key here). 0 for the empty table.
     #[inline]
     fn home(&self, fp: Fingerprint) -> usize {
-        // shift is 64 only for the empty table, which has no buckets.
-        fp.high().checked_shr(self.shift).unwrap_or(0) as usize
+        ((u128::from(fp.high()) * self.buckets.len() as u128) >> 64) as usize
+    }
+
+    /// The bucket after `i`, wrapping at the end.
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        let j = i + 1;
+        if j == self.buckets.len() {
+            0
+        } else {
+            j
+        }
     }
 
     /// Starts loading the home bucket of `fp` into cache.
@@ -110,7 +121,6 @@ impl FingerprintTable {
         if self.buckets.is_empty() {
             return None;
         }
-        let mask = self.buckets.len() - 1;
         let (low, high) = (fp.low(), fp.high());
         let mut i = self.home(fp);
         // Invariant: the table is never full, so the probe meets a free
@@ -123,7 +133,7 @@ impl FingerprintTable {
             if b.low == low && b.high == high {
                 return Some(b.at - 1);
             }
-            i = (i + 1) & mask;
+            i = self.next(i);
         }
     }
 
@@ -134,7 +144,6 @@ impl FingerprintTable {
         if (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
             self.grow();
         }
-        let mask = self.buckets.len() - 1;
         let (low, high) = (fp.low(), fp.high());
         let mut i = self.home(fp);
         loop {
@@ -148,7 +157,7 @@ impl FingerprintTable {
                 b.at = at;
                 return;
             }
-            i = (i + 1) & mask;
+            i = self.next(i);
         }
     }
 
@@ -160,23 +169,18 @@ impl FingerprintTable {
         }
     }
 
-    /// Doubles the buckets (exactly: sizing by entries would round up to
-    /// four times) and re-inserts every entry.
+    /// Grows the buckets by half (a burst that doubles a slot's keys costs
+    /// two growths; doubling would leave a table a quarter full) and
+    /// re-inserts every entry.
     fn grow(&mut self) {
-        let buckets = (self.buckets.len() * 2).max(8);
-        let mut bigger = FingerprintTable {
-            // SAFETY: all-zero bytes are a free `Bucket`.
-            buckets: unsafe { crate::hugealloc::ZeroedArray::new(buckets) },
-            len: 0,
-            shift: 64 - buckets.trailing_zeros(),
-        };
+        let buckets = (self.buckets.len() + self.buckets.len() / 2).max(10);
+        let mut bigger = Self::with_buckets(buckets);
         for b in self.buckets.iter().filter(|b| b.at != EMPTY) {
             // Stored times are already encoded: copy the bucket as it is.
             let fp = Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64));
-            let mask = bigger.buckets.len() - 1;
             let mut i = bigger.home(fp);
             while bigger.buckets[i].at != EMPTY {
-                i = (i + 1) & mask;
+                i = bigger.next(i);
             }
             bigger.buckets[i] = *b;
             bigger.len += 1;
@@ -229,16 +233,18 @@ mod tests {
     }
 
     #[test]
-    fn growth_doubles_the_buckets() {
-        let mut table = FingerprintTable::with_capacity(7);
+    fn sized_for_its_entries_and_grows_by_half() {
+        let mut table = FingerprintTable::with_capacity(1000);
         let start = table.bytes();
+        assert_eq!(start, 1250 * std::mem::size_of::<Bucket>());
         let ns = crate::fingerprint::Namespace::default();
         let mut i = 0u64;
         while table.bytes() == start {
             table.insert(ns.fingerprint(&i.to_le_bytes()), i);
             i += 1;
         }
-        assert_eq!(table.bytes(), 2 * start);
+        assert_eq!(i, 1001, "room for exactly the entries asked for");
+        assert_eq!(table.bytes(), start / 2 * 3);
         for j in 0..i {
             assert_eq!(table.get(ns.fingerprint(&j.to_le_bytes())), Some(j));
         }

@@ -18,7 +18,7 @@ use super::sizing::MAX_HASHES;
 pub(crate) struct Block(pub(crate) [AtomicU64; GENERATIONS]);
 
 /// Where a key lives in the filter: its block and its probe mask.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub(crate) struct Probe {
     pub(crate) block: usize,
     pub(crate) mask: u64,
@@ -57,15 +57,30 @@ impl BlockedBloom {
     /// The block and probe mask of a fingerprint.
     #[inline]
     pub(crate) fn probe(&self, fp: Fingerprint) -> Probe {
-        // Multiply-high maps the 64-bit low half uniformly onto [0, n) with
-        // 64-bit arithmetic: no modulo bias, no collapse past 2³² blocks.
-        let block = ((u128::from(fp.low()) * self.blocks.len() as u128) >> 64) as usize;
+        let block = self.block_of(fp);
         let high = fp.high();
         let mut mask = 0u64;
         for i in 0..self.hashes {
             mask |= 1u64 << ((high >> (6 * i)) & 63);
         }
         Probe { block, mask }
+    }
+
+    /// The probe of `fp` in this filter given its mask (which depends only on
+    /// the fingerprint's high half and the hash count): the block only.
+    #[inline]
+    pub(crate) fn probe_with_mask(&self, fp: Fingerprint, mask: u64) -> Probe {
+        Probe {
+            block: self.block_of(fp),
+            mask,
+        }
+    }
+
+    #[inline]
+    fn block_of(&self, fp: Fingerprint) -> usize {
+        // Multiply-high maps the 64-bit low half uniformly onto [0, n) with
+        // 64-bit arithmetic: no modulo bias, no collapse past 2³² blocks.
+        ((u128::from(fp.low()) * self.blocks.len() as u128) >> 64) as usize
     }
 
     /// Bit `g` of the result is set when slot `g` holds every probe bit.
@@ -78,6 +93,13 @@ impl BlockedBloom {
             hits |= u8::from(w & probe.mask == probe.mask) << slot;
         }
         hits
+    }
+
+    /// True when `slot` holds every probe bit.
+    #[inline]
+    pub(crate) fn holds(&self, probe: Probe, slot: usize) -> bool {
+        let w = self.blocks[probe.block].0[slot].load(Ordering::SeqCst);
+        w & probe.mask == probe.mask
     }
 
     /// Sets the probe bits in `slot`; true when at least one was clear before

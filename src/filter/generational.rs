@@ -135,6 +135,7 @@ impl GenerationalBloom {
     /// Moves the filter to the slice of `now`, clearing the generations that
     /// expire on the way. Returns the mask of slots cleared. Called by every
     /// method that takes a time; time never moves backwards.
+    #[inline]
     pub fn advance(&self, now: Timestamp) -> u8 {
         // Fast path: still inside the current slice. The bound only grows
         // and is published after `current` (release/acquire), so a caller
@@ -143,6 +144,12 @@ impl GenerationalBloom {
         if now.as_nanos() < self.next_slice_at.load(Ordering::Acquire) {
             return 0;
         }
+        self.advance_slow(now)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn advance_slow(&self, now: Timestamp) -> u8 {
         let target = self.slicing.slice_of(now);
         let seen = self.current.load(Ordering::SeqCst);
         if seen != NOT_STARTED && target <= seen {

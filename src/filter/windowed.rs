@@ -7,8 +7,10 @@
 //! only past it). When a burst brings more (a whole window's keys in one
 //! slice: a file replayed, a backlog drained), further inserts for that
 //! slice go to *overflow layers*: blocked filters of the same eight-slot
-//! layout, each eight times the size of the previous, into the same slot
-//! (their pages are only backed by memory where keys land). A query
+//! layout, into the same slot. The first is the size of the base (a slice
+//! with up to 2.25× its keys, the usual overload of a stream that starts
+//! empty, costs one base's memory), each further one eight times the
+//! previous (a whole window's keys in one slice need two). A query
 //! also reads one cache line per live layer. Rotation clears a slot in every
 //! layer; a layer whose slots are all empty is freed. So the rate stays at
 //! target, nothing is ever dropped early, and memory follows the keys that
@@ -20,9 +22,10 @@ use crate::time::{live_slots, slot_of, Timestamp, GENERATIONS};
 use super::blocks::{BlockedBloom, Probe};
 use super::generational::GenerationalBloom;
 
-/// Most overflow layers (the last takes 8¹²× the base's capacity).
+/// Most overflow layers (the last takes 8¹¹× the base's capacity).
 const MAX_LAYERS: usize = 12;
-/// Each overflow layer is this many times the previous one.
+/// Each overflow layer after the first is this many times the previous one
+/// (the first is the size of the base).
 const GROWTH: u64 = 8;
 
 pub(crate) struct OverflowLayer {
@@ -65,11 +68,17 @@ impl WindowedFilter {
     }
 
     /// Moves to the slice of `t`; returns the slots cleared (in every layer).
+    #[inline]
     pub(crate) fn advance(&mut self, t: Timestamp) -> u8 {
         let cleared = self.base.advance(t);
         if cleared == 0 {
             return 0;
         }
+        self.clear_layers(cleared)
+    }
+
+    #[cold]
+    fn clear_layers(&mut self, cleared: u8) -> u8 {
         for slot in (0..GENERATIONS).filter(|s| cleared & (1 << s) != 0) {
             self.inserts[slot] = 0;
             for layer in &mut self.overflow {
@@ -101,7 +110,9 @@ impl WindowedFilter {
     pub(crate) fn prefetch(&self, fp: Fingerprint, probe: Probe) {
         self.base.bloom().prefetch(probe);
         for layer in &self.overflow {
-            layer.bloom.prefetch(layer.bloom.probe(fp));
+            layer
+                .bloom
+                .prefetch(layer.bloom.probe_with_mask(fp, probe.mask));
         }
     }
 
@@ -115,9 +126,25 @@ impl WindowedFilter {
     pub(crate) fn hits(&self, fp: Fingerprint, probe: Probe) -> u8 {
         let mut hits = self.base.bloom().hits(probe);
         for layer in &self.overflow {
-            hits |= layer.bloom.hits(layer.bloom.probe(fp));
+            hits |= layer
+                .bloom
+                .hits(layer.bloom.probe_with_mask(fp, probe.mask));
         }
         hits & live_slots(self.current())
+    }
+
+    /// The current slot's bit when it holds every probe bit of `fp` in some
+    /// layer (the only slot inserts change between rotations).
+    #[inline]
+    pub(crate) fn current_slot_hit(&self, fp: Fingerprint, probe: Probe) -> u8 {
+        let slot = slot_of(self.current());
+        let mut hit = self.base.bloom().holds(probe, slot);
+        for layer in &self.overflow {
+            hit |= layer
+                .bloom
+                .holds(layer.bloom.probe_with_mask(fp, probe.mask), slot);
+        }
+        u8::from(hit) << slot
     }
 
     /// Inserts `fp` into the current slot of the first layer with room.
@@ -136,21 +163,23 @@ impl WindowedFilter {
             .find(|l| l.inserts[slot] < l.capacity)
         {
             layer.inserts[slot] += 1;
-            layer.bloom.insert_exclusive(layer.bloom.probe(fp), slot);
+            layer
+                .bloom
+                .insert_exclusive(layer.bloom.probe_with_mask(fp, probe.mask), slot);
             return Placement::Overflow;
         }
         if self.overflow.len() < MAX_LAYERS {
-            let capacity = self
-                .overflow
-                .last()
-                .map_or(self.capacity, |l| l.capacity)
-                .saturating_mul(GROWTH);
-            let factor = GROWTH.saturating_pow(self.overflow.len() as u32 + 1) as usize;
-            let blocks = self.base.bloom().num_blocks().saturating_mul(factor);
+            let (capacity, blocks) = match self.overflow.last() {
+                None => (self.capacity, self.base.bloom().num_blocks()),
+                Some(l) => (
+                    l.capacity.saturating_mul(GROWTH),
+                    l.bloom.num_blocks().saturating_mul(GROWTH as usize),
+                ),
+            };
             let bloom = BlockedBloom::new(blocks, self.base.bloom().hashes());
             let mut inserts = [0; GENERATIONS];
             inserts[slot] = 1;
-            bloom.insert_exclusive(bloom.probe(fp), slot);
+            bloom.insert_exclusive(bloom.probe_with_mask(fp, probe.mask), slot);
             self.overflow.push(OverflowLayer {
                 bloom,
                 capacity,
@@ -199,7 +228,7 @@ mod tests {
             let fp = ns.fingerprint(&i.to_le_bytes());
             assert_ne!(f.insert(fp, f.probe(fp)), Placement::OverCapacity);
         }
-        assert_eq!(f.overflow.len(), 2, "1250 + 8000 + 64000 ≥ 10000");
+        assert_eq!(f.overflow.len(), 2, "1250 + 1000 + 8000 ≥ 10000");
         for i in 0u64..10_000 {
             let fp = ns.fingerprint(&i.to_le_bytes());
             assert_ne!(f.hits(fp, f.probe(fp)), 0, "lost key {i}");
