@@ -56,6 +56,9 @@ pub enum PipelineError {
     /// `recv` was called with no batch in flight.
     #[error("no batch is in flight")]
     NothingInFlight,
+    /// [`Pipeline::into_deduper`] while producers of the pipeline exist.
+    #[error("producers of this pipeline still exist; drop them before taking the engine back")]
+    ProducersAlive,
 }
 
 /// The times of the keys of one message.
@@ -122,14 +125,22 @@ impl Core {
 }
 
 /// Configures a [`Pipeline`].
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 #[must_use]
 pub struct PipelineBuilder {
-    deduper: DeduperBuilder,
+    deduper: EngineSource,
     workers: Option<usize>,
     queue_depth: usize,
     max_message_keys: usize,
     max_in_flight: usize,
+}
+
+/// The engine a pipeline will run: to be built, or given ready (restored
+/// from a snapshot, or taken back from another pipeline).
+#[derive(Debug)]
+enum EngineSource {
+    Builder(DeduperBuilder),
+    Ready(Deduper),
 }
 
 impl PipelineBuilder {
@@ -175,7 +186,10 @@ impl PipelineBuilder {
         {
             return Err(ConfigError::ZeroWorkers);
         }
-        let deduper = self.deduper.build()?;
+        let deduper = match self.deduper {
+            EngineSource::Builder(b) => b.build()?,
+            EngineSource::Ready(d) => d,
+        };
         let workers = self
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -222,6 +236,34 @@ pub struct Pipeline {
 impl Pipeline {
     /// A builder around the engine `deduper` describes.
     pub fn builder(deduper: DeduperBuilder) -> PipelineBuilder {
+        Self::builder_for(EngineSource::Builder(deduper))
+    }
+
+    /// A builder around an engine that already exists: one restored from a
+    /// snapshot (so a restarted stream processor keeps its window), or one
+    /// taken back from another pipeline with [`Pipeline::into_deduper`].
+    /// Its shards, window and exact tier are kept as they are.
+    ///
+    /// ```
+    /// use tiered_dedup::{Deduper, Pipeline, Verdict};
+    ///
+    /// let first = Pipeline::builder(Deduper::builder()).workers(2).build()?;
+    /// assert_eq!(first.process(&["a", "b"])?, [Verdict::New, Verdict::New]);
+    /// let mut saved = Vec::new();
+    /// first.shutdown()?;
+    /// first.deduper().snapshot(&mut saved)?;
+    ///
+    /// // After a restart: the same configuration, restored, in a pipeline.
+    /// let engine = Deduper::builder().restore(saved.as_slice())?;
+    /// let second = Pipeline::from_deduper(engine).workers(2).build()?;
+    /// assert!(second.process(&["a", "c"])?[0].is_duplicate());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_deduper(deduper: Deduper) -> PipelineBuilder {
+        Self::builder_for(EngineSource::Ready(deduper))
+    }
+
+    fn builder_for(deduper: EngineSource) -> PipelineBuilder {
         PipelineBuilder {
             deduper,
             workers: None,
@@ -260,6 +302,25 @@ impl Pipeline {
     /// The engine (for stats, snapshots, single checks).
     pub fn deduper(&self) -> &Deduper {
         &self.core.deduper
+    }
+
+    /// Shuts the pipeline down (see [`Pipeline::shutdown`]: every queued
+    /// batch answered, every mark written) and hands back the engine, for a
+    /// snapshot or another pipeline.
+    ///
+    /// # Errors
+    /// [`PipelineError::WorkerPanicked`] when a worker had panicked, and
+    /// [`PipelineError::ProducersAlive`] while a [`Producer`] of this
+    /// pipeline still exists (drop them first; the engine then lives until
+    /// the last of them is dropped).
+    pub fn into_deduper(self) -> Result<Deduper, PipelineError> {
+        self.shutdown()?;
+        let core = Arc::clone(&self.core);
+        drop(self);
+        match Arc::try_unwrap(core) {
+            Ok(core) => Ok(core.deduper),
+            Err(_) => Err(PipelineError::ProducersAlive),
+        }
     }
 
     /// Messages waiting in the workers' queues now.

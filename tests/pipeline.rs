@@ -394,3 +394,59 @@ fn partial_mark_batches_are_flushed_within_the_interval() {
     assert_eq!(stats.marks_flushed, 100);
     assert!(start.elapsed() >= Duration::ZERO);
 }
+
+/// A stream processor restarts: the first pipeline's engine is snapshotted
+/// after shutdown, restored, and run by a second pipeline
+/// (`Pipeline::from_deduper`), whose verdicts continue the reference's as if
+/// nothing had stopped; `into_deduper` hands the engine back only once no
+/// producer holds it.
+#[test]
+fn a_restored_engine_keeps_its_window_in_a_new_pipeline() {
+    let window = Duration::from_secs(60);
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let config = || {
+        Deduper::builder()
+            .window(window)
+            .shards(8)
+            .expected_keys(10_000)
+            .mark_batch(64)
+            .clock(Clock::Manual(clock.clone()))
+    };
+    let mut rng = Rng::new(0x5EED_0003);
+    let mut reference = HashMap::new();
+    let mut run = |p: &Pipeline, batches: usize, reference: &mut HashMap<u64, u64>| {
+        let mut producer = p.producer();
+        for _ in 0..batches {
+            let keys: Vec<u64> = (0..1 + rng.below(300)).map(|_| rng.below(5_000)).collect();
+            let t = clock.now().as_nanos();
+            let expected: Vec<Verdict> = keys
+                .iter()
+                .map(|&k| reference_check(reference, window.as_nanos() as u64, k, t))
+                .collect();
+            producer.submit(&keys).unwrap();
+            assert_eq!(producer.recv().unwrap(), expected);
+            clock.advance(Duration::from_millis(1 + rng.below(500)));
+        }
+    };
+
+    let first = Pipeline::builder(config()).workers(2).build().unwrap();
+    run(&first, 200, &mut reference);
+    let engine = first.into_deduper().unwrap();
+    let checks = engine.stats().checks;
+    let mut saved = Vec::new();
+    engine.snapshot(&mut saved).unwrap();
+    drop(engine);
+
+    let restored = config().restore(saved.as_slice()).unwrap();
+    assert_eq!(restored.stats().checks, checks);
+    let second = Pipeline::from_deduper(restored).workers(3).build().unwrap();
+    run(&second, 200, &mut reference);
+
+    let producer = second.producer();
+    assert_eq!(
+        second.into_deduper().err(),
+        Some(PipelineError::ProducersAlive),
+        "a live producer keeps the engine"
+    );
+    drop(producer);
+}
