@@ -140,7 +140,7 @@ pub struct PipelineBuilder {
 #[derive(Debug)]
 enum EngineSource {
     Builder(DeduperBuilder),
-    Ready(Deduper),
+    Ready(Box<Deduper>),
 }
 
 impl PipelineBuilder {
@@ -188,7 +188,7 @@ impl PipelineBuilder {
         }
         let deduper = match self.deduper {
             EngineSource::Builder(b) => b.build()?,
-            EngineSource::Ready(d) => d,
+            EngineSource::Ready(d) => *d,
         };
         let workers = self
             .workers
@@ -260,7 +260,7 @@ impl Pipeline {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn from_deduper(deduper: Deduper) -> PipelineBuilder {
-        Self::builder_for(EngineSource::Ready(deduper))
+        Self::builder_for(EngineSource::Ready(Box::new(deduper)))
     }
 
     fn builder_for(deduper: EngineSource) -> PipelineBuilder {
