@@ -8,7 +8,7 @@ mod shard;
 mod stats;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
@@ -305,9 +305,25 @@ impl Deduper {
     ) {
         debug_assert_eq!(fps.len(), out.len());
         let (starts, order) = group_by(fps.len(), self.shards.len(), |i| self.shard_of(fps[i]));
+        let group = |s: usize| &order[starts[s] as usize..starts[s + 1] as usize];
+        // Threads batching at once would queue behind each other shard after
+        // shard (a convoy): take the shards that are free first, then wait
+        // for the others. Keys of one shard stay in input order either way.
+        let mut busy = Vec::new();
         for s in 0..self.shards.len() {
-            let group = &order[starts[s] as usize..starts[s + 1] as usize];
-            self.check_group(s, fps, group, &time, out);
+            if group(s).is_empty() {
+                continue;
+            }
+            match self.shards[s].try_lock() {
+                Ok(mut shard) => self.check_group_locked(&mut shard, fps, group(s), &time, out),
+                Err(TryLockError::Poisoned(e)) => {
+                    self.check_group_locked(&mut e.into_inner(), fps, group(s), &time, out);
+                }
+                Err(TryLockError::WouldBlock) => busy.push(s),
+            }
+        }
+        for s in busy {
+            self.check_group(s, fps, group(s), &time, out);
         }
     }
 
@@ -324,12 +340,23 @@ impl Deduper {
         if group.is_empty() {
             return;
         }
-        let mut shard = self.lock(s);
+        self.check_group_locked(&mut self.lock(s), fps, group, time, out);
+    }
+
+    /// [`Deduper::check_group`] with the shard's lock held.
+    fn check_group_locked(
+        &self,
+        shard: &mut Shard,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        out: &mut [Verdict],
+    ) {
         shard.counters.batches += 1;
         shard.counters.batch_keys += group.len() as u64;
         if !shard.wants_batches(self.plan.trust) {
             if let ShardFilter::Windowed(_) = shard.filter {
-                self.check_group_staged(&mut shard, fps, group, time, out);
+                self.check_group_staged(shard, fps, group, time, out);
                 return;
             }
         }
