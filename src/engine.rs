@@ -370,7 +370,7 @@ impl Deduper {
                 .zip(&probes)
                 .filter_map(|(&i, &p)| {
                     let i = i as usize;
-                    time(&shard, i).map(|t| (i, fps[i], p, t))
+                    time(shard, i).map(|t| (i, fps[i], p, t))
                 })
                 .collect();
             shard.check_batched(
@@ -396,7 +396,7 @@ impl Deduper {
                 shard.prefetch_exact(fps[ahead as usize], probes[j + PREFETCH_EXACT_AHEAD]);
             }
             let i = i as usize;
-            if let Some(t) = time(&shard, i) {
+            if let Some(t) = time(shard, i) {
                 out[i] = shard.check(fps[i], probes[j], t, &self.plan.rules);
             }
         }
