@@ -59,10 +59,20 @@ impl BlockedBloom {
     pub(crate) fn probe(&self, fp: Fingerprint) -> Probe {
         let block = self.block_of(fp);
         let high = fp.high();
-        let mut mask = 0u64;
-        for i in 0..self.hashes {
-            mask |= 1u64 << ((high >> (6 * i)) & 63);
-        }
+        // One unrolled loop per hash count (a jump on `hashes`, then
+        // straight-line code): the mask is on every key's path.
+        let mask = match self.hashes {
+            1 => probe_mask::<1>(high),
+            2 => probe_mask::<2>(high),
+            3 => probe_mask::<3>(high),
+            4 => probe_mask::<4>(high),
+            5 => probe_mask::<5>(high),
+            6 => probe_mask::<6>(high),
+            7 => probe_mask::<7>(high),
+            8 => probe_mask::<8>(high),
+            9 => probe_mask::<9>(high),
+            _ => probe_mask::<{ MAX_HASHES }>(high),
+        };
         Probe { block, mask }
     }
 
@@ -187,6 +197,16 @@ impl BlockedBloom {
         }
         Ok(())
     }
+}
+
+/// The probe mask of `K` hashes: bit `(high >> 6i) & 63` for `i < K`.
+#[inline(always)]
+fn probe_mask<const K: u32>(high: u64) -> u64 {
+    let mut mask = 0u64;
+    for i in 0..K {
+        mask |= 1u64 << ((high >> (6 * i)) & 63);
+    }
+    mask
 }
 
 /// How full one generation slot is.

@@ -122,7 +122,7 @@ impl WindowedFilter {
     }
 
     /// Live slots holding every probe bit of `fp`, over all layers.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn hits(&self, fp: Fingerprint, probe: Probe) -> u8 {
         let mut hits = self.base.bloom().hits(probe);
         for layer in &self.overflow {
