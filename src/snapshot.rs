@@ -297,11 +297,8 @@ impl DeduperBuilder {
                             }
                             let bloom = BlockedBloom::new(blocks as usize, f.base.bloom().hashes());
                             read_words(&mut r, &bloom)?;
-                            f.overflow.push(OverflowLayer {
-                                bloom,
-                                capacity,
-                                inserts,
-                            });
+                            f.overflow
+                                .push(OverflowLayer::new(bloom, capacity, inserts));
                         }
                     }
                     (ShardFilter::Unbounded(g), 2) => {

@@ -34,6 +34,40 @@ pub(crate) struct OverflowLayer {
     pub(crate) capacity: u64,
     /// Keys inserted into each slot since it was cleared.
     pub(crate) inserts: [u64; GENERATIONS],
+    /// Slots holding keys (`inserts[s] > 0`): a query tests only these
+    /// words of the layer's block (usually one: the slot of the burst).
+    occupied: u8,
+}
+
+impl OverflowLayer {
+    pub(crate) fn new(bloom: BlockedBloom, capacity: u64, inserts: [u64; GENERATIONS]) -> Self {
+        let occupied = (0..GENERATIONS)
+            .filter(|&s| inserts[s] > 0)
+            .fold(0u8, |m, s| m | 1 << s);
+        OverflowLayer {
+            bloom,
+            capacity,
+            inserts,
+            occupied,
+        }
+    }
+
+    /// Occupied slots among `slots` holding every probe bit of `fp`.
+    #[inline(always)]
+    fn hits(&self, fp: Fingerprint, mask: u64, slots: u8) -> u8 {
+        let mut todo = self.occupied & slots;
+        if todo == 0 {
+            return 0;
+        }
+        let probe = self.bloom.probe_with_mask(fp, mask);
+        let mut hits = 0;
+        while todo != 0 {
+            let slot = todo.trailing_zeros() as usize;
+            todo &= todo - 1;
+            hits |= u8::from(self.bloom.holds(probe, slot)) << slot;
+        }
+        hits
+    }
 }
 
 pub(crate) struct WindowedFilter {
@@ -85,6 +119,7 @@ impl WindowedFilter {
                 if layer.inserts[slot] > 0 {
                     layer.bloom.clear_slot(slot);
                     layer.inserts[slot] = 0;
+                    layer.occupied &= !(1 << slot);
                 }
             }
         }
@@ -124,13 +159,12 @@ impl WindowedFilter {
     /// Live slots holding every probe bit of `fp`, over all layers.
     #[inline(always)]
     pub(crate) fn hits(&self, fp: Fingerprint, probe: Probe) -> u8 {
+        let live = live_slots(self.current());
         let mut hits = self.base.bloom().hits(probe);
         for layer in &self.overflow {
-            hits |= layer
-                .bloom
-                .hits(layer.bloom.probe_with_mask(fp, probe.mask));
+            hits |= layer.hits(fp, probe.mask, live);
         }
-        hits & live_slots(self.current())
+        hits & live
     }
 
     /// The current slot's bit when it holds every probe bit of `fp` in some
@@ -138,13 +172,11 @@ impl WindowedFilter {
     #[inline]
     pub(crate) fn current_slot_hit(&self, fp: Fingerprint, probe: Probe) -> u8 {
         let slot = slot_of(self.current());
-        let mut hit = self.base.bloom().holds(probe, slot);
+        let mut hit = u8::from(self.base.bloom().holds(probe, slot)) << slot;
         for layer in &self.overflow {
-            hit |= layer
-                .bloom
-                .holds(layer.bloom.probe_with_mask(fp, probe.mask), slot);
+            hit |= layer.hits(fp, probe.mask, 1 << slot);
         }
-        u8::from(hit) << slot
+        hit
     }
 
     /// Inserts `fp` into the current slot of the first layer with room.
@@ -163,6 +195,7 @@ impl WindowedFilter {
             .find(|l| l.inserts[slot] < l.capacity)
         {
             layer.inserts[slot] += 1;
+            layer.occupied |= 1 << slot;
             layer
                 .bloom
                 .insert_exclusive(layer.bloom.probe_with_mask(fp, probe.mask), slot);
@@ -180,11 +213,8 @@ impl WindowedFilter {
             let mut inserts = [0; GENERATIONS];
             inserts[slot] = 1;
             bloom.insert_exclusive(bloom.probe_with_mask(fp, probe.mask), slot);
-            self.overflow.push(OverflowLayer {
-                bloom,
-                capacity,
-                inserts,
-            });
+            self.overflow
+                .push(OverflowLayer::new(bloom, capacity, inserts));
             return Placement::Overflow;
         }
         self.inserts[slot] += 1;
