@@ -203,6 +203,21 @@ pub(crate) fn slot_of(slice: u64) -> usize {
     (slice % GENERATIONS as u64) as usize
 }
 
+/// The slot of the newest slice among the slots in `slots`, counting back
+/// from `current` (the current slice is the newest): `None` for no slot.
+#[inline]
+pub(crate) fn newest_slot(slots: u8, current: u64) -> Option<usize> {
+    if slots == 0 {
+        return None;
+    }
+    // Rotate so that the current slot is bit 7 and older slots follow it
+    // downwards: the newest slot in `slots` is then the highest set bit.
+    let cur = slot_of(current);
+    let rotated = slots.rotate_left((GENERATIONS - 1 - cur) as u32);
+    let back = rotated.leading_zeros() as usize;
+    Some((cur + GENERATIONS - back) % GENERATIONS)
+}
+
 /// Bit mask of the slots of the slices `current−6 ..= current` (the live ones).
 #[inline]
 pub(crate) fn live_slots(current: u64) -> u8 {
@@ -213,6 +228,22 @@ pub(crate) fn live_slots(current: u64) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newest_slot_counts_back_from_the_current_slice() {
+        for current in 0..3 * GENERATIONS as u64 {
+            for slots in 0..=u8::MAX {
+                let expected = (0..GENERATIONS as u64)
+                    .map(|back| slot_of(current.wrapping_sub(back)))
+                    .find(|&slot| slots & (1 << slot) != 0);
+                assert_eq!(
+                    newest_slot(slots, current),
+                    expected,
+                    "{current} {slots:08b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn slicing_covers_the_span() {

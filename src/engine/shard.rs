@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::exact::{Claim, ExactPartition, Lookup, Mark};
 use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
 use crate::fingerprint::Fingerprint;
-use crate::time::{slot_of, Timestamp, GENERATIONS};
+use crate::time::{newest_slot, slot_of, Timestamp, GENERATIONS};
 use crate::verdict::Verdict;
 
 use super::marks::MarkBatch;
@@ -167,10 +167,7 @@ impl Shard {
         };
         let cur = f.current();
         let hits = f.hits(fp, probe);
-        let slot = (0..GENERATIONS as u64)
-            .map(|back| slot_of(cur.wrapping_sub(back)))
-            .find(|&slot| hits & (1 << slot) != 0)
-            .unwrap_or(slot_of(cur));
+        let slot = newest_slot(hits, cur).unwrap_or(slot_of(cur));
         exact.prefetch(fp, slot);
     }
 
@@ -187,10 +184,7 @@ impl Shard {
         let slice = f.current();
         let hits = f.hits(fp, probe);
         if let Some(exact) = &self.exact {
-            let slot = (0..GENERATIONS as u64)
-                .map(|back| slot_of(slice.wrapping_sub(back)))
-                .find(|&slot| hits & (1 << slot) != 0)
-                .unwrap_or(slot_of(slice));
+            let slot = newest_slot(hits, slice).unwrap_or(slot_of(slice));
             exact.prefetch(fp, slot);
         }
         Staged { hits, slice }
@@ -562,11 +556,9 @@ impl Shard {
         }
         let exact = self.exact.as_mut().expect("exact mode");
         // Slots in recency order: the current slice's first, then older ones.
-        let order = (0..GENERATIONS as u64).map(|back| slot_of(cur.wrapping_sub(back)));
-        for slot in order {
-            if hits & (1 << slot) == 0 {
-                continue;
-            }
+        let mut todo = hits;
+        while let Some(slot) = newest_slot(todo, cur) {
+            todo &= !(1 << slot);
             match exact.lookup(fp, slot) {
                 Ok(Some(first_seen)) => return self.judge(fp, probe, first_seen, t, rules),
                 Ok(None) => {}
