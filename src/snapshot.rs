@@ -275,7 +275,7 @@ impl DeduperBuilder {
                 match (&mut shard.filter, tag) {
                     (ShardFilter::Windowed(f), 1) => {
                         let current = r.u64()?;
-                        f.base.restore_current((current != NONE).then_some(current));
+                        f.restore_current((current != NONE).then_some(current));
                         for n in &mut f.inserts {
                             *n = r.u64()?;
                         }

@@ -176,7 +176,7 @@ impl Shard {
     /// for `fp` now and a prefetch of the exact-tier bucket the check will
     /// touch (the newest matching slot for a lookup, the current slot for a
     /// mark). Windowed filters only.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn stage(&self, fp: Fingerprint, probe: Probe) -> Staged {
         let ShardFilter::Windowed(f) = &self.filter else {
             unreachable!("staged checks are for windowed filters");

@@ -55,7 +55,7 @@ impl BlockedBloom {
     }
 
     /// The block and probe mask of a fingerprint.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn probe(&self, fp: Fingerprint) -> Probe {
         let block = self.block_of(fp);
         let high = fp.high();

@@ -77,6 +77,10 @@ pub(crate) struct WindowedFilter {
     /// Keys inserted into each base slot since it was cleared.
     pub(crate) inserts: [u64; GENERATIONS],
     pub(crate) overflow: Vec<OverflowLayer>,
+    /// The base's current slice (0 before the first), copied after every
+    /// advance: read several times per key, and the base keeps it in an
+    /// atomic for its concurrent users.
+    current: u64,
 }
 
 /// Where an insert went.
@@ -94,6 +98,7 @@ pub(crate) enum Placement {
 impl WindowedFilter {
     pub(crate) fn new(base: GenerationalBloom, capacity: u64) -> Self {
         WindowedFilter {
+            current: base.current_or_zero(),
             base,
             capacity: capacity.max(1),
             inserts: [0; GENERATIONS],
@@ -105,6 +110,7 @@ impl WindowedFilter {
     #[inline]
     pub(crate) fn advance(&mut self, t: Timestamp) -> u8 {
         let cleared = self.base.advance(t);
+        self.current = self.base.current_or_zero();
         if cleared == 0 {
             return 0;
         }
@@ -153,7 +159,13 @@ impl WindowedFilter {
 
     #[inline]
     pub(crate) fn current(&self) -> u64 {
-        self.base.current_or_zero()
+        self.current
+    }
+
+    /// Sets the base's current slice (a snapshot being restored).
+    pub(crate) fn restore_current(&mut self, current: Option<u64>) {
+        self.base.restore_current(current);
+        self.current = self.base.current_or_zero();
     }
 
     /// Live slots holding every probe bit of `fp`, over all layers.
@@ -245,6 +257,19 @@ mod tests {
     use super::*;
     use crate::fingerprint::Namespace;
     use std::time::Duration;
+
+    #[test]
+    fn the_cached_current_slice_follows_advance_and_restore() {
+        let base = GenerationalBloom::new(Duration::from_secs(60), 6_000, 0.01).unwrap();
+        let mut f = WindowedFilter::new(base, 1_000);
+        f.advance(Timestamp::from_secs(1_000));
+        assert_eq!(f.current(), f.base.current_or_zero());
+        assert_ne!(f.current(), 0);
+        f.restore_current(Some(7));
+        assert_eq!(f.current(), 7);
+        f.restore_current(None);
+        assert_eq!(f.current(), 0);
+    }
 
     #[test]
     fn a_burst_grows_layers_keeps_the_rate_and_frees_them_later() {
