@@ -214,7 +214,7 @@ pub trait ExactPartition: Send {
 }
 
 /// One of a backend's own figures (requests sent, failures, …), which
-/// [`crate::Deduper::publish_metrics`] (feature `metrics`) publishes next to
+/// `Deduper::publish_metrics` (feature `metrics`) publishes next to
 /// the engine's counters, with the same labels.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
@@ -261,7 +261,7 @@ pub trait ExactBackend: Send + Sync {
     fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition>;
 
     /// Hands each of the backend's own counters and gauges to `report`.
-    /// Called once per [`crate::Deduper::publish_metrics`], never per key,
+    /// Called once per `Deduper::publish_metrics` (feature `metrics`), never per key,
     /// so it may read atomics or take a lock; it must not block on I/O.
     /// Default: nothing to report.
     fn report_metrics(&self, report: &mut dyn FnMut(TierMetric)) {
