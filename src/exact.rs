@@ -213,6 +213,45 @@ pub trait ExactPartition: Send {
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>>;
 }
 
+/// One of a backend's own figures (requests sent, failures, …), which
+/// `Deduper::publish_metrics` (feature `metrics`) publishes next to
+/// the engine's counters, with the same labels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum TierMetric {
+    /// A count that only grows over the backend's life (published as an
+    /// absolute counter).
+    Counter {
+        /// The series name, e.g. `tiered_dedup_redis_requests_total`.
+        name: &'static str,
+        /// The count so far.
+        value: u64,
+    },
+    /// A level that goes up and down (published as a gauge).
+    Gauge {
+        /// The series name, e.g. `tiered_dedup_redis_marks_unsent`.
+        name: &'static str,
+        /// The level now.
+        value: f64,
+    },
+}
+
+impl TierMetric {
+    /// The series name.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            TierMetric::Counter { name, .. } | TierMetric::Gauge { name, .. } => name,
+        }
+    }
+
+    /// True for a counter.
+    #[must_use]
+    pub fn is_counter(&self) -> bool {
+        matches!(self, TierMetric::Counter { .. })
+    }
+}
+
 /// Makes the partitions of a custom backend.
 pub trait ExactBackend: Send + Sync {
     /// A short name for errors and metrics.
@@ -220,6 +259,14 @@ pub trait ExactBackend: Send + Sync {
 
     /// The partition of one shard.
     fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition>;
+
+    /// Hands each of the backend's own counters and gauges to `report`.
+    /// Called once per `Deduper::publish_metrics` (feature `metrics`), never per key,
+    /// so it may read atomics or take a lock; it must not block on I/O.
+    /// Default: nothing to report.
+    fn report_metrics(&self, report: &mut dyn FnMut(TierMetric)) {
+        let _ = report;
+    }
 }
 
 /// What a backend needs to know to make one shard's partition.
@@ -264,6 +311,16 @@ impl ExactTier {
             ExactTier::Memory => "memory",
             ExactTier::DashMap => "dashmap",
             ExactTier::Custom(b) => b.name(),
+        }
+    }
+
+    /// Hands the backend's own figures to `report` (see
+    /// [`ExactBackend::report_metrics`]); the built-in local tiers have
+    /// none beyond the engine's.
+    pub fn report_metrics(&self, report: &mut dyn FnMut(TierMetric)) {
+        match self {
+            ExactTier::Memory | ExactTier::DashMap => {}
+            ExactTier::Custom(b) => b.report_metrics(report),
         }
     }
 

@@ -1,10 +1,15 @@
-//! The `metrics` facade: what an engine publishes matches its stats.
+//! The `metrics` facade: what an engine publishes matches its stats, and
+//! the Redis tier's own counters match `RedisTier::stats()`.
 #![cfg(feature = "metrics")]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
 use tiered_dedup::{Deduper, MetricsPublisher};
 
 #[test]
@@ -79,5 +84,109 @@ fn the_publisher_thread_tracks_the_engine() {
     assert_eq!(
         counter("tiered_dedup_batches_total"),
         Some(d.stats().batches)
+    );
+}
+
+/// The Redis tier's own counters are published next to the engine's, with
+/// the same labels, and equal `RedisTier::stats()`: before a fault
+/// (requests, connects, marks written) and after one (failures, degraded
+/// decisions under fail-open, marks kept unsent).
+#[cfg(feature = "redis")]
+#[test]
+fn the_redis_tier_publishes_its_own_counters() {
+    use std::sync::atomic::Ordering;
+
+    use tiered_dedup::exact::redis::{FailurePolicy, RedisConfig, RedisTier};
+    use tiered_dedup::{Clock, ExactTier, ManualClock, Timestamp};
+
+    let mut server = redis_server::RedisServer::start();
+    let tier = RedisTier::new(RedisConfig {
+        policy: FailurePolicy::FailOpen,
+        timeout: Duration::from_millis(200),
+        ..RedisConfig::new(&server.url())
+    });
+    let stats = tier.stats();
+    // A fresh engine on a persistent tier has a cold filter for a window:
+    // every key is confirmed by Redis, so every key needs it.
+    let d = Deduper::builder()
+        .namespace("orders")
+        .window(Duration::from_secs(600))
+        .expected_keys(10_000)
+        .shards(4)
+        .mark_batch(64)
+        .clock(Clock::Manual(ManualClock::new(Timestamp::from_secs(1_000))))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let publish_and_compare = |d: &Deduper| {
+        metrics::with_local_recorder(&recorder, || d.publish_metrics());
+        let snapshot = snapshotter.snapshot().into_vec();
+        let series = |name: &str| {
+            let (key, _, _, value) = snapshot
+                .iter()
+                .find(|(k, _, _, _)| k.key().name() == name)
+                .unwrap_or_else(|| panic!("{name} published"));
+            let labels: Vec<(String, String)> = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            assert!(labels.contains(&("namespace".to_owned(), "orders".to_owned())));
+            assert!(labels.contains(&("exact_tier".to_owned(), "redis".to_owned())));
+            value
+        };
+        let counter = |name: &str| match series(name) {
+            DebugValue::Counter(n) => *n,
+            v => panic!("{name} is not a counter: {v:?}"),
+        };
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let expected = [
+            ("tiered_dedup_redis_requests_total", load(&stats.requests)),
+            ("tiered_dedup_redis_failures_total", load(&stats.failures)),
+            ("tiered_dedup_redis_connects_total", load(&stats.connects)),
+            (
+                "tiered_dedup_redis_degraded_decisions_total",
+                load(&stats.degraded_decisions),
+            ),
+            (
+                "tiered_dedup_redis_marks_written_total",
+                load(&stats.marks_written),
+            ),
+            (
+                "tiered_dedup_redis_marks_dropped_total",
+                load(&stats.marks_dropped),
+            ),
+        ];
+        for (name, value) in expected {
+            assert_eq!(counter(name), value, "{name}");
+        }
+        let unsent = match series("tiered_dedup_redis_marks_unsent") {
+            DebugValue::Gauge(g) => g.into_inner(),
+            v => panic!("marks_unsent is not a gauge: {v:?}"),
+        };
+        assert_eq!(unsent, load(&stats.marks_unsent) as f64);
+        expected.map(|(_, v)| v)
+    };
+
+    let keys: Vec<u64> = (0..1_000).collect();
+    assert!(d.check_batch(&keys).iter().all(|v| v.is_new()));
+    d.flush();
+    let [requests, failures, connects, degraded, written, dropped] = publish_and_compare(&d);
+    assert!(requests > 0 && connects > 0);
+    assert_eq!((failures, degraded, dropped), (0, 0, 0));
+    assert_eq!(written, 1_000, "every accepted key's mark was written");
+
+    server.kill();
+    let more: Vec<u64> = (1_000..1_500).collect();
+    assert!(d.check_batch(&more).iter().all(|v| v.is_new()));
+    let [_, failures, _, degraded, written, _] = publish_and_compare(&d);
+    assert!(failures > 0, "the kill was seen");
+    assert!(degraded > 0, "fail-open decided without Redis");
+    assert_eq!(written, 1_000);
+    assert!(
+        stats.marks_unsent.load(Ordering::Relaxed) > 0,
+        "marks kept for retry"
     );
 }

@@ -310,6 +310,7 @@ impl DeduperBuilder {
             namespace_name: self.namespace.0.clone(),
             mode: self.mode,
             exact_name: self.exact.name(),
+            exact: self.exact.clone(),
         })
     }
 }
@@ -334,6 +335,9 @@ pub(crate) struct Plan {
     pub(crate) namespace_name: String,
     pub(crate) mode: Mode,
     pub(crate) exact_name: &'static str,
+    /// The tier itself, kept for its own metrics
+    /// ([`ExactTier::report_metrics`]).
+    pub(crate) exact: ExactTier,
 }
 
 impl Plan {

@@ -38,6 +38,7 @@ use redis::{Cmd, ConnectionLike, Value};
 use super::table::FingerprintTable;
 use super::{
     slots_newest_first, Claim, ExactBackend, ExactPartition, Lookup, Mark, MemoryPartition,
+    TierMetric,
 };
 use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
@@ -156,6 +157,33 @@ impl RedisTier {
 impl ExactBackend for RedisTier {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    /// The [`RedisStats`] counters, as `tiered_dedup_redis_*` series
+    /// (`docs/metrics.md`).
+    fn report_metrics(&self, report: &mut dyn FnMut(TierMetric)) {
+        let s = &self.stats;
+        let counters = [
+            ("tiered_dedup_redis_requests_total", &s.requests),
+            ("tiered_dedup_redis_failures_total", &s.failures),
+            ("tiered_dedup_redis_connects_total", &s.connects),
+            (
+                "tiered_dedup_redis_degraded_decisions_total",
+                &s.degraded_decisions,
+            ),
+            ("tiered_dedup_redis_marks_written_total", &s.marks_written),
+            ("tiered_dedup_redis_marks_dropped_total", &s.marks_dropped),
+        ];
+        for (name, value) in counters {
+            report(TierMetric::Counter {
+                name,
+                value: value.load(Ordering::Relaxed),
+            });
+        }
+        report(TierMetric::Gauge {
+            name: "tiered_dedup_redis_marks_unsent",
+            value: s.marks_unsent.load(Ordering::Relaxed) as f64,
+        });
     }
 
     fn partition(&self, spec: &super::PartitionSpec) -> Box<dyn ExactPartition> {

@@ -1,5 +1,6 @@
 //! The command line: every flag, its default and its `--help` text.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -147,6 +148,13 @@ pub struct RunArgs {
     /// confirmed by the exact tier).
     #[arg(long, value_name = "RATE", default_value_t = 0.01)]
     pub false_positive_rate: f64,
+
+    /// Serve the run's counters (records read, written, duplicates, bad by
+    /// kind, and the engine's and exact tier's series) as Prometheus text at
+    /// `http://ADDR/metrics` while it runs, e.g. `127.0.0.1:9464`. Only this
+    /// address is listened on; the endpoint closes when the run ends.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<SocketAddr>,
 
     /// No summary on standard error.
     #[arg(short, long)]
@@ -360,6 +368,13 @@ pub struct OptionalWindow(pub Option<Duration>);
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 24h, 7d, 1h30m)"))
+}
+
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        "expected IP:PORT, e.g. 127.0.0.1:9464 or [::1]:9464 (host names are not resolved)"
+            .to_owned()
+    })
 }
 
 fn parse_window(s: &str) -> Result<Duration, String> {

@@ -12,6 +12,7 @@ mod output;
 mod parse;
 mod record;
 mod run;
+mod serve;
 mod settings;
 mod state;
 mod summary;

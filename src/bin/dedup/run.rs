@@ -5,7 +5,7 @@
 //! chunk's output with one write.
 
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::judge::Judge;
 use crate::output::{Label, Output};
 use crate::parse::Parsed;
 use crate::record::{BadKind, BadRecord, Extractor};
+use crate::serve::{MetricsEndpoint, RunCounters};
 use crate::settings::Settings;
 use crate::state;
 use crate::summary::{Progress, Report, Tally};
@@ -107,6 +108,23 @@ fn input_error(e: &InputError) -> Stop {
 
 fn run_inner(args: &RunArgs) -> Result<(), Stop> {
     check_flags(args)?;
+    // Listening before anything is read: a bad address stops the run
+    // before it consumes its input.
+    let endpoint = match args.metrics_addr {
+        Some(addr) => {
+            let endpoint = MetricsEndpoint::start(addr).map_err(|e| {
+                Stop::Usage(format!(
+                    "--metrics-addr {addr}: cannot serve metrics there: {e}"
+                ))
+            })?;
+            if !args.quiet {
+                eprintln!("dedup: metrics at http://{}/metrics", endpoint.addr());
+            }
+            Some(endpoint)
+        }
+        None => None,
+    };
+    let counters = RunCounters::new();
     let sources = Source::from_args(&args.files);
     let mut reader = RecordReader::new(sources.clone());
     reader.check_sources().map_err(|e| input_error(&e))?;
@@ -129,6 +147,10 @@ fn run_inner(args: &RunArgs) -> Result<(), Stop> {
         None => build(wanted.with_estimate(&sources, has_first.then_some(&first.chunk)))?,
     };
 
+    let engine = Arc::new(engine);
+    if let Some(endpoint) = &endpoint {
+        endpoint.attach(&engine);
+    }
     let namespace = engine.namespace();
     let extractor = match args.format {
         Format::Lines => Extractor::Lines { namespace },
@@ -196,6 +218,7 @@ fn run_inner(args: &RunArgs) -> Result<(), Stop> {
             Ok(p) => {
                 let step = job.chunk(&p, event_time);
                 let _ = recycle_tx.send(p);
+                job.publish(&counters);
                 step
             }
             Err(e) => Err(input_error(&e)),
@@ -213,6 +236,7 @@ fn run_inner(args: &RunArgs) -> Result<(), Stop> {
     // Marks still queued for the exact tier (Redis batches them) are
     // written before the program ends.
     engine.flush();
+    job.publish(&counters);
     if let Some(e) = redis_failure(&engine) {
         eprintln!("dedup: {e}");
         if result.is_ok() {
@@ -263,6 +287,16 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// Sets the program's counters to the run's figures so far.
+    fn publish(&self, counters: &RunCounters) {
+        counters.set(
+            &self.tally,
+            self.out.records(),
+            self.out.bytes(),
+            self.bytes_read,
+        );
+    }
+
     /// Judges and writes one chunk.
     fn chunk(&mut self, p: &Parsed, event_time: bool) -> Result<(), Stop> {
         // Under `fail`, nothing after the first bad record is judged.

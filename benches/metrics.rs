@@ -1,0 +1,336 @@
+//! What publishing metrics costs the engine: the same pass over the same
+//! stream with no metrics at all, and with the Prometheus recorder (the one
+//! `dedup --metrics-addr` serves) installed and a `MetricsPublisher`
+//! publishing every 100 ms, and every 1 ms (a stress case: a hundred times
+//! more often than any scrape needs). The goal (issue 6): ≤ 5% of engine
+//! throughput.
+//!
+//! Workload: 10⁷ distinct `u64` keys with 30% duplicates (14 285 720 keys,
+//! shuffled with a seeded SplitMix64), one thread calling `check_batch` in
+//! batches of 4096 on an `Arc<Deduper>` (exact mode, memory tier, one-hour
+//! window, `expected_keys(10⁷)`, a `ManualClock` moved forward after every
+//! batch so the stream spans 99% of the window). The publisher runs on its
+//! own thread; every publish locks each shard briefly, one after another,
+//! which is the only contact with the hot path: the engine never calls the
+//! facade itself, so whether a recorder is installed makes no difference to
+//! it unless something publishes.
+//!
+//! One criterion iteration is one whole pass on a fresh engine (built, and
+//! its publisher started and stopped, untimed); every pass asserts that
+//! exactly the distinct keys were `New`, and a publishing pass that the
+//! rendered `tiered_dedup_checks_total` equals the stream length.
+//! `none` runs first, before the recorder is installed (it can only be
+//! installed once per process).
+//!
+//! `metrics_publish_*` then times one `stats()` and one `publish_metrics()`
+//! on an engine holding the whole stream: the cost per publish, which the
+//! publisher's interval turns into a share of a core.
+//!
+//! Then (unless `TD_BENCH_ROUNDS=0`) `TD_BENCH_ROUNDS` rounds (default 7)
+//! of one pass of each variant, in a rotating order, print each round's
+//! throughputs and the median ratio of each publishing variant to `none`:
+//! drift-resistant on a shared machine.
+//!
+//! `TD_BENCH_KEYS=N` sets the distinct keys (default 10⁷): shorter passes
+//! allow more paired rounds in the same time.
+//!
+//! With `--test` (criterion's smoke mode) the stream is cut to 10⁵ distinct
+//! keys and one round.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/work/target-bench TD_BENCH_ROUNDS=9 cargo bench --features metrics --bench metrics
+//! # paired rounds only (the name filter matches no criterion benchmark), 10⁶ keys
+//! TD_BENCH_KEYS=1000000 TD_BENCH_ROUNDS=21 cargo bench --features metrics --bench metrics -- paired-only
+//! ```
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tiered_dedup::{Clock, Deduper, ExactTier, ManualClock, MetricsPublisher, Timestamp};
+
+/// Keys per batch (and per clock step).
+const BATCH: usize = 4096;
+/// Share of the stream that repeats an earlier key.
+const DUP_FRACTION: f64 = 0.3;
+const WINDOW: Duration = Duration::from_secs(3600);
+const SEED: u64 = 0x5EED_E261_0E00_0006;
+
+/// SplitMix64 (Steele, Lea, Flood 2014): the benchmark's only RNG.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix(self.0)
+    }
+
+    /// Uniform in `0..bound` (multiply-high).
+    fn below(&mut self, bound: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(bound)) >> 64) as u64
+    }
+}
+
+/// SplitMix64's output function: a bijection of `u64`.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn smoke_test() -> bool {
+    std::env::args().any(|a| a == "--test")
+}
+
+/// The workload: distinct keys, and the shuffled stream with repeats.
+struct Workload {
+    distinct: u64,
+    stream: Vec<u64>,
+    label: String,
+}
+
+fn workload() -> &'static Workload {
+    static W: OnceLock<Workload> = OnceLock::new();
+    W.get_or_init(|| {
+        let distinct: u64 = if smoke_test() {
+            100_000
+        } else {
+            std::env::var("TD_BENCH_KEYS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(10_000_000)
+        };
+        let total = (distinct as f64 / (1.0 - DUP_FRACTION)).ceil() as u64;
+        let mut rng = SplitMix64(SEED);
+        // Distinct keys: SplitMix64 outputs of distinct counters are distinct.
+        let mut stream: Vec<u64> = (0..distinct).map(|i| mix(SEED ^ i)).collect();
+        for _ in distinct..total {
+            let i = rng.below(distinct);
+            stream.push(stream[i as usize]);
+        }
+        // Fisher–Yates.
+        for i in (1..stream.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            stream.swap(i, j);
+        }
+        let label = format!(
+            "n{}_dup{}",
+            if distinct == 10_000_000 {
+                "1e7".to_owned()
+            } else if distinct == 1_000_000 {
+                "1e6".to_owned()
+            } else {
+                distinct.to_string()
+            },
+            (DUP_FRACTION * 100.0).round()
+        );
+        eprintln!(
+            "[metrics] stream: {} keys, {distinct} distinct, {} repeats",
+            stream.len(),
+            stream.len() as u64 - distinct
+        );
+        Workload {
+            distinct,
+            stream,
+            label,
+        }
+    })
+}
+
+/// How a pass publishes.
+#[derive(Clone, Copy, Debug)]
+enum Publishing {
+    /// No publisher.
+    None,
+    /// A `MetricsPublisher` at this interval, into the installed recorder.
+    Every(Duration),
+}
+
+impl Publishing {
+    const ALL: [Publishing; 3] = [
+        Publishing::None,
+        Publishing::Every(Duration::from_millis(100)),
+        Publishing::Every(Duration::from_millis(1)),
+    ];
+
+    fn name(self) -> String {
+        match self {
+            Publishing::None => "none".to_owned(),
+            Publishing::Every(i) => format!("prometheus_every_{}ms", i.as_millis()),
+        }
+    }
+}
+
+/// The Prometheus recorder, installed globally on first use (the
+/// publisher's thread reads the global recorder).
+fn recorder() -> &'static PrometheusHandle {
+    static H: OnceLock<PrometheusHandle> = OnceLock::new();
+    H.get_or_init(|| {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .expect("no other recorder in this bench")
+    })
+}
+
+/// Clock step per batch: the stream spans 99% of the window, so every
+/// repeat is inside it.
+fn step() -> Duration {
+    let w = workload();
+    Duration::from_nanos(
+        (WINDOW.as_nanos() as f64 * 0.99 / w.stream.len() as f64 * BATCH as f64) as u64,
+    )
+}
+
+/// One whole pass on a fresh engine; returns the time of the checks alone.
+fn pass(publishing: Publishing) -> Duration {
+    let w = workload();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+    let engine = Arc::new(
+        Deduper::builder()
+            .window(WINDOW)
+            .expected_keys(w.distinct)
+            .clock(Clock::Manual(clock.clone()))
+            .exact_tier(ExactTier::Memory)
+            .build()
+            .expect("valid engine"),
+    );
+    let step = step();
+    let publisher = match publishing {
+        Publishing::None => None,
+        Publishing::Every(interval) => {
+            recorder();
+            Some(MetricsPublisher::start(Arc::clone(&engine), interval))
+        }
+    };
+    let mut verdicts = Vec::with_capacity(BATCH);
+    let mut new = 0u64;
+    let start = Instant::now();
+    for batch in w.stream.chunks(BATCH) {
+        engine.check_batch_into(batch, &mut verdicts);
+        new += verdicts.iter().filter(|v| v.is_new()).count() as u64;
+        clock.advance(step);
+    }
+    let elapsed = start.elapsed();
+    // Dropping the publisher publishes once more.
+    drop(publisher);
+    assert_eq!(new, w.distinct, "every distinct key is New exactly once");
+    if let Publishing::Every(_) = publishing {
+        let text = recorder().render();
+        let checks = text
+            .lines()
+            .find(|l| l.starts_with("tiered_dedup_checks_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        assert_eq!(
+            checks,
+            Some(w.stream.len() as u64),
+            "the last publish reached the recorder"
+        );
+    }
+    elapsed
+}
+
+fn throughput(c: &mut Criterion) {
+    let w = workload();
+    let mut g = c.benchmark_group(format!("metrics_engine_memory_{}_t1", w.label));
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(w.stream.len() as u64));
+    // `none` first: before the recorder is installed.
+    for publishing in Publishing::ALL {
+        g.bench_function(publishing.name(), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| pass(publishing)).sum());
+        });
+    }
+    g.finish();
+}
+
+/// What one publish costs on an engine that holds the whole stream (10⁷
+/// keys): `stats()` alone (the shard walk: counters, sizes and the sampled
+/// fill of every live filter generation, each shard locked meanwhile), and
+/// `publish_metrics()` (that plus the facade calls into the Prometheus
+/// recorder). At an interval `I`, the publisher thread is busy `cost / I`
+/// of its time, and each shard is locked for about `cost / shards`.
+fn publish_cost(c: &mut Criterion) {
+    let w = workload();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+    let engine = Deduper::builder()
+        .window(WINDOW)
+        .expected_keys(w.distinct)
+        .clock(Clock::Manual(clock.clone()))
+        .build()
+        .expect("valid engine");
+    for batch in w.stream.chunks(BATCH) {
+        engine.check_batch(batch);
+        clock.advance(step());
+    }
+    recorder();
+    eprintln!(
+        "[metrics publish] engine of {} shards, {} entries",
+        engine.shard_count(),
+        engine.stats().exact_entries
+    );
+    let mut g = c.benchmark_group(format!("metrics_publish_memory_{}", w.label));
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    g.bench_function("stats", |b| b.iter(|| engine.stats()));
+    g.bench_function("publish_metrics", |b| b.iter(|| engine.publish_metrics()));
+    g.finish();
+}
+
+/// Rounds of one pass of each variant in a rotating order; medians of the
+/// throughput ratios to `none`.
+fn paired(_c: &mut Criterion) {
+    let rounds = if smoke_test() {
+        1
+    } else {
+        std::env::var("TD_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(7)
+    };
+    if rounds == 0 {
+        return;
+    }
+    let keys = workload().stream.len() as f64;
+    let variants = Publishing::ALL;
+    let mut ratios = vec![Vec::new(); variants.len()];
+    for round in 0..rounds {
+        let mut rate = [0.0; 3];
+        for k in 0..variants.len() {
+            let v = (round + k) % variants.len();
+            rate[v] = keys / pass(variants[v]).as_secs_f64();
+        }
+        eprintln!(
+            "[metrics paired] round {round}: {}",
+            variants
+                .iter()
+                .zip(rate)
+                .map(|(v, r)| format!("{} {:.2} Melem/s", v.name(), r / 1e6))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for v in 1..variants.len() {
+            ratios[v].push(rate[v] / rate[0]);
+        }
+    }
+    for v in 1..variants.len() {
+        let r = &mut ratios[v];
+        r.sort_by(f64::total_cmp);
+        eprintln!(
+            "[metrics paired] {} / none: median {:.4} (min {:.4}, max {:.4}, {rounds} rounds)",
+            variants[v].name(),
+            r[r.len() / 2],
+            r[0],
+            r[r.len() - 1]
+        );
+    }
+}
+
+criterion_group!(benches, throughput, publish_cost, paired);
+criterion_main!(benches);
