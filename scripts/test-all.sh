@@ -15,6 +15,7 @@ fi
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --all-targets --all-features -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features --quiet
 
 echo "== unit, integration and doc tests (release)"
 cargo test --release --all-features

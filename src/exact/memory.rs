@@ -8,8 +8,9 @@ use crate::time::{Timestamp, GENERATIONS};
 use super::table::FingerprintTable;
 use super::{ExactPartition, Mark};
 
-/// The embedded exact tier of one shard: one [`FingerprintTable`] per slot,
-/// owned by the shard (no locks, no atomics), 24 bytes per entry.
+/// The embedded exact tier of one shard: one open-addressing table per
+/// generation slot, owned by the shard (no locks, no atomics), 24 bytes per
+/// entry.
 pub struct MemoryPartition {
     slots: [FingerprintTable; GENERATIONS],
     expected_per_slot: usize,
