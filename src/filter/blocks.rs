@@ -159,23 +159,31 @@ impl BlockedBloom {
         }
     }
 
-    /// The fraction of set bits in `slot` and the false-positive rate it
-    /// implies, estimated from up to `samples` evenly spaced blocks.
-    pub(crate) fn slot_occupancy(&self, slot: usize, samples: usize) -> SlotOccupancy {
+    /// For every slot, the fraction of its set bits and the false-positive
+    /// rate it implies, estimated from up to `samples` evenly spaced blocks
+    /// in one pass (one cache line gives all eight slots).
+    pub(crate) fn occupancies(&self, samples: usize) -> [SlotOccupancy; GENERATIONS] {
+        // A random probe bit is set with probability ones/64: the rate of a
+        // word with `ones` bits set, for every possible count.
+        let rate: [f64; 65] =
+            std::array::from_fn(|ones| (ones as f64 / 64.0).powi(self.hashes as i32));
         let n = self.blocks.len();
         let step = (n / samples.max(1)).max(1);
-        let (mut set_bits, mut fpr, mut count) = (0u64, 0.0f64, 0u64);
+        let mut set_bits = [0u64; GENERATIONS];
+        let mut fpr = [0.0f64; GENERATIONS];
+        let mut count = 0u64;
         for block in self.blocks.iter().step_by(step) {
-            let ones = block.0[slot].load(Ordering::Relaxed).count_ones();
-            set_bits += u64::from(ones);
-            // A random probe bit is set with probability ones/64.
-            fpr += (f64::from(ones) / 64.0).powi(self.hashes as i32);
+            for (slot, word) in block.0.iter().enumerate() {
+                let ones = word.load(Ordering::Relaxed).count_ones();
+                set_bits[slot] += u64::from(ones);
+                fpr[slot] += rate[ones as usize];
+            }
             count += 1;
         }
-        SlotOccupancy {
-            fill: set_bits as f64 / (count * 64) as f64,
-            estimated_fpr: fpr / count as f64,
-        }
+        std::array::from_fn(|slot| SlotOccupancy {
+            fill: set_bits[slot] as f64 / (count * 64) as f64,
+            estimated_fpr: fpr[slot] / count as f64,
+        })
     }
 
     /// Calls `f` with every word, block by block, slot by slot.

@@ -315,7 +315,7 @@ impl GenerationalBloom {
     /// sampled from up to 4096 blocks.
     #[must_use]
     pub fn occupancy(&self) -> [SlotOccupancy; GENERATIONS] {
-        std::array::from_fn(|slot| self.bloom.slot_occupancy(slot, 4096))
+        self.bloom.occupancies(4096)
     }
 
     /// The estimated false-positive rate of a query now: the chance that a

@@ -132,7 +132,7 @@ impl GrowingBloom {
         let miss_all: f64 = self
             .layers
             .iter()
-            .flat_map(|l| (0..GENERATIONS).map(move |s| l.bloom.slot_occupancy(s, 4096)))
+            .flat_map(|l| l.bloom.occupancies(4096))
             .map(|o| 1.0 - o.estimated_fpr)
             .product();
         1.0 - miss_all

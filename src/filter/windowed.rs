@@ -244,8 +244,9 @@ impl WindowedFilter {
         let live = live_slots(self.current());
         let mut miss = 1.0 - self.base.estimated_fpr();
         for layer in &self.overflow {
+            let occupancy = layer.bloom.occupancies(4096);
             for slot in (0..GENERATIONS).filter(|s| live & (1 << s) != 0 && layer.inserts[*s] > 0) {
-                miss *= 1.0 - layer.bloom.slot_occupancy(slot, 4096).estimated_fpr;
+                miss *= 1.0 - occupancy[slot].estimated_fpr;
             }
         }
         1.0 - miss
