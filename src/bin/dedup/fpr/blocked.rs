@@ -1,0 +1,282 @@
+//! Experiment (b): the engine's cache-line-blocked layout against its own
+//! exact formula, `sizing::generation_fpr`, over bits per key, probes, fill
+//! level, filled generations and key count.
+
+use std::time::Duration;
+
+use clap::Args;
+use rayon::prelude::*;
+use tiered_dedup::filter::sizing::{
+    generation_fpr, standard_bloom_fpr, FilterShape, MAX_HASHES, WORD_BITS,
+};
+use tiered_dedup::{GenerationalBloom, Timestamp};
+
+use plotters::prelude::SeriesLabelPosition;
+
+use super::chart::{Chart, Mark, Series};
+use super::{
+    count_fresh_hits, insert_all, parse_count, rate_cell, CommonArgs, Keys, Measured, Report, Table,
+};
+
+/// Generations a query sees at most (six full slices and the one filling).
+pub(crate) const LIVE_GENERATIONS: u32 = 7;
+
+/// `dedup fpr blocked`: every combination of the lists below is one case.
+#[derive(Args, Debug)]
+pub struct BlockedArgs {
+    /// Bits per key of one generation, comma-separated.
+    #[arg(
+        long,
+        value_name = "B,..",
+        value_delimiter = ',',
+        default_value = "8,10,12,14,16,20"
+    )]
+    pub bits_per_key: Vec<f64>,
+
+    /// Probe bits per key (1 to 10), comma-separated. Default: for each bits
+    /// per key, the probe count with the lowest rate by the formula.
+    #[arg(long, value_name = "K,..", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_HASHES)))]
+    pub hashes: Vec<u32>,
+
+    /// Keys inserted per generation, as a fraction of the keys it is sized
+    /// for, comma-separated.
+    #[arg(
+        long,
+        value_name = "F,..",
+        value_delimiter = ',',
+        default_value = "0.5,1,2"
+    )]
+    pub fill: Vec<f64>,
+
+    /// Generations filled before querying (1 to 7; a query sees all of
+    /// them), comma-separated.
+    #[arg(long, value_name = "G,..", value_delimiter = ',', default_value = "1,7", value_parser = clap::value_parser!(u32).range(1..=i64::from(LIVE_GENERATIONS)))]
+    pub generations: Vec<u32>,
+
+    /// Keys each generation is sized for, comma-separated.
+    #[arg(long, value_name = "N,..", value_delimiter = ',', default_value = "100k,1M", value_parser = parse_count)]
+    pub keys: Vec<u64>,
+
+    /// Never-inserted keys queried per case.
+    #[arg(long, value_name = "N", default_value = "2M", value_parser = parse_count)]
+    pub queries: u64,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// One case of the sweep.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockedSpec {
+    pub(crate) keys: u64,
+    pub(crate) shape: FilterShape,
+    pub(crate) fill: f64,
+    pub(crate) generations: u32,
+}
+
+/// One measured case.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockedCase {
+    pub(crate) spec: BlockedSpec,
+    /// Keys per block per generation (`λ`).
+    pub(crate) keys_per_block: f64,
+    pub(crate) measured: Measured,
+    /// `1 − (1 − generation_fpr(λ, k))^g`: the layout's formula.
+    pub(crate) predicted: f64,
+    /// The same with the standard formula at `b / fill` bits per key, for
+    /// comparison: it does not describe this layout.
+    pub(crate) standard: f64,
+}
+
+/// The probe count with the lowest formula rate at `bits_per_key`.
+pub(crate) fn best_hashes(bits_per_key: f64) -> u32 {
+    (1..=MAX_HASHES)
+        .min_by(|&a, &b| {
+            let rate = |k| generation_fpr(WORD_BITS as f64 / bits_per_key, k);
+            rate(a).total_cmp(&rate(b))
+        })
+        .unwrap_or(1)
+}
+
+/// Builds a `GenerationalBloom` of the spec's shape, inserts `fill · keys`
+/// keys into each of `generations` consecutive slices, and queries
+/// `queries` never-inserted keys in the last slice (every filled generation
+/// is live).
+pub(crate) fn measure(spec: BlockedSpec, queries: u64, seed: u64) -> BlockedCase {
+    assert!((1..=LIVE_GENERATIONS).contains(&spec.generations));
+    let stream = Keys::new(seed);
+    let filter = GenerationalBloom::with_shape(Duration::from_secs(600), spec.keys, spec.shape)
+        .expect("a non-zero window");
+    let slice = filter.slice_duration();
+    // Start on a slice boundary so each generation gets one slice to itself.
+    let start = Timestamp::from_nanos(slice.as_nanos() as u64 * 1_000);
+    let per_generation = (spec.keys as f64 * spec.fill).round() as u64;
+    let mut now = start;
+    for g in 0..u64::from(spec.generations) {
+        now = start.saturating_add(slice * g as u32);
+        filter.advance(now);
+        insert_all(stream, g * per_generation..(g + 1) * per_generation, |fp| {
+            filter.insert(fp, now);
+        });
+    }
+    let hits = count_fresh_hits(stream, 0..queries, |batch, out| {
+        filter.contains_batch(batch, now, out);
+    });
+    let blocks = (filter.bytes() / 64) as f64;
+    let keys_per_block = per_generation as f64 / blocks;
+    let g = spec.generations as i32;
+    let one = generation_fpr(keys_per_block, spec.shape.hashes);
+    let standard_one = if per_generation == 0 {
+        0.0
+    } else {
+        standard_bloom_fpr(blocks * 64.0 / per_generation as f64, spec.shape.hashes)
+    };
+    BlockedCase {
+        spec,
+        keys_per_block,
+        measured: Measured { hits, queries },
+        predicted: 1.0 - (1.0 - one).powi(g),
+        standard: 1.0 - (1.0 - standard_one).powi(g),
+    }
+}
+
+pub(crate) fn specs(args: &BlockedArgs) -> Vec<BlockedSpec> {
+    let mut specs = Vec::new();
+    for &keys in &args.keys {
+        for &bits_per_key in &args.bits_per_key {
+            let hashes = if args.hashes.is_empty() {
+                vec![best_hashes(bits_per_key)]
+            } else {
+                args.hashes.clone()
+            };
+            for hashes in hashes {
+                for &fill in &args.fill {
+                    for &generations in &args.generations {
+                        specs.push(BlockedSpec {
+                            keys,
+                            shape: FilterShape {
+                                bits_per_key,
+                                hashes,
+                            },
+                            fill,
+                            generations,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    specs
+}
+
+pub(crate) fn run(args: &BlockedArgs) -> Result<Report, String> {
+    if let Some(b) = args
+        .bits_per_key
+        .iter()
+        .find(|&&b| !(1.0..=64.0).contains(&b))
+    {
+        return Err(format!("--bits-per-key {b}: use 1 to 64"));
+    }
+    if let Some(f) = args.fill.iter().find(|&&f| !(f > 0.0 && f <= 16.0)) {
+        return Err(format!("--fill {f}: use a fraction above 0 and at most 16"));
+    }
+    let cases: Vec<BlockedCase> = specs(args)
+        .into_par_iter()
+        .map(|spec| measure(spec, args.queries, args.common.seed))
+        .collect();
+    let mut table = Table::new(&[
+        "keys",
+        "bits_per_key",
+        "hashes",
+        "fill",
+        "generations",
+        "keys_per_block",
+        "queries",
+        "false_positives",
+        "measured",
+        "predicted",
+        "standard_formula",
+        "measured_over_predicted",
+        "z",
+    ]);
+    for c in &cases {
+        table.push(vec![
+            c.spec.keys.to_string(),
+            format!("{}", c.spec.shape.bits_per_key),
+            c.spec.shape.hashes.to_string(),
+            format!("{}", c.spec.fill),
+            c.spec.generations.to_string(),
+            format!("{:.3}", c.keys_per_block),
+            c.measured.queries.to_string(),
+            c.measured.hits.to_string(),
+            rate_cell(c.measured.rate()),
+            rate_cell(c.predicted),
+            rate_cell(c.standard),
+            format!("{:.4}", c.measured.rate() / c.predicted),
+            format!("{:.2}", c.measured.z_score(c.predicted)),
+        ]);
+    }
+    let mut generations: Vec<u32> = args.generations.clone();
+    generations.sort_unstable();
+    generations.dedup();
+    let (lo, hi) = cases
+        .iter()
+        .flat_map(|c| [c.predicted, c.standard, c.measured.rate()])
+        .filter(|&r| r > 0.0)
+        .fold((1.0f64, 0.0f64), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let mut series = vec![Series {
+        name: "measured = predicted".to_owned(),
+        mark: Mark::Line,
+        points: vec![(lo, lo), (hi, hi)],
+    }];
+    for &g in &generations {
+        series.push(Series {
+            name: format!(
+                "{g} generation{}: vs the layout's formula",
+                if g == 1 { "" } else { "s" }
+            ),
+            mark: Mark::Dots,
+            points: cases
+                .iter()
+                .filter(|c| c.spec.generations == g)
+                .map(|c| (c.predicted, c.measured.rate()))
+                .collect(),
+        });
+    }
+    series.push(Series {
+        name: "all: vs the standard formula (wrong here)".to_owned(),
+        mark: Mark::Crosses,
+        points: cases
+            .iter()
+            .map(|c| (c.standard, c.measured.rate()))
+            .collect(),
+    });
+    let chart = Chart {
+        title: "Blocked layout: measured vs predicted (generation_fpr)".to_owned(),
+        x_label: "predicted false-positive rate".to_owned(),
+        y_label: "measured false-positive rate".to_owned(),
+        x_log: true,
+        y_log: true,
+        x_is_rate: true,
+        x_ticks: None,
+        legend: SeriesLabelPosition::UpperLeft,
+        series,
+    };
+    Ok(Report {
+        name: "blocked",
+        table,
+        chart,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_probe_counts() {
+        // shape_for(0.01) picks k = 5 at about 12 bits per key.
+        assert_eq!(best_hashes(12.0), 5);
+        assert!(best_hashes(8.0) < best_hashes(20.0));
+    }
+}
