@@ -273,6 +273,27 @@ pub(crate) fn run(args: &BlockedArgs) -> Result<Report, String> {
 mod tests {
     use super::*;
 
+    /// Fails if the queries hit inserted keys (rate near 1) or if the
+    /// prediction were the standard formula (2.3× lower here): 1M fresh keys
+    /// at 1.035% give ~10 000 hits, a binomial spread of 1%.
+    #[test]
+    fn measured_on_fresh_keys_matches_the_layout_formula() {
+        let spec = BlockedSpec {
+            keys: 50_000,
+            shape: FilterShape {
+                bits_per_key: 12.0,
+                hashes: 5,
+            },
+            fill: 1.0,
+            generations: 1,
+        };
+        let case = measure(spec, 1_000_000, 1);
+        let ratio = case.measured.rate() / case.predicted;
+        assert!((0.85..1.15).contains(&ratio), "{case:?}");
+        assert!((case.predicted - 0.010_35).abs() < 0.000_2, "{case:?}");
+        assert!(case.measured.rate() > 1.5 * case.standard, "{case:?}");
+    }
+
     #[test]
     fn best_probe_counts() {
         // shape_for(0.01) picks k = 5 at about 12 bits per key.
