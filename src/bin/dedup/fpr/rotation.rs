@@ -43,7 +43,7 @@ pub struct RotationArgs {
     pub samples_per_slice: u64,
 
     /// Never-inserted keys queried per sample.
-    #[arg(long, value_name = "N", default_value = "200k", value_parser = parse_count)]
+    #[arg(long, value_name = "N", default_value = "1M", value_parser = parse_count)]
     pub queries: u64,
 
     #[command(flatten)]
