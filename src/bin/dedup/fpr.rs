@@ -35,6 +35,10 @@ use chart::Chart;
 
 /// `dedup fpr EXPERIMENT`: measured against predicted false-positive rates.
 #[derive(Args, Debug)]
+#[command(
+    subcommand_value_name = "EXPERIMENT",
+    subcommand_help_heading = "Experiments"
+)]
 pub struct FprArgs {
     /// The experiment to run.
     #[command(subcommand)]
@@ -57,8 +61,9 @@ pub enum Experiment {
     /// and are cleared.
     Rotation(rotation::RotationArgs),
     /// (d) Generations of growing size, up to 2^32 bits and beyond, filled
-    /// to capacity: no collapse of the rate with size. Needs 8 × 2^N / 8
-    /// bytes for the largest (4 GiB at 2^32).
+    /// to capacity: no collapse of the rate with size. The whole filter
+    /// (eight generation slots) of 2^N bits per generation takes 2^N bytes:
+    /// 4 GiB at 2^32.
     Large(large::LargeArgs),
 }
 
