@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use clap::Args;
+use plotters::prelude::SeriesLabelPosition;
 use rayon::prelude::*;
 use tiered_dedup::filter::sizing::{
     generation_fpr, standard_bloom_fpr, FilterShape, MAX_HASHES, WORD_BITS,
 };
 use tiered_dedup::{GenerationalBloom, Timestamp};
-
-use plotters::prelude::SeriesLabelPosition;
 
 use super::chart::{Chart, Mark, Series};
 use super::{

@@ -5,10 +5,9 @@
 use std::time::Duration;
 
 use clap::Args;
+use plotters::prelude::SeriesLabelPosition;
 use tiered_dedup::filter::sizing::{generation_fpr, shape_for};
 use tiered_dedup::{GenerationalBloom, Timestamp};
-
-use plotters::prelude::SeriesLabelPosition;
 
 use super::chart::{Chart, Mark, Series};
 use super::{

@@ -5,20 +5,19 @@
 use std::time::Duration;
 
 use clap::Args;
+use plotters::prelude::SeriesLabelPosition;
 use tiered_dedup::filter::sizing::{generation_fpr, shape_for};
 use tiered_dedup::{GenerationalBloom, Timestamp, GENERATIONS};
 
 use super::blocked::LIVE_GENERATIONS;
-use plotters::prelude::SeriesLabelPosition;
-
 use super::chart::{Chart, Mark, Series};
 use super::{
     count_fresh_hits, insert_all, parse_count, parse_rate, rate_cell, CommonArgs, Keys, Measured,
     Report, Table,
 };
 
-/// Slices per window (a window is cut into six; see `tiered_dedup::Timestamp`'s
-/// module docs).
+/// Slices per window: eight generation slots hold six full slices, the one
+/// filling and a spare (`docs/architecture.md`, "Time and slices").
 const SLICES_PER_WINDOW: u64 = GENERATIONS as u64 - 2;
 
 /// `dedup fpr rotation`.
