@@ -62,6 +62,9 @@ pub struct Cli {
 pub enum Command {
     /// Measures the engine's throughput on generated keys and prints a table.
     Bench(BenchArgs),
+    /// Measures the filter's false-positive rate against its formulas; writes
+    /// CSV and an SVG chart.
+    Fpr(crate::fpr::FprArgs),
 }
 
 /// The deduplication job.

@@ -5,6 +5,7 @@
 mod bench;
 mod cli;
 mod event_time;
+mod fpr;
 mod input;
 mod json;
 mod judge;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::Fpr(args)) => fpr::run(&args),
         None => run::run(cli.run),
     }
 }
