@@ -8,7 +8,7 @@ use crate::error::ConfigError;
 use crate::exact::ExactTier;
 use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter};
 use crate::fingerprint::Namespace;
-use crate::time::{duration_nanos, Clock, ClockSource, Slicing, SLICES_PER_SPAN};
+use crate::time::{duration_nanos, Clock, ClockSource, Slicing};
 
 use super::shard::{Shard, ShardFilter, ShardRules, Trust};
 use super::Deduper;
@@ -262,7 +262,8 @@ impl DeduperBuilder {
                     (keys_per_window as f64 * slicing.slice_nanos as f64 / w as f64).ceil();
                 (Some(slicing), per_slice.max(1.0) as u64)
             }
-            None => (None, keys_per_window.div_ceil(SLICES_PER_SPAN)),
+            // No window: every key stays in one slot.
+            None => (None, keys_per_window),
         };
         // Per shard, with three standard deviations of slack for the uneven
         // split of keys over shards.
@@ -356,7 +357,12 @@ impl Plan {
             Mode::Exact => Some(exact.partition(&crate::exact::PartitionSpec {
                 shard: index,
                 shards: self.shards,
-                keys_per_slot: self.rules.slot_capacity as usize,
+                // A windowed slot takes a quarter more than its sizing
+                // before the filter grows overflow layers.
+                keys_per_slot: match self.slicing {
+                    Some(_) => self.rules.slot_capacity + self.rules.slot_capacity / 4,
+                    None => self.rules.slot_capacity,
+                } as usize,
                 window_nanos: self.window,
                 slice_nanos: self.slicing.map(|s| s.slice_nanos),
                 span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),

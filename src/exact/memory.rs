@@ -29,16 +29,13 @@ impl MemoryPartition {
 }
 
 impl MemoryPartition {
-    /// A slot's table, sized up front for the keys the filter lets into a
-    /// slot before it grows (the expected keys and a quarter more: about
-    /// 64% of the buckets used when the slot gets its expected keys),
-    /// capped at 2²⁰ entries so a generous estimate does not allocate a huge
-    /// idle table.
+    /// A slot's table, sized up front for the keys expected in a slot (the
+    /// engine asks for what the filter lets into a slot before it grows: its
+    /// sizing and a quarter more, so about 64% of the buckets are used at
+    /// the expected count), capped at 2²⁰ entries so a generous estimate
+    /// does not allocate a huge idle table.
     fn fresh_table(&self) -> FingerprintTable {
-        let entries = self
-            .expected_per_slot
-            .saturating_add(self.expected_per_slot / 4);
-        FingerprintTable::with_capacity(entries.min(1 << 20))
+        FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20))
     }
 }
 
