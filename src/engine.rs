@@ -515,7 +515,13 @@ impl Deduper {
                 stats.exact_entries += exact.len();
                 stats.exact_bytes += exact.bytes() as u64;
             }
-            fpr_sum += shard.estimated_fpr();
+            let (fpr, fill) = shard.estimated_fpr_and_fill();
+            fpr_sum += fpr;
+            if let Some(fill) = fill {
+                for (sum, f) in stats.generation_fill.iter_mut().zip(fill) {
+                    *sum += f / self.shards.len() as f64;
+                }
+            }
         }
         stats.estimated_fpr = fpr_sum / self.shards.len() as f64;
         stats

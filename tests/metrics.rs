@@ -190,3 +190,52 @@ fn the_redis_tier_publishes_its_own_counters() {
         "marks kept for retry"
     );
 }
+
+/// `tiered_dedup_generation_fill{generation}`: the current slice's
+/// generation is 0, the one before it 1; empty generations read 0; the
+/// gauges equal `Stats::generation_fill`.
+#[test]
+fn generation_fill_follows_the_slices() {
+    use tiered_dedup::{Clock, ManualClock, Timestamp};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+    let d = Deduper::builder()
+        .window(Duration::from_secs(60))
+        .expected_keys(6_000)
+        .shards(1)
+        .clock(Clock::Manual(clock.clone()))
+        .build()
+        .unwrap();
+    let slice = d.slice_duration().unwrap();
+    let keys: Vec<u64> = (0..1_000).collect();
+    d.check_batch(&keys);
+    clock.advance(slice);
+    let keys: Vec<u64> = (1_000..1_300).collect();
+    d.check_batch(&keys);
+    let stats = d.stats();
+    metrics::with_local_recorder(&recorder, || d.publish_metrics());
+    let fill = stats.generation_fill;
+    assert!(fill[1] > fill[0] && fill[0] > 0.0, "{fill:?}");
+    assert!(fill[1] > 0.2 && fill[1] < 0.8, "{fill:?}");
+    assert!(fill[2..].iter().all(|&f| f == 0.0), "{fill:?}");
+    let mut published = [f64::NAN; 7];
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if key.key().name() != "tiered_dedup_generation_fill" {
+            continue;
+        }
+        let age: usize = key
+            .key()
+            .labels()
+            .find(|l| l.key() == "generation")
+            .expect("generation label")
+            .value()
+            .parse()
+            .unwrap();
+        let DebugValue::Gauge(v) = value else {
+            panic!("generation fill is not a gauge: {value:?}");
+        };
+        published[age] = v.into_inner();
+    }
+    assert_eq!(published, fill);
+}

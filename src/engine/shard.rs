@@ -668,10 +668,15 @@ impl Shard {
         }
     }
 
-    pub(crate) fn estimated_fpr(&self) -> f64 {
+    /// The filter's estimated rate now and, with a window, the fill of each
+    /// live generation (newest first).
+    pub(crate) fn estimated_fpr_and_fill(&self) -> (f64, Option<[f64; GENERATIONS - 1]>) {
         match &self.filter {
-            ShardFilter::Windowed(f) => f.estimated_fpr(),
-            ShardFilter::Unbounded(g) => g.estimated_fpr(),
+            ShardFilter::Windowed(f) => {
+                let (fpr, fill) = f.estimated_fpr_and_fill();
+                (fpr, Some(fill))
+            }
+            ShardFilter::Unbounded(g) => (g.estimated_fpr(), None),
         }
     }
 }

@@ -112,6 +112,11 @@ pub struct Stats {
     pub exact_bytes: u64,
     /// Estimated false-positive rate of a filter query now (mean over shards).
     pub estimated_fpr: f64,
+    /// Fill of each live filter generation — the fraction of its bits set,
+    /// sampled, mean over shards — newest first: `[0]` is the current
+    /// slice's, `[6]` the oldest still inside the window. Zero without a
+    /// window.
+    pub generation_fill: [f64; crate::time::GENERATIONS - 1],
 }
 
 impl Stats {

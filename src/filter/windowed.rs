@@ -238,18 +238,32 @@ impl WindowedFilter {
         self.base.bytes() + self.overflow.iter().map(|l| l.bloom.bytes()).sum::<usize>()
     }
 
-    /// The estimated rate of a query now: a never-inserted key matching a
-    /// live slot of any layer.
-    pub(crate) fn estimated_fpr(&self) -> f64 {
-        let live = live_slots(self.current());
-        let mut miss = 1.0 - self.base.estimated_fpr();
+    /// The estimated rate of a query now (a never-inserted key matching a
+    /// live slot of any layer) and the fill of each live base generation,
+    /// newest first, from one sampling pass over the base.
+    pub(crate) fn estimated_fpr_and_fill(&self) -> (f64, [f64; GENERATIONS - 1]) {
+        let cur = self.current();
+        let live = live_slots(cur);
+        let occupancy = self.base.occupancy();
+        let fill =
+            std::array::from_fn(|back| occupancy[slot_of(cur.wrapping_sub(back as u64))].fill);
+        let mut miss: f64 = if self.base.current_slice().is_some() {
+            occupancy
+                .iter()
+                .enumerate()
+                .filter(|(slot, _)| live & (1 << slot) != 0)
+                .map(|(_, o)| 1.0 - o.estimated_fpr)
+                .product()
+        } else {
+            1.0
+        };
         for layer in &self.overflow {
             let occupancy = layer.bloom.occupancies(4096);
             for slot in (0..GENERATIONS).filter(|s| live & (1 << s) != 0 && layer.inserts[*s] > 0) {
                 miss *= 1.0 - occupancy[slot].estimated_fpr;
             }
         }
-        1.0 - miss
+        (1.0 - miss, fill)
     }
 }
 
