@@ -324,11 +324,79 @@ impl ExactTier {
         }
     }
 
-    pub(crate) fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition> {
+    pub(crate) fn partition(&self, spec: &PartitionSpec) -> Partition {
         match self {
-            ExactTier::Memory => Box::new(MemoryPartition::with_capacity(spec.keys_per_slot)),
-            ExactTier::DashMap => Box::new(DashMapPartition::with_capacity(spec.keys_per_slot)),
-            ExactTier::Custom(b) => b.partition(spec),
+            ExactTier::Memory => {
+                Partition::Memory(Box::new(MemoryPartition::with_capacity(spec.keys_per_slot)))
+            }
+            ExactTier::DashMap => Partition::Other(Box::new(DashMapPartition::with_capacity(
+                spec.keys_per_slot,
+            ))),
+            ExactTier::Custom(b) => Partition::Other(b.partition(spec)),
+        }
+    }
+}
+
+/// A shard's exact-tier partition. The embedded memory tier is called
+/// directly (its per-key calls — prefetch, lookup, mark — inline into the
+/// engine's loop); any other backend through the trait object. Everything
+/// else goes through [`ExactPartition`] by `Deref`.
+pub(crate) enum Partition {
+    Memory(Box<MemoryPartition>),
+    Other(Box<dyn ExactPartition>),
+}
+
+impl Partition {
+    #[inline]
+    pub(crate) fn prefetch(&self, fp: Fingerprint, slot: usize) {
+        match self {
+            Partition::Memory(m) => m.prefetch(fp, slot),
+            Partition::Other(o) => o.prefetch(fp, slot),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn lookup(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+    ) -> Result<Option<Timestamp>, ExactTierError> {
+        match self {
+            Partition::Memory(m) => m.lookup(fp, slot),
+            Partition::Other(o) => o.lookup(fp, slot),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn mark(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+        at: Timestamp,
+    ) -> Result<(), ExactTierError> {
+        match self {
+            Partition::Memory(m) => m.mark(fp, slot, at),
+            Partition::Other(o) => o.mark(fp, slot, at),
+        }
+    }
+}
+
+impl std::ops::Deref for Partition {
+    type Target = dyn ExactPartition;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Partition::Memory(m) => m.as_ref(),
+            Partition::Other(o) => o.as_ref(),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Partition {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Partition::Memory(m) => m.as_mut(),
+            Partition::Other(o) => o.as_mut(),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::exact::{Claim, ExactPartition, Lookup, Mark};
+use crate::exact::{Claim, Lookup, Mark, Partition};
 use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
 use crate::fingerprint::Fingerprint;
 use crate::time::{newest_slot, slot_of, Timestamp, GENERATIONS};
@@ -35,7 +35,7 @@ pub(crate) enum ShardFilter {
 pub(crate) struct Shard {
     pub(crate) filter: ShardFilter,
     /// `None` in probabilistic mode.
-    pub(crate) exact: Option<Box<dyn ExactPartition>>,
+    pub(crate) exact: Option<Partition>,
     /// Highest time this shard has seen (its processing clock never goes back).
     pub(crate) time: u64,
     /// Marks not yet written to the exact tier.
@@ -77,11 +77,7 @@ pub(crate) enum Trust {
 }
 
 impl Shard {
-    pub(crate) fn new(
-        filter: ShardFilter,
-        exact: Option<Box<dyn ExactPartition>>,
-        mark_batch: usize,
-    ) -> Self {
+    pub(crate) fn new(filter: ShardFilter, exact: Option<Partition>, mark_batch: usize) -> Self {
         let warmth = if exact.as_ref().is_some_and(|e| e.persistent()) {
             Warmth::ColdFresh
         } else {

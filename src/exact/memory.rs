@@ -34,6 +34,13 @@ impl MemoryPartition {
     /// sizing and a quarter more, so about 64% of the buckets are used at
     /// the expected count), capped at 2²⁰ entries so a generous estimate
     /// does not allocate a huge idle table.
+    /// Gives `slot` its table (once per slice).
+    #[cold]
+    #[inline(never)]
+    fn allocate(&mut self, slot: usize) {
+        self.slots[slot] = self.fresh_table();
+    }
+
     fn fresh_table(&self) -> FingerprintTable {
         FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20))
     }
@@ -49,10 +56,10 @@ impl ExactPartition for MemoryPartition {
         Ok(self.slots[slot].get(fp).map(Timestamp::from_nanos))
     }
 
-    #[inline]
+    #[inline(always)]
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
         if !self.slots[slot].is_allocated() {
-            self.slots[slot] = self.fresh_table();
+            self.allocate(slot);
         }
         self.slots[slot].insert(fp, at.as_nanos());
         Ok(())

@@ -172,6 +172,8 @@ impl FingerprintTable {
     /// Grows the buckets by half (a burst that doubles a slot's keys costs
     /// two growths; doubling would leave a table a quarter full) and
     /// re-inserts every entry.
+    #[cold]
+    #[inline(never)]
     fn grow(&mut self) {
         let buckets = (self.buckets.len() + self.buckets.len() / 2).max(10);
         let mut bigger = Self::with_buckets(buckets);
