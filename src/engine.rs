@@ -415,42 +415,35 @@ impl Deduper {
         time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
         out: &mut [Verdict],
     ) {
-        let fp_at = |j: usize| fps[group[j] as usize];
+        // The ring holds, for the next `RING` keys, each one's fingerprint
+        // and probe (stage one) and its filter answer (stage two).
+        let mut ring_fps = [Fingerprint(0); RING];
         let mut probes = [Probe::default(); RING];
         let mut staged = [Staged::default(); RING];
         let n = group.len();
-        let load = |shard: &Shard, probes: &mut [Probe; RING], j: usize| {
-            let fp = fp_at(j);
-            let ShardFilter::Windowed(f) = &shard.filter else {
-                unreachable!("checked by the caller");
-            };
-            let probe = f.probe(fp);
-            f.prefetch(fp, probe);
-            probes[j % RING] = probe;
-        };
         for j in 0..n.min(PREFETCH_AHEAD) {
-            load(shard, &mut probes, j);
+            let fp = fps[group[j] as usize];
+            ring_fps[j] = fp;
+            probes[j] = shard.load_probe(fp);
         }
         for j in 0..n.min(PREFETCH_EXACT_AHEAD) {
-            staged[j % RING] = shard.stage(fp_at(j), probes[j % RING]);
+            staged[j] = shard.stage(ring_fps[j], probes[j]);
         }
         for j in 0..n {
             if j + PREFETCH_AHEAD < n {
-                load(shard, &mut probes, j + PREFETCH_AHEAD);
+                let fp = fps[group[j + PREFETCH_AHEAD] as usize];
+                let a = (j + PREFETCH_AHEAD) % RING;
+                ring_fps[a] = fp;
+                probes[a] = shard.load_probe(fp);
             }
-            let b = j + PREFETCH_EXACT_AHEAD;
-            if b < n {
-                staged[b % RING] = shard.stage(fp_at(b), probes[b % RING]);
+            let b = (j + PREFETCH_EXACT_AHEAD) % RING;
+            if j + PREFETCH_EXACT_AHEAD < n {
+                staged[b] = shard.stage(ring_fps[b], probes[b]);
             }
             let i = group[j] as usize;
             if let Some(t) = time(shard, i) {
-                out[i] = shard.check_staged(
-                    fps[i],
-                    probes[j % RING],
-                    staged[j % RING],
-                    t,
-                    &self.plan.rules,
-                );
+                let r = j % RING;
+                out[i] = shard.check_staged(ring_fps[r], probes[r], staged[r], t, &self.plan.rules);
             }
         }
     }

@@ -167,6 +167,19 @@ impl Shard {
         exact.prefetch(fp, slot);
     }
 
+    /// Stage one of the grouped path ([`crate::Deduper`]'s `check_group`):
+    /// the probe of `fp`, its filter blocks prefetched. Windowed filters
+    /// only.
+    #[inline(always)]
+    pub(crate) fn load_probe(&self, fp: Fingerprint) -> Probe {
+        let ShardFilter::Windowed(f) = &self.filter else {
+            unreachable!("staged checks are for windowed filters");
+        };
+        let probe = f.probe(fp);
+        f.prefetch(fp, probe);
+        probe
+    }
+
     /// Stage two of the grouped path ([`crate::Deduper`]'s `check_group`),
     /// once the key's filter block is (nearly) in cache: the filter's answer
     /// for `fp` now and a prefetch of the exact-tier bucket the check will
