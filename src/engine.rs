@@ -354,23 +354,12 @@ impl Deduper {
     ) {
         shard.counters.batches += 1;
         shard.counters.batch_keys += group.len() as u64;
-        if !shard.wants_batches(self.plan.trust) {
-            if let ShardFilter::Windowed(_) = shard.filter {
-                self.check_group_staged(shard, fps, group, time, out);
-                return;
-            }
-        }
-        let probes: Vec<Option<Probe>> = group
-            .iter()
-            .map(|&i| shard.probe(fps[i as usize]))
-            .collect();
         if shard.wants_batches(self.plan.trust) {
             let items: Vec<_> = group
                 .iter()
-                .zip(&probes)
-                .filter_map(|(&i, &p)| {
+                .filter_map(|&i| {
                     let i = i as usize;
-                    time(shard, i).map(|t| (i, fps[i], p, t))
+                    time(shard, i).map(|t| (i, fps[i], shard.probe(fps[i]), t))
                 })
                 .collect();
             shard.check_batched(
@@ -382,22 +371,42 @@ impl Deduper {
             );
             return;
         }
-        for (j, p) in probes.iter().take(PREFETCH_AHEAD).enumerate() {
-            shard.prefetch(fps[group[j] as usize], *p);
+        match shard.filter {
+            ShardFilter::Windowed(_) => self.check_group_staged(shard, fps, group, time, out),
+            ShardFilter::Unbounded(_) => self.check_group_unbounded(shard, fps, group, time, out),
         }
-        for j in 0..group.len().min(PREFETCH_EXACT_AHEAD) {
-            shard.prefetch_exact(fps[group[j] as usize], probes[j]);
+    }
+
+    /// [`Deduper::check_group`] for a shard without a window that judges
+    /// keys one by one: the growing filter's blocks are prefetched
+    /// `PREFETCH_AHEAD` keys ahead, the exact-tier bucket (slot 0)
+    /// `PREFETCH_EXACT_AHEAD` ahead.
+    fn check_group_unbounded(
+        &self,
+        shard: &mut Shard,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        out: &mut [Verdict],
+    ) {
+        let fp_at = |j: usize| fps[group[j] as usize];
+        let n = group.len();
+        for j in 0..n.min(PREFETCH_AHEAD) {
+            shard.prefetch(fp_at(j), None);
+        }
+        for j in 0..n.min(PREFETCH_EXACT_AHEAD) {
+            shard.prefetch_exact_unbounded(fp_at(j));
         }
         for (j, &i) in group.iter().enumerate() {
-            if let Some(ahead) = probes.get(j + PREFETCH_AHEAD) {
-                shard.prefetch(fps[group[j + PREFETCH_AHEAD] as usize], *ahead);
+            if j + PREFETCH_AHEAD < n {
+                shard.prefetch(fp_at(j + PREFETCH_AHEAD), None);
             }
-            if let Some(&ahead) = group.get(j + PREFETCH_EXACT_AHEAD) {
-                shard.prefetch_exact(fps[ahead as usize], probes[j + PREFETCH_EXACT_AHEAD]);
+            if j + PREFETCH_EXACT_AHEAD < n {
+                shard.prefetch_exact_unbounded(fp_at(j + PREFETCH_EXACT_AHEAD));
             }
             let i = i as usize;
             if let Some(t) = time(shard, i) {
-                out[i] = shard.check(fps[i], probes[j], t, &self.plan.rules);
+                out[i] = shard.check(fps[i], None, t, &self.plan.rules);
             }
         }
     }

@@ -146,25 +146,13 @@ impl Shard {
         }
     }
 
-    /// Second prefetch stage, once the filter block is (nearly) in cache:
-    /// start loading the exact-tier bucket the check will touch — the
-    /// newest matching slot for a lookup, the current slot for a mark.
+    /// Without a window every entry lives in slot 0: starts loading the
+    /// exact-tier bucket a check of `fp` touches.
     #[inline]
-    pub(crate) fn prefetch_exact(&self, fp: Fingerprint, probe: Option<Probe>) {
-        // Without a window every entry lives in slot 0.
-        if let (Some(exact), ShardFilter::Unbounded(_)) = (&self.exact, &self.filter) {
+    pub(crate) fn prefetch_exact_unbounded(&self, fp: Fingerprint) {
+        if let Some(exact) = &self.exact {
             exact.prefetch(fp, 0);
-            return;
         }
-        let (Some(exact), ShardFilter::Windowed(f), Some(probe)) =
-            (&self.exact, &self.filter, probe)
-        else {
-            return;
-        };
-        let cur = f.current();
-        let hits = f.hits(fp, probe);
-        let slot = newest_slot(hits, cur).unwrap_or(slot_of(cur));
-        exact.prefetch(fp, slot);
     }
 
     /// Stage one of the grouped path ([`crate::Deduper`]'s `check_group`):
