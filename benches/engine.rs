@@ -30,6 +30,10 @@
 //! CARGO_TARGET_DIR=/work/target-bench cargo bench --bench engine
 //! ```
 
+#[path = "../tests/support/rng.rs"]
+mod rng;
+use rng::{mix, Rng};
+
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -54,28 +58,6 @@ const SEED: u64 = 0x5EED_E261_0E00_0002;
 /// Shards of the `Mutex<HashSet>` peer.
 const MUTEX_SHARDS: usize = 64;
 
-/// SplitMix64 (Steele, Lea, Flood 2014): the benchmarks' only RNG.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-
-    /// Uniform in `0..bound` (multiply-high; the bias is below 2⁻⁴⁰ here).
-    fn below(&mut self, bound: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(bound)) >> 64) as u64
-    }
-}
-
-/// SplitMix64's output function: a bijection of `u64`.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The workload: distinct keys, and the shuffled stream with repeats.
 struct Workload {
     distinct: u64,
@@ -94,7 +76,7 @@ fn workload() -> &'static Workload {
         // Rounded up to whole segments (4 285 720 repeats: 30.0000%).
         let total = ((distinct as f64 / (1.0 - DUP_FRACTION)) / SEGMENTS as f64).ceil() as u64
             * SEGMENTS as u64;
-        let mut rng = SplitMix64(SEED);
+        let mut rng = Rng::new(SEED);
         // Distinct keys: SplitMix64 outputs of distinct counters are distinct.
         let mut stream: Vec<u64> = (0..distinct).map(|i| mix(SEED ^ i)).collect();
         for _ in distinct..total {

@@ -28,6 +28,10 @@
 //! TD_BENCH_LARGE=1 CARGO_TARGET_DIR=/work/target-bench cargo bench --bench filter
 //! ```
 
+#[path = "../tests/support/rng.rs"]
+mod rng;
+use rng::{mix, Rng};
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -47,23 +51,6 @@ const ABSENT_BASE: u64 = 1 << 40;
 const FPR_BASE: u64 = 1 << 41;
 const INSERT_BASE: u64 = 1 << 42;
 const SEED: u64 = 0x5EED_F11E_7E12_0001;
-
-/// SplitMix64 (Steele, Lea, Flood 2014): the benchmarks' only RNG.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-}
-
-/// SplitMix64's output function: a bijection of `u64`.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// The fingerprint of key number `i` (distinct `i`, distinct keys).
 fn fp(i: u64) -> Fingerprint {
@@ -113,10 +100,10 @@ fn bloomfilter_empty(bits: usize, n: u64) -> bloomfilter::Bloom<u128> {
     // Its two SipHash keys are the seed's halves: they must differ, or its
     // double hashing degenerates (a constant seed such as [7; 32] measured a
     // 3.8% rate instead of 0.3%).
-    let mut rng = SplitMix64(SEED ^ 0xB100_F11E);
+    let mut rng = Rng::new(SEED ^ 0xB100_F11E);
     let mut seed = [0u8; 32];
     for word in seed.chunks_exact_mut(8) {
-        word.copy_from_slice(&rng.next_u64().to_le_bytes());
+        word.copy_from_slice(&rng.next().to_le_bytes());
     }
     bloomfilter::Bloom::new_with_seed(bits / 8, n as usize, &seed).expect("valid size")
 }
@@ -245,10 +232,8 @@ fn query_set_len(n: u64) -> usize {
 }
 
 fn present_keys(n: u64) -> Vec<Fingerprint> {
-    let mut rng = SplitMix64(SEED ^ 0xA11CE);
-    (0..query_set_len(n))
-        .map(|_| fp(rng.next_u64() % n))
-        .collect()
+    let mut rng = Rng::new(SEED ^ 0xA11CE);
+    (0..query_set_len(n)).map(|_| fp(rng.next() % n)).collect()
 }
 
 fn absent_keys(n: u64) -> Vec<Fingerprint> {

@@ -43,6 +43,10 @@
 //! TD_BENCH_KEYS=1000000 TD_BENCH_ROUNDS=21 cargo bench --features metrics --bench metrics -- paired-only
 //! ```
 
+#[path = "../tests/support/rng.rs"]
+mod rng;
+use rng::{mix, Rng};
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -56,28 +60,6 @@ const BATCH: usize = 4096;
 const DUP_FRACTION: f64 = 0.3;
 const WINDOW: Duration = Duration::from_secs(3600);
 const SEED: u64 = 0x5EED_E261_0E00_0006;
-
-/// SplitMix64 (Steele, Lea, Flood 2014): the benchmark's only RNG.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-
-    /// Uniform in `0..bound` (multiply-high).
-    fn below(&mut self, bound: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(bound)) >> 64) as u64
-    }
-}
-
-/// SplitMix64's output function: a bijection of `u64`.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 fn smoke_test() -> bool {
     std::env::args().any(|a| a == "--test")
@@ -103,7 +85,7 @@ fn workload() -> &'static Workload {
                 .unwrap_or(10_000_000)
         };
         let total = (distinct as f64 / (1.0 - DUP_FRACTION)).ceil() as u64;
-        let mut rng = SplitMix64(SEED);
+        let mut rng = Rng::new(SEED);
         // Distinct keys: SplitMix64 outputs of distinct counters are distinct.
         let mut stream: Vec<u64> = (0..distinct).map(|i| mix(SEED ^ i)).collect();
         for _ in distinct..total {

@@ -5,23 +5,16 @@
 //!
 //! `cargo bench --bench pipeline` (N = 10⁶); `TD_BENCH_LARGE=1` for N = 10⁷.
 
+#[path = "../tests/support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dashmap::DashSet;
 use tiered_dedup::{Deduper, DeduperBuilder, Pipeline};
-
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 fn distinct() -> u64 {
     if std::env::var_os("TD_BENCH_LARGE").is_some() {
@@ -34,7 +27,7 @@ fn distinct() -> u64 {
 /// `n` distinct keys, each repeated with probability 3/7 (30% of the
 /// stream are repeats), repeats at a random earlier position.
 fn stream(n: u64) -> Vec<u64> {
-    let mut rng = SplitMix(42);
+    let mut rng = Rng::new(42);
     let mut out = Vec::with_capacity((n as f64 * 1.43) as usize);
     let mut next = 0u64;
     while next < n {

@@ -23,6 +23,10 @@
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 
+#[path = "../tests/support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,17 +42,6 @@ const BATCH: usize = 4096;
 const PIPELINE: usize = 1000;
 const PER_KEY_SAMPLE: usize = 50_000;
 
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 fn stream_len() -> usize {
     if std::env::var_os("TD_BENCH_LARGE").is_some() {
         10_000_000
@@ -60,7 +53,7 @@ fn stream_len() -> usize {
 /// `n` keys, each a repeat of a uniformly chosen earlier key with
 /// probability 1/10; returns the keys and the number of distinct ones.
 fn stream(n: usize) -> (Vec<u64>, usize) {
-    let mut rng = SplitMix(42);
+    let mut rng = Rng::new(42);
     let mut out = Vec::with_capacity(n);
     let mut next = 0u64;
     while out.len() < n {

@@ -5,6 +5,9 @@
 
 #![cfg(feature = "cli")]
 
+#[path = "support/rng.rs"]
+mod rng;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -12,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use proptest::prelude::*;
+use rng::Rng;
 
 /// What a run of `dedup` produced.
 struct Run {
@@ -285,25 +289,10 @@ fn render_time(nanos: u64, enc: Encoding, offset_minutes: i64) -> String {
     }
 }
 
-/// SplitMix64 for test data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// A stream of (key, time) with disorder inside the lateness, and repeats
 /// that land exactly on the window's boundary (and one unit before it).
 fn event_stream(seed: u64, n: usize, window: u64, unit: u64) -> Vec<(String, u64)> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut wm = 1_700_000_000_000_000_000u64;
     let mut first: HashMap<String, u64> = HashMap::new();
     let mut out = Vec::new();
@@ -389,7 +378,7 @@ fn ndjson_event_time_window_equals_the_reference_model() {
         let stream = event_stream(seed, 4000, window, unit);
         let (expected, at_end, just_before) = model(&stream, window, unit);
         assert!(at_end > 10 && just_before > 10, "{at_end} {just_before}");
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut input = String::new();
         for (i, (k, t)) in stream.iter().enumerate() {
             let offset = rng.below(25) as i64 * 60 - 12 * 60;

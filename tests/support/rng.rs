@@ -1,4 +1,5 @@
-//! A seeded SplitMix64: deterministic streams without a dependency.
+//! A seeded SplitMix64 (Steele, Lea, Flood 2014): deterministic streams
+//! without a dependency, for the tests and the benchmarks.
 #![allow(dead_code)] // each test crate uses a different part
 
 pub struct Rng(u64);
@@ -10,10 +11,7 @@ impl Rng {
 
     pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        mix(self.0)
     }
 
     /// Uniform in `0..n` (n > 0).
@@ -25,4 +23,12 @@ impl Rng {
     pub fn chance(&mut self, p: f64) -> bool {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
+}
+
+/// SplitMix64's output function: a bijection of `u64` (distinct inputs give
+/// distinct, well-scattered outputs).
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
