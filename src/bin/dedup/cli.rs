@@ -404,8 +404,8 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `5M`, `500k`, `10_000` or `1e6`.
-fn parse_count(s: &str) -> Result<u64, String> {
+/// `5M`, `500k`, `10_000` or `1e6` (at least 1).
+pub(crate) fn parse_count(s: &str) -> Result<u64, String> {
     let t = s.replace('_', "");
     let (digits, scale) = match t.char_indices().last() {
         Some((i, 'k' | 'K')) => (&t[..i], 1e3),

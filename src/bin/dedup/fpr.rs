@@ -31,6 +31,7 @@ use clap::{Args, Subcommand};
 use rayon::prelude::*;
 use tiered_dedup::{Fingerprint, Namespace};
 
+pub(crate) use crate::cli::parse_count;
 use chart::Chart;
 
 /// `dedup fpr EXPERIMENT`: measured against predicted false-positive rates.
@@ -294,26 +295,6 @@ impl Measured {
 /// A rate for tables and CSV: six significant digits.
 pub(crate) fn rate_cell(rate: f64) -> String {
     format!("{rate:.6e}")
-}
-
-/// `5M`, `500k`, `10_000`, `1e6` or a plain number, at least 1.
-pub(crate) fn parse_count(s: &str) -> Result<u64, String> {
-    let t = s.replace('_', "");
-    let (digits, scale) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1e3),
-        Some((i, 'm' | 'M')) => (&t[..i], 1e6),
-        Some((i, 'g' | 'G')) => (&t[..i], 1e9),
-        _ => (t.as_str(), 1.0),
-    };
-    let n: f64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a count (examples: 5M, 500k, 1000)"))?;
-    let n = (n * scale).round();
-    if (1.0..1e15).contains(&n) {
-        Ok(n as u64)
-    } else {
-        Err("a count from 1 to 10^15".to_owned())
-    }
 }
 
 /// A rate in (0, 1).
