@@ -322,12 +322,17 @@ impl GenerationalBloom {
     /// never-inserted key matches some live generation.
     #[must_use]
     pub fn estimated_fpr(&self) -> f64 {
+        self.estimated_fpr_of(&self.occupancy())
+    }
+
+    /// [`GenerationalBloom::estimated_fpr`] from an [`occupancy`](Self::occupancy)
+    /// the caller already sampled.
+    pub(crate) fn estimated_fpr_of(&self, occupancy: &[SlotOccupancy; GENERATIONS]) -> f64 {
         let Some(cur) = self.current_slice() else {
             return 0.0;
         };
         let live = live_slots(cur);
-        let miss_all: f64 = self
-            .occupancy()
+        let miss_all: f64 = occupancy
             .iter()
             .enumerate()
             .filter(|(slot, _)| live & (1 << slot) != 0)

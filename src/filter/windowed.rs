@@ -247,16 +247,7 @@ impl WindowedFilter {
         let occupancy = self.base.occupancy();
         let fill =
             std::array::from_fn(|back| occupancy[slot_of(cur.wrapping_sub(back as u64))].fill);
-        let mut miss: f64 = if self.base.current_slice().is_some() {
-            occupancy
-                .iter()
-                .enumerate()
-                .filter(|(slot, _)| live & (1 << slot) != 0)
-                .map(|(_, o)| 1.0 - o.estimated_fpr)
-                .product()
-        } else {
-            1.0
-        };
+        let mut miss = 1.0 - self.base.estimated_fpr_of(&occupancy);
         for layer in &self.overflow {
             let occupancy = layer.bloom.occupancies(4096);
             for slot in (0..GENERATIONS).filter(|s| live & (1 << s) != 0 && layer.inserts[*s] > 0) {
