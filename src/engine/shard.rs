@@ -213,11 +213,27 @@ impl Shard {
         } else {
             f.hits(fp, probe)
         };
+        self.decide(fp, Some(probe), hits, cur, t, rules)
+    }
+
+    /// The verdict once the filter answered: `hits` are the live slots
+    /// holding every probe bit (slot 0 without a window), `cur` the
+    /// current slice. Counted.
+    #[inline]
+    fn decide(
+        &mut self,
+        fp: Fingerprint,
+        probe: Option<Probe>,
+        hits: u8,
+        cur: u64,
+        t: Timestamp,
+        rules: &ShardRules,
+    ) -> Verdict {
         let verdict = if hits == 0 {
-            self.accept(fp, Some(probe), t, rules)
+            self.accept(fp, probe, t, rules)
         } else {
             self.counters.maybe_seen += 1;
-            self.confirm(fp, Some(probe), hits, cur, t, rules)
+            self.confirm(fp, probe, hits, cur, t, rules)
         };
         self.count(verdict);
         verdict
@@ -267,29 +283,14 @@ impl Shard {
     ) -> Verdict {
         self.advance(t);
         self.counters.checks += 1;
-        let verdict = match &mut self.filter {
+        let (probe, hits, cur) = match &self.filter {
             ShardFilter::Windowed(f) => {
                 let probe = probe.unwrap_or_else(|| f.probe(fp));
-                let cur = f.current();
-                let hits = f.hits(fp, probe);
-                if hits == 0 {
-                    self.accept(fp, Some(probe), t, rules)
-                } else {
-                    self.counters.maybe_seen += 1;
-                    self.confirm(fp, Some(probe), hits, cur, t, rules)
-                }
+                (Some(probe), f.hits(fp, probe), f.current())
             }
-            ShardFilter::Unbounded(g) => {
-                if g.contains(fp) {
-                    self.counters.maybe_seen += 1;
-                    self.confirm(fp, None, 1, 0, t, rules)
-                } else {
-                    self.accept(fp, None, t, rules)
-                }
-            }
+            ShardFilter::Unbounded(g) => (None, u8::from(g.contains(fp)), 0),
         };
-        self.count(verdict);
-        verdict
+        self.decide(fp, probe, hits, cur, t, rules)
     }
 
     /// True when this shard must use [`Shard::check_batched`]: a remote
