@@ -374,6 +374,33 @@ impl Deduper {
         match shard.filter {
             ShardFilter::Windowed(_) => self.check_group_staged(shard, fps, group, time, out),
             ShardFilter::Unbounded(_) => self.check_group_unbounded(shard, fps, group, time, out),
+            ShardFilter::Direct => self.check_group_direct(shard, fps, group, time, out),
+        }
+    }
+
+    /// [`Deduper::check_group`] for a shard without a filter: the exact
+    /// table's bucket is prefetched `PREFETCH_AHEAD` keys ahead.
+    fn check_group_direct(
+        &self,
+        shard: &mut Shard,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        out: &mut [Verdict],
+    ) {
+        let fp_at = |j: usize| fps[group[j] as usize];
+        let n = group.len();
+        for j in 0..n.min(PREFETCH_AHEAD) {
+            shard.prefetch_exact_unbounded(fp_at(j));
+        }
+        for (j, &i) in group.iter().enumerate() {
+            if j + PREFETCH_AHEAD < n {
+                shard.prefetch_exact_unbounded(fp_at(j + PREFETCH_AHEAD));
+            }
+            let i = i as usize;
+            if let Some(t) = time(shard, i) {
+                out[i] = shard.check(fps[i], None, t, &self.plan.rules);
+            }
         }
     }
 

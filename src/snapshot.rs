@@ -160,6 +160,8 @@ impl Deduper {
                     w.u32(stage as u32)?;
                     w.u64(len)?;
                 }
+                // No filter: the exact tier below is the whole state.
+                ShardFilter::Direct => w.u8(3)?,
             }
             match &shard.exact {
                 None => w.u8(0)?,
@@ -302,37 +304,15 @@ impl DeduperBuilder {
                         }
                     }
                     (ShardFilter::Unbounded(g), 2) => {
-                        let n_layers = r.u32()?;
-                        if n_layers == 0 || n_layers > 64 {
-                            return Err(SnapshotError::Malformed("layer count"));
-                        }
-                        let mut layers = Vec::new();
-                        for _ in 0..n_layers {
-                            let blocks = r.u64()?;
-                            let hashes = r.u32()?;
-                            let stage_capacity = r.u64()?;
-                            if blocks == 0 || blocks > MAX_BLOCKS || !(1..=10).contains(&hashes) {
-                                return Err(SnapshotError::Malformed("filter layer size"));
-                            }
-                            let bloom = BlockedBloom::new(blocks as usize, hashes);
-                            read_words(&mut r, &bloom)?;
-                            layers.push(Layer {
-                                bloom,
-                                stage_capacity,
-                            });
-                        }
-                        let stage = r.u32()? as usize;
-                        let stage_len = r.u64()?;
-                        if stage >= GENERATIONS {
-                            return Err(SnapshotError::Malformed("fill stage"));
-                        }
-                        *g = GrowingBloom::from_parts(
-                            layers,
-                            engine.plan().false_positive_rate,
-                            stage,
-                            stage_len,
-                        );
+                        *g = read_growing(&mut r, engine.plan().false_positive_rate)?;
                     }
+                    // A state written before the engine dropped the filter
+                    // in front of its memory tier: the exact entries below
+                    // hold every key, so the filter is read and let go.
+                    (ShardFilter::Direct, 2) => {
+                        read_growing(&mut r, engine.plan().false_positive_rate)?;
+                    }
+                    (ShardFilter::Direct, 3) => {}
                     _ => return Err(SnapshotError::Malformed("filter kind")),
                 }
                 match (&mut shard.exact, r.u8()?) {
@@ -379,6 +359,43 @@ impl DeduperBuilder {
     }
 }
 
+/// A growing filter as [`Deduper::snapshot`] writes it (tag 2).
+fn read_growing<R: Read>(
+    r: &mut HashingReader<R>,
+    false_positive_rate: f64,
+) -> Result<GrowingBloom, SnapshotError> {
+    let n_layers = r.u32()?;
+    if n_layers == 0 || n_layers > 64 {
+        return Err(SnapshotError::Malformed("layer count"));
+    }
+    let mut layers = Vec::new();
+    for _ in 0..n_layers {
+        let blocks = r.u64()?;
+        let hashes = r.u32()?;
+        let stage_capacity = r.u64()?;
+        if blocks == 0 || blocks > MAX_BLOCKS || !(1..=10).contains(&hashes) {
+            return Err(SnapshotError::Malformed("filter layer size"));
+        }
+        let bloom = BlockedBloom::new(blocks as usize, hashes);
+        read_words(r, &bloom)?;
+        layers.push(Layer {
+            bloom,
+            stage_capacity,
+        });
+    }
+    let stage = r.u32()? as usize;
+    let stage_len = r.u64()?;
+    if stage >= GENERATIONS {
+        return Err(SnapshotError::Malformed("fill stage"));
+    }
+    Ok(GrowingBloom::from_parts(
+        layers,
+        false_positive_rate,
+        stage,
+        stage_len,
+    ))
+}
+
 fn counters_from_array(c: [u64; COUNTERS]) -> crate::engine::ShardCountersView {
     crate::engine::ShardCountersView {
         checks: c[0],
@@ -404,5 +421,60 @@ fn counters_from_array(c: [u64; COUNTERS]) -> crate::engine::ShardCountersView {
 impl From<ConfigError> for SnapshotError {
     fn from(e: ConfigError) -> Self {
         SnapshotError::Config(e)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::engine::ShardFilter;
+    use crate::filter::GrowingBloom;
+    use crate::{Deduper, DeduperBuilder, Verdict};
+
+    fn builder() -> DeduperBuilder {
+        Deduper::builder()
+            .no_window()
+            .expected_keys(1_000)
+            .shards(2)
+    }
+
+    /// A state written while the memory tier still had a growing filter in
+    /// front of it (tag 2) restores into the engine without one: the filter
+    /// is read, checked and dropped; the exact entries carry every key.
+    #[test]
+    fn a_state_with_the_old_growing_filter_restores_without_it() {
+        let d = builder().build().unwrap();
+        for k in 0..500u64 {
+            assert!(d.check(&k.to_le_bytes()[..]).is_new());
+        }
+        let mut direct = Vec::new();
+        d.snapshot(&mut direct).unwrap();
+        for shard in d.lock_all().iter_mut() {
+            assert!(matches!(shard.filter, ShardFilter::Direct));
+            let mut g = GrowingBloom::new(500, 0.01).unwrap();
+            for (_, fp, _) in shard.exact.as_ref().unwrap().entries().unwrap() {
+                g.insert(fp);
+            }
+            shard.filter = ShardFilter::Unbounded(g);
+        }
+        let mut old = Vec::new();
+        d.snapshot(&mut old).unwrap();
+        assert!(old.len() > direct.len(), "the filter's words are in the old state");
+        let restored = builder().restore(&old[..]).unwrap();
+        for shard in restored.lock_all().iter() {
+            assert!(matches!(shard.filter, ShardFilter::Direct));
+        }
+        for k in 0..1_000u64 {
+            let v = restored.check(&k.to_le_bytes()[..]);
+            assert_eq!(matches!(v, Verdict::Duplicate { .. }), k < 500, "key {k}");
+        }
+        // And the state an engine without a filter writes (tag 3) restores.
+        let mut new = Vec::new();
+        restored.snapshot(&mut new).unwrap();
+        let again = builder().restore(&new[..]).unwrap();
+        assert!(matches!(
+            again.check(&999u64.to_le_bytes()[..]),
+            Verdict::Duplicate { .. }
+        ));
+        assert!(again.check(&1_000u64.to_le_bytes()[..]).is_new());
     }
 }

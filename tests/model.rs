@@ -187,7 +187,7 @@ fn settings() -> Vec<Setting> {
             affinity: Affinity::Shared,
         },
         Setting {
-            name: "no window, growing filter",
+            name: "no window, memory tier (no filter), tables growing",
             window: None,
             expected_keys: 1_000,
             key_space: 200_000,
@@ -196,6 +196,18 @@ fn settings() -> Vec<Setting> {
             burst_chance: 0.0,
             exact: ExactTier::Memory,
             mark_batch: 1000,
+            affinity: Affinity::Owned,
+        },
+        Setting {
+            name: "no window, growing filter, dashmap tier",
+            window: None,
+            expected_keys: 1_000,
+            key_space: 200_000,
+            shards: 3,
+            max_step: 1_000,
+            burst_chance: 0.0,
+            exact: ExactTier::DashMap,
+            mark_batch: 5,
             affinity: Affinity::Owned,
         },
     ]
@@ -215,6 +227,30 @@ fn builder(s: &Setting) -> tiered_dedup::DeduperBuilder {
 }
 
 const OPS: usize = 1_000_000;
+
+/// Without a window the memory tier answers alone: no filter bytes, no
+/// filter positives, one table entry per distinct key. Another tier keeps
+/// the growing filter in front of it.
+#[test]
+fn no_window_memory_tier_runs_without_a_filter() {
+    for (exact, has_filter) in [(ExactTier::Memory, false), (ExactTier::DashMap, true)] {
+        let d = Deduper::builder()
+            .no_window()
+            .expected_keys(1_000)
+            .exact_tier(exact)
+            .build()
+            .unwrap();
+        for k in 0..3_000u64 {
+            let v = d.check(&(k % 2_000).to_le_bytes()[..]);
+            assert_eq!(v.is_new(), k < 2_000, "key {k}");
+        }
+        let stats = d.stats();
+        assert_eq!(stats.exact_entries, 2_000);
+        assert_eq!(stats.duplicates, 1_000);
+        assert_eq!(stats.filter_bytes > 0, has_filter, "{stats:?}");
+        assert_eq!(stats.filter_maybe_seen >= 1_000, has_filter, "{stats:?}");
+    }
+}
 
 /// Single checks on a manual processing clock.
 #[test]

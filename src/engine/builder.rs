@@ -5,7 +5,7 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 
 use crate::error::ConfigError;
-use crate::exact::ExactTier;
+use crate::exact::{ExactTier, Partition};
 use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter};
 use crate::fingerprint::Namespace;
 use crate::time::{duration_nanos, Clock, ClockSource, Slicing};
@@ -343,16 +343,6 @@ pub(crate) struct Plan {
 
 impl Plan {
     pub(crate) fn make_shard(&self, index: usize, exact: &ExactTier) -> Result<Shard, ConfigError> {
-        let filter = match self.slicing {
-            Some(slicing) => ShardFilter::Windowed(WindowedFilter::new(
-                GenerationalBloom::with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes),
-                self.rules.slot_capacity,
-            )),
-            None => ShardFilter::Unbounded(GrowingBloom::new(
-                (self.keys_per_window / self.shards as u64).max(1),
-                self.false_positive_rate,
-            )?),
-        };
         let partition = match self.mode {
             Mode::Exact => Some(exact.partition(&crate::exact::PartitionSpec {
                 shard: index,
@@ -369,6 +359,22 @@ impl Plan {
                 namespace_seed: self.namespace.seed(),
             })),
             Mode::Probabilistic => None,
+        };
+        // No window, owned keys and the embedded table: the filter could
+        // only add a probe in front of the table's one probe.
+        let direct = self.slicing.is_none()
+            && self.trust == Trust::Owned
+            && matches!(partition, Some(Partition::Memory(_)));
+        let filter = match self.slicing {
+            _ if direct => ShardFilter::Direct,
+            Some(slicing) => ShardFilter::Windowed(WindowedFilter::new(
+                GenerationalBloom::with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes),
+                self.rules.slot_capacity,
+            )),
+            None => ShardFilter::Unbounded(GrowingBloom::new(
+                (self.keys_per_window / self.shards as u64).max(1),
+                self.false_positive_rate,
+            )?),
         };
         Ok(Shard::new(filter, partition, self.mark_batch))
     }

@@ -30,6 +30,12 @@ pub(crate) enum ShardFilter {
     Windowed(WindowedFilter),
     /// No window: growing layers.
     Unbounded(GrowingBloom),
+    /// No window and the embedded memory tier: no filter at all. Every key
+    /// costs one probe of the exact table anyway (its mark or its
+    /// confirmation), and without slices there is no choice of table for a
+    /// filter to narrow, so the table alone answers: check and mark in one
+    /// probe ([`crate::exact::MemoryPartition::first_seen_or_mark`]).
+    Direct,
 }
 
 pub(crate) struct Shard {
@@ -131,17 +137,18 @@ impl Shard {
     pub(crate) fn probe(&self, fp: Fingerprint) -> Option<Probe> {
         match &self.filter {
             ShardFilter::Windowed(f) => Some(f.probe(fp)),
-            ShardFilter::Unbounded(_) => None,
+            ShardFilter::Unbounded(_) | ShardFilter::Direct => None,
         }
     }
 
     /// First prefetch stage: start loading the key's filter block in every
-    /// layer.
+    /// layer (without a filter, its exact-tier bucket).
     #[inline]
     pub(crate) fn prefetch(&self, fp: Fingerprint, probe: Option<Probe>) {
         match (&self.filter, probe) {
             (ShardFilter::Windowed(f), Some(probe)) => f.prefetch(fp, probe),
             (ShardFilter::Unbounded(g), _) => g.prefetch(fp),
+            (ShardFilter::Direct, _) => self.prefetch_exact_unbounded(fp),
             (ShardFilter::Windowed(_), None) => {}
         }
     }
@@ -289,8 +296,28 @@ impl Shard {
                 (Some(probe), f.hits(fp, probe), f.current())
             }
             ShardFilter::Unbounded(g) => (None, u8::from(g.contains(fp)), 0),
+            ShardFilter::Direct => return self.check_direct(fp, t),
         };
         self.decide(fp, probe, hits, cur, t, rules)
+    }
+
+    /// [`Shard::check`] without a filter: one probe of the memory tier's
+    /// table finds the key or records it.
+    #[inline(always)]
+    fn check_direct(&mut self, fp: Fingerprint, t: Timestamp) -> Verdict {
+        let Some(Partition::Memory(table)) = &mut self.exact else {
+            unreachable!("a shard without a filter has the memory tier");
+        };
+        let verdict = match table.first_seen_or_mark(fp, t) {
+            Some(first_seen) => Verdict::Duplicate { first_seen },
+            None => {
+                self.counters.marks_queued += 1;
+                self.counters.marks_flushed += 1;
+                Verdict::New
+            }
+        };
+        self.count(verdict);
+        verdict
     }
 
     /// True when this shard must use [`Shard::check_batched`]: a remote
@@ -406,7 +433,7 @@ impl Shard {
     fn current_slice(&self) -> u64 {
         match &self.filter {
             ShardFilter::Windowed(f) => f.current(),
-            ShardFilter::Unbounded(_) => 0,
+            ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
         }
     }
 
@@ -419,7 +446,7 @@ impl Shard {
                     .slice_of(Timestamp::from_nanos(t.as_nanos().max(self.time)));
                 f.base.current_slice().is_some_and(|c| target > c)
             }
-            ShardFilter::Unbounded(_) => false,
+            ShardFilter::Unbounded(_) | ShardFilter::Direct => false,
         }
     }
 
@@ -427,6 +454,8 @@ impl Shard {
         match &self.filter {
             ShardFilter::Windowed(f) => f.hits(fp, probe.unwrap_or_else(|| f.probe(fp))),
             ShardFilter::Unbounded(g) => u8::from(g.contains(fp)),
+            // No filter: every key is "maybe seen", confirmed in slot 0.
+            ShardFilter::Direct => 1,
         }
     }
 
@@ -616,6 +645,7 @@ impl Shard {
                 }
                 0
             }
+            ShardFilter::Direct => 0,
         };
         if let Some(exact) = &mut self.exact {
             self.counters.marks_queued += 1;
@@ -630,7 +660,7 @@ impl Shard {
                     slot,
                     slice: match &self.filter {
                         ShardFilter::Windowed(f) => f.current(),
-                        ShardFilter::Unbounded(_) => 0,
+                        ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
                     },
                     at: t,
                 };
@@ -654,7 +684,7 @@ impl Shard {
                     .slicing()
                     .slice_start(cur.saturating_sub(oldest_back))
             }
-            ShardFilter::Unbounded(_) => Timestamp::ZERO,
+            ShardFilter::Unbounded(_) | ShardFilter::Direct => Timestamp::ZERO,
         };
         Verdict::LikelyDuplicate { since }
     }
@@ -663,6 +693,7 @@ impl Shard {
         match &self.filter {
             ShardFilter::Windowed(f) => f.bytes(),
             ShardFilter::Unbounded(g) => g.bytes(),
+            ShardFilter::Direct => 0,
         }
     }
 
@@ -675,6 +706,7 @@ impl Shard {
                 (fpr, Some(fill))
             }
             ShardFilter::Unbounded(g) => (g.estimated_fpr(), None),
+            ShardFilter::Direct => (0.0, None),
         }
     }
 }

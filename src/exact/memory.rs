@@ -46,6 +46,25 @@ impl MemoryPartition {
     }
 }
 
+impl MemoryPartition {
+    /// Without a window (every entry in slot 0), the check and the mark in
+    /// one probe: the first-accepted time of `fp`, or `None` after recording
+    /// `at` as its first acceptance.
+    #[inline(always)]
+    pub(crate) fn first_seen_or_mark(
+        &mut self,
+        fp: Fingerprint,
+        at: Timestamp,
+    ) -> Option<Timestamp> {
+        if !self.slots[0].is_allocated() {
+            self.allocate(0);
+        }
+        self.slots[0]
+            .get_or_insert(fp, at.as_nanos())
+            .map(Timestamp::from_nanos)
+    }
+}
+
 impl ExactPartition for MemoryPartition {
     #[inline]
     fn lookup(

@@ -161,6 +161,34 @@ impl FingerprintTable {
         }
     }
 
+    /// The time stored for `fp`; when there is none, stores `at` and
+    /// answers `None`. One probe sequence does both (a [`Self::get`] and then
+    /// an [`Self::insert`] would walk it twice).
+    #[inline]
+    pub(crate) fn get_or_insert(&mut self, fp: Fingerprint, at: u64) -> Option<u64> {
+        if (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
+            self.grow();
+        }
+        let (low, high) = (fp.low(), fp.high());
+        let mut i = self.home(fp);
+        loop {
+            let b = &mut self.buckets[i];
+            if b.at == EMPTY {
+                *b = Bucket {
+                    low,
+                    high,
+                    at: encode(at),
+                };
+                self.len += 1;
+                return None;
+            }
+            if b.low == low && b.high == high {
+                return Some(b.at - 1);
+            }
+            i = self.next(i);
+        }
+    }
+
     /// Empties the table, keeping its buckets.
     pub(crate) fn clear(&mut self) {
         if self.len > 0 {
@@ -229,6 +257,32 @@ mod tests {
         }
         assert_eq!(table.len(), reference.len());
         assert_eq!(table.iter().count(), reference.len());
+        for (fp, at) in table.iter() {
+            assert_eq!(reference[&fp], at);
+        }
+    }
+
+    #[test]
+    fn get_or_insert_matches_a_hashmap_through_growth() {
+        let mut table = FingerprintTable::with_capacity(100);
+        let mut reference = HashMap::new();
+        let ns = crate::fingerprint::Namespace::default();
+        let mut x = 7u64;
+        for i in 0..100_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let k = (x >> 33) % 30_000;
+            let fp = if k % 8 == 0 {
+                Fingerprint(u128::from(k) | 0x1234 << 112)
+            } else {
+                ns.fingerprint(&k.to_le_bytes())
+            };
+            let expected = reference.get(&fp).copied();
+            reference.entry(fp).or_insert(i);
+            assert_eq!(table.get_or_insert(fp, i), expected, "step {i}");
+        }
+        assert_eq!(table.len(), reference.len());
         for (fp, at) in table.iter() {
             assert_eq!(reference[&fp], at);
         }
