@@ -458,7 +458,10 @@ mod tests {
         }
         let mut old = Vec::new();
         d.snapshot(&mut old).unwrap();
-        assert!(old.len() > direct.len(), "the filter's words are in the old state");
+        assert!(
+            old.len() > direct.len(),
+            "the filter's words are in the old state"
+        );
         let restored = builder().restore(&old[..]).unwrap();
         for shard in restored.lock_all().iter() {
             assert!(matches!(shard.filter, ShardFilter::Direct));

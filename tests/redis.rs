@@ -162,10 +162,55 @@ fn a_restarted_engine_rejects_what_was_accepted_before() {
     );
     // Every mark is in Redis: count the hash fields.
     let mut conn = server.connection();
-    let hash_keys: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut conn).unwrap();
+    let hash_keys = redis_server::mark_hashes(&mut conn);
     let fields: u64 = hash_keys
         .iter()
         .map(|k| redis::cmd("HLEN").arg(k).query::<u64>(&mut conn).unwrap())
         .sum();
     assert_eq!(fields, 50_000);
+}
+
+/// The hashes a slice is cut into are agreed in Redis: an engine sized for
+/// far fewer keys (another hash count of its own) adopts the first engine's
+/// count and finds every key it marked. The hashes stay in Redis's compact
+/// encoding at the expected rate.
+#[test]
+fn an_engine_sized_differently_finds_the_keys_of_the_first() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let window = Duration::from_secs(600);
+    let sized = |expected: u64| {
+        engine(&server, &clock, Affinity::Owned, window)
+            .expected_keys(expected)
+            .build()
+            .unwrap()
+    };
+    let a = sized(1_000_000);
+    let keys: Vec<u64> = (0..20_000).collect();
+    assert!(a.check_batch(&keys).iter().all(|v| v.is_new()));
+    a.flush();
+    drop(a);
+    let mut conn = server.connection();
+    let hashes = redis_server::mark_hashes(&mut conn);
+    assert!(hashes.len() > 4 * 100, "{} hashes", hashes.len());
+    for h in hashes.iter().take(20) {
+        let encoding: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(h)
+            .query(&mut conn)
+            .unwrap();
+        assert!(
+            encoding == "listpack" || encoding == "ziplist",
+            "{h}: {encoding}"
+        );
+    }
+    clock.advance(Duration::from_secs(10));
+    let b = sized(1_000);
+    let verdicts = b.check_batch(&keys);
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| v.first_seen() == Some(Timestamp::from_secs(1_000))),
+        "a key marked by the first engine was accepted again"
+    );
 }

@@ -39,9 +39,9 @@ const CALL_BOUND: Duration = Duration::from_secs(2);
 /// The tier must be back this long after the server is.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
 /// The main stream runs in slice `MAIN_START / slice` (window 60 s: 10 s
-/// slices), so every mark it makes lands in hashes named `…:120`.
+/// slices), so every mark it makes lands in hashes named `…:120:<bucket>`.
 const MAIN_START: u64 = 1_200;
-const MAIN_SLICE: &str = ":120";
+const MAIN_SLICE: &str = "120";
 
 const DURABLE: &[&str] = &["--appendonly", "yes", "--appendfsync", "always"];
 
@@ -336,10 +336,13 @@ impl Run {
     /// engine accepted.
     fn assert_marks_in_redis(&self) {
         let mut conn = self.server.connection();
-        let hashes: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut conn).unwrap();
+        let hashes = redis_server::mark_hashes(&mut conn);
         let mut fields = 0;
         let mut stored = HashSet::new();
-        for h in hashes.iter().filter(|h| h.ends_with(MAIN_SLICE)) {
+        for h in hashes
+            .iter()
+            .filter(|h| redis_server::slice_of(h) == MAIN_SLICE)
+        {
             fields += redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap();
             let names: Vec<Vec<u8>> = redis::cmd("HKEYS").arg(h).query(&mut conn).unwrap();
             stored.extend(names);
@@ -523,7 +526,7 @@ fn flush_after_recovery_writes_marks_kept_while_down() {
         run.d.flush();
     }
     let mut conn = run.server.connection();
-    let hashes: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut conn).unwrap();
+    let hashes = redis_server::mark_hashes(&mut conn);
     let fields: u64 = hashes
         .iter()
         .map(|h| redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap())
@@ -564,7 +567,7 @@ fn a_full_retry_buffer_counts_what_it_drops() {
         run.d.flush();
     }
     let mut conn = run.server.connection();
-    let hashes: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut conn).unwrap();
+    let hashes = redis_server::mark_hashes(&mut conn);
     let fields: u64 = hashes
         .iter()
         .map(|h| redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap())

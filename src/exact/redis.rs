@@ -1,20 +1,31 @@
 //! `RedisTier`: the shared, durable exact tier (feature `redis`).
 //!
-//! **Layout.** One Redis hash per (namespace, shard, slice):
-//! `{prefix}:{<namespace>:<shard>}:<slice>`. Fields are the 16 fingerprint
-//! bytes, values the first-accepted time as 8 big-endian bytes. The hash tag
-//! `{<namespace>:<shard>}` puts all slices of one shard in one Cluster slot,
-//! so every batch is slot-local. A slice's hash is deleted whole when the
-//! engine's rotation retires its slot (engine time: processing or event
-//! time), and carries a TTL (refreshed on every write) only as a backstop
-//! for keys of an engine that stopped: by default twice the span plus two
-//! slices, and at least an hour, so a clock slower than the wall clock
-//! (an event-time replay) never loses a key early.
+//! **Layout.** Each (namespace, shard, slice) is cut into `B` small Redis
+//! hashes, `{prefix}:{<namespace>:<shard>}:<slice>:<bucket>` in hex, the
+//! bucket being the fingerprint's high half scaled onto `B`. Fields are the
+//! 16 fingerprint bytes, values the first-accepted time as 8 big-endian
+//! bytes. `B` is chosen for about 50 keys per hash at the expected rate, so
+//! the hashes stay in Redis's compact listpack encoding (up to
+//! `hash-max-listpack-entries`, 128 by default): about 33 bytes per key in
+//! Redis where one large hash (a dictionary entry and two strings per key)
+//! costs 89 and `SET key 1 NX PX` 115. The first engine to use a shard
+//! writes its `B` to `{prefix}:{<namespace>:<shard>}:layout`; every engine
+//! that connects later adopts it, so engines sized differently (or a
+//! restart with another estimate) still look in the same hashes.
+//!
+//! The hash tag `{<namespace>:<shard>}` puts all hashes of one shard in one
+//! Cluster slot, so every batch is slot-local. A slice's hashes are deleted
+//! when the engine's rotation retires its slot (engine time: processing or
+//! event time), and carry a TTL only as a backstop for keys of an engine
+//! that stopped, set when this process first writes a hash (and refreshed
+//! by every shared-mode claim): by default twice the span plus two slices,
+//! and at least an hour, so a clock slower than the wall clock (an
+//! event-time replay) never loses a key early.
 //!
 //! **Batches, never a round trip per key.** Lookups are one pipeline of
-//! `HMGET`s (one per slice needed); marks one pipeline of `HSET` + `PEXPIRE`
-//! per slice; shared-mode claims one `EVALSHA` of a script that, per key,
-//! checks the live slices and records the key unless it is inside the
+//! `HMGET`s (one per hash needed); marks one pipeline of `HSET`s (one per
+//! hash written); shared-mode claims one `EVALSHA` of a script that, per
+//! key, checks the live slices and records the key unless it is inside the
 //! window — atomically, so two engines never both accept one key.
 //!
 //! **Faults.** A failed call drops the connection; the next one reconnects
@@ -28,7 +39,7 @@
 //! recognises the claim's own time and accepts the key (see
 //! `UnansweredClaims`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -189,13 +200,17 @@ impl ExactBackend for RedisTier {
     fn partition(&self, spec: &super::PartitionSpec) -> Box<dyn ExactPartition> {
         let slice_ms = spec.slice_nanos.map_or(0, |n| n.div_ceil(1_000_000));
         let span_ms = spec.span_nanos.map_or(0, |n| n.div_ceil(1_000_000));
+        let key_base = format!(
+            "{}:{{{:x}:{}}}:",
+            self.config.prefix, spec.namespace_seed, spec.shard
+        );
         Box::new(RedisPartition {
             config: Arc::clone(&self.config),
             stats: Arc::clone(&self.stats),
-            key_base: format!(
-                "{}:{{{:x}:{}}}:",
-                self.config.prefix, spec.namespace_seed, spec.shard
-            ),
+            layout_key: format!("{key_base}layout"),
+            key_base,
+            buckets: buckets_for(spec.keys_per_slot),
+            expiring: HashSet::new(),
             window: spec.window_nanos,
             ttl_ms: self
                 .config
@@ -218,25 +233,89 @@ impl ExactBackend for RedisTier {
             },
             current: 0,
             script: redis::Script::new(CLAIM_SCRIPT),
+            mark_script: redis::Script::new(MARK_SCRIPT),
+            lookup_script: redis::Script::new(LOOKUP_SCRIPT),
         })
     }
 }
 
-/// Claims keys atomically. KEYS: the live slice hashes, newest (current)
-/// first. ARGV: ttl ms, then per key: fingerprint, time (8 bytes BE),
-/// threshold (8 bytes BE: the oldest first-accepted time still inside the
-/// window, or 0 without one). Returns per key the stored time (a duplicate)
-/// or `false` (recorded now). Times are compared as two 32-bit halves: Lua
-/// numbers are doubles.
+/// Keys expected in one hash of a slice: well under Redis's default
+/// `hash-max-listpack-entries` (128), so a slice that takes twice its
+/// expected keys still stays compact.
+const KEYS_PER_HASH: usize = 40;
+
+/// Most hashes per slice of a shard (and the most a layout key may name).
+const MAX_BUCKETS: u64 = 1 << 20;
+
+/// Hashes per slice for `keys_per_slot` expected keys.
+fn buckets_for(keys_per_slot: usize) -> u64 {
+    (keys_per_slot.div_ceil(KEYS_PER_HASH) as u64).clamp(1, MAX_BUCKETS)
+}
+
+/// Writes marks into many hashes in one request (one reply: a pipeline of
+/// one command per hash would wait out a timeout per command when the
+/// server stalls). KEYS: the hashes. ARGV: ttl ms, then per hash: its number
+/// of marks `n`, `1` to give it the TTL (else `0`), `n` pairs (fingerprint,
+/// time). Arguments go to `HSET` in runs that fit Lua's stack.
+const MARK_SCRIPT: &str = r"
+local ttl = ARGV[1]
+local i = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  local expire = ARGV[i + 1] == '1'
+  local j, last = i + 2, i + 1 + 2 * n
+  while j <= last do
+    local e = math.min(j + 999, last)
+    redis.call('HSET', KEYS[k], unpack(ARGV, j, e))
+    j = e + 1
+  end
+  if expire then
+    redis.call('PEXPIRE', KEYS[k], ttl)
+  end
+  i = last + 1
+end
+return #KEYS
+";
+
+/// Reads many hashes in one request (one reply, as [`MARK_SCRIPT`]). KEYS:
+/// the hashes. ARGV: per hash, its number of fields `n`, then the `n`
+/// fields. Returns every value in order (nil where absent).
+const LOOKUP_SCRIPT: &str = r"
+local out = {}
+local i = 1
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  local j, last = i + 1, i + n
+  while j <= last do
+    local e = math.min(j + 999, last)
+    local values = redis.call('HMGET', KEYS[k], unpack(ARGV, j, e))
+    for v = 1, e - j + 1 do
+      out[#out + 1] = values[v]
+    end
+    j = e + 1
+  end
+  i = last + 1
+end
+return out
+";
+
+/// Claims keys atomically. KEYS: per bucket the claims use, the live slice
+/// hashes of that bucket, newest (current) first. ARGV: ttl ms, the number
+/// of live slices `L`, then per key: the offset of its bucket's hashes in
+/// KEYS, fingerprint, time (8 bytes BE), threshold (8 bytes BE: the oldest
+/// first-accepted time still inside the window, or 0 without one). Returns
+/// per key the stored time (a duplicate) or `false` (recorded now). Times
+/// are compared as two 32-bit halves: Lua numbers are doubles.
 const CLAIM_SCRIPT: &str = r"
 local ttl = tonumber(ARGV[1])
+local live = tonumber(ARGV[2])
 local out = {}
-local wrote = false
-for i = 2, #ARGV, 3 do
-  local fp, at, threshold = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+local wrote = {}
+for i = 3, #ARGV, 4 do
+  local base, fp, at, threshold = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local th_hi, th_lo = struct.unpack('>I4>I4', threshold)
   local found = false
-  for k = 1, #KEYS do
+  for k = base + 1, base + live do
     local v = redis.call('HGET', KEYS[k], fp)
     if v then
       local hi, lo = struct.unpack('>I4>I4', v)
@@ -249,13 +328,13 @@ for i = 2, #ARGV, 3 do
   if found then
     out[#out + 1] = found
   else
-    redis.call('HSET', KEYS[1], fp, at)
-    wrote = true
+    redis.call('HSET', KEYS[base + 1], fp, at)
+    wrote[base + 1] = true
     out[#out + 1] = false
   end
 end
-if wrote then
-  redis.call('PEXPIRE', KEYS[1], ttl)
+for k in pairs(wrote) do
+  redis.call('PEXPIRE', KEYS[k], ttl)
 end
 return out
 ";
@@ -317,6 +396,13 @@ struct RedisPartition {
     config: Arc<RedisConfig>,
     stats: Arc<RedisStats>,
     key_base: String,
+    /// Where the shard's hash count is agreed (see the module docs).
+    layout_key: String,
+    /// Hashes per slice: this engine's choice until a connection adopts the
+    /// count agreed in Redis.
+    buckets: u64,
+    /// Hashes (slice, bucket) this process has given a TTL.
+    expiring: HashSet<(u64, u64)>,
     window: Option<u64>,
     ttl_ms: u64,
     conn: Option<Conn>,
@@ -332,6 +418,8 @@ struct RedisPartition {
     /// The newest slice the engine has named (maps slots to slices).
     current: u64,
     script: redis::Script,
+    mark_script: redis::Script,
+    lookup_script: redis::Script,
 }
 
 /// Shared mode, fail closed: claims that were sent but whose answer was
@@ -421,8 +509,49 @@ fn decode(v: &[u8]) -> Option<Timestamp> {
 }
 
 impl RedisPartition {
-    fn key(&self, slice: u64) -> String {
-        format!("{}{slice}", self.key_base)
+    fn key(&self, slice: u64, bucket: u64) -> String {
+        format!("{}{slice}:{bucket:x}", self.key_base)
+    }
+
+    /// The hash of a slice that holds `fp`.
+    fn bucket(&self, fp: Fingerprint) -> u64 {
+        ((u128::from(fp.high()) * u128::from(self.buckets)) >> 64) as u64
+    }
+
+    /// Proposes this engine's hash count for the shard and adopts the one
+    /// Redis holds (the first engine's).
+    fn agree_layout(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let mut set = redis::cmd("SET");
+        set.arg(&self.layout_key).arg(self.buckets).arg("NX");
+        let mut get = redis::cmd("GET");
+        get.arg(&self.layout_key);
+        let replies = conn.pipeline(vec![set, get])?;
+        let agreed = match replies.get(1) {
+            Some(Value::BulkString(b)) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .filter(|n| (1..=MAX_BUCKETS).contains(n)),
+            _ => None,
+        };
+        let Some(agreed) = agreed else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "the shard's layout key does not hold a hash count",
+                self.layout_key.clone(),
+            )));
+        };
+        if agreed != self.buckets {
+            crate::trace::event!(
+                info,
+                key_base = %self.key_base,
+                ours = self.buckets,
+                agreed,
+                "adopted the hash count another engine chose"
+            );
+            self.buckets = agreed;
+            self.expiring.clear();
+        }
+        Ok(())
     }
 
     /// Runs `f` on a connection, reconnecting with backoff; a failure drops
@@ -431,11 +560,32 @@ impl RedisPartition {
         &mut self,
         f: impl FnOnce(&mut Conn, &mut Self) -> redis::RedisResult<T>,
     ) -> Result<T, ExactTierError> {
+        self.connect()?;
+        let mut conn = self.conn.take().expect("connected above");
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        match f(&mut conn, self) {
+            Ok(v) => {
+                self.conn = Some(conn);
+                Ok(v)
+            }
+            Err(e) => {
+                self.fail();
+                Err(unavailable(&e))
+            }
+        }
+    }
+
+    /// Connects unless connected (or in backoff), adopting the agreed hash
+    /// count: call it before grouping keys by hash.
+    fn connect(&mut self) -> Result<(), ExactTierError> {
         if self.conn.is_none() {
             if Instant::now() < self.retry_at {
                 return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
             }
-            match Conn::open(&self.config) {
+            match Conn::open(&self.config).and_then(|mut c| {
+                self.agree_layout(&mut c)?;
+                Ok(c)
+            }) {
                 Ok(c) => {
                     let n = self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     if n > 0 {
@@ -450,18 +600,7 @@ impl RedisPartition {
                 }
             }
         }
-        let mut conn = self.conn.take().expect("connected above");
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        match f(&mut conn, self) {
-            Ok(v) => {
-                self.conn = Some(conn);
-                Ok(v)
-            }
-            Err(e) => {
-                self.fail();
-                Err(unavailable(&e))
-            }
-        }
+        Ok(())
     }
 
     fn fail(&mut self) {
@@ -483,28 +622,39 @@ impl RedisPartition {
         if self.unsent.is_empty() {
             return Ok(());
         }
-        let mut by_slice: Vec<(u64, Cmd)> = Vec::new();
+        // Connect first: the hash count may change when a connection
+        // adopts the agreed one.
+        self.connect()?;
+        // Marks by hash, in mark order within each (a later mark of a key
+        // wins); a TTL for hashes this process has not given one yet.
+        let mut by_hash: HashMap<(u64, u64), Vec<&Mark>> = HashMap::new();
         for m in &self.unsent {
-            let cmd = match by_slice.iter_mut().find(|(s, _)| *s == m.slice) {
-                Some((_, cmd)) => cmd,
-                None => {
-                    let mut cmd = redis::cmd("HSET");
-                    cmd.arg(self.key(m.slice));
-                    by_slice.push((m.slice, cmd));
-                    &mut by_slice.last_mut().expect("just pushed").1
-                }
-            };
-            cmd.arg(&m.fingerprint.to_bytes()[..])
-                .arg(&m.at.as_nanos().to_be_bytes()[..]);
+            by_hash
+                .entry((m.slice, self.bucket(m.fingerprint)))
+                .or_default()
+                .push(m);
         }
-        let mut cmds = Vec::with_capacity(by_slice.len() * 2);
-        for (slice, hset) in by_slice {
-            cmds.push(hset);
-            let mut expire = redis::cmd("PEXPIRE");
-            expire.arg(self.key(slice)).arg(self.ttl_ms);
-            cmds.push(expire);
+        let script = self.mark_script.clone();
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(self.ttl_ms);
+        let mut fresh = Vec::new();
+        for (&(slice, bucket), marks) in &by_hash {
+            let expire = !self.expiring.contains(&(slice, bucket));
+            if expire {
+                fresh.push((slice, bucket));
+            }
+            invocation
+                .key(self.key(slice, bucket))
+                .arg(marks.len())
+                .arg(u8::from(expire));
+            for m in marks {
+                invocation
+                    .arg(&m.fingerprint.to_bytes()[..])
+                    .arg(&m.at.as_nanos().to_be_bytes()[..]);
+            }
         }
-        self.with_conn(|c, _| c.pipeline(cmds))?;
+        self.with_conn(|c, _| invocation.invoke::<Value>(c.like()))?;
+        self.expiring.extend(fresh);
         let n = self.unsent.len() as u64;
         self.stats.marks_written.fetch_add(n, Ordering::Relaxed);
         self.stats.marks_unsent.fetch_sub(n, Ordering::Relaxed);
@@ -667,28 +817,37 @@ impl ExactPartition for RedisPartition {
         // Marks not yet in Redis first (read-your-writes), then one HMGET
         // per live slice that some lookup needs.
         let _ = self.send_unsent();
+        // Failing here fails the request below at once.
+        let _ = self.connect();
         let live: Vec<(u64, usize)> = slots_newest_first(current).collect();
-        let mut cmds = Vec::new();
-        let mut asked: Vec<(u64, Vec<usize>)> = Vec::new();
+        // One HMGET per (slice, bucket) some lookup needs.
+        let mut by_hash: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
         for &(slice, slot) in &live {
-            let which: Vec<usize> = (0..lookups.len())
-                .filter(|&i| lookups[i].slots & (1 << slot) != 0)
-                .collect();
-            if which.is_empty() {
-                continue;
+            for (i, q) in lookups.iter().enumerate() {
+                if q.slots & (1 << slot) != 0 {
+                    by_hash
+                        .entry((slice, self.bucket(q.fingerprint)))
+                        .or_default()
+                        .push(i);
+                }
             }
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(self.key(slice));
-            for &i in &which {
-                cmd.arg(&lookups[i].fingerprint.to_bytes()[..]);
-            }
-            cmds.push(cmd);
-            asked.push((slice, which));
         }
-        let result = if cmds.is_empty() {
+        // Newest slice first, so the first value found per lookup is the
+        // newest.
+        let mut asked: Vec<((u64, u64), Vec<usize>)> = by_hash.into_iter().collect();
+        asked.sort_unstable_by_key(|&((slice, _), _)| std::cmp::Reverse(slice));
+        let script = self.lookup_script.clone();
+        let mut invocation = script.prepare_invoke();
+        for ((slice, bucket), which) in &asked {
+            invocation.key(self.key(*slice, *bucket)).arg(which.len());
+            for &i in which {
+                invocation.arg(&lookups[i].fingerprint.to_bytes()[..]);
+            }
+        }
+        let result = if asked.is_empty() {
             Ok(Vec::new())
         } else {
-            self.with_conn(|c, _| c.pipeline(cmds))
+            self.with_conn(|c, _| invocation.invoke::<Vec<Value>>(c.like()))
         };
         let replies = match result {
             Ok(r) => r,
@@ -714,13 +873,14 @@ impl ExactPartition for RedisPartition {
         };
         // Newest slice first: the first value found per lookup wins.
         out.resize(lookups.len(), None);
-        for ((_, which), reply) in asked.iter().zip(replies) {
-            let Value::Array(values) = reply else {
-                return Err(ExactTierError::Unavailable(
-                    "unexpected HMGET reply".to_owned(),
-                ));
-            };
-            for (&i, v) in which.iter().zip(values) {
+        if replies.len() != asked.iter().map(|(_, which)| which.len()).sum::<usize>() {
+            return Err(ExactTierError::Unavailable(
+                "unexpected lookup reply".to_owned(),
+            ));
+        }
+        let mut values = replies.into_iter();
+        for (_, which) in &asked {
+            for (&i, v) in which.iter().zip(values.by_ref()) {
                 if out[i].is_none() {
                     if let Value::BulkString(bytes) = v {
                         out[i] = decode(&bytes);
@@ -752,30 +912,39 @@ impl ExactPartition for RedisPartition {
         let script = self.script.clone();
         let mut sent = false;
         let result: Result<Vec<Value>, ExactTierError> = {
-            let keys: Vec<String> = slots_newest_first(current)
-                .map(|(slice, _)| self.key(slice))
+            let live: Vec<u64> = slots_newest_first(current)
+                .map(|(slice, _)| slice)
                 .collect();
             let ttl = self.ttl_ms;
-            let args: Vec<Vec<u8>> = claims
-                .iter()
-                .flat_map(|c| {
+            let sent = &mut sent;
+            // Built once connected: the hash count may change when a
+            // connection adopts the agreed one.
+            self.with_conn(move |c, p| {
+                // Per bucket used, its live hashes; per claim, where its
+                // bucket's hashes start.
+                let mut keys: Vec<String> = Vec::new();
+                let mut base: HashMap<u64, usize> = HashMap::new();
+                let mut args: Vec<Vec<u8>> = Vec::with_capacity(claims.len() * 4);
+                for c in claims {
+                    let bucket = p.bucket(c.fingerprint);
+                    let offset = *base.entry(bucket).or_insert_with(|| {
+                        let offset = keys.len();
+                        keys.extend(live.iter().map(|&slice| p.key(slice, bucket)));
+                        offset
+                    });
                     let threshold =
                         window.map_or(0, |w| c.at.as_nanos().saturating_sub(w).saturating_add(1));
-                    [
-                        c.fingerprint.to_bytes().to_vec(),
-                        c.at.as_nanos().to_be_bytes().to_vec(),
-                        threshold.to_be_bytes().to_vec(),
-                    ]
-                })
-                .collect();
-            let sent = &mut sent;
-            self.with_conn(move |c, _| {
+                    args.push(offset.to_string().into_bytes());
+                    args.push(c.fingerprint.to_bytes().to_vec());
+                    args.push(c.at.as_nanos().to_be_bytes().to_vec());
+                    args.push(threshold.to_be_bytes().to_vec());
+                }
                 *sent = true;
                 let mut invocation = script.prepare_invoke();
                 for k in &keys {
                     invocation.key(k);
                 }
-                invocation.arg(ttl);
+                invocation.arg(ttl).arg(live.len());
                 for a in &args {
                     invocation.arg(&a[..]);
                 }
@@ -852,17 +1021,21 @@ impl ExactPartition for RedisPartition {
         // The slot's retiring slice is the newest one in it up to the last
         // slice the engine named: delete those hashes now (best effort; the
         // TTL is the backstop).
-        let expired: Vec<String> = (0..GENERATIONS as u64)
+        let expired: Vec<u64> = (0..GENERATIONS as u64)
             .filter_map(|back| self.current.checked_sub(back))
             .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
-            .map(|slice| self.key(slice))
             .collect();
         if !expired.is_empty() {
-            let mut del = redis::cmd("DEL");
-            for k in &expired {
-                del.arg(k);
-            }
-            let _ = self.with_conn(|c, _| c.pipeline(vec![del]));
+            self.expiring.retain(|(slice, _)| !expired.contains(slice));
+            let _ = self.with_conn(|c, p| {
+                let mut del = redis::cmd("UNLINK");
+                for &slice in &expired {
+                    for bucket in 0..p.buckets {
+                        del.arg(p.key(slice, bucket));
+                    }
+                }
+                c.pipeline(vec![del])
+            });
         }
         if let Some(fallback) = &mut self.fallback {
             fallback.clear_slots(slots);

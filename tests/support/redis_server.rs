@@ -145,6 +145,20 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid} failed");
 }
 
+/// The engine's hashes of marks under the default prefix `td` (not the
+/// shards' `…:layout` keys).
+pub fn mark_hashes(conn: &mut redis::Connection) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("td:*").query(conn).unwrap();
+    keys.into_iter()
+        .filter(|k| !k.ends_with(":layout"))
+        .collect()
+}
+
+/// The slice number in the name of a mark hash (`…:<slice>:<bucket>`).
+pub fn slice_of(hash: &str) -> &str {
+    hash.rsplit(':').nth(1).unwrap_or("")
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(c) = &self.child {
