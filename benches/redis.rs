@@ -20,7 +20,8 @@
 //! `used_memory` per key for each layout.
 //!
 //! `cargo bench --features redis --bench redis` (N = 10⁶);
-//! `TD_BENCH_LARGE=1` for N = 10⁷.
+//! `TD_BENCH_LARGE=1` for N = 10⁷; `TD_BENCH_KEYS_PER_HASH=0` for one Redis
+//! hash per slice instead of the default small hashes.
 
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
@@ -204,7 +205,14 @@ impl Bench {
 
     fn engine_threads(&mut self, affinity: Affinity, threads: usize) -> Duration {
         let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
-        let tier = RedisTier::new(RedisConfig::new(&self.server.url()));
+        let mut config = RedisConfig::new(&self.server.url());
+        if let Some(n) = std::env::var("TD_BENCH_KEYS_PER_HASH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.keys_per_hash = n;
+        }
+        let tier = RedisTier::new(config);
         let stats = tier.stats();
         let d = Deduper::builder()
             .window(WINDOW)

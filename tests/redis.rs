@@ -214,3 +214,34 @@ fn an_engine_sized_differently_finds_the_keys_of_the_first() {
         "a key marked by the first engine was accepted again"
     );
 }
+
+/// `keys_per_hash: 0` keeps one hash per (shard, slice): fewer, larger
+/// hashes, still exact across a restart.
+#[test]
+fn one_hash_per_slice_on_request() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let build = || {
+        let tier = RedisTier::new(RedisConfig {
+            keys_per_hash: 0,
+            ..RedisConfig::new(&server.url())
+        });
+        engine(&server, &clock, Affinity::Owned, Duration::from_secs(600))
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap()
+    };
+    let a = build();
+    let keys: Vec<u64> = (0..5_000).collect();
+    assert!(a.check_batch(&keys).iter().all(|v| v.is_new()));
+    a.flush();
+    drop(a);
+    let mut conn = server.connection();
+    assert_eq!(
+        redis_server::mark_hashes(&mut conn).len(),
+        4,
+        "one per shard"
+    );
+    let b = build();
+    assert!(b.check_batch(&keys).iter().all(|v| v.is_duplicate()));
+}
