@@ -210,7 +210,7 @@ impl Bench {
             .ok()
             .and_then(|v| v.parse().ok())
         {
-            config.keys_per_hash = n;
+            config.keys_per_hash = Some(n);
         }
         let tier = RedisTier::new(config);
         let stats = tier.stats();

@@ -287,6 +287,9 @@ pub struct PartitionSpec {
     pub span_nanos: Option<u64>,
     /// The namespace's seed (part of remote key names).
     pub namespace_seed: u64,
+    /// Keys are shared between engines ([`crate::Affinity::Shared`]): every
+    /// key is claimed in the tier.
+    pub shared: bool,
 }
 
 /// Which exact tier an engine confirms with.

@@ -223,7 +223,7 @@ fn one_hash_per_slice_on_request() {
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
     let build = || {
         let tier = RedisTier::new(RedisConfig {
-            keys_per_hash: 0,
+            keys_per_hash: Some(0),
             ..RedisConfig::new(&server.url())
         });
         engine(&server, &clock, Affinity::Owned, Duration::from_secs(600))
@@ -244,4 +244,25 @@ fn one_hash_per_slice_on_request() {
     );
     let b = build();
     assert!(b.check_batch(&keys).iter().all(|v| v.is_duplicate()));
+}
+
+/// By default shared keys keep one hash per slice (each claim looks a new
+/// key up in every live slice: a miss in a compact hash scans all of it),
+/// owned keys many small ones.
+#[test]
+fn the_default_layout_follows_the_affinity() {
+    for (affinity, one_per_shard) in [(Affinity::Shared, true), (Affinity::Owned, false)] {
+        let server = RedisServer::start();
+        let clock = ManualClock::new(Timestamp::from_secs(1_000));
+        let d = engine(&server, &clock, affinity, Duration::from_secs(600))
+            .expected_keys(100_000)
+            .build()
+            .unwrap();
+        let keys: Vec<u64> = (0..5_000).collect();
+        assert!(d.check_batch(&keys).iter().all(|v| v.is_new()));
+        d.flush();
+        let mut conn = server.connection();
+        let hashes = redis_server::mark_hashes(&mut conn).len();
+        assert_eq!(hashes == 4, one_per_shard, "{affinity:?}: {hashes} hashes");
+    }
 }

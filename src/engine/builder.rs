@@ -357,6 +357,7 @@ impl Plan {
                 slice_nanos: self.slicing.map(|s| s.slice_nanos),
                 span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),
                 namespace_seed: self.namespace.seed(),
+                shared: self.trust == Trust::Shared,
             })),
             Mode::Probabilistic => None,
         };

@@ -4,7 +4,9 @@
 //! hashes, `{prefix}:{<namespace>:<shard>}:<slice>:<bucket>` in hex, the
 //! bucket being the fingerprint's high half scaled onto `B`. Fields are the
 //! 16 fingerprint bytes, values the first-accepted time as 8 big-endian
-//! bytes. `B` is chosen for about 51 keys per hash at the expected rate, so
+//! bytes. For owned keys `B` is chosen for about 51 keys per hash at the
+//! expected rate (shared keys keep one hash per slice by default: see
+//! [`RedisConfig::keys_per_hash`]), so
 //! the hashes stay in Redis's compact listpack encoding (up to
 //! `hash-max-listpack-entries`, 128 by default): 33–37 bytes per key in
 //! Redis where one large hash (a dictionary entry and two strings per key)
@@ -91,11 +93,14 @@ pub struct RedisConfig {
     pub max_unsent_marks: usize,
     /// Keys one hash of a slice is sized for (see the module docs): small
     /// hashes stay in Redis's compact encoding (33–37 bytes per key,
-    /// measured) at the cost of more Redis CPU per key (1.7–1.8 µs against
-    /// 1.25 µs in the Redis bench); `0` keeps one hash per slice (89–99
-    /// bytes per key). The first engine's choice is stored per shard and
-    /// adopted by the others. Default: 64.
-    pub keys_per_hash: usize,
+    /// measured) at the cost of more Redis CPU per key (owned keys: 1.6–1.7
+    /// µs against 1.25 µs in the Redis bench); `Some(0)` keeps one hash per
+    /// slice (89–99 bytes per key). The first engine's choice is stored per
+    /// shard and adopted by the others. Default (`None`): 64 for owned
+    /// keys; one hash per slice for shared keys, whose claims look every
+    /// new key up in each live slice — a full scan of a compact hash, which
+    /// made shared mode 2.2× slower (60 against 126 thousand keys/s).
+    pub keys_per_hash: Option<usize>,
     /// TTL of a slice's hashes, set when this process first writes each
     /// (refreshed by shared-mode claims); a backstop: slices are deleted
     /// when they expire in engine time. Default: twice the span plus two
@@ -114,7 +119,7 @@ impl RedisConfig {
             policy: FailurePolicy::FailClosed,
             timeout: Duration::from_millis(500),
             max_unsent_marks: 100_000,
-            keys_per_hash: KEYS_PER_HASH,
+            keys_per_hash: None,
             ttl: None,
         }
     }
@@ -218,7 +223,12 @@ impl ExactBackend for RedisTier {
             stats: Arc::clone(&self.stats),
             layout_key: format!("{key_base}layout"),
             key_base,
-            buckets: buckets_for(spec.keys_per_slot, self.config.keys_per_hash),
+            buckets: buckets_for(
+                spec.keys_per_slot,
+                self.config
+                    .keys_per_hash
+                    .unwrap_or(if spec.shared { 0 } else { KEYS_PER_HASH }),
+            ),
             expiring: HashSet::new(),
             window: spec.window_nanos,
             ttl_ms: self
