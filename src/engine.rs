@@ -373,33 +373,8 @@ impl Deduper {
         }
         match shard.filter {
             ShardFilter::Windowed(_) => self.check_group_staged(shard, fps, group, time, out),
-            ShardFilter::Unbounded(_) => self.check_group_unbounded(shard, fps, group, time, out),
-            ShardFilter::Direct => self.check_group_direct(shard, fps, group, time, out),
-        }
-    }
-
-    /// [`Deduper::check_group`] for a shard without a filter: the exact
-    /// table's bucket is prefetched `PREFETCH_AHEAD` keys ahead.
-    fn check_group_direct(
-        &self,
-        shard: &mut Shard,
-        fps: &[Fingerprint],
-        group: &[u32],
-        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
-        out: &mut [Verdict],
-    ) {
-        let fp_at = |j: usize| fps[group[j] as usize];
-        let n = group.len();
-        for j in 0..n.min(PREFETCH_AHEAD) {
-            shard.prefetch_exact_unbounded(fp_at(j));
-        }
-        for (j, &i) in group.iter().enumerate() {
-            if j + PREFETCH_AHEAD < n {
-                shard.prefetch_exact_unbounded(fp_at(j + PREFETCH_AHEAD));
-            }
-            let i = i as usize;
-            if let Some(t) = time(shard, i) {
-                out[i] = shard.check(fps[i], None, t, &self.plan.rules);
+            ShardFilter::Unbounded(_) | ShardFilter::Direct => {
+                self.check_group_unbounded(shard, fps, group, time, out);
             }
         }
     }
@@ -407,7 +382,8 @@ impl Deduper {
     /// [`Deduper::check_group`] for a shard without a window that judges
     /// keys one by one: the growing filter's blocks are prefetched
     /// `PREFETCH_AHEAD` keys ahead, the exact-tier bucket (slot 0)
-    /// `PREFETCH_EXACT_AHEAD` ahead.
+    /// `PREFETCH_EXACT_AHEAD` ahead. Without a filter the first stage
+    /// loads the bucket and there is no second.
     fn check_group_unbounded(
         &self,
         shard: &mut Shard,
@@ -418,17 +394,23 @@ impl Deduper {
     ) {
         let fp_at = |j: usize| fps[group[j] as usize];
         let n = group.len();
+        // Without a filter, stage one has loaded the bucket already.
+        let exact_stage = if matches!(shard.filter, ShardFilter::Direct) {
+            0
+        } else {
+            n
+        };
         for j in 0..n.min(PREFETCH_AHEAD) {
             shard.prefetch(fp_at(j), None);
         }
-        for j in 0..n.min(PREFETCH_EXACT_AHEAD) {
+        for j in 0..exact_stage.min(PREFETCH_EXACT_AHEAD) {
             shard.prefetch_exact_unbounded(fp_at(j));
         }
         for (j, &i) in group.iter().enumerate() {
             if j + PREFETCH_AHEAD < n {
                 shard.prefetch(fp_at(j + PREFETCH_AHEAD), None);
             }
-            if j + PREFETCH_EXACT_AHEAD < n {
+            if j + PREFETCH_EXACT_AHEAD < exact_stage {
                 shard.prefetch_exact_unbounded(fp_at(j + PREFETCH_EXACT_AHEAD));
             }
             let i = i as usize;

@@ -140,24 +140,9 @@ impl FingerprintTable {
     /// Stores `at` for `fp`, replacing an earlier time.
     #[inline]
     pub(crate) fn insert(&mut self, fp: Fingerprint, at: u64) {
-        let at = encode(at);
-        if (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
-            self.grow();
-        }
-        let (low, high) = (fp.low(), fp.high());
-        let mut i = self.home(fp);
-        loop {
-            let b = &mut self.buckets[i];
-            if b.at == EMPTY {
-                *b = Bucket { low, high, at };
-                self.len += 1;
-                return;
-            }
-            if b.low == low && b.high == high {
-                b.at = at;
-                return;
-            }
-            i = self.next(i);
+        match self.find_or_free(fp) {
+            (i, true) => self.buckets[i].at = encode(at),
+            (i, false) => self.fill(i, fp, at),
         }
     }
 
@@ -166,27 +151,45 @@ impl FingerprintTable {
     /// an [`Self::insert`] would walk it twice).
     #[inline]
     pub(crate) fn get_or_insert(&mut self, fp: Fingerprint, at: u64) -> Option<u64> {
+        match self.find_or_free(fp) {
+            (i, true) => Some(self.buckets[i].at - 1),
+            (i, false) => {
+                self.fill(i, fp, at);
+                None
+            }
+        }
+    }
+
+    /// The bucket holding `fp` (`true`), or the free bucket where it
+    /// belongs (`false`), once the table has room for one more entry.
+    #[inline]
+    fn find_or_free(&mut self, fp: Fingerprint) -> (usize, bool) {
         if (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
             self.grow();
         }
         let (low, high) = (fp.low(), fp.high());
         let mut i = self.home(fp);
         loop {
-            let b = &mut self.buckets[i];
+            let b = &self.buckets[i];
             if b.at == EMPTY {
-                *b = Bucket {
-                    low,
-                    high,
-                    at: encode(at),
-                };
-                self.len += 1;
-                return None;
+                return (i, false);
             }
             if b.low == low && b.high == high {
-                return Some(b.at - 1);
+                return (i, true);
             }
             i = self.next(i);
         }
+    }
+
+    /// Stores `fp` at `at` in the free bucket `i`.
+    #[inline]
+    fn fill(&mut self, i: usize, fp: Fingerprint, at: u64) {
+        self.buckets[i] = Bucket {
+            low: fp.low(),
+            high: fp.high(),
+            at: encode(at),
+        };
+        self.len += 1;
     }
 
     /// Empties the table, keeping its buckets.
@@ -234,23 +237,31 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// `steps` fingerprints drawn from `space` keys (seeded LCG); keys that
+    /// are multiples of `clustered` share their top bits: long probe runs.
+    fn stream(seed: u64, steps: u64, space: u64, clustered: u64) -> Vec<Fingerprint> {
+        let ns = crate::fingerprint::Namespace::default();
+        let mut x = seed;
+        (0..steps)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let k = (x >> 33) % space;
+                if k % clustered == 0 {
+                    Fingerprint(u128::from(k) | 0xABCD << 112)
+                } else {
+                    ns.fingerprint(&k.to_le_bytes())
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn matches_a_hashmap_through_growth() {
         let mut table = FingerprintTable::new();
         let mut reference = HashMap::new();
-        let ns = crate::fingerprint::Namespace::default();
-        let mut x = 1u64;
-        for i in 0..200_000u64 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let k = (x >> 33) % 50_000;
-            let fp = if k % 10 == 0 {
-                // A tenth of the keys share their top bits: long probe runs.
-                Fingerprint(u128::from(k) | 0xABCD << 112)
-            } else {
-                ns.fingerprint(&k.to_le_bytes())
-            };
+        for (i, fp) in (0u64..).zip(stream(1, 200_000, 50_000, 10)) {
             assert_eq!(table.get(fp), reference.get(&fp).copied(), "step {i}");
             table.insert(fp, i);
             reference.insert(fp, i);
@@ -266,18 +277,7 @@ mod tests {
     fn get_or_insert_matches_a_hashmap_through_growth() {
         let mut table = FingerprintTable::with_capacity(100);
         let mut reference = HashMap::new();
-        let ns = crate::fingerprint::Namespace::default();
-        let mut x = 7u64;
-        for i in 0..100_000u64 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let k = (x >> 33) % 30_000;
-            let fp = if k % 8 == 0 {
-                Fingerprint(u128::from(k) | 0x1234 << 112)
-            } else {
-                ns.fingerprint(&k.to_le_bytes())
-            };
+        for (i, fp) in (0u64..).zip(stream(7, 100_000, 30_000, 8)) {
             let expected = reference.get(&fp).copied();
             reference.entry(fp).or_insert(i);
             assert_eq!(table.get_or_insert(fp, i), expected, "step {i}");
