@@ -412,6 +412,32 @@ impl Conn {
         }
     }
 
+    /// Runs `cmds` in one round trip on a single server, reading replies
+    /// only until the first failure: a stalled server costs one timeout,
+    /// not one per command (the client's own pipelines read every reply).
+    /// `None` on a cluster connection (a script does the job there).
+    fn pipeline_fail_fast(&mut self, cmds: &[Cmd]) -> Option<redis::RedisResult<Vec<Value>>> {
+        let Conn::Single(c) = self else {
+            return None;
+        };
+        let mut run = || {
+            let mut packed = Vec::new();
+            for cmd in cmds {
+                cmd.write_packed_command(&mut packed);
+            }
+            c.send_packed_command(&packed)?;
+            let mut replies = Vec::with_capacity(cmds.len());
+            for _ in cmds {
+                match c.recv_response()? {
+                    Value::ServerError(e) => return Err(e.into()),
+                    v => replies.push(v),
+                }
+            }
+            Ok(replies)
+        };
+        Some(run())
+    }
+
     fn like(&mut self) -> &mut dyn ConnectionLike {
         match self {
             Conn::Single(c) => c,
@@ -662,26 +688,49 @@ impl RedisPartition {
                 .or_default()
                 .push(m);
         }
-        let script = self.mark_script.clone();
-        let mut invocation = script.prepare_invoke();
-        invocation.arg(self.ttl_ms);
-        let mut fresh = Vec::new();
-        for (&(slice, bucket), marks) in &by_hash {
-            let expire = !self.expiring.contains(&(slice, bucket));
-            if expire {
-                fresh.push((slice, bucket));
-            }
-            invocation
-                .key(self.key(slice, bucket))
-                .arg(marks.len())
-                .arg(u8::from(expire));
-            for m in marks {
+        let fresh: Vec<(u64, u64)> = by_hash
+            .keys()
+            .filter(|h| !self.expiring.contains(h))
+            .copied()
+            .collect();
+        if self.config.cluster {
+            // One script: one reply, whatever the number of hashes.
+            let script = self.mark_script.clone();
+            let mut invocation = script.prepare_invoke();
+            invocation.arg(self.ttl_ms);
+            for (&(slice, bucket), marks) in &by_hash {
                 invocation
-                    .arg(&m.fingerprint.to_bytes()[..])
-                    .arg(&m.at.as_nanos().to_be_bytes()[..]);
+                    .key(self.key(slice, bucket))
+                    .arg(marks.len())
+                    .arg(u8::from(fresh.contains(&(slice, bucket))));
+                for m in marks {
+                    invocation
+                        .arg(&m.fingerprint.to_bytes()[..])
+                        .arg(&m.at.as_nanos().to_be_bytes()[..]);
+                }
             }
+            self.with_conn(|c, _| invocation.invoke::<Value>(c.like()))?;
+        } else {
+            // Plain commands cost Redis less than a script's calls (no Lua
+            // strings per argument): one HSET per hash, a PEXPIRE per
+            // fresh one, read until the first failure.
+            let mut cmds = Vec::with_capacity(by_hash.len() + fresh.len());
+            for (&(slice, bucket), marks) in &by_hash {
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(self.key(slice, bucket));
+                for m in marks {
+                    cmd.arg(&m.fingerprint.to_bytes()[..])
+                        .arg(&m.at.as_nanos().to_be_bytes()[..]);
+                }
+                cmds.push(cmd);
+            }
+            for &(slice, bucket) in &fresh {
+                let mut expire = redis::cmd("PEXPIRE");
+                expire.arg(self.key(slice, bucket)).arg(self.ttl_ms);
+                cmds.push(expire);
+            }
+            self.with_conn(|c, _| c.pipeline_fail_fast(&cmds).expect("a single server"))?;
         }
-        self.with_conn(|c, _| invocation.invoke::<Value>(c.like()))?;
         self.expiring.extend(fresh);
         let n = self.unsent.len() as u64;
         self.stats.marks_written.fetch_add(n, Ordering::Relaxed);
@@ -864,18 +913,44 @@ impl ExactPartition for RedisPartition {
         // newest.
         let mut asked: Vec<((u64, u64), Vec<usize>)> = by_hash.into_iter().collect();
         asked.sort_unstable_by_key(|&((slice, _), _)| std::cmp::Reverse(slice));
-        let script = self.lookup_script.clone();
-        let mut invocation = script.prepare_invoke();
-        for ((slice, bucket), which) in &asked {
-            invocation.key(self.key(*slice, *bucket)).arg(which.len());
-            for &i in which {
-                invocation.arg(&lookups[i].fingerprint.to_bytes()[..]);
-            }
-        }
         let result = if asked.is_empty() {
             Ok(Vec::new())
-        } else {
+        } else if self.config.cluster {
+            let script = self.lookup_script.clone();
+            let mut invocation = script.prepare_invoke();
+            for ((slice, bucket), which) in &asked {
+                invocation.key(self.key(*slice, *bucket)).arg(which.len());
+                for &i in which {
+                    invocation.arg(&lookups[i].fingerprint.to_bytes()[..]);
+                }
+            }
             self.with_conn(|c, _| invocation.invoke::<Vec<Value>>(c.like()))
+        } else {
+            let cmds: Vec<Cmd> = asked
+                .iter()
+                .map(|((slice, bucket), which)| {
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(self.key(*slice, *bucket));
+                    for &i in which {
+                        cmd.arg(&lookups[i].fingerprint.to_bytes()[..]);
+                    }
+                    cmd
+                })
+                .collect();
+            // Each reply is one HMGET's values: flatten them in order.
+            self.with_conn(|c, _| c.pipeline_fail_fast(&cmds).expect("a single server"))
+                .and_then(|replies| {
+                    let mut values = Vec::new();
+                    for reply in replies {
+                        let Value::Array(v) = reply else {
+                            return Err(ExactTierError::Unavailable(
+                                "unexpected HMGET reply".to_owned(),
+                            ));
+                        };
+                        values.extend(v);
+                    }
+                    Ok(values)
+                })
         };
         let replies = match result {
             Ok(r) => r,
