@@ -680,30 +680,31 @@ impl RedisPartition {
         // adopts the agreed one.
         self.connect()?;
         // Marks by hash, in mark order within each (a later mark of a key
-        // wins); a TTL for hashes this process has not given one yet.
-        let mut by_hash: HashMap<(u64, u64), Vec<&Mark>> = HashMap::new();
-        for m in &self.unsent {
-            by_hash
-                .entry((m.slice, self.bucket(m.fingerprint)))
-                .or_default()
-                .push(m);
-        }
-        let fresh: Vec<(u64, u64)> = by_hash
-            .keys()
+        // wins): sorted by (slice, bucket, position), no map, no vector per
+        // hash; a TTL for hashes this process has not given one yet.
+        let mut order: Vec<(u64, u64, u32)> = (0u32..)
+            .zip(&self.unsent)
+            .map(|(i, m)| (m.slice, self.bucket(m.fingerprint), i))
+            .collect();
+        order.sort_unstable();
+        let by_hash = || order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1));
+        let fresh: Vec<(u64, u64)> = by_hash()
+            .map(|run| (run[0].0, run[0].1))
             .filter(|h| !self.expiring.contains(h))
-            .copied()
             .collect();
         if self.config.cluster {
             // One script: one reply, whatever the number of hashes.
             let script = self.mark_script.clone();
             let mut invocation = script.prepare_invoke();
             invocation.arg(self.ttl_ms);
-            for (&(slice, bucket), marks) in &by_hash {
+            for run in by_hash() {
+                let (slice, bucket) = (run[0].0, run[0].1);
                 invocation
                     .key(self.key(slice, bucket))
-                    .arg(marks.len())
+                    .arg(run.len())
                     .arg(u8::from(fresh.contains(&(slice, bucket))));
-                for m in marks {
+                for &(_, _, i) in run {
+                    let m = &self.unsent[i as usize];
                     invocation
                         .arg(&m.fingerprint.to_bytes()[..])
                         .arg(&m.at.as_nanos().to_be_bytes()[..]);
@@ -714,11 +715,12 @@ impl RedisPartition {
             // Plain commands cost Redis less than a script's calls (no Lua
             // strings per argument): one HSET per hash, a PEXPIRE per
             // fresh one, read until the first failure.
-            let mut cmds = Vec::with_capacity(by_hash.len() + fresh.len());
-            for (&(slice, bucket), marks) in &by_hash {
+            let mut cmds = Vec::with_capacity(2 * fresh.len());
+            for run in by_hash() {
                 let mut cmd = redis::cmd("HSET");
-                cmd.arg(self.key(slice, bucket));
-                for m in marks {
+                cmd.arg(self.key(run[0].0, run[0].1));
+                for &(_, _, i) in run {
+                    let m = &self.unsent[i as usize];
                     cmd.arg(&m.fingerprint.to_bytes()[..])
                         .arg(&m.at.as_nanos().to_be_bytes()[..]);
                 }
