@@ -26,7 +26,13 @@
 //!
 //! **Batches, never a round trip per key.** Lookups are one pipeline of
 //! `HMGET`s (one per hash needed); marks one pipeline of `HSET`s (one per
-//! hash written); shared-mode claims one `EVALSHA` of a script that, per
+//! hash written, and a `PEXPIRE` for each hash this process has not given a
+//! TTL yet). On a single server the pipeline's replies are read only until
+//! the first failure (`Conn::pipeline_fail_fast`: the client's own
+//! pipelines read every reply, so a stalled server cost one timeout per
+//! command — 17 s per batch in the SIGSTOP tests); on a cluster the same
+//! commands run as one script (`MARK_SCRIPT`, `LOOKUP_SCRIPT`: one reply).
+//! Shared-mode claims are one `EVALSHA` of a script that, per
 //! key, checks the live slices and records the key unless it is inside the
 //! window — atomically, so two engines never both accept one key.
 //!
@@ -92,10 +98,9 @@ pub struct RedisConfig {
     /// Default: 100 000.
     pub max_unsent_marks: usize,
     /// Keys one hash of a slice is sized for (see the module docs): small
-    /// hashes stay in Redis's compact encoding (33–37 bytes per key,
-    /// measured) at the cost of more Redis CPU per key (owned keys: 1.6–1.7
-    /// µs against 1.25 µs in the Redis bench); `Some(0)` keeps one hash per
-    /// slice (89–99 bytes per key). The first engine's choice is stored per
+    /// hashes stay in Redis's compact encoding (34 bytes per key in the
+    /// Redis bench, 1.1–1.2 µs of Redis CPU per key); `Some(0)` keeps one
+    /// hash per slice (89–99 bytes per key, 1.1–1.25 µs). The first engine's choice is stored per
     /// shard and adopted by the others. Default (`None`): 64 for owned
     /// keys; one hash per slice for shared keys, whose claims look every
     /// new key up in each live slice — a full scan of a compact hash, which
@@ -263,9 +268,9 @@ impl ExactBackend for RedisTier {
 /// the expected rate and stays in Redis's compact encoding up to 2.5 times
 /// that (`hash-max-listpack-entries`, 128 by default; past it Redis
 /// converts that one hash, costing memory, not verdicts). Measured with
-/// the Redis bench: 16 keys per hash cost 2.4–2.8 µs of Redis CPU per key
-/// (more scripted `HSET` calls), 40 cost 1.7–1.8 µs, 100 cost 1.7–1.8 µs
-/// at 33 B per key.
+/// the Redis bench (marks as scripts then): 16 keys per hash cost 2.4–2.8
+/// µs of Redis CPU per key (more `HSET` calls), 40 and 100 cost 1.7–1.8 µs,
+/// at 37 and 33 B per key.
 const KEYS_PER_HASH: usize = 64;
 
 /// Most hashes per slice of a shard (and the most a layout key may name).
@@ -280,9 +285,9 @@ fn buckets_for(keys_per_slot: usize, keys_per_hash: usize) -> u64 {
     (keys_per_slot.div_ceil(keys_per_hash) as u64).clamp(1, MAX_BUCKETS)
 }
 
-/// Writes marks into many hashes in one request (one reply: a pipeline of
-/// one command per hash would wait out a timeout per command when the
-/// server stalls). KEYS: the hashes. ARGV: ttl ms, then per hash: its number
+/// On a cluster, writes marks into many hashes in one request (one reply:
+/// the cluster client's pipeline of one command per hash would wait out a
+/// timeout per command when a server stalls). KEYS: the hashes. ARGV: ttl ms, then per hash: its number
 /// of marks `n`, `1` to give it the TTL (else `0`), `n` pairs (fingerprint,
 /// time). Arguments go to `HSET` in runs that fit Lua's stack.
 const MARK_SCRIPT: &str = r"
