@@ -32,7 +32,7 @@
 
 #[path = "../tests/support/rng.rs"]
 mod rng;
-use rng::{mix, Rng};
+use rng::shuffled_stream;
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, OnceLock};
@@ -76,18 +76,7 @@ fn workload() -> &'static Workload {
         // Rounded up to whole segments (4 285 720 repeats: 30.0000%).
         let total = ((distinct as f64 / (1.0 - DUP_FRACTION)) / SEGMENTS as f64).ceil() as u64
             * SEGMENTS as u64;
-        let mut rng = Rng::new(SEED);
-        // Distinct keys: SplitMix64 outputs of distinct counters are distinct.
-        let mut stream: Vec<u64> = (0..distinct).map(|i| mix(SEED ^ i)).collect();
-        for _ in distinct..total {
-            let i = rng.below(distinct);
-            stream.push(stream[i as usize]);
-        }
-        // Fisher–Yates.
-        for i in (1..stream.len()).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            stream.swap(i, j);
-        }
+        let stream = shuffled_stream(SEED, distinct, total);
         let label = format!(
             "n{}_dup{}",
             if distinct == 10_000_000 {

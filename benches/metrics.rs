@@ -45,7 +45,7 @@
 
 #[path = "../tests/support/rng.rs"]
 mod rng;
-use rng::{mix, Rng};
+use rng::shuffled_stream;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -85,18 +85,7 @@ fn workload() -> &'static Workload {
                 .unwrap_or(10_000_000)
         };
         let total = (distinct as f64 / (1.0 - DUP_FRACTION)).ceil() as u64;
-        let mut rng = Rng::new(SEED);
-        // Distinct keys: SplitMix64 outputs of distinct counters are distinct.
-        let mut stream: Vec<u64> = (0..distinct).map(|i| mix(SEED ^ i)).collect();
-        for _ in distinct..total {
-            let i = rng.below(distinct);
-            stream.push(stream[i as usize]);
-        }
-        // Fisher–Yates.
-        for i in (1..stream.len()).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            stream.swap(i, j);
-        }
+        let stream = shuffled_stream(SEED, distinct, total);
         let label = format!(
             "n{}_dup{}",
             if distinct == 10_000_000 {

@@ -32,3 +32,20 @@ pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+/// `total` keys: the `distinct` keys `mix(seed ^ i)` (distinct, since `mix`
+/// is a bijection), then repeats of uniformly chosen ones, shuffled
+/// (Fisher–Yates) with a [`Rng`] seeded by `seed`.
+pub fn shuffled_stream(seed: u64, distinct: u64, total: u64) -> Vec<u64> {
+    let mut rng = Rng::new(seed);
+    let mut stream: Vec<u64> = (0..distinct).map(|i| mix(seed ^ i)).collect();
+    for _ in distinct..total {
+        let i = rng.below(distinct);
+        stream.push(stream[i as usize]);
+    }
+    for i in (1..stream.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        stream.swap(i, j);
+    }
+    stream
+}
