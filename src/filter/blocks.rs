@@ -76,6 +76,18 @@ impl BlockedBloom {
         Probe { block, mask }
     }
 
+    /// [`BlockedBloom::probe`] for a caller that knows the hash count `K`
+    /// (it must equal [`BlockedBloom::hashes`]): batch paths dispatch on the
+    /// count once per batch instead of once per key.
+    #[inline(always)]
+    pub(crate) fn probe_k<const K: u32>(&self, fp: Fingerprint) -> Probe {
+        debug_assert_eq!(K, self.hashes);
+        Probe {
+            block: self.block_of(fp),
+            mask: probe_mask::<K>(fp.high()),
+        }
+    }
+
     /// The probe of `fp` in this filter given its mask (which depends only on
     /// the fingerprint's high half and the hash count): the block only.
     #[inline]
@@ -103,6 +115,47 @@ impl BlockedBloom {
             hits |= u8::from(w & probe.mask == probe.mask) << slot;
         }
         hits
+    }
+
+    /// [`BlockedBloom::hits`] with AVX2: the block's eight words in two
+    /// 256-bit loads, one masked compare per half. About ten instructions
+    /// where the scalar loop takes forty, which matters once the block is
+    /// in cache.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) unsafe fn hits_avx2(&self, probe: Probe) -> u8 {
+        use std::arch::x86_64::{
+            __m256i, _mm256_and_si256, _mm256_castsi256_pd, _mm256_cmpeq_epi64, _mm256_movemask_pd,
+            _mm256_set1_epi64x,
+        };
+        let words = self.blocks[probe.block].0.as_ptr();
+        let (low, high): (__m256i, __m256i);
+        // SAFETY: `words` is a 64-byte aligned block of eight `AtomicU64`s,
+        // so both 32-byte loads are aligned and in bounds. They are done in
+        // assembly, which the compiler treats as opaque: to the memory model
+        // this is the same hardware load as `hits`' eight atomic loads (x86
+        // reads each aligned 8-byte word of a vector load atomically), not a
+        // non-atomic Rust read racing with the inserts' atomic writes.
+        unsafe {
+            std::arch::asm!(
+                "vmovdqa {low}, ymmword ptr [{words}]",
+                "vmovdqa {high}, ymmword ptr [{words} + 32]",
+                words = in(reg) words,
+                low = out(ymm_reg) low,
+                high = out(ymm_reg) high,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        let mask = _mm256_set1_epi64x(probe.mask as i64);
+        let low = _mm256_cmpeq_epi64(_mm256_and_si256(low, mask), mask);
+        let high = _mm256_cmpeq_epi64(_mm256_and_si256(high, mask), mask);
+        let low = _mm256_movemask_pd(_mm256_castsi256_pd(low));
+        let high = _mm256_movemask_pd(_mm256_castsi256_pd(high));
+        (low | (high << 4)) as u8
     }
 
     /// True when `slot` holds every probe bit.
@@ -249,6 +302,44 @@ fn zeroed_blocks(n: usize) -> Blocks {
 mod tests {
     use super::*;
     use crate::fingerprint::Namespace;
+
+    /// The AVX2 and the scalar `hits` agree on every kind of block: empty,
+    /// sparse, full, and words with some of the probe's bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_hits_match_scalar_hits() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("no AVX2 on this CPU: only the scalar path is used, nothing to compare");
+            return;
+        }
+        let bloom = BlockedBloom::new(512, 5);
+        let mut state = 0x1234_5678_9ABC_DEF0u64;
+        let mut next = || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        // Fill slots to different densities: slot g gets 40·g keys.
+        for slot in 0..GENERATIONS {
+            for _ in 0..40 * slot {
+                let fp = Fingerprint(u128::from(next()) | (u128::from(next()) << 64));
+                bloom.insert(bloom.probe(fp), slot);
+            }
+        }
+        let mut seen = [0usize; 256];
+        for _ in 0..100_000 {
+            let fp = Fingerprint(u128::from(next()) | (u128::from(next()) << 64));
+            let probe = bloom.probe(fp);
+            // SAFETY: AVX2 was detected above.
+            let fast = unsafe { bloom.hits_avx2(probe) };
+            assert_eq!(fast, bloom.hits(probe), "{probe:?}");
+            seen[usize::from(fast)] += 1;
+        }
+        // Both the all-miss answer and answers with several slots occurred.
+        assert!(seen[0] > 0 && seen.iter().skip(2).filter(|&&n| n > 0).count() > 3);
+    }
 
     #[test]
     fn insert_then_hit_in_that_slot_only() {

@@ -14,6 +14,11 @@ use super::sizing::shape_for;
 /// `current` before the first advance: nothing inserted, nothing to clear.
 const NOT_STARTED: u64 = u64::MAX;
 
+/// Keys between a block's prefetch and its use in the batch paths: enough
+/// misses in flight to cover a DRAM access (a power of two, so the ring
+/// index is a mask).
+const BATCH_AHEAD: usize = 16;
+
 /// What the filter says about a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterAnswer {
@@ -268,27 +273,102 @@ impl GenerationalBloom {
     /// [`GenerationalBloom::contains`] for many keys, keeping several cache
     /// misses in flight. Writes one answer per key to `out` (cleared first).
     pub fn contains_batch(&self, fps: &[Fingerprint], now: Timestamp, out: &mut Vec<bool>) {
-        const AHEAD: usize = 16;
         self.advance(now);
-        out.clear();
-        let probes: Vec<Probe> = fps.iter().map(|&fp| self.bloom.probe(fp)).collect();
         loop {
+            out.clear();
             let cur = self.current.load(Ordering::SeqCst);
             let live = live_slots(cur);
-            for p in probes.iter().take(AHEAD) {
-                self.bloom.prefetch(*p);
-            }
-            for (i, p) in probes.iter().enumerate() {
-                if let Some(ahead) = probes.get(i + AHEAD) {
-                    self.bloom.prefetch(*ahead);
-                }
-                out.push(self.bloom.hits(*p) & live != 0);
-            }
+            out.reserve(fps.len());
+            self.walk_hits(fps, |hits| out.push(hits & live != 0));
             fence(Ordering::Acquire);
             if self.current.load(Ordering::SeqCst) == cur {
                 return;
             }
-            out.clear();
+        }
+    }
+
+    /// [`GenerationalBloom::insert`] for many keys, keeping several cache
+    /// misses in flight: each key's block is loaded [`BATCH_AHEAD`] keys
+    /// before its bits are set, so the locked `or` of one insert no longer
+    /// waits for DRAM.
+    pub fn insert_batch(&self, fps: &[Fingerprint], now: Timestamp) {
+        self.advance(now);
+        loop {
+            let cur = self.current.load(Ordering::SeqCst);
+            let slot = slot_of(cur);
+            self.walk_prefetched(fps, |probe| {
+                self.bloom.insert(probe, slot);
+            });
+            // A rotation during the walk may have cleared the slot: insert
+            // again into the new one (setting bits twice is harmless).
+            fence(Ordering::Acquire);
+            if self.current.load(Ordering::SeqCst) == cur {
+                return;
+            }
+        }
+    }
+
+    /// Calls `f` with the hits ([`BlockedBloom::hits`]) of each key in
+    /// order, through [`GenerationalBloom::walk_prefetched`]; with AVX2
+    /// when the CPU has it (checked once per batch).
+    #[inline(always)]
+    fn walk_hits(&self, fps: &[Fingerprint], mut f: impl FnMut(u8)) {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            unsafe { self.walk_hits_avx2(fps, f) };
+            return;
+        }
+        self.walk_prefetched(fps, |probe| f(self.bloom.hits(probe)));
+    }
+
+    /// [`GenerationalBloom::walk_hits`] compiled for AVX2 (the walk is
+    /// inlined here, so its loop is built with the feature too).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    #[target_feature(enable = "avx2")]
+    unsafe fn walk_hits_avx2(&self, fps: &[Fingerprint], mut f: impl FnMut(u8)) {
+        // SAFETY: the caller checked for AVX2.
+        self.walk_prefetched(fps, |probe| f(unsafe { self.bloom.hits_avx2(probe) }));
+    }
+
+    /// Calls `f` with the probe of each key in order, its block prefetched
+    /// [`BATCH_AHEAD`] keys earlier. The probes of the keys ahead wait in a
+    /// ring on the stack (no allocation per batch), and the hash count is
+    /// matched once per batch, not per key.
+    #[inline(always)]
+    fn walk_prefetched(&self, fps: &[Fingerprint], f: impl FnMut(Probe)) {
+        match self.bloom.hashes() {
+            1 => self.walk_prefetched_k::<1>(fps, f),
+            2 => self.walk_prefetched_k::<2>(fps, f),
+            3 => self.walk_prefetched_k::<3>(fps, f),
+            4 => self.walk_prefetched_k::<4>(fps, f),
+            5 => self.walk_prefetched_k::<5>(fps, f),
+            6 => self.walk_prefetched_k::<6>(fps, f),
+            7 => self.walk_prefetched_k::<7>(fps, f),
+            8 => self.walk_prefetched_k::<8>(fps, f),
+            9 => self.walk_prefetched_k::<9>(fps, f),
+            _ => self.walk_prefetched_k::<{ super::sizing::MAX_HASHES }>(fps, f),
+        }
+    }
+
+    #[inline(always)]
+    fn walk_prefetched_k<const K: u32>(&self, fps: &[Fingerprint], mut f: impl FnMut(Probe)) {
+        let mut ring = [Probe::default(); BATCH_AHEAD];
+        for (r, &fp) in ring.iter_mut().zip(fps) {
+            *r = self.bloom.probe_k::<K>(fp);
+            self.bloom.prefetch(*r);
+        }
+        for i in 0..fps.len() {
+            let probe = ring[i % BATCH_AHEAD];
+            if let Some(&ahead) = fps.get(i + BATCH_AHEAD) {
+                let next = self.bloom.probe_k::<K>(ahead);
+                self.bloom.prefetch(next);
+                ring[i % BATCH_AHEAD] = next;
+            }
+            f(probe);
         }
     }
 
@@ -476,6 +556,55 @@ mod tests {
             assert_eq!(hit, f.contains(*k, t));
         }
         assert!(out.iter().step_by(2).all(|&h| h));
+    }
+
+    /// Every word of the filter, block by block.
+    fn words(f: &GenerationalBloom) -> Vec<u64> {
+        let mut w = Vec::new();
+        f.bloom().for_each_word(|x| w.push(x));
+        w
+    }
+
+    #[test]
+    fn batch_inserts_set_the_bits_single_inserts_set() {
+        let window = Duration::from_secs(60);
+        let single = GenerationalBloom::new(window, 5_000, 0.01).unwrap();
+        let batched = GenerationalBloom::new(window, 5_000, 0.01).unwrap();
+        // Batches shorter and longer than the prefetch distance, empty ones,
+        // and time crossing slice boundaries between batches.
+        let lengths = [0usize, 1, 7, 15, 16, 17, 33, 200, 1000, 3];
+        let mut next = 0u64;
+        let mut t = Timestamp::from_secs(100);
+        for round in 0..40 {
+            let n = lengths[round % lengths.len()];
+            let keys: Vec<_> = (next..next + n as u64).map(fp).collect();
+            next += n as u64;
+            // A batch moves time even when empty; so does `advance`.
+            single.advance(t);
+            for &k in &keys {
+                single.insert(k, t);
+            }
+            batched.insert_batch(&keys, t);
+            assert_eq!(single.current_slice(), batched.current_slice());
+            assert_eq!(words(&single), words(&batched), "round {round}");
+            t = t.saturating_add(Duration::from_secs(3));
+        }
+        assert!(words(&single).iter().any(|&w| w != 0));
+    }
+
+    #[test]
+    fn short_batches_query_like_single_keys() {
+        let f = GenerationalBloom::new(Duration::from_secs(60), 1_000, 0.01).unwrap();
+        let t = Timestamp::from_secs(5);
+        let keys: Vec<_> = (0..40).map(fp).collect();
+        f.insert_batch(&keys[..20], t);
+        let mut out = Vec::new();
+        for n in [0usize, 1, 5, 16, 17, 40] {
+            f.contains_batch(&keys[..n], t, &mut out);
+            let single: Vec<bool> = keys[..n].iter().map(|&k| f.contains(k, t)).collect();
+            assert_eq!(out, single, "batch of {n}");
+        }
+        assert!(out[..20].iter().all(|&h| h));
     }
 
     #[test]
