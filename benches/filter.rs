@@ -7,7 +7,8 @@
 //! - `filter_query_present_n…`: queries of keys that were inserted;
 //! - `filter_query_absent_n…`: queries of keys that were never inserted;
 //! - `filter_insert_n…`: inserts of fresh keys into a filter that fills from
-//!   empty to its sized capacity and is then cleared (untimed) and refilled.
+//!   empty to its sized capacity and is then cleared (untimed) and refilled
+//!   (ours one key at a time, `insert`, and a chunk at a time, `insert_batch`).
 //!
 //! One criterion iteration is a chunk of 4096 keys (`Throughput::Elements`).
 //! Keys are xxh3-128 fingerprints of seeded SplitMix64 outputs; fastbloom is
@@ -22,6 +23,12 @@
 //! runs only with `TD_BENCH_LARGE=1`. Each group's filters are built once,
 //! outside the timed loop; the false-positive rate of each filter on 10⁶
 //! absent keys and its bits per key are printed to stderr while building.
+//!
+//! `TD_BENCH_PAIRED=N` adds, for each size, N rounds of whole passes
+//! alternating ours and the peers (queries over the whole key set, inserts
+//! of up to 2²² fresh keys into cleared filters) and prints each round's
+//! ratio and the median: ratios of adjacent passes survive the drift of
+//! this shared machine, which criterion's separate groups do not.
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-bench cargo bench --bench filter
@@ -419,6 +426,16 @@ fn bench_inserts(c: &mut Criterion, label: &str, n: u64) {
             })
         });
     });
+    g.bench_function("ours/insert_batch", |b| {
+        let mut ours = OursAt::new(n);
+        let mut stream = InsertStream::new(n);
+        b.iter_custom(|iters| {
+            time_inserts(iters, &mut stream, &mut ours, OursAt::clear, |o, chunk| {
+                o.f.insert_batch(chunk, o.now);
+                0
+            })
+        });
+    });
     g.bench_function("ours/check_and_insert", |b| {
         let mut ours = OursAt::new(n);
         let mut stream = InsertStream::new(n);
@@ -490,14 +507,181 @@ fn bench_inserts(c: &mut Criterion, label: &str, n: u64) {
     g.finish();
 }
 
+/// `TD_BENCH_PAIRED=N`: the number of paired rounds (0 when unset).
+fn paired_rounds() -> usize {
+    std::env::var("TD_BENCH_PAIRED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Nanoseconds per key of one timed pass.
+fn ns_per_key(keys: usize, pass: impl FnOnce() -> u64) -> f64 {
+    let start = Instant::now();
+    black_box(pass());
+    start.elapsed().as_nanos() as f64 / keys as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prints, for each peer, the ratio peer time / our time of every round
+/// and their median (above 1: ours is faster).
+fn report_pairs(what: &str, ours: &[f64], peers: &[(&str, Vec<f64>)]) {
+    for (name, times) in peers {
+        let ratios: Vec<f64> = times.iter().zip(ours).map(|(p, o)| p / o).collect();
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        eprintln!(
+            "[filter paired] {what}: ours {:.2} ns/key, {name} {:.2} ns/key; ratio per round [{}], median {:.2}x",
+            median(ours.to_vec()),
+            median(times.clone()),
+            shown.join(", "),
+            median(ratios)
+        );
+    }
+}
+
+/// Paired query passes: every round times one whole pass over `keys` for
+/// ours (`contains_batch`) and each peer, alternating who goes first. A pass
+/// walks the key set as often as it takes to make 2²² queries, so even the
+/// small sets' passes last milliseconds.
+fn paired_queries(label: &str, f: &Filters, set: &[Fingerprint], present: bool, rounds: usize) {
+    let t = t0();
+    // Repeating the small set (rather than a longer array) keeps the keys
+    // from evicting the filters.
+    let reps = ((1usize << 22) / set.len()).max(1);
+    let keys = || (0..reps).flat_map(|_| set.chunks(CHUNK));
+    let queries = set.len() * reps;
+    let mut out = Vec::with_capacity(CHUNK);
+    let mut ours = Vec::new();
+    let mut fast = Vec::new();
+    let mut bloom = Vec::new();
+    for round in 0..rounds {
+        let mut pass_ours = || {
+            ns_per_key(queries, || {
+                let mut hits = 0u64;
+                for chunk in keys() {
+                    f.ours.contains_batch(chunk, t, &mut out);
+                    hits += out.iter().filter(|&&h| h).count() as u64;
+                }
+                hits
+            })
+        };
+        let pass_fast = || {
+            ns_per_key(queries, || {
+                let mut hits = 0u64;
+                for _ in 0..reps {
+                    for &k in set {
+                        hits += u64::from(f.fastbloom.contains_hash(fb_hash(k)));
+                    }
+                }
+                hits
+            })
+        };
+        let pass_bloom = || {
+            ns_per_key(queries, || {
+                let mut hits = 0u64;
+                for _ in 0..reps {
+                    for k in set {
+                        hits += u64::from(f.bloomfilter.check(&k.0));
+                    }
+                }
+                hits
+            })
+        };
+        if round % 2 == 0 {
+            ours.push(pass_ours());
+            fast.push(pass_fast());
+            bloom.push(pass_bloom());
+        } else {
+            bloom.push(pass_bloom());
+            fast.push(pass_fast());
+            ours.push(pass_ours());
+        }
+    }
+    let kind = if present { "present" } else { "absent" };
+    report_pairs(
+        &format!("query {kind} {label}"),
+        &ours,
+        &[("fastbloom", fast), ("bloomfilter", bloom)],
+    );
+}
+
+/// Paired insert passes: every round inserts the same fresh keys (up to
+/// 2²² of them, so a pass fits the filter's sizing) into a just-cleared
+/// filter of each kind, alternating who goes first; clearing is untimed.
+fn paired_inserts(label: &str, n: u64, rounds: usize) {
+    let keys: Vec<Fingerprint> = (0..n.min(1 << 22)).map(|i| fp(INSERT_BASE + i)).collect();
+    let bits = bits_for(n);
+    let mut o = OursAt::new(n);
+    let mut fb = fastbloom_empty(bits, n);
+    let mut bf = bloomfilter_empty(bits, n);
+    let (mut ours, mut fast, mut bloom) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let pass_ours = |o: &mut OursAt| {
+            o.clear();
+            ns_per_key(keys.len(), || {
+                for chunk in keys.chunks(CHUNK) {
+                    o.f.insert_batch(chunk, o.now);
+                }
+                0
+            })
+        };
+        let pass_fast = |fb: &mut fastbloom::BloomFilter| {
+            fb.clear();
+            ns_per_key(keys.len(), || {
+                for &k in &keys {
+                    fb.insert_hash(fb_hash(k));
+                }
+                0
+            })
+        };
+        let pass_bloom = |bf: &mut bloomfilter::Bloom<u128>| {
+            bf.clear();
+            ns_per_key(keys.len(), || {
+                for k in &keys {
+                    bf.set(&k.0);
+                }
+                0
+            })
+        };
+        if round % 2 == 0 {
+            ours.push(pass_ours(&mut o));
+            fast.push(pass_fast(&mut fb));
+            bloom.push(pass_bloom(&mut bf));
+        } else {
+            bloom.push(pass_bloom(&mut bf));
+            fast.push(pass_fast(&mut fb));
+            ours.push(pass_ours(&mut o));
+        }
+    }
+    report_pairs(
+        &format!("insert_batch {label}"),
+        &ours,
+        &[("fastbloom", fast), ("bloomfilter", bloom)],
+    );
+}
+
 fn run_size(c: &mut Criterion, n: u64, label: &str) {
+    let rounds = paired_rounds();
     {
         let filters = build(n);
         let present = present_keys(n);
+        if rounds > 0 {
+            paired_queries(label, &filters, &present, true, rounds);
+        }
         bench_queries(c, label, &filters, &present, true);
         drop(present);
         let absent = absent_keys(n);
+        if rounds > 0 {
+            paired_queries(label, &filters, &absent, false, rounds);
+        }
         bench_queries(c, label, &filters, &absent, false);
+    }
+    if rounds > 0 {
+        paired_inserts(label, n, rounds);
     }
     bench_inserts(c, label, n);
 }
