@@ -483,9 +483,11 @@ impl Deduper {
 
     /// Rotates every shard to the current time (processing time) or the
     /// watermark (event time), freeing expired generations of shards that
-    /// have seen no key for a while, and writes pending marks older than the
-    /// flush interval. Checks rotate their own shard; call this periodically
-    /// when some shards may sit idle for longer than a window.
+    /// have seen no key for a while (on the memory tier's one table: sweeping
+    /// up to 2¹⁶ buckets of expired entries per shard and call), and writes
+    /// pending marks older than the flush interval. Checks rotate their own
+    /// shard; call this periodically when some shards may sit idle for
+    /// longer than a window.
     pub fn maintain(&self) {
         for s in 0..self.shards.len() {
             let mut shard = self.lock(s);
@@ -494,6 +496,7 @@ impl Deduper {
                 None => self.watermark(),
             };
             shard.advance(t);
+            shard.sweep_expired(1 << 16);
             shard.flush_marks_if_due(self.plan.flush_interval);
         }
     }

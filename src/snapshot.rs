@@ -14,7 +14,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::engine::{Deduper, DeduperBuilder, Mode, ShardFilter};
 use crate::error::{ConfigError, SnapshotError};
-use crate::filter::{BlockedBloom, GrowingBloom, Layer, OverflowLayer};
+use crate::filter::{BlockedBloom, GrowingBloom, Layer, OverflowLayer, WindowedFilter};
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
@@ -187,6 +187,41 @@ impl Deduper {
     }
 }
 
+/// Reads a windowed filter (tag 1) into `f`, which has the sizing of the
+/// engine that wrote it (the header checked that).
+fn read_windowed<R: Read>(
+    r: &mut HashingReader<R>,
+    f: &mut WindowedFilter,
+) -> Result<(), SnapshotError> {
+    let current = r.u64()?;
+    f.restore_current((current != NONE).then_some(current));
+    for n in &mut f.inserts {
+        *n = r.u64()?;
+    }
+    read_words(r, f.base.bloom())?;
+    let layers = r.u32()?;
+    if layers > 12 {
+        return Err(SnapshotError::Malformed("overflow layer count"));
+    }
+    f.overflow.clear();
+    for _ in 0..layers {
+        let blocks = r.u64()?;
+        if blocks == 0 || blocks > MAX_BLOCKS {
+            return Err(SnapshotError::Malformed("overflow layer size"));
+        }
+        let capacity = r.u64()?;
+        let mut inserts = [0u64; GENERATIONS];
+        for n in &mut inserts {
+            *n = r.u64()?;
+        }
+        let bloom = BlockedBloom::new(blocks as usize, f.base.bloom().hashes());
+        read_words(r, &bloom)?;
+        f.overflow
+            .push(OverflowLayer::new(bloom, capacity, inserts));
+    }
+    Ok(())
+}
+
 fn write_words<W: Write>(w: &mut HashingWriter<W>, bloom: &BlockedBloom) -> io::Result<()> {
     let mut result = Ok(());
     let mut buf = Vec::with_capacity(1 << 16);
@@ -275,33 +310,17 @@ impl DeduperBuilder {
                 shard.counters = counters_from_array(c);
                 let tag = r.u8()?;
                 match (&mut shard.filter, tag) {
-                    (ShardFilter::Windowed(f), 1) => {
-                        let current = r.u64()?;
-                        f.restore_current((current != NONE).then_some(current));
-                        for n in &mut f.inserts {
-                            *n = r.u64()?;
-                        }
-                        read_words(&mut r, f.base.bloom())?;
-                        let layers = r.u32()?;
-                        if layers > 12 {
-                            return Err(SnapshotError::Malformed("overflow layer count"));
-                        }
-                        f.overflow.clear();
-                        for _ in 0..layers {
-                            let blocks = r.u64()?;
-                            if blocks == 0 || blocks > MAX_BLOCKS {
-                                return Err(SnapshotError::Malformed("overflow layer size"));
-                            }
-                            let capacity = r.u64()?;
-                            let mut inserts = [0u64; GENERATIONS];
-                            for n in &mut inserts {
-                                *n = r.u64()?;
-                            }
-                            let bloom = BlockedBloom::new(blocks as usize, f.base.bloom().hashes());
-                            read_words(&mut r, &bloom)?;
-                            f.overflow
-                                .push(OverflowLayer::new(bloom, capacity, inserts));
-                        }
+                    (ShardFilter::Windowed(f), 1) => read_windowed(&mut r, f)?,
+                    // A state written while the memory tier kept a filter and
+                    // one table per slice: the entries below carry every key
+                    // (merged into the one table), the filter is read and
+                    // let go.
+                    (ShardFilter::Direct, 1) => {
+                        let mut scratch = engine
+                            .plan()
+                            .windowed_filter()
+                            .ok_or(SnapshotError::Malformed("filter kind"))?;
+                        read_windowed(&mut r, &mut scratch)?;
                     }
                     (ShardFilter::Unbounded(g), 2) => {
                         *g = read_growing(&mut r, engine.plan().false_positive_rate)?;
@@ -435,6 +454,64 @@ mod tests {
             .no_window()
             .expected_keys(1_000)
             .shards(2)
+    }
+
+    /// A state written while the windowed memory tier kept a filter and a
+    /// table per slice (tag 1) restores into the engine with one table: the
+    /// filter is read and dropped, the entries keep their times, so the
+    /// window goes on where it was.
+    #[test]
+    fn a_state_with_the_old_windowed_filter_restores_into_one_table() {
+        use crate::{Clock, ManualClock, Timestamp};
+        use std::time::Duration;
+        let clock = ManualClock::new(Timestamp::from_secs(1_000));
+        let b = || {
+            Deduper::builder()
+                .window(Duration::from_secs(60))
+                .expected_keys(1_000)
+                .shards(2)
+                .clock(Clock::Manual(clock.clone()))
+        };
+        let d = b().build().unwrap();
+        let key = |k: u64| k.to_le_bytes();
+        for k in 0..300u64 {
+            assert!(d.check(&key(k)[..]).is_new());
+        }
+        clock.advance(Duration::from_secs(30));
+        for k in 300..600u64 {
+            assert!(d.check(&key(k)[..]).is_new());
+        }
+        let mut one_table = Vec::new();
+        d.snapshot(&mut one_table).unwrap();
+        for shard in d.lock_all().iter_mut() {
+            assert!(matches!(shard.filter, ShardFilter::Direct));
+            shard.filter = ShardFilter::Windowed(d.plan().windowed_filter().unwrap());
+        }
+        let mut old = Vec::new();
+        d.snapshot(&mut old).unwrap();
+        assert!(
+            old.len() > one_table.len(),
+            "the filter's words are in the old state"
+        );
+        // 40 s later the first 300 keys (accepted at 1000 s) are out of the
+        // 60 s window, the next 300 (at 1030 s) are inside it.
+        clock.advance(Duration::from_secs(40));
+        for state in [&old, &one_table] {
+            let restored = b().restore(&state[..]).unwrap();
+            for shard in restored.lock_all().iter() {
+                assert!(matches!(shard.filter, ShardFilter::Direct));
+            }
+            for k in 0..600u64 {
+                let expected = if k < 300 {
+                    Verdict::New
+                } else {
+                    Verdict::Duplicate {
+                        first_seen: Timestamp::from_secs(1_030),
+                    }
+                };
+                assert_eq!(restored.check(&key(k)[..]), expected, "key {k}");
+            }
+        }
     }
 
     /// A state written while the memory tier still had a growing filter in

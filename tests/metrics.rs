@@ -48,9 +48,18 @@ fn smoke() {
         value("tiered_dedup_duplicates_total").unwrap().1,
         DebugValue::Counter(1)
     ));
+    // The embedded tier keeps no filter in front of its table: the gauge is
+    // published and reads 0; the table's bytes are the memory.
     assert!(
-        matches!(value("tiered_dedup_filter_bytes").unwrap().1, DebugValue::Gauge(b) if b.into_inner() > 0.0)
+        matches!(value("tiered_dedup_filter_bytes").unwrap().1, DebugValue::Gauge(b) if b.into_inner() == 0.0)
     );
+    assert!(
+        matches!(value("tiered_dedup_exact_bytes").unwrap().1, DebugValue::Gauge(b) if b.into_inner() > 0.0)
+    );
+    assert!(matches!(
+        value("tiered_dedup_exact_entries").unwrap().1,
+        DebugValue::Gauge(n) if n.into_inner() == 2.0
+    ));
 }
 
 /// The background publisher keeps the facade in step and publishes once
@@ -193,10 +202,11 @@ fn the_redis_tier_publishes_its_own_counters() {
 
 /// `tiered_dedup_generation_fill{generation}`: the current slice's
 /// generation is 0, the one before it 1; empty generations read 0; the
-/// gauges equal `Stats::generation_fill`.
+/// gauges equal `Stats::generation_fill`. (The `DashMap` tier keeps a
+/// filter; the embedded table needs none.)
 #[test]
 fn generation_fill_follows_the_slices() {
-    use tiered_dedup::{Clock, ManualClock, Timestamp};
+    use tiered_dedup::{Clock, ExactTier, ManualClock, Timestamp};
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
@@ -204,6 +214,7 @@ fn generation_fill_follows_the_slices() {
         .window(Duration::from_secs(60))
         .expected_keys(6_000)
         .shards(1)
+        .exact_tier(ExactTier::DashMap)
         .clock(Clock::Manual(clock.clone()))
         .build()
         .unwrap();

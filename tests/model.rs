@@ -650,3 +650,73 @@ fn a_restart_on_a_durable_tier_confirms_until_warm() {
         "the test never met a key accepted before the restart"
     );
 }
+
+/// With a window the embedded tier keeps one table per shard, entries
+/// carrying their time, and sweeps expired entries out a few buckets per
+/// check. Over 30 windows of mostly fresh keys at the expected rate the
+/// verdicts match the reference, the entries stay near one window's worth
+/// (30 windows bring 240 000 distinct keys), and the table grows at most
+/// once from its first size.
+#[test]
+fn one_table_stays_bounded_over_many_windows() {
+    let window = Duration::from_secs(1);
+    let per_window = 10_000u64;
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let d = Deduper::builder()
+        .window(window)
+        .expected_keys(per_window)
+        .shards(2)
+        .clock(Clock::Manual(clock.clone()))
+        .build()
+        .unwrap();
+    let mut reference = Reference::new(Some(window), Duration::ZERO);
+    let mut rng = Rng::new(99);
+    let step = window.as_nanos() as u64 / per_window;
+    let mut first_bytes = 0;
+    let mut fresh = 0u64;
+    let mut most_entries = 0;
+    for op in 0..30 * per_window {
+        // 80% fresh keys; the rest repeat one of the last 1.5 windows' keys
+        // (some inside the window, some after it).
+        let key = if fresh > 0 && rng.chance(0.2) {
+            fresh - 1 - rng.below(fresh.min(per_window * 3 / 2))
+        } else {
+            fresh += 1;
+            fresh - 1
+        };
+        let expected = reference.check(key, clock.now().as_nanos());
+        assert_eq!(d.check(&key), expected, "op {op}, key {key}");
+        clock.advance(Duration::from_nanos(step));
+        if op % 1_000 == 0 {
+            let stats = d.stats();
+            if op == per_window {
+                first_bytes = stats.exact_bytes;
+            }
+            most_entries = most_entries.max(stats.exact_entries);
+        }
+    }
+    let stats = d.stats();
+    eprintln!("{stats:?}; most entries {most_entries}");
+    assert_eq!(stats.filter_bytes, 0, "no filter in front of the table");
+    assert!(
+        stats.rotations >= 6 * 29,
+        "{} slices passed",
+        stats.rotations
+    );
+    assert!(stats.reaccepted_after_window > 0);
+    assert!(
+        most_entries <= per_window * 3 / 2,
+        "{most_entries} entries: expired ones are not swept out"
+    );
+    assert!(
+        stats.exact_bytes <= first_bytes * 3 / 2,
+        "table grew from {first_bytes} to {} bytes",
+        stats.exact_bytes
+    );
+    // Idle for two windows: `maintain` alone sweeps every entry out.
+    clock.advance(window * 2);
+    for _ in 0..3 {
+        d.maintain();
+    }
+    assert_eq!(d.stats().exact_entries, 0);
+}

@@ -342,14 +342,36 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// An empty filter of one shard of a windowed engine, as sized.
+    pub(crate) fn windowed_filter(&self) -> Option<WindowedFilter> {
+        self.slicing.map(|slicing| {
+            WindowedFilter::new(
+                GenerationalBloom::with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes),
+                self.rules.slot_capacity,
+            )
+        })
+    }
+
     pub(crate) fn make_shard(&self, index: usize, exact: &ExactTier) -> Result<Shard, ConfigError> {
-        let partition = match self.mode {
+        // Owned keys on the embedded table: no filter. Every key costs one
+        // probe of the table anyway (its mark or its confirmation); a filter
+        // could only add a probe in front. With a window, the table holds
+        // the whole window (entries carry their time and are swept out
+        // once expired) instead of one table per slice that a filter would
+        // have to pick.
+        let direct = self.trust == Trust::Owned
+            && self.mode == Mode::Exact
+            && matches!(exact, ExactTier::Memory);
+        let mut partition = match self.mode {
             Mode::Exact => Some(exact.partition(&crate::exact::PartitionSpec {
                 shard: index,
                 shards: self.shards,
                 // A windowed slot takes a quarter more than its sizing
                 // before the filter grows overflow layers.
                 keys_per_slot: match self.slicing {
+                    // One table: six slices of a window and one more that
+                    // expires while a sweep is running.
+                    Some(_) if direct => self.rules.slot_capacity * 7,
                     Some(_) => self.rules.slot_capacity + self.rules.slot_capacity / 4,
                     None => self.rules.slot_capacity,
                 } as usize,
@@ -361,17 +383,15 @@ impl Plan {
             })),
             Mode::Probabilistic => None,
         };
-        // No window, owned keys and the embedded table: the filter could
-        // only add a probe in front of the table's one probe.
-        let direct = self.slicing.is_none()
-            && self.trust == Trust::Owned
-            && matches!(partition, Some(Partition::Memory(_)));
-        let filter = match self.slicing {
+        let direct = direct && matches!(partition, Some(Partition::Memory(_)));
+        if let (true, Some(window), Some(Partition::Memory(table))) =
+            (direct, self.window, &mut partition)
+        {
+            table.use_one_table(window, self.span, (self.rules.slot_capacity * 7) as usize);
+        }
+        let filter = match self.windowed_filter() {
             _ if direct => ShardFilter::Direct,
-            Some(slicing) => ShardFilter::Windowed(WindowedFilter::new(
-                GenerationalBloom::with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes),
-                self.rules.slot_capacity,
-            )),
+            Some(f) => ShardFilter::Windowed(f),
             None => ShardFilter::Unbounded(GrowingBloom::new(
                 (self.keys_per_window / self.shards as u64).max(1),
                 self.false_positive_rate,

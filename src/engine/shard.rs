@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::exact::table::Within;
 use crate::exact::{Claim, Lookup, Mark, Partition};
 use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
 use crate::fingerprint::Fingerprint;
@@ -257,6 +258,22 @@ impl Shard {
     #[inline]
     pub(crate) fn advance(&mut self, t: Timestamp) {
         self.time = self.time.max(t.as_nanos());
+        if let ShardFilter::Direct = self.filter {
+            // One table for the window: count the slices time passes
+            // through, and let a sweep of expired entries become due.
+            if let Some(Partition::Memory(table)) = &mut self.exact {
+                if table.pass_time(self.time) {
+                    self.counters.rotations += 1;
+                    crate::trace::event!(
+                        debug,
+                        time_nanos = self.time,
+                        sweep_due = table.wants_sweep(),
+                        "shard rotated"
+                    );
+                }
+            }
+            return;
+        }
         if let ShardFilter::Windowed(f) = &mut self.filter {
             let cleared = f.advance(Timestamp::from_nanos(self.time));
             if cleared != 0 {
@@ -296,7 +313,7 @@ impl Shard {
                 (Some(probe), f.hits(fp, probe), f.current())
             }
             ShardFilter::Unbounded(g) => (None, u8::from(g.contains(fp)), 0),
-            ShardFilter::Direct => return self.check_direct(fp, t),
+            ShardFilter::Direct => return self.check_direct(fp, t, rules),
         };
         self.decide(fp, probe, hits, cur, t, rules)
     }
@@ -304,20 +321,50 @@ impl Shard {
     /// [`Shard::check`] without a filter: one probe of the memory tier's
     /// table finds the key or records it.
     #[inline(always)]
-    fn check_direct(&mut self, fp: Fingerprint, t: Timestamp) -> Verdict {
+    fn check_direct(&mut self, fp: Fingerprint, t: Timestamp, rules: &ShardRules) -> Verdict {
         let Some(Partition::Memory(table)) = &mut self.exact else {
             unreachable!("a shard without a filter has the memory tier");
         };
-        let verdict = match table.first_seen_or_mark(fp, t) {
-            Some(first_seen) => Verdict::Duplicate { first_seen },
-            None => {
-                self.counters.marks_queued += 1;
-                self.counters.marks_flushed += 1;
-                Verdict::New
+        let verdict = if rules.window.is_some() {
+            if table.wants_sweep() {
+                // A table at its expected size holds 7/6 of a window's keys
+                // at 80% load: about 8.75 buckets per key a slice brings.
+                // 16 per key checked finishes a sweep in about half a slice
+                // at the expected rate, before the next may start.
+                table.sweep_step(self.time, 16);
+            }
+            match table.check_within(fp, t) {
+                Within::Inside(first_seen) => Verdict::Duplicate {
+                    first_seen: Timestamp::from_nanos(first_seen),
+                },
+                Within::Expired => {
+                    self.counters.reaccepted_after_window += 1;
+                    Verdict::New
+                }
+                Within::Absent => Verdict::New,
+            }
+        } else {
+            match table.first_seen_or_mark(fp, t) {
+                Some(first_seen) => Verdict::Duplicate { first_seen },
+                None => Verdict::New,
             }
         };
+        if verdict == Verdict::New {
+            self.counters.marks_queued += 1;
+            self.counters.marks_flushed += 1;
+        }
         self.count(verdict);
         verdict
+    }
+
+    /// Without a filter but with a window: advances a due or running sweep
+    /// of the memory tier's expired entries by up to `buckets`.
+    pub(crate) fn sweep_expired(&mut self, buckets: usize) {
+        if let Some(Partition::Memory(table)) = &mut self.exact {
+            if table.wants_sweep() {
+                table.sweep_step(self.time, buckets);
+            }
+        }
     }
 
     /// True when this shard must use [`Shard::check_batched`]: a remote

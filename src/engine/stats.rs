@@ -67,9 +67,13 @@ pub struct Stats {
     pub filter_maybe_seen: u64,
     /// Filter matches the exact tier found absent: false positives caught.
     pub false_positives_caught: u64,
-    /// Keys found in the exact tier but older than the window, accepted again.
+    /// Keys found in the exact tier but older than the window, accepted again
+    /// (on the memory tier's one table, only those the sweep had not yet
+    /// removed; the others are plain new keys).
     pub reaccepted_after_window: u64,
-    /// Shard rotations (a shard moving to a new slice and clearing its spare).
+    /// Shard rotations (a shard moving to a new slice and clearing its spare;
+    /// on the memory tier without a filter, entering a new slice, when a
+    /// sweep of expired entries may start).
     pub rotations: u64,
     /// Keys inserted into a generation whose every layer was full (past 40
     /// overflow layers, or a growing filter out of memory limits): the rate
@@ -104,7 +108,8 @@ pub struct Stats {
     /// Their latency histogram: counts per bucket, bounds in
     /// `docs/metrics.md` (50 µs … 5 s, then the rest).
     pub exact_latency_buckets: [u64; 17],
-    /// Bytes of filter memory.
+    /// Bytes of filter memory (0 on the memory tier with owned keys, which
+    /// keeps no filter).
     pub filter_bytes: u64,
     /// Entries in the exact tier (local backends).
     pub exact_entries: u64,
@@ -115,7 +120,7 @@ pub struct Stats {
     /// Fill of each live filter generation — the fraction of its bits set,
     /// sampled, mean over shards — newest first: `[0]` is the current
     /// slice's, `[6]` the oldest still inside the window. Zero without a
-    /// window.
+    /// window or without a filter.
     pub generation_fill: [f64; crate::time::GENERATIONS - 1],
 }
 

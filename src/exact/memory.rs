@@ -5,7 +5,7 @@ use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
-use super::table::FingerprintTable;
+use super::table::{FingerprintTable, Within};
 use super::{ExactPartition, Mark};
 
 /// The embedded exact tier of one shard: one open-addressing table per
@@ -14,6 +14,42 @@ use super::{ExactPartition, Mark};
 pub struct MemoryPartition {
     slots: [FingerprintTable; GENERATIONS],
     expected_per_slot: usize,
+    /// Set when the shard keeps no filter but has a window: every entry
+    /// lives in slot 0's table with its time, and expired entries are
+    /// swept out a step at a time.
+    expiry: Option<Expiry>,
+}
+
+/// The window of a one-table partition and the state of its sweep.
+#[derive(Clone, Copy, Debug)]
+struct Expiry {
+    window: u64,
+    /// Window plus lateness: an entry older than this behind the shard's
+    /// time can match no event any more (later events are at most the
+    /// lateness behind the watermark).
+    span: u64,
+    /// A sixth of the span (the slices of a filtered engine): time passes
+    /// in these steps, and a sweep may start at each step.
+    slice_nanos: u64,
+    /// Start of the next slice (0: no time seen yet).
+    next_slice_at: u64,
+    /// No entry is older than this (a bound: lowered by every insert,
+    /// raised by a complete sweep).
+    earliest: u64,
+    /// A sweep should start at the next [`MemoryPartition::sweep_step`].
+    sweep_due: bool,
+    sweep: Option<Sweep>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sweep {
+    cursor: usize,
+    /// Entries at or before this time are removed.
+    horizon: u64,
+    /// Earliest time kept so far, and inserted since the sweep began.
+    earliest: u64,
+    /// The table's size when the sweep began (a growth restarts it).
+    buckets: usize,
 }
 
 impl MemoryPartition {
@@ -24,7 +60,126 @@ impl MemoryPartition {
         MemoryPartition {
             slots: std::array::from_fn(|_| FingerprintTable::new()),
             expected_per_slot: per_slot,
+            expiry: None,
         }
+    }
+
+    /// Switches to one table for the whole window (the shard keeps no
+    /// filter): entries expire by time, checked on every hit, and are
+    /// removed by [`MemoryPartition::sweep_step`]. `expected` entries fit
+    /// before the table grows.
+    pub(crate) fn use_one_table(&mut self, window: u64, span: u64, expected: usize) {
+        self.expected_per_slot = expected;
+        self.expiry = Some(Expiry {
+            window,
+            span,
+            slice_nanos: span.div_ceil(6).max(1),
+            next_slice_at: 0,
+            earliest: u64::MAX,
+            sweep_due: false,
+            sweep: None,
+        });
+    }
+
+    /// One-table mode: moves to shard time `now`. True when `now` entered
+    /// a new slice (the shard counts a rotation); a sweep is then due if
+    /// some entry may have expired.
+    #[inline(always)]
+    pub(crate) fn pass_time(&mut self, now: u64) -> bool {
+        let Some(e) = &mut self.expiry else {
+            return false;
+        };
+        if now < e.next_slice_at {
+            return false;
+        }
+        let first = e.next_slice_at == 0;
+        e.next_slice_at = (now / e.slice_nanos)
+            .saturating_add(1)
+            .saturating_mul(e.slice_nanos);
+        if now.saturating_sub(e.span) >= e.earliest {
+            e.sweep_due = true;
+        }
+        !first
+    }
+
+    /// Keeps `Expiry::earliest` and a running sweep's bound below `at`.
+    #[inline(always)]
+    fn note_insert(&mut self, at: u64) {
+        if let Some(e) = &mut self.expiry {
+            e.earliest = e.earliest.min(at);
+            if let Some(s) = &mut e.sweep {
+                s.earliest = s.earliest.min(at);
+            }
+        }
+    }
+
+    /// One-table mode: the time `fp` was accepted if that is less than the
+    /// window before `at`; otherwise records `at` for it.
+    #[inline(always)]
+    pub(crate) fn check_within(&mut self, fp: Fingerprint, at: Timestamp) -> Within {
+        let Some(e) = self.expiry else {
+            unreachable!("check_within needs use_one_table");
+        };
+        if !self.slots[0].is_allocated() {
+            self.allocate(0);
+        }
+        if e.sweep.is_some() && self.slots[0].is_full() {
+            // Make room by finishing the sweep before growing.
+            self.sweep_step(0, usize::MAX);
+        }
+        let at = at.as_nanos();
+        let within = self.slots[0].get_or_insert_within(fp, at, e.window);
+        if !matches!(within, Within::Inside(_)) {
+            self.note_insert(at);
+        }
+        within
+    }
+
+    /// True while a sweep is running or due.
+    #[inline(always)]
+    pub(crate) fn wants_sweep(&self) -> bool {
+        self.expiry
+            .is_some_and(|e| e.sweep_due || e.sweep.is_some())
+    }
+
+    /// One-table mode: advances the sweep by up to `budget` buckets,
+    /// starting one if [`MemoryPartition::pass_time`] made it due: it
+    /// removes the entries at or before shard time `now` minus the span.
+    pub(crate) fn sweep_step(&mut self, now: u64, budget: usize) {
+        let Some(mut e) = self.expiry else { return };
+        let table = &mut self.slots[0];
+        if e.sweep.is_none() {
+            if !e.sweep_due {
+                return;
+            }
+            e.sweep_due = false;
+            e.sweep = Some(Sweep {
+                cursor: 0,
+                horizon: now.saturating_sub(e.span),
+                earliest: u64::MAX,
+                buckets: 0,
+            });
+        }
+        let mut s = e.sweep.expect("a sweep is running");
+        if s.buckets != table.bytes() {
+            // Just started, or the table grew (entries moved): from the top.
+            s.cursor = 0;
+            s.buckets = table.bytes();
+        }
+        let (next, kept) = table.sweep(s.cursor, budget, s.horizon);
+        s.earliest = s.earliest.min(kept);
+        match next {
+            Some(cursor) => {
+                s.cursor = cursor;
+                e.sweep = Some(s);
+            }
+            None => {
+                e.earliest = s.earliest;
+                e.sweep = None;
+                crate::trace::event!(debug, entries = table.len(), "exact-tier sweep done");
+            }
+        }
+        self.expiry = Some(e);
     }
 }
 
@@ -42,7 +197,13 @@ impl MemoryPartition {
     }
 
     fn fresh_table(&self) -> FingerprintTable {
-        FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20))
+        // One table for a window stands for seven slots.
+        let cap = if self.expiry.is_some() {
+            7 << 20
+        } else {
+            1 << 20
+        };
+        FingerprintTable::with_capacity(self.expected_per_slot.min(cap))
     }
 }
 
@@ -77,6 +238,18 @@ impl ExactPartition for MemoryPartition {
 
     #[inline(always)]
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
+        if self.expiry.is_some() {
+            // One table (a restored state): the newest acceptance counts.
+            if !self.slots[0].is_allocated() {
+                self.allocate(0);
+            }
+            let at = at.as_nanos();
+            if self.slots[0].get(fp).is_none_or(|t| t < at) {
+                self.slots[0].insert(fp, at);
+                self.note_insert(at);
+            }
+            return Ok(());
+        }
         if !self.slots[slot].is_allocated() {
             self.allocate(slot);
         }
@@ -85,6 +258,12 @@ impl ExactPartition for MemoryPartition {
     }
 
     fn mark_batch(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        if self.expiry.is_some() {
+            for m in marks {
+                self.mark(m.fingerprint, m.slot, m.at)?;
+            }
+            return Ok(());
+        }
         // Allocate first, so prefetches hit the tables the inserts will use.
         for m in marks {
             if !self.slots[m.slot].is_allocated() {

@@ -40,6 +40,17 @@ fn encode(at: u64) -> u64 {
     at.saturating_add(1)
 }
 
+/// What [`FingerprintTable::get_or_insert_within`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Within {
+    /// Stored less than the window before: its time.
+    Inside(u64),
+    /// Stored a window or more before: replaced by the new time.
+    Expired,
+    /// Not stored: inserted.
+    Absent,
+}
+
 /// Fingerprint → first-accepted time, for one slot of one shard.
 pub(crate) struct FingerprintTable {
     buckets: crate::hugealloc::ZeroedArray<Bucket>,
@@ -124,7 +135,8 @@ impl FingerprintTable {
         let (low, high) = (fp.low(), fp.high());
         let mut i = self.home(fp);
         // Invariant: the table is never full, so the probe meets a free
-        // bucket; keys are never removed, so no key lies past a free bucket.
+        // bucket; no key lies past a free bucket from its home (removal
+        // shifts the run back, see `remove_at`).
         loop {
             let b = &self.buckets[i];
             if b.at == EMPTY {
@@ -190,6 +202,97 @@ impl FingerprintTable {
             at: encode(at),
         };
         self.len += 1;
+    }
+
+    /// The time stored for `fp` if it is less than `window` before `at`
+    /// ([`Within::Inside`]; a time after `at`, an out-of-order repeat, is
+    /// inside too). Otherwise `at` is stored as its time: [`Within::Expired`]
+    /// when an older time was replaced, [`Within::Absent`] when the key was
+    /// not in the table. One probe sequence.
+    #[inline]
+    pub(crate) fn get_or_insert_within(&mut self, fp: Fingerprint, at: u64, window: u64) -> Within {
+        match self.find_or_free(fp) {
+            (i, true) => {
+                let first = self.buckets[i].at - 1;
+                if at < first.saturating_add(window) {
+                    Within::Inside(first)
+                } else {
+                    self.buckets[i].at = encode(at);
+                    Within::Expired
+                }
+            }
+            (i, false) => {
+                self.fill(i, fp, at);
+                Within::Absent
+            }
+        }
+    }
+
+    /// True when the next new entry makes the table grow.
+    pub(crate) fn is_full(&self) -> bool {
+        (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM
+    }
+
+    /// One step of a sweep: looks at the buckets from `cursor` on, up to
+    /// `budget` of them, and removes every entry whose time is at or before
+    /// `horizon`. Returns where to resume (`None`: the sweep reached the
+    /// last bucket) and the earliest time among the entries it kept.
+    ///
+    /// Removal shifts later entries of the probe run back into the hole
+    /// (no tombstones), so the bucket at the cursor is looked at again
+    /// after a removal. An entry that wraps from the table's start into a
+    /// hole near its end is looked at again too; entries never move below
+    /// the cursor, so one sweep from 0 to the end sees every entry present
+    /// throughout it.
+    pub(crate) fn sweep(
+        &mut self,
+        cursor: usize,
+        budget: usize,
+        horizon: u64,
+    ) -> (Option<usize>, u64) {
+        let n = self.buckets.len();
+        let end = cursor.saturating_add(budget).min(n);
+        let mut i = cursor;
+        let mut earliest = u64::MAX;
+        while i < end {
+            let at = self.buckets[i].at;
+            if at != EMPTY {
+                if at - 1 <= horizon {
+                    self.remove_at(i);
+                    continue;
+                }
+                earliest = earliest.min(at - 1);
+            }
+            i += 1;
+        }
+        ((end < n).then_some(end), earliest)
+    }
+
+    /// Empties bucket `i` and moves later entries of its probe run back so
+    /// every entry stays reachable from its home (backward-shift deletion).
+    fn remove_at(&mut self, mut hole: usize) {
+        let mut j = hole;
+        loop {
+            j = self.next(j);
+            let b = self.buckets[j];
+            if b.at == EMPTY {
+                break;
+            }
+            let home = self.home(Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64)));
+            // The entry at j may fill the hole unless its home lies
+            // cyclically after the hole, up to j.
+            let stays = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if !stays {
+                self.buckets[hole] = b;
+                hole = j;
+            }
+        }
+        self.buckets[hole] = FREE;
+        self.len -= 1;
     }
 
     /// Empties the table, keeping its buckets.
@@ -286,6 +389,83 @@ mod tests {
         for (fp, at) in table.iter() {
             assert_eq!(reference[&fp], at);
         }
+    }
+
+    /// Windowed checks and sweeps against a map of key → time: between
+    /// sweep steps of random budgets (clustered keys make long runs, so
+    /// removals shift entries, some across the table's end), every answer
+    /// matches the map with expiry by time; after each complete sweep the
+    /// table holds exactly the entries newer than its horizon.
+    #[test]
+    fn windowed_checks_and_sweeps_match_a_hashmap() {
+        const WINDOW: u64 = 1_000;
+        let mut table = FingerprintTable::with_capacity(64);
+        let mut reference: HashMap<Fingerprint, u64> = HashMap::new();
+        let keys = stream(11, 400_000, 5_000, 7);
+        let mut sweep: Option<(usize, u64)> = None;
+        let mut budget_rng = 12345u64;
+        let mut completed = 0;
+        for (step, fp) in keys.into_iter().enumerate() {
+            let now = step as u64 / 4;
+            let expected = match reference.get(&fp) {
+                Some(&t0) if now < t0 + WINDOW => Within::Inside(t0),
+                Some(_) => Within::Expired,
+                None => Within::Absent,
+            };
+            if !matches!(expected, Within::Inside(_)) {
+                reference.insert(fp, now);
+            }
+            // An expired entry the sweep removed already answers `Absent`:
+            // either way the key is accepted anew.
+            let got = table.get_or_insert_within(fp, now, WINDOW);
+            match (got, expected) {
+                (Within::Expired, Within::Absent) => panic!("step {step}: {got:?}"),
+                (Within::Absent, Within::Expired) => {}
+                _ => assert_eq!(got, expected, "step {step}"),
+            }
+            // A sweep's horizon is behind every time inserted while it runs.
+            if step % 50 == 0 && (sweep.is_some() || now > WINDOW) {
+                budget_rng = budget_rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let budget = 1 + (budget_rng >> 40) as usize % 300;
+                let (cursor, horizon) = sweep.unwrap_or((0, now - WINDOW - 1));
+                match table.sweep(cursor, budget, horizon) {
+                    (Some(next), _) => sweep = Some((next, horizon)),
+                    (None, _) => {
+                        sweep = None;
+                        completed += 1;
+                        // Entries at or before the horizon are gone; the
+                        // reference drops them too (they are expired).
+                        reference.retain(|_, t| *t > horizon);
+                        assert_eq!(table.len(), reference.len(), "step {step}");
+                        for (fp, at) in table.iter() {
+                            assert_eq!(reference.get(&fp), Some(&at));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(completed > 20, "{completed} sweeps completed");
+    }
+
+    /// A removal in a run that wraps past the last bucket moves the entries
+    /// from the table's start back into the hole at its end.
+    #[test]
+    fn removal_shifts_a_run_across_the_end() {
+        let mut table = FingerprintTable::with_buckets(10);
+        // Fingerprints whose home is the last bucket: high half near 2⁶⁴.
+        let at_end = |i: u64| Fingerprint(u128::from(i) | (u128::from(u64::MAX - i) << 64));
+        for i in 0..4 {
+            table.insert(at_end(i), 10 + i);
+        }
+        // Buckets 9, 0, 1, 2 hold the run; remove the first (time 10).
+        assert_eq!(table.sweep(0, 10, 10), (None, 11));
+        assert_eq!(table.len(), 3);
+        for i in 1..4 {
+            assert_eq!(table.get(at_end(i)), Some(10 + i));
+        }
+        assert_eq!(table.get(at_end(0)), None);
     }
 
     #[test]

@@ -288,9 +288,8 @@ impl GenerationalBloom {
     }
 
     /// [`GenerationalBloom::insert`] for many keys, keeping several cache
-    /// misses in flight: each key's block is loaded [`BATCH_AHEAD`] keys
-    /// before its bits are set, so the locked `or` of one insert no longer
-    /// waits for DRAM.
+    /// misses in flight: each key's block is loaded 16 keys before its bits
+    /// are set, so the locked `or` of one insert no longer waits for DRAM.
     pub fn insert_batch(&self, fps: &[Fingerprint], now: Timestamp) {
         self.advance(now);
         loop {
