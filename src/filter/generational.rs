@@ -16,8 +16,10 @@ const NOT_STARTED: u64 = u64::MAX;
 
 /// Keys between a block's prefetch and its use in the batch paths: enough
 /// misses in flight to cover a DRAM access (a power of two, so the ring
-/// index is a mask).
-const BATCH_AHEAD: usize = 16;
+/// index is a mask). 64 rather than 16: at 10⁶ keys (a 12 MB filter, not
+/// all of it cached for one core) a query took 5.1 ns instead of 8.2 in
+/// paired runs against fastbloom; 10⁵ and 10⁸ keys were unchanged.
+const BATCH_AHEAD: usize = 64;
 
 /// What the filter says about a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
