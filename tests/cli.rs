@@ -125,6 +125,12 @@ fn smoke() {
     assert_eq!(count(&r.stderr, "read"), 6);
     assert_eq!(count(&r.stderr, "unique"), 4);
     assert_eq!(count(&r.stderr, "duplicates"), 2);
+    // The memory tier keeps no filter: its table holds the 4 distinct keys.
+    assert!(
+        r.stderr.contains("engine: no filter, 4 exact entries"),
+        "{}",
+        r.stderr
+    );
     let quiet = dedup(&["-q"], b"x\nx\n");
     assert_eq!(quiet.out(), "x\n");
     assert_eq!(quiet.stderr, "");

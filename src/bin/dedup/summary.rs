@@ -85,14 +85,24 @@ impl Report<'_> {
             peak_memory().map_or_else(|| "unknown".to_owned(), format_bytes)
         );
         let st = &self.stats;
-        let _ = write!(
-            s,
-            "\ndedup: engine: {} of filter ({:.3}% of checks were false positives, confirmed absent), {} exact entries in {}",
-            format_bytes(st.filter_bytes),
-            st.false_positives_caught as f64 * 100.0 / st.checks.max(1) as f64,
-            st.exact_entries,
-            format_bytes(st.exact_bytes),
-        );
+        if st.filter_bytes == 0 {
+            // The memory tier answers every key from its table alone.
+            let _ = write!(
+                s,
+                "\ndedup: engine: no filter, {} exact entries in {}",
+                st.exact_entries,
+                format_bytes(st.exact_bytes),
+            );
+        } else {
+            let _ = write!(
+                s,
+                "\ndedup: engine: {} of filter ({:.3}% of checks were false positives, confirmed absent), {} exact entries in {}",
+                format_bytes(st.filter_bytes),
+                st.false_positives_caught as f64 * 100.0 / st.checks.max(1) as f64,
+                st.exact_entries,
+                format_bytes(st.exact_bytes),
+            );
+        }
         s
     }
 }
