@@ -150,7 +150,7 @@ pub trait ExactPartition: Send {
                 }
             }
             let inside = newest.filter(|t0| {
-                window.is_none_or(|w| c.at.as_nanos() < t0.as_nanos().saturating_add(w))
+                window.is_none_or(|w| c.at.as_nanos().saturating_sub(t0.as_nanos()) < w)
             });
             if inside.is_none() {
                 self.mark(c.fingerprint, crate::time::slot_of(current), c.at)?;

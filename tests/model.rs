@@ -720,3 +720,39 @@ fn one_table_stays_bounded_over_many_windows() {
     }
     assert_eq!(d.stats().exact_entries, 0);
 }
+
+/// Event time starting at 0: an entry stamped 0 is inside the window until
+/// the window has passed, so no sweep may start before then (a saturated
+/// horizon of 0 once removed it at the first slice boundary). And a time
+/// of u64::MAX (stored saturated) is a duplicate of itself.
+#[test]
+fn times_at_the_ends_of_the_clock() {
+    let d = Deduper::builder()
+        .window(Duration::from_secs(60))
+        .expected_keys(100)
+        .shards(1)
+        .clock(Clock::EventTime)
+        .build()
+        .unwrap();
+    assert_eq!(d.check_at("a", Timestamp::ZERO), Verdict::New);
+    assert_eq!(d.check_at("b", Timestamp::from_secs(11)), Verdict::New);
+    d.maintain();
+    assert_eq!(
+        d.check_at("a", Timestamp::from_secs(12)),
+        Verdict::Duplicate {
+            first_seen: Timestamp::ZERO
+        }
+    );
+    for exact in [ExactTier::Memory, ExactTier::DashMap] {
+        let d = Deduper::builder()
+            .window(Duration::from_secs(60))
+            .expected_keys(100)
+            .exact_tier(exact)
+            .clock(Clock::EventTime)
+            .build()
+            .unwrap();
+        let end = Timestamp::from_nanos(u64::MAX);
+        assert_eq!(d.check_at("z", end), Verdict::New);
+        assert!(d.check_at("z", end).is_duplicate());
+    }
+}

@@ -655,8 +655,9 @@ impl Shard {
         let inside = match rules.window {
             None => true,
             // t − t0 < W, where an out-of-order repeat (t < t0) counts as
-            // inside.
-            Some(w) => t.as_nanos() < first_seen.as_nanos().saturating_add(w),
+            // inside. (Not `t < t0 + W`: a time stored at u64::MAX reads
+            // back one less, and `MAX < MAX` would re-accept it forever.)
+            Some(w) => t.as_nanos().saturating_sub(first_seen.as_nanos()) < w,
         };
         if inside {
             return Verdict::Duplicate { first_seen };

@@ -96,7 +96,12 @@ impl MemoryPartition {
         e.next_slice_at = (now / e.slice_nanos)
             .saturating_add(1)
             .saturating_mul(e.slice_nanos);
-        if now.saturating_sub(e.span) >= e.earliest {
+        // Before the first span has passed nothing can have expired (and a
+        // saturated horizon of 0 would remove entries stamped 0).
+        if now
+            .checked_sub(e.span)
+            .is_some_and(|horizon| horizon >= e.earliest)
+        {
             e.sweep_due = true;
         }
         !first
@@ -149,7 +154,7 @@ impl MemoryPartition {
         let Some(mut e) = self.expiry else { return };
         let table = &mut self.slots[0];
         if e.sweep.is_none() {
-            if !e.sweep_due {
+            if !e.sweep_due || now < e.span {
                 return;
             }
             e.sweep_due = false;

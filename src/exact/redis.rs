@@ -814,7 +814,7 @@ impl RedisPartition {
                 let inside = self
                     .unsent_index
                     .get(c.fingerprint)
-                    .filter(|&t0| window.is_none_or(|w| c.at.as_nanos() < t0.saturating_add(w)));
+                    .filter(|&t0| window.is_none_or(|w| c.at.as_nanos().saturating_sub(t0) < w));
                 if inside.is_none() {
                     self.keep(&[Self::mark_now(c.fingerprint, current, c.at)]);
                 }

@@ -214,7 +214,9 @@ impl FingerprintTable {
         match self.find_or_free(fp) {
             (i, true) => {
                 let first = self.buckets[i].at - 1;
-                if at < first.saturating_add(window) {
+                // at − first < window; an out-of-order `at` (before
+                // `first`) is inside.
+                if at.saturating_sub(first) < window {
                     Within::Inside(first)
                 } else {
                     self.buckets[i].at = encode(at);
@@ -243,7 +245,8 @@ impl FingerprintTable {
     /// after a removal. An entry that wraps from the table's start into a
     /// hole near its end is looked at again too; entries never move below
     /// the cursor, so one sweep from 0 to the end sees every entry present
-    /// throughout it.
+    /// throughout it — unless the table grows in between (entries move):
+    /// the caller then starts again from 0.
     pub(crate) fn sweep(
         &mut self,
         cursor: usize,
