@@ -362,14 +362,20 @@ impl GenerationalBloom {
             *r = self.bloom.probe_k::<K>(fp);
             self.bloom.prefetch(*r);
         }
-        for i in 0..fps.len() {
-            let probe = ring[i % BATCH_AHEAD];
-            if let Some(&ahead) = fps.get(i + BATCH_AHEAD) {
-                let next = self.bloom.probe_k::<K>(ahead);
-                self.bloom.prefetch(next);
-                ring[i % BATCH_AHEAD] = next;
-            }
+        // Key i's probe waits in ring[i % BATCH_AHEAD] until key i is
+        // judged; then the key BATCH_AHEAD further takes its place. The last
+        // BATCH_AHEAD keys have nothing behind them: a second loop, so the
+        // first needs no bounds test.
+        let behind = fps.len().saturating_sub(BATCH_AHEAD);
+        for (i, &ahead) in fps.get(BATCH_AHEAD..).unwrap_or(&[]).iter().enumerate() {
+            let slot = &mut ring[i % BATCH_AHEAD];
+            let probe = *slot;
+            *slot = self.bloom.probe_k::<K>(ahead);
+            self.bloom.prefetch(*slot);
             f(probe);
+        }
+        for i in behind..fps.len() {
+            f(ring[i % BATCH_AHEAD]);
         }
     }
 
@@ -573,7 +579,7 @@ mod tests {
         let batched = GenerationalBloom::new(window, 5_000, 0.01).unwrap();
         // Batches shorter and longer than the prefetch distance, empty ones,
         // and time crossing slice boundaries between batches.
-        let lengths = [0usize, 1, 7, 15, 16, 17, 33, 200, 1000, 3];
+        let lengths = [0usize, 1, 7, 63, 64, 65, 127, 128, 129, 1000, 3];
         let mut next = 0u64;
         let mut t = Timestamp::from_secs(100);
         for round in 0..40 {
@@ -597,10 +603,10 @@ mod tests {
     fn short_batches_query_like_single_keys() {
         let f = GenerationalBloom::new(Duration::from_secs(60), 1_000, 0.01).unwrap();
         let t = Timestamp::from_secs(5);
-        let keys: Vec<_> = (0..40).map(fp).collect();
+        let keys: Vec<_> = (0..200).map(fp).collect();
         f.insert_batch(&keys[..20], t);
         let mut out = Vec::new();
-        for n in [0usize, 1, 5, 16, 17, 40] {
+        for n in [0usize, 1, 5, 63, 64, 65, 127, 128, 129, 200] {
             f.contains_batch(&keys[..n], t, &mut out);
             let single: Vec<bool> = keys[..n].iter().map(|&k| f.contains(k, t)).collect();
             assert_eq!(out, single, "batch of {n}");
