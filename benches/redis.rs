@@ -21,7 +21,8 @@
 //!
 //! `cargo bench --features redis --bench redis` (N = 10⁶);
 //! `TD_BENCH_LARGE=1` for N = 10⁷; `TD_BENCH_KEYS_PER_HASH=0` for one Redis
-//! hash per slice instead of the default small hashes.
+//! hash per slice instead of the default small hashes; `TD_BENCH_MARK_BATCH=N`
+//! for N marks per shard per flush instead of 4096.
 
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
@@ -42,6 +43,15 @@ use tiered_dedup::{Affinity, Clock, Deduper, ExactTier, ManualClock, Timestamp};
 
 const WINDOW: Duration = Duration::from_secs(3600);
 const BATCH: usize = 4096;
+
+/// Marks queued per shard before a flush: `TD_BENCH_MARK_BATCH`, default
+/// [`BATCH`].
+fn mark_batch() -> usize {
+    std::env::var("TD_BENCH_MARK_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BATCH)
+}
 const PIPELINE: usize = 1000;
 const PER_KEY_SAMPLE: usize = 50_000;
 
@@ -217,7 +227,7 @@ impl Bench {
         let d = Deduper::builder()
             .window(WINDOW)
             .expected_keys(self.distinct as u64)
-            .mark_batch(BATCH)
+            .mark_batch(mark_batch())
             .affinity(affinity)
             .clock(Clock::Manual(clock.clone()))
             .exact_tier(ExactTier::Custom(Arc::new(tier)))
