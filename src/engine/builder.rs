@@ -362,6 +362,9 @@ impl Plan {
         let direct = self.trust == Trust::Owned
             && self.mode == Mode::Exact
             && matches!(exact, ExactTier::Memory);
+        // One table: six slices of a window and one more that expires while
+        // a sweep is running.
+        let one_table_keys = (self.rules.slot_capacity * 7) as usize;
         let mut partition = match self.mode {
             Mode::Exact => Some(exact.partition(&crate::exact::PartitionSpec {
                 shard: index,
@@ -369,9 +372,7 @@ impl Plan {
                 // A windowed slot takes a quarter more than its sizing
                 // before the filter grows overflow layers.
                 keys_per_slot: match self.slicing {
-                    // One table: six slices of a window and one more that
-                    // expires while a sweep is running.
-                    Some(_) if direct => self.rules.slot_capacity * 7,
+                    Some(_) if direct => one_table_keys as u64,
                     Some(_) => self.rules.slot_capacity + self.rules.slot_capacity / 4,
                     None => self.rules.slot_capacity,
                 } as usize,
@@ -387,7 +388,7 @@ impl Plan {
         if let (true, Some(window), Some(Partition::Memory(table))) =
             (direct, self.window, &mut partition)
         {
-            table.use_one_table(window, self.span, (self.rules.slot_capacity * 7) as usize);
+            table.use_one_table(window, self.span, one_table_keys);
         }
         let filter = match self.windowed_filter() {
             _ if direct => ShardFilter::Direct,

@@ -322,17 +322,17 @@ impl Shard {
     /// table finds the key or records it.
     #[inline(always)]
     fn check_direct(&mut self, fp: Fingerprint, t: Timestamp, rules: &ShardRules) -> Verdict {
+        if rules.window.is_some() {
+            // A table at its expected size holds 7/6 of a window's keys at
+            // 80% load: about 8.75 buckets per key a slice brings. 16 per
+            // key checked finishes a sweep in about half a slice at the
+            // expected rate, before the next may start.
+            self.sweep_expired(16);
+        }
         let Some(Partition::Memory(table)) = &mut self.exact else {
             unreachable!("a shard without a filter has the memory tier");
         };
         let verdict = if rules.window.is_some() {
-            if table.wants_sweep() {
-                // A table at its expected size holds 7/6 of a window's keys
-                // at 80% load: about 8.75 buckets per key a slice brings.
-                // 16 per key checked finishes a sweep in about half a slice
-                // at the expected rate, before the next may start.
-                table.sweep_step(self.time, 16);
-            }
             match table.check_within(fp, t) {
                 Within::Inside(first_seen) => Verdict::Duplicate {
                     first_seen: Timestamp::from_nanos(first_seen),

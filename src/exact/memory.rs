@@ -48,8 +48,9 @@ struct Sweep {
     horizon: u64,
     /// Earliest time kept so far, and inserted since the sweep began.
     earliest: u64,
-    /// The table's size when the sweep began (a growth restarts it).
-    buckets: usize,
+    /// The table's size in bytes when the sweep began (a growth moves
+    /// entries, so it restarts the sweep).
+    table_bytes: usize,
 }
 
 impl MemoryPartition {
@@ -122,18 +123,19 @@ impl MemoryPartition {
     /// window before `at`; otherwise records `at` for it.
     #[inline(always)]
     pub(crate) fn check_within(&mut self, fp: Fingerprint, at: Timestamp) -> Within {
-        let Some(e) = self.expiry else {
+        let Some(Expiry { window, sweep, .. }) = &self.expiry else {
             unreachable!("check_within needs use_one_table");
         };
+        let (window, sweeping) = (*window, sweep.is_some());
         if !self.slots[0].is_allocated() {
             self.allocate(0);
         }
-        if e.sweep.is_some() && self.slots[0].is_full() {
+        if sweeping && self.slots[0].is_full() {
             // Make room by finishing the sweep before growing.
             self.sweep_step(0, usize::MAX);
         }
         let at = at.as_nanos();
-        let within = self.slots[0].get_or_insert_within(fp, at, e.window);
+        let within = self.slots[0].get_or_insert_within(fp, at, window);
         if !matches!(within, Within::Inside(_)) {
             self.note_insert(at);
         }
@@ -151,7 +153,7 @@ impl MemoryPartition {
     /// starting one if [`MemoryPartition::pass_time`] made it due: it
     /// removes the entries at or before shard time `now` minus the span.
     pub(crate) fn sweep_step(&mut self, now: u64, budget: usize) {
-        let Some(mut e) = self.expiry else { return };
+        let Some(e) = &mut self.expiry else { return };
         let table = &mut self.slots[0];
         if e.sweep.is_none() {
             if !e.sweep_due || now < e.span {
@@ -160,31 +162,27 @@ impl MemoryPartition {
             e.sweep_due = false;
             e.sweep = Some(Sweep {
                 cursor: 0,
-                horizon: now.saturating_sub(e.span),
+                horizon: now - e.span,
                 earliest: u64::MAX,
-                buckets: 0,
+                table_bytes: 0,
             });
         }
-        let mut s = e.sweep.expect("a sweep is running");
-        if s.buckets != table.bytes() {
+        let s = e.sweep.as_mut().expect("a sweep is running");
+        if s.table_bytes != table.bytes() {
             // Just started, or the table grew (entries moved): from the top.
             s.cursor = 0;
-            s.buckets = table.bytes();
+            s.table_bytes = table.bytes();
         }
         let (next, kept) = table.sweep(s.cursor, budget, s.horizon);
         s.earliest = s.earliest.min(kept);
         match next {
-            Some(cursor) => {
-                s.cursor = cursor;
-                e.sweep = Some(s);
-            }
+            Some(cursor) => s.cursor = cursor,
             None => {
                 e.earliest = s.earliest;
                 e.sweep = None;
                 crate::trace::event!(debug, entries = table.len(), "exact-tier sweep done");
             }
         }
-        self.expiry = Some(e);
     }
 }
 

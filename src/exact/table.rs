@@ -28,6 +28,14 @@ struct Bucket {
     at: u64,
 }
 
+impl Bucket {
+    /// The stored fingerprint, whole again.
+    #[inline]
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint(u128::from(self.low) | (u128::from(self.high) << 64))
+    }
+}
+
 const FREE: Bucket = Bucket {
     low: 0,
     high: 0,
@@ -176,7 +184,7 @@ impl FingerprintTable {
     /// belongs (`false`), once the table has room for one more entry.
     #[inline]
     fn find_or_free(&mut self, fp: Fingerprint) -> (usize, bool) {
-        if (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
+        if self.is_full() {
             self.grow();
         }
         let (low, high) = (fp.low(), fp.high());
@@ -281,7 +289,7 @@ impl FingerprintTable {
             if b.at == EMPTY {
                 break;
             }
-            let home = self.home(Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64)));
+            let home = self.home(b.fingerprint());
             // The entry at j may fill the hole unless its home lies
             // cyclically after the hole, up to j.
             let stays = if hole <= j {
@@ -316,7 +324,7 @@ impl FingerprintTable {
         let mut bigger = Self::with_buckets(buckets);
         for b in self.buckets.iter().filter(|b| b.at != EMPTY) {
             // Stored times are already encoded: copy the bucket as it is.
-            let fp = Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64));
+            let fp = b.fingerprint();
             let mut i = bigger.home(fp);
             while bigger.buckets[i].at != EMPTY {
                 i = bigger.next(i);
@@ -329,12 +337,10 @@ impl FingerprintTable {
 
     /// Every entry as (fingerprint, time).
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Fingerprint, u64)> + '_ {
-        self.buckets.iter().filter(|b| b.at != EMPTY).map(|b| {
-            (
-                Fingerprint(u128::from(b.low) | (u128::from(b.high) << 64)),
-                b.at - 1,
-            )
-        })
+        self.buckets
+            .iter()
+            .filter(|b| b.at != EMPTY)
+            .map(|b| (b.fingerprint(), b.at - 1))
     }
 }
 
