@@ -471,7 +471,7 @@ impl Deduper {
     pub(crate) fn flush_shard(&self, s: usize, force: bool) {
         let mut shard = self.lock(s);
         if force {
-            shard.flush_marks();
+            shard.sync_marks();
         } else {
             shard.flush_marks_if_due(self.plan.flush_interval);
         }
@@ -501,10 +501,11 @@ impl Deduper {
         }
     }
 
-    /// Writes every shard's pending marks to the exact tier now.
+    /// Writes every shard's pending marks to the exact tier now, and waits
+    /// until the tier has them.
     pub fn flush(&self) {
         for s in 0..self.shards.len() {
-            self.lock(s).flush_marks();
+            self.lock(s).sync_marks();
         }
     }
 

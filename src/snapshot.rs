@@ -115,7 +115,7 @@ impl Deduper {
         let mut shards = self.lock_all();
         // Pending marks are part of the state: write them through first.
         for shard in shards.iter_mut() {
-            shard.flush_marks();
+            shard.sync_marks();
         }
         w.bytes(MAGIC)?;
         w.u32(FORMAT_VERSION)?;

@@ -170,6 +170,36 @@ fn a_restarted_engine_rejects_what_was_accepted_before() {
     assert_eq!(fields, 50_000);
 }
 
+/// Marks are written on a connection of their own and their replies read
+/// with the next write, so a lookup may reach Redis before marks sent just
+/// earlier are stored: the marks in flight must answer it. A big flush
+/// (tens of milliseconds of Redis work) is followed at once by repeats of
+/// its keys.
+#[test]
+fn marks_in_flight_answer_lookups() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let d = engine(&server, &clock, Affinity::Owned, Duration::from_secs(600))
+        .shards(1)
+        .expected_keys(200_000)
+        .mark_batch(100_000)
+        .build()
+        .unwrap();
+    for round in 0..3u64 {
+        let keys: Vec<u64> = (round * 100_000..(round + 1) * 100_000).collect();
+        // The 100 000th new key fills the batch: its marks are sent.
+        assert!(d.check_batch(&keys).iter().all(|v| v.is_new()));
+        let again: Vec<u64> = keys.iter().step_by(7).copied().collect();
+        let verdicts = d.check_batch(&again);
+        let accepted_again = verdicts.iter().filter(|v| !v.is_duplicate()).count();
+        assert_eq!(
+            accepted_again, 0,
+            "round {round}: repeats of keys in flight accepted"
+        );
+    }
+    d.flush();
+}
+
 /// The hashes a slice is cut into are agreed in Redis: an engine sized for
 /// far fewer keys (another hash count of its own) adopts the first engine's
 /// count and finds every key it marked. The hashes stay in Redis's compact

@@ -126,6 +126,16 @@ impl Shard {
         self.pending.clear();
     }
 
+    /// Writes the pending marks and waits until the tier has them all (a
+    /// remote tier may acknowledge a flush later, with the next one).
+    pub(crate) fn sync_marks(&mut self) {
+        self.flush_marks();
+        if let Some(exact) = &mut self.exact {
+            // A failure leaves them kept (and counted) by the tier.
+            let _ = exact.flush();
+        }
+    }
+
     /// Flushes the pending marks if the oldest has waited `interval`.
     pub(crate) fn flush_marks_if_due(&mut self, interval: Duration) {
         if self.pending.is_due(interval) {

@@ -32,6 +32,11 @@
 //! pipelines read every reply, so a stalled server cost one timeout per
 //! command — 17 s per batch in the SIGSTOP tests); on a cluster the same
 //! commands run as one script (`MARK_SCRIPT`, `LOOKUP_SCRIPT`: one reply).
+//! On a single server, marks go out on a connection of their own and their
+//! replies are read with the next marks (or on a flush): Redis stores one
+//! batch while the engine checks the next, and lookups do not queue behind
+//! them. Marks in flight stay indexed, so a lookup that overtakes them is
+//! answered from the index; a shared-mode claim waits for their replies.
 //! Shared-mode claims are one `EVALSHA` of a script that, per
 //! key, checks the live slices and records the key unless it is inside the
 //! window — atomically, so two engines never both accept one key.
@@ -39,9 +44,10 @@
 //! **Faults.** A failed call drops the connection; the next one reconnects
 //! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. What a
 //! failure means is the [`FailurePolicy`]. Marks that cannot be written are
-//! kept in a bounded buffer, still visible to lookups, and retried with every
-//! later request (and on [`crate::Deduper::flush`]); past the bound they are
-//! counted as dropped. In shared mode, a key accepted without Redis (fail
+//! kept in a bounded buffer, still visible to lookups, and retried with the
+//! next marks, every shared-mode claim and [`crate::Deduper::flush`] (which
+//! returns once Redis has answered them); past the bound they are counted
+//! as dropped (marks in flight do not count against it). In shared mode, a key accepted without Redis (fail
 //! open, fallback) gets such a mark too, so Redis holds it once it is back.
 //! A shared-mode claim whose answer was lost may still have run: its retry
 //! recognises the claim's own time and accepts the key (see
@@ -247,6 +253,13 @@ impl ExactBackend for RedisTier {
             backoff: Duration::from_millis(10),
             unsent: Vec::new(),
             unsent_index: FingerprintTable::new(),
+            mark_conn: None,
+            in_flight: InFlight {
+                marks: Vec::new(),
+                index: FingerprintTable::new(),
+                replies: 0,
+                fresh: Vec::new(),
+            },
             fallback: (self.config.policy == FailurePolicy::FallbackToMemory)
                 .then(|| MemoryPartition::with_capacity(spec.keys_per_slot)),
             unanswered: UnansweredClaims {
@@ -471,6 +484,14 @@ struct RedisPartition {
     /// Marks not yet written, oldest first, and their index for lookups.
     unsent: Vec<Mark>,
     unsent_index: FingerprintTable,
+    /// Single server: the connection marks are written on. Their replies
+    /// are read when the next marks are sent (or on a flush), so Redis
+    /// stores one batch while the engine checks the next; lookups use
+    /// `conn` and do not wait behind them.
+    mark_conn: Option<Conn>,
+    /// Marks sent on `mark_conn` whose replies are not read yet: still
+    /// "not yet written" (indexed for lookups, retried on a failure).
+    in_flight: InFlight,
     fallback: Option<MemoryPartition>,
     /// Claims sent whose answer was lost (fail closed).
     unanswered: UnansweredClaims,
@@ -479,6 +500,16 @@ struct RedisPartition {
     script: redis::Script,
     mark_script: redis::Script,
     lookup_script: redis::Script,
+}
+
+/// Marks written to a single server whose replies are not read yet.
+struct InFlight {
+    marks: Vec<Mark>,
+    index: FingerprintTable,
+    /// Replies owed on the mark connection.
+    replies: usize,
+    /// Hashes whose first `PEXPIRE` went with these marks.
+    fresh: Vec<(u64, u64)>,
 }
 
 /// Shared mode, fail closed: claims that were sent but whose answer was
@@ -672,12 +703,18 @@ impl RedisPartition {
             "Redis request failed; connection dropped"
         );
         self.conn = None;
+        self.mark_conn = None;
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
     }
 
-    /// Writes every unsent mark (oldest first) in one pipeline.
+    /// Writes every unsent mark (oldest first) in one pipeline. On a
+    /// single server the replies are read by the next call (or by
+    /// [`Self::settle`]); a cluster's script is answered at once.
     fn send_unsent(&mut self) -> Result<(), ExactTierError> {
+        // The previous marks' replies first: a failure puts them back
+        // before these, in order.
+        self.settle()?;
         if self.unsent.is_empty() {
             return Ok(());
         }
@@ -716,6 +753,10 @@ impl RedisPartition {
                 }
             }
             self.with_conn(|c, _| invocation.invoke::<Value>(c.like()))?;
+            self.expiring.extend(fresh);
+            self.written(self.unsent.len());
+            self.unsent.clear();
+            self.unsent_index.clear();
         } else {
             // Plain commands cost Redis less than a script's calls (no Lua
             // strings per argument): one HSET per hash, a PEXPIRE per
@@ -736,15 +777,95 @@ impl RedisPartition {
                 expire.arg(self.key(slice, bucket)).arg(self.ttl_ms);
                 cmds.push(expire);
             }
-            self.with_conn(|c, _| c.pipeline_fail_fast(&cmds).expect("a single server"))?;
+            let mut packed = Vec::new();
+            for cmd in &cmds {
+                cmd.write_packed_command(&mut packed);
+            }
+            if self.mark_conn.is_none() {
+                match Conn::open(&self.config) {
+                    Ok(c) => self.mark_conn = Some(c),
+                    Err(e) => {
+                        self.fail();
+                        return Err(unavailable(&e));
+                    }
+                }
+            }
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let Some(Conn::Single(c)) = &mut self.mark_conn else {
+                unreachable!("a single server's mark connection")
+            };
+            if let Err(e) = c.send_packed_command(&packed) {
+                // Nothing was answered: the marks stay unsent.
+                self.fail();
+                return Err(unavailable(&e));
+            }
+            // In flight until their replies are read; still indexed.
+            std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
+            std::mem::swap(&mut self.in_flight.index, &mut self.unsent_index);
+            self.in_flight.replies = cmds.len();
+            self.in_flight.fresh = fresh;
         }
-        self.expiring.extend(fresh);
-        let n = self.unsent.len() as u64;
+        Ok(())
+    }
+
+    /// Reads the replies of the marks in flight (single server): on
+    /// success they are written; on a failure they go back to the front of
+    /// the unsent marks (older than those), for the next retry.
+    fn settle(&mut self) -> Result<(), ExactTierError> {
+        if self.in_flight.replies == 0 {
+            return Ok(());
+        }
+        let result = match &mut self.mark_conn {
+            Some(Conn::Single(c)) => (0..self.in_flight.replies)
+                .try_for_each(|_| match c.recv_response()? {
+                    Value::ServerError(e) => Err(e.into()),
+                    _ => Ok(()),
+                })
+                .map_err(|e: redis::RedisError| unavailable(&e)),
+            _ => Err(ExactTierError::Unavailable(
+                "the connection marks were sent on was dropped".to_owned(),
+            )),
+        };
+        self.in_flight.replies = 0;
+        match result {
+            Ok(()) => {
+                self.expiring.extend(self.in_flight.fresh.drain(..));
+                self.written(self.in_flight.marks.len());
+                self.in_flight.marks.clear();
+                self.in_flight.index.clear();
+                Ok(())
+            }
+            Err(e) => {
+                if self.mark_conn.is_some() {
+                    self.fail();
+                }
+                self.in_flight.fresh.clear();
+                // Unsent marks are newer: they stay indexed over these.
+                for m in &self.in_flight.marks {
+                    if self.unsent_index.get(m.fingerprint).is_none() {
+                        self.unsent_index.insert(m.fingerprint, m.at.as_nanos());
+                    }
+                }
+                self.in_flight.index.clear();
+                self.in_flight.marks.append(&mut self.unsent);
+                std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts `n` marks as written (no longer unsent).
+    fn written(&self, n: usize) {
+        let n = n as u64;
         self.stats.marks_written.fetch_add(n, Ordering::Relaxed);
         self.stats.marks_unsent.fetch_sub(n, Ordering::Relaxed);
-        self.unsent.clear();
-        self.unsent_index.clear();
-        Ok(())
+    }
+
+    /// The time of the newest mark of `fp` not yet known to be in Redis.
+    fn pending_time(&self, fp: Fingerprint) -> Option<u64> {
+        self.unsent_index
+            .get(fp)
+            .or_else(|| self.in_flight.index.get(fp))
     }
 
     fn degraded(&self, n: usize) {
@@ -812,8 +933,7 @@ impl RedisPartition {
                 // Kept marks are written in order: a copy accepted earlier
                 // in this batch is seen here.
                 let inside = self
-                    .unsent_index
-                    .get(c.fingerprint)
+                    .pending_time(c.fingerprint)
                     .filter(|&t0| window.is_none_or(|w| c.at.as_nanos().saturating_sub(t0) < w));
                 if inside.is_none() {
                     self.keep(&[Self::mark_now(c.fingerprint, current, c.at)]);
@@ -879,7 +999,8 @@ impl ExactPartition for RedisPartition {
     }
 
     fn flush(&mut self) -> Result<(), ExactTierError> {
-        self.send_unsent()
+        self.send_unsent()?;
+        self.settle()
     }
 
     fn prefers_batches(&self) -> bool {
@@ -898,9 +1019,8 @@ impl ExactPartition for RedisPartition {
     ) -> Result<(), ExactTierError> {
         self.current = self.current.max(current);
         out.clear();
-        // Marks not yet in Redis first (read-your-writes), then one HMGET
-        // per live slice that some lookup needs.
-        let _ = self.send_unsent();
+        // Marks not yet in Redis stay queued: their index answers for them
+        // below (read-your-writes without a flush per lookup).
         // Failing here fails the request below at once.
         let _ = self.connect();
         let live: Vec<(u64, usize)> = slots_newest_first(current).collect();
@@ -959,28 +1079,27 @@ impl ExactPartition for RedisPartition {
                     Ok(values)
                 })
         };
-        let replies = match result {
-            Ok(r) => r,
-            Err(e) => {
-                return match self.config.policy {
-                    FailurePolicy::FailClosed => Err(e),
-                    FailurePolicy::FailOpen => {
-                        self.degraded(lookups.len());
-                        out.extend(lookups.iter().map(|q| {
-                            self.unsent_index
-                                .get(q.fingerprint)
-                                .map(Timestamp::from_nanos)
-                        }));
-                        Ok(())
-                    }
-                    FailurePolicy::FallbackToMemory => {
-                        self.degraded(lookups.len());
-                        let fallback = self.fallback.as_mut().expect("fallback policy");
-                        fallback.lookup_batch(current, lookups, out)
-                    }
-                };
-            }
-        };
+        let replies =
+            match result {
+                Ok(r) => r,
+                Err(e) => {
+                    return match self.config.policy {
+                        FailurePolicy::FailClosed => Err(e),
+                        FailurePolicy::FailOpen => {
+                            self.degraded(lookups.len());
+                            out.extend(lookups.iter().map(|q| {
+                                self.pending_time(q.fingerprint).map(Timestamp::from_nanos)
+                            }));
+                            Ok(())
+                        }
+                        FailurePolicy::FallbackToMemory => {
+                            self.degraded(lookups.len());
+                            let fallback = self.fallback.as_mut().expect("fallback policy");
+                            fallback.lookup_batch(current, lookups, out)
+                        }
+                    };
+                }
+            };
         // Newest slice first: the first value found per lookup wins.
         out.resize(lookups.len(), None);
         if replies.len() != asked.iter().map(|(_, which)| which.len()).sum::<usize>() {
@@ -999,7 +1118,7 @@ impl ExactPartition for RedisPartition {
             }
         }
         for (i, q) in lookups.iter().enumerate() {
-            if let Some(at) = self.unsent_index.get(q.fingerprint) {
+            if let Some(at) = self.pending_time(q.fingerprint) {
                 out[i] = Some(Timestamp::from_nanos(at));
             }
         }
@@ -1018,7 +1137,8 @@ impl ExactPartition for RedisPartition {
         let window = window.or(self.window);
         // Marks kept through an outage first: the script must see them. If
         // they cannot be written, the script below fails fast (backoff).
-        let _ = self.send_unsent();
+        // Written means answered: the script runs on another connection.
+        let _ = self.send_unsent().and_then(|()| self.settle());
         let script = self.script.clone();
         let mut sent = false;
         let result: Result<Vec<Value>, ExactTierError> = {
@@ -1136,6 +1256,9 @@ impl ExactPartition for RedisPartition {
             .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
             .collect();
         if !expired.is_empty() {
+            // Marks in flight to these hashes land before the UNLINK (a
+            // hash created after it would have no TTL).
+            let _ = self.settle();
             self.expiring.retain(|(slice, _)| !expired.contains(slice));
             let _ = self.with_conn(|c, p| {
                 let mut del = redis::cmd("UNLINK");
@@ -1153,11 +1276,14 @@ impl ExactPartition for RedisPartition {
     }
 
     fn len(&self) -> u64 {
-        self.unsent.len() as u64
+        (self.unsent.len() + self.in_flight.marks.len()) as u64
     }
 
     fn bytes(&self) -> usize {
-        self.fallback.as_ref().map_or(0, MemoryPartition::bytes) + self.unsent.capacity() * 48
+        self.fallback.as_ref().map_or(0, MemoryPartition::bytes)
+            + (self.unsent.capacity() + self.in_flight.marks.capacity()) * 48
+            + self.unsent_index.bytes()
+            + self.in_flight.index.bytes()
     }
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
