@@ -160,14 +160,10 @@ fn a_restarted_engine_rejects_what_was_accepted_before() {
             .all(|v| v.first_seen() == Some(Timestamp::from_secs(1_000))),
         "a key accepted before the restart was accepted again"
     );
-    // Every mark is in Redis: count the hash fields.
+    // Every mark is in Redis: count the records.
     let mut conn = server.connection();
-    let hash_keys = redis_server::mark_hashes(&mut conn);
-    let fields: u64 = hash_keys
-        .iter()
-        .map(|k| redis::cmd("HLEN").arg(k).query::<u64>(&mut conn).unwrap())
-        .sum();
-    assert_eq!(fields, 50_000);
+    let keys = redis_server::mark_hashes(&mut conn);
+    assert_eq!(redis_server::count_marks(&mut conn, &keys), 50_000);
 }
 
 /// Marks are written on a connection of their own and their replies read
@@ -221,18 +217,11 @@ fn an_engine_sized_differently_finds_the_keys_of_the_first() {
     a.flush();
     drop(a);
     let mut conn = server.connection();
-    let hashes = redis_server::mark_hashes(&mut conn);
-    assert!(hashes.len() > 4 * 100, "{} hashes", hashes.len());
-    for h in hashes.iter().take(20) {
-        let encoding: String = redis::cmd("OBJECT")
-            .arg("ENCODING")
-            .arg(h)
-            .query(&mut conn)
-            .unwrap();
-        assert!(
-            encoding == "listpack" || encoding == "ziplist",
-            "{h}: {encoding}"
-        );
+    let strings = redis_server::mark_hashes(&mut conn);
+    assert!(strings.len() > 4 * 100, "{} record strings", strings.len());
+    for h in strings.iter().take(20) {
+        let kind: String = redis::cmd("TYPE").arg(h).query(&mut conn).unwrap();
+        assert_eq!(kind, "string", "{h}");
     }
     clock.advance(Duration::from_secs(10));
     let b = sized(1_000);
@@ -276,9 +265,63 @@ fn one_hash_per_slice_on_request() {
     assert!(b.check_batch(&keys).iter().all(|v| v.is_duplicate()));
 }
 
+/// The layout (hashes or record strings) is agreed like the hash count:
+/// an owned engine whose own choice is record strings adopts the hashes an
+/// earlier engine wrote, and the other way round, and finds every key; a
+/// shared engine cannot claim keys in record strings and says so.
+#[test]
+fn engines_adopt_the_layout_of_the_first() {
+    let keys: Vec<u64> = (0..5_000).collect();
+    for first_hashes in [true, false] {
+        let server = RedisServer::start();
+        let clock = ManualClock::new(Timestamp::from_secs(1_000));
+        let build = |hashes: bool| {
+            let tier = RedisTier::new(RedisConfig {
+                keys_per_hash: hashes.then_some(0),
+                ..RedisConfig::new(&server.url())
+            });
+            engine(&server, &clock, Affinity::Owned, Duration::from_secs(600))
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .build()
+                .unwrap()
+        };
+        let a = build(first_hashes);
+        assert!(a.check_batch(&keys).iter().all(|v| v.is_new()));
+        a.flush();
+        drop(a);
+        clock.advance(Duration::from_secs(1));
+        let b = build(!first_hashes);
+        let more: Vec<u64> = (5_000..6_000).collect();
+        assert!(b.check_batch(&more).iter().all(|v| v.is_new()));
+        b.flush();
+        assert!(
+            b.check_batch(&keys)
+                .iter()
+                .all(|v| v.first_seen() == Some(Timestamp::from_secs(1_000))),
+            "first wrote hashes: {first_hashes}"
+        );
+        let mut conn = server.connection();
+        let marks = redis_server::mark_hashes(&mut conn);
+        for k in &marks {
+            let kind: String = redis::cmd("TYPE").arg(k).query(&mut conn).unwrap();
+            assert_eq!(kind == "hash", first_hashes, "{k}: {kind}");
+        }
+        assert_eq!(redis_server::count_marks(&mut conn, &marks), 6_000);
+        if !first_hashes {
+            let shared = engine(&server, &clock, Affinity::Shared, Duration::from_secs(600))
+                .build()
+                .unwrap();
+            assert!(
+                shared.check_batch(&keys).iter().all(|v| v.is_unavailable()),
+                "a shared engine claimed keys in record strings"
+            );
+        }
+    }
+}
+
 /// By default shared keys keep one hash per slice (each claim looks a new
 /// key up in every live slice: a miss in a compact hash scans all of it),
-/// owned keys many small ones.
+/// owned keys many small record strings.
 #[test]
 fn the_default_layout_follows_the_affinity() {
     for (affinity, one_per_shard) in [(Affinity::Shared, true), (Affinity::Owned, false)] {

@@ -343,8 +343,8 @@ impl Run {
             .iter()
             .filter(|h| redis_server::slice_of(h) == MAIN_SLICE)
         {
-            fields += redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap();
-            let names: Vec<Vec<u8>> = redis::cmd("HKEYS").arg(h).query(&mut conn).unwrap();
+            let names = redis_server::stored_fingerprints(&mut conn, h);
+            fields += names.len() as u64;
             stored.extend(names);
         }
         let fp = |k: u64| self.d.fingerprint(&k).to_bytes().to_vec();
@@ -527,10 +527,7 @@ fn flush_after_recovery_writes_marks_kept_while_down() {
     }
     let mut conn = run.server.connection();
     let hashes = redis_server::mark_hashes(&mut conn);
-    let fields: u64 = hashes
-        .iter()
-        .map(|h| redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap())
-        .sum();
+    let fields = redis_server::count_marks(&mut conn, &hashes);
     assert_eq!(fields, 1_000);
     assert_eq!(run.stats.marks_written.load(Ordering::Relaxed), 1_400);
 }
@@ -568,9 +565,6 @@ fn a_full_retry_buffer_counts_what_it_drops() {
     }
     let mut conn = run.server.connection();
     let hashes = redis_server::mark_hashes(&mut conn);
-    let fields: u64 = hashes
-        .iter()
-        .map(|h| redis::cmd("HLEN").arg(h).query::<u64>(&mut conn).unwrap())
-        .sum();
+    let fields = redis_server::count_marks(&mut conn, &hashes);
     assert_eq!(fields, unsent);
 }

@@ -1,19 +1,33 @@
 //! `RedisTier`: the shared, durable exact tier (feature `redis`).
 //!
-//! **Layout.** Each (namespace, shard, slice) is cut into `B` small Redis
-//! hashes, `{prefix}:{<namespace>:<shard>}:<slice>:<bucket>` in hex, the
-//! bucket being the fingerprint's high half scaled onto `B`. Fields are the
-//! 16 fingerprint bytes, values the first-accepted time as 8 big-endian
-//! bytes. For owned keys `B` is chosen for about 51 keys per hash at the
-//! expected rate (shared keys keep one hash per slice by default: see
-//! [`RedisConfig::keys_per_hash`]), so
-//! the hashes stay in Redis's compact listpack encoding (up to
-//! `hash-max-listpack-entries`, 128 by default): 33–37 bytes per key in
-//! Redis where one large hash (a dictionary entry and two strings per key)
-//! costs 89 and `SET key 1 NX PX` 115. The first engine to use a shard
-//! writes its `B` to `{prefix}:{<namespace>:<shard>}:layout`; every engine
-//! that connects later adopts it, so engines sized differently (or a
-//! restart with another estimate) still look in the same hashes.
+//! **Layout.** Each (namespace, shard, slice) is cut into `B` buckets,
+//! Redis keys `{prefix}:{<namespace>:<shard>}:<slice>:<bucket>` in hex, the
+//! bucket being the fingerprint's high half scaled onto `B`. A mark is the
+//! 16 fingerprint bytes and the first-accepted time as 8 big-endian bytes,
+//! stored one of two ways:
+//! - **record strings** (owned keys, the default): a bucket is a string of
+//!   24-byte records, written with `APPEND` (all of a flush's marks for one
+//!   bucket in one argument) and read whole with `MGET` (one command for a
+//!   lookup batch); the newest record of a fingerprint wins. Redis does no
+//!   search and no per-field work: in the Redis bench it spends 0.3–0.7 µs
+//!   per key where small hashes cost 0.8–1.3, at 32–47 bytes per key (the
+//!   spread is `APPEND`'s doubling growth);
+//! - **hashes** (shared keys, whose claim script checks and sets one field
+//!   atomically; or `keys_per_hash: Some(0)`): fields are fingerprints,
+//!   values times.
+//!
+//! `B` is chosen for about 51 keys per bucket at the expected rate (shared
+//! keys keep one hash per slice by default: see
+//! [`RedisConfig::keys_per_hash`]), so a lookup reads about 1.2 kB and
+//! small hashes would stay in Redis's compact listpack encoding (up to
+//! `hash-max-listpack-entries`, 128 by default; one large hash costs 89
+//! bytes per key and `SET key 1 NX PX` 115). The first engine to use a
+//! shard writes its layout (`B`, or `records:B`) to
+//! `{prefix}:{<namespace>:<shard>}:layout`; every engine that connects
+//! later adopts it, so engines sized differently (or a restart with another
+//! estimate) still look in the same buckets, an owned engine reads and
+//! writes the hashes an earlier one left, and a shared engine refuses
+//! record strings (its requests fail with a message that says so).
 //!
 //! The hash tag `{<namespace>:<shard>}` puts all hashes of one shard in one
 //! Cluster slot, so every batch is slot-local. A slice's hashes are deleted
@@ -24,14 +38,15 @@
 //! and at least an hour, so a clock slower than the wall clock (an
 //! event-time replay) never loses a key early.
 //!
-//! **Batches, never a round trip per key.** Lookups are one pipeline of
-//! `HMGET`s (one per hash needed); marks one pipeline of `HSET`s (one per
-//! hash written, and a `PEXPIRE` for each hash this process has not given a
-//! TTL yet). On a single server the pipeline's replies are read only until
+//! **Batches, never a round trip per key.** Lookups are one `MGET` (record
+//! strings) or one pipeline of `HMGET`s (one per hash needed); marks one
+//! pipeline of `APPEND`s or `HSET`s (one per bucket written, and a
+//! `PEXPIRE` for each bucket this process has not given a TTL yet). On a single server the pipeline's replies are read only until
 //! the first failure (`Conn::pipeline_fail_fast`: the client's own
 //! pipelines read every reply, so a stalled server cost one timeout per
 //! command — 17 s per batch in the SIGSTOP tests); on a cluster the same
-//! commands run as one script (`MARK_SCRIPT`, `LOOKUP_SCRIPT`: one reply).
+//! commands run as one script (`APPEND_SCRIPT`, `MARK_SCRIPT`,
+//! `LOOKUP_SCRIPT`: one reply; `MGET` is one command there too).
 //! On a single server, marks go out on a connection of their own and their
 //! replies are read with the next marks (or on a flush): Redis stores one
 //! batch while the engine checks the next, and lookups do not queue behind
@@ -103,14 +118,14 @@ pub struct RedisConfig {
     /// Marks kept for retry while Redis is unreachable, per shard.
     /// Default: 100 000.
     pub max_unsent_marks: usize,
-    /// Keys one hash of a slice is sized for (see the module docs): small
-    /// hashes stay in Redis's compact encoding (34 bytes per key in the
-    /// Redis bench, 1.1–1.2 µs of Redis CPU per key); `Some(0)` keeps one
-    /// hash per slice (89–99 bytes per key, 1.1–1.25 µs). The first engine's choice is stored per
-    /// shard and adopted by the others. Default (`None`): 64 for owned
-    /// keys; one hash per slice for shared keys, whose claims look every
-    /// new key up in each live slice — a full scan of a compact hash, which
-    /// made shared mode 2.2× slower (60 against 126 thousand keys/s).
+    /// Keys one bucket of a slice is sized for (see the module docs): owned
+    /// keys' buckets are record strings; `Some(0)` keeps one hash per slice
+    /// instead (89–99 bytes per key, 1.1–1.25 µs of Redis CPU per key). The
+    /// first engine's choice is stored per shard and adopted by the others.
+    /// Default (`None`): 64 for owned keys (about 51 per bucket at the
+    /// expected rate); one hash per slice for shared keys, whose claims look
+    /// every new key up in each live slice — a full scan of a compact hash,
+    /// which made shared mode 2.2× slower (60 against 126 thousand keys/s).
     pub keys_per_hash: Option<usize>,
     /// TTL of a slice's hashes, set when this process first writes each
     /// (refreshed by shared-mode claims); a backstop: slices are deleted
@@ -240,6 +255,8 @@ impl ExactBackend for RedisTier {
                     .keys_per_hash
                     .unwrap_or(if spec.shared { 0 } else { KEYS_PER_HASH }),
             ),
+            records: !spec.shared && self.config.keys_per_hash != Some(0),
+            shared: spec.shared,
             expiring: HashSet::new(),
             window: spec.window_nanos,
             ttl_ms: self
@@ -271,6 +288,7 @@ impl ExactBackend for RedisTier {
             current: 0,
             script: redis::Script::new(CLAIM_SCRIPT),
             mark_script: redis::Script::new(MARK_SCRIPT),
+            append_script: redis::Script::new(APPEND_SCRIPT),
             lookup_script: redis::Script::new(LOOKUP_SCRIPT),
         })
     }
@@ -319,6 +337,20 @@ for k = 1, #KEYS do
     redis.call('PEXPIRE', KEYS[k], ttl)
   end
   i = last + 1
+end
+return #KEYS
+";
+
+/// On a cluster, appends marks to many record strings in one request (one
+/// reply, as [`MARK_SCRIPT`]). KEYS: the strings. ARGV: ttl ms, then per
+/// string: its records (24 bytes each), `1` to give it the TTL (else `0`).
+const APPEND_SCRIPT: &str = r"
+local ttl = ARGV[1]
+for k = 1, #KEYS do
+  redis.call('APPEND', KEYS[k], ARGV[2 * k])
+  if ARGV[2 * k + 1] == '1' then
+    redis.call('PEXPIRE', KEYS[k], ttl)
+  end
 end
 return #KEYS
 ";
@@ -473,6 +505,11 @@ struct RedisPartition {
     /// Hashes per slice: this engine's choice until a connection adopts the
     /// count agreed in Redis.
     buckets: u64,
+    /// The slice's buckets are strings of records (owned keys), not hashes:
+    /// this engine's choice until a connection adopts the agreed layout.
+    records: bool,
+    /// Keys are claimed in Redis (shared mode): needs hashes.
+    shared: bool,
     /// Hashes (slice, bucket) this process has given a TTL.
     expiring: HashSet<(u64, u64)>,
     window: Option<u64>,
@@ -499,6 +536,7 @@ struct RedisPartition {
     current: u64,
     script: redis::Script,
     mark_script: redis::Script,
+    append_script: redis::Script,
     lookup_script: redis::Script,
 }
 
@@ -598,6 +636,26 @@ fn decode(v: &[u8]) -> Option<Timestamp> {
     Some(Timestamp::from_nanos(u64::from_be_bytes(bytes)))
 }
 
+/// Bytes of one record in a record string: the fingerprint, then the time
+/// (8 bytes big-endian).
+const RECORD: usize = 24;
+
+/// The time of the last (newest) record of `fp` in a record string; `Err`
+/// for a string that is not whole records.
+fn find_record(records: &[u8], fp: &[u8; 16]) -> Result<Option<Timestamp>, ExactTierError> {
+    if records.len() % RECORD != 0 {
+        return Err(ExactTierError::Unavailable(format!(
+            "a record string of {} bytes is not whole {RECORD}-byte records",
+            records.len()
+        )));
+    }
+    Ok(records
+        .chunks_exact(RECORD)
+        .rev()
+        .find(|r| r[..16] == fp[..])
+        .and_then(|r| decode(&r[16..])))
+}
+
 impl RedisPartition {
     fn key(&self, slice: u64, bucket: u64) -> String {
         format!("{}{slice}:{bucket:x}", self.key_base)
@@ -608,37 +666,57 @@ impl RedisPartition {
         ((u128::from(fp.high()) * u128::from(self.buckets)) >> 64) as u64
     }
 
-    /// Proposes this engine's hash count for the shard and adopts the one
-    /// Redis holds (the first engine's).
+    /// Proposes this engine's layout for the shard (`<count>` of hashes,
+    /// or `records:<count>` of record strings) and adopts the one Redis
+    /// holds (the first engine's).
     fn agree_layout(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let ours = if self.records {
+            format!("records:{}", self.buckets)
+        } else {
+            self.buckets.to_string()
+        };
         let mut set = redis::cmd("SET");
-        set.arg(&self.layout_key).arg(self.buckets).arg("NX");
+        set.arg(&self.layout_key).arg(ours).arg("NX");
         let mut get = redis::cmd("GET");
         get.arg(&self.layout_key);
         let replies = conn.pipeline(vec![set, get])?;
         let agreed = match replies.get(1) {
-            Some(Value::BulkString(b)) => std::str::from_utf8(b)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .filter(|n| (1..=MAX_BUCKETS).contains(n)),
+            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(|s| {
+                let (records, count) = match s.strip_prefix("records:") {
+                    Some(count) => (true, count),
+                    None => (false, s),
+                };
+                let n = count.parse::<u64>().ok()?;
+                (1..=MAX_BUCKETS).contains(&n).then_some((records, n))
+            }),
             _ => None,
         };
-        let Some(agreed) = agreed else {
+        let Some((records, agreed)) = agreed else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
                 "the shard's layout key does not hold a hash count",
                 self.layout_key.clone(),
             )));
         };
-        if agreed != self.buckets {
+        if records && self.shared {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "owned-mode engines keep this namespace's keys as record strings; \
+                 shared mode needs hashes: use another namespace or key prefix",
+                self.layout_key.clone(),
+            )));
+        }
+        if (records, agreed) != (self.records, self.buckets) {
             crate::trace::event!(
                 info,
                 key_base = %self.key_base,
                 ours = self.buckets,
                 agreed,
-                "adopted the hash count another engine chose"
+                records,
+                "adopted the layout another engine chose"
             );
             self.buckets = agreed;
+            self.records = records;
             self.expiring.clear();
         }
         Ok(())
@@ -734,17 +812,35 @@ impl RedisPartition {
             .map(|run| (run[0].0, run[0].1))
             .filter(|h| !self.expiring.contains(h))
             .collect();
+        // A record string's marks, appended in mark order.
+        let records = |run: &[(u64, u64, u32)]| {
+            let mut blob = Vec::with_capacity(run.len() * RECORD);
+            for &(_, _, i) in run {
+                let m = &self.unsent[i as usize];
+                blob.extend_from_slice(&m.fingerprint.to_bytes());
+                blob.extend_from_slice(&m.at.as_nanos().to_be_bytes());
+            }
+            blob
+        };
         if self.config.cluster {
             // One script: one reply, whatever the number of hashes.
-            let script = self.mark_script.clone();
+            let fresh_set: HashSet<(u64, u64)> = fresh.iter().copied().collect();
+            let is_fresh =
+                |run: &[(u64, u64, u32)]| u8::from(fresh_set.contains(&(run[0].0, run[0].1)));
+            let script = if self.records {
+                self.append_script.clone()
+            } else {
+                self.mark_script.clone()
+            };
             let mut invocation = script.prepare_invoke();
             invocation.arg(self.ttl_ms);
             for run in by_hash() {
-                let (slice, bucket) = (run[0].0, run[0].1);
-                invocation
-                    .key(self.key(slice, bucket))
-                    .arg(run.len())
-                    .arg(u8::from(fresh.contains(&(slice, bucket))));
+                invocation.key(self.key(run[0].0, run[0].1));
+                if self.records {
+                    invocation.arg(records(run)).arg(is_fresh(run));
+                    continue;
+                }
+                invocation.arg(run.len()).arg(is_fresh(run));
                 for &(_, _, i) in run {
                     let m = &self.unsent[i as usize];
                     invocation
@@ -759,10 +855,16 @@ impl RedisPartition {
             self.unsent_index.clear();
         } else {
             // Plain commands cost Redis less than a script's calls (no Lua
-            // strings per argument): one HSET per hash, a PEXPIRE per
-            // fresh one, read until the first failure.
+            // strings per argument): one APPEND or HSET per string or hash,
+            // a PEXPIRE per fresh one, read until the first failure.
             let mut cmds = Vec::with_capacity(2 * fresh.len());
             for run in by_hash() {
+                if self.records {
+                    let mut cmd = redis::cmd("APPEND");
+                    cmd.arg(self.key(run[0].0, run[0].1)).arg(records(run));
+                    cmds.push(cmd);
+                    continue;
+                }
                 let mut cmd = redis::cmd("HSET");
                 cmd.arg(self.key(run[0].0, run[0].1));
                 for &(_, _, i) in run {
@@ -1040,8 +1142,32 @@ impl ExactPartition for RedisPartition {
         // newest.
         let mut asked: Vec<((u64, u64), Vec<usize>)> = by_hash.into_iter().collect();
         asked.sort_unstable_by_key(|&((slice, _), _)| std::cmp::Reverse(slice));
+        // Record strings: one MGET of every string asked (one slot on a
+        // cluster), one value per string. Hashes: one value per lookup.
         let result = if asked.is_empty() {
             Ok(Vec::new())
+        } else if self.records {
+            let mut mget = redis::cmd("MGET");
+            for ((slice, bucket), _) in &asked {
+                mget.arg(self.key(*slice, *bucket));
+            }
+            let cluster = self.config.cluster;
+            self.with_conn(|c, _| {
+                if cluster {
+                    mget.query::<Vec<Value>>(c.like())
+                } else {
+                    let mut replies = c
+                        .pipeline_fail_fast(std::slice::from_ref(&mget))
+                        .expect("a single server")?;
+                    match replies.pop() {
+                        Some(Value::Array(values)) => Ok(values),
+                        _ => Err(redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "unexpected MGET reply",
+                        ))),
+                    }
+                }
+            })
         } else if self.config.cluster {
             let script = self.lookup_script.clone();
             let mut invocation = script.prepare_invoke();
@@ -1102,13 +1228,29 @@ impl ExactPartition for RedisPartition {
             };
         // Newest slice first: the first value found per lookup wins.
         out.resize(lookups.len(), None);
-        if replies.len() != asked.iter().map(|(_, which)| which.len()).sum::<usize>() {
+        let expected = if self.records {
+            asked.len()
+        } else {
+            asked.iter().map(|(_, which)| which.len()).sum::<usize>()
+        };
+        if replies.len() != expected {
             return Err(ExactTierError::Unavailable(
                 "unexpected lookup reply".to_owned(),
             ));
         }
         let mut values = replies.into_iter();
         for (_, which) in &asked {
+            if self.records {
+                let Some(Value::BulkString(records)) = values.next() else {
+                    continue;
+                };
+                for &i in which {
+                    if out[i].is_none() {
+                        out[i] = find_record(&records, &lookups[i].fingerprint.to_bytes())?;
+                    }
+                }
+                continue;
+            }
             for (&i, v) in which.iter().zip(values.by_ref()) {
                 if out[i].is_none() {
                     if let Value::BulkString(bytes) = v {
@@ -1300,6 +1442,28 @@ mod tests {
             fingerprint: Fingerprint(fp),
             at: Timestamp::from_nanos(at),
         }
+    }
+
+    #[test]
+    fn a_record_string_answers_with_its_newest_record() {
+        let record = |fp: u128, at: u64| {
+            let mut r = Fingerprint(fp).to_bytes().to_vec();
+            r.extend_from_slice(&at.to_be_bytes());
+            r
+        };
+        let fp = |v: u128| Fingerprint(v).to_bytes();
+        let blob = [record(1, 10), record(2, 20), record(1, 30)].concat();
+        assert_eq!(
+            find_record(&blob, &fp(1)).unwrap(),
+            Some(Timestamp::from_nanos(30))
+        );
+        assert_eq!(
+            find_record(&blob, &fp(2)).unwrap(),
+            Some(Timestamp::from_nanos(20))
+        );
+        assert_eq!(find_record(&blob, &fp(3)).unwrap(), None);
+        assert_eq!(find_record(&[], &fp(3)).unwrap(), None);
+        assert!(find_record(&blob[..30], &fp(1)).is_err());
     }
 
     #[test]

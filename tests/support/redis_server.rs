@@ -145,13 +145,38 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid} failed");
 }
 
-/// The engine's hashes of marks under the default prefix `td` (not the
-/// shards' `…:layout` keys).
+/// The engine's mark keys (hashes, or record strings) under the default
+/// prefix `td` (not the shards' `…:layout` keys).
 pub fn mark_hashes(conn: &mut redis::Connection) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg("td:*").query(conn).unwrap();
     keys.into_iter()
         .filter(|k| !k.ends_with(":layout"))
         .collect()
+}
+
+/// The distinct fingerprints stored under one mark key: the fields of a
+/// hash, or the records (24 bytes: fingerprint, time) of a record string.
+pub fn stored_fingerprints(conn: &mut redis::Connection, key: &str) -> Vec<Vec<u8>> {
+    let kind: String = redis::cmd("TYPE").arg(key).query(conn).unwrap();
+    match kind.as_str() {
+        "hash" => redis::cmd("HKEYS").arg(key).query(conn).unwrap(),
+        "string" => {
+            let bytes: Vec<u8> = redis::cmd("GET").arg(key).query(conn).unwrap();
+            assert_eq!(bytes.len() % 24, 0, "{key}: not whole records");
+            let mut fps: Vec<Vec<u8>> = bytes.chunks_exact(24).map(|r| r[..16].to_vec()).collect();
+            fps.sort_unstable();
+            fps.dedup();
+            fps
+        }
+        other => panic!("{key}: a {other} among the mark keys"),
+    }
+}
+
+/// Distinct fingerprints stored under all of `keys`, summed per key.
+pub fn count_marks(conn: &mut redis::Connection, keys: &[String]) -> u64 {
+    keys.iter()
+        .map(|k| stored_fingerprints(conn, k).len() as u64)
+        .sum()
 }
 
 /// The slice number in the name of a mark hash (`…:<slice>:<bucket>`).
