@@ -330,9 +330,70 @@ impl GenerationalBloom {
     /// The CPU must support AVX2.
     #[cfg(all(target_arch = "x86_64", not(loom)))]
     #[target_feature(enable = "avx2")]
-    unsafe fn walk_hits_avx2(&self, fps: &[Fingerprint], mut f: impl FnMut(u8)) {
-        // SAFETY: the caller checked for AVX2.
-        self.walk_prefetched(fps, |probe| f(unsafe { self.bloom.hits_avx2(probe) }));
+    unsafe fn walk_hits_avx2(&self, fps: &[Fingerprint], f: impl FnMut(u8)) {
+        // SAFETY (each arm): the caller checked for AVX2.
+        unsafe {
+            match self.bloom.hashes() {
+                1 => self.walk_hits_avx2_k::<1>(fps, f),
+                2 => self.walk_hits_avx2_k::<2>(fps, f),
+                3 => self.walk_hits_avx2_k::<3>(fps, f),
+                4 => self.walk_hits_avx2_k::<4>(fps, f),
+                5 => self.walk_hits_avx2_k::<5>(fps, f),
+                6 => self.walk_hits_avx2_k::<6>(fps, f),
+                7 => self.walk_hits_avx2_k::<7>(fps, f),
+                8 => self.walk_hits_avx2_k::<8>(fps, f),
+                9 => self.walk_hits_avx2_k::<9>(fps, f),
+                _ => self.walk_hits_avx2_k::<{ super::sizing::MAX_HASHES }>(fps, f),
+            }
+        }
+    }
+
+    /// The AVX2 walk for `K` hashes: the probes of [`BATCH_AHEAD`] keys
+    /// are built (four masks at a time, [`BlockedBloom::probes4_avx2`]) and
+    /// prefetched while the previous [`BATCH_AHEAD`] keys are judged (two
+    /// buffers on the stack, taking turns).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn walk_hits_avx2_k<const K: u32>(&self, fps: &[Fingerprint], mut f: impl FnMut(u8)) {
+        let mut buffers = [[Probe::default(); BATCH_AHEAD]; 2];
+        let mut waiting = 0;
+        for (turn, chunk) in fps.chunks(BATCH_AHEAD).enumerate() {
+            let [a, b] = &mut buffers;
+            let (fill, judge) = if turn % 2 == 0 { (a, b) } else { (b, a) };
+            let mut quads = chunk.chunks_exact(4);
+            let mut slots = fill.chunks_exact_mut(4);
+            for (quad, slot) in quads.by_ref().zip(slots.by_ref()) {
+                let quad: &[Fingerprint; 4] = quad.try_into().expect("chunks of four");
+                // SAFETY: the caller checked for AVX2.
+                let probes = unsafe { self.bloom.probes4_avx2::<K>(quad) };
+                for &p in &probes {
+                    self.bloom.prefetch(p);
+                }
+                slot.copy_from_slice(&probes);
+            }
+            let rest = chunk.len() - quads.remainder().len();
+            for (&fp, slot) in quads.remainder().iter().zip(&mut fill[rest..]) {
+                *slot = self.bloom.probe_k::<K>(fp);
+                self.bloom.prefetch(*slot);
+            }
+            for &p in &judge[..waiting] {
+                // SAFETY: the caller checked for AVX2; the probes are the
+                // filter's own.
+                f(unsafe { self.bloom.hits_avx2(p) });
+            }
+            // The buffer just filled is judged on the next turn.
+            waiting = chunk.len();
+        }
+        let last = fps.len().div_ceil(BATCH_AHEAD);
+        let judge = &buffers[(last + 1) % 2];
+        for &p in &judge[..waiting] {
+            // SAFETY: as above.
+            f(unsafe { self.bloom.hits_avx2(p) });
+        }
     }
 
     /// Calls `f` with the probe of each key in order, its block prefetched
@@ -612,6 +673,30 @@ mod tests {
             assert_eq!(out, single, "batch of {n}");
         }
         assert!(out[..20].iter().all(|&h| h));
+    }
+
+    /// Every hash count (the false-positive target picks it), batch lengths
+    /// around the walks' chunks of four and of [`BATCH_AHEAD`].
+    #[test]
+    fn batch_queries_match_single_keys_for_every_hash_count() {
+        let t = Timestamp::from_secs(5);
+        let keys: Vec<_> = (0..600).map(fp).collect();
+        let mut counts = std::collections::BTreeSet::new();
+        for fpr in [0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 5e-3, 3e-3, 2e-3, 1e-3] {
+            let f = GenerationalBloom::new(Duration::from_secs(60), 400, fpr).unwrap();
+            counts.insert(f.bloom.hashes());
+            f.insert_batch(&keys[..300], t);
+            let mut out = Vec::new();
+            for n in [
+                0usize, 1, 2, 3, 4, 5, 7, 63, 64, 65, 66, 67, 127, 128, 129, 131, 257, 600,
+            ] {
+                f.contains_batch(&keys[..n], t, &mut out);
+                let single: Vec<bool> = keys[..n].iter().map(|&k| f.contains(k, t)).collect();
+                assert_eq!(out, single, "batch of {n}, target {fpr}");
+                assert!(out.iter().take(300).all(|&h| h), "a false negative");
+            }
+        }
+        assert!(counts.len() >= 6, "hash counts covered: {counts:?}");
     }
 
     #[test]
