@@ -118,12 +118,14 @@ impl Settings {
         };
         if self.exact.starts_with("redis://") {
             // One engine per run, owning its keys: marks are queued and
-            // written in batches; a fresh run's cold filter confirms
-            // "definitely new" in Redis until a window has passed.
+            // written in batches (large ones: Redis's cost per key falls
+            // with the marks each bucket's APPEND carries); a fresh run's
+            // cold filter confirms "definitely new" in Redis until a window
+            // has passed.
             let tier = RedisTier::new(RedisConfig::new(&self.exact));
             b = b
                 .exact_tier(ExactTier::Custom(Arc::new(tier)))
-                .mark_batch(4096);
+                .mark_batch(16_384);
         }
         if let Some(lateness) = self.allowed_lateness_ns {
             b = b
