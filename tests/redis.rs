@@ -10,6 +10,7 @@ mod redis_server;
 mod rng;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -194,6 +195,107 @@ fn marks_in_flight_answer_lookups() {
         );
     }
     d.flush();
+}
+
+/// An owned engine whose filter is warm (a window has passed since it
+/// started), on one shard with marks flushed 1000 at a time.
+fn warm_engine(server: &RedisServer, clock: &ManualClock, tier: RedisTier) -> Deduper {
+    let window = Duration::from_secs(600);
+    let d = engine(server, clock, Affinity::Owned, window)
+        .shards(1)
+        .mark_batch(1_000)
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    d.check(&u64::MAX);
+    d.flush();
+    clock.advance(window + Duration::from_secs(1));
+    d.maintain();
+    d
+}
+
+/// Records stored in the record strings, copies included.
+fn records_stored(conn: &mut redis::Connection) -> u64 {
+    redis_server::mark_hashes(conn)
+        .iter()
+        .map(|k| redis::cmd("STRLEN").arg(k).query::<u64>(conn).unwrap() / 24)
+        .sum()
+}
+
+/// The last batch of marks is acknowledged once the engine is idle for the
+/// flush interval (`maintain`), not only when more marks come.
+#[test]
+fn an_idle_engine_settles_its_last_marks() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let tier = RedisTier::new(RedisConfig::new(&server.url()));
+    let stats = tier.stats();
+    let d = warm_engine(&server, &clock, tier);
+    let written = stats.marks_written.load(Ordering::Relaxed);
+    let keys: Vec<u64> = (0..1_000).collect();
+    assert!(d.check_batch(&keys).iter().all(|v| v.is_new()));
+    assert_eq!(
+        stats.marks_unsent.load(Ordering::Relaxed),
+        1_000,
+        "in flight"
+    );
+    std::thread::sleep(Duration::from_millis(30));
+    d.maintain();
+    assert_eq!(stats.marks_unsent.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.marks_written.load(Ordering::Relaxed), written + 1_000);
+}
+
+/// A failed lookup drops the lookup connection only: marks in flight on
+/// the other one are still answered, the next batch is written, and no
+/// record is written twice.
+#[test]
+fn a_failed_lookup_leaves_the_marks_alone() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let tier = RedisTier::new(RedisConfig::new(&server.url()));
+    let stats = tier.stats();
+    let d = warm_engine(&server, &clock, tier);
+    let mut conn = server.connection();
+    let before = records_stored(&mut conn);
+    let first: Vec<u64> = (0..1_000).collect();
+    assert!(d.check_batch(&first).iter().all(|v| v.is_new()));
+    // Kill the engine's lookup connection (its last command was not a
+    // mark's); leave the mark connection and ours.
+    let me: u64 = redis::cmd("CLIENT").arg("ID").query(&mut conn).unwrap();
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut conn).unwrap();
+    let mut killed = 0;
+    for line in clients.lines() {
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or("")
+                .to_owned()
+        };
+        let id: u64 = field("id=").parse().unwrap();
+        if id != me && !matches!(field("cmd=").as_str(), "append" | "pexpire") {
+            let _: () = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query(&mut conn)
+                .unwrap();
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "{clients}");
+    let repeats = d.check_batch(&first[..100]);
+    assert!(repeats.iter().all(|v| v.is_unavailable()), "{repeats:?}");
+    std::thread::sleep(Duration::from_millis(50));
+    let second: Vec<u64> = (1_000..2_000).collect();
+    assert!(d.check_batch(&second).iter().all(|v| v.is_new()));
+    d.flush();
+    assert_eq!(d.stats().mark_errors, 0);
+    assert_eq!(stats.marks_unsent.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        records_stored(&mut conn) - before,
+        2_000,
+        "records written twice"
+    );
 }
 
 /// The hashes a slice is cut into are agreed in Redis: an engine sized for

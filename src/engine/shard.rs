@@ -47,6 +47,9 @@ pub(crate) struct Shard {
     pub(crate) time: u64,
     /// Marks not yet written to the exact tier.
     pub(crate) pending: MarkBatch,
+    /// When marks were last handed to a tier that may acknowledge them
+    /// later (Redis), until it has: see [`Shard::flush_marks_if_due`].
+    unsettled_since: Option<std::time::Instant>,
     /// Whether the filter knows everything the exact tier holds.
     pub(crate) warmth: Warmth,
     pub(crate) counters: ShardCounters,
@@ -95,6 +98,7 @@ impl Shard {
             exact,
             time: 0,
             pending: MarkBatch::new(mark_batch),
+            unsettled_since: None,
             warmth,
             counters: ShardCounters::default(),
         }
@@ -117,6 +121,7 @@ impl Shard {
         if exact.prefers_batches() {
             self.counters
                 .exact_call(started.elapsed().as_nanos() as u64);
+            self.unsettled_since = Some(started);
         }
         match result {
             Ok(()) => self.counters.marks_flushed += n,
@@ -130,16 +135,34 @@ impl Shard {
     /// remote tier may acknowledge a flush later, with the next one).
     pub(crate) fn sync_marks(&mut self) {
         self.flush_marks();
+        self.settle_marks();
+    }
+
+    /// Waits until the tier has every mark written so far (and retries the
+    /// ones it kept after a failure); on success nothing is unsettled.
+    fn settle_marks(&mut self) {
         if let Some(exact) = &mut self.exact {
             // A failure leaves them kept (and counted) by the tier.
-            let _ = exact.flush();
+            if exact.flush().is_ok() {
+                self.unsettled_since = None;
+            }
         }
     }
 
-    /// Flushes the pending marks if the oldest has waited `interval`.
+    /// Flushes the pending marks if the oldest has waited `interval`; with
+    /// none pending, settles the marks written (and retries the kept ones)
+    /// once the last write is `interval` old, so an idle engine's last
+    /// batch is acknowledged and counted.
     pub(crate) fn flush_marks_if_due(&mut self, interval: Duration) {
         if self.pending.is_due(interval) {
             self.flush_marks();
+        } else if self.pending.len() == 0
+            && self
+                .unsettled_since
+                .is_some_and(|t| t.elapsed() >= interval)
+        {
+            self.unsettled_since = Some(std::time::Instant::now());
+            self.settle_marks();
         }
     }
 

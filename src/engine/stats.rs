@@ -85,11 +85,14 @@ pub struct Stats {
     pub overflow_inserts: u64,
     /// Overflow layers alive now.
     pub overflow_layers: u64,
-    /// Exact-tier marks that failed.
+    /// Marks in flushes that failed (a remote tier keeps them for retry; a
+    /// Redis flush that fails while an earlier one's replies are read
+    /// counts its own marks).
     pub mark_errors: u64,
     /// Marks of accepted keys queued for the exact tier.
     pub marks_queued: u64,
-    /// Marks written to the exact tier.
+    /// Marks handed to the exact tier (Redis acknowledges them later:
+    /// `RedisStats::marks_written` counts what it has stored).
     pub marks_flushed: u64,
     /// Mark batches written (`marks_flushed / mark_flushes` is the mean
     /// batch size).
@@ -111,7 +114,8 @@ pub struct Stats {
     /// Bytes of filter memory (0 on the memory tier with owned keys, which
     /// keeps no filter).
     pub filter_bytes: u64,
-    /// Entries in the exact tier (local backends).
+    /// Entries in the exact tier (local backends; for Redis, the marks this
+    /// process holds that Redis has not acknowledged).
     pub exact_entries: u64,
     /// Bytes of exact-tier memory in this process.
     pub exact_bytes: u64,

@@ -40,18 +40,20 @@
 //!
 //! **Batches, never a round trip per key.** Lookups are one `MGET` (record
 //! strings) or one pipeline of `HMGET`s (one per hash needed); marks one
-//! pipeline of `APPEND`s or `HSET`s (one per bucket written, and a
-//! `PEXPIRE` for each bucket this process has not given a TTL yet). On a single server the pipeline's replies are read only until
-//! the first failure (`Conn::pipeline_fail_fast`: the client's own
-//! pipelines read every reply, so a stalled server cost one timeout per
-//! command — 17 s per batch in the SIGSTOP tests); on a cluster the same
-//! commands run as one script (`APPEND_SCRIPT`, `MARK_SCRIPT`,
-//! `LOOKUP_SCRIPT`: one reply; `MGET` is one command there too).
-//! On a single server, marks go out on a connection of their own and their
-//! replies are read with the next marks (or on a flush): Redis stores one
-//! batch while the engine checks the next, and lookups do not queue behind
-//! them. Marks in flight stay indexed, so a lookup that overtakes them is
-//! answered from the index; a shared-mode claim waits for their replies.
+//! pipeline of `APPEND`s or `HSET`s (one per bucket written, each followed
+//! by a `PEXPIRE` if this process has not given that bucket a TTL yet). On
+//! a single server, replies are read only until the first failure
+//! (`Conn::pipeline_fail_fast`; the client's own pipelines read every
+//! reply, so a stalled server cost one timeout per command — 17 s per batch
+//! in the SIGSTOP tests); on a cluster the same commands run as one script
+//! (`APPEND_SCRIPT`, `MARK_SCRIPT`, `LOOKUP_SCRIPT`: one reply; `MGET` is
+//! one command there too). On a single server, marks go out on a
+//! connection of their own and their replies are read with the next marks,
+//! on a flush, or once the engine has been idle for the flush interval:
+//! Redis stores one batch while the engine checks the next, and lookups do
+//! not queue behind them. Marks in flight stay indexed, so a lookup that
+//! overtakes them is answered from the index; a shared-mode claim waits for
+//! their replies. A failure on one connection leaves the other alone.
 //! Shared-mode claims are one `EVALSHA` of a script that, per
 //! key, checks the live slices and records the key unless it is inside the
 //! window — atomically, so two engines never both accept one key.
@@ -115,8 +117,8 @@ pub struct RedisConfig {
     pub policy: FailurePolicy,
     /// Connect, read and write timeout. Default: 500 ms.
     pub timeout: Duration,
-    /// Marks kept for retry while Redis is unreachable, per shard.
-    /// Default: 100 000.
+    /// Marks kept for retry while Redis is unreachable, per shard (one
+    /// flush in flight comes on top). Default: 100 000.
     pub max_unsent_marks: usize,
     /// Keys one bucket of a slice is sized for (see the module docs): owned
     /// keys' buckets are record strings; `Some(0)` keeps one hash per slice
@@ -172,9 +174,11 @@ pub struct RedisStats {
     pub connects: AtomicU64,
     /// Verdicts decided without Redis under `FailOpen` or `FallbackToMemory`.
     pub degraded_decisions: AtomicU64,
-    /// Marks written.
+    /// Marks Redis has acknowledged.
     pub marks_written: AtomicU64,
-    /// Marks waiting for Redis to come back.
+    /// Marks not acknowledged yet: kept for retry while Redis is down, or
+    /// one flush in flight (settled by the next flush, or after the flush
+    /// interval when idle).
     pub marks_unsent: AtomicU64,
     /// Marks dropped because the retry buffer was full.
     pub marks_dropped: AtomicU64,
@@ -771,17 +775,31 @@ impl RedisPartition {
         Ok(())
     }
 
+    /// A request on the main connection (lookups, claims, layout) failed:
+    /// drops it and backs off. The mark connection keeps its own state.
     fn fail(&mut self) {
+        self.conn = None;
+        self.failed("Redis request failed; connection dropped");
+    }
+
+    /// Writing marks or reading their replies failed: drops the mark
+    /// connection and backs off.
+    fn fail_marks(&mut self) {
+        self.mark_conn = None;
+        self.failed("writing marks to Redis failed; mark connection dropped");
+    }
+
+    fn failed(&mut self, what: &'static str) {
+        #[cfg(not(feature = "tracing"))]
+        let _ = what;
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         crate::trace::event!(
             warn,
             key_base = %self.key_base,
             retry_in_ms = self.backoff.as_millis() as u64,
             unsent_marks = self.unsent.len(),
-            "Redis request failed; connection dropped"
+            "{what}"
         );
-        self.conn = None;
-        self.mark_conn = None;
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
     }
@@ -857,37 +875,42 @@ impl RedisPartition {
             // Plain commands cost Redis less than a script's calls (no Lua
             // strings per argument): one APPEND or HSET per string or hash,
             // a PEXPIRE per fresh one, read until the first failure.
+            // Each fresh bucket's PEXPIRE right after its write: a
+            // pipeline cut short leaves no bucket written without a TTL.
+            let fresh_set: HashSet<(u64, u64)> = fresh.iter().copied().collect();
             let mut cmds = Vec::with_capacity(2 * fresh.len());
             for run in by_hash() {
+                let key = self.key(run[0].0, run[0].1);
+                let mut cmd = redis::cmd(if self.records { "APPEND" } else { "HSET" });
+                cmd.arg(&key);
                 if self.records {
-                    let mut cmd = redis::cmd("APPEND");
-                    cmd.arg(self.key(run[0].0, run[0].1)).arg(records(run));
-                    cmds.push(cmd);
-                    continue;
-                }
-                let mut cmd = redis::cmd("HSET");
-                cmd.arg(self.key(run[0].0, run[0].1));
-                for &(_, _, i) in run {
-                    let m = &self.unsent[i as usize];
-                    cmd.arg(&m.fingerprint.to_bytes()[..])
-                        .arg(&m.at.as_nanos().to_be_bytes()[..]);
+                    cmd.arg(records(run));
+                } else {
+                    for &(_, _, i) in run {
+                        let m = &self.unsent[i as usize];
+                        cmd.arg(&m.fingerprint.to_bytes()[..])
+                            .arg(&m.at.as_nanos().to_be_bytes()[..]);
+                    }
                 }
                 cmds.push(cmd);
-            }
-            for &(slice, bucket) in &fresh {
-                let mut expire = redis::cmd("PEXPIRE");
-                expire.arg(self.key(slice, bucket)).arg(self.ttl_ms);
-                cmds.push(expire);
+                if fresh_set.contains(&(run[0].0, run[0].1)) {
+                    let mut expire = redis::cmd("PEXPIRE");
+                    expire.arg(&key).arg(self.ttl_ms);
+                    cmds.push(expire);
+                }
             }
             let mut packed = Vec::new();
             for cmd in &cmds {
                 cmd.write_packed_command(&mut packed);
             }
             if self.mark_conn.is_none() {
+                if Instant::now() < self.retry_at {
+                    return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+                }
                 match Conn::open(&self.config) {
                     Ok(c) => self.mark_conn = Some(c),
                     Err(e) => {
-                        self.fail();
+                        self.fail_marks();
                         return Err(unavailable(&e));
                     }
                 }
@@ -897,8 +920,10 @@ impl RedisPartition {
                 unreachable!("a single server's mark connection")
             };
             if let Err(e) = c.send_packed_command(&packed) {
-                // Nothing was answered: the marks stay unsent.
-                self.fail();
+                // Not known to be stored: the marks stay unsent (those
+                // Redis did read are written again: an `HSET` the same, a
+                // record string gains a copy of the record).
+                self.fail_marks();
                 return Err(unavailable(&e));
             }
             // In flight until their replies are read; still indexed.
@@ -939,7 +964,7 @@ impl RedisPartition {
             }
             Err(e) => {
                 if self.mark_conn.is_some() {
-                    self.fail();
+                    self.fail_marks();
                 }
                 self.in_flight.fresh.clear();
                 // Unsent marks are newer: they stay indexed over these.
@@ -952,6 +977,34 @@ impl RedisPartition {
                 self.in_flight.marks.append(&mut self.unsent);
                 std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
                 Err(e)
+            }
+        }
+    }
+
+    /// Answers `lookups` after Redis failed them (`e`), as the policy says.
+    fn lookups_failed(
+        &mut self,
+        e: ExactTierError,
+        current: u64,
+        lookups: &[Lookup],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        out.clear();
+        match self.config.policy {
+            FailurePolicy::FailClosed => Err(e),
+            FailurePolicy::FailOpen => {
+                self.degraded(lookups.len());
+                out.extend(
+                    lookups
+                        .iter()
+                        .map(|q| self.pending_time(q.fingerprint).map(Timestamp::from_nanos)),
+                );
+                Ok(())
+            }
+            FailurePolicy::FallbackToMemory => {
+                self.degraded(lookups.len());
+                let fallback = self.fallback.as_mut().expect("fallback policy");
+                fallback.lookup_batch(current, lookups, out)
             }
         }
     }
@@ -1205,27 +1258,10 @@ impl ExactPartition for RedisPartition {
                     Ok(values)
                 })
         };
-        let replies =
-            match result {
-                Ok(r) => r,
-                Err(e) => {
-                    return match self.config.policy {
-                        FailurePolicy::FailClosed => Err(e),
-                        FailurePolicy::FailOpen => {
-                            self.degraded(lookups.len());
-                            out.extend(lookups.iter().map(|q| {
-                                self.pending_time(q.fingerprint).map(Timestamp::from_nanos)
-                            }));
-                            Ok(())
-                        }
-                        FailurePolicy::FallbackToMemory => {
-                            self.degraded(lookups.len());
-                            let fallback = self.fallback.as_mut().expect("fallback policy");
-                            fallback.lookup_batch(current, lookups, out)
-                        }
-                    };
-                }
-            };
+        let replies = match result {
+            Ok(r) => r,
+            Err(e) => return self.lookups_failed(e, current, lookups, out),
+        };
         // Newest slice first: the first value found per lookup wins.
         out.resize(lookups.len(), None);
         let expected = if self.records {
@@ -1246,7 +1282,10 @@ impl ExactPartition for RedisPartition {
                 };
                 for &i in which {
                     if out[i].is_none() {
-                        out[i] = find_record(&records, &lookups[i].fingerprint.to_bytes())?;
+                        match find_record(&records, &lookups[i].fingerprint.to_bytes()) {
+                            Ok(found) => out[i] = found,
+                            Err(e) => return self.lookups_failed(e, current, lookups, out),
+                        }
                     }
                 }
                 continue;
@@ -1398,19 +1437,25 @@ impl ExactPartition for RedisPartition {
             .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
             .collect();
         if !expired.is_empty() {
-            // Marks in flight to these hashes land before the UNLINK (a
-            // hash created after it would have no TTL).
-            let _ = self.settle();
+            // Marks in flight to these buckets land before the UNLINK (a
+            // bucket created after it would have no TTL). If their replies
+            // are lost, so is the order: the buckets are left to their TTL.
+            // (A pipeline abandoned on an earlier failure may still run in
+            // a server that was stopped; its buckets can outlive an UNLINK
+            // the same way: memory until the TTL, never a verdict.)
+            let settled = self.settle().is_ok();
             self.expiring.retain(|(slice, _)| !expired.contains(slice));
-            let _ = self.with_conn(|c, p| {
-                let mut del = redis::cmd("UNLINK");
-                for &slice in &expired {
-                    for bucket in 0..p.buckets {
-                        del.arg(p.key(slice, bucket));
+            if settled {
+                let _ = self.with_conn(|c, p| {
+                    let mut del = redis::cmd("UNLINK");
+                    for &slice in &expired {
+                        for bucket in 0..p.buckets {
+                            del.arg(p.key(slice, bucket));
+                        }
                     }
-                }
-                c.pipeline(vec![del])
-            });
+                    c.pipeline(vec![del])
+                });
+            }
         }
         if let Some(fallback) = &mut self.fallback {
             fallback.clear_slots(slots);
