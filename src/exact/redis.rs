@@ -387,36 +387,94 @@ return out
 /// KEYS, fingerprint, time (8 bytes BE), threshold (8 bytes BE: the oldest
 /// first-accepted time still inside the window, or 0 without one). Returns
 /// per key the stored time (a duplicate) or `false` (recorded now). Times
-/// are compared as two 32-bit halves: Lua numbers are doubles.
+/// are compared as two 32-bit halves: Lua numbers are doubles. Redis is
+/// asked in bulk — one `HMGET` per live slice (newest first, only for keys
+/// no newer slice holds) and one `HSET` per bucket — since a Redis call
+/// from Lua costs about a microsecond: a call per key and slice made
+/// shared mode 126 thousand keys/s at 10⁷ keys.
 const CLAIM_SCRIPT: &str = r"
 local ttl = tonumber(ARGV[1])
 local live = tonumber(ARGV[2])
-local out = {}
-local wrote = {}
-for i = 3, #ARGV, 4 do
-  local base, fp, at, threshold = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local th_hi, th_lo = struct.unpack('>I4>I4', threshold)
-  local found = false
-  for k = base + 1, base + live do
-    local v = redis.call('HGET', KEYS[k], fp)
-    if v then
-      local hi, lo = struct.unpack('>I4>I4', v)
-      if hi > th_hi or (hi == th_hi and lo >= th_lo) then
-        found = v
-      end
+local n = (#ARGV - 2) / 4
+-- Claim j's arguments: base ARGV[4j - 1], fingerprint ARGV[4j], time
+-- ARGV[4j + 1], threshold ARGV[4j + 2]. Claims by bucket (its base).
+local groups, bases = {}, {}
+for j = 1, n do
+  local b = tonumber(ARGV[4 * j - 1])
+  local g = groups[b]
+  if not g then
+    g = {}
+    groups[b] = g
+    bases[#bases + 1] = b
+  end
+  g[#g + 1] = j
+end
+-- The newest stored time of each claim's key: one HMGET per live slice
+-- (newest first) for the keys not found in a newer one.
+local stored = {}
+for _, b in ipairs(bases) do
+  local pending = groups[b]
+  for k = b + 1, b + live do
+    if #pending == 0 then
       break
     end
-  end
-  if found then
-    out[#out + 1] = found
-  else
-    redis.call('HSET', KEYS[base + 1], fp, at)
-    wrote[base + 1] = true
-    out[#out + 1] = false
+    local still = {}
+    local s = 1
+    while s <= #pending do
+      local e = math.min(s + 999, #pending)
+      local fields = {}
+      for q = s, e do
+        fields[#fields + 1] = ARGV[4 * pending[q]]
+      end
+      local values = redis.call('HMGET', KEYS[k], unpack(fields))
+      for q = s, e do
+        local v = values[q - s + 1]
+        if v then
+          stored[pending[q]] = v
+        else
+          still[#still + 1] = pending[q]
+        end
+      end
+      s = e + 1
+    end
+    pending = still
   end
 end
-for k in pairs(wrote) do
-  redis.call('PEXPIRE', KEYS[k], ttl)
+-- In order: a key is inside the window if its newest time (a copy
+-- claimed earlier in this batch counts) reaches the threshold.
+local out, claimed, writes = {}, {}, {}
+for j = 1, n do
+  local fp, at, threshold = ARGV[4 * j], ARGV[4 * j + 1], ARGV[4 * j + 2]
+  local v = claimed[fp] or stored[j]
+  local found = false
+  if v then
+    local th_hi, th_lo = struct.unpack('>I4>I4', threshold)
+    local hi, lo = struct.unpack('>I4>I4', v)
+    if hi > th_hi or (hi == th_hi and lo >= th_lo) then
+      found = v
+    end
+  end
+  out[j] = found
+  if not found then
+    claimed[fp] = at
+    local b = tonumber(ARGV[4 * j - 1])
+    local w = writes[b]
+    if not w then
+      w = {}
+      writes[b] = w
+    end
+    w[#w + 1] = fp
+    w[#w + 1] = at
+  end
+end
+for b, w in pairs(writes) do
+  local s = 1
+  while s <= #w do
+    local e = math.min(s + 999, #w)
+    redis.call('HSET', KEYS[b + 1], unpack(w, s, e))
+    s = e + 1
+  end
+  redis.call('PEXPIRE', KEYS[b + 1], ttl)
 end
 return out
 ";
