@@ -348,10 +348,12 @@ impl GenerationalBloom {
         }
     }
 
-    /// The AVX2 walk for `K` hashes: the probes of [`BATCH_AHEAD`] keys
-    /// are built (four masks at a time, [`BlockedBloom::probes4_avx2`]) and
-    /// prefetched while the previous [`BATCH_AHEAD`] keys are judged (two
-    /// buffers on the stack, taking turns).
+    /// The AVX2 walk for `K` hashes: [`GenerationalBloom::walk_prefetched_k`]
+    /// four keys at a time — the probes of four keys [`BATCH_AHEAD`] ahead
+    /// are built in one register ([`BlockedBloom::probes4_avx2`]) and
+    /// prefetched, then four waiting keys are judged. (Filling a whole
+    /// buffer of prefetches before judging any issued more misses than the
+    /// core keeps in flight: 11 ns a query at n = 10⁶ against 5.)
     ///
     /// # Safety
     /// The CPU must support AVX2.
@@ -359,40 +361,49 @@ impl GenerationalBloom {
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn walk_hits_avx2_k<const K: u32>(&self, fps: &[Fingerprint], mut f: impl FnMut(u8)) {
-        let mut buffers = [[Probe::default(); BATCH_AHEAD]; 2];
-        let mut waiting = 0;
-        for (turn, chunk) in fps.chunks(BATCH_AHEAD).enumerate() {
-            let [a, b] = &mut buffers;
-            let (fill, judge) = if turn % 2 == 0 { (a, b) } else { (b, a) };
-            let mut quads = chunk.chunks_exact(4);
-            let mut slots = fill.chunks_exact_mut(4);
-            for (quad, slot) in quads.by_ref().zip(slots.by_ref()) {
-                let quad: &[Fingerprint; 4] = quad.try_into().expect("chunks of four");
-                // SAFETY: the caller checked for AVX2.
-                let probes = unsafe { self.bloom.probes4_avx2::<K>(quad) };
-                for &p in &probes {
-                    self.bloom.prefetch(p);
-                }
-                slot.copy_from_slice(&probes);
+        const { assert!(BATCH_AHEAD % 4 == 0) };
+        let mut ring = [Probe::default(); BATCH_AHEAD];
+        // Four probes into `slots`, prefetched.
+        let fill4 = |quad: &[Fingerprint], slots: &mut [Probe]| {
+            let quad: &[Fingerprint; 4] = quad.try_into().expect("four keys");
+            // SAFETY: the caller checked for AVX2.
+            let probes = unsafe { self.bloom.probes4_avx2::<K>(quad) };
+            for &p in &probes {
+                self.bloom.prefetch(p);
             }
-            let rest = chunk.len() - quads.remainder().len();
-            for (&fp, slot) in quads.remainder().iter().zip(&mut fill[rest..]) {
-                *slot = self.bloom.probe_k::<K>(fp);
-                self.bloom.prefetch(*slot);
-            }
-            for &p in &judge[..waiting] {
-                // SAFETY: the caller checked for AVX2; the probes are the
-                // filter's own.
+            slots.copy_from_slice(&probes);
+        };
+        // SAFETY (every `hits_avx2` below): the caller checked for AVX2;
+        // the probes are the filter's own.
+        let lead = fps.len().min(BATCH_AHEAD);
+        let quads = lead / 4 * 4;
+        for (quad, slots) in fps[..quads].chunks_exact(4).zip(ring.chunks_exact_mut(4)) {
+            fill4(quad, slots);
+        }
+        for (&fp, slot) in fps[quads..lead].iter().zip(&mut ring[quads..lead]) {
+            *slot = self.bloom.probe_k::<K>(fp);
+            self.bloom.prefetch(*slot);
+        }
+        // Keys i..i+4 take the ring slots of keys i-64..i-60 once those are
+        // judged (i is a multiple of 4, so the four slots are adjacent).
+        let mut i = BATCH_AHEAD;
+        while i + 4 <= fps.len() {
+            let slots = &mut ring[i % BATCH_AHEAD..i % BATCH_AHEAD + 4];
+            for &p in slots.iter() {
                 f(unsafe { self.bloom.hits_avx2(p) });
             }
-            // The buffer just filled is judged on the next turn.
-            waiting = chunk.len();
+            fill4(&fps[i..i + 4], slots);
+            i += 4;
         }
-        let last = fps.len().div_ceil(BATCH_AHEAD);
-        let judge = &buffers[(last + 1) % 2];
-        for &p in &judge[..waiting] {
-            // SAFETY: as above.
-            f(unsafe { self.bloom.hits_avx2(p) });
+        for (j, &fp) in fps.iter().enumerate().skip(i) {
+            let slot = &mut ring[j % BATCH_AHEAD];
+            f(unsafe { self.bloom.hits_avx2(*slot) });
+            *slot = self.bloom.probe_k::<K>(fp);
+            self.bloom.prefetch(*slot);
+        }
+        // The last keys have nothing behind them.
+        for j in fps.len().saturating_sub(BATCH_AHEAD)..fps.len() {
+            f(unsafe { self.bloom.hits_avx2(ring[j % BATCH_AHEAD]) });
         }
     }
 
