@@ -260,7 +260,7 @@ fn a_failed_lookup_leaves_the_marks_alone() {
     let first: Vec<u64> = (0..1_000).collect();
     assert!(d.check_batch(&first).iter().all(|v| v.is_new()));
     // Kill the engine's lookup connection (its last command was not a
-    // mark's); leave the mark connection and ours.
+    // mark's or a compaction's); leave the mark connection and ours.
     let me: u64 = redis::cmd("CLIENT").arg("ID").query(&mut conn).unwrap();
     let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut conn).unwrap();
     let mut killed = 0;
@@ -272,7 +272,7 @@ fn a_failed_lookup_leaves_the_marks_alone() {
                 .to_owned()
         };
         let id: u64 = field("id=").parse().unwrap();
-        if id != me && !matches!(field("cmd=").as_str(), "append" | "pexpire") {
+        if id != me && !matches!(field("cmd=").as_str(), "append" | "pexpire" | "eval") {
             let _: () = redis::cmd("CLIENT")
                 .arg("KILL")
                 .arg("ID")
@@ -296,6 +296,69 @@ fn a_failed_lookup_leaves_the_marks_alone() {
         2_000,
         "records written twice"
     );
+}
+
+/// Record strings of a slice that stopped filling are rewritten at their
+/// exact size: `APPEND` grows a string by doubling, so before that they
+/// hold up to twice their bytes.
+#[test]
+fn finished_slices_are_compacted() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let d = engine(&server, &clock, Affinity::Owned, Duration::from_secs(600))
+        .shards(1)
+        .mark_batch(50)
+        .build()
+        .unwrap();
+    let mut conn = server.connection();
+    // Bytes Redis uses for the strings of `slice`, and their lengths.
+    let usage = |conn: &mut redis::Connection, slice: &str| {
+        let mut used = 0u64;
+        let mut len = 0u64;
+        for k in redis_server::mark_hashes(conn)
+            .iter()
+            .filter(|k| redis_server::slice_of(k) == slice)
+        {
+            used += redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(k)
+                .arg("SAMPLES")
+                .arg(0)
+                .query::<u64>(conn)
+                .unwrap();
+            len += redis::cmd("STRLEN").arg(k).query::<u64>(conn).unwrap();
+        }
+        (used, len)
+    };
+    let keys: Vec<u64> = (0..20_000).collect();
+    for chunk in keys.chunks(500) {
+        assert!(d.check_batch(chunk).iter().all(|v| v.is_new()));
+    }
+    d.flush();
+    let slices: Vec<String> = redis_server::mark_hashes(&mut conn)
+        .iter()
+        .map(|k| redis_server::slice_of(k).to_owned())
+        .collect();
+    let first = slices.iter().min().unwrap().clone();
+    assert!(slices.iter().all(|s| *s == first), "one slice so far");
+    let (used, len) = usage(&mut conn, &first);
+    assert_eq!(len, 20_000 * 24);
+    assert!(
+        used as f64 > 1.2 * len as f64,
+        "grown by doubling: {used} for {len}"
+    );
+    // The next slice: its first flush compacts the first slice's strings.
+    clock.advance(Duration::from_secs(200));
+    let more: Vec<u64> = (20_000..21_000).collect();
+    assert!(d.check_batch(&more).iter().all(|v| v.is_new()));
+    d.flush();
+    let (used, len) = usage(&mut conn, &first);
+    assert_eq!(len, 20_000 * 24, "same records");
+    assert!(
+        used as f64 <= 1.1 * len as f64,
+        "compacted: {used} for {len}"
+    );
+    assert!(d.check_batch(&keys).iter().all(|v| v.is_duplicate()));
 }
 
 /// The hashes a slice is cut into are agreed in Redis: an engine sized for

@@ -70,7 +70,7 @@
 //! recognises the claim's own time and accepts the key (see
 //! `UnansweredClaims`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -275,6 +275,9 @@ impl ExactBackend for RedisTier {
             unsent: Vec::new(),
             unsent_index: FingerprintTable::new(),
             mark_conn: None,
+            appended: BTreeSet::new(),
+            compacting: VecDeque::new(),
+            compact_cursor: 0,
             in_flight: InFlight {
                 marks: Vec::new(),
                 index: FingerprintTable::new(),
@@ -292,6 +295,7 @@ impl ExactBackend for RedisTier {
             current: 0,
             script: redis::Script::new(CLAIM_SCRIPT),
             mark_script: redis::Script::new(MARK_SCRIPT),
+            compact_script: redis::Script::new(COMPACT_SCRIPT),
             append_script: redis::Script::new(APPEND_SCRIPT),
             lookup_script: redis::Script::new(LOOKUP_SCRIPT),
         })
@@ -358,6 +362,25 @@ for k = 1, #KEYS do
 end
 return #KEYS
 ";
+
+/// Rewrites record strings of a finished slice at their exact size: `APPEND`
+/// grows a string by doubling, so a string written over many flushes holds
+/// up to twice its bytes (46 against 30 bytes per key at 10⁷ keys in the
+/// Redis bench). Same bytes, same TTL (`KEEPTTL`, Redis ≥ 6.0); absent keys
+/// and other types are skipped (`pcall`: a compaction never fails the
+/// marks it travels with). KEYS: the strings.
+const COMPACT_SCRIPT: &str = r"
+for _, k in ipairs(KEYS) do
+  local v = redis.pcall('GET', k)
+  if type(v) == 'string' then
+    redis.pcall('SET', k, v, 'KEEPTTL')
+  end
+end
+return #KEYS
+";
+
+/// Buckets one flush compacts (one script per flush).
+const COMPACT_CHUNK: u64 = 1024;
 
 /// Reads many hashes in one request (one reply, as [`MARK_SCRIPT`]). KEYS:
 /// the hashes. ARGV: per hash, its number of fields `n`, then the `n`
@@ -591,6 +614,12 @@ struct RedisPartition {
     /// Marks sent on `mark_conn` whose replies are not read yet: still
     /// "not yet written" (indexed for lookups, retried on a failure).
     in_flight: InFlight,
+    /// Record strings: slices this process appended to that are still
+    /// filling, and finished slices whose strings are being rewritten at
+    /// their exact size (`COMPACT_SCRIPT`), with the next bucket to do.
+    appended: BTreeSet<u64>,
+    compacting: VecDeque<u64>,
+    compact_cursor: u64,
     fallback: Option<MemoryPartition>,
     /// Claims sent whose answer was lost (fail closed).
     unanswered: UnansweredClaims,
@@ -599,6 +628,7 @@ struct RedisPartition {
     script: redis::Script,
     mark_script: redis::Script,
     append_script: redis::Script,
+    compact_script: redis::Script,
     lookup_script: redis::Script,
 }
 
@@ -888,6 +918,18 @@ impl RedisPartition {
             .map(|run| (run[0].0, run[0].1))
             .filter(|h| !self.expiring.contains(h))
             .collect();
+        if self.records {
+            let current = self.current;
+            self.appended
+                .extend(by_hash().map(|run| run[0].0).filter(|&s| s >= current));
+        }
+        // A chunk of a finished slice's strings rides along (see
+        // `COMPACT_SCRIPT`).
+        let compaction = if self.records {
+            self.next_compaction()
+        } else {
+            Vec::new()
+        };
         // A record string's marks, appended in mark order.
         let records = |run: &[(u64, u64, u32)]| {
             let mut blob = Vec::with_capacity(run.len() * RECORD);
@@ -925,6 +967,15 @@ impl RedisPartition {
                 }
             }
             self.with_conn(|c, _| invocation.invoke::<Value>(c.like()))?;
+            if !compaction.is_empty() {
+                let script = self.compact_script.clone();
+                let mut invocation = script.prepare_invoke();
+                for k in &compaction {
+                    invocation.key(k);
+                }
+                // Best effort: the marks are written either way.
+                let _ = self.with_conn(|c, _| invocation.invoke::<Value>(c.like()));
+            }
             self.expiring.extend(fresh);
             self.written(self.unsent.len());
             self.unsent.clear();
@@ -956,6 +1007,13 @@ impl RedisPartition {
                     expire.arg(&key).arg(self.ttl_ms);
                     cmds.push(expire);
                 }
+            }
+            if !compaction.is_empty() {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(COMPACT_SCRIPT)
+                    .arg(compaction.len())
+                    .arg(&compaction);
+                cmds.push(eval);
             }
             let mut packed = Vec::new();
             for cmd in &cmds {
@@ -1065,6 +1123,40 @@ impl RedisPartition {
                 fallback.lookup_batch(current, lookups, out)
             }
         }
+    }
+
+    /// The engine named slice `slice`: record strings of the slices before
+    /// it stop growing and are queued for compaction.
+    fn advance(&mut self, slice: u64) {
+        if slice <= self.current {
+            return;
+        }
+        self.current = slice;
+        while let Some(&done) = self.appended.first().filter(|&&s| s < slice) {
+            self.appended.remove(&done);
+            self.compacting.push_back(done);
+        }
+    }
+
+    /// The next chunk of record strings to compact (at most
+    /// [`COMPACT_CHUNK`]), as the keys of one `COMPACT_SCRIPT` call; empty
+    /// when nothing is queued. Slices already retired are dropped.
+    fn next_compaction(&mut self) -> Vec<String> {
+        let oldest_live = self.current.saturating_sub(GENERATIONS as u64 - 1);
+        while let Some(&slice) = self.compacting.front() {
+            if slice < oldest_live || self.compact_cursor >= self.buckets {
+                self.compacting.pop_front();
+                self.compact_cursor = 0;
+                continue;
+            }
+            let end = (self.compact_cursor + COMPACT_CHUNK).min(self.buckets);
+            let keys = (self.compact_cursor..end)
+                .map(|b| self.key(slice, b))
+                .collect();
+            self.compact_cursor = end;
+            return keys;
+        }
+        Vec::new()
     }
 
     /// Counts `n` marks as written (no longer unsent).
@@ -1195,7 +1287,7 @@ impl ExactPartition for RedisPartition {
 
     fn mark_batch(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
         if let Some(newest) = marks.iter().map(|m| m.slice).max() {
-            self.current = self.current.max(newest);
+            self.advance(newest);
         }
         if let Some(fallback) = &mut self.fallback {
             fallback.mark_batch(marks)?;
@@ -1230,7 +1322,7 @@ impl ExactPartition for RedisPartition {
         lookups: &[Lookup],
         out: &mut Vec<Option<Timestamp>>,
     ) -> Result<(), ExactTierError> {
-        self.current = self.current.max(current);
+        self.advance(current);
         out.clear();
         // Marks not yet in Redis stay queued: their index answers for them
         // below (read-your-writes without a flush per lookup).
@@ -1371,7 +1463,7 @@ impl ExactPartition for RedisPartition {
         claims: &[Claim],
         out: &mut Vec<Option<Timestamp>>,
     ) -> Result<(), ExactTierError> {
-        self.current = self.current.max(current);
+        self.advance(current);
         out.clear();
         let window = window.or(self.window);
         // Marks kept through an outage first: the script must see them. If
