@@ -568,3 +568,85 @@ fn a_full_retry_buffer_counts_what_it_drops() {
     let fields = redis_server::count_marks(&mut conn, &hashes);
     assert_eq!(fields, unsent);
 }
+
+/// Shared mode, fail open: a key accepted while Redis was down is kept as
+/// a mark. If that mark still cannot be written when Redis answers again
+/// (here the mark connection was cut), the key's next claim must not run
+/// the script, which cannot see the mark and would accept the key again.
+#[test]
+fn a_kept_mark_that_cannot_be_written_still_answers_claims() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let tier = RedisTier::new(RedisConfig {
+        policy: FailurePolicy::FailOpen,
+        timeout: TIMEOUT,
+        ..RedisConfig::new(&server.url())
+    });
+    let d = Deduper::builder()
+        .window(WINDOW)
+        .expected_keys(10_000)
+        .shards(1)
+        .affinity(Affinity::Shared)
+        .clock(Clock::Manual(clock.clone()))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    let pause = |admin: &mut redis::Connection| {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(400)
+            .arg("ALL")
+            .query(admin)
+            .unwrap();
+    };
+    assert!(d.check("warm").is_new());
+    // An outage: k1 is accepted and kept; once Redis is back its mark is
+    // written on the mark connection.
+    pause(&mut admin);
+    clock.advance(Duration::from_millis(1));
+    assert!(d.check("k1").is_new());
+    std::thread::sleep(Duration::from_millis(500));
+    clock.advance(Duration::from_millis(1));
+    assert!(d.check("k1").is_duplicate());
+    // Another outage: k2 is accepted and kept.
+    pause(&mut admin);
+    clock.advance(Duration::from_millis(1));
+    assert!(d.check("k2").is_new());
+    std::thread::sleep(Duration::from_millis(500));
+    // Redis is back, but the mark connection is cut.
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut admin).unwrap();
+    let marks: Vec<&str> = clients
+        .lines()
+        .filter(|l| l.contains("cmd=hset") || l.contains("cmd=pexpire"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    assert_eq!(marks.len(), 1, "{clients}");
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(marks[0])
+        .query(&mut admin)
+        .unwrap();
+    clock.advance(Duration::from_millis(1));
+    let again = d.check("k2");
+    assert!(again.is_duplicate(), "k2 accepted twice: {again:?}");
+    // The mark reaches Redis once the tier recovers.
+    let start = Instant::now();
+    loop {
+        d.flush();
+        let keys = redis_server::mark_hashes(&mut admin);
+        let fps: HashSet<Vec<u8>> = keys
+            .iter()
+            .flat_map(|k| redis_server::stored_fingerprints(&mut admin, k))
+            .collect();
+        if fps.contains(&d.fingerprint(&"k2").to_bytes().to_vec()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < RECOVERY_DEADLINE,
+            "k2's mark never written"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -10,8 +10,9 @@
 //!   bucket in one argument) and read whole with `MGET` (one command for a
 //!   lookup batch); the newest record of a fingerprint wins. Redis does no
 //!   search and no per-field work: in the Redis bench it spends 0.3–0.7 µs
-//!   per key where small hashes cost 0.8–1.3, at 32–47 bytes per key (the
-//!   spread is `APPEND`'s doubling growth);
+//!   per key where small hashes cost 0.8–1.3, at about 31 bytes per key
+//!   once a slice's strings are compacted (`APPEND` grows them by doubling
+//!   meanwhile);
 //! - **hashes** (shared keys, whose claim script checks and sets one field
 //!   atomically; or `keys_per_hash: Some(0)`): fields are fingerprints,
 //!   values times.
@@ -53,7 +54,10 @@
 //! Redis stores one batch while the engine checks the next, and lookups do
 //! not queue behind them. Marks in flight stay indexed, so a lookup that
 //! overtakes them is answered from the index; a shared-mode claim waits for
-//! their replies. A failure on one connection leaves the other alone.
+//! their replies (and follows the failure policy if they cannot be
+//! written). A failure on one connection leaves the other alone. Once a
+//! slice stops filling, its record strings are rewritten at their exact
+//! size (`COMPACT_SCRIPT`, a chunk per flush).
 //! Shared-mode claims are one `EVALSHA` of a script that, per
 //! key, checks the live slices and records the key unless it is inside the
 //! window — atomically, so two engines never both accept one key.
@@ -1019,28 +1023,40 @@ impl RedisPartition {
             for cmd in &cmds {
                 cmd.write_packed_command(&mut packed);
             }
-            if self.mark_conn.is_none() {
-                if Instant::now() < self.retry_at {
-                    return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+            // A connection opened by an earlier flush may have been closed
+            // since (a server's idle `timeout`): one more try on a new one.
+            let mut tries = if self.mark_conn.is_some() { 2 } else { 1 };
+            loop {
+                if self.mark_conn.is_none() {
+                    if Instant::now() < self.retry_at {
+                        return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+                    }
+                    match Conn::open(&self.config) {
+                        Ok(c) => self.mark_conn = Some(c),
+                        Err(e) => {
+                            self.fail_marks();
+                            return Err(unavailable(&e));
+                        }
+                    }
                 }
-                match Conn::open(&self.config) {
-                    Ok(c) => self.mark_conn = Some(c),
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let Some(Conn::Single(c)) = &mut self.mark_conn else {
+                    unreachable!("a single server's mark connection")
+                };
+                match c.send_packed_command(&packed) {
+                    Ok(()) => break,
+                    Err(_) if tries > 1 => {
+                        tries -= 1;
+                        self.mark_conn = None;
+                    }
                     Err(e) => {
+                        // Not known to be stored: the marks stay unsent
+                        // (those Redis did read are written again: an
+                        // `HSET` the same, a record string gains a copy).
                         self.fail_marks();
                         return Err(unavailable(&e));
                     }
                 }
-            }
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let Some(Conn::Single(c)) = &mut self.mark_conn else {
-                unreachable!("a single server's mark connection")
-            };
-            if let Err(e) = c.send_packed_command(&packed) {
-                // Not known to be stored: the marks stay unsent (those
-                // Redis did read are written again: an `HSET` the same, a
-                // record string gains a copy of the record).
-                self.fail_marks();
-                return Err(unavailable(&e));
             }
             // In flight until their replies are read; still indexed.
             std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
@@ -1466,10 +1482,18 @@ impl ExactPartition for RedisPartition {
         self.advance(current);
         out.clear();
         let window = window.or(self.window);
-        // Marks kept through an outage first: the script must see them. If
-        // they cannot be written, the script below fails fast (backoff).
+        // Marks kept through an outage first: the script must see them.
         // Written means answered: the script runs on another connection.
-        let _ = self.send_unsent().and_then(|()| self.settle());
+        // If they cannot be written, the claims cannot be made either (the
+        // script would accept their keys again): the policy decides.
+        if let Err(e) = self.send_unsent().and_then(|()| self.settle()) {
+            return match self.config.policy {
+                FailurePolicy::FailClosed => Err(e),
+                FailurePolicy::FailOpen | FailurePolicy::FallbackToMemory => {
+                    self.claim_degraded(current, window, claims, out)
+                }
+            };
+        }
         let script = self.script.clone();
         let mut sent = false;
         let result: Result<Vec<Value>, ExactTierError> = {
