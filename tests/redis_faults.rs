@@ -640,7 +640,7 @@ fn a_kept_mark_that_cannot_be_written_still_answers_claims() {
             .iter()
             .flat_map(|k| redis_server::stored_fingerprints(&mut admin, k))
             .collect();
-        if fps.contains(&d.fingerprint(&"k2").to_bytes().to_vec()) {
+        if fps.contains(d.fingerprint(&"k2").to_bytes().as_slice()) {
             break;
         }
         assert!(
