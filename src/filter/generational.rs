@@ -21,6 +21,26 @@ const NOT_STARTED: u64 = u64::MAX;
 /// paired runs against fastbloom; 10⁵ and 10⁸ keys were unchanged.
 const BATCH_AHEAD: usize = 64;
 
+/// `$recv.$method::<K>(args)` with `K` the hash count `$n` as a constant
+/// (1 to 9, else [`super::sizing::MAX_HASHES`]): batch walks match the
+/// count once per batch, then run code unrolled for it.
+macro_rules! with_hash_count {
+    ($n:expr, $recv:ident . $method:ident ($($arg:expr),*)) => {
+        match $n {
+            1 => $recv.$method::<1>($($arg),*),
+            2 => $recv.$method::<2>($($arg),*),
+            3 => $recv.$method::<3>($($arg),*),
+            4 => $recv.$method::<4>($($arg),*),
+            5 => $recv.$method::<5>($($arg),*),
+            6 => $recv.$method::<6>($($arg),*),
+            7 => $recv.$method::<7>($($arg),*),
+            8 => $recv.$method::<8>($($arg),*),
+            9 => $recv.$method::<9>($($arg),*),
+            _ => $recv.$method::<{ super::sizing::MAX_HASHES }>($($arg),*),
+        }
+    };
+}
+
 /// What the filter says about a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterAnswer {
@@ -332,20 +352,7 @@ impl GenerationalBloom {
     #[target_feature(enable = "avx2")]
     unsafe fn walk_hits_avx2(&self, fps: &[Fingerprint], f: impl FnMut(u8)) {
         // SAFETY (each arm): the caller checked for AVX2.
-        unsafe {
-            match self.bloom.hashes() {
-                1 => self.walk_hits_avx2_k::<1>(fps, f),
-                2 => self.walk_hits_avx2_k::<2>(fps, f),
-                3 => self.walk_hits_avx2_k::<3>(fps, f),
-                4 => self.walk_hits_avx2_k::<4>(fps, f),
-                5 => self.walk_hits_avx2_k::<5>(fps, f),
-                6 => self.walk_hits_avx2_k::<6>(fps, f),
-                7 => self.walk_hits_avx2_k::<7>(fps, f),
-                8 => self.walk_hits_avx2_k::<8>(fps, f),
-                9 => self.walk_hits_avx2_k::<9>(fps, f),
-                _ => self.walk_hits_avx2_k::<{ super::sizing::MAX_HASHES }>(fps, f),
-            }
-        }
+        unsafe { with_hash_count!(self.bloom.hashes(), self.walk_hits_avx2_k(fps, f)) }
     }
 
     /// The AVX2 walk for `K` hashes: [`GenerationalBloom::walk_prefetched_k`]
@@ -413,18 +420,7 @@ impl GenerationalBloom {
     /// matched once per batch, not per key.
     #[inline(always)]
     fn walk_prefetched(&self, fps: &[Fingerprint], f: impl FnMut(Probe)) {
-        match self.bloom.hashes() {
-            1 => self.walk_prefetched_k::<1>(fps, f),
-            2 => self.walk_prefetched_k::<2>(fps, f),
-            3 => self.walk_prefetched_k::<3>(fps, f),
-            4 => self.walk_prefetched_k::<4>(fps, f),
-            5 => self.walk_prefetched_k::<5>(fps, f),
-            6 => self.walk_prefetched_k::<6>(fps, f),
-            7 => self.walk_prefetched_k::<7>(fps, f),
-            8 => self.walk_prefetched_k::<8>(fps, f),
-            9 => self.walk_prefetched_k::<9>(fps, f),
-            _ => self.walk_prefetched_k::<{ super::sizing::MAX_HASHES }>(fps, f),
-        }
+        with_hash_count!(self.bloom.hashes(), self.walk_prefetched_k(fps, f))
     }
 
     #[inline(always)]
