@@ -286,7 +286,7 @@ impl ExactBackend for RedisTier {
                 marks: Vec::new(),
                 index: FingerprintTable::new(),
                 replies: 0,
-                fresh: Vec::new(),
+                fresh: HashSet::new(),
             },
             fallback: (self.config.policy == FailurePolicy::FallbackToMemory)
                 .then(|| MemoryPartition::with_capacity(spec.keys_per_slot)),
@@ -643,7 +643,7 @@ struct InFlight {
     /// Replies owed on the mark connection.
     replies: usize,
     /// Hashes whose first `PEXPIRE` went with these marks.
-    fresh: Vec<(u64, u64)>,
+    fresh: HashSet<(u64, u64)>,
 }
 
 /// Shared mode, fail closed: claims that were sent but whose answer was
@@ -730,6 +730,18 @@ fn unavailable(e: &redis::RedisError) -> ExactTierError {
 fn decode(v: &[u8]) -> Option<Timestamp> {
     let bytes: [u8; 8] = v.try_into().ok()?;
     Some(Timestamp::from_nanos(u64::from_be_bytes(bytes)))
+}
+
+/// The marks of one bucket's run of `(slice, bucket, index)` in mark
+/// order, as Redis stores them: (fingerprint, time as 8 big-endian bytes).
+fn stored_marks<'a>(
+    unsent: &'a [Mark],
+    run: &'a [(u64, u64, u32)],
+) -> impl Iterator<Item = ([u8; 16], [u8; 8])> + 'a {
+    run.iter().map(|&(_, _, i)| {
+        let m = &unsent[i as usize];
+        (m.fingerprint.to_bytes(), m.at.as_nanos().to_be_bytes())
+    })
 }
 
 /// Bytes of one record in a record string: the fingerprint, then the time
@@ -918,7 +930,7 @@ impl RedisPartition {
             .collect();
         order.sort_unstable();
         let by_hash = || order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1));
-        let fresh: Vec<(u64, u64)> = by_hash()
+        let fresh: HashSet<(u64, u64)> = by_hash()
             .map(|run| (run[0].0, run[0].1))
             .filter(|h| !self.expiring.contains(h))
             .collect();
@@ -937,18 +949,15 @@ impl RedisPartition {
         // A record string's marks, appended in mark order.
         let records = |run: &[(u64, u64, u32)]| {
             let mut blob = Vec::with_capacity(run.len() * RECORD);
-            for &(_, _, i) in run {
-                let m = &self.unsent[i as usize];
-                blob.extend_from_slice(&m.fingerprint.to_bytes());
-                blob.extend_from_slice(&m.at.as_nanos().to_be_bytes());
+            for (fp, at) in stored_marks(&self.unsent, run) {
+                blob.extend_from_slice(&fp);
+                blob.extend_from_slice(&at);
             }
             blob
         };
+        let is_fresh = |run: &[(u64, u64, u32)]| fresh.contains(&(run[0].0, run[0].1));
         if self.config.cluster {
             // One script: one reply, whatever the number of hashes.
-            let fresh_set: HashSet<(u64, u64)> = fresh.iter().copied().collect();
-            let is_fresh =
-                |run: &[(u64, u64, u32)]| u8::from(fresh_set.contains(&(run[0].0, run[0].1)));
             let script = if self.records {
                 self.append_script.clone()
             } else {
@@ -958,16 +967,14 @@ impl RedisPartition {
             invocation.arg(self.ttl_ms);
             for run in by_hash() {
                 invocation.key(self.key(run[0].0, run[0].1));
+                let fresh = u8::from(is_fresh(run));
                 if self.records {
-                    invocation.arg(records(run)).arg(is_fresh(run));
+                    invocation.arg(records(run)).arg(fresh);
                     continue;
                 }
-                invocation.arg(run.len()).arg(is_fresh(run));
-                for &(_, _, i) in run {
-                    let m = &self.unsent[i as usize];
-                    invocation
-                        .arg(&m.fingerprint.to_bytes()[..])
-                        .arg(&m.at.as_nanos().to_be_bytes()[..]);
+                invocation.arg(run.len()).arg(fresh);
+                for (fp, at) in stored_marks(&self.unsent, run) {
+                    invocation.arg(&fp[..]).arg(&at[..]);
                 }
             }
             self.with_conn(|c, _| invocation.invoke::<Value>(c.like()))?;
@@ -990,7 +997,6 @@ impl RedisPartition {
             // a PEXPIRE per fresh one, read until the first failure.
             // Each fresh bucket's PEXPIRE right after its write: a
             // pipeline cut short leaves no bucket written without a TTL.
-            let fresh_set: HashSet<(u64, u64)> = fresh.iter().copied().collect();
             let mut cmds = Vec::with_capacity(2 * fresh.len());
             for run in by_hash() {
                 let key = self.key(run[0].0, run[0].1);
@@ -999,14 +1005,12 @@ impl RedisPartition {
                 if self.records {
                     cmd.arg(records(run));
                 } else {
-                    for &(_, _, i) in run {
-                        let m = &self.unsent[i as usize];
-                        cmd.arg(&m.fingerprint.to_bytes()[..])
-                            .arg(&m.at.as_nanos().to_be_bytes()[..]);
+                    for (fp, at) in stored_marks(&self.unsent, run) {
+                        cmd.arg(&fp[..]).arg(&at[..]);
                     }
                 }
                 cmds.push(cmd);
-                if fresh_set.contains(&(run[0].0, run[0].1)) {
+                if is_fresh(run) {
                     let mut expire = redis::cmd("PEXPIRE");
                     expire.arg(&key).arg(self.ttl_ms);
                     cmds.push(expire);
@@ -1088,7 +1092,7 @@ impl RedisPartition {
         self.in_flight.replies = 0;
         match result {
             Ok(()) => {
-                self.expiring.extend(self.in_flight.fresh.drain(..));
+                self.expiring.extend(self.in_flight.fresh.drain());
                 self.written(self.in_flight.marks.len());
                 self.in_flight.marks.clear();
                 self.in_flight.index.clear();
