@@ -54,6 +54,10 @@ pub enum ConfigError {
     /// Allowed lateness is set without event time.
     #[error("allowed lateness only applies to event time: set `clock(Clock::EventTime)` or drop `allowed_lateness`")]
     LatenessWithoutEventTime,
+    /// An engine without first-seen times was asked for something that
+    /// needs them, or for a tier that cannot drop them.
+    #[error("first_seen_times(false) keeps fingerprints alone, so it needs no window (expiry needs the times), Mode::Exact, Affinity::Owned and the memory tier: {0}")]
+    UntimedNeeds(&'static str),
 }
 
 /// An exact tier that could not answer.

@@ -23,6 +23,7 @@ use crate::time::Timestamp;
 
 pub use dashmap_tier::DashMapPartition;
 pub use memory::MemoryPartition;
+pub(crate) use memory::Seen;
 
 /// A key accepted at `at`, to be recorded in generation slot `slot`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,6 +208,13 @@ pub trait ExactPartition: Send {
 
     /// Bytes of memory used in this process.
     fn bytes(&self) -> usize;
+
+    /// False for a partition that keeps fingerprints alone (the memory
+    /// tier of an engine built with `first_seen_times(false)`): its
+    /// [`ExactPartition::entries`] carry no real times. Default: true.
+    fn keeps_times(&self) -> bool {
+        true
+    }
 
     /// Every stored entry as `(slot, fingerprint, first accepted)`, for
     /// snapshots; `None` when the state lives elsewhere (a remote backend).

@@ -7,6 +7,11 @@
 //! all the bytes before it. A restore builds a complete new engine while it
 //! reads and returns it only once the checksum matched: a truncated, corrupt
 //! or foreign file is refused with an error, never half-loaded.
+//!
+//! Version 2 differs from 1 only where the exact tier keeps fingerprints
+//! alone (an engine built with `first_seen_times(false)`): its entries are
+//! written under tag 2, without slot or time. A state without such entries
+//! is still written as version 1, so earlier builds read it.
 
 use std::io::{self, Read, Write};
 
@@ -19,8 +24,11 @@ use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
 const MAGIC: &[u8; 8] = b"TDEDUPSN";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this build writes and reads (it reads every
+/// version from 1 on; see the module docs).
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of a state whose exact tier keeps first-seen times.
+const TIMED_VERSION: u32 = 1;
 /// Largest block count a snapshot may declare for one filter (1 TiB).
 const MAX_BLOCKS: u64 = (1 << 40) / 64;
 const NONE: u64 = u64::MAX;
@@ -117,8 +125,15 @@ impl Deduper {
         for shard in shards.iter_mut() {
             shard.sync_marks();
         }
+        let untimed = shards
+            .iter()
+            .any(|s| s.exact.as_ref().is_some_and(|e| !e.keeps_times()));
         w.bytes(MAGIC)?;
-        w.u32(FORMAT_VERSION)?;
+        w.u32(if untimed {
+            FORMAT_VERSION
+        } else {
+            TIMED_VERSION
+        })?;
         for field in header_fields(self) {
             w.u64(field)?;
         }
@@ -169,12 +184,17 @@ impl Deduper {
                     let entries = exact
                         .entries()
                         .ok_or(SnapshotError::Unsupported(self.plan().exact_name))?;
-                    w.u8(1)?;
+                    let timed = exact.keeps_times();
+                    w.u8(if timed { 1 } else { 2 })?;
                     w.u64(entries.len() as u64)?;
                     for (slot, fp, at) in entries {
-                        w.u8(slot as u8)?;
-                        w.bytes(&fp.to_bytes())?;
-                        w.u64(at.as_nanos())?;
+                        if timed {
+                            w.u8(slot as u8)?;
+                            w.bytes(&fp.to_bytes())?;
+                            w.u64(at.as_nanos())?;
+                        } else {
+                            w.bytes(&fp.to_bytes())?;
+                        }
                     }
                 }
             }
@@ -286,7 +306,7 @@ impl DeduperBuilder {
             return Err(SnapshotError::NotASnapshot);
         }
         let version = r.u32()?;
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(SnapshotError::Version {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -346,6 +366,23 @@ impl DeduperBuilder {
                             let fp = Fingerprint::from_bytes(r.bytes()?);
                             let at = Timestamp::from_nanos(r.u64()?);
                             exact.mark(fp, slot, at).map_err(|_| {
+                                SnapshotError::Unsupported(engine.plan().exact_name)
+                            })?;
+                        }
+                    }
+                    // Fingerprints alone (version 2): only an engine that
+                    // keeps no times takes them.
+                    (Some(exact), 2) if version >= 2 => {
+                        if exact.keeps_times() {
+                            return Err(SnapshotError::Mismatch(
+                                "first_seen_times setting (the state keeps no first-seen \
+                                 times: build with first_seen_times(false))",
+                            ));
+                        }
+                        let count = r.u64()?;
+                        for _ in 0..count {
+                            let fp = Fingerprint::from_bytes(r.bytes()?);
+                            exact.mark(fp, 0, Timestamp::ZERO).map_err(|_| {
                                 SnapshotError::Unsupported(engine.plan().exact_name)
                             })?;
                         }

@@ -14,6 +14,11 @@ pub enum Verdict {
         /// When the accepted occurrence was checked.
         first_seen: Timestamp,
     },
+    /// Accepted before (no window: at any earlier time), by an engine built
+    /// with [`crate::DeduperBuilder::first_seen_times`]`(false)`, which keeps
+    /// fingerprints alone (16 bytes per key instead of 24) and so cannot
+    /// say when: do not act again.
+    DuplicateUntimed,
     /// Probabilistic mode only: the filter holds the key, so it was probably
     /// accepted within the window (wrong at the configured false-positive
     /// rate); `since` is the start of the oldest generation that matched.
@@ -40,12 +45,13 @@ impl Verdict {
         matches!(self, Verdict::New)
     }
 
-    /// True for [`Verdict::Duplicate`] and [`Verdict::LikelyDuplicate`].
+    /// True for [`Verdict::Duplicate`], [`Verdict::DuplicateUntimed`] and
+    /// [`Verdict::LikelyDuplicate`].
     #[must_use]
     pub fn is_duplicate(self) -> bool {
         matches!(
             self,
-            Verdict::Duplicate { .. } | Verdict::LikelyDuplicate { .. }
+            Verdict::Duplicate { .. } | Verdict::DuplicateUntimed | Verdict::LikelyDuplicate { .. }
         )
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tiered_dedup::exact::{ExactBackend, ExactPartition, MemoryPartition, PartitionSpec};
 use tiered_dedup::{
-    Affinity, Clock, Deduper, ExactTier, ExactTierError, Fingerprint, ManualClock, Timestamp,
+    Affinity, Clock, Deduper, ExactTier, ExactTierError, Fingerprint, ManualClock, Mode, Timestamp,
     Verdict,
 };
 
@@ -122,6 +122,18 @@ struct Setting {
     /// Marks queued per shard before a write (1 = write-through).
     mark_batch: usize,
     affinity: Affinity,
+    /// `first_seen_times(false)`: duplicates come without their time.
+    untimed: bool,
+}
+
+impl Setting {
+    /// What the engine answers where the reference says `v`.
+    fn expect(&self, v: Verdict) -> Verdict {
+        match v {
+            Verdict::Duplicate { .. } if self.untimed => Verdict::DuplicateUntimed,
+            v => v,
+        }
+    }
 }
 
 fn settings() -> Vec<Setting> {
@@ -137,6 +149,7 @@ fn settings() -> Vec<Setting> {
             exact: ExactTier::Memory,
             mark_batch: 1,
             affinity: Affinity::Owned,
+            untimed: false,
         },
         Setting {
             name: "tiny window, bursts far over capacity, 1 shard",
@@ -149,6 +162,7 @@ fn settings() -> Vec<Setting> {
             exact: ExactTier::Memory,
             mark_batch: 64,
             affinity: Affinity::Owned,
+            untimed: false,
         },
         Setting {
             name: "odd window in nanoseconds, 16 shards, dashmap tier",
@@ -161,6 +175,7 @@ fn settings() -> Vec<Setting> {
             exact: ExactTier::DashMap,
             mark_batch: 7,
             affinity: Affinity::Owned,
+            untimed: false,
         },
         Setting {
             name: "batched remote-like tier, cold start, 8 shards",
@@ -173,6 +188,7 @@ fn settings() -> Vec<Setting> {
             exact: ExactTier::Custom(Arc::new(RemoteLike)),
             mark_batch: 50,
             affinity: Affinity::Owned,
+            untimed: false,
         },
         Setting {
             name: "shared affinity: every key claimed, 4 shards",
@@ -185,6 +201,7 @@ fn settings() -> Vec<Setting> {
             exact: ExactTier::Custom(Arc::new(RemoteLike)),
             mark_batch: 1,
             affinity: Affinity::Shared,
+            untimed: false,
         },
         Setting {
             name: "no window, memory tier (no filter), tables growing",
@@ -197,6 +214,7 @@ fn settings() -> Vec<Setting> {
             exact: ExactTier::Memory,
             mark_batch: 1000,
             affinity: Affinity::Owned,
+            untimed: false,
         },
         Setting {
             name: "no window, growing filter, dashmap tier",
@@ -209,6 +227,20 @@ fn settings() -> Vec<Setting> {
             exact: ExactTier::DashMap,
             mark_batch: 5,
             affinity: Affinity::Owned,
+            untimed: false,
+        },
+        Setting {
+            name: "no window, no first-seen times (16-byte entries), 4 shards",
+            window: None,
+            expected_keys: 500,
+            key_space: 300_000,
+            shards: 4,
+            max_step: 1_000,
+            burst_chance: 0.0,
+            exact: ExactTier::Memory,
+            mark_batch: 1,
+            affinity: Affinity::Owned,
+            untimed: true,
         },
     ]
 }
@@ -219,7 +251,8 @@ fn builder(s: &Setting) -> tiered_dedup::DeduperBuilder {
         .shards(s.shards)
         .mark_batch(s.mark_batch)
         .affinity(s.affinity)
-        .exact_tier(s.exact.clone());
+        .exact_tier(s.exact.clone())
+        .first_seen_times(!s.untimed);
     match s.window {
         Some(w) => b.window(w),
         None => b.no_window(),
@@ -291,7 +324,7 @@ fn single_checks_match_the_reference() {
                 clock.advance(Duration::from_nanos(rng.below(s.max_step + 1)));
             }
             let key = rng.below(s.key_space);
-            let expected = reference.check(key, clock.now().as_nanos());
+            let expected = s.expect(reference.check(key, clock.now().as_nanos()));
             let got = d.check(&key);
             assert_eq!(got, expected, "{}: op {op}, key {key}", s.name);
         }
@@ -328,7 +361,10 @@ fn batches_match_the_reference() {
             let len = 1 + rng.below(max) as usize;
             let keys: Vec<u64> = (0..len).map(|_| rng.below(s.key_space)).collect();
             let now = clock.now().as_nanos();
-            let expected: Vec<Verdict> = keys.iter().map(|&k| reference.check(k, now)).collect();
+            let expected: Vec<Verdict> = keys
+                .iter()
+                .map(|&k| s.expect(reference.check(k, now)))
+                .collect();
             assert_eq!(
                 d.check_batch(&keys),
                 expected,
@@ -539,6 +575,28 @@ fn bad_configuration_says_what_to_change() {
     );
     let msg = ConfigError::ZeroWindow.to_string();
     assert!(msg.contains("no_window"), "{msg}");
+    // Without first-seen times: no window, exact mode, owned keys, memory.
+    let untimed = || Deduper::builder().first_seen_times(false);
+    for (b, fix) in [
+        (untimed(), "no_window"),
+        (
+            untimed().no_window().mode(Mode::Probabilistic),
+            "Mode::Exact",
+        ),
+        (
+            untimed().no_window().affinity(Affinity::Shared),
+            "Affinity::Owned",
+        ),
+        (
+            untimed().no_window().exact_tier(ExactTier::DashMap),
+            "ExactTier::Memory",
+        ),
+    ] {
+        let e = err(b);
+        assert!(matches!(e, ConfigError::UntimedNeeds(_)), "{e:?}");
+        assert!(e.to_string().contains(fix), "{e}");
+    }
+    assert!(untimed().no_window().build().is_ok());
 }
 
 /// A store that outlives engines: each shard's partition is kept here and

@@ -108,6 +108,58 @@ fn pipelined_batches_match_the_reference() {
     }
 }
 
+/// An engine without first-seen times behind the pipeline: random
+/// messages, several in flight, against a set of the keys seen.
+#[test]
+fn an_untimed_engine_through_the_pipeline_matches_the_reference() {
+    for (seed, &(shards, workers, message)) in [(4, 2, 100), (16, 3, 4096)].iter().enumerate() {
+        let p = Pipeline::builder(
+            Deduper::builder()
+                .no_window()
+                .first_seen_times(false)
+                .expected_keys(1_000)
+                .shards(shards),
+        )
+        .workers(workers)
+        .max_message_keys(message)
+        .max_in_flight(8)
+        .build()
+        .unwrap();
+        let mut producer = p.producer();
+        let mut rng = Rng::new(50 + seed as u64);
+        let mut seen = std::collections::HashSet::new();
+        let mut expected_in_flight = std::collections::VecDeque::new();
+        let mut ops = 0;
+        while ops < 300_000 {
+            let max = if rng.below(10) == 0 { 4096 } else { 50 };
+            let len = 1 + rng.below(max) as usize;
+            let keys: Vec<u64> = (0..len).map(|_| rng.below(100_000)).collect();
+            let expected: Vec<Verdict> = keys
+                .iter()
+                .map(|&k| {
+                    if seen.insert(k) {
+                        Verdict::New
+                    } else {
+                        Verdict::DuplicateUntimed
+                    }
+                })
+                .collect();
+            producer.submit(&keys).unwrap();
+            expected_in_flight.push_back(expected);
+            ops += len;
+            while producer.in_flight() > rng.below(6) as usize {
+                let want = expected_in_flight.pop_front().unwrap();
+                assert_eq!(producer.recv().unwrap(), want, "config {seed} at op {ops}");
+            }
+        }
+        while let Some(want) = expected_in_flight.pop_front() {
+            assert_eq!(producer.recv().unwrap(), want);
+        }
+        assert_eq!(p.deduper().stats().exact_entries, seen.len() as u64);
+        p.shutdown().unwrap();
+    }
+}
+
 #[test]
 fn event_time_through_the_pipeline_matches_the_reference() {
     let window = Duration::from_secs(10);

@@ -153,11 +153,11 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused() {
         b.clone().restore(&b"{\"json\": true}"[..]),
         Err(SnapshotError::NotASnapshot)
     ));
-    let mut v2 = bytes.clone();
-    v2[8] = 2;
+    let mut v3 = bytes.clone();
+    v3[8] = 3;
     assert!(matches!(
-        b.clone().restore(&v2[..]),
-        Err(SnapshotError::Version { found: 2, .. })
+        b.clone().restore(&v3[..]),
+        Err(SnapshotError::Version { found: 3, .. })
     ));
     // Another configuration: the error names the field.
     let err = builder(Some(Duration::from_secs(61)))
@@ -172,4 +172,58 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused() {
     assert!(err.to_string().contains("namespace"), "{err}");
     // The intact snapshot still restores.
     assert!(b.restore(&bytes[..]).is_ok());
+}
+
+/// An engine without first-seen times writes its fingerprints alone
+/// (format version 2) and restores them; a state with times restores into
+/// it (the times are dropped); its own state is refused by an engine that
+/// keeps times, and a truncated one by any.
+#[test]
+fn an_engine_without_times_round_trips_and_refuses_the_other_kind() {
+    let untimed = || builder(None).first_seen_times(false);
+    let keys = |range: std::ops::Range<u64>| range.map(|i| i * 7919).collect::<Vec<_>>();
+    let d = untimed().build().unwrap();
+    for &k in &keys(0..20_000) {
+        assert!(d.check_at(&k, Timestamp::from_secs(k)).is_new());
+    }
+    let bytes = snapshot(&d);
+    assert_eq!(bytes[8], 2, "untimed states are version 2");
+    let restored = untimed().restore(&bytes[..]).unwrap();
+    assert_eq!(restored.stats().exact_entries, 20_000);
+    for (i, &k) in keys(0..25_000).iter().enumerate() {
+        let expected = if i < 20_000 {
+            Verdict::DuplicateUntimed
+        } else {
+            Verdict::New
+        };
+        assert_eq!(
+            restored.check_at(&k, Timestamp::from_secs(1 << 40)),
+            expected
+        );
+    }
+
+    // A state with times (version 1) restores into an untimed engine.
+    let timed = builder(None).build().unwrap();
+    for &k in &keys(0..5_000) {
+        timed.check_at(&k, Timestamp::from_secs(k));
+    }
+    let timed_bytes = snapshot(&timed);
+    assert_eq!(timed_bytes[8], 1, "states with times stay version 1");
+    let dropped = untimed().restore(&timed_bytes[..]).unwrap();
+    for &k in &keys(0..5_000) {
+        assert_eq!(
+            dropped.check_at(&k, Timestamp::from_secs(1 << 40)),
+            Verdict::DuplicateUntimed
+        );
+    }
+
+    // Fingerprints alone cannot answer when a key was first seen.
+    let err = builder(None).restore(&bytes[..]).unwrap_err();
+    assert!(
+        matches!(err, SnapshotError::Mismatch(m) if m.contains("first_seen_times")),
+        "{err}"
+    );
+    for cut in [bytes.len() - 1, bytes.len() - 9, bytes.len() / 2, 40] {
+        assert!(untimed().restore(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
 }

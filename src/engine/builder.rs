@@ -68,6 +68,7 @@ pub struct DeduperBuilder {
     mark_batch: usize,
     flush_interval: Duration,
     affinity: Affinity,
+    first_seen_times: bool,
 }
 
 impl Default for DeduperBuilder {
@@ -86,6 +87,7 @@ impl Default for DeduperBuilder {
             mark_batch: 1,
             flush_interval: Duration::from_millis(10),
             affinity: Affinity::Owned,
+            first_seen_times: true,
         }
     }
 }
@@ -194,6 +196,20 @@ impl DeduperBuilder {
         self
     }
 
+    /// Whether a duplicate says when its key was first accepted. Default:
+    /// true ([`crate::Verdict::Duplicate`] carries the time; 24 bytes per
+    /// key in the memory tier). `false` keeps each key's fingerprint alone,
+    /// 16 bytes per key, and answers [`crate::Verdict::DuplicateUntimed`]:
+    /// for jobs that only need to know *whether* a key was seen (the
+    /// `dedup` program without a window). It needs no window (expiry needs
+    /// the times), [`Mode::Exact`], [`Affinity::Owned`] and
+    /// [`ExactTier::Memory`]; [`DeduperBuilder::build`] refuses anything
+    /// else with [`ConfigError::UntimedNeeds`].
+    pub fn first_seen_times(mut self, keep: bool) -> Self {
+        self.first_seen_times = keep;
+        self
+    }
+
     /// Refuse to build a filter larger than `bytes`. Default: no limit
     /// (beyond 1 TiB).
     pub fn memory_limit(mut self, bytes: u64) -> Self {
@@ -288,6 +304,22 @@ impl DeduperBuilder {
         if self.affinity == Affinity::Shared && self.mode == Mode::Probabilistic {
             return Err(ConfigError::SharedWithoutExactTier);
         }
+        if !self.first_seen_times {
+            let unmet = if window.is_some() {
+                Some("drop the window (`no_window`)")
+            } else if self.mode != Mode::Exact {
+                Some("use Mode::Exact")
+            } else if self.affinity != Affinity::Owned {
+                Some("use Affinity::Owned")
+            } else if !matches!(self.exact, ExactTier::Memory) {
+                Some("use ExactTier::Memory")
+            } else {
+                None
+            };
+            if let Some(fix) = unmet {
+                return Err(ConfigError::UntimedNeeds(fix));
+            }
+        }
         Ok(Plan {
             trust: match self.affinity {
                 Affinity::Owned => Trust::Owned,
@@ -312,6 +344,7 @@ impl DeduperBuilder {
             mode: self.mode,
             exact_name: self.exact.name(),
             exact: self.exact.clone(),
+            untimed: !self.first_seen_times,
         })
     }
 }
@@ -339,6 +372,9 @@ pub(crate) struct Plan {
     /// The tier itself, kept for its own metrics
     /// ([`ExactTier::report_metrics`]).
     pub(crate) exact: ExactTier,
+    /// Built with `first_seen_times(false)`: the memory tier keeps
+    /// fingerprints alone.
+    pub(crate) untimed: bool,
 }
 
 impl Plan {
@@ -385,6 +421,9 @@ impl Plan {
             Mode::Probabilistic => None,
         };
         let direct = direct && matches!(partition, Some(Partition::Memory(_)));
+        if let (true, Some(Partition::Memory(table))) = (self.untimed, &mut partition) {
+            table.keep_fingerprints_only();
+        }
         if let (true, Some(window), Some(Partition::Memory(table))) =
             (direct, self.window, &mut partition)
         {

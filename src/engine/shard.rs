@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::exact::table::Within;
-use crate::exact::{Claim, Lookup, Mark, Partition};
+use crate::exact::{Claim, Lookup, Mark, Partition, Seen};
 use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
 use crate::fingerprint::Fingerprint;
 use crate::time::{newest_slot, slot_of, Timestamp, GENERATIONS};
@@ -378,8 +378,9 @@ impl Shard {
             }
         } else {
             match table.first_seen_or_mark(fp, t) {
-                Some(first_seen) => Verdict::Duplicate { first_seen },
-                None => Verdict::New,
+                Seen::At(first_seen) => Verdict::Duplicate { first_seen },
+                Seen::Untimed => Verdict::DuplicateUntimed,
+                Seen::No => Verdict::New,
             }
         };
         if verdict == Verdict::New {
@@ -543,7 +544,7 @@ impl Shard {
     fn count(&mut self, v: Verdict) {
         match v {
             Verdict::New => self.counters.new += 1,
-            Verdict::Duplicate { .. } => self.counters.duplicates += 1,
+            Verdict::Duplicate { .. } | Verdict::DuplicateUntimed => self.counters.duplicates += 1,
             Verdict::LikelyDuplicate { .. } => self.counters.likely_duplicates += 1,
             Verdict::Unavailable => self.counters.unavailable += 1,
             Verdict::Late { .. } => {}

@@ -5,7 +5,7 @@ use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
-use super::table::{FingerprintTable, Within};
+use super::table::{FingerprintTable, Untimed, Within};
 use super::{ExactPartition, Mark};
 
 /// The embedded exact tier of one shard: one open-addressing table per
@@ -13,6 +13,10 @@ use super::{ExactPartition, Mark};
 /// entry.
 pub struct MemoryPartition {
     slots: [FingerprintTable; GENERATIONS],
+    /// Set for an engine without first-seen times (no window, no filter):
+    /// every entry is a fingerprint alone, 16 bytes, in this table instead
+    /// of the slots.
+    untimed: Option<FingerprintTable<Untimed>>,
     expected_per_slot: usize,
     /// Set when the shard keeps no filter but has a window: every entry
     /// lives in slot 0's table with its time, and expired entries are
@@ -60,9 +64,17 @@ impl MemoryPartition {
     pub fn with_capacity(per_slot: usize) -> Self {
         MemoryPartition {
             slots: std::array::from_fn(|_| FingerprintTable::new()),
+            untimed: None,
             expected_per_slot: per_slot,
             expiry: None,
         }
+    }
+
+    /// Keeps fingerprints alone, without their times (an engine built with
+    /// `first_seen_times(false)`: no window, no filter in front).
+    pub(crate) fn keep_fingerprints_only(&mut self) {
+        debug_assert!(self.expiry.is_none() && self.len() == 0);
+        self.untimed = Some(FingerprintTable::new());
     }
 
     /// Switches to one table for the whole window (the shard keeps no
@@ -210,22 +222,40 @@ impl MemoryPartition {
     }
 }
 
+/// What [`MemoryPartition::first_seen_or_mark`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Accepted before, at this time.
+    At(Timestamp),
+    /// Accepted before; the partition keeps no times.
+    Untimed,
+    /// Not accepted before: recorded now.
+    No,
+}
+
 impl MemoryPartition {
-    /// Without a window (every entry in slot 0), the check and the mark in
-    /// one probe: the first-accepted time of `fp`, or `None` after recording
-    /// `at` as its first acceptance.
+    /// Without a window (every entry in slot 0, or in the untimed table),
+    /// the check and the mark in one probe: when `fp` was first accepted,
+    /// or [`Seen::No`] after recording `at` as its first acceptance.
     #[inline(always)]
-    pub(crate) fn first_seen_or_mark(
-        &mut self,
-        fp: Fingerprint,
-        at: Timestamp,
-    ) -> Option<Timestamp> {
+    pub(crate) fn first_seen_or_mark(&mut self, fp: Fingerprint, at: Timestamp) -> Seen {
+        if let Some(set) = &mut self.untimed {
+            if !set.is_allocated() {
+                *set = FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20));
+            }
+            return if set.contains_or_insert(fp) {
+                Seen::Untimed
+            } else {
+                Seen::No
+            };
+        }
         if !self.slots[0].is_allocated() {
             self.allocate(0);
         }
-        self.slots[0]
-            .get_or_insert(fp, at.as_nanos())
-            .map(Timestamp::from_nanos)
+        match self.slots[0].get_or_insert(fp, at.as_nanos()) {
+            Some(first) => Seen::At(Timestamp::from_nanos(first)),
+            None => Seen::No,
+        }
     }
 }
 
@@ -236,11 +266,19 @@ impl ExactPartition for MemoryPartition {
         fp: Fingerprint,
         slot: usize,
     ) -> Result<Option<Timestamp>, ExactTierError> {
+        // An untimed partition sits behind no filter: nothing looks keys up
+        // (`first_seen_or_mark` answers them).
+        debug_assert!(self.untimed.is_none());
         Ok(self.slots[slot].get(fp).map(Timestamp::from_nanos))
     }
 
     #[inline(always)]
     fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
+        if self.untimed.is_some() {
+            // A restored state: the time is dropped.
+            self.first_seen_or_mark(fp, at);
+            return Ok(());
+        }
         if self.expiry.is_some() {
             // One table (a restored state): the newest acceptance counts.
             if !self.slots[0].is_allocated() {
@@ -261,7 +299,7 @@ impl ExactPartition for MemoryPartition {
     }
 
     fn mark_batch(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
-        if self.expiry.is_some() {
+        if self.expiry.is_some() || self.untimed.is_some() {
             for m in marks {
                 self.mark(m.fingerprint, m.slot, m.at)?;
             }
@@ -288,7 +326,10 @@ impl ExactPartition for MemoryPartition {
 
     #[inline]
     fn prefetch(&self, fp: Fingerprint, slot: usize) {
-        self.slots[slot].prefetch(fp);
+        match &self.untimed {
+            Some(set) => set.prefetch(fp),
+            None => self.slots[slot].prefetch(fp),
+        }
     }
 
     fn clear_slots(&mut self, slots: u8) {
@@ -301,14 +342,31 @@ impl ExactPartition for MemoryPartition {
     }
 
     fn len(&self) -> u64 {
-        self.slots.iter().map(|t| t.len() as u64).sum()
+        let untimed = self.untimed.as_ref().map_or(0, FingerprintTable::len);
+        self.slots.iter().map(FingerprintTable::len).sum::<usize>() as u64 + untimed as u64
     }
 
     fn bytes(&self) -> usize {
-        self.slots.iter().map(FingerprintTable::bytes).sum()
+        let untimed = self.untimed.as_ref().map_or(0, FingerprintTable::bytes);
+        self.slots
+            .iter()
+            .map(FingerprintTable::bytes)
+            .sum::<usize>()
+            + untimed
+    }
+
+    fn keeps_times(&self) -> bool {
+        self.untimed.is_none()
     }
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
+        if let Some(set) = &self.untimed {
+            return Some(
+                set.fingerprints()
+                    .map(|fp| (0, fp, Timestamp::ZERO))
+                    .collect(),
+            );
+        }
         let mut out = Vec::with_capacity(self.len() as usize);
         for (slot, table) in self.slots.iter().enumerate() {
             out.extend(
