@@ -8,8 +8,11 @@ use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-/// Bytes asked for by one read.
-pub const READ_SIZE: usize = 1 << 20;
+/// Bytes asked for by one read. 512 KiB: with 1 MiB, the chunks in flight
+/// (read, queued, judged; each with its fingerprints, verdicts and output)
+/// took 7 MB more of `dedup`'s peak memory, for no measured gain in speed;
+/// 256 KiB saved 4 MB more and measured 5% slower (within the noise).
+pub const READ_SIZE: usize = 1 << 19;
 
 /// Where records come from.
 #[derive(Clone, Debug, PartialEq, Eq)]

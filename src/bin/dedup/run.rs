@@ -331,7 +331,9 @@ impl Job<'_> {
                     self.tally.unique += 1;
                     self.out.judged(record, newline, Label::New);
                 }
-                Verdict::Duplicate { .. } | Verdict::LikelyDuplicate { .. } => {
+                Verdict::Duplicate { .. }
+                | Verdict::DuplicateUntimed
+                | Verdict::LikelyDuplicate { .. } => {
                     self.tally.duplicates += 1;
                     self.out.judged(record, newline, Label::Duplicate);
                 }

@@ -116,6 +116,13 @@ impl Settings {
             Some(w) => b.window(Duration::from_nanos(w)),
             None => b.no_window(),
         };
+        if self.window_ns.is_none() && !self.exact.starts_with("redis://") {
+            // No window on the memory tier: nothing here reads a
+            // duplicate's first-seen time, so the table keeps fingerprints
+            // alone (16 bytes per key instead of 24). A state saved with
+            // times restores into it (the times are dropped).
+            b = b.first_seen_times(false);
+        }
         if self.exact.starts_with("redis://") {
             // One engine per run, owning its keys: marks are queued and
             // written in batches (large ones: Redis's cost per key falls
