@@ -33,6 +33,30 @@ impl<T> ZeroedArray<T> {
     /// # Safety
     /// All-zero bytes must be a valid `T`.
     pub(crate) unsafe fn new(len: usize) -> Self {
+        // SAFETY: as the caller promised.
+        unsafe { Self::with_pages(len, false) }
+    }
+
+    /// `len` zeroed elements whose pages are all faulted in for writing
+    /// now (`MADV_POPULATE_WRITE`), for an array that is read before it is
+    /// written at random places: a hash table's probe reads a bucket, then
+    /// fills it. The part of an array past its last whole 2 MiB is mapped
+    /// in 4 KiB pages; faulted in lazily, each such page's first read maps
+    /// the shared zero page and the write after it copies the page and
+    /// flushes the other CPUs' TLBs. `dedup`'s tables (6.3 MB each, a third
+    /// of them in such pages) spent 14% of the run's samples in those
+    /// flushes; populated, its system time fell from 234 to 85 ms.
+    ///
+    /// # Safety
+    /// All-zero bytes must be a valid `T`.
+    pub(crate) unsafe fn new_populated(len: usize) -> Self {
+        // SAFETY: as the caller promised.
+        unsafe { Self::with_pages(len, true) }
+    }
+
+    /// # Safety
+    /// All-zero bytes must be a valid `T`.
+    unsafe fn with_pages(len: usize, populate: bool) -> Self {
         let layout = Self::layout(len);
         if layout.size() == 0 {
             return ZeroedArray {
@@ -43,7 +67,7 @@ impl<T> ZeroedArray<T> {
         }
         #[cfg(target_os = "linux")]
         if layout.size() >= HUGE {
-            if let Some(ptr) = map_huge(layout.size()) {
+            if let Some(ptr) = map_huge(layout.size(), populate) {
                 return ZeroedArray {
                     ptr: ptr.cast(),
                     len,
@@ -111,7 +135,7 @@ impl<T> Drop for ZeroedArray<T> {
 /// the first write comes too late: the pages are already 4 KiB). The kernel
 /// zeroes pages lazily, so untouched parts of a large filter cost nothing.
 #[cfg(target_os = "linux")]
-fn map_huge(size: usize) -> Option<NonNull<u8>> {
+fn map_huge(size: usize, populate: bool) -> Option<NonNull<u8>> {
     let mapped = size.checked_add(HUGE)?;
     // SAFETY: an anonymous private mapping with no address hint.
     let base = unsafe {
@@ -141,6 +165,11 @@ fn map_huge(size: usize) -> Option<NonNull<u8>> {
             libc::munmap(aligned.add(size).cast(), tail);
         }
         libc::madvise(aligned.cast(), size, libc::MADV_HUGEPAGE);
+        if populate {
+            // Best effort (Linux 5.14 and later; older kernels answer
+            // EINVAL and fault the pages in lazily as before).
+            libc::madvise(aligned.cast(), size, libc::MADV_POPULATE_WRITE);
+        }
         NonNull::new(aligned)
     }
 }
@@ -207,5 +236,42 @@ mod tests {
             "only {} kB of huge pages for 64 MB",
             after - before
         );
+    }
+
+    /// A populated array is faulted in when made: probing it afterwards,
+    /// each page read and then written, takes no page fault. Lazily, each
+    /// 4 KiB page of the part past the last whole 2 MiB (here 1 MiB)
+    /// faults twice: the read maps the zero page, the write copies it and
+    /// flushes the other CPUs' TLBs. Needs Linux 5.14 or later
+    /// (`MADV_POPULATE_WRITE`).
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_populated_array_takes_no_faults_when_probed() {
+        fn faults() -> i64 {
+            // SAFETY: getrusage writes the struct it is given.
+            unsafe {
+                let mut usage: libc::rusage = std::mem::zeroed();
+                libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+                usage.ru_minflt
+            }
+        }
+        fn probe(a: &mut ZeroedArray<u64>) -> i64 {
+            let before = faults();
+            for i in (0..a.len()).step_by(512) {
+                let read = std::hint::black_box(a[i]);
+                a[i] = read + 1;
+            }
+            faults() - before
+        }
+        let len = (3 << 20) / 8;
+        // SAFETY: zero is a valid u64.
+        let lazy = probe(&mut unsafe { ZeroedArray::<u64>::new(len) });
+        // SAFETY: zero is a valid u64.
+        let populated = probe(&mut unsafe { ZeroedArray::<u64>::new_populated(len) });
+        assert!(
+            populated < 16,
+            "{populated} faults probing a populated array"
+        );
+        assert!(lazy >= 256, "only {lazy} faults probing a lazy one");
     }
 }
