@@ -37,26 +37,29 @@ impl<T> ZeroedArray<T> {
         unsafe { Self::with_pages(len, false) }
     }
 
-    /// `len` zeroed elements whose pages are all faulted in for writing
-    /// now (`MADV_POPULATE_WRITE`), for an array that is read before it is
-    /// written at random places: a hash table's probe reads a bucket, then
-    /// fills it. The part of an array past its last whole 2 MiB is mapped
-    /// in 4 KiB pages; faulted in lazily, each such page's first read maps
-    /// the shared zero page and the write after it copies the page and
-    /// flushes the other CPUs' TLBs. `dedup`'s tables (6.3 MB each, a third
-    /// of them in such pages) spent 14% of the run's samples in those
-    /// flushes; populated, its system time fell from 234 to 85 ms.
+    /// `len` zeroed elements for an array that is read before it is
+    /// written at random places (a hash table's probe reads a bucket, then
+    /// fills it): the part past its last whole 2 MiB, mapped in 4 KiB
+    /// pages, is faulted in for writing now (`MADV_POPULATE_WRITE`).
+    /// Lazily, each such page's first read maps the shared zero page and
+    /// the write after it copies the page and flushes the other CPUs'
+    /// TLBs: `dedup`'s tables (6.3 MB each, a third of them past their last
+    /// whole 2 MiB) spent 14% of the run's samples in those flushes. The
+    /// huge pages before it stay lazy (one fault each, taken by whichever
+    /// thread touches them first): populating the whole array made the
+    /// engine bench's first pass zero 350 MB under the shard locks, one
+    /// thread at a time, and measured 10–35% slower there.
     ///
     /// # Safety
     /// All-zero bytes must be a valid `T`.
-    pub(crate) unsafe fn new_populated(len: usize) -> Self {
+    pub(crate) unsafe fn for_probing(len: usize) -> Self {
         // SAFETY: as the caller promised.
         unsafe { Self::with_pages(len, true) }
     }
 
     /// # Safety
     /// All-zero bytes must be a valid `T`.
-    unsafe fn with_pages(len: usize, populate: bool) -> Self {
+    unsafe fn with_pages(len: usize, populate_tail: bool) -> Self {
         let layout = Self::layout(len);
         if layout.size() == 0 {
             return ZeroedArray {
@@ -67,7 +70,7 @@ impl<T> ZeroedArray<T> {
         }
         #[cfg(target_os = "linux")]
         if layout.size() >= HUGE {
-            if let Some(ptr) = map_huge(layout.size(), populate) {
+            if let Some(ptr) = map_huge(layout.size(), populate_tail) {
                 return ZeroedArray {
                     ptr: ptr.cast(),
                     len,
@@ -135,7 +138,7 @@ impl<T> Drop for ZeroedArray<T> {
 /// the first write comes too late: the pages are already 4 KiB). The kernel
 /// zeroes pages lazily, so untouched parts of a large filter cost nothing.
 #[cfg(target_os = "linux")]
-fn map_huge(size: usize, populate: bool) -> Option<NonNull<u8>> {
+fn map_huge(size: usize, populate_tail: bool) -> Option<NonNull<u8>> {
     let mapped = size.checked_add(HUGE)?;
     // SAFETY: an anonymous private mapping with no address hint.
     let base = unsafe {
@@ -165,10 +168,15 @@ fn map_huge(size: usize, populate: bool) -> Option<NonNull<u8>> {
             libc::munmap(aligned.add(size).cast(), tail);
         }
         libc::madvise(aligned.cast(), size, libc::MADV_HUGEPAGE);
-        if populate {
-            // Best effort (Linux 5.14 and later; older kernels answer
-            // EINVAL and fault the pages in lazily as before).
-            libc::madvise(aligned.cast(), size, libc::MADV_POPULATE_WRITE);
+        let whole = size & !(HUGE - 1);
+        if populate_tail && whole < size {
+            // The 4 KiB tail. Best effort: Linux 5.14 and later; older
+            // kernels answer EINVAL and fault the pages in lazily.
+            libc::madvise(
+                aligned.add(whole).cast(),
+                size - whole,
+                libc::MADV_POPULATE_WRITE,
+            );
         }
         NonNull::new(aligned)
     }
@@ -238,15 +246,15 @@ mod tests {
         );
     }
 
-    /// A populated array is faulted in when made: probing it afterwards,
-    /// each page read and then written, takes no page fault. Lazily, each
-    /// 4 KiB page of the part past the last whole 2 MiB (here 1 MiB)
-    /// faults twice: the read maps the zero page, the write copies it and
-    /// flushes the other CPUs' TLBs. Needs Linux 5.14 or later
+    /// An array made for probing has its 4 KiB tail (here the 1 MiB past
+    /// 2 MiB) faulted in: probing it, each page read and then written,
+    /// takes a fault or two for the huge page. Lazily, each 4 KiB page of
+    /// the tail faults twice: the read maps the zero page, the write copies
+    /// it and flushes the other CPUs' TLBs. Needs Linux 5.14 or later
     /// (`MADV_POPULATE_WRITE`).
     #[test]
     #[cfg(target_os = "linux")]
-    fn a_populated_array_takes_no_faults_when_probed() {
+    fn an_array_for_probing_takes_no_faults_in_its_tail() {
         fn faults() -> i64 {
             // SAFETY: getrusage writes the struct it is given.
             unsafe {
@@ -267,10 +275,10 @@ mod tests {
         // SAFETY: zero is a valid u64.
         let lazy = probe(&mut unsafe { ZeroedArray::<u64>::new(len) });
         // SAFETY: zero is a valid u64.
-        let populated = probe(&mut unsafe { ZeroedArray::<u64>::new_populated(len) });
+        let probed = probe(&mut unsafe { ZeroedArray::<u64>::for_probing(len) });
         assert!(
-            populated < 16,
-            "{populated} faults probing a populated array"
+            probed < 16,
+            "{probed} faults probing an array made for probing"
         );
         assert!(lazy >= 256, "only {lazy} faults probing a lazy one");
     }

@@ -171,8 +171,8 @@ impl<E: Entry> FingerprintTable<E> {
     fn with_buckets(buckets: usize) -> Self {
         FingerprintTable {
             // SAFETY: all-zero bytes are a free bucket (`Entry::FREE`).
-            // Populated: every probe reads a bucket before filling it.
-            buckets: unsafe { crate::hugealloc::ZeroedArray::new_populated(buckets) },
+            // Every probe reads a bucket before filling it.
+            buckets: unsafe { crate::hugealloc::ZeroedArray::for_probing(buckets) },
             len: 0,
             zero: false,
         }
