@@ -35,7 +35,11 @@
 //!   is [`Verdict::Late`] (neither accepted nor recorded), because its window
 //!   is no longer kept. A repeat timestamped before its accepted occurrence is
 //!   a duplicate.
-//! - Without a window ([`DeduperBuilder::no_window`]) keys never expire.
+//! - Without a window ([`DeduperBuilder::no_window`]) keys never expire. An
+//!   engine that need not say *when* a key was first seen can keep its
+//!   fingerprints alone ([`DeduperBuilder::first_seen_times`]`(false)`, 16
+//!   bytes per key instead of 24): its duplicates are
+//!   [`Verdict::DuplicateUntimed`].
 //!
 //! Guarantees, for every stream, shard count, batch size and thread count:
 //! no false negative inside the window; no false positive (up to fingerprint

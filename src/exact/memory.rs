@@ -10,7 +10,7 @@ use super::{ExactPartition, Mark};
 
 /// The embedded exact tier of one shard: one open-addressing table per
 /// generation slot, owned by the shard (no locks, no atomics), 24 bytes per
-/// entry.
+/// entry (16 in an engine without first-seen times).
 pub struct MemoryPartition {
     slots: [FingerprintTable; GENERATIONS],
     /// Set for an engine without first-seen times (no window, no filter):
@@ -212,13 +212,18 @@ impl MemoryPartition {
     }
 
     fn fresh_table(&self) -> FingerprintTable {
+        FingerprintTable::with_capacity(self.table_capacity())
+    }
+
+    /// Entries a new table has room for.
+    fn table_capacity(&self) -> usize {
         // One table for a window stands for seven slots.
         let cap = if self.expiry.is_some() {
             7 << 20
         } else {
             1 << 20
         };
-        FingerprintTable::with_capacity(self.expected_per_slot.min(cap))
+        self.expected_per_slot.min(cap)
     }
 }
 
@@ -239,9 +244,10 @@ impl MemoryPartition {
     /// or [`Seen::No`] after recording `at` as its first acceptance.
     #[inline(always)]
     pub(crate) fn first_seen_or_mark(&mut self, fp: Fingerprint, at: Timestamp) -> Seen {
+        let capacity = self.table_capacity();
         if let Some(set) = &mut self.untimed {
             if !set.is_allocated() {
-                *set = FingerprintTable::with_capacity(self.expected_per_slot.min(1 << 20));
+                *set = FingerprintTable::with_capacity(capacity);
             }
             return if set.contains_or_insert(fp) {
                 Seen::Untimed
