@@ -16,7 +16,7 @@ use rng::Rng;
 use tiered_dedup::exact::{ExactBackend, ExactPartition, MemoryPartition, PartitionSpec};
 use tiered_dedup::{
     Clock, Deduper, ExactTier, ExactTierError, Fingerprint, ManualClock, Pipeline, PipelineError,
-    Timestamp, Verdict,
+    Producer, Timestamp, Verdict,
 };
 
 fn reference_check(first: &mut HashMap<u64, u64>, window: u64, key: u64, t: u64) -> Verdict {
@@ -29,6 +29,35 @@ fn reference_check(first: &mut HashMap<u64, u64>, window: u64, key: u64, t: u64)
             Verdict::New
         }
     }
+}
+
+/// Submits batches from `next` (keys and the verdicts they must get) until
+/// `ops` keys went in, keeping a random number of batches in flight, and
+/// checks every reply in order.
+fn drive(
+    producer: &mut Producer,
+    rng: &mut Rng,
+    ops: usize,
+    label: &str,
+    mut next: impl FnMut(&mut Rng) -> (Vec<u64>, Vec<Verdict>),
+) {
+    let mut expected_in_flight = std::collections::VecDeque::new();
+    let mut done = 0;
+    while done < ops {
+        let (keys, expected) = next(rng);
+        producer.submit(&keys).unwrap();
+        expected_in_flight.push_back(expected);
+        done += keys.len();
+        // Receive some, keep some in flight.
+        while producer.in_flight() > rng.below(6) as usize {
+            let want = expected_in_flight.pop_front().unwrap();
+            assert_eq!(producer.recv().unwrap(), want, "{label} at op {done}");
+        }
+    }
+    while let Some(want) = expected_in_flight.pop_front() {
+        assert_eq!(producer.recv().unwrap(), want, "{label} at the end");
+    }
+    assert_eq!(producer.recv(), Err(PipelineError::NothingInFlight));
 }
 
 #[test]
@@ -71,33 +100,26 @@ fn pipelined_batches_match_the_reference() {
         .build()
         .unwrap();
         let mut producer = p.producer();
-        let mut rng = Rng::new(seed as u64);
         let mut first = HashMap::new();
-        let mut expected_in_flight = std::collections::VecDeque::new();
-        let mut ops = 0;
-        while ops < 400_000 {
-            clock.advance(Duration::from_micros(rng.below(2_000)));
-            let max = if rng.below(10) == 0 { 4096 } else { 50 };
-            let len = 1 + rng.below(max) as usize;
-            let keys: Vec<u64> = (0..len).map(|_| rng.below(5_000)).collect();
-            let now = clock.now().as_nanos();
-            let expected: Vec<Verdict> = keys
-                .iter()
-                .map(|&k| reference_check(&mut first, window.as_nanos() as u64, k, now))
-                .collect();
-            producer.submit(&keys).unwrap();
-            expected_in_flight.push_back(expected);
-            ops += len;
-            // Receive some, keep some in flight.
-            while producer.in_flight() > rng.below(6) as usize {
-                let want = expected_in_flight.pop_front().unwrap();
-                assert_eq!(producer.recv().unwrap(), want, "config {seed} at op {ops}");
-            }
-        }
-        while let Some(want) = expected_in_flight.pop_front() {
-            assert_eq!(producer.recv().unwrap(), want);
-        }
-        assert_eq!(producer.recv(), Err(PipelineError::NothingInFlight));
+        let label = format!("config {seed}");
+        drive(
+            &mut producer,
+            &mut Rng::new(seed as u64),
+            400_000,
+            &label,
+            |rng| {
+                clock.advance(Duration::from_micros(rng.below(2_000)));
+                let max = if rng.below(10) == 0 { 4096 } else { 50 };
+                let len = 1 + rng.below(max) as usize;
+                let keys: Vec<u64> = (0..len).map(|_| rng.below(5_000)).collect();
+                let now = clock.now().as_nanos();
+                let expected = keys
+                    .iter()
+                    .map(|&k| reference_check(&mut first, window.as_nanos() as u64, k, now))
+                    .collect();
+                (keys, expected)
+            },
+        );
         let stats = p.deduper().stats();
         assert!(
             stats.rotations >= 100,
@@ -126,35 +148,30 @@ fn an_untimed_engine_through_the_pipeline_matches_the_reference() {
         .build()
         .unwrap();
         let mut producer = p.producer();
-        let mut rng = Rng::new(50 + seed as u64);
         let mut seen = std::collections::HashSet::new();
-        let mut expected_in_flight = std::collections::VecDeque::new();
-        let mut ops = 0;
-        while ops < 300_000 {
-            let max = if rng.below(10) == 0 { 4096 } else { 50 };
-            let len = 1 + rng.below(max) as usize;
-            let keys: Vec<u64> = (0..len).map(|_| rng.below(100_000)).collect();
-            let expected: Vec<Verdict> = keys
-                .iter()
-                .map(|&k| {
-                    if seen.insert(k) {
-                        Verdict::New
-                    } else {
-                        Verdict::DuplicateUntimed
-                    }
-                })
-                .collect();
-            producer.submit(&keys).unwrap();
-            expected_in_flight.push_back(expected);
-            ops += len;
-            while producer.in_flight() > rng.below(6) as usize {
-                let want = expected_in_flight.pop_front().unwrap();
-                assert_eq!(producer.recv().unwrap(), want, "config {seed} at op {ops}");
-            }
-        }
-        while let Some(want) = expected_in_flight.pop_front() {
-            assert_eq!(producer.recv().unwrap(), want);
-        }
+        let label = format!("config {seed}");
+        drive(
+            &mut producer,
+            &mut Rng::new(50 + seed as u64),
+            300_000,
+            &label,
+            |rng| {
+                let max = if rng.below(10) == 0 { 4096 } else { 50 };
+                let len = 1 + rng.below(max) as usize;
+                let keys: Vec<u64> = (0..len).map(|_| rng.below(100_000)).collect();
+                let expected = keys
+                    .iter()
+                    .map(|&k| {
+                        if seen.insert(k) {
+                            Verdict::New
+                        } else {
+                            Verdict::DuplicateUntimed
+                        }
+                    })
+                    .collect();
+                (keys, expected)
+            },
+        );
         assert_eq!(p.deduper().stats().exact_entries, seen.len() as u64);
         p.shutdown().unwrap();
     }

@@ -29,10 +29,22 @@ pub(crate) trait Entry: Copy {
     /// it in a flag instead.
     const ZERO_IN_FLAG: bool;
     fn is_free(&self) -> bool;
-    fn holds(&self, low: u64, high: u64) -> bool;
-    fn fingerprint(&self) -> Fingerprint;
+    /// The stored fingerprint's low and high words.
+    fn words(&self) -> (u64, u64);
     /// A bucket holding `fp` accepted at `at` (an untimed bucket drops it).
     fn filled(fp: Fingerprint, at: u64) -> Self;
+
+    #[inline(always)]
+    fn holds(&self, low: u64, high: u64) -> bool {
+        self.words() == (low, high)
+    }
+
+    /// The stored fingerprint, whole again.
+    #[inline]
+    fn fingerprint(&self) -> Fingerprint {
+        let (low, high) = self.words();
+        Fingerprint(u128::from(low) | (u128::from(high) << 64))
+    }
 }
 
 /// 24 bytes: the fingerprint as two words (8-byte aligned, unlike `u128`)
@@ -67,13 +79,8 @@ impl Entry for Timed {
     }
 
     #[inline(always)]
-    fn holds(&self, low: u64, high: u64) -> bool {
-        self.low == low && self.high == high
-    }
-
-    #[inline]
-    fn fingerprint(&self) -> Fingerprint {
-        Fingerprint(u128::from(self.low) | (u128::from(self.high) << 64))
+    fn words(&self) -> (u64, u64) {
+        (self.low, self.high)
     }
 
     #[inline(always)]
@@ -105,13 +112,8 @@ impl Entry for Untimed {
     }
 
     #[inline(always)]
-    fn holds(&self, low: u64, high: u64) -> bool {
-        self.low == low && self.high == high
-    }
-
-    #[inline]
-    fn fingerprint(&self) -> Fingerprint {
-        Fingerprint(u128::from(self.low) | (u128::from(self.high) << 64))
+    fn words(&self) -> (u64, u64) {
+        (self.low, self.high)
     }
 
     #[inline(always)]
