@@ -81,12 +81,12 @@ pub enum SnapshotError {
     NotASnapshot,
     /// Written by an incompatible format version.
     #[error(
-        "snapshot format version {found} is not supported (this build reads version {supported})"
+        "snapshot format version {found} is not supported (this build reads versions 1 to {supported})"
     )]
     Version {
         /// Version in the file.
         found: u32,
-        /// Version this build reads.
+        /// Newest version this build reads (it reads every one from 1 on).
         supported: u32,
     },
     /// The data ends early.

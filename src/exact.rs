@@ -219,6 +219,13 @@ pub trait ExactPartition: Send {
     /// Every stored entry as `(slot, fingerprint, first accepted)`, for
     /// snapshots; `None` when the state lives elsewhere (a remote backend).
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>>;
+
+    /// A restore is about to [`ExactPartition::mark`] about `entries`
+    /// entries into this (empty) partition: a hint to size for them once.
+    /// Default: nothing.
+    fn reserve(&mut self, entries: u64) {
+        let _ = entries;
+    }
 }
 
 /// One of a backend's own figures (requests sent, failures, …), which
@@ -338,7 +345,11 @@ impl ExactTier {
     pub(crate) fn partition(&self, spec: &PartitionSpec) -> Partition {
         match self {
             ExactTier::Memory => {
-                Partition::Memory(Box::new(MemoryPartition::with_capacity(spec.keys_per_slot)))
+                let mut m = MemoryPartition::with_capacity(spec.keys_per_slot);
+                if spec.window_nanos.is_none() {
+                    m.keep_all_in_slot_zero();
+                }
+                Partition::Memory(Box::new(m))
             }
             ExactTier::DashMap => Partition::Other(Box::new(DashMapPartition::with_capacity(
                 spec.keys_per_slot,

@@ -352,12 +352,20 @@ impl DeduperBuilder {
                         read_growing(&mut r, engine.plan().false_positive_rate)?;
                     }
                     (ShardFilter::Direct, 3) => {}
+                    // No filter: written on the memory tier with owned keys.
+                    (_, 3) => {
+                        return Err(SnapshotError::Mismatch(
+                            "exact tier (the state was written on the memory tier, \
+                             which keeps no filter)",
+                        ))
+                    }
                     _ => return Err(SnapshotError::Malformed("filter kind")),
                 }
                 match (&mut shard.exact, r.u8()?) {
                     (None, 0) => {}
                     (Some(exact), 1) => {
                         let count = r.u64()?;
+                        exact.reserve(count);
                         for _ in 0..count {
                             let slot = r.u8()? as usize;
                             if slot >= GENERATIONS {
@@ -380,6 +388,7 @@ impl DeduperBuilder {
                             ));
                         }
                         let count = r.u64()?;
+                        exact.reserve(count);
                         for _ in 0..count {
                             let fp = Fingerprint::from_bytes(r.bytes()?);
                             exact.mark(fp, 0, Timestamp::ZERO).map_err(|_| {
