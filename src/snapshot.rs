@@ -19,6 +19,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::engine::{Deduper, DeduperBuilder, Mode, ShardFilter};
 use crate::error::{ConfigError, SnapshotError};
+use crate::exact::Partition;
 use crate::filter::{BlockedBloom, GrowingBloom, Layer, OverflowLayer, WindowedFilter};
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
@@ -181,20 +182,32 @@ impl Deduper {
             match &shard.exact {
                 None => w.u8(0)?,
                 Some(exact) => {
-                    let entries = exact
-                        .entries()
-                        .ok_or(SnapshotError::Unsupported(self.plan().exact_name))?;
                     let timed = exact.keeps_times();
+                    // The memory tier hands its entries over one by one;
+                    // another backend lists them.
+                    let listed = match exact {
+                        Partition::Memory(_) => None,
+                        Partition::Other(o) => Some(
+                            o.entries()
+                                .ok_or(SnapshotError::Unsupported(self.plan().exact_name))?,
+                        ),
+                    };
                     w.u8(if timed { 1 } else { 2 })?;
-                    w.u64(entries.len() as u64)?;
-                    for (slot, fp, at) in entries {
+                    w.u64(listed.as_ref().map_or(exact.len(), |l| l.len() as u64))?;
+                    let mut entry = |slot: usize, fp: Fingerprint, at: Timestamp| {
                         if timed {
                             w.u8(slot as u8)?;
                             w.bytes(&fp.to_bytes())?;
-                            w.u64(at.as_nanos())?;
+                            w.u64(at.as_nanos())
                         } else {
-                            w.bytes(&fp.to_bytes())?;
+                            w.bytes(&fp.to_bytes())
                         }
+                    };
+                    if let Partition::Memory(m) = exact {
+                        m.try_for_each_entry(&mut entry)?;
+                    }
+                    for (slot, fp, at) in listed.into_iter().flatten() {
+                        entry(slot, fp, at)?;
                     }
                 }
             }

@@ -236,6 +236,29 @@ impl MemoryPartition {
     }
 }
 
+impl MemoryPartition {
+    /// Hands every entry to `f` as [`ExactPartition::entries`] lists them
+    /// (untimed ones at slot 0 and time 0), [`ExactPartition::len`] of
+    /// them, without collecting them: a snapshot of `dedup`'s 3.5·10⁶
+    /// keys took 48 bytes per key more while it was written.
+    pub(crate) fn try_for_each_entry<E>(
+        &self,
+        mut f: impl FnMut(usize, Fingerprint, Timestamp) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if let Some(set) = &self.untimed {
+            return set
+                .fingerprints()
+                .try_for_each(|fp| f(0, fp, Timestamp::ZERO));
+        }
+        for (slot, table) in self.slots.iter().enumerate() {
+            table
+                .iter()
+                .try_for_each(|(fp, at)| f(slot, fp, Timestamp::from_nanos(at)))?;
+        }
+        Ok(())
+    }
+}
+
 /// What [`MemoryPartition::first_seen_or_mark`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Seen {
@@ -400,21 +423,12 @@ impl ExactPartition for MemoryPartition {
     }
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
-        if let Some(set) = &self.untimed {
-            return Some(
-                set.fingerprints()
-                    .map(|fp| (0, fp, Timestamp::ZERO))
-                    .collect(),
-            );
-        }
         let mut out = Vec::with_capacity(self.len() as usize);
-        for (slot, table) in self.slots.iter().enumerate() {
-            out.extend(
-                table
-                    .iter()
-                    .map(|(fp, at)| (slot, fp, Timestamp::from_nanos(at))),
-            );
-        }
+        self.try_for_each_entry(|slot, fp, at| {
+            out.push((slot, fp, at));
+            Ok::<(), ()>(())
+        })
+        .ok()?;
         Some(out)
     }
 }
