@@ -220,6 +220,13 @@ impl MemoryPartition {
         self.slots[slot] = self.fresh_table();
     }
 
+    /// Gives the untimed partition its table (once).
+    #[cold]
+    #[inline(never)]
+    fn allocate_untimed(&mut self) {
+        self.untimed = Some(FingerprintTable::with_capacity(self.table_capacity()));
+    }
+
     fn fresh_table(&self) -> FingerprintTable {
         FingerprintTable::with_capacity(self.table_capacity())
     }
@@ -276,11 +283,10 @@ impl MemoryPartition {
     /// or [`Seen::No`] after recording `at` as its first acceptance.
     #[inline(always)]
     pub(crate) fn first_seen_or_mark(&mut self, fp: Fingerprint, at: Timestamp) -> Seen {
-        let capacity = self.table_capacity();
+        if self.untimed.as_ref().is_some_and(|set| !set.is_allocated()) {
+            self.allocate_untimed();
+        }
         if let Some(set) = &mut self.untimed {
-            if !set.is_allocated() {
-                *set = FingerprintTable::with_capacity(capacity);
-            }
             return if set.contains_or_insert(fp) {
                 Seen::Untimed
             } else {
