@@ -60,34 +60,49 @@ impl<T> ZeroedArray<T> {
     /// # Safety
     /// All-zero bytes must be a valid `T`.
     unsafe fn with_pages(len: usize, populate_tail: bool) -> Self {
-        let layout = Self::layout(len);
+        // SAFETY: as the caller promised.
+        unsafe { Self::try_with_pages(len, populate_tail) }
+            .unwrap_or_else(|| handle_alloc_error(Self::layout(len)))
+    }
+
+    /// [`ZeroedArray::for_probing`], or `None` when the memory cannot be
+    /// had (a size read from a file).
+    ///
+    /// # Safety
+    /// All-zero bytes must be a valid `T`.
+    pub(crate) unsafe fn try_for_probing(len: usize) -> Option<Self> {
+        // SAFETY: as the caller promised.
+        unsafe { Self::try_with_pages(len, true) }
+    }
+
+    /// # Safety
+    /// All-zero bytes must be a valid `T`.
+    unsafe fn try_with_pages(len: usize, populate_tail: bool) -> Option<Self> {
+        let layout = Layout::array::<T>(len).ok()?;
         if layout.size() == 0 {
-            return ZeroedArray {
+            return Some(ZeroedArray {
                 ptr: NonNull::dangling(),
                 len,
                 mapped: false,
-            };
+            });
         }
         #[cfg(target_os = "linux")]
         if layout.size() >= HUGE {
             if let Some(ptr) = map_huge(layout.size(), populate_tail) {
-                return ZeroedArray {
+                return Some(ZeroedArray {
                     ptr: ptr.cast(),
                     len,
                     mapped: true,
-                };
+                });
             }
         }
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
-            handle_alloc_error(layout)
-        };
-        ZeroedArray {
-            ptr,
+        Some(ZeroedArray {
+            ptr: NonNull::new(raw.cast::<T>())?,
             len,
             mapped: false,
-        }
+        })
     }
 
     fn layout(len: usize) -> Layout {

@@ -276,3 +276,30 @@ fn a_restore_sizes_the_table_for_the_entries_in_the_state() {
         }
     }
 }
+
+/// A count of entries far beyond the data (a corrupt file) is refused with
+/// an error: the table sized ahead for it is a hint, never an abort.
+#[test]
+fn an_absurd_entry_count_is_refused_not_allocated() {
+    for b in [
+        builder(None).first_seen_times(false).shards(1),
+        builder(None).shards(1),
+    ] {
+        // Few entries: each one marked into the table sized ahead touches
+        // (and zeroes) a 2 MiB page of it before the data runs out.
+        let d = b.clone().build().unwrap();
+        for k in 0..40u64 {
+            d.check_at(&k, Timestamp::from_secs(1));
+        }
+        let mut bytes = snapshot(&d);
+        let count = 40u64.to_le_bytes();
+        // The exact tier's tag (1 or 2) follows the filter's (3: none).
+        let at = (1..bytes.len() - 9)
+            .find(|&i| {
+                bytes[i - 1] == 3 && matches!(bytes[i], 1 | 2) && bytes[i + 1..i + 9] == count
+            })
+            .expect("the exact tier's entry count");
+        bytes[at + 1..at + 9].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(b.restore(&bytes[..]).is_err());
+    }
+}

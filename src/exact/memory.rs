@@ -416,15 +416,21 @@ impl ExactPartition for MemoryPartition {
     /// (300 000 entries into a table sized for 100 000 took 10 s to
     /// restore). Slot tables (a filter in front) are left as they are.
     fn reserve(&mut self, entries: u64) {
-        // The count comes from a file: a bound on what it may allocate.
+        // The count comes from a file: a bound on what it may ask for, and
+        // a table that cannot be had is only a hint not taken (the marks
+        // grow the table, and a corrupt file is refused by the checksum).
         let entries = usize::try_from(entries.min(1 << 28)).unwrap_or(usize::MAX);
         let capacity = self.table_capacity().max(entries);
         if let Some(set) = &mut self.untimed {
             if set.len() == 0 {
-                *set = FingerprintTable::with_capacity(capacity);
+                if let Some(table) = FingerprintTable::try_with_capacity(capacity) {
+                    *set = table;
+                }
             }
         } else if (self.one_slot || self.expiry.is_some()) && self.slots[0].len() == 0 {
-            self.slots[0] = FingerprintTable::with_capacity(capacity);
+            if let Some(table) = FingerprintTable::try_with_capacity(capacity) {
+                self.slots[0] = table;
+            }
         }
     }
 

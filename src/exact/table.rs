@@ -167,7 +167,28 @@ impl<E: Entry> FingerprintTable<E> {
 
     /// A table with room for `entries` before it grows.
     pub(crate) fn with_capacity(entries: usize) -> Self {
-        Self::with_buckets(entries.max(8).div_ceil(MAX_LOAD_NUM) * MAX_LOAD_DEN)
+        Self::with_buckets(Self::buckets_for(entries))
+    }
+
+    /// [`FingerprintTable::with_capacity`], or `None` when the memory
+    /// cannot be had (a count read from a file).
+    pub(crate) fn try_with_capacity(entries: usize) -> Option<Self> {
+        Some(FingerprintTable {
+            // SAFETY: all-zero bytes are a free bucket (`Entry::FREE`).
+            buckets: unsafe {
+                crate::hugealloc::ZeroedArray::try_for_probing(Self::buckets_for(entries))?
+            },
+            len: 0,
+            zero: false,
+        })
+    }
+
+    /// Buckets with room for `entries`.
+    fn buckets_for(entries: usize) -> usize {
+        entries
+            .max(8)
+            .div_ceil(MAX_LOAD_NUM)
+            .saturating_mul(MAX_LOAD_DEN)
     }
 
     fn with_buckets(buckets: usize) -> Self {
