@@ -225,6 +225,18 @@ unsafe fn unmap_huge(ptr: NonNull<u8>, size: usize) {
 mod tests {
     use super::*;
 
+    /// The `field` line's figure in kB of the `/proc` file `path` (0 when
+    /// absent).
+    #[cfg(target_os = "linux")]
+    fn proc_kb(path: &str, field: &str) -> u64 {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The kernel backs `madvise`d regions with huge pages (THP `always` or
     /// `madvise`).
     #[cfg(target_os = "linux")]
@@ -258,14 +270,7 @@ mod tests {
         if !huge_pages_on() {
             return; // the kernel gives none to anyone: nothing to check
         }
-        let huge_kb = || {
-            std::fs::read_to_string("/proc/self/smaps_rollup")
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("AnonHugePages:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let huge_kb = || proc_kb("/proc/self/smaps_rollup", "AnonHugePages:");
         let before = huge_kb();
         // SAFETY: zero is a valid u64.
         let mut a = unsafe { ZeroedArray::<u64>::new((64 << 20) / 8) };
@@ -303,14 +308,7 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn dropped_arrays_leave_no_mappings() {
-        let vm_kb = || {
-            std::fs::read_to_string("/proc/self/status")
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("VmSize:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let vm_kb = || proc_kb("/proc/self/status", "VmSize:");
         let before = vm_kb();
         for i in 0..1000 {
             // 24-byte buckets: sizes that are not a multiple of a page.
