@@ -12,19 +12,25 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
-echo "== format and lints"
+echo "== format and lints (every workspace member)"
 cargo fmt --all -- --check
-cargo clippy --all-targets --all-features -- -D warnings
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features --quiet
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quiet
 
-echo "== unit, integration and doc tests (release)"
-cargo test --release --all-features
+echo "== the library as its users build it: no features, then each alone"
+cargo clippy -p tiered-dedup --all-targets --no-default-features -- -D warnings
+for feature in redis metrics tracing; do
+  cargo clippy -p tiered-dedup --all-targets --no-default-features --features "$feature" -- -D warnings
+done
+
+echo "== unit, integration and doc tests (release, every workspace member)"
+cargo test --release --workspace --all-features
 
 echo "== the 2^32-bit filter run (ignored by default: 4 GiB)"
 cargo test --release --all-features --test fpr -- --ignored
 
 echo "== loom model checks of the filter's atomics"
-RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom
+RUSTFLAGS="--cfg loom -D warnings" CARGO_TARGET_DIR=target/loom cargo test --release --test loom
 
 echo "== benchmarks compile"
-cargo bench --no-run --all-features
+cargo bench --workspace --no-run --all-features

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
+use crate::exact::ExactTier;
 use crate::filter::Probe;
 use crate::fingerprint::{Fingerprint, Key, Namespace};
 use crate::time::{ClockSource, Timestamp};
@@ -130,6 +131,13 @@ impl Deduper {
     #[must_use]
     pub fn exact_tier_name(&self) -> &'static str {
         self.plan.exact_name
+    }
+
+    /// The exact tier the engine was built with (its backend's own
+    /// figures: [`ExactTier::report_metrics`]).
+    #[must_use]
+    pub fn exact_tier(&self) -> &ExactTier {
+        &self.plan.exact
     }
 
     /// The mode the engine runs in.

@@ -32,6 +32,10 @@ impl<T> ZeroedArray<T> {
     ///
     /// # Safety
     /// All-zero bytes must be a valid `T`.
+    #[cfg_attr(
+        loom,
+        expect(dead_code, reason = "under loom the filter's blocks are a plain Box")
+    )]
     pub(crate) unsafe fn new(len: usize) -> Self {
         // SAFETY: as the caller promised.
         unsafe { Self::with_pages(len, false) }

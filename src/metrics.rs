@@ -100,7 +100,7 @@ impl Deduper {
             }
         }
         // The exact tier's own series (Redis: requests, failures, …).
-        self.plan().exact.report_metrics(&mut |m| match m {
+        self.exact_tier().report_metrics(&mut |m| match m {
             TierMetric::Counter { name, value } => {
                 metrics::counter!(name, &labels).absolute(value);
             }

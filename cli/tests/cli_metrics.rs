@@ -2,8 +2,6 @@
 //! its counters as Prometheus text over loopback, and they match the
 //! summary it prints at the end. Only 127.0.0.1 is ever listened on.
 
-#![cfg(feature = "cli")]
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};

@@ -1,8 +1,7 @@
 //! `dedup --exact redis://…`: two runs against one private `redis-server`
 //! deduplicate across the run boundary, through Redis alone.
-#![cfg(all(feature = "cli", feature = "redis"))]
 
-#[path = "support/redis_server.rs"]
+#[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
 
 use std::io::Write;

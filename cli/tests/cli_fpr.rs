@@ -14,8 +14,6 @@
 //! (rate near 1) or a wrong formula (the standard Bloom formula is 2–10×
 //! off for the blocked layout) falls far outside it.
 
-#![cfg(feature = "cli")]
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;

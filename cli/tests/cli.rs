@@ -3,9 +3,7 @@
 //! event time and a window, every kind of bad input under every policy,
 //! state across runs, and no panic on any input.
 
-#![cfg(feature = "cli")]
-
-#[path = "support/rng.rs"]
+#[path = "../../tests/support/rng.rs"]
 mod rng;
 
 use std::collections::HashMap;
@@ -956,7 +954,7 @@ fn help_documents_exit_codes_and_defaults() {
 
 #[test]
 fn shipped_samples_run_clean() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
     let events = root.join("events.ndjson");
     let r = dedup(
         &[
