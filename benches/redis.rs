@@ -238,7 +238,7 @@ impl Bench {
             // window has passed: let it pass (steady state is measured).
             let warm: Vec<u64> = (0..BATCH as u64).map(|i| !i).collect();
             d.check_batch(&warm);
-            d.flush();
+            d.flush().expect("a healthy tier stores every mark");
             clock.advance(WINDOW + Duration::from_secs(1));
             d.maintain();
         }
@@ -269,7 +269,7 @@ impl Bench {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
-        d.flush();
+        d.flush().expect("a healthy tier stores every mark");
         let m = meter.stop();
         assert_eq!(new, self.distinct, "{affinity:?}: verdicts");
         assert_eq!(

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
+use crate::error::FlushError;
 use crate::exact::ExactTier;
 use crate::filter::Probe;
 use crate::fingerprint::{Fingerprint, Key, Namespace};
@@ -476,12 +477,20 @@ impl Deduper {
 
     /// Writes shard `s`'s pending marks if the oldest has waited the flush
     /// interval (`force`: whatever their age).
-    pub(crate) fn flush_shard(&self, s: usize, force: bool) {
+    ///
+    /// # Errors
+    /// A forced flush returns the tier's error when marks of this shard are
+    /// still not stored, and how many.
+    pub(crate) fn flush_shard(&self, s: usize, force: bool) -> Result<(), FlushError> {
         let mut shard = self.lock(s);
         if force {
-            shard.sync_marks();
+            shard.sync_marks().map_err(|source| FlushError::Unwritten {
+                marks: shard.unwritten_marks(),
+                source,
+            })
         } else {
             shard.flush_marks_if_due(self.plan.flush_interval);
+            Ok(())
         }
     }
 
@@ -511,9 +520,29 @@ impl Deduper {
 
     /// Writes every shard's pending marks to the exact tier now, and waits
     /// until the tier has them.
-    pub fn flush(&self) {
+    ///
+    /// # Errors
+    /// [`FlushError::Unwritten`] when the tier could not store some of
+    /// them: how many marks (accepted keys) are not stored, and the first
+    /// shard's error. They stay kept for a retry (the next `flush`,
+    /// [`Deduper::maintain`] or check), up to the tier's bound; a caller
+    /// about to exit must not treat them as recorded.
+    pub fn flush(&self) -> Result<(), FlushError> {
+        let mut unwritten = 0;
+        let mut first = None;
         for s in 0..self.shards.len() {
-            self.lock(s).sync_marks();
+            let mut shard = self.lock(s);
+            if let Err(e) = shard.sync_marks() {
+                unwritten += shard.unwritten_marks();
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(source) => Err(FlushError::Unwritten {
+                marks: unwritten,
+                source,
+            }),
         }
     }
 

@@ -69,6 +69,31 @@ pub enum ExactTierError {
     Unavailable(String),
 }
 
+/// Accepted keys whose marks the exact tier has not stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlushError {
+    /// The tier failed to store `marks` marks; they are kept for a retry
+    /// (the next flush) up to the tier's bound.
+    #[error("{marks} accepted keys are not stored in the exact tier: {source}")]
+    Unwritten {
+        /// Marks (accepted keys) not stored.
+        marks: u64,
+        /// The tier's error (the first shard's).
+        source: ExactTierError,
+    },
+}
+
+impl FlushError {
+    /// Marks (accepted keys) not stored.
+    #[must_use]
+    pub fn unwritten(&self) -> u64 {
+        match self {
+            FlushError::Unwritten { marks, .. } => *marks,
+        }
+    }
+}
+
 /// A snapshot that was not written, or was refused on restore.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

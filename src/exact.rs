@@ -188,6 +188,13 @@ pub trait ExactPartition: Send {
         Ok(())
     }
 
+    /// Marks this partition accepted and has not stored yet: kept after a
+    /// failure for a retry by the next [`ExactPartition::flush`]. A local
+    /// tier stores every mark at once. Default: 0.
+    fn unwritten(&self) -> u64 {
+        0
+    }
+
     /// Starts loading what a `lookup` or `mark` of `fp` in `slot` will touch
     /// (the batch path calls it a few keys ahead). Default: nothing.
     fn prefetch(&self, fp: Fingerprint, slot: usize) {

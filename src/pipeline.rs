@@ -676,7 +676,9 @@ fn run_worker(core: &Core, w: usize, rx: &Receiver<Message>) {
 
 fn flush_due(core: &Core, shards: &[usize], force: bool) {
     for &s in shards {
-        core.deduper.flush_shard(s, force);
+        // Marks a remote tier could not store stay kept (and counted) by
+        // it for the next flush.
+        let _ = core.deduper.flush_shard(s, force);
     }
 }
 

@@ -123,8 +123,10 @@ impl Deduper {
         };
         let mut shards = self.lock_all();
         // Pending marks are part of the state: write them through first.
+        // Only local tiers are snapshotted (a remote one is refused below),
+        // and they store every mark at once.
         for shard in shards.iter_mut() {
-            shard.sync_marks();
+            let _ = shard.sync_marks();
         }
         let untimed = shards
             .iter()

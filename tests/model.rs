@@ -684,7 +684,7 @@ fn a_restart_on_a_durable_tier_confirms_until_warm() {
         let key = rng.below(20_000);
         assert_eq!(a.check(&key), reference.check(key, clock.now().as_nanos()));
     }
-    a.flush();
+    a.flush().expect("a healthy tier stores every mark");
     drop(a);
     let b = build();
     let mut cold_duplicates = 0;

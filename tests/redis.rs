@@ -148,7 +148,7 @@ fn a_restarted_engine_rejects_what_was_accepted_before() {
         .unwrap();
     let keys: Vec<u64> = (0..50_000).collect();
     assert!(a.check_batch(&keys).iter().all(|v| v.is_new()));
-    a.flush();
+    a.flush().expect("a healthy tier stores every mark");
     drop(a);
     clock.advance(Duration::from_secs(10));
     let b = engine(&server, &clock, Affinity::Owned, window)
@@ -194,7 +194,7 @@ fn marks_in_flight_answer_lookups() {
             "round {round}: repeats of keys in flight accepted"
         );
     }
-    d.flush();
+    d.flush().expect("a healthy tier stores every mark");
 }
 
 /// An owned engine whose filter is warm (a window has passed since it
@@ -208,7 +208,7 @@ fn warm_engine(server: &RedisServer, clock: &ManualClock, tier: RedisTier) -> De
         .build()
         .unwrap();
     d.check(&u64::MAX);
-    d.flush();
+    d.flush().expect("a healthy tier stores every mark");
     clock.advance(window + Duration::from_secs(1));
     d.maintain();
     d
@@ -288,7 +288,7 @@ fn a_failed_lookup_leaves_the_marks_alone() {
     std::thread::sleep(Duration::from_millis(50));
     let second: Vec<u64> = (1_000..2_000).collect();
     assert!(d.check_batch(&second).iter().all(|v| v.is_new()));
-    d.flush();
+    d.flush().expect("a healthy tier stores every mark");
     assert_eq!(d.stats().mark_errors, 0);
     assert_eq!(stats.marks_unsent.load(Ordering::Relaxed), 0);
     assert_eq!(
@@ -334,7 +334,7 @@ fn finished_slices_are_compacted() {
     for chunk in keys.chunks(500) {
         assert!(d.check_batch(chunk).iter().all(|v| v.is_new()));
     }
-    d.flush();
+    d.flush().expect("a healthy tier stores every mark");
     let slices: Vec<String> = redis_server::mark_hashes(&mut conn)
         .iter()
         .map(|k| redis_server::slice_of(k).to_owned())
@@ -351,7 +351,7 @@ fn finished_slices_are_compacted() {
     clock.advance(Duration::from_secs(200));
     let more: Vec<u64> = (20_000..21_000).collect();
     assert!(d.check_batch(&more).iter().all(|v| v.is_new()));
-    d.flush();
+    d.flush().expect("a healthy tier stores every mark");
     let (used, len) = usage(&mut conn, &first);
     assert_eq!(len, 20_000 * 24, "same records");
     assert!(
@@ -379,7 +379,7 @@ fn an_engine_sized_differently_finds_the_keys_of_the_first() {
     let a = sized(1_000_000);
     let keys: Vec<u64> = (0..20_000).collect();
     assert!(a.check_batch(&keys).iter().all(|v| v.is_new()));
-    a.flush();
+    a.flush().expect("a healthy tier stores every mark");
     drop(a);
     let mut conn = server.connection();
     let strings = redis_server::mark_hashes(&mut conn);
@@ -418,7 +418,7 @@ fn one_hash_per_slice_on_request() {
     let a = build();
     let keys: Vec<u64> = (0..5_000).collect();
     assert!(a.check_batch(&keys).iter().all(|v| v.is_new()));
-    a.flush();
+    a.flush().expect("a healthy tier stores every mark");
     drop(a);
     let mut conn = server.connection();
     assert_eq!(
@@ -452,13 +452,13 @@ fn engines_adopt_the_layout_of_the_first() {
         };
         let a = build(first_hashes);
         assert!(a.check_batch(&keys).iter().all(|v| v.is_new()));
-        a.flush();
+        a.flush().expect("a healthy tier stores every mark");
         drop(a);
         clock.advance(Duration::from_secs(1));
         let b = build(!first_hashes);
         let more: Vec<u64> = (5_000..6_000).collect();
         assert!(b.check_batch(&more).iter().all(|v| v.is_new()));
-        b.flush();
+        b.flush().expect("a healthy tier stores every mark");
         assert!(
             b.check_batch(&keys)
                 .iter()
@@ -498,7 +498,7 @@ fn the_default_layout_follows_the_affinity() {
             .unwrap();
         let keys: Vec<u64> = (0..5_000).collect();
         assert!(d.check_batch(&keys).iter().all(|v| v.is_new()));
-        d.flush();
+        d.flush().expect("a healthy tier stores every mark");
         let mut conn = server.connection();
         let hashes = redis_server::mark_hashes(&mut conn).len();
         assert_eq!(hashes == 4, one_per_shard, "{affinity:?}: {hashes} hashes");

@@ -147,7 +147,7 @@ impl Run {
     fn warm_up(&mut self) {
         let keys: Vec<u64> = (0..400).collect();
         assert!(self.d.check_batch(&keys).iter().all(|v| v.is_new()));
-        self.d.flush();
+        let _ = self.d.flush();
         self.clock.set(Timestamp::from_secs(MAIN_START));
         assert_eq!(self.failures(), 0, "Redis failed before any fault");
     }
@@ -262,7 +262,7 @@ impl Run {
             let failures = self.failures();
             let degraded = self.degraded();
             let failed = self.step();
-            self.d.flush();
+            let _ = self.d.flush();
             if !failed
                 && self.failures() == failures
                 && self.degraded() == degraded
@@ -311,7 +311,7 @@ impl Run {
         for _ in 0..20 {
             self.step();
         }
-        self.d.flush();
+        let _ = self.d.flush();
         assert!(self.retry.is_empty(), "every retried key was judged");
         assert!(self.failures() > 0, "the fault was noticed");
         assert!(
@@ -388,14 +388,14 @@ impl Run {
 fn smoke() {
     let mut run = Run::new(FailurePolicy::FailClosed, Affinity::Owned, false);
     assert!(run.d.check(&7u64).is_new());
-    run.d.flush();
+    let _ = run.d.flush();
     assert!(run.d.check(&7u64).is_duplicate());
     run.server.kill();
     // The filter matches 7; Redis cannot confirm it.
     assert!(run.d.check(&7u64).is_unavailable());
     // The warm filter has never seen 8: new without Redis, its mark kept.
     assert!(run.d.check(&8u64).is_new());
-    run.d.flush();
+    let _ = run.d.flush();
     assert!(run.d.check(&8u64).is_unavailable());
     run.server.restart();
     let start = Instant::now();
@@ -512,7 +512,7 @@ fn flush_after_recovery_writes_marks_kept_while_down() {
     let keys: Vec<u64> = (5_000_000..5_001_000).collect();
     // A warm filter accepts new keys without Redis.
     assert!(run.d.check_batch(&keys).iter().all(|v| v.is_new()));
-    run.d.flush();
+    let _ = run.d.flush();
     assert_eq!(run.unsent(), 1_000, "kept for retry");
     run.server.restart();
     let start = Instant::now();
@@ -523,7 +523,7 @@ fn flush_after_recovery_writes_marks_kept_while_down() {
             run.unsent()
         );
         std::thread::sleep(Duration::from_millis(20));
-        run.d.flush();
+        let _ = run.d.flush();
     }
     let mut conn = run.server.connection();
     let hashes = redis_server::mark_hashes(&mut conn);
@@ -546,7 +546,7 @@ fn a_full_retry_buffer_counts_what_it_drops() {
     run.server.kill();
     let keys: Vec<u64> = (5_000_000..5_002_000).collect();
     assert!(run.d.check_batch(&keys).iter().all(|v| v.is_new()));
-    run.d.flush();
+    let _ = run.d.flush();
     let dropped = run.stats.marks_dropped.load(Ordering::Relaxed);
     let unsent = run.unsent();
     assert_eq!(unsent, SHARDS as u64 * 100, "each shard keeps its bound");
@@ -561,7 +561,7 @@ fn a_full_retry_buffer_counts_what_it_drops() {
     while run.unsent() > 0 {
         assert!(start.elapsed() < RECOVERY_DEADLINE, "no recovery");
         std::thread::sleep(Duration::from_millis(20));
-        run.d.flush();
+        let _ = run.d.flush();
     }
     let mut conn = run.server.connection();
     let hashes = redis_server::mark_hashes(&mut conn);
@@ -634,7 +634,7 @@ fn a_kept_mark_that_cannot_be_written_still_answers_claims() {
     // The mark reaches Redis once the tier recovers.
     let start = Instant::now();
     loop {
-        d.flush();
+        let _ = d.flush();
         let keys = redis_server::mark_hashes(&mut admin);
         let fps: HashSet<Vec<u8>> = keys
             .iter()

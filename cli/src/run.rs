@@ -235,7 +235,7 @@ fn run_inner(args: &RunArgs) -> Result<(), Stop> {
     }
     // Marks still queued for the exact tier (Redis batches them) are
     // written before the program ends.
-    engine.flush();
+    let _ = engine.flush(); // failures are reported from the tier's counters below
     job.publish(&counters);
     if let Some(e) = redis_failure(&engine) {
         eprintln!("dedup: {e}");

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::error::ExactTierError;
 use crate::exact::table::Within;
 use crate::exact::{Claim, Lookup, Mark, Partition, Seen};
 use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
@@ -133,20 +134,30 @@ impl Shard {
 
     /// Writes the pending marks and waits until the tier has them all (a
     /// remote tier may acknowledge a flush later, with the next one).
-    pub(crate) fn sync_marks(&mut self) {
+    ///
+    /// # Errors
+    /// The tier's error when some marks are still not stored (it keeps
+    /// them for a retry: [`crate::exact::ExactPartition::unwritten`]).
+    pub(crate) fn sync_marks(&mut self) -> Result<(), ExactTierError> {
         self.flush_marks();
-        self.settle_marks();
+        self.settle_marks()
     }
 
     /// Waits until the tier has every mark written so far (and retries the
     /// ones it kept after a failure); on success nothing is unsettled.
-    fn settle_marks(&mut self) {
-        if let Some(exact) = &mut self.exact {
-            // A failure leaves them kept (and counted) by the tier.
-            if exact.flush().is_ok() {
-                self.unsettled_since = None;
-            }
-        }
+    fn settle_marks(&mut self) -> Result<(), ExactTierError> {
+        let Some(exact) = &mut self.exact else {
+            return Ok(());
+        };
+        // A failure leaves them kept (and counted) by the tier.
+        exact.flush()?;
+        self.unsettled_since = None;
+        Ok(())
+    }
+
+    /// Marks accepted but not stored by the exact tier yet.
+    pub(crate) fn unwritten_marks(&self) -> u64 {
+        self.pending.len() as u64 + self.exact.as_ref().map_or(0, |e| e.unwritten())
     }
 
     /// Flushes the pending marks if the oldest has waited `interval`; with
@@ -162,7 +173,9 @@ impl Shard {
                 .is_some_and(|t| t.elapsed() >= interval)
         {
             self.unsettled_since = Some(std::time::Instant::now());
-            self.settle_marks();
+            // A failure leaves them kept (and counted) by the tier; a forced
+            // flush reports it.
+            let _ = self.settle_marks();
         }
     }
 
