@@ -30,9 +30,11 @@
 //! CARGO_TARGET_DIR=/work/target-bench cargo bench --bench engine
 //! ```
 
-#[path = "../tests/support/rng.rs"]
-mod rng;
-use rng::shuffled_stream;
+mod support;
+use support::{
+    engine_on, env_number, manual_clock, paired_rounds, smoke_test, spread, Order, Workload, BATCH,
+    STREAM_SPAN, WINDOW,
+};
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, OnceLock};
@@ -45,57 +47,22 @@ use criterion::{
 use crossbeam_utils::CachePadded;
 use dashmap::DashSet;
 use tiered_dedup::{
-    Clock, Deduper, DeduperBuilder, ExactTier, Key, ManualClock, Namespace, Pipeline, Stats,
-    Timestamp,
+    Deduper, DeduperBuilder, ExactTier, Key, ManualClock, Namespace, Pipeline, Stats,
 };
 
-/// Keys per batch (and per clock step).
-const BATCH: usize = 4096;
 /// Share of the stream that repeats an earlier key.
 const DUP_FRACTION: f64 = 0.3;
-const WINDOW: Duration = Duration::from_secs(3600);
 const SEED: u64 = 0x5EED_E261_0E00_0002;
 /// Shards of the `Mutex<HashSet>` peer.
 const MUTEX_SHARDS: usize = 64;
 
-/// The workload: distinct keys, and the shuffled stream with repeats.
-struct Workload {
-    distinct: u64,
-    stream: Vec<u64>,
-    label: String,
-}
-
-fn smoke_test() -> bool {
-    std::env::args().any(|a| a == "--test")
-}
-
+/// The stream: 10⁷ distinct keys (10⁵ in smoke mode) with 30% repeats,
+/// rounded up to whole segments (4 285 720 repeats: 30.0000%).
 fn workload() -> &'static Workload {
     static W: OnceLock<Workload> = OnceLock::new();
     W.get_or_init(|| {
         let distinct: u64 = if smoke_test() { 100_000 } else { 10_000_000 };
-        // Rounded up to whole segments (4 285 720 repeats: 30.0000%).
-        let total = ((distinct as f64 / (1.0 - DUP_FRACTION)) / SEGMENTS as f64).ceil() as u64
-            * SEGMENTS as u64;
-        let stream = shuffled_stream(SEED, distinct, total);
-        let label = format!(
-            "n{}_dup{}",
-            if distinct == 10_000_000 {
-                "1e7".to_owned()
-            } else {
-                distinct.to_string()
-            },
-            (DUP_FRACTION * 100.0).round()
-        );
-        eprintln!(
-            "[engine] stream: {} keys, {distinct} distinct, {} repeats",
-            stream.len(),
-            stream.len() as u64 - distinct
-        );
-        Workload {
-            distinct,
-            stream,
-            label,
-        }
+        Workload::shuffled("engine", SEED, distinct, DUP_FRACTION, SEGMENTS as u64)
     })
 }
 
@@ -243,26 +210,19 @@ struct Engine {
 /// The engine's configuration: one-hour window, 10⁷ expected keys, a manual
 /// clock, the given exact tier and mark batch.
 fn engine_builder(clock: &ManualClock, tier: &ExactTier, mark_batch: usize) -> DeduperBuilder {
-    Deduper::builder()
-        .window(WINDOW)
-        .expected_keys(workload().distinct)
-        .clock(Clock::Manual(clock.clone()))
+    engine_on(clock, workload().distinct)
         .exact_tier(tier.clone())
         .mark_batch(mark_batch)
-}
-
-fn start_clock() -> ManualClock {
-    ManualClock::new(Timestamp::from_secs(1_000_000))
 }
 
 /// Clock step per key: the stream spans 99% of the window, so every repeat
 /// is inside it.
 fn step_nanos() -> u64 {
-    (WINDOW.as_nanos() as f64 * 0.99 / workload().stream.len() as f64) as u64
+    (WINDOW.as_nanos() as f64 * STREAM_SPAN / workload().stream.len() as f64) as u64
 }
 
 fn engine(tier: &ExactTier, mark_batch: usize) -> Engine {
-    let clock = start_clock();
+    let clock = manual_clock();
     let dedup = engine_builder(&clock, tier, mark_batch)
         .build()
         .expect("valid engine");
@@ -357,7 +317,7 @@ fn bench_pipeline(g: &mut BenchmarkGroup<'_, WallTime>, workers: usize) {
             pass.time_segments(
                 iters,
                 || {
-                    let clock = start_clock();
+                    let clock = manual_clock();
                     let pipeline = Pipeline::builder(engine_builder(&clock, &ExactTier::Memory, 1))
                         .workers(workers)
                         .build()
@@ -597,11 +557,7 @@ fn pass_hashbrown() -> Duration {
 /// shared machine whose speed drifts over minutes, ratios of adjacent
 /// passes are steadier than ratios of criterion benchmarks run minutes apart.
 fn paired(_c: &mut Criterion) {
-    let Some(rounds) = std::env::var("TD_BENCH_PAIRED")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-    else {
+    let Some(rounds) = env_number::<usize>("TD_BENCH_PAIRED").filter(|&n| n > 0) else {
         return;
     };
     let w = workload();
@@ -613,29 +569,25 @@ fn paired(_c: &mut Criterion) {
     ];
     for (peer, threads, run_peer) in peers {
         let mut ratios = Vec::new();
-        for round in 0..rounds {
-            let (ours, theirs) = if round % 2 == 0 {
-                let o = pass_ours(threads);
-                (o, run_peer())
-            } else {
-                let p = run_peer();
-                (pass_ours(threads), p)
-            };
-            let (o, p) = (keys / ours.as_secs_f64(), keys / theirs.as_secs_f64());
-            eprintln!(
-                "[paired] round {round}: ours_memory/check_batch t{threads} {:.2} Melem/s, {peer} {:.2} Melem/s, ratio {:.2}",
-                o / 1e6,
-                p / 1e6,
-                o / p
-            );
-            ratios.push(o / p);
-        }
-        ratios.sort_by(f64::total_cmp);
+        paired_rounds(
+            rounds,
+            Order::Alternate,
+            &mut [&mut || pass_ours(threads), &mut || run_peer()],
+            |round, times| {
+                let (o, p) = (keys / times[0].as_secs_f64(), keys / times[1].as_secs_f64());
+                eprintln!(
+                    "[paired] round {round}: ours_memory/check_batch t{threads} {:.2} Melem/s, {peer} {:.2} Melem/s, ratio {:.2}",
+                    o / 1e6,
+                    p / 1e6,
+                    o / p
+                );
+                ratios.push(o / p);
+            },
+        );
+        let r = spread(ratios);
         eprintln!(
             "[paired] ours_memory/check_batch t{threads} / {peer}: median {:.2}x (min {:.2}, max {:.2}, {rounds} rounds)",
-            ratios[ratios.len() / 2],
-            ratios[0],
-            ratios[ratios.len() - 1]
+            r.median, r.min, r.max
         );
     }
 }

@@ -35,9 +35,9 @@
 //! TD_BENCH_LARGE=1 CARGO_TARGET_DIR=/work/target-bench cargo bench --bench filter
 //! ```
 
-#[path = "../tests/support/rng.rs"]
-mod rng;
-use rng::{mix, Rng};
+mod support;
+use support::rng::{mix, Rng};
+use support::{env_number, median, paired_rounds, t0, Order, WINDOW};
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -51,8 +51,6 @@ use tiered_dedup::{Fingerprint, GenerationalBloom, Key, Namespace, Timestamp};
 const CHUNK: usize = 4096;
 /// Absent keys used to measure false-positive rates.
 const FPR_PROBES: u64 = 1_000_000;
-/// The window of our filter (the length does not matter: time stands still).
-const WINDOW: Duration = Duration::from_secs(3600);
 /// Key-space offsets: present keys are `0..n`, the others start here.
 const ABSENT_BASE: u64 = 1 << 40;
 const FPR_BASE: u64 = 1 << 41;
@@ -68,14 +66,6 @@ fn fp(i: u64) -> Fingerprint {
 #[inline]
 fn fb_hash(fp: Fingerprint) -> u64 {
     fp.low()
-}
-
-fn t0() -> Timestamp {
-    Timestamp::from_secs(1_000_000)
-}
-
-fn large_enabled() -> bool {
-    std::env::var("TD_BENCH_LARGE").is_ok_and(|v| v == "1")
 }
 
 fn configure(g: &mut BenchmarkGroup<'_, WallTime>) {
@@ -508,11 +498,8 @@ fn bench_inserts(c: &mut Criterion, label: &str, n: u64) {
 }
 
 /// `TD_BENCH_PAIRED=N`: the number of paired rounds (0 when unset).
-fn paired_rounds() -> usize {
-    std::env::var("TD_BENCH_PAIRED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+fn paired_round_count() -> usize {
+    env_number("TD_BENCH_PAIRED").unwrap_or(0)
 }
 
 /// Nanoseconds per key of one timed pass.
@@ -522,21 +509,22 @@ fn ns_per_key(keys: usize, pass: impl FnOnce() -> u64) -> f64 {
     start.elapsed().as_nanos() as f64 / keys as f64
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Prints, for each peer, the ratio peer time / our time of every round
-/// and their median (above 1: ours is faster).
-fn report_pairs(what: &str, ours: &[f64], peers: &[(&str, Vec<f64>)]) {
-    for (name, times) in peers {
-        let ratios: Vec<f64> = times.iter().zip(ours).map(|(p, o)| p / o).collect();
+/// Runs `rounds` paired rounds of three passes (ours, fastbloom,
+/// bloomfilter; ns per key each), alternating who goes first, and prints,
+/// for each peer, the ratio peer time / our time of every round and their
+/// median (above 1: ours is faster).
+fn pair_and_report(what: &str, rounds: usize, mut passes: [&mut dyn FnMut() -> f64; 3]) {
+    let [ours, fast, bloom]: [Vec<f64>; 3] =
+        paired_rounds(rounds, Order::Alternate, &mut passes, |_, _| {})
+            .try_into()
+            .expect("three passes");
+    for (name, times) in [("fastbloom", fast), ("bloomfilter", bloom)] {
+        let ratios: Vec<f64> = times.iter().zip(&ours).map(|(p, o)| p / o).collect();
         let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         eprintln!(
             "[filter paired] {what}: ours {:.2} ns/key, {name} {:.2} ns/key; ratio per round [{}], median {:.2}x",
-            median(ours.to_vec()),
-            median(times.clone()),
+            median(ours.iter().copied()),
+            median(times.iter().copied()),
             shown.join(", "),
             median(ratios)
         );
@@ -555,57 +543,43 @@ fn paired_queries(label: &str, f: &Filters, set: &[Fingerprint], present: bool, 
     let keys = || (0..reps).flat_map(|_| set.chunks(CHUNK));
     let queries = set.len() * reps;
     let mut out = Vec::with_capacity(CHUNK);
-    let mut ours = Vec::new();
-    let mut fast = Vec::new();
-    let mut bloom = Vec::new();
-    for round in 0..rounds {
-        let mut pass_ours = || {
-            ns_per_key(queries, || {
-                let mut hits = 0u64;
-                for chunk in keys() {
-                    f.ours.contains_batch(chunk, t, &mut out);
-                    hits += out.iter().filter(|&&h| h).count() as u64;
+    let mut pass_ours = || {
+        ns_per_key(queries, || {
+            let mut hits = 0u64;
+            for chunk in keys() {
+                f.ours.contains_batch(chunk, t, &mut out);
+                hits += out.iter().filter(|&&h| h).count() as u64;
+            }
+            hits
+        })
+    };
+    let mut pass_fast = || {
+        ns_per_key(queries, || {
+            let mut hits = 0u64;
+            for _ in 0..reps {
+                for &k in set {
+                    hits += u64::from(f.fastbloom.contains_hash(fb_hash(k)));
                 }
-                hits
-            })
-        };
-        let pass_fast = || {
-            ns_per_key(queries, || {
-                let mut hits = 0u64;
-                for _ in 0..reps {
-                    for &k in set {
-                        hits += u64::from(f.fastbloom.contains_hash(fb_hash(k)));
-                    }
+            }
+            hits
+        })
+    };
+    let mut pass_bloom = || {
+        ns_per_key(queries, || {
+            let mut hits = 0u64;
+            for _ in 0..reps {
+                for k in set {
+                    hits += u64::from(f.bloomfilter.check(&k.0));
                 }
-                hits
-            })
-        };
-        let pass_bloom = || {
-            ns_per_key(queries, || {
-                let mut hits = 0u64;
-                for _ in 0..reps {
-                    for k in set {
-                        hits += u64::from(f.bloomfilter.check(&k.0));
-                    }
-                }
-                hits
-            })
-        };
-        if round % 2 == 0 {
-            ours.push(pass_ours());
-            fast.push(pass_fast());
-            bloom.push(pass_bloom());
-        } else {
-            bloom.push(pass_bloom());
-            fast.push(pass_fast());
-            ours.push(pass_ours());
-        }
-    }
+            }
+            hits
+        })
+    };
     let kind = if present { "present" } else { "absent" };
-    report_pairs(
+    pair_and_report(
         &format!("query {kind} {label}"),
-        &ours,
-        &[("fastbloom", fast), ("bloomfilter", bloom)],
+        rounds,
+        [&mut pass_ours, &mut pass_fast, &mut pass_bloom],
     );
 }
 
@@ -618,54 +592,42 @@ fn paired_inserts(label: &str, n: u64, rounds: usize) {
     let mut o = OursAt::new(n);
     let mut fb = fastbloom_empty(bits, n);
     let mut bf = bloomfilter_empty(bits, n);
-    let (mut ours, mut fast, mut bloom) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds {
-        let pass_ours = |o: &mut OursAt| {
-            o.clear();
-            ns_per_key(keys.len(), || {
-                for chunk in keys.chunks(CHUNK) {
-                    o.f.insert_batch(chunk, o.now);
-                }
-                0
-            })
-        };
-        let pass_fast = |fb: &mut fastbloom::BloomFilter| {
-            fb.clear();
-            ns_per_key(keys.len(), || {
-                for &k in &keys {
-                    fb.insert_hash(fb_hash(k));
-                }
-                0
-            })
-        };
-        let pass_bloom = |bf: &mut bloomfilter::Bloom<u128>| {
-            bf.clear();
-            ns_per_key(keys.len(), || {
-                for k in &keys {
-                    bf.set(&k.0);
-                }
-                0
-            })
-        };
-        if round % 2 == 0 {
-            ours.push(pass_ours(&mut o));
-            fast.push(pass_fast(&mut fb));
-            bloom.push(pass_bloom(&mut bf));
-        } else {
-            bloom.push(pass_bloom(&mut bf));
-            fast.push(pass_fast(&mut fb));
-            ours.push(pass_ours(&mut o));
-        }
-    }
-    report_pairs(
+    let mut pass_ours = || {
+        o.clear();
+        ns_per_key(keys.len(), || {
+            for chunk in keys.chunks(CHUNK) {
+                o.f.insert_batch(chunk, o.now);
+            }
+            0
+        })
+    };
+    let mut pass_fast = || {
+        fb.clear();
+        ns_per_key(keys.len(), || {
+            for &k in &keys {
+                fb.insert_hash(fb_hash(k));
+            }
+            0
+        })
+    };
+    let mut pass_bloom = || {
+        bf.clear();
+        ns_per_key(keys.len(), || {
+            for k in &keys {
+                bf.set(&k.0);
+            }
+            0
+        })
+    };
+    pair_and_report(
         &format!("insert_batch {label}"),
-        &ours,
-        &[("fastbloom", fast), ("bloomfilter", bloom)],
+        rounds,
+        [&mut pass_ours, &mut pass_fast, &mut pass_bloom],
     );
 }
 
 fn run_size(c: &mut Criterion, n: u64, label: &str) {
-    let rounds = paired_rounds();
+    let rounds = paired_round_count();
     {
         let filters = build(n);
         let present = present_keys(n);
@@ -694,7 +656,7 @@ fn small(c: &mut Criterion) {
 }
 
 fn large(c: &mut Criterion) {
-    if large_enabled() {
+    if support::large() {
         run_size(c, 100_000_000, "n1e8");
     } else {
         eprintln!("[filter] skipping the n=1e8 groups (about 3 GB, minutes to build): set TD_BENCH_LARGE=1 to run them");

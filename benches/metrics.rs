@@ -5,7 +5,7 @@
 //! more often than any scrape needs). The goal (issue 6): ≤ 5% of engine
 //! throughput.
 //!
-//! Workload: 10⁷ distinct `u64` keys with 30% duplicates (14 285 720 keys,
+//! Workload: 10⁷ distinct `u64` keys with 30% duplicates (14 285 715 keys,
 //! shuffled with a seeded SplitMix64), one thread calling `check_batch` in
 //! batches of 4096 on an `Arc<Deduper>` (exact mode, memory tier, one-hour
 //! window, `expected_keys(10⁷)`, a `ManualClock` moved forward after every
@@ -43,70 +43,36 @@
 //! TD_BENCH_KEYS=1000000 TD_BENCH_ROUNDS=21 cargo bench --features metrics --bench metrics -- paired-only
 //! ```
 
-#[path = "../tests/support/rng.rs"]
-mod rng;
-use rng::shuffled_stream;
+mod support;
+use support::{
+    engine_on, env_number, manual_clock, paired_rounds, smoke_test, spread, Order, Workload, BATCH,
+    STREAM_SPAN, WINDOW,
+};
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tiered_dedup::{Clock, Deduper, ExactTier, ManualClock, MetricsPublisher, Timestamp};
+use tiered_dedup::{ExactTier, MetricsPublisher};
 
-/// Keys per batch (and per clock step).
-const BATCH: usize = 4096;
 /// Share of the stream that repeats an earlier key.
 const DUP_FRACTION: f64 = 0.3;
-const WINDOW: Duration = Duration::from_secs(3600);
 const SEED: u64 = 0x5EED_E261_0E00_0006;
 
-fn smoke_test() -> bool {
-    std::env::args().any(|a| a == "--test")
-}
-
-/// The workload: distinct keys, and the shuffled stream with repeats.
-struct Workload {
-    distinct: u64,
-    stream: Vec<u64>,
-    label: String,
-}
-
+/// The stream: `TD_BENCH_KEYS` distinct keys (10⁷ by default, 10⁵ in smoke
+/// mode) with 30% repeats.
 fn workload() -> &'static Workload {
     static W: OnceLock<Workload> = OnceLock::new();
     W.get_or_init(|| {
         let distinct: u64 = if smoke_test() {
             100_000
         } else {
-            std::env::var("TD_BENCH_KEYS")
-                .ok()
-                .and_then(|v| v.parse().ok())
+            env_number("TD_BENCH_KEYS")
                 .filter(|&n| n > 0)
                 .unwrap_or(10_000_000)
         };
-        let total = (distinct as f64 / (1.0 - DUP_FRACTION)).ceil() as u64;
-        let stream = shuffled_stream(SEED, distinct, total);
-        let label = format!(
-            "n{}_dup{}",
-            if distinct == 10_000_000 {
-                "1e7".to_owned()
-            } else if distinct == 1_000_000 {
-                "1e6".to_owned()
-            } else {
-                distinct.to_string()
-            },
-            (DUP_FRACTION * 100.0).round()
-        );
-        eprintln!(
-            "[metrics] stream: {} keys, {distinct} distinct, {} repeats",
-            stream.len(),
-            stream.len() as u64 - distinct
-        );
-        Workload {
-            distinct,
-            stream,
-            label,
-        }
+        Workload::shuffled("metrics", SEED, distinct, DUP_FRACTION, 1)
     })
 }
 
@@ -150,19 +116,16 @@ fn recorder() -> &'static PrometheusHandle {
 fn step() -> Duration {
     let w = workload();
     Duration::from_nanos(
-        (WINDOW.as_nanos() as f64 * 0.99 / w.stream.len() as f64 * BATCH as f64) as u64,
+        (WINDOW.as_nanos() as f64 * STREAM_SPAN / w.stream.len() as f64 * BATCH as f64) as u64,
     )
 }
 
 /// One whole pass on a fresh engine; returns the time of the checks alone.
 fn pass(publishing: Publishing) -> Duration {
     let w = workload();
-    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+    let clock = manual_clock();
     let engine = Arc::new(
-        Deduper::builder()
-            .window(WINDOW)
-            .expected_keys(w.distinct)
-            .clock(Clock::Manual(clock.clone()))
+        engine_on(&clock, w.distinct)
             .exact_tier(ExactTier::Memory)
             .build()
             .expect("valid engine"),
@@ -228,13 +191,8 @@ fn throughput(c: &mut Criterion) {
 /// of its time, and each shard is locked for about `cost / shards`.
 fn publish_cost(c: &mut Criterion) {
     let w = workload();
-    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
-    let engine = Deduper::builder()
-        .window(WINDOW)
-        .expected_keys(w.distinct)
-        .clock(Clock::Manual(clock.clone()))
-        .build()
-        .expect("valid engine");
+    let clock = manual_clock();
+    let engine = engine_on(&clock, w.distinct).build().expect("valid engine");
     for batch in w.stream.chunks(BATCH) {
         engine.check_batch(batch);
         clock.advance(step());
@@ -260,45 +218,39 @@ fn paired(_c: &mut Criterion) {
     let rounds = if smoke_test() {
         1
     } else {
-        std::env::var("TD_BENCH_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(7)
+        env_number("TD_BENCH_ROUNDS").unwrap_or(7)
     };
     if rounds == 0 {
         return;
     }
     let keys = workload().stream.len() as f64;
     let variants = Publishing::ALL;
-    let mut ratios = vec![Vec::new(); variants.len()];
-    for round in 0..rounds {
-        let mut rate = [0.0; 3];
-        for k in 0..variants.len() {
-            let v = (round + k) % variants.len();
-            rate[v] = keys / pass(variants[v]).as_secs_f64();
-        }
-        eprintln!(
-            "[metrics paired] round {round}: {}",
-            variants
-                .iter()
-                .zip(rate)
-                .map(|(v, r)| format!("{} {:.2} Melem/s", v.name(), r / 1e6))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        for v in 1..variants.len() {
-            ratios[v].push(rate[v] / rate[0]);
-        }
-    }
+    let mut run = variants.map(|v| move || keys / pass(v).as_secs_f64());
+    let [none, every_100ms, every_1ms] = &mut run;
+    let rates = paired_rounds(
+        rounds,
+        Order::Rotate,
+        &mut [none, every_100ms, every_1ms],
+        |round, rate| {
+            eprintln!(
+                "[metrics paired] round {round}: {}",
+                variants
+                    .iter()
+                    .zip(rate)
+                    .map(|(v, r)| format!("{} {:.2} Melem/s", v.name(), r / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        },
+    );
     for v in 1..variants.len() {
-        let r = &mut ratios[v];
-        r.sort_by(f64::total_cmp);
+        let r = spread(rates[v].iter().zip(&rates[0]).map(|(p, n)| p / n));
         eprintln!(
             "[metrics paired] {} / none: median {:.4} (min {:.4}, max {:.4}, {rounds} rounds)",
             variants[v].name(),
-            r[r.len() / 2],
-            r[0],
-            r[r.len() - 1]
+            r.median,
+            r.min,
+            r.max
         );
     }
 }

@@ -5,9 +5,8 @@
 //!
 //! `cargo bench --bench pipeline` (N = 10⁶); `TD_BENCH_LARGE=1` for N = 10⁷.
 
-#[path = "../tests/support/rng.rs"]
-mod rng;
-use rng::Rng;
+mod support;
+use support::{growing_stream, large, Until, WINDOW};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use dashmap::DashSet;
 use tiered_dedup::{Deduper, DeduperBuilder, Pipeline};
 
 fn distinct() -> u64 {
-    if std::env::var_os("TD_BENCH_LARGE").is_some() {
+    if large() {
         10_000_000
     } else {
         1_000_000
@@ -25,30 +24,13 @@ fn distinct() -> u64 {
 }
 
 /// `n` distinct keys, each repeated with probability 3/7 (30% of the
-/// stream are repeats), repeats at a random earlier position.
+/// stream are repeats), repeats of a uniformly chosen earlier key.
 fn stream(n: u64) -> Vec<u64> {
-    let mut rng = Rng::new(42);
-    let mut out = Vec::with_capacity((n as f64 * 1.43) as usize);
-    let mut next = 0u64;
-    while next < n {
-        if next > 0 && rng.next() % 10 < 3 {
-            out.push(rng.next() % next);
-        } else {
-            out.push(next);
-            next += 1;
-        }
-    }
-    // Ids to scattered keys (a bijection).
-    for k in &mut out {
-        *k = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-    out
+    growing_stream(3, Until::Distinct(n)).0
 }
 
 fn engine(n: u64) -> DeduperBuilder {
-    Deduper::builder()
-        .window(Duration::from_secs(3600))
-        .expected_keys(n)
+    Deduper::builder().window(WINDOW).expected_keys(n)
 }
 
 /// Runs `f(part)` on `threads` threads, each over its share of `keys`.

@@ -27,9 +27,11 @@
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 
-#[path = "../tests/support/rng.rs"]
-mod rng;
-use rng::Rng;
+mod support;
+use support::{
+    engine_on, env_number, growing_stream, large, manual_clock, median, Until, BATCH, STREAM_SPAN,
+    WINDOW,
+};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -39,24 +41,18 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use redis::Value;
 use redis_server::RedisServer;
 use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
-use tiered_dedup::{Affinity, Clock, Deduper, ExactTier, ManualClock, Timestamp};
-
-const WINDOW: Duration = Duration::from_secs(3600);
-const BATCH: usize = 4096;
+use tiered_dedup::{Affinity, Deduper, ExactTier};
 
 /// Marks queued per shard before a flush: `TD_BENCH_MARK_BATCH`, default
 /// 32768 (Redis's cost per key falls with the marks per bucket per flush).
 fn mark_batch() -> usize {
-    std::env::var("TD_BENCH_MARK_BATCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(32_768)
+    env_number("TD_BENCH_MARK_BATCH").unwrap_or(32_768)
 }
 const PIPELINE: usize = 1000;
 const PER_KEY_SAMPLE: usize = 50_000;
 
 fn stream_len() -> usize {
-    if std::env::var_os("TD_BENCH_LARGE").is_some() {
+    if large() {
         10_000_000
     } else {
         1_000_000
@@ -66,21 +62,8 @@ fn stream_len() -> usize {
 /// `n` keys, each a repeat of a uniformly chosen earlier key with
 /// probability 1/10; returns the keys and the number of distinct ones.
 fn stream(n: usize) -> (Vec<u64>, usize) {
-    let mut rng = Rng::new(42);
-    let mut out = Vec::with_capacity(n);
-    let mut next = 0u64;
-    while out.len() < n {
-        if next > 0 && rng.next() % 10 == 0 {
-            out.push(rng.next() % next);
-        } else {
-            out.push(next);
-            next += 1;
-        }
-    }
-    for k in &mut out {
-        *k = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-    (out, next as usize)
+    let (keys, distinct) = growing_stream(1, Until::Keys(n));
+    (keys, distinct as usize)
 }
 
 /// What each measurement saw: per-key seconds (wall, client CPU, Redis
@@ -214,22 +197,16 @@ impl Bench {
     }
 
     fn engine_threads(&mut self, affinity: Affinity, threads: usize) -> Duration {
-        let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+        let clock = manual_clock();
         let mut config = RedisConfig::new(&self.server.url());
-        if let Some(n) = std::env::var("TD_BENCH_KEYS_PER_HASH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(n) = env_number("TD_BENCH_KEYS_PER_HASH") {
             config.keys_per_hash = Some(n);
         }
         let tier = RedisTier::new(config);
         let stats = tier.stats();
-        let d = Deduper::builder()
-            .window(WINDOW)
-            .expected_keys(self.distinct as u64)
+        let d = engine_on(&clock, self.distinct as u64)
             .mark_batch(mark_batch())
             .affinity(affinity)
-            .clock(Clock::Manual(clock.clone()))
             .exact_tier(ExactTier::Custom(Arc::new(tier)))
             .build()
             .unwrap();
@@ -246,7 +223,7 @@ impl Bench {
         // Keys arrive at the rate the engine was sized for: the stream
         // spans 99% of the window, so its marks spread over the slices
         // (each slice's hashes then hold what they were sized for).
-        let step = WINDOW.mul_f64(0.99) / self.keys.len().div_ceil(BATCH) as u32;
+        let step = WINDOW.mul_f64(STREAM_SPAN) / self.keys.len().div_ceil(BATCH) as u32;
         let meter = self.meter();
         let new: usize = std::thread::scope(|s| {
             let d = &d;
@@ -338,12 +315,6 @@ impl Bench {
         self.record("set-nx/pipelined-1000", &m, self.keys.len(), Some(bytes));
         m.wall
     }
-}
-
-fn median(v: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = v.collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn summary(bench: &Bench) {
