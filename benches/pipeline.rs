@@ -1,7 +1,7 @@
 //! The pipeline against direct engine calls and a plain `DashSet` doing the
 //! same dedup, on one stream: N distinct keys with 30% duplicates
-//! (1.43·N keys), memory tier. Then per-batch latency (p50/p99) and the cost
-//! of the channel hop per key.
+//! (1.43·N keys), memory tier; and, run first, per-batch latency (p50/p99)
+//! and the cost of the channel hop per key.
 //!
 //! `cargo bench --bench pipeline` (N = 10⁶); `TD_BENCH_LARGE=1` for N = 10⁷.
 

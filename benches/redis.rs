@@ -8,6 +8,8 @@
 //!   window (the slices' hashes get the keys they were sized for);
 //! - `engine/shared`: the same in shared mode (one claim script per shard
 //!   per batch: the verdict waits for Redis);
+//! - `engine/owned-2-threads`, `engine/shared-2-threads`: the same with two
+//!   threads sharing one engine, each over half the stream;
 //! - `set-nx/per-key`: one `SET key 1 NX PX` per round trip (Redpanda
 //!   Connect's `dedupe`), on a subsample;
 //! - `set-nx/pipelined-1000`: pipelined batches of 1000 `SET NX PX`.
