@@ -44,6 +44,20 @@ pub enum Affinity {
     Shared,
 }
 
+/// Up front, the memory tiers' tables are sized for the keys of a span
+/// (window plus lateness) of at most this many windows: lateness up to one
+/// window is sized for (at most twice the tables of none); longer lateness
+/// costs table memory only as keys arrive (a table grows by half at 4/5
+/// load), not in proportion to (window + lateness) / window.
+///
+/// The filter (other tiers, shared keys, probabilistic mode) stays sized
+/// for the whole span at the expected rate: it cannot grow in place, and
+/// its overflow layers, made for bursts, served a steady stream that fills
+/// a longer span badly (a steady stream under a lateness of 20 windows,
+/// with the filter sized for 8: 4 to 7 times the filter bytes and 3.7 to 5
+/// times the false positives of a filter sized for the span).
+const TABLE_SIZED_WINDOWS: u64 = 2;
+
 /// How many keys to size for.
 #[derive(Clone, Copy, Debug)]
 enum Expected {
@@ -147,7 +161,14 @@ impl DeduperBuilder {
 
     /// Event time only: how far behind the watermark an event may be and
     /// still be judged exactly (older ones are [`crate::Verdict::Late`]).
-    /// Costs filter memory in proportion to `(window + lateness) / window`.
+    /// Keys are kept for the window plus the lateness. The memory tier's
+    /// tables are sized up front for lateness up to one window (at most
+    /// twice the tables of none) and grow with the keys actually held, so
+    /// a long lateness over a short input costs what the input holds. A
+    /// filter (any other tier, shared keys, probabilistic mode) is sized
+    /// for the keys of the whole window plus lateness at the expected rate,
+    /// what a steady stream holds: about 3.7 bytes per key at the default
+    /// rate; lower `expected_keys` for a short input under a long lateness.
     /// Default: zero.
     pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
         self.lateness = Some(lateness);
@@ -269,22 +290,38 @@ impl DeduperBuilder {
         if keys_per_window == 0 {
             return Err(ConfigError::ZeroExpectedKeys);
         }
-        let (slicing, keys_per_slot_total) = match window {
+        // Keys per slot (all shards): what a slice receives at the expected
+        // rate (the filter's sizing), and what the memory tiers' tables are
+        // sized for up front: those of a slice of a span of at most
+        // `TABLE_SIZED_WINDOWS` windows.
+        let (slicing, keys_per_slice, table_keys_per_slice) = match window {
             Some(w) => {
                 let span = w.saturating_add(lateness);
                 let slicing = Slicing::for_span(span);
-                // Keys arriving in one slice at the expected rate.
-                let per_slice =
-                    (keys_per_window as f64 * slicing.slice_nanos as f64 / w as f64).ceil();
-                (Some(slicing), per_slice.max(1.0) as u64)
+                // Keys arriving in a slice of `nanos` at the expected rate.
+                let arriving = |nanos: u64| {
+                    (keys_per_window as f64 * nanos as f64 / w as f64)
+                        .ceil()
+                        .max(1.0)
+                };
+                let table_span = span.min(w.saturating_mul(TABLE_SIZED_WINDOWS));
+                (
+                    Some(slicing),
+                    arriving(slicing.slice_nanos),
+                    arriving(Slicing::for_span(table_span).slice_nanos),
+                )
             }
             // No window: every key stays in one slot.
-            None => (None, keys_per_window),
+            None => (None, keys_per_window as f64, keys_per_window as f64),
         };
         // Per shard, with three standard deviations of slack for the uneven
         // split of keys over shards.
-        let mean = keys_per_slot_total as f64 / shards as f64;
-        let slot_capacity = (mean + 3.0 * mean.sqrt() + 1.0).ceil() as u64;
+        let per_shard = |keys: f64| {
+            let mean = keys / shards as f64;
+            (mean + 3.0 * mean.sqrt() + 1.0).ceil().min(u64::MAX as f64) as u64
+        };
+        let slot_capacity = per_shard(keys_per_slice);
+        let table_slot_keys = per_shard(table_keys_per_slice);
         let sizing = SlotSizing::new(slot_capacity, self.false_positive_rate, 1)?;
         let filter_bytes = match window {
             Some(_) => sizing.num_blocks as u64 * 64 * shards as u64,
@@ -337,6 +374,7 @@ impl DeduperBuilder {
                 window,
                 slot_capacity,
             },
+            table_slot_keys,
             keys_per_window,
             false_positive_rate: self.false_positive_rate,
             namespace: self.namespace.1,
@@ -362,6 +400,11 @@ pub(crate) struct Plan {
     pub(crate) slicing: Option<Slicing>,
     pub(crate) shards: usize,
     pub(crate) sizing: SlotSizing,
+    /// Keys per slot per shard the memory tiers' tables are sized for up
+    /// front: at most those of a span of `TABLE_SIZED_WINDOWS` windows (the
+    /// filter and remote tiers use `rules.slot_capacity`, what a slot
+    /// receives at the expected rate).
+    pub(crate) table_slot_keys: u64,
     pub(crate) rules: ShardRules,
     pub(crate) keys_per_window: u64,
     pub(crate) false_positive_rate: f64,
@@ -398,26 +441,37 @@ impl Plan {
         let direct = self.trust == Trust::Owned
             && self.mode == Mode::Exact
             && matches!(exact, ExactTier::Memory);
-        // One table: six slices of a window and one more that expires while
+        // One table: six slices of a span and one more that expires while
         // a sweep is running.
-        let one_table_keys = (self.rules.slot_capacity * 7) as usize;
+        let one_table_keys = self.table_slot_keys.saturating_mul(7);
         let mut partition = match self.mode {
-            Mode::Exact => Some(exact.partition(&crate::exact::PartitionSpec {
-                shard: index,
-                shards: self.shards,
-                // A windowed slot takes a quarter more than its sizing
-                // before the filter grows overflow layers.
-                keys_per_slot: match self.slicing {
-                    Some(_) if direct => one_table_keys as u64,
-                    Some(_) => self.rules.slot_capacity + self.rules.slot_capacity / 4,
-                    None => self.rules.slot_capacity,
-                } as usize,
-                window_nanos: self.window,
-                slice_nanos: self.slicing.map(|s| s.slice_nanos),
-                span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),
-                namespace_seed: self.namespace.seed(),
-                shared: self.trust == Trust::Shared,
-            })),
+            Mode::Exact => Some(
+                exact.partition(&crate::exact::PartitionSpec {
+                    shard: index,
+                    shards: self.shards,
+                    // A windowed slot takes a quarter more than its sizing
+                    // before the filter grows overflow layers. A remote tier
+                    // lays its keys out for what a slot receives at the
+                    // expected rate (it allocates nothing ahead); the memory
+                    // tiers' tables are sized for at most a span of
+                    // `TABLE_SIZED_WINDOWS` windows and grow.
+                    keys_per_slot: usize::try_from(match (self.slicing, exact) {
+                        (Some(_), _) if direct => one_table_keys,
+                        (Some(_), ExactTier::Custom(_)) => {
+                            let at_rate = self.rules.slot_capacity;
+                            at_rate.saturating_add(at_rate / 4)
+                        }
+                        (Some(_), _) => self.table_slot_keys + self.table_slot_keys / 4,
+                        (None, _) => self.rules.slot_capacity,
+                    })
+                    .unwrap_or(usize::MAX),
+                    window_nanos: self.window,
+                    slice_nanos: self.slicing.map(|s| s.slice_nanos),
+                    span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),
+                    namespace_seed: self.namespace.seed(),
+                    shared: self.trust == Trust::Shared,
+                }),
+            ),
             Mode::Probabilistic => None,
         };
         let direct = direct && matches!(partition, Some(Partition::Memory(_)));
@@ -427,7 +481,11 @@ impl Plan {
         if let (true, Some(window), Some(Partition::Memory(table))) =
             (direct, self.window, &mut partition)
         {
-            table.use_one_table(window, self.span, one_table_keys);
+            table.use_one_table(
+                window,
+                self.span,
+                usize::try_from(one_table_keys).unwrap_or(usize::MAX),
+            );
         }
         let filter = match self.windowed_filter() {
             _ if direct => ShardFilter::Direct,
