@@ -569,6 +569,74 @@ fn bad_configuration_says_what_to_change() {
             .memory_limit(1 << 20)),
         ConfigError::MemoryLimit { .. }
     ));
+    // Impossible memory is refused at build, with the bytes and what to
+    // change (10¹² keys in a one-hour window aborted on allocation).
+    let trillion = || {
+        Deduper::builder()
+            .window(Duration::from_secs(3_600))
+            .expected_keys(1_000_000_000_000)
+            .shards(8)
+    };
+    let e = err(trillion().memory_limit(1 << 40));
+    let ConfigError::MemoryLimit {
+        needed,
+        filter,
+        exact,
+        ..
+    } = e
+    else {
+        panic!("{e:?}");
+    };
+    // The memory tier: one table per shard for 7/6 of the window's keys,
+    // 24-byte buckets at 4/5 load, no filter.
+    assert_eq!(filter, 0);
+    assert!(exact >= 35_000_000_000_000 && needed == exact, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&needed.to_string()) && msg.contains("TiB"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("`expected_keys`") && msg.contains("memory_limit"),
+        "{msg}"
+    );
+    #[cfg(target_os = "linux")]
+    {
+        // Without a limit, the machine's memory is the limit.
+        let e = err(trillion());
+        assert!(matches!(e, ConfigError::PhysicalMemory { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("this machine has") && msg.contains("`expected_keys`"),
+            "{msg}"
+        );
+        // Behind a filter (other tiers), the filter is what is too large.
+        let e = err(trillion().exact_tier(ExactTier::DashMap));
+        let ConfigError::PhysicalMemory { filter, exact, .. } = e else {
+            panic!("{e:?}");
+        };
+        assert!(filter > 1 << 40 && exact == 0, "{e}");
+        assert!(e.to_string().contains("false-positive target"), "{e}");
+        let e = err(trillion().mode(Mode::Probabilistic));
+        assert!(matches!(e, ConfigError::PhysicalMemory { .. }), "{e:?}");
+    }
+    // Ordinary configurations still build.
+    for b in [
+        Deduper::builder(),
+        Deduper::builder().expected_keys(10_000_000),
+        Deduper::builder()
+            .expected_keys(10_000_000)
+            .memory_limit(1 << 30),
+        Deduper::builder().no_window().expected_keys(1_000_000_000),
+        Deduper::builder()
+            .mode(Mode::Probabilistic)
+            .expected_keys(10_000_000),
+        Deduper::builder()
+            .exact_tier(ExactTier::DashMap)
+            .expected_keys(10_000_000),
+    ] {
+        assert!(b.build().is_ok());
+    }
     assert_eq!(
         err(Deduper::builder().allowed_lateness(Duration::from_secs(1))),
         ConfigError::LatenessWithoutEventTime

@@ -5,10 +5,11 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 
 use crate::error::ConfigError;
-use crate::exact::{ExactTier, Partition};
-use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter};
+use crate::exact::table::{FingerprintTable, Timed, Untimed};
+use crate::exact::{ExactTier, Partition, FIRST_TABLE_ENTRIES};
+use crate::filter::{BlockedBloom, GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter};
 use crate::fingerprint::Namespace;
-use crate::time::{duration_nanos, Clock, ClockSource, Slicing};
+use crate::time::{duration_nanos, Clock, ClockSource, Slicing, GENERATIONS};
 
 use super::shard::{Shard, ShardFilter, ShardRules, Trust};
 use super::Deduper;
@@ -231,8 +232,13 @@ impl DeduperBuilder {
         self
     }
 
-    /// Refuse to build a filter larger than `bytes`. Default: no limit
-    /// (beyond 1 TiB).
+    /// Refuse to build an engine that would need more than `bytes` for its
+    /// expected keys: its filter (allocated at build) plus the memory
+    /// tier's tables as sized for the expected keys (allocated as keys
+    /// arrive; without a window, the first tables only). Keys beyond the
+    /// expected count are still never forgotten: the tables grow past the
+    /// limit rather than lose them. Default: no limit but the machine's
+    /// memory (or the process's cgroup limit), which is always checked.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
         self
@@ -243,7 +249,12 @@ impl DeduperBuilder {
     /// # Errors
     /// [`ConfigError`] naming what to change: a zero window, zero expected
     /// keys, a false-positive rate outside (0, 1), zero shards, lateness
-    /// without event time, or a filter over the memory limit.
+    /// without event time, or impossible memory: the filter and the memory
+    /// tier's tables as sized for the expected keys above `memory_limit`
+    /// ([`ConfigError::MemoryLimit`]) or above the machine's memory
+    /// ([`ConfigError::PhysicalMemory`], Linux: `MemTotal`, or the cgroup
+    /// limit when lower), or a filter that cannot be allocated
+    /// ([`ConfigError::OutOfMemory`]).
     pub fn build(self) -> Result<Deduper, ConfigError> {
         let plan = self.plan()?;
         let shards = (0..plan.shards)
@@ -323,18 +334,6 @@ impl DeduperBuilder {
         let slot_capacity = per_shard(keys_per_slice);
         let table_slot_keys = per_shard(table_keys_per_slice);
         let sizing = SlotSizing::new(slot_capacity, self.false_positive_rate, 1)?;
-        let filter_bytes = match window {
-            Some(_) => sizing.num_blocks as u64 * 64 * shards as u64,
-            None => 0,
-        };
-        if let Some(limit) = self.memory_limit {
-            if filter_bytes > limit {
-                return Err(ConfigError::MemoryLimit {
-                    needed: filter_bytes,
-                    limit,
-                });
-            }
-        }
         if self.mark_batch == 0 {
             return Err(ConfigError::ZeroMarkBatch);
         }
@@ -357,7 +356,7 @@ impl DeduperBuilder {
                 return Err(ConfigError::UntimedNeeds(fix));
             }
         }
-        Ok(Plan {
+        let plan = Plan {
             trust: match self.affinity {
                 Affinity::Owned => Trust::Owned,
                 Affinity::Shared => Trust::Shared,
@@ -383,7 +382,9 @@ impl DeduperBuilder {
             exact_name: self.exact.name(),
             exact: self.exact.clone(),
             untimed: !self.first_seen_times,
-        })
+        };
+        plan.check_memory(self.memory_limit)?;
+        Ok(plan)
     }
 }
 
@@ -420,15 +421,121 @@ pub(crate) struct Plan {
     pub(crate) untimed: bool,
 }
 
+/// What a configuration allocates to hold its expected keys, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MemoryNeeds {
+    /// The filter of every shard, allocated at build.
+    pub(crate) filter: u64,
+    /// The memory tier's tables of every shard as sized for the expected
+    /// keys (allocated as keys arrive; without a window, the first tables
+    /// only: keys past them grow the tables). Other tiers: 0.
+    pub(crate) exact: u64,
+}
+
 impl Plan {
     /// An empty filter of one shard of a windowed engine, as sized.
-    pub(crate) fn windowed_filter(&self) -> Option<WindowedFilter> {
-        self.slicing.map(|slicing| {
-            WindowedFilter::new(
-                GenerationalBloom::with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes),
-                self.rules.slot_capacity,
-            )
+    ///
+    /// # Errors
+    /// [`ConfigError::OutOfMemory`] when it cannot be allocated.
+    pub(crate) fn windowed_filter(&self) -> Result<Option<WindowedFilter>, ConfigError> {
+        let Some(slicing) = self.slicing else {
+            return Ok(None);
+        };
+        let base =
+            GenerationalBloom::try_with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes)?;
+        Ok(Some(WindowedFilter::new(base, self.rules.slot_capacity)))
+    }
+
+    /// Owned keys on the embedded table: the shard keeps no filter.
+    fn is_direct(&self) -> bool {
+        self.trust == Trust::Owned
+            && self.mode == Mode::Exact
+            && matches!(self.exact, ExactTier::Memory)
+    }
+
+    /// Entries of a shard's one table (no filter, a window): six slices
+    /// of a span and one more that expires while a sweep is running.
+    fn one_table_keys(&self) -> u64 {
+        self.table_slot_keys.saturating_mul(7)
+    }
+
+    /// Keys a shard's growing filter (no window) is first sized for.
+    fn growing_initial_keys(&self) -> u64 {
+        (self.keys_per_window / self.shards as u64).max(1)
+    }
+
+    /// What this configuration allocates to hold its expected keys.
+    ///
+    /// # Errors
+    /// [`ConfigError`] from sizing a growing filter.
+    pub(crate) fn memory_needs(&self) -> Result<MemoryNeeds, ConfigError> {
+        let shards = self.shards as u64;
+        let direct = self.is_direct();
+        let filter = match self.slicing {
+            _ if direct => 0,
+            Some(_) => BlockedBloom::bytes_for(self.sizing.num_blocks),
+            None => {
+                GrowingBloom::initial_bytes(self.growing_initial_keys(), self.false_positive_rate)?
+            }
+        };
+        let size = |keys: u64| usize::try_from(keys).unwrap_or(usize::MAX);
+        let exact = match (self.mode, &self.exact, self.slicing) {
+            (Mode::Exact, ExactTier::Memory, Some(_)) if direct => {
+                FingerprintTable::<Timed>::bytes_for(size(self.one_table_keys()))
+            }
+            // A table per live slot (seven), each sized for its slice and
+            // a quarter more.
+            (Mode::Exact, ExactTier::Memory, Some(_)) => {
+                let per_slot = self
+                    .table_slot_keys
+                    .saturating_add(self.table_slot_keys / 4);
+                FingerprintTable::<Timed>::bytes_for(size(per_slot))
+                    .saturating_mul(GENERATIONS as u64 - 1)
+            }
+            // No window: expected keys are the first tables' size; more
+            // keys grow them.
+            (Mode::Exact, ExactTier::Memory, None) => {
+                let first = size(self.rules.slot_capacity).min(FIRST_TABLE_ENTRIES);
+                if self.untimed {
+                    FingerprintTable::<Untimed>::bytes_for(first)
+                } else {
+                    FingerprintTable::<Timed>::bytes_for(first)
+                }
+            }
+            _ => 0,
+        };
+        Ok(MemoryNeeds {
+            filter: filter.saturating_mul(shards),
+            exact: exact.saturating_mul(shards),
         })
+    }
+
+    /// Refuses a configuration whose [`Plan::memory_needs`] exceed `limit`
+    /// or the memory this process may use.
+    fn check_memory(&self, limit: Option<u64>) -> Result<(), ConfigError> {
+        let MemoryNeeds { filter, exact } = self.memory_needs()?;
+        let needed = filter.saturating_add(exact);
+        if let Some(limit) = limit {
+            if needed > limit {
+                return Err(ConfigError::MemoryLimit {
+                    needed,
+                    limit,
+                    filter,
+                    exact,
+                });
+            }
+        }
+        if let Some(physical) = crate::hugealloc::physical_memory() {
+            if needed > physical {
+                return Err(ConfigError::PhysicalMemory {
+                    needed,
+                    physical,
+                    filter,
+                    exact,
+                });
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn make_shard(&self, index: usize, exact: &ExactTier) -> Result<Shard, ConfigError> {
@@ -438,12 +545,8 @@ impl Plan {
         // the whole window (entries carry their time and are swept out
         // once expired) instead of one table per slice that a filter would
         // have to pick.
-        let direct = self.trust == Trust::Owned
-            && self.mode == Mode::Exact
-            && matches!(exact, ExactTier::Memory);
-        // One table: six slices of a span and one more that expires while
-        // a sweep is running.
-        let one_table_keys = self.table_slot_keys.saturating_mul(7);
+        let direct = self.is_direct() && matches!(exact, ExactTier::Memory);
+        let one_table_keys = self.one_table_keys();
         let mut partition = match self.mode {
             Mode::Exact => Some(
                 exact.partition(&crate::exact::PartitionSpec {
@@ -487,13 +590,17 @@ impl Plan {
                 usize::try_from(one_table_keys).unwrap_or(usize::MAX),
             );
         }
-        let filter = match self.windowed_filter() {
-            _ if direct => ShardFilter::Direct,
-            Some(f) => ShardFilter::Windowed(f),
-            None => ShardFilter::Unbounded(GrowingBloom::new(
-                (self.keys_per_window / self.shards as u64).max(1),
-                self.false_positive_rate,
-            )?),
+        // Only a shard that uses a filter allocates one.
+        let filter = if direct {
+            ShardFilter::Direct
+        } else {
+            match self.windowed_filter()? {
+                Some(f) => ShardFilter::Windowed(f),
+                None => ShardFilter::Unbounded(GrowingBloom::new(
+                    self.growing_initial_keys(),
+                    self.false_positive_rate,
+                )?),
+            }
         };
         Ok(Shard::new(filter, partition, self.mark_batch))
     }
