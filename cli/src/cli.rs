@@ -42,7 +42,8 @@ SIGINT or SIGTERM stops a run gracefully: reading stops, what was read is \
 judged and written, marks are written, --state is saved and the summary \
 printed; a second signal ends the run at once.
 
-Exit status (when several apply, the highest in this list but 130/143):
+Exit status (when several apply, the highest of 1-5; 130/143 only when none of
+them does):
   0    every record was read and judged (bad ones skipped or passed as asked),
        or standard output was closed and nothing accepted was left undelivered
   1    another error: bad flags or configuration, an unreadable file, an
