@@ -179,8 +179,8 @@ pub struct RunArgs {
 
     /// Distinct keys expected per window (without a window: in all), to size
     /// the tables or the filter up front (`5M`, `1e6`); more only cost speed
-    /// (the tables grow). A size whose memory exceeds the machine's is
-    /// refused. Default: estimated from the input files' sizes, else
+    /// (the tables grow). A size given whose memory exceeds the machine's
+    /// is refused (an estimate is lowered to fit). Default: estimated from the input files' sizes, else
     /// 1000000, and under event time at most the input's records over
     /// (window + lateness) / window; with --state, the size it was created
     /// with.

@@ -216,7 +216,10 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
     };
     let (engine, settings, redis_stats) = match loaded {
         Some(loaded) => (loaded.engine, loaded.settings, None),
-        None => build(wanted.with_estimate(&sources, has_first.then_some(&first.chunk)))?,
+        None => build(
+            wanted.with_estimate(&sources, has_first.then_some(&first.chunk)),
+            args.expected_keys.is_some(),
+        )?,
     };
 
     let engine = Arc::new(engine);
@@ -460,9 +463,19 @@ impl Ending<'_> {
     }
 }
 
-fn build(settings: Settings) -> Result<(Deduper, Settings, Option<Arc<RedisStats>>), Refusal> {
+/// Builds the engine `settings` describe. A size the user gave
+/// (`explicit`) that the machine cannot hold is refused; an estimated one
+/// is lowered to fit (the tables grow if the keys come).
+fn build(
+    mut settings: Settings,
+    explicit: bool,
+) -> Result<(Deduper, Settings, Option<Arc<RedisStats>>), Refusal> {
     if let Some(physical) = physical_memory() {
-        settings.check_memory(physical).map_err(Refusal::Usage)?;
+        if explicit {
+            settings.check_memory(physical).map_err(Refusal::Usage)?;
+        } else {
+            settings.fit_estimate(physical / 2);
+        }
     }
     let (builder, redis_stats) = settings.builder_with_stats();
     let engine = builder.build().map_err(|e| {

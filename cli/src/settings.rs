@@ -140,6 +140,16 @@ impl Settings {
         keys * per_key
     }
 
+    /// Lowers an estimated `expected_keys` until its projected memory fits
+    /// in `budget` bytes.
+    pub fn fit_estimate(&mut self, budget: u64) {
+        let needed = self.projected_bytes();
+        if needed > budget as f64 {
+            let scaled = self.expected_keys as f64 * budget as f64 / needed;
+            self.expected_keys = (scaled as u64).max(1);
+        }
+    }
+
     /// Refuses sizes whose memory exceeds the machine's (`physical`
     /// bytes), with what to change.
     ///
@@ -410,5 +420,11 @@ mod tests {
         s.expected_keys = 1_000_000;
         let e = s.check_memory(24 << 30).unwrap_err();
         assert!(e.contains("24001 windows"), "{e}");
+        // An estimate is lowered to fit instead (a 100 GB file).
+        let mut s = settings(&[]);
+        s.expected_keys = 10_000_000_000;
+        s.fit_estimate(12 << 30);
+        assert!(s.projected_bytes() <= (12u64 << 30) as f64);
+        assert!(s.expected_keys > 500_000_000, "{}", s.expected_keys);
     }
 }
