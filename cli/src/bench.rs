@@ -226,7 +226,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("dedup bench: cannot write: {e}");
+                crate::say!("dedup bench: cannot write: {e}");
                 ExitCode::from(1)
             }
         };
@@ -238,7 +238,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             match measure(args, &keys, distinct, tier, threads) {
                 Ok(m) => results.push(m),
                 Err(e) => {
-                    eprintln!("dedup bench: {e}");
+                    crate::say!("dedup bench: {e}");
                     return ExitCode::from(1);
                 }
             }
@@ -275,20 +275,26 @@ pub fn run(args: &BenchArgs) -> ExitCode {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        crate::tell!("{}", serde_json::Value::Array(rows));
     } else {
-        println!(
+        crate::tell!(
             "{n} keys ({distinct} distinct, {:.0}% repeats, {distribution}), window {window}, {} shards, batch {}",
             args.duplicate_ratio * 100.0,
             args.shards,
             args.batch
         );
-        println!(
+        crate::tell!(
             "{:<22} {:>7} {:>10} {:>11} {:>8} {:>11} {:>11}  verdicts",
-            "exact tier", "threads", "seconds", "M keys/s", "ns/key", "new", "duplicates"
+            "exact tier",
+            "threads",
+            "seconds",
+            "M keys/s",
+            "ns/key",
+            "new",
+            "duplicates"
         );
         for m in &results {
-            println!(
+            crate::tell!(
                 "{:<22} {:>7} {:>10.3} {:>11.2} {:>8.1} {:>11} {:>11}  {}",
                 tier_name(m.tier),
                 m.threads,
@@ -302,7 +308,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         }
     }
     if results.iter().any(|m| m.check() == "WRONG") {
-        eprintln!("dedup bench: an exact tier did not find one new verdict per distinct key");
+        crate::say!("dedup bench: an exact tier did not find one new verdict per distinct key");
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

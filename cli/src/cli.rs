@@ -27,15 +27,35 @@ Bad input (each counted in the summary, and reported as FILE:LINE: reason):
   bad-time         a time that is neither RFC 3339 nor a non-negative number
   not-object       --output annotate on a record that is not a JSON object
   late             older than watermark - allowed lateness (event time only)
+  future           later than --max-future past the watermark or the clock
+  too-long         longer than --max-record-bytes (never written, even by pass)
+
+Every record read is counted once: read = unique + duplicates + bad + \
+unavailable (the exact tier could not judge it) + undelivered (judged, but \
+standard output was closed or failed before it was written).
 
 A last record without a final newline is written without one, unless more \
 output follows it (then a newline separates them); `awk '!seen[$0]++'` always \
 adds one.
 
-Exit status:
-  0  every record was read and judged (bad ones skipped or passed as asked)
-  1  another error: bad flags, an unreadable file, an unusable --state
-  2  bad input under --on-error fail (what was written before it is flushed)";
+SIGINT or SIGTERM stops a run gracefully: reading stops, what was read is \
+judged and written, marks are written, --state is saved and the summary \
+printed; a second signal ends the run at once.
+
+Exit status (when several apply, the highest of 1-5; 130/143 only when none of
+them does):
+  0    every record was read and judged (bad ones skipped or passed as asked),
+       or standard output was closed and nothing accepted was left undelivered
+  1    another error: bad flags or configuration, an unreadable file, an
+       unusable or busy --state
+  2    bad input under --on-error fail (what was written before it is flushed)
+  3    the exact tier (Redis) could not answer: the records it could not judge
+       were neither written nor recorded, and the run stopped
+  4    accepted records are not stored in the exact tier: a later run will
+       accept them again (the message says how many and why)
+  5    standard output was closed or failed after records were accepted
+       (recorded) but before they were written (the message says which)
+  130  stopped by SIGINT, 143 by SIGTERM (after the steps above)";
 
 /// Drops repeated records from files and pipes: exactly, at millions of
 /// records per second, optionally within a time window and across runs.
@@ -103,9 +123,26 @@ pub struct RunArgs {
 
     /// Event time: how far behind the highest time seen (the watermark) a
     /// record may be and still be judged; older ones are bad input of kind
-    /// `late`. Default: the window (with --time-field).
+    /// `late`. Memory: the engine keeps window + lateness of keys, so a
+    /// lateness N times the window costs about N + 1 times the memory of
+    /// the window alone; the tables are sized for the input's records at
+    /// most, and grow when more arrive. Default: the window (with
+    /// --time-field).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "time_field")]
     pub allowed_lateness: Option<Duration>,
+
+    /// Event time: a record dated more than this after both the watermark
+    /// and the wall clock is bad input of kind `future` (it would move the
+    /// watermark, and every later record would be `late`); `none` accepts
+    /// any time.
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = parse_max_future)]
+    pub max_future: MaxFuture,
+
+    /// The longest record read (`16MiB`, `4MiB`; at least 1MiB); a longer
+    /// one is bad input of kind `too-long`, skipped without being held in
+    /// memory (`pass` cannot write it through).
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_record_size)]
+    pub max_record_bytes: u64,
 
     /// Which records to write: the first accepted occurrences (`unique`),
     /// the repeats (`duplicates`), or every record with its verdict
@@ -141,10 +178,13 @@ pub struct RunArgs {
     pub state: Option<PathBuf>,
 
     /// Distinct keys expected per window (without a window: in all), to size
-    /// the filter; more only cost speed. Default: estimated from the input
-    /// files' sizes, else 1000000; with --state, the size it was created
+    /// the tables or the filter up front (`5M`, `1e6`); more only cost speed
+    /// (the tables grow). A size given whose memory exceeds the machine's
+    /// is refused (an estimate is lowered to fit). Default: estimated from the input files' sizes, else
+    /// 1000000, and under event time at most the input's records over
+    /// (window + lateness) / window; with --state, the size it was created
     /// with.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = parse_count)]
     pub expected_keys: Option<u64>,
 
     /// The filter's false-positive rate: only a speed knob (matches are
@@ -155,7 +195,9 @@ pub struct RunArgs {
     /// Serve the run's counters (records read, written, duplicates, bad by
     /// kind, and the engine's and exact tier's series) as Prometheus text at
     /// `http://ADDR/metrics` while it runs, e.g. `127.0.0.1:9464`. Only this
-    /// address is listened on; the endpoint closes when the run ends.
+    /// address is listened on (a warning when it is not a loopback address:
+    /// the endpoint has no authentication); the endpoint closes when the run
+    /// ends.
     #[arg(long, value_name = "IP:PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<SocketAddr>,
 
@@ -369,6 +411,55 @@ pub enum BenchTier {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionalWindow(pub Option<Duration>);
 
+/// `--max-future`: a bound, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxFuture(pub Option<Duration>);
+
+fn parse_max_future(s: &str) -> Result<MaxFuture, String> {
+    if s == "none" {
+        return Ok(MaxFuture(None));
+    }
+    parse_duration(s).map(|d| MaxFuture(Some(d)))
+}
+
+/// Smallest `--max-record-bytes`: a read's worth (records up to a read
+/// long are cut from one read).
+pub const MIN_RECORD_BYTES: u64 = 1 << 20;
+
+/// `16MiB`, `512KiB`, `2GiB`, `1MB`, or a plain number of bytes.
+fn parse_record_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '_'))
+        .unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "`{s}` is not a size (examples: 16MiB, 512KiB, 2GiB)"
+            ))
+        }
+    };
+    let n: u64 = digits
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 16MiB, 512KiB, 2GiB)"))?;
+    let bytes = n
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < MIN_RECORD_BYTES {
+        return Err("at least 1MiB (a record up to one read long is always held)".to_owned());
+    }
+    Ok(bytes)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 24h, 7d, 1h30m)"))
 }
@@ -444,5 +535,15 @@ mod tests {
         assert_eq!(parse_window("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert!(parse_window("0s").is_err());
         assert_eq!(parse_optional_window("none"), Ok(OptionalWindow(None)));
+        assert_eq!(parse_count("1e12"), Ok(1_000_000_000_000));
+        assert_eq!(parse_record_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_record_size("2 GiB"), Ok(2 << 30));
+        assert!(parse_record_size("512KiB").is_err());
+        assert!(parse_record_size("lots").is_err());
+        assert_eq!(parse_max_future("none"), Ok(MaxFuture(None)));
+        assert_eq!(
+            parse_max_future("1d"),
+            Ok(MaxFuture(Some(Duration::from_secs(86_400))))
+        );
     }
 }

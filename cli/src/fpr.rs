@@ -90,7 +90,7 @@ pub fn run(args: &FprArgs) -> ExitCode {
     match run_experiment(&args.experiment) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dedup fpr: {e}");
+            crate::say!("dedup fpr: {e}");
             ExitCode::from(1)
         }
     }
@@ -134,7 +134,7 @@ impl Report {
         let svg = dir.join(format!("{}.svg", self.name));
         self.chart.write_svg(&svg)?;
         print!("{}", self.table.to_text());
-        println!("wrote {} and {}", csv.display(), svg.display());
+        crate::tell!("wrote {} and {}", csv.display(), svg.display());
         Ok(())
     }
 }

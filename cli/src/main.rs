@@ -2,19 +2,41 @@
 //! optional time window and across runs — the command-line face of
 //! `tiered_dedup`. See `docs/cli.md` and `dedup --help`.
 
+/// `eprintln!` that never panics: a closed standard error loses the
+/// message, not the run.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that never panics on a closed standard output.
+#[macro_export]
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod cli;
 mod event_time;
 mod fpr;
 mod input;
+mod job;
 mod json;
 mod judge;
 mod output;
 mod parse;
 mod record;
+mod redis_cause;
 mod run;
 mod serve;
 mod settings;
+mod signals;
 mod state;
 mod summary;
 

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use crate::cli::{Format, OutputMode};
 
@@ -35,8 +35,23 @@ pub struct Output {
     member: Vec<u8>,
     /// The last record written had no newline: one goes before the next.
     owes_newline: bool,
+    /// Where each record buffered since the last flush ends in `buf`.
+    ends: Vec<usize>,
+    /// Standard output's descriptor, to see whether its reader is gone.
+    fd: Option<RawFd>,
+    /// Records and bytes delivered (accepted by a `write`).
     records: u64,
     bytes: u64,
+}
+
+/// What a flush delivered: the first `records` records buffered since the
+/// previous flush were accepted by `write` in full; the others were not.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Records delivered whole.
+    pub records: usize,
+    /// Why the rest were not delivered.
+    pub error: Option<io::Error>,
 }
 
 impl Output {
@@ -47,7 +62,10 @@ impl Output {
     /// When the descriptor cannot be duplicated.
     pub fn stdout(mode: OutputMode, format: Format, annotate_field: &str) -> io::Result<Self> {
         let file = File::from(io::stdout().as_fd().try_clone_to_owned()?);
-        Ok(Self::new(Box::new(file), mode, format, annotate_field))
+        let fd = file.as_raw_fd();
+        let mut out = Self::new(Box::new(file), mode, format, annotate_field);
+        out.fd = Some(fd);
+        Ok(out)
     }
 
     /// Writes to `out`.
@@ -68,21 +86,45 @@ impl Output {
             format,
             member,
             owes_newline: false,
+            ends: Vec::new(),
+            fd: None,
             records: 0,
             bytes: 0,
         }
     }
 
-    /// Writes (into the buffer) a judged record, if the mode selects it.
+    /// Writes (into the buffer) a judged record, if the mode selects it;
+    /// true when it did.
     #[inline]
-    pub fn judged(&mut self, record: &[u8], newline: bool, label: Label) {
+    pub fn judged(&mut self, record: &[u8], newline: bool, label: Label) -> bool {
         match (self.mode, label) {
             (OutputMode::Unique, Label::New) | (OutputMode::Duplicates, Label::Duplicate) => {
                 self.raw(record, newline);
+                true
             }
-            (OutputMode::Annotate, _) => self.annotated(record, newline, label),
-            _ => {}
+            (OutputMode::Annotate, _) => {
+                self.annotated(record, newline, label);
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// True when standard output is a pipe or socket whose reader has
+    /// gone (a write would fail with `EPIPE`).
+    pub fn reader_gone(&self) -> bool {
+        let Some(fd) = self.fd else {
+            return false;
+        };
+        let mut fds = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call; zero
+        // timeout.
+        let ready = unsafe { libc::poll(&mut fds, 1, 0) };
+        ready > 0 && fds.revents & libc::POLLERR != 0
     }
 
     /// Writes a record unchanged (`--on-error pass`).
@@ -143,29 +185,53 @@ impl Output {
         } else {
             self.owes_newline = true;
         }
-        self.records += 1;
+        self.ends.push(self.buf.len());
     }
 
-    /// Writes the buffer out in one `write_all`.
-    ///
-    /// # Errors
-    /// When writing fails (a closed pipe: [`io::ErrorKind::BrokenPipe`]).
-    pub fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.bytes += self.buf.len() as u64;
-            let r = self.out.write_all(&self.buf);
-            self.buf.clear();
-            r?;
+    /// Writes the buffer out (one `write` unless the output takes less at
+    /// a time) and says which of its records were delivered: a record
+    /// counts as delivered once `write` has accepted its last byte. After
+    /// an error nothing more is written.
+    pub fn flush(&mut self) -> Delivery {
+        let mut written = 0;
+        let mut error = None;
+        while written < self.buf.len() {
+            match self.out.write(&self.buf[written..]) {
+                Ok(0) => {
+                    error = Some(io::Error::from(io::ErrorKind::WriteZero));
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
         }
-        self.out.flush()
+        if error.is_none() {
+            if let Err(e) = self.out.flush() {
+                error = Some(e);
+            }
+        }
+        let delivered = self.ends.partition_point(|&end| end <= written);
+        let delivery = Delivery {
+            records: delivered,
+            error,
+        };
+        self.records += delivered as u64;
+        self.bytes += written as u64;
+        self.buf.clear();
+        self.ends.clear();
+        delivery
     }
 
-    /// Records written (or buffered) so far.
+    /// Records delivered so far.
     pub fn records(&self) -> u64 {
         self.records
     }
 
-    /// Bytes written so far.
+    /// Bytes delivered so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -193,9 +259,48 @@ mod tests {
         let sink = Shared::default();
         let mut out = Output::new(Box::new(sink.clone()), mode, format, "_dedup");
         f(&mut out);
-        out.flush().unwrap();
+        let d = out.flush();
+        assert!(d.error.is_none());
         let bytes = sink.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
+    }
+
+    /// Takes `room` bytes, then fails as a closed pipe does.
+    struct Closing {
+        taken: Shared,
+        room: usize,
+    }
+    impl Write for Closing {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            let n = b.len().min(self.room).min(3);
+            self.room -= n;
+            self.taken.write(&b[..n])
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_partial_write_says_which_records_were_delivered() {
+        let taken = Shared::default();
+        let sink = Closing {
+            taken: taken.clone(),
+            room: 7,
+        };
+        let mut out = Output::new(Box::new(sink), OutputMode::Unique, Format::Lines, "_dedup");
+        for r in [&b"ab"[..], b"cd", b"ef", b"gh"] {
+            out.judged(r, true, Label::New);
+        }
+        let d = out.flush();
+        // "ab\ncd\ne": two whole records, the third cut.
+        assert_eq!(d.records, 2);
+        assert_eq!(d.error.unwrap().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!((out.records(), out.bytes()), (2, 7));
+        assert_eq!(&*taken.0.lock().unwrap(), b"ab\ncd\ne");
     }
 
     #[test]

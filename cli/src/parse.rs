@@ -7,7 +7,7 @@ use std::ops::Range;
 use tiered_dedup::{Fingerprint, Timestamp};
 
 use crate::input::Chunk;
-use crate::record::{BadRecord, Extractor};
+use crate::record::{BadKind, BadRecord, Extractor};
 
 /// Fewest records worth a thread of their own.
 const MIN_PART: usize = 2048;
@@ -49,10 +49,26 @@ impl Parsed {
         keys.clear();
         timed.clear();
         bad.clear();
+        if let Some(&(at, len)) = chunk.too_long.first() {
+            // Only a chunk's first record can span reads, so only it can be
+            // too long; its bytes were not kept.
+            debug_assert!(at == 0 && chunk.too_long.len() == 1);
+            bad.push((
+                at,
+                BadRecord::new(
+                    BadKind::TooLong,
+                    format!(
+                        "the record is longer than --max-record-bytes ({len} bytes of it read); \
+                         its bytes were dropped, not kept"
+                    ),
+                ),
+            ));
+        }
+        let skip = bad.len();
         if let Extractor::Lines { namespace } = extractor {
             // Hashing a line is cheaper than handing it to a thread.
-            let mut start = 0;
-            keys.extend(chunk.ends.iter().map(|&end| {
+            let mut start = if skip == 1 { chunk.ends[0] + 1 } else { 0 };
+            keys.extend(chunk.ends[skip..].iter().map(|&end| {
                 let fp = namespace.fingerprint(&chunk.data[start..end]);
                 start = end + 1;
                 fp
@@ -62,10 +78,11 @@ impl Parsed {
         let n = chunk.len();
         let parts = threads.min(n / MIN_PART).max(1);
         if parts == 1 {
-            parse_range(extractor, chunk, 0..n, keys, timed, bad);
+            parse_range(extractor, chunk, skip..n, keys, timed, bad);
             return;
         }
-        let bounds: Vec<usize> = (0..=parts).map(|p| p * n / parts).collect();
+        let mut bounds: Vec<usize> = (0..=parts).map(|p| p * n / parts).collect();
+        bounds[0] = bounds[0].max(skip);
         let chunk = &*chunk;
         let mut rest: Vec<Part> = (1..parts).map(|_| Part::default()).collect();
         std::thread::scope(|scope| {
@@ -82,7 +99,7 @@ impl Parsed {
                     );
                 });
             }
-            parse_range(extractor, chunk, 0..bounds[1], keys, timed, bad);
+            parse_range(extractor, chunk, bounds[0]..bounds[1], keys, timed, bad);
         });
         for part in rest {
             keys.extend_from_slice(&part.keys);

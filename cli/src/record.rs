@@ -28,11 +28,15 @@ pub enum BadKind {
     NotObject,
     /// Older than the watermark minus the allowed lateness.
     Late,
+    /// Later than `--max-future` past the watermark and the wall clock.
+    Future,
+    /// Longer than `--max-record-bytes`.
+    TooLong,
 }
 
 impl BadKind {
     /// Every kind, in the order the summary lists them.
-    pub const ALL: [BadKind; 7] = [
+    pub const ALL: [BadKind; 9] = [
         BadKind::NotUtf8,
         BadKind::InvalidJson,
         BadKind::MissingKey,
@@ -40,6 +44,8 @@ impl BadKind {
         BadKind::BadTime,
         BadKind::NotObject,
         BadKind::Late,
+        BadKind::Future,
+        BadKind::TooLong,
     ];
 
     /// The kind's name in messages and `--help`.
@@ -52,6 +58,8 @@ impl BadKind {
             BadKind::BadTime => "bad-time",
             BadKind::NotObject => "not-object",
             BadKind::Late => "late",
+            BadKind::Future => "future",
+            BadKind::TooLong => "too-long",
         }
     }
 
@@ -74,7 +82,7 @@ pub struct BadRecord {
 }
 
 impl BadRecord {
-    fn new(kind: BadKind, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: BadKind, detail: impl Into<String>) -> Self {
         BadRecord {
             kind,
             detail: detail.into(),

@@ -2,86 +2,142 @@
 //! them into fingerprints, times and bad records (NDJSON on every core, see
 //! `parse.rs`); the main thread judges each chunk with batch calls to the
 //! engine (processing time on every core, see `judge.rs`) and writes the
-//! chunk's output with one write.
+//! chunk's output with one write (`job.rs`). With Redis, a flush thread
+//! writes pending marks once the input has paused for the flush interval.
+//!
+//! However a run ends — the input's end, bad input, an unavailable exact
+//! tier, a closed output, SIGINT or SIGTERM — it then writes its pending
+//! marks, saves `--state` where that records what was delivered, prints the
+//! summary, and exits with the status of the worst thing that happened
+//! ([`Status`]).
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::error::ErrorKind;
 use clap::CommandFactory;
-use tiered_dedup::{Deduper, Verdict};
+use tiered_dedup::exact::redis::RedisStats;
+use tiered_dedup::{Deduper, FlushError};
 
-use crate::cli::{Cli, ExactArg, Format, OnError, OutputMode, RunArgs};
-use crate::event_time::format_timestamp;
-use crate::input::{InputError, RecordReader, Source};
-use crate::judge::Judge;
-use crate::output::{Label, Output};
+use crate::cli::{Cli, ExactArg, Format, OutputMode, RunArgs};
+use crate::input::{InputError, NextChunk, RecordReader, Source};
+use crate::job::{ChunkStop, Job, TimeBounds};
+use crate::output::Output;
 use crate::parse::Parsed;
-use crate::record::{BadKind, BadRecord, Extractor};
+use crate::record::Extractor;
+use crate::redis_cause;
 use crate::serve::{MetricsEndpoint, RunCounters};
-use crate::settings::Settings;
-use crate::state;
-use crate::summary::{Progress, Report, Tally};
+use crate::settings::{physical_memory, Settings};
+use crate::signals::StopSignals;
+use crate::state::{self, StateLock};
+use crate::summary::{Progress, Report};
 
-/// Bad records reported one by one under `skip` and `pass`; the rest are
-/// only counted.
-const MAX_REPORTED: u64 = 20;
+/// How often the main thread, waiting for input, looks for a signal.
+const TICK: Duration = Duration::from_millis(50);
 
-/// Exit status for bad input under `--on-error fail`.
-const EXIT_BAD_INPUT: u8 = 2;
+/// Pending marks are written to Redis within about this long, input or
+/// not (the engine's flush interval; the flush thread's period).
+pub const MARK_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 
-/// How a run ends early.
-enum Stop {
+/// How a run ends, from best to worst: the exit status is the worst that
+/// happened (a signal's status only when nothing else went wrong).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Status {
+    /// 0: every record read and judged; or output closed with nothing
+    /// accepted left unwritten.
+    Success,
+    /// 130 (SIGINT) or 143 (SIGTERM): stopped gracefully.
+    Signal(u8),
+    /// 1: bad flags or configuration, unreadable input, unusable state.
+    Error,
+    /// 2: bad input under `--on-error fail`.
+    BadInput,
+    /// 3: the exact tier could not judge some records.
+    Unavailable,
+    /// 4: accepted records are not stored in the exact tier.
+    NotStored,
+    /// 5: accepted (recorded) records were not written: output closed.
+    Undelivered,
+}
+
+impl Status {
+    fn code(self) -> u8 {
+        match self {
+            Status::Success => 0,
+            Status::Signal(code) => code,
+            Status::Error => 1,
+            Status::BadInput => 2,
+            Status::Unavailable => 3,
+            Status::NotStored => 4,
+            Status::Undelivered => 5,
+        }
+    }
+}
+
+/// A run that stops before it reads: bad flags or an unusable setup.
+enum Refusal {
     /// Bad flags: clap's message, exit 1.
     Usage(String),
     /// Another error: `dedup: …`, exit 1.
     Fatal(String),
-    /// Bad input under `fail` (already reported): exit 2.
-    BadInput,
-    /// Standard output was closed (`dedup … | head`): stop quietly.
-    OutputClosed,
+}
+
+/// Why the loop over chunks ended early.
+enum Stop {
+    Signal(&'static str, u8),
+    Chunk(ChunkStop),
+    Input(InputError),
+}
+
+/// What the reader thread hands on.
+enum FromReader {
+    Chunk(Parsed),
+    Failed(InputError),
+    /// A signal stopped it; bytes of an incomplete record it dropped.
+    Stopped(Option<(u64, String)>),
 }
 
 /// Runs the job `args` describe.
 pub fn run(args: RunArgs) -> ExitCode {
-    match run_inner(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Stop::Usage(msg)) => {
+    let status = match run_inner(&args) {
+        Ok(status) => status,
+        Err(Refusal::Usage(msg)) => {
             let _ = Cli::command()
                 .error(ErrorKind::ArgumentConflict, msg)
                 .print();
-            ExitCode::from(1)
+            Status::Error
         }
-        Err(Stop::Fatal(msg)) => {
-            eprintln!("dedup: {msg}");
-            ExitCode::from(1)
+        Err(Refusal::Fatal(msg)) => {
+            say!("dedup: {msg}");
+            Status::Error
         }
-        Err(Stop::BadInput) => ExitCode::from(EXIT_BAD_INPUT),
-        Err(Stop::OutputClosed) => ExitCode::SUCCESS,
-    }
+    };
+    ExitCode::from(status.code())
 }
 
-fn check_flags(args: &RunArgs) -> Result<(), Stop> {
+fn check_flags(args: &RunArgs) -> Result<(), Refusal> {
     if args.format == Format::Lines {
         if !args.keys.is_empty() {
-            return Err(Stop::Usage(
+            return Err(Refusal::Usage(
                 "--key needs --format ndjson (a line is keyed by all its bytes)".into(),
             ));
         }
         if args.time_field.is_some() {
-            return Err(Stop::Usage("--time-field needs --format ndjson".into()));
+            return Err(Refusal::Usage("--time-field needs --format ndjson".into()));
         }
     }
     if let (ExactArg::Redis(url), Some(_)) = (&args.exact, &args.state) {
-        return Err(Stop::Usage(format!(
-            "--state keeps the memory tier's entries between runs; with --exact {url} they \
-             already live in Redis: drop --state"
+        return Err(Refusal::Usage(format!(
+            "--state keeps the memory tier's entries between runs; with --exact {} they \
+             already live in Redis: drop --state",
+            redis_cause::redact(url)
         )));
     }
     if !(args.false_positive_rate > 0.0 && args.false_positive_rate < 1.0) {
-        return Err(Stop::Usage(format!(
+        return Err(Refusal::Usage(format!(
             "--false-positive-rate {} is outside (0, 1): use e.g. 0.01",
             args.false_positive_rate
         )));
@@ -89,62 +145,81 @@ fn check_flags(args: &RunArgs) -> Result<(), Stop> {
     Ok(())
 }
 
-/// A message when some accepted records' marks did not reach the exact tier
-/// (the next run would not know them).
-fn redis_failure(engine: &Deduper) -> Option<String> {
-    let s = engine.stats();
-    (s.mark_errors > 0 || s.marks_pending > 0).then(|| {
-        format!(
-            "{} marks of accepted records could not be written to the exact tier ({} still queued): \
-             a later run may accept them again",
-            s.mark_errors, s.marks_pending
-        )
-    })
+fn input_error(e: &InputError) -> String {
+    format!("cannot read {}: {}", e.source_name, e.error)
 }
 
-fn input_error(e: &InputError) -> Stop {
-    Stop::Fatal(format!("cannot read {}: {}", e.source_name, e.error))
+fn start_metrics(args: &RunArgs) -> Result<Option<MetricsEndpoint>, Refusal> {
+    let Some(addr) = args.metrics_addr else {
+        return Ok(None);
+    };
+    let endpoint = MetricsEndpoint::start(addr).map_err(|e| {
+        Refusal::Usage(format!(
+            "--metrics-addr {addr}: cannot serve metrics there: {e}"
+        ))
+    })?;
+    if !addr.ip().is_loopback() {
+        // Said even under -q: it is about exposure, not progress.
+        say!(
+            "dedup: warning: --metrics-addr {addr} is not a loopback address: the endpoint has \
+             no authentication, and anyone who can reach it can read the run's counters"
+        );
+    }
+    if !args.quiet {
+        say!("dedup: metrics at http://{}/metrics", endpoint.addr());
+    }
+    Ok(Some(endpoint))
 }
 
-fn run_inner(args: &RunArgs) -> Result<(), Stop> {
+fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
     check_flags(args)?;
+    let signals = StopSignals::install()
+        .map_err(|e| Refusal::Fatal(format!("cannot install signal handlers: {e}")))?;
     // Listening before anything is read: a bad address stops the run
     // before it consumes its input.
-    let endpoint = match args.metrics_addr {
-        Some(addr) => {
-            let endpoint = MetricsEndpoint::start(addr).map_err(|e| {
-                Stop::Usage(format!(
-                    "--metrics-addr {addr}: cannot serve metrics there: {e}"
-                ))
-            })?;
-            if !args.quiet {
-                eprintln!("dedup: metrics at http://{}/metrics", endpoint.addr());
-            }
-            Some(endpoint)
-        }
-        None => None,
-    };
+    let endpoint = start_metrics(args)?;
     let counters = RunCounters::new();
     let sources = Source::from_args(&args.files);
-    let mut reader = RecordReader::new(sources.clone());
-    reader.check_sources().map_err(|e| input_error(&e))?;
+    let mut reader = RecordReader::new(sources.clone(), args.max_record_bytes, signals.flag());
+    reader
+        .check_sources()
+        .map_err(|e| Refusal::Fatal(input_error(&e)))?;
+    // One run at a time per state directory, and a directory that can be
+    // written, before any input is read.
+    let _lock = match &args.state {
+        Some(dir) => Some(StateLock::acquire(dir).map_err(|e| Refusal::Fatal(e.to_string()))?),
+        None => None,
+    };
 
     // The first chunk is read before the engine is built: its mean record
     // length turns file sizes into an expected key count.
     let started = Instant::now();
     let mut first = Parsed::default();
-    let has_first = reader
+    let has_first = match reader
         .next_chunk(&mut first.chunk)
-        .map_err(|e| input_error(&e))?;
+        .map_err(|e| Refusal::Fatal(input_error(&e)))?
+    {
+        NextChunk::Records => true,
+        NextChunk::End => false,
+        NextChunk::Stopped => {
+            let (name, code) = signals.requested().unwrap_or(("a signal", 130));
+            say!("dedup: stopped by {name} before any record was read");
+            return Ok(Status::Signal(code));
+        }
+    };
     first.bytes_read = reader.bytes_read();
 
     let wanted = Settings::from_args(args);
-    let (engine, settings) = match &args.state {
-        Some(dir) => match state::load(dir, &wanted).map_err(|e| Stop::Fatal(e.to_string()))? {
-            Some(loaded) => (loaded.engine, loaded.settings),
-            None => build(wanted.with_estimate(&sources, has_first.then_some(&first.chunk)))?,
-        },
-        None => build(wanted.with_estimate(&sources, has_first.then_some(&first.chunk)))?,
+    let loaded = match &args.state {
+        Some(dir) => state::load(dir, &wanted).map_err(|e| Refusal::Fatal(e.to_string()))?,
+        None => None,
+    };
+    let (engine, settings, redis_stats) = match loaded {
+        Some(loaded) => (loaded.engine, loaded.settings, None),
+        None => build(
+            wanted.with_estimate(&sources, has_first.then_some(&first.chunk)),
+            args.expected_keys.is_some(),
+        )?,
     };
 
     let engine = Arc::new(engine);
@@ -161,31 +236,285 @@ fn run_inner(args: &RunArgs) -> Result<(), Stop> {
             args.output == OutputMode::Annotate,
         ),
     };
-    let event_time = args.time_field.is_some();
+    let time_bounds = args.time_field.as_ref().map(|_| TimeBounds {
+        lateness_ns: settings.allowed_lateness_ns.unwrap_or(u64::MAX),
+        max_future_ns: args
+            .max_future
+            .0
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+    });
     let total_bytes: Option<u64> = sources.iter().map(Source::size).sum();
     let progress = Progress::new(total_bytes, !args.no_progress && !args.quiet);
     let mut out = Output::stdout(args.output, args.format, &args.annotate_field)
-        .map_err(|e| Stop::Fatal(format!("cannot write to standard output: {e}")))?;
+        .map_err(|e| Refusal::Fatal(format!("cannot write to standard output: {e}")))?;
 
-    let parse_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The reader thread is detached, not scoped: an early stop must not
-    // wait for a read from a pipe that may never end.
-    let (parsed_tx, parsed_rx) = mpsc::sync_channel::<Result<Parsed, InputError>>(2);
-    let (recycle_tx, recycle_rx) = mpsc::channel::<Parsed>();
+    let parsed_rx = spawn_reader(reader, has_first.then_some(first), extractor)?;
+    let flusher = redis_stats
+        .is_some()
+        .then(|| IdleFlusher::start(&engine))
+        .transpose()?;
+
+    let mut job = Job::new(args, &sources, &engine, &mut out, &progress, time_bounds);
+    let mut stop = None;
+    let mut abandoned = None;
+    loop {
+        let msg = match parsed_rx.recv_timeout(TICK) {
+            Ok(msg) => msg,
+            // The reader stops on a signal by itself and says so.
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let step = match msg {
+            FromReader::Chunk(p) => {
+                let step = job.chunk(&p).map_err(Stop::Chunk);
+                if let Some(f) = &flusher {
+                    f.touch();
+                }
+                job.publish(&counters);
+                step
+            }
+            FromReader::Failed(e) => Err(Stop::Input(e)),
+            FromReader::Stopped(partial) => {
+                abandoned = partial;
+                let (name, code) = signals.requested().unwrap_or(("a signal", 130));
+                Err(Stop::Signal(name, code))
+            }
+        };
+        if let Err(s) = step {
+            stop = Some(s);
+            break;
+        }
+    }
+    if stop.is_none() {
+        // The input ended; a signal that came meanwhile still counts.
+        if let Some((name, code)) = signals.requested() {
+            stop = Some(Stop::Signal(name, code));
+        }
+    }
+    if let Some(f) = flusher {
+        f.stop();
+    }
+    progress.finish();
+    let elapsed = started.elapsed();
+
+    let ending = Ending {
+        args,
+        engine: &engine,
+        redis_stats: redis_stats.as_deref(),
+    };
+    let mut status = Status::Success;
+    let mut may_save = true;
+    match &stop {
+        None => {}
+        Some(Stop::Signal(name, code)) => {
+            status = status.max(Status::Signal(*code));
+            let partial = abandoned.map_or_else(String::new, |(bytes, at)| {
+                format!(" ({bytes} bytes of an incomplete record at {at} were dropped)")
+            });
+            say!(
+                "dedup: {name}: stopped reading; every record read was judged and written{partial}"
+            );
+        }
+        Some(Stop::Input(e)) => {
+            status = status.max(Status::Error);
+            may_save = false;
+            say!("dedup: {}", input_error(e));
+        }
+        Some(Stop::Chunk(ChunkStop::BadInput)) => {
+            status = status.max(Status::BadInput);
+            may_save = false;
+        }
+        Some(Stop::Chunk(ChunkStop::Unavailable)) => {}
+        Some(Stop::Chunk(ChunkStop::Output(e))) => {
+            let closed = e.kind() == std::io::ErrorKind::BrokenPipe;
+            if !closed {
+                status = status.max(Status::Error);
+                say!("dedup: cannot write to standard output: {e}");
+            }
+            let recorded = ending.persistent() && job.tally.undelivered_accepted > 0;
+            if let (true, Some(u)) = (recorded, &job.undelivered) {
+                status = status.max(Status::Undelivered);
+                say!(
+                    "dedup: standard output {}: {} accepted records among {}:{}-{} were \
+                     recorded but not written; a later run calls them duplicates",
+                    if closed { "was closed" } else { "failed" },
+                    job.tally.undelivered_accepted,
+                    u.source,
+                    u.first_line,
+                    u.last_line
+                );
+            }
+        }
+    }
+    if job.tally.unavailable > 0 {
+        status = status.max(Status::Unavailable);
+        may_save = false;
+        say!(
+            "dedup: the exact tier could not judge {} records (neither written nor recorded); \
+             the run stopped after writing the records of their chunk it could judge{}",
+            job.tally.unavailable,
+            ending.cause()
+        );
+    }
+    // Marks still queued for the exact tier (Redis batches them) are
+    // written before the program ends, whatever stopped it.
+    let accepted = job.tally.unique + job.tally.undelivered_accepted;
+    let not_stored = ending.flush(accepted);
+    if not_stored.is_some() {
+        status = status.max(Status::NotStored);
+    }
+    job.publish(&counters);
+    if may_save {
+        if let Some(dir) = &args.state {
+            if let Err(e) = state::save(dir, &settings, &engine) {
+                say!("dedup: {e}");
+                status = status.max(Status::Error);
+            }
+        }
+    }
+    debug_assert_eq!(job.tally.read, job.tally.accounted());
+    if !args.quiet {
+        let report = Report {
+            tally: &job.tally,
+            on_error: args.on_error,
+            written: job.out.records(),
+            written_bytes: job.out.bytes(),
+            bytes_read: job.bytes_read,
+            elapsed,
+            stats: engine.stats(),
+            not_stored,
+        };
+        say!("{}", report.render());
+    }
+    Ok(status)
+}
+
+/// The end of a run: flushing and explaining the exact tier's failures.
+struct Ending<'a> {
+    args: &'a RunArgs,
+    engine: &'a Deduper,
+    redis_stats: Option<&'a RedisStats>,
+}
+
+impl Ending<'_> {
+    /// True when what the run accepts outlives it (Redis, `--state`).
+    fn persistent(&self) -> bool {
+        self.redis_stats.is_some() || self.args.state.is_some()
+    }
+
+    fn redis_url(&self) -> Option<&str> {
+        match &self.args.exact {
+            ExactArg::Redis(url) => Some(url),
+            ExactArg::Memory => None,
+        }
+    }
+
+    /// `: Redis at URL: why` for a message, from a fresh look at the
+    /// server (the engine's verdicts carry no cause).
+    fn cause(&self) -> String {
+        match (self.redis_url(), self.redis_stats) {
+            (Some(url), Some(stats)) => format!(
+                ": Redis at {}: {} ({} of its requests failed)",
+                redis_cause::redact(url),
+                redis_cause::diagnose(url),
+                stats.failures.load(Ordering::Relaxed)
+            ),
+            _ => String::new(),
+        }
+    }
+
+    /// Writes the pending marks of the `accepted` records; says how many
+    /// are not stored, and why, when some are not.
+    fn flush(&self, accepted: u64) -> Option<u64> {
+        let result = self.engine.flush();
+        let dropped = self
+            .redis_stats
+            .map_or(0, |s| s.marks_dropped.load(Ordering::Relaxed));
+        let unwritten = result.as_ref().err().map_or(0, FlushError::unwritten);
+        if result.is_ok() && dropped == 0 {
+            return None;
+        }
+        // The engine's count, or what Redis has not acknowledged of this
+        // run's marks (one per accepted record), whichever is larger: never
+        // fewer than are missing.
+        let acknowledged = self
+            .redis_stats
+            .map_or(accepted, |s| s.marks_written.load(Ordering::Relaxed));
+        let not_stored = (unwritten + dropped).max(accepted.saturating_sub(acknowledged));
+        let url = self.redis_url().map_or_else(String::new, |u| {
+            format!(" (Redis at {})", redis_cause::redact(u))
+        });
+        match result {
+            Err(e) => say!("dedup: {e}{url}"),
+            Ok(()) => say!(
+                "dedup: {dropped} accepted records are not stored in the exact tier{url}: the \
+                 tier dropped their marks when its retry buffer was full"
+            ),
+        }
+        if dropped > 0 && unwritten > 0 {
+            say!("dedup: and {dropped} more marks were dropped when the tier's retry buffer was full");
+        }
+        say!(
+            "dedup: {not_stored} accepted records (written to standard output) are not stored{}; \
+             a later run will accept them again",
+            self.cause()
+        );
+        Some(not_stored)
+    }
+}
+
+/// Builds the engine `settings` describe. A size the user gave
+/// (`explicit`) that the machine cannot hold is refused; an estimated one
+/// is lowered to fit (the tables grow if the keys come).
+fn build(
+    mut settings: Settings,
+    explicit: bool,
+) -> Result<(Deduper, Settings, Option<Arc<RedisStats>>), Refusal> {
+    if let Some(physical) = physical_memory() {
+        if explicit {
+            settings.check_memory(physical).map_err(Refusal::Usage)?;
+        } else {
+            settings.fit_estimate(physical / 2);
+        }
+    }
+    let (builder, redis_stats) = settings.builder_with_stats();
+    let engine = builder.build().map_err(|e| {
+        Refusal::Usage(format!(
+            "cannot build the engine: {e} (its sizes come from --expected-keys, \
+             --false-positive-rate, --window and --allowed-lateness)"
+        ))
+    })?;
+    Ok((engine, settings, redis_stats))
+}
+
+/// Starts the reader thread: it reads, cuts and parses chunks (the first
+/// one already read) and hands them on over a bounded channel.
+fn spawn_reader(
+    mut reader: RecordReader,
+    first: Option<Parsed>,
+    extractor: Extractor,
+) -> Result<mpsc::Receiver<FromReader>, Refusal> {
+    let parse_threads = thread::available_parallelism().map_or(1, |n| n.get());
+    // Detached, not scoped: an early stop must not wait for it.
+    let (parsed_tx, parsed_rx) = mpsc::sync_channel::<FromReader>(2);
     thread::Builder::new()
         .name("dedup-reader".into())
         .spawn(move || {
-            let mut next = has_first.then_some(first);
+            let mut next = first;
             loop {
                 let mut p = match next.take() {
                     Some(p) => p,
                     None => {
-                        let mut p = recycle_rx.try_recv().unwrap_or_default();
+                        let mut p = Parsed::default();
                         match reader.next_chunk(&mut p.chunk) {
-                            Ok(true) => p.bytes_read = reader.bytes_read(),
-                            Ok(false) => return,
+                            Ok(NextChunk::Records) => p.bytes_read = reader.bytes_read(),
+                            Ok(NextChunk::End) => return,
+                            Ok(NextChunk::Stopped) => {
+                                let _ = parsed_tx.send(FromReader::Stopped(reader.abandoned()));
+                                return;
+                            }
                             Err(e) => {
-                                let _ = parsed_tx.send(Err(e));
+                                let _ = parsed_tx.send(FromReader::Failed(e));
                                 return;
                             }
                         }
@@ -193,222 +522,75 @@ fn run_inner(args: &RunArgs) -> Result<(), Stop> {
                     }
                 };
                 p.parse(&extractor, parse_threads);
-                if parsed_tx.send(Ok(p)).is_err() {
+                if parsed_tx.send(FromReader::Chunk(p)).is_err() {
                     return;
                 }
             }
         })
-        .map_err(|e| Stop::Fatal(format!("cannot start the reader thread: {e}")))?;
-
-    let mut job = Job {
-        args,
-        sources: &sources,
-        engine: &engine,
-        out: &mut out,
-        progress: &progress,
-        tally: Tally::default(),
-        reported: 0,
-        bytes_read: 0,
-        verdicts: Vec::new(),
-        judge: Judge::new(&engine),
-    };
-    let mut result = Ok(());
-    for msg in parsed_rx {
-        let step = match msg {
-            Ok(p) => {
-                let step = job.chunk(&p, event_time);
-                let _ = recycle_tx.send(p);
-                job.publish(&counters);
-                step
-            }
-            Err(e) => Err(input_error(&e)),
-        };
-        if let Err(stop) = step {
-            result = Err(stop);
-            break;
-        }
-    }
-    progress.finish();
-    let elapsed = started.elapsed();
-    if matches!(result, Err(Stop::OutputClosed)) {
-        return result;
-    }
-    // Marks still queued for the exact tier (Redis batches them) are
-    // written before the program ends.
-    let _ = engine.flush(); // failures are reported from the tier's counters below
-    job.publish(&counters);
-    if let Some(e) = redis_failure(&engine) {
-        eprintln!("dedup: {e}");
-        if result.is_ok() {
-            result = Err(Stop::Fatal(e));
-        }
-    }
-    if result.is_ok() {
-        if let Some(dir) = &args.state {
-            state::save(dir, &settings, &engine).map_err(|e| Stop::Fatal(e.to_string()))?;
-        }
-    }
-    let (tally, bytes_read) = (job.tally, job.bytes_read);
-    if !args.quiet {
-        let report = Report {
-            tally: &tally,
-            on_error: args.on_error,
-            written: out.records(),
-            written_bytes: out.bytes(),
-            bytes_read,
-            elapsed,
-            stats: engine.stats(),
-        };
-        eprintln!("{}", report.render());
-    }
-    result
+        .map_err(|e| Refusal::Fatal(format!("cannot start the reader thread: {e}")))?;
+    Ok(parsed_rx)
 }
 
-fn build(settings: Settings) -> Result<(Deduper, Settings), Stop> {
-    let engine = settings
-        .builder()
-        .build()
-        .map_err(|e| Stop::Fatal(format!("cannot build the engine: {e}")))?;
-    Ok((engine, settings))
+/// Writes pending marks to Redis once the run has been idle (no chunk
+/// judged) for [`MARK_FLUSH_INTERVAL`]: while chunks flow, the engine's
+/// checks write the marks that are due themselves; when input pauses,
+/// nothing would. (`Deduper::maintain` would also do it, but it advances
+/// every shard to the watermark, which under event time races the batch
+/// being judged.)
+struct IdleFlusher {
+    /// Chunks judged so far; the main thread bumps it after each.
+    activity: Arc<AtomicU64>,
+    done: mpsc::Sender<()>,
+    thread: thread::JoinHandle<()>,
 }
 
-/// The main thread's side of a run.
-struct Job<'a> {
-    args: &'a RunArgs,
-    sources: &'a [Source],
-    engine: &'a Deduper,
-    out: &'a mut Output,
-    progress: &'a Progress,
-    tally: Tally,
-    reported: u64,
-    bytes_read: u64,
-    verdicts: Vec<Verdict>,
-    judge: Judge,
-}
+/// How long a failed idle flush waits before the next try.
+const IDLE_RETRY: Duration = Duration::from_secs(1);
 
-impl Job<'_> {
-    /// Sets the program's counters to the run's figures so far.
-    fn publish(&self, counters: &RunCounters) {
-        counters.set(
-            &self.tally,
-            self.out.records(),
-            self.out.bytes(),
-            self.bytes_read,
-        );
-    }
-
-    /// Judges and writes one chunk.
-    fn chunk(&mut self, p: &Parsed, event_time: bool) -> Result<(), Stop> {
-        // Under `fail`, nothing after the first bad record is judged.
-        let good = match (self.args.on_error, p.bad.first()) {
-            (OnError::Fail, Some(&(i, _))) => i,
-            _ if event_time => p.timed.len(),
-            _ => p.keys.len(),
-        };
-        if event_time {
-            self.verdicts = self.engine.check_batch_at(&p.timed[..good]);
-        } else {
-            self.judge
-                .check(self.engine, &p.keys[..good], &mut self.verdicts);
-        }
-        let mut bad = p.bad.iter().peekable();
-        let mut g = 0;
-        let mut result = Ok(());
-        for i in 0..p.chunk.len() {
-            let (record, newline) = p.chunk.record(i);
-            self.tally.read += 1;
-            if let Some((_, b)) = bad.next_if(|(at, _)| *at == i) {
-                result = self.bad(p, i, b);
-                if result.is_err() {
-                    break;
-                }
-                continue;
-            }
-            let verdict = self.verdicts[g];
-            g += 1;
-            match verdict {
-                Verdict::New => {
-                    self.tally.unique += 1;
-                    self.out.judged(record, newline, Label::New);
-                }
-                Verdict::Duplicate { .. }
-                | Verdict::DuplicateUntimed
-                | Verdict::LikelyDuplicate { .. } => {
-                    self.tally.duplicates += 1;
-                    self.out.judged(record, newline, Label::Duplicate);
-                }
-                Verdict::Late { watermark } => {
-                    let t = p.timed[g - 1].1;
-                    let lateness = self.engine_lateness();
-                    let b = BadRecord {
-                        kind: BadKind::Late,
-                        detail: format!(
-                            "event time {} is more than the allowed lateness ({}) behind the watermark {}",
-                            format_timestamp(t),
-                            humantime::format_duration(lateness),
-                            format_timestamp(watermark)
-                        ),
-                    };
-                    result = self.bad(p, i, &b);
-                    if result.is_err() {
-                        break;
+impl IdleFlusher {
+    fn start(engine: &Arc<Deduper>) -> Result<Self, Refusal> {
+        let (done, wait) = mpsc::channel::<()>();
+        let engine = Arc::clone(engine);
+        let activity = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&activity);
+        let thread = thread::Builder::new()
+            .name("dedup-flush".into())
+            .spawn(move || {
+                // The activity count at the last look, and at the last
+                // flush that succeeded (or the time of one that failed).
+                let mut last = u64::MAX;
+                let mut flushed = 0;
+                let mut retry_at = Instant::now();
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    wait.recv_timeout(MARK_FLUSH_INTERVAL)
+                {
+                    let now = seen.load(Ordering::Acquire);
+                    let idle = now == last;
+                    last = now;
+                    if idle && now != flushed && Instant::now() >= retry_at {
+                        match engine.flush() {
+                            Ok(()) => flushed = now,
+                            // Reported by the flush at the end of the run.
+                            Err(_) => retry_at = Instant::now() + IDLE_RETRY,
+                        }
                     }
                 }
-                _ => {
-                    result = Err(Stop::Fatal(format!(
-                        "{}: the exact tier could not answer",
-                        self.place(p, i)
-                    )));
-                    break;
-                }
-            }
-        }
-        self.bytes_read = p.bytes_read;
-        self.progress.set(p.bytes_read);
-        // What was judged before a stop is written before it.
-        let flushed = self.out.flush();
-        match flushed {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Stop::OutputClosed),
-            Err(e) => Err(Stop::Fatal(format!("cannot write to standard output: {e}"))),
-            Ok(()) => result,
-        }
+            })
+            .map_err(|e| Refusal::Fatal(format!("cannot start the flush thread: {e}")))?;
+        Ok(IdleFlusher {
+            activity,
+            done,
+            thread,
+        })
     }
 
-    fn engine_lateness(&self) -> Duration {
-        self.args
-            .allowed_lateness
-            .or(self.args.window)
-            .unwrap_or(Duration::MAX)
+    /// A chunk was judged.
+    fn touch(&self) {
+        self.activity.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// `FILE:LINE`.
-    fn place(&self, p: &Parsed, i: usize) -> String {
-        format!(
-            "{}:{}",
-            self.sources[p.chunk.source].name(),
-            p.chunk.first_line + i as u64
-        )
-    }
-
-    /// Counts and reports a bad record, then applies the policy.
-    fn bad(&mut self, p: &Parsed, i: usize, b: &BadRecord) -> Result<(), Stop> {
-        self.tally.bad[b.kind.index()] += 1;
-        self.reported += 1;
-        if self.reported <= MAX_REPORTED || self.args.on_error == OnError::Fail {
-            self.progress.println(&format!("{}: {b}", self.place(p, i)));
-        } else if self.reported == MAX_REPORTED + 1 {
-            self.progress.println(
-                "dedup: further bad records are counted in the summary, not reported one by one",
-            );
-        }
-        match self.args.on_error {
-            OnError::Fail => Err(Stop::BadInput),
-            OnError::Skip => Ok(()),
-            OnError::Pass => {
-                let (record, newline) = p.chunk.record(i);
-                self.out.raw(record, newline);
-                Ok(())
-            }
-        }
+    fn stop(self) {
+        let _ = self.done.send(());
+        let _ = self.thread.join();
     }
 }

@@ -2,8 +2,12 @@
 //!
 //! The `metrics-exporter-prometheus` recorder (without its hyper/tokio
 //! listener) is installed as the global recorder and renders the text; one
-//! std thread accepts connections on the address the user gave and answers
-//! `GET /metrics`, one request per connection. The engine's counters are
+//! std thread accepts connections on the address the user gave and hands
+//! each to a thread of its own (at most [`MAX_CONNECTIONS`] at once; more
+//! are closed at once), which answers `GET /metrics`, one request per
+//! connection, within [`CLIENT_DEADLINE`] from the connection's start: a
+//! client that trickles its request, or reads the answer slowly, is cut off
+//! then and delays no other scrape. The engine's counters are
 //! published on each scrape, just before rendering (no timer thread, and a
 //! scrape never sees figures older than itself); the program's own counters
 //! ([`RunCounters`]) are set after every chunk. The endpoint lives as long
@@ -11,8 +15,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -21,8 +26,11 @@ use tiered_dedup::Deduper;
 use crate::record::BadKind;
 use crate::summary::Tally;
 
-/// How long one client may take to send its request or read the answer.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may take, from its accept to the end of the
+/// answer: sending its request and reading the answer together.
+pub const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed unanswered.
+pub const MAX_CONNECTIONS: usize = 16;
 /// The longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -50,12 +58,28 @@ impl MetricsEndpoint {
             .map_err(io::Error::other)?;
         let engine = Arc::new(OnceLock::<Arc<Deduper>>::new());
         let seen = Arc::clone(&engine);
+        let active = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("dedup-metrics".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    // A client that misbehaves only loses its own answer.
-                    let _ = answer(stream, &handle, seen.get().map(|e| &**e));
+                    if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+                        continue; // dropped: closed unanswered
+                    }
+                    let slot = Slot::take(&active);
+                    let handle = handle.clone();
+                    let engine = seen.get().cloned();
+                    let spawned = std::thread::Builder::new()
+                        .name("dedup-scrape".into())
+                        .spawn(move || {
+                            let _slot = slot;
+                            // A client that misbehaves only loses its own
+                            // answer.
+                            let _ = answer(stream, &handle, engine.as_deref());
+                        });
+                    // Without a thread the connection is closed (the
+                    // closure, slot and stream with it).
+                    drop(spawned);
                 }
             })?;
         Ok(MetricsEndpoint { engine, addr })
@@ -72,14 +96,74 @@ impl MetricsEndpoint {
     }
 }
 
-/// Reads one request from `stream` and answers it.
+/// One of the [`MAX_CONNECTIONS`] connections served at once; freed on
+/// drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::AcqRel);
+        Slot(Arc::clone(active))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A stream whose every read and write must end by a deadline: each call's
+/// timeout is what is left of it.
+struct Deadline {
+    stream: TcpStream,
+    at: Instant,
+}
+
+impl Deadline {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection's deadline passed",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Reads one request from `stream` and answers it, all within
+/// [`CLIENT_DEADLINE`].
 fn answer(
-    mut stream: TcpStream,
+    stream: TcpStream,
     handle: &PrometheusHandle,
     engine: Option<&Deduper>,
 ) -> io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut stream = Deadline {
+        stream,
+        at: Instant::now() + CLIENT_DEADLINE,
+    };
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     // Up to the blank line that ends the head (a GET has no body).
@@ -128,7 +212,7 @@ fn answer(
 }
 
 fn respond(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     status: &str,
     content_type: &str,
     body: &[u8],
@@ -149,6 +233,8 @@ pub struct RunCounters {
     unique: Counter,
     duplicates: Counter,
     bad: [Counter; BadKind::ALL.len()],
+    unavailable: Counter,
+    undelivered: Counter,
     written: Counter,
     written_bytes: Counter,
     bytes_read: Counter,
@@ -163,6 +249,8 @@ impl RunCounters {
             duplicates: metrics::counter!("dedup_records_duplicate_total"),
             bad: BadKind::ALL
                 .map(|k| metrics::counter!("dedup_records_bad_total", "kind" => k.name())),
+            unavailable: metrics::counter!("dedup_records_unavailable_total"),
+            undelivered: metrics::counter!("dedup_records_undelivered_total"),
             written: metrics::counter!("dedup_records_written_total"),
             written_bytes: metrics::counter!("dedup_written_bytes_total"),
             bytes_read: metrics::counter!("dedup_read_bytes_total"),
@@ -177,6 +265,8 @@ impl RunCounters {
         for (counter, &n) in self.bad.iter().zip(&tally.bad) {
             counter.absolute(n);
         }
+        self.unavailable.absolute(tally.unavailable);
+        self.undelivered.absolute(tally.undelivered);
         self.written.absolute(written);
         self.written_bytes.absolute(written_bytes);
         self.bytes_read.absolute(bytes_read);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
+use tiered_dedup::exact::redis::{RedisConfig, RedisStats, RedisTier};
 use tiered_dedup::{Clock, Deduper, DeduperBuilder, ExactTier};
 
 use crate::cli::RunArgs;
@@ -82,7 +82,10 @@ impl Settings {
 
     /// Fills in `expected_keys` when the flags left it open: the records the
     /// input files hold, estimated from their sizes and the mean record
-    /// length of the first chunk.
+    /// length of the first chunk. Under event time the engine keeps window +
+    /// lateness of keys, (window + lateness) / window windows' worth: the
+    /// estimate per window is divided by that factor, so the tables made up
+    /// front hold the input's records at most (they grow if more come).
     pub fn with_estimate(mut self, sources: &[Source], first: Option<&Chunk>) -> Self {
         if self.expected_keys > 0 {
             return self;
@@ -102,11 +105,89 @@ impl Settings {
             u64::MAX
         };
         self.expected_keys = estimate.clamp(1024, cap);
+        let span_factor = self.span_factor();
+        if span_factor > 1.0 {
+            let per_window = (estimate as f64 / span_factor).ceil() as u64;
+            self.expected_keys = self.expected_keys.min(per_window.max(1));
+        }
         self
+    }
+
+    /// (window + lateness) / window: how many windows' worth of keys the
+    /// engine keeps (1 without event time or without a window).
+    pub fn span_factor(&self) -> f64 {
+        match (self.window_ns, self.allowed_lateness_ns) {
+            (Some(w), Some(l)) => (w as f64 + l as f64) / w as f64,
+            _ => 1.0,
+        }
+    }
+
+    /// Bytes of this process's memory the keys of one span take once the
+    /// engine holds `expected_keys` per window: the memory tier's tables
+    /// (entries of 24 bytes, 16 without times, at most 4/5 full), or the
+    /// filter in front of Redis (about 2 bytes per key per generation, 7
+    /// generations).
+    pub fn projected_bytes(&self) -> f64 {
+        let keys = self.expected_keys as f64 * self.span_factor();
+        let per_key = if self.exact.starts_with("redis://") {
+            14.0
+        } else if self.window_ns.is_none() {
+            16.0 * 5.0 / 4.0
+        } else {
+            // One table holds the span and one more slice (7/6).
+            24.0 * 5.0 / 4.0 * 7.0 / 6.0
+        };
+        keys * per_key
+    }
+
+    /// Lowers an estimated `expected_keys` until its projected memory fits
+    /// in `budget` bytes.
+    pub fn fit_estimate(&mut self, budget: u64) {
+        let needed = self.projected_bytes();
+        if needed > budget as f64 {
+            let scaled = self.expected_keys as f64 * budget as f64 / needed;
+            self.expected_keys = (scaled as u64).max(1);
+        }
+    }
+
+    /// Refuses sizes whose memory exceeds the machine's (`physical`
+    /// bytes), with what to change.
+    ///
+    /// # Errors
+    /// The message, when they do.
+    pub fn check_memory(&self, physical: u64) -> Result<(), String> {
+        let needed = self.projected_bytes();
+        if needed <= physical as f64 {
+            return Ok(());
+        }
+        let factor = self.span_factor();
+        let lateness = if factor > 1.0 {
+            format!(
+                " (--allowed-lateness {} keeps {factor:.0} windows' worth of keys)",
+                duration(self.allowed_lateness_ns)
+            )
+        } else {
+            String::new()
+        };
+        Err(format!(
+            "--expected-keys {} per window{lateness} needs about {} of memory, more than this \
+             machine's {}: give the distinct keys one window really holds, or shorten \
+             --window or --allowed-lateness",
+            self.expected_keys,
+            crate::summary::format_bytes(needed.min(u64::MAX as f64) as u64),
+            crate::summary::format_bytes(physical)
+        ))
     }
 
     /// The engine builder these settings describe.
     pub fn builder(&self) -> DeduperBuilder {
+        self.builder_with_stats().0
+    }
+
+    /// The engine builder these settings describe, and the Redis tier's
+    /// counters when the exact tier is Redis.
+    pub fn builder_with_stats(&self) -> (DeduperBuilder, Option<Arc<RedisStats>>) {
+        let mut redis_stats = None;
         let mut b = Deduper::builder()
             .namespace(&self.namespace)
             .shards(self.shards)
@@ -130,16 +211,22 @@ impl Settings {
             // cold filter confirms "definitely new" in Redis until a window
             // has passed.
             let tier = RedisTier::new(RedisConfig::new(&self.exact));
+            redis_stats = Some(tier.stats());
             b = b
                 .exact_tier(ExactTier::Custom(Arc::new(tier)))
-                .mark_batch(16_384);
+                .mark_batch(16_384)
+                .flush_interval(crate::run::MARK_FLUSH_INTERVAL);
         }
         if let Some(lateness) = self.allowed_lateness_ns {
             b = b
                 .clock(Clock::EventTime)
                 .allowed_lateness(Duration::from_nanos(lateness));
         }
-        b
+        if let Some(physical) = physical_memory() {
+            // A filter larger than the machine is refused, not allocated.
+            b = b.memory_limit(physical);
+        }
+        (b, redis_stats)
     }
 
     /// How this run's settings contradict `saved`'s, one line per flag.
@@ -196,6 +283,14 @@ impl Settings {
         }
         out
     }
+}
+
+/// The machine's memory (Linux: `MemTotal`).
+pub fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -279,5 +374,57 @@ mod tests {
         assert_eq!(s.expected_keys, DEFAULT_EXPECTED_KEYS);
         let s = settings(&["--expected-keys", "7"]).with_estimate(&[Source::Stdin], None);
         assert_eq!(s.expected_keys, 7);
+    }
+
+    #[test]
+    fn lateness_far_past_the_window_sizes_for_the_input_not_the_span() {
+        let late = |lateness: &str| {
+            settings(&[
+                "--format",
+                "ndjson",
+                "--time-field",
+                "/t",
+                "--window",
+                "1h",
+                "--allowed-lateness",
+                lateness,
+            ])
+        };
+        // Standard input: 10^6 records assumed; 1000 days is 24001 windows.
+        let s = late("1000d").with_estimate(&[Source::Stdin], None);
+        assert_eq!(s.expected_keys, 42);
+        assert!(s.projected_bytes() < 50e6, "{}", s.projected_bytes());
+        // A lateness within the window keeps the estimate.
+        let s = late("30m").with_estimate(&[Source::Stdin], None);
+        assert_eq!(s.expected_keys, DEFAULT_EXPECTED_KEYS * 2 / 3 + 1);
+    }
+
+    #[test]
+    fn memory_beyond_the_machine_is_refused_with_what_to_change() {
+        let s = settings(&["--window", "1h", "--expected-keys", "1e12"]);
+        let e = s.check_memory(24 << 30).unwrap_err();
+        assert!(e.contains("--expected-keys 1000000000000"), "{e}");
+        assert!(settings(&["--window", "1h", "--expected-keys", "1e6"])
+            .check_memory(24 << 30)
+            .is_ok());
+        let mut s = settings(&[
+            "--format",
+            "ndjson",
+            "--time-field",
+            "/t",
+            "--window",
+            "1h",
+            "--allowed-lateness",
+            "1000d",
+        ]);
+        s.expected_keys = 1_000_000;
+        let e = s.check_memory(24 << 30).unwrap_err();
+        assert!(e.contains("24001 windows"), "{e}");
+        // An estimate is lowered to fit instead (a 100 GB file).
+        let mut s = settings(&[]);
+        s.expected_keys = 10_000_000_000;
+        s.fit_estimate(12 << 30);
+        assert!(s.projected_bytes() <= (12u64 << 30) as f64);
+        assert!(s.expected_keys > 500_000_000, "{}", s.expected_keys);
     }
 }

@@ -7,10 +7,17 @@
 //! the engine snapshot (its own magic, version and checksum)
 //! ```
 //!
-//! All integers little-endian. It is written to a temporary file in `DIR`,
+//! All integers little-endian. It is written to a temporary file in `DIR`
+//! (created exclusively: never through a file or link already there),
 //! synced, and renamed over the old one, so a crash leaves the old state or
 //! the new one, never a mix. A file that is not a state, of another version,
-//! truncated or corrupt is refused before anything is used.
+//! truncated or corrupt is refused before anything is used. A run holds
+//! `DIR/dedup.lock` from before it reads any input to its end
+//! ([`StateLock`]): one run at a time per directory.
+
+mod lock;
+
+pub use lock::StateLock;
 
 use std::fmt;
 use std::fs::{self, File};
@@ -47,6 +54,13 @@ pub enum StateError {
         /// Why.
         reason: String,
     },
+    /// Another run holds the directory's lock.
+    Busy {
+        /// The directory.
+        dir: PathBuf,
+        /// Who holds it: `pid N, started TIME`.
+        holder: String,
+    },
     /// This run's flags contradict the ones the state was written with.
     Contradicts {
         /// The file.
@@ -64,6 +78,12 @@ impl fmt::Display for StateError {
                 f,
                 "{}: refused: {reason}; nothing was loaded (move the file away to start afresh)",
                 path.display()
+            ),
+            StateError::Busy { dir, holder } => write!(
+                f,
+                "{}: in use by another dedup run ({holder}); one run at a time per --state \
+                 directory: wait for it to end, or use another directory",
+                dir.display()
             ),
             StateError::Contradicts { path, differences } => {
                 write!(
@@ -191,8 +211,9 @@ pub fn save(dir: &Path, settings: &Settings, engine: &Deduper) -> Result<(), Sta
         move |error| StateError::Io { path, error }
     };
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
-    let result = write_file(&tmp, settings, engine);
+    let tmp = lock::temporary_path(dir, "save");
+    let file = lock::create_exclusive(&tmp).map_err(io_err(&tmp))?;
+    let result = write_file(file, &tmp, settings, engine);
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -208,7 +229,12 @@ pub fn save(dir: &Path, settings: &Settings, engine: &Deduper) -> Result<(), Sta
         .map_err(io_err(dir))
 }
 
-fn write_file(tmp: &Path, settings: &Settings, engine: &Deduper) -> Result<(), StateError> {
+fn write_file(
+    file: File,
+    tmp: &Path,
+    settings: &Settings,
+    engine: &Deduper,
+) -> Result<(), StateError> {
     let io_err = |error| StateError::Io {
         path: tmp.to_owned(),
         error,
@@ -220,7 +246,6 @@ fn write_file(tmp: &Path, settings: &Settings, engine: &Deduper) -> Result<(), S
     head.extend_from_slice(&manifest);
     let checksum = xxh3_64(&head);
     head.extend_from_slice(&checksum.to_le_bytes());
-    let file = File::create(tmp).map_err(io_err)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(&head).map_err(io_err)?;
     engine.snapshot(&mut w).map_err(|e| match e {

@@ -9,23 +9,38 @@ use tiered_dedup::Stats;
 use crate::cli::OnError;
 use crate::record::BadKind;
 
-/// What happened to the records of a run.
+/// What happened to the records of a run: every record read is counted in
+/// exactly one of `unique`, `duplicates`, `bad`, `unavailable` and
+/// `undelivered`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
     /// Records read.
     pub read: u64,
-    /// Judged new (first accepted occurrences).
+    /// Judged new (first accepted occurrences), and delivered if written.
     pub unique: u64,
-    /// Judged duplicates.
+    /// Judged duplicates, and delivered if written.
     pub duplicates: u64,
-    /// Bad records, by [`BadKind::index`].
+    /// Bad records, by [`BadKind::index`] (passed ones delivered).
     pub bad: [u64; BadKind::ALL.len()],
+    /// Not judged: the exact tier could not answer (neither written nor
+    /// recorded).
+    pub unavailable: u64,
+    /// Judged (or passed), but standard output closed or failed before
+    /// they were written.
+    pub undelivered: u64,
+    /// Of `undelivered`, those judged new: recorded as accepted.
+    pub undelivered_accepted: u64,
 }
 
 impl Tally {
     /// Bad records of every kind.
     pub fn bad_total(&self) -> u64 {
         self.bad.iter().sum()
+    }
+
+    /// The categories' sum, equal to `read`.
+    pub fn accounted(&self) -> u64 {
+        self.unique + self.duplicates + self.bad_total() + self.unavailable + self.undelivered
     }
 }
 
@@ -45,6 +60,9 @@ pub struct Report<'a> {
     pub elapsed: Duration,
     /// The engine's counters.
     pub stats: Stats,
+    /// Accepted records the exact tier has not stored, when a flush
+    /// failed.
+    pub not_stored: Option<u64>,
 }
 
 impl Report<'_> {
@@ -54,14 +72,45 @@ impl Report<'_> {
         let mut s = String::new();
         let _ = write!(
             s,
-            "dedup: {} records read: {} unique, {} duplicates, {} bad; {} written ({})",
+            "dedup: {} records read: {} unique, {} duplicates, {} bad",
             t.read,
             t.unique,
             t.duplicates,
             t.bad_total(),
+        );
+        // Shown when they happened, so the sum is always on the line.
+        if t.unavailable > 0 {
+            let _ = write!(s, ", {} unavailable", t.unavailable);
+        }
+        if t.undelivered > 0 {
+            let _ = write!(s, ", {} undelivered", t.undelivered);
+        }
+        let _ = write!(
+            s,
+            "; {} written ({})",
             self.written,
             format_bytes(self.written_bytes)
         );
+        if t.unavailable > 0 {
+            let _ = write!(
+                s,
+                "\ndedup: unavailable: {} records the exact tier could not judge were neither written nor recorded",
+                t.unavailable
+            );
+        }
+        if t.undelivered > 0 {
+            let _ = write!(
+                s,
+                "\ndedup: undelivered: {} records were judged but not written ({} of them accepted, so recorded)",
+                t.undelivered, t.undelivered_accepted
+            );
+        }
+        if let Some(n) = self.not_stored {
+            let _ = write!(
+                s,
+                "\ndedup: NOT STORED: {n} accepted records are not in the exact tier: a later run will accept them again"
+            );
+        }
         if t.bad_total() > 0 {
             let kinds: Vec<String> = BadKind::ALL
                 .iter()
@@ -159,8 +208,8 @@ impl Progress {
     /// Prints a line on standard error without tearing the bar.
     pub fn println(&self, line: &str) {
         match &self.0 {
-            Some(bar) => bar.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+            Some(bar) => bar.suspend(|| crate::say!("{line}")),
+            None => crate::say!("{line}"),
         }
     }
 

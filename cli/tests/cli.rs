@@ -939,9 +939,17 @@ fn help_documents_exit_codes_and_defaults() {
     assert_eq!(r.code, 0);
     let help = r.out();
     for needle in [
-        "Exit status:",
-        "0  every record",
-        "2  bad input",
+        "Exit status",
+        "0    every record",
+        "2    bad input",
+        "3    the exact tier",
+        "4    accepted records are not stored",
+        "5    standard output was closed",
+        "130  stopped by SIGINT",
+        "read = unique + duplicates + bad",
+        "future",
+        "too-long",
+        "costs about N + 1 times the memory",
         "[default: lines]",
         "[default: unique]",
         "[default: fail]",

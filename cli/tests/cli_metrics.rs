@@ -220,3 +220,74 @@ fn a_long_run_serves_counters_that_match_its_summary() {
     // The endpoint closed with the run.
     assert!(request(addr, "GET", "/metrics").is_none());
 }
+
+/// A client that sends its request one byte a second holds its connection
+/// without delaying another scrape, and is cut off at the connection's
+/// deadline (5 s) instead of holding it as long as it trickles.
+#[test]
+fn a_slow_client_does_not_delay_another_scrape() {
+    let addr = free_addr();
+    let mut child = Command::new(dedup_path())
+        .args(["--metrics-addr", &addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while scrape_quietly(addr).is_none() {
+        assert!(started.elapsed() < DEADLINE, "the endpoint never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        let connected = Instant::now();
+        // At most 20 bytes, one a second: the request never completes.
+        for b in b"GET /metrics HTTP/1.1" {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            // A closed connection reads as its end (or an error).
+            s.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 64];
+            let closed = matches!(s.read(&mut buf), Ok(0))
+                || matches!(s.read(&mut buf), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock);
+            s.set_nonblocking(false).unwrap();
+            if closed {
+                break;
+            }
+        }
+        connected.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = Instant::now();
+    let body = scrape_quietly(addr).expect("the scrape was answered");
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "a scrape waited {took:?} behind a slow client"
+    );
+    assert!(body.contains("dedup_records_read_total"), "{body}");
+    let held = slow.join().unwrap();
+    assert!(
+        held < Duration::from_secs(9),
+        "the slow client held its connection {held:?}"
+    );
+    drop(child.stdin.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// `GET /metrics` with a short read timeout; `None` when it fails.
+fn scrape_quietly(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(4))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer
+        .starts_with("HTTP/1.1 200 OK")
+        .then(|| answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()))
+        .flatten()
+}
