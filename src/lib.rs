@@ -85,6 +85,7 @@
 
 #![warn(missing_docs)]
 
+pub mod claims;
 mod engine;
 mod error;
 pub mod exact;
@@ -100,7 +101,10 @@ mod time;
 mod trace;
 mod verdict;
 
-pub use engine::{Affinity, Deduper, DeduperBuilder, Mode, Sizing, Stats};
+pub use claims::{
+    Claim, ClaimKind, ClaimRequest, CommitError, Lease, LeaseInfo, LeaseLost, PayloadFingerprint,
+};
+pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats};
 pub use error::{ConfigError, ExactTierError, FlushError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};

@@ -335,6 +335,34 @@ impl<E: Entry> FingerprintTable<E> {
         self.len -= 1;
     }
 
+    /// Removes `fp`; true if it was stored.
+    pub(crate) fn remove(&mut self, fp: Fingerprint) -> bool {
+        if E::ZERO_IN_FLAG && Self::in_flag(fp) {
+            let was = self.zero;
+            if was {
+                self.zero = false;
+                self.len -= 1;
+            }
+            return was;
+        }
+        if self.buckets.is_empty() {
+            return false;
+        }
+        let (low, high) = (fp.low(), fp.high());
+        let mut i = self.home(fp);
+        loop {
+            let b = &self.buckets[i];
+            if b.is_free() {
+                return false;
+            }
+            if b.holds(low, high) {
+                self.remove_at(i);
+                return true;
+            }
+            i = self.next(i);
+        }
+    }
+
     /// Empties the table, keeping its buckets.
     pub(crate) fn clear(&mut self) {
         if self.len > 0 {
@@ -469,7 +497,6 @@ impl FingerprintTable<Timed> {
 
 impl FingerprintTable<Untimed> {
     /// True when `fp` is stored.
-    #[cfg(test)]
     pub(crate) fn contains(&self, fp: Fingerprint) -> bool {
         if Self::in_flag(fp) {
             return self.zero;
