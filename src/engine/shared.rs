@@ -134,9 +134,13 @@ impl Shard {
                         self.counters.conflicts += 1;
                         ShardClaim::Conflict
                     }
-                    other => {
+                    _unexpected => {
                         self.counters.unavailable += 1;
-                        crate::trace::event!(warn, answer = ?other, "the store answered a claim with a non-claim answer");
+                        crate::trace::event!(
+                            warn,
+                            answer = ?_unexpected,
+                            "the store answered a claim with a non-claim answer"
+                        );
                         ShardClaim::Unavailable
                     }
                 },
