@@ -50,6 +50,8 @@
 //!   speed as before; a key held by a lease checks as
 //!   [`crate::Verdict::InProgress`].
 
+mod batcher;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +60,8 @@ use crate::engine::Deduper;
 use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
 use crate::time::Timestamp;
+
+pub use batcher::{ClaimBatcher, Reply, SharedLease};
 
 /// A digest of the request a key stands for (the body of an HTTP request,
 /// the canonical fields of a message). A key claimed again with a different

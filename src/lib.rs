@@ -102,7 +102,8 @@ mod trace;
 mod verdict;
 
 pub use claims::{
-    Claim, ClaimKind, ClaimRequest, CommitError, Lease, LeaseInfo, LeaseLost, PayloadFingerprint,
+    Claim, ClaimBatcher, ClaimKind, ClaimRequest, CommitError, Lease, LeaseInfo, LeaseLost,
+    PayloadFingerprint, Reply,
 };
 pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats};
 pub use error::{ConfigError, ExactTierError, FlushError, SnapshotError};
