@@ -280,6 +280,10 @@ impl std::fmt::Debug for ClaimBatcher {
     }
 }
 
+/// A claim taken from the queue: the request, its waiting deadline, where
+/// its answer goes.
+type QueuedClaim = (Request, Option<Instant>, Answer<Claim<Arc<Deduper>>>);
+
 /// A claim waiting for an in-flight holder.
 struct Waiting {
     request: Request,
@@ -377,7 +381,7 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
 /// One batch of claims; those in progress with a deadline ahead wait.
 fn run_claims(
     engine: &Arc<Deduper>,
-    claims: Vec<(Request, Option<Instant>, Answer<Claim<Arc<Deduper>>>)>,
+    claims: Vec<QueuedClaim>,
     waiting: &mut Vec<Waiting>,
 ) {
     let requests: Vec<Request> = claims.iter().map(|(r, ..)| *r).collect();
