@@ -740,3 +740,50 @@ fn conflicts_need_two_different_fingerprints() {
         .is_completed());
     assert_eq!(dedup.stats().claims.conflicts, 2);
 }
+
+/// `commit_batch` answers like a commit of each lease in turn: leases of
+/// another engine, results over the cap, lost leases, in any order.
+#[test]
+fn a_batch_of_commits_answers_each_lease() {
+    let clock = ManualClock::new(Timestamp::from_secs(100));
+    let b = || {
+        Deduper::builder()
+            .shards(4)
+            .clock(Clock::Manual(clock.clone()))
+            .lease_duration(Duration::from_secs(10))
+            .max_result_bytes(8)
+    };
+    let ours = b().build().unwrap();
+    let theirs = b().build().unwrap();
+    let early = ours.claim("early").into_lease().unwrap();
+    clock.advance(Duration::from_secs(11));
+    let _taken = ours.claim("early").into_lease().unwrap();
+    let mut batch = vec![(early, b"x".to_vec())];
+    for k in 0..40u64 {
+        batch.push((
+            ours.claim(&k).into_lease().unwrap(),
+            k.to_le_bytes().to_vec(),
+        ));
+    }
+    batch.push((theirs.claim("t").into_lease().unwrap(), b"theirs".to_vec()));
+    batch.push((ours.claim("big").into_lease().unwrap(), vec![0; 9]));
+    let answers = ours.commit_batch(batch);
+    assert!(answers[0].as_ref().unwrap_err().is_lease_lost());
+    assert!(answers[1..41].iter().all(Result::is_ok));
+    assert!(answers[41].is_ok());
+    let too_large = answers.into_iter().last().unwrap().unwrap_err();
+    let lease = too_large.into_lease().expect("handed back");
+    lease.commit(b"small").unwrap();
+    for k in 0..40u64 {
+        match ours.claim(&k) {
+            Claim::Completed { result, .. } => assert_eq!(&result[..], k.to_le_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        matches!(theirs.claim("t"), Claim::Completed { ref result, .. } if &result[..] == b"theirs")
+    );
+    assert!(
+        matches!(ours.claim("big"), Claim::Completed { ref result, .. } if &result[..] == b"small")
+    );
+}

@@ -392,13 +392,24 @@ impl Shard {
         trust: Trust,
     ) -> Result<(), LeaseError> {
         let fp = info.fingerprint;
-        if !self.holds(info, now) {
-            self.counters.lease_lost += 1;
-            return Err(LeaseError::Lost);
-        }
+        // Taken out of the book first (one lookup), so the rotation below,
+        // which drops expired leases, cannot take it from under us.
+        let held = match self.leases.remove(fp) {
+            Some(h) if h.token == info.token && now < h.until => h,
+            other => {
+                if let Some(h) = other {
+                    if h.token == info.token {
+                        // Ours, expired: gone either way.
+                        self.counters.leases_expired += 1;
+                    } else {
+                        self.leases.insert(fp, h);
+                    }
+                }
+                self.counters.lease_lost += 1;
+                return Err(LeaseError::Lost);
+            }
+        };
         self.advance(t);
-        // A rotation above never touches the book: the lease is still here.
-        let held = self.leases.remove(fp).expect("checked above");
         if let Err(e) = self.record(
             fp,
             Timestamp::from_nanos(held.acquired_at),

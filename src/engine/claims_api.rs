@@ -120,25 +120,30 @@ impl Deduper {
     }
 
     /// Commits many leases, each with its result: the same as
-    /// [`Lease::commit`] on each in turn, with one lock per shard.
+    /// [`Lease::commit`] on each in turn, with one lock per shard (and on a
+    /// shared store, one round trip per shard).
     pub fn commit_batch<D: AsRef<Deduper>, R: AsRef<[u8]>>(
         &self,
         commits: Vec<(Lease<D>, R)>,
     ) -> Vec<Result<(), CommitError<D>>> {
         let n = commits.len();
+        let shards = self.shards.len();
         let mut out: Vec<Option<Result<(), CommitError<D>>>> = (0..n).map(|_| None).collect();
-        // Leases of another engine commit on their own (after ours: one
-        // engine's locks at a time).
-        let (own, foreign): (Vec<_>, Vec<_>) = commits
-            .into_iter()
-            .enumerate()
-            .partition(|(_, (lease, _))| lease.is_of(self));
-        let mut own: Vec<Option<Indexed<D, R>>> = own.into_iter().map(Some).collect();
-        let (starts, order) = group_by(own.len(), self.shards.len(), |i| {
-            let (_, (lease, _)) = own[i].as_ref().expect("not taken yet");
-            self.shard_of(lease.fingerprint())
+        let mut items: Vec<Option<(Lease<D>, R)>> = commits.into_iter().map(Some).collect();
+        // Leases of another engine go to one more group, committed on their
+        // own after ours (one engine's locks at a time).
+        let (starts, order) = group_by(n, shards + 1, |i| {
+            let (lease, _) = items[i].as_ref().expect("not taken yet");
+            if lease.is_of(self) {
+                self.shard_of(lease.fingerprint())
+            } else {
+                shards
+            }
         });
-        for s in 0..self.shards.len() {
+        let info_of = |items: &[Option<(Lease<D>, R)>], i: u32| {
+            items[i as usize].as_ref().map(|(lease, _)| lease.info())
+        };
+        for s in 0..shards {
             let group = &order[starts[s] as usize..starts[s + 1] as usize];
             if group.is_empty() {
                 continue;
@@ -146,20 +151,18 @@ impl Deduper {
             let mut shard = self.lock(s);
             let t = self.now_in(&shard);
             let now = self.lease_clock.now();
-            let infos: Vec<LeaseInfo> = group
-                .iter()
-                .map(|&j| own[j as usize].as_ref().expect("not taken yet").1 .0.info())
-                .collect();
-            for info in infos.iter().take(PREFETCH_AHEAD) {
-                shard.prefetch_commit(info);
-            }
             if self.shares_leases(&shard) {
                 // One batch of commits to the store; results over the cap
                 // are refused before anything is sent.
                 let cap = self.plan.max_result_bytes;
                 let taken: Vec<Indexed<D, R>> = group
                     .iter()
-                    .map(|&j| own[j as usize].take().expect("each commit once"))
+                    .map(|&i| {
+                        (
+                            i as usize,
+                            items[i as usize].take().expect("each commit once"),
+                        )
+                    })
                     .collect();
                 let ops: Vec<SharedOp<'_>> = taken
                     .iter()
@@ -180,20 +183,28 @@ impl Deduper {
                 self.wake(s, &shard);
                 continue;
             }
-            for (k, &j) in group.iter().enumerate() {
-                if let Some(info) = infos.get(k + PREFETCH_AHEAD) {
-                    shard.prefetch_commit(info);
+            for &i in group.iter().take(PREFETCH_AHEAD) {
+                if let Some(info) = info_of(&items, i) {
+                    shard.prefetch_commit(&info);
                 }
-                let (i, (lease, result)) = own[j as usize].take().expect("each commit once");
+            }
+            for (k, &i) in group.iter().enumerate() {
+                if let Some(&ahead) = group.get(k + PREFETCH_AHEAD) {
+                    if let Some(info) = info_of(&items, ahead) {
+                        shard.prefetch_commit(&info);
+                    }
+                }
+                let (lease, result) = items[i as usize].take().expect("each commit once");
                 let result = result.as_ref();
-                out[i] = Some(lease.settle_commit(result, |_, info| {
+                out[i as usize] = Some(lease.settle_commit(result, |_, info| {
                     shard.commit(info, result, t, now, &self.plan.rules, self.plan.trust)
                 }));
             }
             self.wake(s, &shard);
         }
-        for (i, (lease, result)) in foreign {
-            out[i] = Some(lease.commit(result.as_ref()));
+        for &i in &order[starts[shards] as usize..] {
+            let (lease, result) = items[i as usize].take().expect("each commit once");
+            out[i as usize] = Some(lease.commit(result.as_ref()));
         }
         out.into_iter()
             .map(|r| r.expect("every commit answered"))

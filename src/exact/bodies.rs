@@ -3,10 +3,10 @@
 //! same eight generation slots as their entries so that a slot's bodies are
 //! dropped whole when its slice expires (no scan).
 //!
-//! Bodies are appended to one byte arena per slot, which an open-addressing
-//! index of fingerprints points into: a commit allocates nothing of its
-//! own, the index can be prefetched like the exact tier's tables, and a
-//! slot's bodies are freed in two deallocations. Only claims committed with a payload
+//! Bodies are appended to one byte arena per slot (chunks of 1 MiB), which
+//! an open-addressing index of fingerprints points into: a commit allocates
+//! nothing of its own, the index can be prefetched like the exact tier's
+//! tables, and a slot's bodies are freed with it. Only claims committed with a payload
 //! fingerprint or a non-empty result have a body; a key recorded by `check`
 //! has none, so the store costs nothing until claims use it.
 
@@ -47,24 +47,54 @@ const HEADER: usize = 8 + 1 + 8 + 4;
 /// prefetch it), and the arena of headers and results, appended.
 struct Slot {
     index: FingerprintTable,
-    /// Bodies, appended; a replaced or removed body's bytes stay until the
-    /// slot is dropped.
-    arena: Vec<u8>,
+    /// Bodies, appended to the last chunk; a replaced or removed body's
+    /// bytes stay until the slot is dropped. Chunks are never reallocated
+    /// (a growing `Vec` copied every body about twice).
+    chunks: Vec<Vec<u8>>,
+    /// Bytes in all chunks.
+    bytes: usize,
 }
+
+/// The largest chunk (a bigger body gets a chunk of its own size).
+const CHUNK: usize = 1 << 20;
 
 impl Default for Slot {
     fn default() -> Self {
         Slot {
             index: FingerprintTable::new(),
-            arena: Vec::new(),
+            chunks: Vec::new(),
+            bytes: 0,
         }
     }
 }
 
 impl Slot {
-    /// The body at `offset`: its record's time and the body.
-    fn read(&self, offset: usize) -> (u64, Option<PayloadFingerprint>, &[u8]) {
-        let a = &self.arena[offset..];
+    /// Room for `len` more bytes in the last chunk (a new chunk if not);
+    /// the position they start at, as (chunk << 32) | offset.
+    fn reserve(&mut self, len: usize) -> u64 {
+        let fits = self
+            .chunks
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= len);
+        if !fits {
+            // Chunks double from 4 KiB to 1 MiB: a slot with few bodies
+            // stays small.
+            let size = self
+                .chunks
+                .last()
+                .map_or(4 << 10, |c| (c.capacity() * 2).min(CHUNK))
+                .max(len);
+            self.chunks.push(Vec::with_capacity(size));
+            self.bytes += size;
+        }
+        let chunk = self.chunks.len() - 1;
+        ((chunk as u64) << 32) | self.chunks[chunk].len() as u64
+    }
+
+    /// The body at `position`: its record's time and the body.
+    fn read(&self, position: u64) -> (u64, Option<PayloadFingerprint>, &[u8]) {
+        let chunk = &self.chunks[(position >> 32) as usize];
+        let a = &chunk[(position & 0xFFFF_FFFF) as usize..];
         let word = |i: usize| u64::from_le_bytes(a[i..i + 8].try_into().expect("8 bytes"));
         let at = word(0);
         let payload = (a[8] == 1).then(|| PayloadFingerprint(word(9)));
@@ -78,6 +108,10 @@ impl Slot {
 pub(crate) struct BodyStore {
     slots: [Slot; GENERATIONS],
     len: usize,
+    /// Bodies a slot's index is first sized for (its tier's expected keys
+    /// per slot): growing from nothing rehashed every body about three
+    /// times.
+    per_slot: usize,
 }
 
 impl BodyStore {
@@ -85,6 +119,12 @@ impl BodyStore {
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Sizes each slot's index, when first used, for `bodies` (a hint).
+    #[inline]
+    pub(crate) fn expect_per_slot(&mut self, bodies: usize) {
+        self.per_slot = bodies;
     }
 
     /// Starts loading the index bucket a [`BodyStore::put`] of `fp` into
@@ -106,18 +146,21 @@ impl BodyStore {
         payload: Option<PayloadFingerprint>,
         result: &[u8],
     ) {
+        let per_slot = self.per_slot;
         let slot = &mut self.slots[slot];
-        let offset = slot.arena.len();
+        if !slot.index.is_allocated() && per_slot > 0 {
+            slot.index = FingerprintTable::with_capacity(per_slot);
+        }
         let len = u32::try_from(result.len()).expect("results are capped far below 4 GiB");
-        slot.arena.reserve(HEADER + result.len());
-        slot.arena.extend_from_slice(&at.to_le_bytes());
-        slot.arena.push(u8::from(payload.is_some()));
-        slot.arena
-            .extend_from_slice(&payload.map_or(0, |p| p.0).to_le_bytes());
-        slot.arena.extend_from_slice(&len.to_le_bytes());
-        slot.arena.extend_from_slice(result);
+        let position = slot.reserve(HEADER + result.len());
+        let chunk = slot.chunks.last_mut().expect("reserved");
+        chunk.extend_from_slice(&at.to_le_bytes());
+        chunk.push(u8::from(payload.is_some()));
+        chunk.extend_from_slice(&payload.map_or(0, |p| p.0).to_le_bytes());
+        chunk.extend_from_slice(&len.to_le_bytes());
+        chunk.extend_from_slice(result);
         let before = slot.index.len();
-        slot.index.insert(fp, offset as u64);
+        slot.index.insert(fp, position);
         self.len += slot.index.len() - before;
     }
 
@@ -131,8 +174,8 @@ impl BodyStore {
         let order = std::iter::once(slot).chain((0..GENERATIONS).filter(move |&s| s != slot));
         for s in order {
             let slot = &self.slots[s];
-            if let Some(offset) = slot.index.get(fp) {
-                let (stored_at, payload, result) = slot.read(offset as usize);
+            if let Some(position) = slot.index.get(fp) {
+                let (stored_at, payload, result) = slot.read(position);
                 if at.is_none_or(|at| stored_at == at) {
                     return Some(RecordBody {
                         payload,
@@ -180,18 +223,15 @@ impl BodyStore {
 
     /// Bytes of memory used: indexes and arenas.
     pub(crate) fn bytes(&self) -> usize {
-        self.slots
-            .iter()
-            .map(|s| s.index.bytes() + s.arena.capacity())
-            .sum()
+        self.slots.iter().map(|s| s.index.bytes() + s.bytes).sum()
     }
 
     /// Every body as `(slot, fingerprint, acquired at, body)`, for
     /// snapshots.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, Fingerprint, u64, RecordBody)> + '_ {
         self.slots.iter().enumerate().flat_map(|(s, slot)| {
-            slot.index.iter().map(move |(fp, offset)| {
-                let (at, payload, result) = slot.read(offset as usize);
+            slot.index.iter().map(move |(fp, position)| {
+                let (at, payload, result) = slot.read(position);
                 let body = RecordBody {
                     payload,
                     result: Arc::from(result),

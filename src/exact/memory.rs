@@ -390,10 +390,8 @@ impl ExactPartition for MemoryPartition {
                 self.allocate(0);
             }
             let at = at.as_nanos();
-            if self.slots[0].get(fp).is_none_or(|t| t < at) {
-                self.slots[0].insert(fp, at);
-                self.note_insert(at);
-            }
+            self.slots[0].insert_newest(fp, at);
+            self.note_insert(at);
             return Ok(());
         }
         if !self.slots[slot].is_allocated() {
@@ -444,6 +442,13 @@ impl ExactPartition for MemoryPartition {
         result: &[u8],
     ) -> Result<(), ExactTierError> {
         let slot = self.body_slot(mark.slot, mark.at);
+        // One table stands for seven slices' slots; otherwise a slot's
+        // table is sized for that slot's keys.
+        let per_slot = match self.expiry {
+            Some(_) => self.table_capacity() / 7,
+            None => self.table_capacity(),
+        };
+        self.bodies.expect_per_slot(per_slot);
         let at = if self.untimed.is_some() {
             0
         } else {

@@ -410,6 +410,20 @@ impl FingerprintTable<Timed> {
         }
     }
 
+    /// Stores `at` for `fp` unless a later time is stored already (the
+    /// newest acceptance counts). One probe sequence.
+    #[inline]
+    pub(crate) fn insert_newest(&mut self, fp: Fingerprint, at: u64) {
+        match self.find_or_free(fp) {
+            (i, true) => {
+                if self.buckets[i].time() < at {
+                    self.buckets[i].at = encode(at);
+                }
+            }
+            (i, false) => self.fill(i, fp, at),
+        }
+    }
+
     /// The time stored for `fp`; when there is none, stores `at` and
     /// answers `None`. One probe sequence does both (a [`Self::get`] and then
     /// an [`Self::insert`] would walk it twice).
