@@ -5,7 +5,8 @@
 //!
 //! - ours: `claim_batch` of 1024 requests, then `commit_batch` of the
 //!   acquired leases (one lock per shard per call); a one-hour window, a
-//!   30 s lease, `expected_keys(10⁶)`;
+//!   one-hour lease, `expected_keys(10⁶)`, a manual clock moved after every
+//!   batch so the stream spans 99% of the window (as the engine bench);
 //! - peer: `DashMap<u128, Record>` (pass-through hasher on the same
 //!   xxh3-128 fingerprint), `Record = Held { token, until } | Done { at,
 //!   result: Box<[u8]> }`, a claim per key through the entry API (held and
@@ -25,7 +26,9 @@
 //! ```
 
 mod support;
-use support::{env_number, growing_stream, paired_rounds, smoke_test, spread, Order, Until};
+use support::{
+    env_number, growing_stream, manual_clock, paired_rounds, smoke_test, spread, Order, Until,
+};
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,14 +37,16 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use dashmap::DashMap;
-use tiered_dedup::{Claim, ClaimRequest, Deduper, Key, Lease, Namespace};
+use tiered_dedup::{Claim, ClaimRequest, Clock, Deduper, Key, Lease, ManualClock, Namespace};
 
 /// Requests per claim batch.
 const BATCH: usize = 1024;
 /// Bytes of every committed result.
 const RESULT: [u8; 100] = [0x5A; 100];
 const WINDOW: Duration = Duration::from_secs(3600);
-const LEASE: Duration = Duration::from_secs(30);
+/// Long enough that the other thread moving the manual clock never expires
+/// a lease between its claim and its commit.
+const LEASE: Duration = Duration::from_secs(3600);
 
 /// The stream: 10⁶ distinct keys (10⁵ in smoke mode), 10% repeats.
 fn stream() -> &'static (Vec<u64>, u64) {
@@ -97,14 +102,26 @@ fn run_threads(threads: usize, work: &(dyn Fn(&[u64]) -> Answers + Sync)) -> Ans
     })
 }
 
-fn ours() -> Deduper {
-    Deduper::builder()
+/// The engine on a manual clock that a stream moves through 99% of the
+/// window (keys arrive at the rate it was sized for, spread over its
+/// slices, as in the engine bench).
+fn ours() -> (Deduper, ManualClock) {
+    let clock = manual_clock();
+    let dedup = Deduper::builder()
         .window(WINDOW)
         .expected_keys(stream().1)
+        .clock(Clock::Manual(clock.clone()))
         .lease_duration(LEASE)
         .max_result_bytes(RESULT.len())
         .build()
-        .expect("bench configuration")
+        .expect("bench configuration");
+    (dedup, clock)
+}
+
+/// The clock's step per batch: the stream spans 99% of the window.
+fn step() -> Duration {
+    let batches = stream().0.len().div_ceil(BATCH) as f64;
+    WINDOW.mul_f64(0.99 / batches)
 }
 
 /// One batch through the engine: claim all, commit the acquired.
@@ -236,9 +253,13 @@ fn expect(answers: Answers, threads: usize) {
 }
 
 fn ours_pass(threads: usize) -> Duration {
-    let dedup = ours();
+    let (dedup, clock) = ours();
+    let step = step();
     let start = Instant::now();
-    let answers = run_threads(threads, &|batch| ours_batch(&dedup, batch));
+    let answers = run_threads(threads, &|batch| {
+        clock.advance(step);
+        ours_batch(&dedup, batch)
+    });
     let elapsed = start.elapsed();
     expect(answers, threads);
     elapsed
@@ -286,8 +307,12 @@ fn paired(_c: &mut Criterion) {
             ours_rate.median, ours_rate.min, ours_rate.max, peer_rate.median, ratio.median, ratio.min, ratio.max
         );
     }
-    let dedup = ours();
-    run_threads(1, &|batch| ours_batch(&dedup, batch));
+    let (dedup, clock) = ours();
+    let step = step();
+    run_threads(1, &|batch| {
+        clock.advance(step);
+        ours_batch(&dedup, batch)
+    });
     let stats = dedup.stats();
     eprintln!(
         "[claims] memory: {} entries, {} bytes of exact tier ({:.1} B per completed record with a {}-byte result)",
