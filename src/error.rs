@@ -31,13 +31,39 @@ pub enum ConfigError {
         /// Bytes the filter would need.
         bytes: u64,
     },
-    /// The filter would exceed the configured memory limit.
-    #[error("the filter would need {needed} bytes but the memory limit is {limit}: raise `memory_limit`, lower expected keys, or raise the false-positive target")]
+    /// The engine would need more memory than the configured limit
+    /// (`memory_limit`): its filter and its memory tier's tables as sized.
+    #[error("the engine would need {needed} bytes ({}: {filter} for the filter, {exact} for the memory tier's tables at the expected keys) but the memory limit is {limit} ({}): raise `memory_limit`, or {}", human_bytes(*.needed), human_bytes(*.limit), memory_fix(*.filter, *.exact))]
     MemoryLimit {
-        /// Bytes the filter would need.
+        /// Bytes the engine would need: `filter + exact`.
         needed: u64,
         /// The configured limit.
         limit: u64,
+        /// Bytes of the filter (allocated at build).
+        filter: u64,
+        /// Bytes of the memory tier's tables, sized for the expected keys
+        /// (allocated as keys arrive).
+        exact: u64,
+    },
+    /// The engine would need more memory than the machine has (its
+    /// physical memory, or the process's cgroup limit when lower).
+    #[error("the engine would need {needed} bytes ({}: {filter} for the filter, {exact} for the memory tier's tables at the expected keys) but this machine has {physical} bytes ({}): {}", human_bytes(*.needed), human_bytes(*.physical), memory_fix(*.filter, *.exact))]
+    PhysicalMemory {
+        /// Bytes the engine would need: `filter + exact`.
+        needed: u64,
+        /// The memory this process may use.
+        physical: u64,
+        /// Bytes of the filter (allocated at build).
+        filter: u64,
+        /// Bytes of the memory tier's tables, sized for the expected keys
+        /// (allocated as keys arrive).
+        exact: u64,
+    },
+    /// Allocating the filter at build failed.
+    #[error("allocating {bytes} bytes ({}) for the filter failed: lower expected keys, raise the false-positive target, or shorten the window or the allowed lateness", human_bytes(*.bytes))]
+    OutOfMemory {
+        /// Bytes asked for.
+        bytes: u64,
     },
     /// A pipeline size (workers, queue depth, message size, in-flight
     /// batches) is zero.
@@ -61,6 +87,31 @@ pub enum ConfigError {
     /// needs them, or for a tier that cannot drop them.
     #[error("first_seen_times(false) keeps fingerprints alone, so it needs no window (expiry needs the times), Mode::Exact, Affinity::Owned and the memory tier: {0}")]
     UntimedNeeds(&'static str),
+}
+
+/// `bytes` in the largest binary unit under which it is at least 1.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// What to change when an engine needs too much memory, by what dominates.
+fn memory_fix(filter: u64, exact: u64) -> &'static str {
+    if exact >= filter {
+        "lower `expected_keys` (the keys held within one window: the memory tier keeps about 30 bytes per key), shorten the window or the allowed lateness, or use a remote exact tier (Redis)"
+    } else {
+        "lower `expected_keys` (the keys held within one window), raise the false-positive target, or shorten the window or the allowed lateness (the filter is sized for both)"
+    }
 }
 
 /// An exact tier that could not answer.

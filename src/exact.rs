@@ -26,7 +26,7 @@ use crate::time::Timestamp;
 pub use bodies::RecordBody;
 pub use dashmap_tier::DashMapPartition;
 pub use memory::MemoryPartition;
-pub(crate) use memory::Seen;
+pub(crate) use memory::{Seen, FIRST_TABLE_ENTRIES};
 
 /// A key accepted at `at`, to be recorded in generation slot `slot`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

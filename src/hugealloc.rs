@@ -28,7 +28,20 @@ unsafe impl<T: Send> Send for ZeroedArray<T> {}
 unsafe impl<T: Sync> Sync for ZeroedArray<T> {}
 
 impl<T> ZeroedArray<T> {
-    /// `len` zeroed elements.
+    /// `len` zeroed elements (tests; the crate's callers use
+    /// [`ZeroedArray::try_new`]).
+    ///
+    /// # Safety
+    /// All-zero bytes must be a valid `T`.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) unsafe fn new(len: usize) -> Self {
+        // SAFETY: as the caller promised.
+        unsafe { Self::with_pages(len, false) }
+    }
+
+    /// `len` zeroed elements, or `None` when the memory cannot be had: a
+    /// filter as sized, whose builder reports it ([`crate::ConfigError`])
+    /// instead of the process aborting.
     ///
     /// # Safety
     /// All-zero bytes must be a valid `T`.
@@ -36,9 +49,9 @@ impl<T> ZeroedArray<T> {
         loom,
         expect(dead_code, reason = "under loom the filter's blocks are a plain Box")
     )]
-    pub(crate) unsafe fn new(len: usize) -> Self {
+    pub(crate) unsafe fn try_new(len: usize) -> Option<Self> {
         // SAFETY: as the caller promised.
-        unsafe { Self::with_pages(len, false) }
+        unsafe { Self::try_with_pages(len, false) }
     }
 
     /// `len` zeroed elements for an array that is read before it is
@@ -112,6 +125,56 @@ impl<T> ZeroedArray<T> {
     fn layout(len: usize) -> Layout {
         Layout::array::<T>(len).expect("array size overflows the address space")
     }
+}
+
+/// The memory this process may use, in bytes: the machine's physical
+/// memory (`MemTotal` in `/proc/meminfo`), or the process's cgroup limit
+/// (`memory.max`, cgroup v2) when that is lower. `None` where neither can
+/// be read (other systems): builders then check only a configured limit,
+/// and the allocations they make up front fail with an error rather than
+/// an abort.
+pub(crate) fn physical_memory() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| mem_total(&m));
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|c| {
+                // cgroup v2: one line "0::<path>".
+                let path = c
+                    .lines()
+                    .find_map(|l| l.strip_prefix("0::"))?
+                    .trim()
+                    .to_owned();
+                let file = format!("/sys/fs/cgroup{}/memory.max", path.trim_end_matches('/'));
+                std::fs::read_to_string(file).ok()
+            })
+            .and_then(|max| max.trim().parse::<u64>().ok());
+        match (total, cgroup) {
+            (Some(t), Some(c)) => Some(t.min(c)),
+            (t, c) => t.or(c),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+#[cfg(any(target_os = "linux", test))]
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
 }
 
 impl<T> Deref for ZeroedArray<T> {
@@ -248,6 +311,25 @@ mod tests {
         let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default();
         mode.contains("[always]") || mode.contains("[madvise]")
+    }
+
+    #[test]
+    fn mem_total_is_read_in_bytes() {
+        let meminfo = "MemTotal:       24522760 kB\nMemFree:        21000000 kB\n";
+        assert_eq!(mem_total(meminfo), Some(24_522_760 * 1024));
+        assert_eq!(mem_total("MemFree: 1 kB\n"), None);
+        #[cfg(target_os = "linux")]
+        assert!(physical_memory().is_some_and(|b| b > 1 << 20));
+    }
+
+    /// An array larger than any machine's memory is `None`, not an abort.
+    #[test]
+    fn an_impossible_array_is_none() {
+        // SAFETY: zero is a valid u64.
+        let huge = unsafe { ZeroedArray::<u64>::try_new(1 << 60) };
+        assert!(huge.is_none());
+        // SAFETY: zero is a valid u64.
+        assert!(unsafe { ZeroedArray::<u64>::try_new(1000) }.is_some());
     }
 
     #[test]

@@ -45,40 +45,59 @@
 //! no false negative inside the window; no false positive (up to fingerprint
 //! collisions); the verdicts equal those of a map from key to first-accepted
 //! time (tested against one in `tests/model.rs`); memory bounded by the keys
-//! inside the window (filter: about 2.7 bytes per key at a 1% rate per
-//! generation, 3.7 at 1% per query; exact tier: 24-byte buckets at 53–80%
-//! load, 30–45 bytes per key — see `docs/architecture.md` and
-//! `docs/benchmarks.md`).
+//! inside the window (memory tier: 24-byte entries at 53–80% load, about 35
+//! bytes per key as sized; a filter, where there is one: about 3.7 bytes per
+//! key at the default 1% rate — see `docs/architecture.md` and
+//! `docs/benchmarks.md`). A configuration whose expected keys would not fit
+//! in the machine's memory (or `memory_limit`) is refused at build with what
+//! to change.
 //!
 //! ## The tiers
 //!
 //! ```text
-//! key ─▶ fingerprint ─▶ shard ─▶ filter tier ──definitely new──▶ New (marked)
-//!                                     │
-//!                                     └─maybe seen─▶ exact tier ─▶ Duplicate | New
+//! key ─▶ fingerprint ─▶ shard ─┬─ memory tier, owned keys (default): one probe of
+//!                              │  the shard's table ─▶ Duplicate | New (recorded)
+//!                              └─ any other tier: filter ──definitely new──▶ New (mark queued)
+//!                                                   └─maybe seen─▶ exact tier ─▶ Duplicate | New
 //! ```
 //!
-//! - **Filter tier** ([`GenerationalBloom`]): a rotating Bloom filter whose
+//! - **Memory tier, owned keys** (the default, [`ExactTier::Memory`] with
+//!   [`Affinity::Owned`]): no filter. Each shard owns one open-addressing
+//!   table of 24-byte entries (fingerprint and first-accepted time) for the
+//!   whole window, and one probe both answers and records a key. An entry
+//!   older than the window is never trusted (a repeat is accepted again in
+//!   place), and expired entries are swept out a few buckets per check, so
+//!   memory stays bounded without a stop-the-world scan. A filter in front
+//!   could only add a second random access: every key costs a probe of the
+//!   table anyway.
+//! - **Filter tier** ([`GenerationalBloom`]): in front of every other exact
+//!   tier (Redis, `DashMap`, a custom [`exact::ExactBackend`]), with shared
+//!   keys, and alone in probabilistic mode. A rotating Bloom filter whose
 //!   64-byte blocks hold one 64-bit word per generation, so a query reads one
 //!   cache line for all generations. The window is cut into six slices; a
 //!   generation is cleared only when every key in it is older than the window.
-//! - **Exact tier** ([`ExactTier`]): confirms filter matches. The embedded
-//!   default keeps one open-addressing table per generation per shard and
-//!   drops a whole table when its slice expires.
+//! - **Exact tier behind the filter** ([`ExactTier`]): confirms the filter's
+//!   matches; marks of new keys are queued per shard and written in batches
+//!   (a shard reads its own queued marks). Redis (feature `redis`) is the
+//!   shared, durable one; the memory tier behind a filter (shared keys)
+//!   keeps a table per generation and drops it whole when its slice expires.
 //! - **Shards**: fingerprints are routed to shards; a shard is used by one
 //!   thread at a time, so two copies of one key never race.
 //!   [`Deduper::check_batch`] takes each shard's lock once per batch and
-//!   prefetches filter blocks.
+//!   prefetches what each key will touch a few keys ahead.
 //!
 //! - **Pipeline** ([`Pipeline`]): for streams. Each shard is owned by one
 //!   worker thread; producers submit batches over bounded queues
 //!   (back-pressure) and receive each batch's verdicts in submission order.
-//!   Marks of new keys are queued per shard and written to the exact tier in
-//!   batches after the verdicts are sent (a shard reads its own queued
-//!   marks); shutdown finishes every queued batch and writes every mark.
+//!   Marks of new keys are written to the exact tier after the verdicts are
+//!   sent. Shutdown answers every batch accepted before it and writes every
+//!   mark; a batch it refuses ([`PipelineError::Closed`]) recorded nothing,
+//!   and marks a remote tier could not store are reported
+//!   ([`PipelineError::Unwritten`]).
 //!
-//! [`Mode::Probabilistic`] drops the exact tier: about 2 bytes per key, no
-//! false negatives, and a configured false-positive rate.
+//! [`Mode::Probabilistic`] drops the exact tier: about 3.7 bytes per key in
+//! the window at the default 1% rate (3.71 measured in `tests/fpr.rs`), no
+//! false negatives, and the configured false-positive rate.
 //!
 //! [`Deduper::snapshot`] and [`DeduperBuilder::restore`] carry the whole state
 //! across a restart (versioned and checksummed).
@@ -112,7 +131,7 @@ pub use filter::{FilterAnswer, GenerationalBloom};
 pub use fingerprint::{ContentKey, Fingerprint, Key, Namespace};
 #[cfg(feature = "metrics")]
 pub use metrics::MetricsPublisher;
-pub use pipeline::{Pipeline, PipelineBuilder, PipelineError, Producer};
+pub use pipeline::{IntoDeduperError, Pipeline, PipelineBuilder, PipelineError, Producer};
 pub use snapshot::FORMAT_VERSION;
 pub use time::{Clock, ManualClock, Timestamp, GENERATIONS};
 pub use verdict::Verdict;

@@ -22,22 +22,28 @@
 //! **Shutdown.** [`Pipeline::shutdown`] (and dropping the pipeline) stops
 //! accepting batches, lets every worker finish the messages already queued
 //! (their verdicts are delivered to producers still holding them), writes
-//! every pending mark, and joins the workers. A batch submitted after that
-//! gets [`PipelineError::Closed`]. A worker that panics marks the pipeline
-//! failed: every waiting and later call returns [`PipelineError::WorkerPanicked`],
-//! never hangs.
+//! every pending mark, and joins the workers. A batch is taken whole or not
+//! at all: one whose submit returned `Ok` is judged and answered in full,
+//! even when the pipeline shuts down before its verdicts are received; one
+//! refused with [`PipelineError::Closed`] left no trace in the engine (no
+//! key recorded, no watermark moved), so it can be retried elsewhere, or in
+//! the engine [`Pipeline::into_deduper`] hands back. Marks the exact tier
+//! could not store by the end are reported as [`PipelineError::Unwritten`]
+//! (a remote tier that is down; the memory tier stores every mark). A
+//! worker that panics marks the pipeline failed: every waiting and later
+//! call returns [`PipelineError::WorkerPanicked`], never hangs.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::engine::{group_by, Deduper, DeduperBuilder, Shard};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, FlushError};
 use crate::fingerprint::{Fingerprint, Key};
 use crate::time::Timestamp;
 use crate::verdict::Verdict;
@@ -47,18 +53,69 @@ use crate::verdict::Verdict;
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PipelineError {
-    /// The pipeline is shut down; nothing of this batch was processed.
+    /// The pipeline is shut down; nothing of this batch was processed: no
+    /// key of it is recorded (a retry judges every key afresh) and, under
+    /// event time, the watermark did not move.
     #[error("the pipeline is shut down")]
     Closed,
     /// A worker panicked; the pipeline stopped. The message is the panic's.
+    /// A batch answered this way may have been judged in part: its keys
+    /// may or may not be recorded.
     #[error("a pipeline worker panicked: {0}")]
     WorkerPanicked(String),
+    /// Shutdown judged every queued batch, but the exact tier has not
+    /// stored the marks of `marks` accepted keys (a remote tier that is
+    /// down). The engine keeps them for a retry: call
+    /// [`Pipeline::shutdown`] again, or [`Deduper::flush`] on the engine,
+    /// until it answers `Ok`. Until then those keys are not recorded
+    /// beyond this process. Never returned for the memory tier.
+    #[error("{marks} accepted keys are not stored in the exact tier: {reason}; they are kept for a retry (shut down again, or flush the engine)")]
+    Unwritten {
+        /// Marks (accepted keys) the tier has not stored.
+        marks: u64,
+        /// The tier's error.
+        reason: String,
+    },
     /// `recv` was called with no batch in flight.
     #[error("no batch is in flight")]
     NothingInFlight,
     /// [`Pipeline::into_deduper`] while producers of the pipeline exist.
     #[error("producers of this pipeline still exist; drop them before taking the engine back")]
     ProducersAlive,
+}
+
+/// Why [`Pipeline::into_deduper`] did not simply hand the engine back: the
+/// error, and the engine where it can still be had (like
+/// `std::io::IntoInnerError`, so that marks a remote tier could not store
+/// are not dropped with it).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct IntoDeduperError {
+    error: PipelineError,
+    deduper: Option<Box<Deduper>>,
+}
+
+impl IntoDeduperError {
+    /// What went wrong.
+    #[must_use]
+    pub fn error(&self) -> &PipelineError {
+        &self.error
+    }
+
+    /// The engine, shut down, when it could be taken back
+    /// ([`PipelineError::Unwritten`], [`PipelineError::WorkerPanicked`]);
+    /// `None` while producers hold it.
+    #[must_use]
+    pub fn into_deduper(self) -> Option<Deduper> {
+        self.deduper.map(|d| *d)
+    }
+}
+
+/// The tier's error of a failed forced flush.
+fn flush_reason(e: &FlushError) -> String {
+    match e {
+        FlushError::Unwritten { source, .. } => source.to_string(),
+    }
 }
 
 /// The times of the keys of one message.
@@ -98,25 +155,47 @@ struct Core {
     workers: usize,
     max_message_keys: usize,
     max_in_flight: usize,
+    /// Taken shared by a producer while it checks `closed` and enqueues
+    /// every part of one batch, and exclusively by shutdown to set
+    /// `closed`: so a batch's parts are either all queued before the
+    /// workers' `Stop` or none is.
+    gate: RwLock<()>,
     closed: AtomicBool,
     panicked: Mutex<Option<String>>,
+    /// Marks left unwritten by the workers' last flush: their count and
+    /// the first error.
+    unwritten: Mutex<Option<(u64, String)>>,
     /// Workers still running.
     alive: AtomicUsize,
 }
 
 impl Core {
     fn failure(&self) -> Option<PipelineError> {
-        if let Some(msg) = self
-            .panicked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            return Some(PipelineError::WorkerPanicked(msg.clone()));
+        if let Some(msg) = self.panic_message() {
+            return Some(PipelineError::WorkerPanicked(msg));
         }
         self.closed
             .load(Ordering::Acquire)
             .then_some(PipelineError::Closed)
+    }
+
+    fn panic_message(&self) -> Option<String> {
+        self.panicked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Adds the marks a forced flush left unwritten to the report.
+    fn note_unwritten(&self, e: &FlushError) {
+        let mut unwritten = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &mut *unwritten {
+            Some((marks, _)) => *marks += e.unwritten(),
+            None => *unwritten = Some((e.unwritten(), flush_reason(e))),
+        }
     }
 
     fn worker_of(&self, fp: Fingerprint) -> usize {
@@ -199,8 +278,10 @@ impl PipelineBuilder {
             workers,
             max_message_keys: self.max_message_keys,
             max_in_flight: self.max_in_flight,
+            gate: RwLock::new(()),
             closed: AtomicBool::new(false),
             panicked: Mutex::new(None),
+            unwritten: Mutex::new(None),
             alive: AtomicUsize::new(workers),
         });
         let mut senders = Vec::with_capacity(workers);
@@ -309,17 +390,35 @@ impl Pipeline {
     /// snapshot or another pipeline.
     ///
     /// # Errors
-    /// [`PipelineError::WorkerPanicked`] when a worker had panicked, and
-    /// [`PipelineError::ProducersAlive`] while a [`Producer`] of this
-    /// pipeline still exists (drop them first; the engine then lives until
-    /// the last of them is dropped).
-    pub fn into_deduper(self) -> Result<Deduper, PipelineError> {
-        self.shutdown()?;
+    /// [`IntoDeduperError`]; its [`IntoDeduperError::error`] says why:
+    /// - [`PipelineError::Unwritten`]: marks the exact tier could not store.
+    ///   The engine comes back with the error
+    ///   ([`IntoDeduperError::into_deduper`]) and still holds them: its
+    ///   [`Deduper::flush`] retries them.
+    /// - [`PipelineError::WorkerPanicked`]: a worker had panicked (the
+    ///   engine comes back too, unless producers still hold it).
+    /// - [`PipelineError::ProducersAlive`]: a [`Producer`] of this pipeline
+    ///   still exists; drop them first (the engine then lives until the last
+    ///   of them is dropped, and is not handed back). Call
+    ///   [`Pipeline::shutdown`] first to learn of unwritten marks then.
+    pub fn into_deduper(self) -> Result<Deduper, IntoDeduperError> {
+        let result = self.shutdown();
         let core = Arc::clone(&self.core);
         drop(self);
-        match Arc::try_unwrap(core) {
-            Ok(core) => Ok(core.deduper),
-            Err(_) => Err(PipelineError::ProducersAlive),
+        match (Arc::try_unwrap(core), result) {
+            (Ok(core), Ok(())) => Ok(core.deduper),
+            (Ok(core), Err(error)) => Err(IntoDeduperError {
+                error,
+                deduper: Some(Box::new(core.deduper)),
+            }),
+            (Err(_), Err(error @ PipelineError::WorkerPanicked(_))) => Err(IntoDeduperError {
+                error,
+                deduper: None,
+            }),
+            (Err(_), _) => Err(IntoDeduperError {
+                error: PipelineError::ProducersAlive,
+                deduper: None,
+            }),
         }
     }
 
@@ -342,16 +441,61 @@ impl Pipeline {
     }
 
     /// Stops accepting batches, lets the workers finish every queued
-    /// message, writes every pending mark, and joins the workers.
+    /// message, writes every pending mark, and joins the workers. Every
+    /// batch whose submit returned `Ok` is answered in full; every later
+    /// one gets [`PipelineError::Closed`] and leaves no trace.
+    ///
+    /// Called again (after the workers are gone), it writes the marks still
+    /// unwritten (a forced [`Deduper::flush`]) and reports what is left.
     ///
     /// # Errors
-    /// [`PipelineError::WorkerPanicked`] when a worker had panicked.
+    /// [`PipelineError::WorkerPanicked`] when a worker had panicked;
+    /// [`PipelineError::Unwritten`] when the exact tier has not stored the
+    /// marks of some accepted keys (how many, and the tier's error).
     pub fn shutdown(&self) -> Result<(), PipelineError> {
-        self.core.closed.store(true, Ordering::Release);
+        let stopped_now = self.stop();
+        if let Some(msg) = self.core.panic_message() {
+            return Err(PipelineError::WorkerPanicked(msg));
+        }
+        let unwritten = if stopped_now {
+            // What the workers' last forced flush left.
+            self.core
+                .unwritten
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        } else {
+            self.core
+                .deduper
+                .flush()
+                .err()
+                .map(|e| (e.unwritten(), flush_reason(&e)))
+        };
+        match unwritten {
+            None => Ok(()),
+            Some((marks, reason)) => Err(PipelineError::Unwritten { marks, reason }),
+        }
+    }
+
+    /// Closes the gate, sends every worker `Stop` (after the messages
+    /// already queued) and joins them. False when they were stopped
+    /// already.
+    fn stop(&self) -> bool {
+        {
+            // No producer is between its check of `closed` and its last
+            // part's send while this is held: every batch is queued whole
+            // before the `Stop`s below, or refused whole.
+            let _gate = self
+                .core
+                .gate
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.core.closed.store(true, Ordering::Release);
+        }
         let handles =
             std::mem::take(&mut *self.handles.lock().unwrap_or_else(PoisonError::into_inner));
         if handles.is_empty() {
-            return self.panic_result();
+            return false;
         }
         for tx in &self.senders {
             // A worker that died no longer receives: nothing to stop.
@@ -360,28 +504,17 @@ impl Pipeline {
         for h in handles {
             let _ = h.join();
         }
-        self.panic_result()
-    }
-
-    fn panic_result(&self) -> Result<(), PipelineError> {
-        match self
-            .core
-            .panicked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            Some(msg) => Err(PipelineError::WorkerPanicked(msg.clone())),
-            None => Ok(()),
-        }
+        true
     }
 }
 
 impl Drop for Pipeline {
-    /// Same as [`Pipeline::shutdown`]: queued messages are finished and
-    /// every pending mark is written before the workers exit.
+    /// Like [`Pipeline::shutdown`], without its report: queued messages are
+    /// finished and every pending mark is written (or kept by the tier)
+    /// before the workers exit. Call `shutdown` to learn of marks left
+    /// unwritten.
     fn drop(&mut self) {
-        let _ = self.shutdown();
+        self.stop();
     }
 }
 
@@ -421,22 +554,20 @@ impl Producer {
     /// has `max_in_flight` batches unanswered.
     ///
     /// # Errors
-    /// [`PipelineError::Closed`] or [`PipelineError::WorkerPanicked`]; the
-    /// batch was not processed.
+    /// [`PipelineError::Closed`]: the pipeline is shut down and nothing of
+    /// the batch was processed or recorded. [`PipelineError::WorkerPanicked`]:
+    /// a worker died; the batch may have been judged in part.
     pub fn submit<K: Key>(&mut self, keys: &[K]) -> Result<(), PipelineError> {
         let fps: Vec<Fingerprint> = keys
             .iter()
             .map(|k| self.core.deduper.fingerprint(k))
             .collect();
-        // Event time without timestamps: the watermark, like `check`.
-        let reading = self
-            .core
-            .deduper
-            .clock_reading()
-            .unwrap_or_else(|| self.core.deduper.watermark());
-        let times = Times::Processing(reading);
-        let placeholder = vec![Verdict::New; fps.len()];
-        self.dispatch(fps, placeholder, None, times)
+        let n = fps.len();
+        self.dispatch(fps, |d| {
+            // Event time without timestamps: the watermark, like `check`.
+            let reading = d.clock_reading().unwrap_or_else(|| d.watermark());
+            (vec![Verdict::New; n], None, Times::Processing(reading))
+        })
     }
 
     /// Submits a batch of `(key, event time)` pairs; late events are
@@ -445,28 +576,27 @@ impl Producer {
     /// # Errors
     /// As [`Producer::submit`].
     pub fn submit_at<K: Key>(&mut self, keys: &[(K, Timestamp)]) -> Result<(), PipelineError> {
-        if let Some(e) = self.core.failure() {
-            return Err(e);
-        }
-        let mut verdicts = Vec::with_capacity(keys.len());
-        let late = self
-            .core
-            .deduper
-            .screen_late(keys.iter().map(|(_, t)| *t), &mut verdicts);
         let fps: Vec<Fingerprint> = keys
             .iter()
             .map(|(k, _)| self.core.deduper.fingerprint(k))
             .collect();
-        let times: Vec<Timestamp> = keys.iter().map(|(_, t)| *t).collect();
-        self.dispatch(fps, verdicts, Some(&late), Times::Event(times))
+        self.dispatch(fps, |d| {
+            // Lateness is decided (and the watermark moved) only once the
+            // batch is sure to be queued.
+            let mut verdicts = Vec::with_capacity(keys.len());
+            let late = d.screen_late(keys.iter().map(|(_, t)| *t), &mut verdicts);
+            let times: Vec<Timestamp> = keys.iter().map(|(_, t)| *t).collect();
+            (verdicts, Some(late), Times::Event(times))
+        })
     }
 
+    /// Queues every part of one batch, or none: `prepare` (which may move
+    /// the watermark) runs and the parts are sent under the pipeline's
+    /// gate, after a check that it is open.
     fn dispatch(
         &mut self,
         fps: Vec<Fingerprint>,
-        verdicts: Vec<Verdict>,
-        skip: Option<&[bool]>,
-        times: Times,
+        prepare: impl FnOnce(&Deduper) -> (Vec<Verdict>, Option<Vec<bool>>, Times),
     ) -> Result<(), PipelineError> {
         if let Some(e) = self.core.failure() {
             return Err(e);
@@ -474,16 +604,24 @@ impl Producer {
         while self.unanswered >= self.core.max_in_flight {
             self.collect_one()?;
         }
+        let core = Arc::clone(&self.core);
+        // Held until the last part is sent (a send may block on a full
+        // queue: the workers keep draining, since their `Stop` waits for
+        // this gate).
+        let _gate = core.gate.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = core.failure() {
+            return Err(e);
+        }
+        let (verdicts, skip, times) = prepare(&core.deduper);
         let batch = self.next_batch;
         // Split by worker, keeping input order within each worker (so the
         // copies of one key reach their shard in order), then by message
         // size.
-        let core = &self.core;
         let (starts, order) = group_by(fps.len(), core.workers, |i| core.worker_of(fps[i]));
         let mut jobs = Vec::new();
         for w in 0..core.workers {
             let mine = &order[starts[w] as usize..starts[w + 1] as usize];
-            let mine: Vec<u32> = match skip {
+            let mine: Vec<u32> = match &skip {
                 Some(skip) => mine
                     .iter()
                     .copied()
@@ -521,11 +659,12 @@ impl Producer {
         self.next_batch += 1;
         for (w, job) in jobs {
             if self.senders[w].send(Message::Work(job)).is_err() {
-                // The worker is gone (shutdown or panic). Parts already sent
-                // may still be answered; this batch is abandoned.
+                // With the gate open, only a worker that panicked stops
+                // receiving (it records the panic first). Parts already
+                // sent may have been judged; this batch is abandoned.
                 self.in_flight.pop_back();
                 self.unanswered -= 1;
-                return Err(self.core.failure().unwrap_or(PipelineError::Closed));
+                return Err(core.failure().unwrap_or(PipelineError::Closed));
             }
         }
         Ok(())
@@ -546,7 +685,9 @@ impl Producer {
                     }
                     if self.core.alive.load(Ordering::Acquire) == 0 {
                         // Every worker finished its queue and exited: what
-                        // they answered is in the channel already.
+                        // they answered is in the channel already (a batch
+                        // queued whole before their `Stop` is answered
+                        // whole, so this finds its replies).
                         return match self.reply_rx.try_recv() {
                             Ok(reply) => {
                                 self.file(reply);
@@ -582,8 +723,9 @@ impl Producer {
     /// # Errors
     /// [`PipelineError::NothingInFlight`] when no batch is in flight;
     /// [`PipelineError::WorkerPanicked`] when a worker died;
-    /// [`PipelineError::Closed`] when the pipeline shut down before the
-    /// batch was processed.
+    /// [`PipelineError::Closed`] only for a batch that was never queued
+    /// (every batch whose submit returned `Ok` is answered in full, even
+    /// across a shutdown).
     pub fn recv(&mut self) -> Result<Vec<Verdict>, PipelineError> {
         let front_done = |p: &Self| p.in_flight.front().map(|b| b.parts_left == 0);
         loop {
@@ -662,23 +804,29 @@ fn run_worker(core: &Core, w: usize, rx: &Receiver<Message>) {
         }
         flush_due(core, &my_shards, true);
     }));
-    core.alive.fetch_sub(1, Ordering::AcqRel);
     if let Err(payload) = result {
         let msg = payload
             .downcast_ref::<&str>()
             .map(ToString::to_string)
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".to_owned());
+        // Recorded before `alive` drops (and before the queue's receiver
+        // does): a producer that finds the worker gone finds the panic.
         *core.panicked.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(format!("worker {w}: {msg}"));
     }
+    core.alive.fetch_sub(1, Ordering::AcqRel);
 }
 
+/// Writes the due marks of `shards` (`force`: all of them, waiting until
+/// the tier has them). Marks a remote tier could not store stay kept (and
+/// counted) by it for the next flush; a forced flush that leaves some
+/// unwritten is reported by [`Pipeline::shutdown`].
 fn flush_due(core: &Core, shards: &[usize], force: bool) {
     for &s in shards {
-        // Marks a remote tier could not store stay kept (and counted) by
-        // it for the next flush.
-        let _ = core.deduper.flush_shard(s, force);
+        if let Err(e) = core.deduper.flush_shard(s, force) {
+            core.note_unwritten(&e);
+        }
     }
 }
 

@@ -397,7 +397,8 @@ fn read_windowed<R: Read>(
         for n in &mut inserts {
             *n = r.u64()?;
         }
-        let bloom = BlockedBloom::new(blocks as usize, f.base.bloom().hashes());
+        let bloom = BlockedBloom::try_new(blocks as usize, f.base.bloom().hashes())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
         read_words(r, &bloom)?;
         f.overflow
             .push(OverflowLayer::new(bloom, capacity, inserts));
@@ -502,6 +503,7 @@ impl DeduperBuilder {
                         let mut scratch = engine
                             .plan()
                             .windowed_filter()
+                            .map_err(SnapshotError::Config)?
                             .ok_or(SnapshotError::Malformed("filter kind"))?;
                         read_windowed(&mut r, &mut scratch)?;
                     }
@@ -607,7 +609,8 @@ fn read_growing<R: Read>(
         if blocks == 0 || blocks > MAX_BLOCKS || !(1..=10).contains(&hashes) {
             return Err(SnapshotError::Malformed("filter layer size"));
         }
-        let bloom = BlockedBloom::new(blocks as usize, hashes);
+        let bloom = BlockedBloom::try_new(blocks as usize, hashes)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
         read_words(r, &bloom)?;
         layers.push(Layer {
             bloom,
@@ -697,7 +700,7 @@ mod tests {
         d.snapshot(&mut one_table).unwrap();
         for shard in d.lock_all().iter_mut() {
             assert!(matches!(shard.filter, ShardFilter::Direct));
-            shard.filter = ShardFilter::Windowed(d.plan().windowed_filter().unwrap());
+            shard.filter = ShardFilter::Windowed(d.plan().windowed_filter().unwrap().unwrap());
         }
         let mut old = Vec::new();
         d.snapshot(&mut old).unwrap();

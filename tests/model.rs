@@ -569,6 +569,74 @@ fn bad_configuration_says_what_to_change() {
             .memory_limit(1 << 20)),
         ConfigError::MemoryLimit { .. }
     ));
+    // Impossible memory is refused at build, with the bytes and what to
+    // change (10¹² keys in a one-hour window aborted on allocation).
+    let trillion = || {
+        Deduper::builder()
+            .window(Duration::from_secs(3_600))
+            .expected_keys(1_000_000_000_000)
+            .shards(8)
+    };
+    let e = err(trillion().memory_limit(1 << 40));
+    let ConfigError::MemoryLimit {
+        needed,
+        filter,
+        exact,
+        ..
+    } = e
+    else {
+        panic!("{e:?}");
+    };
+    // The memory tier: one table per shard for 7/6 of the window's keys,
+    // 24-byte buckets at 4/5 load, no filter.
+    assert_eq!(filter, 0);
+    assert!(exact >= 35_000_000_000_000 && needed == exact, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&needed.to_string()) && msg.contains("TiB"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("`expected_keys`") && msg.contains("memory_limit"),
+        "{msg}"
+    );
+    #[cfg(target_os = "linux")]
+    {
+        // Without a limit, the machine's memory is the limit.
+        let e = err(trillion());
+        assert!(matches!(e, ConfigError::PhysicalMemory { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("this machine has") && msg.contains("`expected_keys`"),
+            "{msg}"
+        );
+        // Behind a filter (other tiers), the filter is what is too large.
+        let e = err(trillion().exact_tier(ExactTier::DashMap));
+        let ConfigError::PhysicalMemory { filter, exact, .. } = e else {
+            panic!("{e:?}");
+        };
+        assert!(filter > 1 << 40 && exact == 0, "{e}");
+        assert!(e.to_string().contains("false-positive target"), "{e}");
+        let e = err(trillion().mode(Mode::Probabilistic));
+        assert!(matches!(e, ConfigError::PhysicalMemory { .. }), "{e:?}");
+    }
+    // Ordinary configurations still build.
+    for b in [
+        Deduper::builder(),
+        Deduper::builder().expected_keys(10_000_000),
+        Deduper::builder()
+            .expected_keys(10_000_000)
+            .memory_limit(1 << 30),
+        Deduper::builder().no_window().expected_keys(1_000_000_000),
+        Deduper::builder()
+            .mode(Mode::Probabilistic)
+            .expected_keys(10_000_000),
+        Deduper::builder()
+            .exact_tier(ExactTier::DashMap)
+            .expected_keys(10_000_000),
+    ] {
+        assert!(b.build().is_ok());
+    }
     assert_eq!(
         err(Deduper::builder().allowed_lateness(Duration::from_secs(1))),
         ConfigError::LatenessWithoutEventTime
@@ -812,5 +880,127 @@ fn times_at_the_ends_of_the_clock() {
         let end = Timestamp::from_nanos(u64::MAX);
         assert_eq!(d.check_at("z", end), Verdict::New);
         assert!(d.check_at("z", end).is_duplicate());
+    }
+}
+
+/// A lateness far longer than the window costs table memory for the keys
+/// held, not (window + lateness) / window × expected keys. The issue's
+/// input — a one-hour window, 1000 days of lateness, 5 273 records of 1 386
+/// keys, up to ten minutes out of order — took 1.76 GB of tables on 8
+/// shards (a table per shard sized for 24 000 windows' keys, up to its
+/// cap); now 447 360 bytes, what a lateness of one window takes. Verdicts
+/// equal the reference's on the memory tier (one table per shard) and on
+/// slot tables behind a filter (`DashMap`, whose filter stays sized for the
+/// span: see `DeduperBuilder::allowed_lateness`).
+#[test]
+fn a_long_lateness_costs_the_keys_held_not_the_span() {
+    let window = Duration::from_secs(3_600);
+    let lateness = Duration::from_secs(1_000 * 86_400);
+    for tier in [ExactTier::Memory, ExactTier::DashMap] {
+        let d = Deduper::builder()
+            .window(window)
+            .allowed_lateness(lateness)
+            .expected_keys(5_273)
+            .shards(8)
+            .clock(Clock::EventTime)
+            .exact_tier(tier)
+            .build()
+            .unwrap();
+        let mut reference = Reference::new(Some(window), lateness);
+        let mut rng = Rng::new(1_386);
+        let mut t = 1_700_000_000_000_000_000u64;
+        let records: Vec<(u64, Timestamp)> = (0..5_273u64)
+            .map(|i| {
+                t += 2_000_000_000; // 2 s apart: about three hours
+                let key = if i < 1_386 { i } else { rng.below(1_386) };
+                (key, Timestamp::from_nanos(t - rng.below(600_000_000_000)))
+            })
+            .collect();
+        for (i, chunk) in records.chunks(500).enumerate() {
+            let expected: Vec<Verdict> = chunk
+                .iter()
+                .map(|&(k, at)| reference.check_at(k, at.as_nanos()))
+                .collect();
+            assert_eq!(d.check_batch_at(chunk), expected, "chunk {i}");
+        }
+        let stats = d.stats();
+        eprintln!(
+            "{}: {} entries, {} exact bytes, {} filter bytes",
+            d.exact_tier_name(),
+            stats.exact_entries,
+            stats.exact_bytes,
+            stats.filter_bytes
+        );
+        assert!(stats.exact_entries >= 1_386);
+        assert!(
+            stats.exact_bytes < 1 << 20,
+            "{}: {} bytes of tables for {} entries",
+            d.exact_tier_name(),
+            stats.exact_bytes,
+            stats.exact_entries
+        );
+        if d.exact_tier_name() == "memory" {
+            assert_eq!(stats.filter_bytes, 0, "no filter in front of one table");
+        }
+    }
+}
+
+/// A steady stream under a lateness of twenty windows holds 21 windows'
+/// keys, ten times what the tables are sized for up front: they grow as
+/// keys arrive, verdicts stay the reference's, and memory stays
+/// proportional to the keys held.
+#[test]
+fn a_long_lateness_grows_with_the_keys_held() {
+    let window = Duration::from_millis(100);
+    let lateness = window * 20;
+    let per_window = 2_000u64;
+    for (seed, tier) in [ExactTier::Memory, ExactTier::DashMap]
+        .into_iter()
+        .enumerate()
+    {
+        let d = Deduper::builder()
+            .window(window)
+            .allowed_lateness(lateness)
+            .expected_keys(per_window)
+            .shards(4)
+            .clock(Clock::EventTime)
+            .exact_tier(tier)
+            .build()
+            .unwrap();
+        let mut reference = Reference::new(Some(window), lateness);
+        let mut rng = Rng::new(700 + seed as u64);
+        let step = window.as_nanos() as u64 / per_window;
+        let mut t = 1_000_000_000_000u64;
+        let mut most_entries = 0;
+        for op in 0..40 * per_window {
+            t += step;
+            // A fifth of the events arrive up to two windows late.
+            let back = if rng.chance(0.2) {
+                rng.below(2 * window.as_nanos() as u64)
+            } else {
+                0
+            };
+            let at = t - back;
+            let key = rng.below(1 << 20);
+            let expected = reference.check_at(key, at);
+            assert_eq!(
+                d.check_at(&key, Timestamp::from_nanos(at)),
+                expected,
+                "seed {seed} op {op}"
+            );
+            if op % 4_000 == 0 {
+                most_entries = most_entries.max(d.stats().exact_entries);
+            }
+        }
+        let stats = d.stats();
+        eprintln!("{}: {stats:?}", d.exact_tier_name());
+        // About 21 windows of keys are held (up to 42 000).
+        assert!(most_entries > 10 * per_window, "{most_entries} entries");
+        let per_key = (stats.exact_bytes + stats.filter_bytes) / stats.exact_entries;
+        assert!(
+            per_key <= 100,
+            "{}: {per_key} bytes per key held",
+            d.exact_tier_name()
+        );
     }
 }

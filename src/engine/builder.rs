@@ -5,10 +5,11 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 
 use crate::error::ConfigError;
-use crate::exact::{ExactTier, Partition};
-use crate::filter::{GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter};
+use crate::exact::table::{FingerprintTable, Timed, Untimed};
+use crate::exact::{ExactTier, Partition, FIRST_TABLE_ENTRIES};
+use crate::filter::{BlockedBloom, GenerationalBloom, GrowingBloom, SlotSizing, WindowedFilter};
 use crate::fingerprint::Namespace;
-use crate::time::{duration_nanos, Clock, ClockSource, Slicing};
+use crate::time::{duration_nanos, Clock, ClockSource, Slicing, GENERATIONS};
 
 use super::leases::LeaseClock;
 use super::shard::{Shard, ShardFilter, ShardRules, Trust};
@@ -21,10 +22,13 @@ pub enum Mode {
     /// by the exact tier.
     #[default]
     Exact,
-    /// Filter only: about 2 bytes per key, no false negative inside the
-    /// window, but a never-seen key is reported [`crate::Verdict::LikelyDuplicate`]
-    /// at the configured false-positive rate, and the window is rounded up to
-    /// whole slices (keys may be remembered up to one slice longer).
+    /// Filter only: about 3.7 bytes per key in the window at the default 1%
+    /// rate (3.71 measured in `tests/fpr.rs`; the filter is sized for 7/6 of
+    /// a window's keys at about 20 bits per key per generation), no false
+    /// negative inside the window, but a never-seen key is reported
+    /// [`crate::Verdict::LikelyDuplicate`] at the configured false-positive
+    /// rate, and the window is rounded up to whole slices (keys may be
+    /// remembered up to one slice longer).
     Probabilistic,
 }
 
@@ -44,6 +48,20 @@ pub enum Affinity {
     /// and the verdict comes after the claim.
     Shared,
 }
+
+/// Up front, the memory tiers' tables are sized for the keys of a span
+/// (window plus lateness) of at most this many windows: lateness up to one
+/// window is sized for (at most twice the tables of none); longer lateness
+/// costs table memory only as keys arrive (a table grows by half at 4/5
+/// load), not in proportion to (window + lateness) / window.
+///
+/// The filter (other tiers, shared keys, probabilistic mode) stays sized
+/// for the whole span at the expected rate: it cannot grow in place, and
+/// its overflow layers, made for bursts, served a steady stream that fills
+/// a longer span badly (a steady stream under a lateness of 20 windows,
+/// with the filter sized for 8: 4 to 7 times the filter bytes and 3.7 to 5
+/// times the false positives of a filter sized for the span).
+const TABLE_SIZED_WINDOWS: u64 = 2;
 
 /// How many keys to size for.
 #[derive(Clone, Copy, Debug)]
@@ -152,7 +170,14 @@ impl DeduperBuilder {
 
     /// Event time only: how far behind the watermark an event may be and
     /// still be judged exactly (older ones are [`crate::Verdict::Late`]).
-    /// Costs filter memory in proportion to `(window + lateness) / window`.
+    /// Keys are kept for the window plus the lateness. The memory tier's
+    /// tables are sized up front for lateness up to one window (at most
+    /// twice the tables of none) and grow with the keys actually held, so
+    /// a long lateness over a short input costs what the input holds. A
+    /// filter (any other tier, shared keys, probabilistic mode) is sized
+    /// for the keys of the whole window plus lateness at the expected rate,
+    /// what a steady stream holds: about 3.7 bytes per key at the default
+    /// rate; lower `expected_keys` for a short input under a long lateness.
     /// Default: zero.
     pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
         self.lateness = Some(lateness);
@@ -232,8 +257,13 @@ impl DeduperBuilder {
         self
     }
 
-    /// Refuse to build a filter larger than `bytes`. Default: no limit
-    /// (beyond 1 TiB).
+    /// Refuse to build an engine that would need more than `bytes` for its
+    /// expected keys: its filter (allocated at build) plus the memory
+    /// tier's tables as sized for the expected keys (allocated as keys
+    /// arrive; without a window, the first tables only). Keys beyond the
+    /// expected count are still never forgotten: the tables grow past the
+    /// limit rather than lose them. Default: no limit but the machine's
+    /// memory (or the process's cgroup limit), which is always checked.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
         self
@@ -244,7 +274,12 @@ impl DeduperBuilder {
     /// # Errors
     /// [`ConfigError`] naming what to change: a zero window, zero expected
     /// keys, a false-positive rate outside (0, 1), zero shards, lateness
-    /// without event time, or a filter over the memory limit.
+    /// without event time, or impossible memory: the filter and the memory
+    /// tier's tables as sized for the expected keys above `memory_limit`
+    /// ([`ConfigError::MemoryLimit`]) or above the machine's memory
+    /// ([`ConfigError::PhysicalMemory`], Linux: `MemTotal`, or the cgroup
+    /// limit when lower), or a filter that cannot be allocated
+    /// ([`ConfigError::OutOfMemory`]).
     pub fn build(self) -> Result<Deduper, ConfigError> {
         let plan = self.plan()?;
         let lease_clock = LeaseClock::new(&self.clock);
@@ -293,35 +328,39 @@ impl DeduperBuilder {
         if keys_per_window == 0 {
             return Err(ConfigError::ZeroExpectedKeys);
         }
-        let (slicing, keys_per_slot_total) = match window {
+        // Keys per slot (all shards): what a slice receives at the expected
+        // rate (the filter's sizing), and what the memory tiers' tables are
+        // sized for up front: those of a slice of a span of at most
+        // `TABLE_SIZED_WINDOWS` windows.
+        let (slicing, keys_per_slice, table_keys_per_slice) = match window {
             Some(w) => {
                 let span = w.saturating_add(lateness);
                 let slicing = Slicing::for_span(span);
-                // Keys arriving in one slice at the expected rate.
-                let per_slice =
-                    (keys_per_window as f64 * slicing.slice_nanos as f64 / w as f64).ceil();
-                (Some(slicing), per_slice.max(1.0) as u64)
+                // Keys arriving in a slice of `nanos` at the expected rate.
+                let arriving = |nanos: u64| {
+                    (keys_per_window as f64 * nanos as f64 / w as f64)
+                        .ceil()
+                        .max(1.0)
+                };
+                let table_span = span.min(w.saturating_mul(TABLE_SIZED_WINDOWS));
+                (
+                    Some(slicing),
+                    arriving(slicing.slice_nanos),
+                    arriving(Slicing::for_span(table_span).slice_nanos),
+                )
             }
             // No window: every key stays in one slot.
-            None => (None, keys_per_window),
+            None => (None, keys_per_window as f64, keys_per_window as f64),
         };
         // Per shard, with three standard deviations of slack for the uneven
         // split of keys over shards.
-        let mean = keys_per_slot_total as f64 / shards as f64;
-        let slot_capacity = (mean + 3.0 * mean.sqrt() + 1.0).ceil() as u64;
-        let sizing = SlotSizing::new(slot_capacity, self.false_positive_rate, 1)?;
-        let filter_bytes = match window {
-            Some(_) => sizing.num_blocks as u64 * 64 * shards as u64,
-            None => 0,
+        let per_shard = |keys: f64| {
+            let mean = keys / shards as f64;
+            (mean + 3.0 * mean.sqrt() + 1.0).ceil().min(u64::MAX as f64) as u64
         };
-        if let Some(limit) = self.memory_limit {
-            if filter_bytes > limit {
-                return Err(ConfigError::MemoryLimit {
-                    needed: filter_bytes,
-                    limit,
-                });
-            }
-        }
+        let slot_capacity = per_shard(keys_per_slice);
+        let table_slot_keys = per_shard(table_keys_per_slice);
+        let sizing = SlotSizing::new(slot_capacity, self.false_positive_rate, 1)?;
         if self.mark_batch == 0 {
             return Err(ConfigError::ZeroMarkBatch);
         }
@@ -347,7 +386,7 @@ impl DeduperBuilder {
                 return Err(ConfigError::UntimedNeeds(fix));
             }
         }
-        Ok(Plan {
+        let plan = Plan {
             trust: match self.affinity {
                 Affinity::Owned => Trust::Owned,
                 Affinity::Shared => Trust::Shared,
@@ -364,6 +403,7 @@ impl DeduperBuilder {
                 window,
                 slot_capacity,
             },
+            table_slot_keys,
             keys_per_window,
             false_positive_rate: self.false_positive_rate,
             namespace: self.namespace.1,
@@ -374,7 +414,9 @@ impl DeduperBuilder {
             untimed: !self.first_seen_times,
             lease_nanos: duration_nanos(self.lease),
             max_result_bytes: self.max_result_bytes,
-        })
+        };
+        plan.check_memory(self.memory_limit)?;
+        Ok(plan)
     }
 }
 
@@ -391,6 +433,11 @@ pub(crate) struct Plan {
     pub(crate) slicing: Option<Slicing>,
     pub(crate) shards: usize,
     pub(crate) sizing: SlotSizing,
+    /// Keys per slot per shard the memory tiers' tables are sized for up
+    /// front: at most those of a span of `TABLE_SIZED_WINDOWS` windows (the
+    /// filter and remote tiers use `rules.slot_capacity`, what a slot
+    /// receives at the expected rate).
+    pub(crate) table_slot_keys: u64,
     pub(crate) rules: ShardRules,
     pub(crate) keys_per_window: u64,
     pub(crate) false_positive_rate: f64,
@@ -410,15 +457,121 @@ pub(crate) struct Plan {
     pub(crate) max_result_bytes: usize,
 }
 
+/// What a configuration allocates to hold its expected keys, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MemoryNeeds {
+    /// The filter of every shard, allocated at build.
+    pub(crate) filter: u64,
+    /// The memory tier's tables of every shard as sized for the expected
+    /// keys (allocated as keys arrive; without a window, the first tables
+    /// only: keys past them grow the tables). Other tiers: 0.
+    pub(crate) exact: u64,
+}
+
 impl Plan {
     /// An empty filter of one shard of a windowed engine, as sized.
-    pub(crate) fn windowed_filter(&self) -> Option<WindowedFilter> {
-        self.slicing.map(|slicing| {
-            WindowedFilter::new(
-                GenerationalBloom::with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes),
-                self.rules.slot_capacity,
-            )
+    ///
+    /// # Errors
+    /// [`ConfigError::OutOfMemory`] when it cannot be allocated.
+    pub(crate) fn windowed_filter(&self) -> Result<Option<WindowedFilter>, ConfigError> {
+        let Some(slicing) = self.slicing else {
+            return Ok(None);
+        };
+        let base =
+            GenerationalBloom::try_with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes)?;
+        Ok(Some(WindowedFilter::new(base, self.rules.slot_capacity)))
+    }
+
+    /// Owned keys on the embedded table: the shard keeps no filter.
+    fn is_direct(&self) -> bool {
+        self.trust == Trust::Owned
+            && self.mode == Mode::Exact
+            && matches!(self.exact, ExactTier::Memory)
+    }
+
+    /// Entries of a shard's one table (no filter, a window): six slices
+    /// of a span and one more that expires while a sweep is running.
+    fn one_table_keys(&self) -> u64 {
+        self.table_slot_keys.saturating_mul(7)
+    }
+
+    /// Keys a shard's growing filter (no window) is first sized for.
+    fn growing_initial_keys(&self) -> u64 {
+        (self.keys_per_window / self.shards as u64).max(1)
+    }
+
+    /// What this configuration allocates to hold its expected keys.
+    ///
+    /// # Errors
+    /// [`ConfigError`] from sizing a growing filter.
+    pub(crate) fn memory_needs(&self) -> Result<MemoryNeeds, ConfigError> {
+        let shards = self.shards as u64;
+        let direct = self.is_direct();
+        let filter = match self.slicing {
+            _ if direct => 0,
+            Some(_) => BlockedBloom::bytes_for(self.sizing.num_blocks),
+            None => {
+                GrowingBloom::initial_bytes(self.growing_initial_keys(), self.false_positive_rate)?
+            }
+        };
+        let size = |keys: u64| usize::try_from(keys).unwrap_or(usize::MAX);
+        let exact = match (self.mode, &self.exact, self.slicing) {
+            (Mode::Exact, ExactTier::Memory, Some(_)) if direct => {
+                FingerprintTable::<Timed>::bytes_for(size(self.one_table_keys()))
+            }
+            // A table per live slot (seven), each sized for its slice and
+            // a quarter more.
+            (Mode::Exact, ExactTier::Memory, Some(_)) => {
+                let per_slot = self
+                    .table_slot_keys
+                    .saturating_add(self.table_slot_keys / 4);
+                FingerprintTable::<Timed>::bytes_for(size(per_slot))
+                    .saturating_mul(GENERATIONS as u64 - 1)
+            }
+            // No window: expected keys are the first tables' size; more
+            // keys grow them.
+            (Mode::Exact, ExactTier::Memory, None) => {
+                let first = size(self.rules.slot_capacity).min(FIRST_TABLE_ENTRIES);
+                if self.untimed {
+                    FingerprintTable::<Untimed>::bytes_for(first)
+                } else {
+                    FingerprintTable::<Timed>::bytes_for(first)
+                }
+            }
+            _ => 0,
+        };
+        Ok(MemoryNeeds {
+            filter: filter.saturating_mul(shards),
+            exact: exact.saturating_mul(shards),
         })
+    }
+
+    /// Refuses a configuration whose [`Plan::memory_needs`] exceed `limit`
+    /// or the memory this process may use.
+    fn check_memory(&self, limit: Option<u64>) -> Result<(), ConfigError> {
+        let MemoryNeeds { filter, exact } = self.memory_needs()?;
+        let needed = filter.saturating_add(exact);
+        if let Some(limit) = limit {
+            if needed > limit {
+                return Err(ConfigError::MemoryLimit {
+                    needed,
+                    limit,
+                    filter,
+                    exact,
+                });
+            }
+        }
+        if let Some(physical) = crate::hugealloc::physical_memory() {
+            if needed > physical {
+                return Err(ConfigError::PhysicalMemory {
+                    needed,
+                    physical,
+                    filter,
+                    exact,
+                });
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn make_shard(
@@ -433,29 +586,36 @@ impl Plan {
         // the whole window (entries carry their time and are swept out
         // once expired) instead of one table per slice that a filter would
         // have to pick.
-        let direct = self.trust == Trust::Owned
-            && self.mode == Mode::Exact
-            && matches!(exact, ExactTier::Memory);
-        // One table: six slices of a window and one more that expires while
-        // a sweep is running.
-        let one_table_keys = (self.rules.slot_capacity * 7) as usize;
+        let direct = self.is_direct() && matches!(exact, ExactTier::Memory);
+        let one_table_keys = self.one_table_keys();
         let mut partition = match self.mode {
-            Mode::Exact => Some(exact.partition(&crate::exact::PartitionSpec {
-                shard: index,
-                shards: self.shards,
-                // A windowed slot takes a quarter more than its sizing
-                // before the filter grows overflow layers.
-                keys_per_slot: match self.slicing {
-                    Some(_) if direct => one_table_keys as u64,
-                    Some(_) => self.rules.slot_capacity + self.rules.slot_capacity / 4,
-                    None => self.rules.slot_capacity,
-                } as usize,
-                window_nanos: self.window,
-                slice_nanos: self.slicing.map(|s| s.slice_nanos),
-                span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),
-                namespace_seed: self.namespace.seed(),
-                shared: self.trust == Trust::Shared,
-            })),
+            Mode::Exact => Some(
+                exact.partition(&crate::exact::PartitionSpec {
+                    shard: index,
+                    shards: self.shards,
+                    // A windowed slot takes a quarter more than its sizing
+                    // before the filter grows overflow layers. A remote tier
+                    // lays its keys out for what a slot receives at the
+                    // expected rate (it allocates nothing ahead); the memory
+                    // tiers' tables are sized for at most a span of
+                    // `TABLE_SIZED_WINDOWS` windows and grow.
+                    keys_per_slot: usize::try_from(match (self.slicing, exact) {
+                        (Some(_), _) if direct => one_table_keys,
+                        (Some(_), ExactTier::Custom(_)) => {
+                            let at_rate = self.rules.slot_capacity;
+                            at_rate.saturating_add(at_rate / 4)
+                        }
+                        (Some(_), _) => self.table_slot_keys + self.table_slot_keys / 4,
+                        (None, _) => self.rules.slot_capacity,
+                    })
+                    .unwrap_or(usize::MAX),
+                    window_nanos: self.window,
+                    slice_nanos: self.slicing.map(|s| s.slice_nanos),
+                    span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),
+                    namespace_seed: self.namespace.seed(),
+                    shared: self.trust == Trust::Shared,
+                }),
+            ),
             Mode::Probabilistic => None,
         };
         let direct = direct && matches!(partition, Some(Partition::Memory(_)));
@@ -465,15 +625,23 @@ impl Plan {
         if let (true, Some(window), Some(Partition::Memory(table))) =
             (direct, self.window, &mut partition)
         {
-            table.use_one_table(window, self.span, one_table_keys);
+            table.use_one_table(
+                window,
+                self.span,
+                usize::try_from(one_table_keys).unwrap_or(usize::MAX),
+            );
         }
-        let filter = match self.windowed_filter() {
-            _ if direct => ShardFilter::Direct,
-            Some(f) => ShardFilter::Windowed(f),
-            None => ShardFilter::Unbounded(GrowingBloom::new(
-                (self.keys_per_window / self.shards as u64).max(1),
-                self.false_positive_rate,
-            )?),
+        // Only a shard that uses a filter allocates one.
+        let filter = if direct {
+            ShardFilter::Direct
+        } else {
+            match self.windowed_filter()? {
+                Some(f) => ShardFilter::Windowed(f),
+                None => ShardFilter::Unbounded(GrowingBloom::new(
+                    self.growing_initial_keys(),
+                    self.false_positive_rate,
+                )?),
+            }
         };
         Ok(Shard::new(filter, partition, self.mark_batch, lease_clock))
     }

@@ -88,9 +88,10 @@ pub struct Stats {
     /// on the memory tier without a filter, entering a new slice, when a
     /// sweep of expired entries may start).
     pub rotations: u64,
-    /// Keys inserted into a generation whose every layer was full (past 40
-    /// overflow layers, or a growing filter out of memory limits): the rate
-    /// is above target while this grows (never a false negative).
+    /// Keys inserted into a generation whose every layer was full (past 12
+    /// overflow layers, or a layer the memory could not be had for; a
+    /// growing filter that could not add a layer): the rate is above
+    /// target while this grows (never a false negative).
     pub over_capacity: u64,
     /// Keys a burst sent to overflow layers because their slice already held
     /// its sized capacity; the layers are freed when their slices expire.

@@ -10,6 +10,11 @@ use super::bodies::{BodyStore, RecordBody};
 use super::table::{FingerprintTable, Untimed, Within};
 use super::{ExactPartition, Mark};
 
+/// Most entries a slot's first table is sized for (seven times that for
+/// one table per shard): a generous estimate does not allocate a huge idle
+/// table; more keys grow it.
+pub(crate) const FIRST_TABLE_ENTRIES: usize = 1 << 20;
+
 /// The embedded exact tier of one shard: one open-addressing table per
 /// generation slot, owned by the shard (no locks, no atomics), 24 bytes per
 /// entry (16 in an engine without first-seen times).
@@ -255,9 +260,9 @@ impl MemoryPartition {
     fn table_capacity(&self) -> usize {
         // One table for a window stands for seven slots.
         let cap = if self.expiry.is_some() {
-            7 << 20
+            7 * FIRST_TABLE_ENTRIES
         } else {
-            1 << 20
+            FIRST_TABLE_ENTRIES
         };
         self.expected_per_slot.min(cap)
     }

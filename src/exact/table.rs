@@ -183,6 +183,12 @@ impl<E: Entry> FingerprintTable<E> {
         })
     }
 
+    /// Bytes of a table with room for `entries` (what
+    /// [`FingerprintTable::with_capacity`] allocates).
+    pub(crate) fn bytes_for(entries: usize) -> u64 {
+        (Self::buckets_for(entries) as u64).saturating_mul(std::mem::size_of::<E>() as u64)
+    }
+
     /// Buckets with room for `entries`.
     fn buckets_for(entries: usize) -> usize {
         entries

@@ -31,14 +31,26 @@ pub(crate) struct BlockedBloom {
 }
 
 impl BlockedBloom {
-    /// A zeroed filter of `num_blocks` blocks (at least one) setting `hashes`
-    /// bits per key.
+    /// [`BlockedBloom::try_new`] for tests, which abort on failure.
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn new(num_blocks: usize, hashes: u32) -> Self {
+        Self::try_new(num_blocks, hashes).expect("allocating a test filter")
+    }
+
+    /// A zeroed filter of `num_blocks` blocks (at least one) setting `hashes`
+    /// bits per key, or `None` when the memory cannot be had (every caller
+    /// turns that into an error or a counted fallback, never an abort).
+    pub(crate) fn try_new(num_blocks: usize, hashes: u32) -> Option<Self> {
         assert!((1..=MAX_HASHES).contains(&hashes));
-        BlockedBloom {
-            blocks: zeroed_blocks(num_blocks.max(1)),
+        Some(BlockedBloom {
+            blocks: try_zeroed_blocks(num_blocks.max(1))?,
             hashes,
-        }
+        })
+    }
+
+    /// Bytes of a filter of `num_blocks` blocks.
+    pub(crate) fn bytes_for(num_blocks: usize) -> u64 {
+        (num_blocks.max(1) as u64).saturating_mul(std::mem::size_of::<Block>() as u64)
     }
 
     pub(crate) fn num_blocks(&self) -> usize {
@@ -335,17 +347,19 @@ type Blocks = crate::hugealloc::ZeroedArray<Block>;
 type Blocks = Box<[Block]>;
 
 #[cfg(not(loom))]
-fn zeroed_blocks(n: usize) -> Blocks {
+fn try_zeroed_blocks(n: usize) -> Option<Blocks> {
     // SAFETY: all-zero bytes are a valid `[AtomicU64; 8]`. Zeroed allocation
     // lets the OS hand out untouched pages lazily for large filters.
-    unsafe { crate::hugealloc::ZeroedArray::new(n) }
+    unsafe { crate::hugealloc::ZeroedArray::try_new(n) }
 }
 
 #[cfg(loom)]
-fn zeroed_blocks(n: usize) -> Blocks {
-    (0..n)
-        .map(|_| Block(std::array::from_fn(|_| AtomicU64::new(0))))
-        .collect()
+fn try_zeroed_blocks(n: usize) -> Option<Blocks> {
+    Some(
+        (0..n)
+            .map(|_| Block(std::array::from_fn(|_| AtomicU64::new(0))))
+            .collect(),
+    )
 }
 
 #[cfg(all(test, not(loom)))]

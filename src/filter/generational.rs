@@ -123,7 +123,7 @@ impl GenerationalBloom {
             .div_ceil(crate::time::SLICES_PER_SPAN)
             .max(1);
         let sizing = SlotSizing::new(per_slice, false_positive_rate, 1)?;
-        Ok(Self::with_parts(slicing, sizing.num_blocks, sizing.hashes))
+        Self::try_with_parts(slicing, sizing.num_blocks, sizing.hashes)
     }
 
     /// A filter of explicit shape: `keys_per_generation` keys per slice at
@@ -132,7 +132,8 @@ impl GenerationalBloom {
     /// given bits-per-key.
     ///
     /// # Errors
-    /// [`ConfigError::ZeroWindow`] for a zero window.
+    /// [`ConfigError::ZeroWindow`] for a zero window,
+    /// [`ConfigError::OutOfMemory`] when the filter cannot be allocated.
     pub fn with_shape(
         window: Duration,
         keys_per_generation: u64,
@@ -142,21 +143,30 @@ impl GenerationalBloom {
             return Err(ConfigError::ZeroWindow);
         }
         let blocks = (keys_per_generation as f64 * shape.bits_per_key / 64.0).ceil() as usize;
-        Ok(Self::with_parts(
+        Self::try_with_parts(
             Slicing::for_span(duration_nanos(window)),
             blocks.max(1),
             shape.hashes.clamp(1, super::sizing::MAX_HASHES),
-        ))
+        )
     }
 
-    pub(crate) fn with_parts(slicing: Slicing, num_blocks: usize, hashes: u32) -> Self {
-        GenerationalBloom {
-            bloom: BlockedBloom::new(num_blocks, hashes),
+    /// A filter of `num_blocks` blocks, or [`ConfigError::OutOfMemory`]
+    /// when they cannot be allocated.
+    pub(crate) fn try_with_parts(
+        slicing: Slicing,
+        num_blocks: usize,
+        hashes: u32,
+    ) -> Result<Self, ConfigError> {
+        let bloom = BlockedBloom::try_new(num_blocks, hashes).ok_or(ConfigError::OutOfMemory {
+            bytes: BlockedBloom::bytes_for(num_blocks),
+        })?;
+        Ok(GenerationalBloom {
+            bloom,
             slicing,
             current: AtomicU64::new(NOT_STARTED),
             next_slice_at: AtomicU64::new(0),
             rotation: Mutex::new(()),
-        }
+        })
     }
 
     /// Moves the filter to the slice of `now`, clearing the generations that

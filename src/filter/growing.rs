@@ -36,25 +36,51 @@ pub(crate) struct Layer {
 
 impl GrowingBloom {
     pub(crate) fn new(initial_keys: u64, overall_fpr: f64) -> Result<Self, ConfigError> {
-        let mut g = GrowingBloom {
-            layers: Vec::new(),
-            overall_fpr,
-            stage: 0,
-            stage_len: 0,
-        };
-        let capacity = initial_keys.div_ceil(GENERATIONS as u64).max(1);
+        let mut g = Self::empty(overall_fpr);
+        let capacity = Self::first_stage_capacity(initial_keys);
         g.layers.push(g.make_layer(0, capacity)?);
         Ok(g)
     }
 
-    fn make_layer(&self, index: usize, stage_capacity: u64) -> Result<Layer, ConfigError> {
+    /// Bytes of the first layer of a filter for `initial_keys`.
+    pub(crate) fn initial_bytes(initial_keys: u64, overall_fpr: f64) -> Result<u64, ConfigError> {
+        let g = Self::empty(overall_fpr);
+        let sizing = g.layer_sizing(0, Self::first_stage_capacity(initial_keys))?;
+        Ok(BlockedBloom::bytes_for(sizing.num_blocks))
+    }
+
+    fn first_stage_capacity(initial_keys: u64) -> u64 {
+        initial_keys.div_ceil(GENERATIONS as u64).max(1)
+    }
+
+    fn empty(overall_fpr: f64) -> Self {
+        GrowingBloom {
+            layers: Vec::new(),
+            overall_fpr,
+            stage: 0,
+            stage_len: 0,
+        }
+    }
+
+    fn layer_sizing(&self, index: usize, stage_capacity: u64) -> Result<SlotSizing, ConfigError> {
         // Halve the rate per layer down to the layout's practical floor; past
         // it the summed rate creeps up slowly and shows in estimated_fpr().
         let rate = (self.overall_fpr / GENERATIONS as f64 / f64::from(2u32 << index.min(30)))
             .max(STAGE_RATE_FLOOR);
-        let sizing = SlotSizing::for_generation_rate(stage_capacity, rate, self.overall_fpr, 1)?;
+        SlotSizing::for_generation_rate(stage_capacity, rate, self.overall_fpr, 1)
+    }
+
+    fn make_layer(&self, index: usize, stage_capacity: u64) -> Result<Layer, ConfigError> {
+        let sizing = self.layer_sizing(index, stage_capacity)?;
+        // A layer that cannot be allocated is an error at build, and at
+        // growth a filter that stops growing (counted), never an abort.
+        let bloom = BlockedBloom::try_new(sizing.num_blocks, sizing.hashes).ok_or(
+            ConfigError::OutOfMemory {
+                bytes: BlockedBloom::bytes_for(sizing.num_blocks),
+            },
+        )?;
         Ok(Layer {
-            bloom: BlockedBloom::new(sizing.num_blocks, sizing.hashes),
+            bloom,
             stage_capacity,
         })
     }

@@ -94,8 +94,8 @@ pub(crate) enum Placement {
     Base,
     /// Into an overflow layer (the base slot was full).
     Overflow,
-    /// Every layer is full and no more may be added: into the base slot
-    /// beyond its sizing (the rate rises; counted).
+    /// Every layer is full and no more may be added (or allocated): into
+    /// the base slot beyond its sizing (the rate rises; counted).
     OverCapacity,
 }
 
@@ -228,13 +228,16 @@ impl WindowedFilter {
                     l.bloom.num_blocks().saturating_mul(GROWTH as usize),
                 ),
             };
-            let bloom = BlockedBloom::new(blocks, self.base.bloom().hashes());
-            let mut inserts = [0; GENERATIONS];
-            inserts[slot] = 1;
-            bloom.insert_exclusive(bloom.probe_with_mask(fp, probe.mask), slot);
-            self.overflow
-                .push(OverflowLayer::new(bloom, capacity, inserts));
-            return Placement::Overflow;
+            // A layer the memory cannot be had for is a full filter (the
+            // key goes over capacity below, counted), not an abort.
+            if let Some(bloom) = BlockedBloom::try_new(blocks, self.base.bloom().hashes()) {
+                let mut inserts = [0; GENERATIONS];
+                inserts[slot] = 1;
+                bloom.insert_exclusive(bloom.probe_with_mask(fp, probe.mask), slot);
+                self.overflow
+                    .push(OverflowLayer::new(bloom, capacity, inserts));
+                return Placement::Overflow;
+            }
         }
         self.inserts[slot] += 1;
         self.base.bloom().insert_exclusive(probe, slot);
