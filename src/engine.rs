@@ -3,12 +3,16 @@
 //! race and the filter's "definitely new" needs no confirmation.
 
 mod builder;
+mod claim;
+mod claims_api;
+mod leases;
 mod marks;
 mod shard;
+mod shared;
 mod stats;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
@@ -21,9 +25,11 @@ use crate::time::{ClockSource, Timestamp};
 use crate::verdict::Verdict;
 
 pub use builder::{Affinity, DeduperBuilder, Mode};
-pub use stats::Stats;
+pub use stats::{ClaimStats, Stats};
 
 pub(crate) use builder::Plan;
+pub(crate) use leases::Held;
+use leases::LeaseClock;
 pub(crate) use shard::{Shard, ShardFilter, Staged, Warmth};
 pub(crate) use stats::ShardCounters as ShardCountersView;
 #[cfg(feature = "metrics")]
@@ -52,6 +58,11 @@ pub struct Deduper {
     /// Event time: highest timestamp seen (0 before any).
     watermark: CachePadded<AtomicU64>,
     late: AtomicU64,
+    /// The clock claims' leases are measured on.
+    lease_clock: LeaseClock,
+    /// Per shard: claims waiting for a holder to commit or release
+    /// ([`Deduper::claim_wait`]) sleep here, with the shard's lock.
+    wakeups: Box<[CachePadded<Condvar>]>,
 }
 
 impl Deduper {
@@ -65,8 +76,13 @@ impl Deduper {
         plan: Plan,
         shards: Box<[CachePadded<Mutex<Shard>>]>,
         clock: ClockSource,
+        lease_clock: LeaseClock,
     ) -> Self {
         Deduper {
+            wakeups: (0..shards.len())
+                .map(|_| CachePadded::new(Condvar::new()))
+                .collect(),
+            lease_clock,
             shard_mask: shards.len() as u64 - 1,
             shards,
             plan,
@@ -484,6 +500,7 @@ impl Deduper {
     pub(crate) fn flush_shard(&self, s: usize, force: bool) -> Result<(), FlushError> {
         let mut shard = self.lock(s);
         if force {
+            shard.send_queued_releases(&self.plan.rules);
             shard.sync_marks().map_err(|source| FlushError::Unwritten {
                 marks: shard.unwritten_marks(),
                 source,
@@ -532,6 +549,7 @@ impl Deduper {
         let mut first = None;
         for s in 0..self.shards.len() {
             let mut shard = self.lock(s);
+            shard.send_queued_releases(&self.plan.rules);
             if let Err(e) = shard.sync_marks() {
                 unwritten += shard.unwritten_marks();
                 first.get_or_insert(e);
@@ -559,6 +577,8 @@ impl Deduper {
             let shard = self.lock(s);
             stats.add(&shard.counters);
             stats.marks_pending += shard.pending.len() as u64;
+            stats.claims.leases_live += shard.leases.len() as u64;
+            stats.exact_bytes += shard.leases.bytes() as u64;
             stats.filter_bytes += shard.filter_bytes() as u64;
             if let ShardFilter::Windowed(f) = &shard.filter {
                 stats.overflow_layers += f.overflow.len() as u64;

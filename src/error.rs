@@ -77,6 +77,9 @@ pub enum ConfigError {
     /// The mark batch size is zero.
     #[error("mark batch size is zero: use 1 to write each mark at once, or more to batch them")]
     ZeroMarkBatch,
+    /// The default lease duration is zero.
+    #[error("the lease duration is zero: give claims time to act (default: 30 s)")]
+    ZeroLease,
     /// Allowed lateness is set without event time.
     #[error("allowed lateness only applies to event time: set `clock(Clock::EventTime)` or drop `allowed_lateness`")]
     LatenessWithoutEventTime,
@@ -118,6 +121,10 @@ pub enum ExactTierError {
     /// The backend is unreachable or failed.
     #[error("exact tier unavailable: {0}")]
     Unavailable(String),
+    /// The backend does not offer the operation (e.g. storing claim
+    /// results).
+    #[error("exact tier cannot do this: {0}")]
+    Unsupported(&'static str),
 }
 
 /// Accepted keys whose marks the exact tier has not stored.

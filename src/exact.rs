@@ -9,6 +9,7 @@
 //!
 //! Backends are trait objects (the I/O path); [`ExactTier`] picks one.
 
+mod bodies;
 mod dashmap_tier;
 mod memory;
 #[cfg(feature = "redis")]
@@ -17,10 +18,12 @@ pub(crate) mod table;
 
 use std::sync::Arc;
 
+use crate::claims::PayloadFingerprint;
 use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
 use crate::time::Timestamp;
 
+pub use bodies::RecordBody;
 pub use dashmap_tier::DashMapPartition;
 pub use memory::MemoryPartition;
 pub(crate) use memory::{Seen, FIRST_TABLE_ENTRIES};
@@ -57,6 +60,112 @@ pub struct Claim {
     pub fingerprint: Fingerprint,
     /// Its time.
     pub at: Timestamp,
+}
+
+/// One operation of a shared-mode claim batch
+/// ([`ExactPartition::shared_claims`]): each is atomic in the store with
+/// respect to every engine sharing it. Lease times (`now`, `until`) are on
+/// the engines' common lease clock (wall-clock nanoseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedOp<'a> {
+    /// A claim at record time `at`: a live lease answers
+    /// [`SharedAnswer::InProgress`] (or `Conflict`), a record within the
+    /// window [`SharedAnswer::Completed`] (or `Conflict`); otherwise the
+    /// store issues the next fencing token of the key's shard, holds the
+    /// key until `until` and answers [`SharedAnswer::Acquired`].
+    Claim {
+        /// The key.
+        fingerprint: Fingerprint,
+        /// The claim's record time (the window's anchor if committed).
+        at: Timestamp,
+        /// Lease-clock time now.
+        now: u64,
+        /// When the lease expires if acquired.
+        until: u64,
+        /// The claim's payload fingerprint.
+        payload: Option<PayloadFingerprint>,
+    },
+    /// A claim and commit in one step with no result (a check): answers
+    /// `Acquired` (recorded at `at`), `InProgress` or `Completed`.
+    Check {
+        /// The key.
+        fingerprint: Fingerprint,
+        /// The check's time.
+        at: Timestamp,
+        /// Lease-clock time now.
+        now: u64,
+    },
+    /// Commits the lease `token` if it still holds the key at `now`: the
+    /// record keeps the claim's `at` and payload, and stores `result`.
+    /// Answers [`SharedAnswer::Done`] or [`SharedAnswer::Lost`].
+    Commit {
+        /// The key.
+        fingerprint: Fingerprint,
+        /// The lease's token.
+        token: u64,
+        /// Lease-clock time now.
+        now: u64,
+        /// The result to store.
+        result: &'a [u8],
+    },
+    /// Releases the lease `token` if it still holds the key at `now`:
+    /// `Done` or `Lost`.
+    Release {
+        /// The key.
+        fingerprint: Fingerprint,
+        /// The lease's token.
+        token: u64,
+        /// Lease-clock time now.
+        now: u64,
+    },
+    /// Extends the lease `token` to `until` if it still holds the key at
+    /// `now`: `Done` or `Lost`.
+    Extend {
+        /// The key.
+        fingerprint: Fingerprint,
+        /// The lease's token.
+        token: u64,
+        /// Lease-clock time now.
+        now: u64,
+        /// The new expiry.
+        until: u64,
+    },
+    /// Removes the key's lease and records: `Forgotten(found)`.
+    Forget {
+        /// The key.
+        fingerprint: Fingerprint,
+    },
+}
+
+/// The store's answer to one [`SharedOp`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SharedAnswer {
+    /// The claim holds the key with this fencing token (a `Check`: the key
+    /// is recorded).
+    Acquired {
+        /// The lease's token.
+        token: u64,
+    },
+    /// Another live lease holds the key until `until`.
+    InProgress {
+        /// The holder's expiry.
+        until: u64,
+    },
+    /// Committed within the window.
+    Completed {
+        /// The record's time.
+        first_seen: Timestamp,
+        /// Its payload and result, if it has any.
+        body: Option<RecordBody>,
+    },
+    /// Held or completed with another payload fingerprint.
+    Conflict,
+    /// The commit, release or extension was applied.
+    Done,
+    /// The lease no longer holds the key: nothing applied.
+    Lost,
+    /// A `Forget`: whether something was removed.
+    Forgotten(bool),
 }
 
 /// The newest slot first: slots of slices `current, current−1, …`.
@@ -161,6 +270,29 @@ pub trait ExactPartition: Send {
         Ok(())
     }
 
+    /// Shared keys on a remote store: claims, checks, commits, releases,
+    /// extensions and forgets, each atomic in the store with respect to
+    /// every engine sharing it (see [`SharedOp`]), answered in order in
+    /// `out`. The store keeps the leases (so every engine sees them) and
+    /// issues the fencing tokens. Default: unsupported (a local tier's
+    /// leases live in its engine).
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the store cannot answer; `out` is then
+    /// meaningless and nothing may be assumed applied.
+    fn shared_claims(
+        &mut self,
+        current: u64,
+        window: Option<u64>,
+        ops: &[SharedOp<'_>],
+        out: &mut Vec<SharedAnswer>,
+    ) -> Result<(), ExactTierError> {
+        let _ = (current, window, ops, out);
+        Err(ExactTierError::Unsupported(
+            "this exact tier does not hold shared claims",
+        ))
+    }
+
     /// Records many marks at once (a flushed [`Mark`] batch). The default
     /// calls [`ExactPartition::mark`] for each; remote backends send one
     /// request.
@@ -186,6 +318,62 @@ pub trait ExactPartition: Send {
     /// stay kept).
     fn flush(&mut self) -> Result<(), ExactTierError> {
         Ok(())
+    }
+
+    /// Stores the body of a committed claim (its payload fingerprint and
+    /// result, not both empty) beside its mark, which [`ExactPartition::mark`] or
+    /// [`ExactPartition::mark_batch`] has written or will write. A body
+    /// lives and expires with its record. Default: unsupported.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend cannot store it (nothing of the
+    /// commit is then assumed stored).
+    fn put_body(
+        &mut self,
+        mark: &Mark,
+        payload: Option<PayloadFingerprint>,
+        result: &[u8],
+    ) -> Result<(), ExactTierError> {
+        let _ = (mark, payload, result);
+        Err(ExactTierError::Unsupported(
+            "this exact tier does not store claim results",
+        ))
+    }
+
+    /// The body stored with `fp`'s record accepted at `at`, most likely in
+    /// generation slot `slot`. `None` when the record has none (recorded
+    /// by a check, or committed with no payload and no result). Default:
+    /// none.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend cannot answer.
+    fn body(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+        at: Timestamp,
+    ) -> Result<Option<RecordBody>, ExactTierError> {
+        let _ = (fp, slot, at);
+        Ok(None)
+    }
+
+    /// Every stored body as `(slot, fingerprint, record time, body)`, for
+    /// snapshots. Default: none.
+    fn bodies(&self) -> Vec<(usize, Fingerprint, Timestamp, RecordBody)> {
+        Vec::new()
+    }
+
+    /// Removes whatever is recorded for `fp` in every slot (its marks and
+    /// body): the next claim or check of it is new. True if something was.
+    /// Default: unsupported.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend cannot remove it.
+    fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
+        let _ = fp;
+        Err(ExactTierError::Unsupported(
+            "this exact tier cannot forget a key",
+        ))
     }
 
     /// Marks this partition accepted and has not stored yet: kept after a

@@ -13,6 +13,9 @@
 //! same key in two namespaces gives two unrelated fingerprints and hashing a
 //! key costs one pass over its bytes, with no concatenation.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64, Xxh3};
 
 /// The 128-bit identity of one key in one namespace.
@@ -227,3 +230,27 @@ mod tests {
         assert_eq!(Fingerprint::from_bytes(fp.to_bytes()), fp);
     }
 }
+
+/// Hashes a [`Fingerprint`] as its high half, which is already a uniform
+/// hash (the low half chose the shard, so its low bits repeat within one):
+/// the maps the engine keys by fingerprint skip SipHash.
+#[derive(Default)]
+pub(crate) struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for fingerprints (they write one `u128`).
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = (n >> 64) as u64;
+    }
+}
+
+/// A map keyed by fingerprint, hashed by [`FingerprintHasher`].
+pub(crate) type FingerprintMap<V> = HashMap<Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;

@@ -104,6 +104,7 @@
 
 #![warn(missing_docs)]
 
+pub mod claims;
 mod engine;
 mod error;
 pub mod exact;
@@ -119,7 +120,11 @@ mod time;
 mod trace;
 mod verdict;
 
-pub use engine::{Affinity, Deduper, DeduperBuilder, Mode, Sizing, Stats};
+pub use claims::{
+    Claim, ClaimBatcher, ClaimKind, ClaimRequest, CommitError, Lease, LeaseInfo, LeaseLost,
+    PayloadFingerprint, Reply,
+};
+pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats};
 pub use error::{ConfigError, ExactTierError, FlushError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};

@@ -60,7 +60,22 @@ impl Deduper {
                 s.exact_call_nanos,
             ),
         ];
-        for (name, value) in counters {
+        let c = s.claims;
+        let claim_counters: [(&'static str, u64); 12] = [
+            ("tiered_dedup_in_progress_total", s.in_progress),
+            ("tiered_dedup_claims_total", c.claims),
+            ("tiered_dedup_claims_acquired_total", c.acquired),
+            ("tiered_dedup_claims_in_progress_total", c.in_progress),
+            ("tiered_dedup_claims_completed_total", c.completed),
+            ("tiered_dedup_claims_conflicts_total", c.conflicts),
+            ("tiered_dedup_claims_commits_total", c.commits),
+            ("tiered_dedup_claims_releases_total", c.releases),
+            ("tiered_dedup_claims_leases_expired_total", c.leases_expired),
+            ("tiered_dedup_claims_lease_lost_total", c.lease_lost),
+            ("tiered_dedup_claims_result_bytes_total", c.result_bytes),
+            ("tiered_dedup_claims_forgotten_total", c.forgotten),
+        ];
+        for (name, value) in counters.into_iter().chain(claim_counters) {
             metrics::counter!(name, &labels).absolute(value);
         }
         // Cumulative latency buckets of batched exact-tier calls, in the
@@ -76,7 +91,8 @@ impl Deduper {
             metrics::counter!("tiered_dedup_exact_call_seconds_bucket", &bucket_labels)
                 .absolute(cumulative);
         }
-        let gauges: [(&'static str, f64); 7] = [
+        let gauges: [(&'static str, f64); 8] = [
+            ("tiered_dedup_claims_leases_live", c.leases_live as f64),
             ("tiered_dedup_filter_bytes", s.filter_bytes as f64),
             ("tiered_dedup_exact_bytes", s.exact_bytes as f64),
             ("tiered_dedup_exact_entries", s.exact_entries as f64),

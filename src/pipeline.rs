@@ -218,7 +218,7 @@ pub struct PipelineBuilder {
 /// from a snapshot, or taken back from another pipeline).
 #[derive(Debug)]
 enum EngineSource {
-    Builder(DeduperBuilder),
+    Builder(Box<DeduperBuilder>),
     Ready(Box<Deduper>),
 }
 
@@ -317,7 +317,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// A builder around the engine `deduper` describes.
     pub fn builder(deduper: DeduperBuilder) -> PipelineBuilder {
-        Self::builder_for(EngineSource::Builder(deduper))
+        Self::builder_for(EngineSource::Builder(Box::new(deduper)))
     }
 
     /// A builder around an engine that already exists: one restored from a

@@ -10,16 +10,20 @@
 //!
 //! Version 2 differs from 1 only where the exact tier keeps fingerprints
 //! alone (an engine built with `first_seen_times(false)`): its entries are
-//! written under tag 2, without slot or time. A state without such entries
-//! is still written as version 1, so earlier builds read it.
+//! written under tag 2, without slot or time. Version 3 adds, after each
+//! shard's entries, its claims: the next fencing token, the live leases and
+//! the bodies (payload fingerprint and result) of committed claims. A state
+//! is written in the lowest version that holds it, so earlier builds read
+//! states that use nothing newer.
 
 use std::io::{self, Read, Write};
 
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::claims::PayloadFingerprint;
 use crate::engine::{Deduper, DeduperBuilder, Mode, ShardFilter};
 use crate::error::{ConfigError, SnapshotError};
-use crate::exact::Partition;
+use crate::exact::{Partition, RecordBody};
 use crate::filter::{BlockedBloom, GrowingBloom, Layer, OverflowLayer, WindowedFilter};
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
@@ -27,9 +31,15 @@ use crate::time::{Timestamp, GENERATIONS};
 const MAGIC: &[u8; 8] = b"TDEDUPSN";
 /// The newest format version this build writes and reads (it reads every
 /// version from 1 on; see the module docs).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The version of a state whose exact tier keeps first-seen times.
 const TIMED_VERSION: u32 = 1;
+/// The version of a state whose exact tier keeps fingerprints alone.
+const UNTIMED_VERSION: u32 = 2;
+/// The first version with claims (leases, bodies, tokens).
+const CLAIMS_VERSION: u32 = 3;
+/// Largest result a snapshot may declare for one body (1 GiB).
+const MAX_RESULT: u32 = 1 << 30;
 /// Largest block count a snapshot may declare for one filter (1 TiB).
 const MAX_BLOCKS: u64 = (1 << 40) / 64;
 const NONE: u64 = u64::MAX;
@@ -75,6 +85,26 @@ impl<R: Read> HashingReader<R> {
     }
     fn u8(&mut self) -> Result<u8, SnapshotError> {
         Ok(self.bytes::<1>()?[0])
+    }
+    /// Appends `len` bytes to `out`, reading in pieces (a corrupt length
+    /// ends in `Truncated`, not in one huge allocation).
+    fn fill(&mut self, out: &mut Vec<u8>, len: usize) -> Result<(), SnapshotError> {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(1 << 16);
+            let start = out.len();
+            out.resize(start + n, 0);
+            self.inner.read_exact(&mut out[start..]).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    SnapshotError::Truncated
+                } else {
+                    SnapshotError::Io(e)
+                }
+            })?;
+            self.hasher.update(&out[start..]);
+            left -= n;
+        }
+        Ok(())
     }
     fn u32(&mut self) -> Result<u32, SnapshotError> {
         Ok(u32::from_le_bytes(self.bytes()?))
@@ -131,18 +161,27 @@ impl Deduper {
         let untimed = shards
             .iter()
             .any(|s| s.exact.as_ref().is_some_and(|e| !e.keeps_times()));
-        w.bytes(MAGIC)?;
-        w.u32(if untimed {
-            FORMAT_VERSION
+        let bodies: Vec<Vec<(usize, Fingerprint, Timestamp, RecordBody)>> = shards
+            .iter()
+            .map(|s| s.exact.as_ref().map_or_else(Vec::new, |e| e.bodies()))
+            .collect();
+        let claims =
+            shards.iter().any(|s| !s.leases.is_empty()) || bodies.iter().any(|b| !b.is_empty());
+        let version = if claims {
+            CLAIMS_VERSION
+        } else if untimed {
+            UNTIMED_VERSION
         } else {
             TIMED_VERSION
-        })?;
+        };
+        w.bytes(MAGIC)?;
+        w.u32(version)?;
         for field in header_fields(self) {
             w.u64(field)?;
         }
         w.u64(self.watermark().as_nanos())?;
         w.u64(self.late_count())?;
-        for shard in &shards {
+        for (shard, bodies) in shards.iter().zip(&bodies) {
             w.u64(shard.time)?;
             for n in counters_to_array(&shard.counters) {
                 w.u64(n)?;
@@ -213,6 +252,9 @@ impl Deduper {
                     }
                 }
             }
+            if version >= CLAIMS_VERSION {
+                write_claims(&mut w, shard, bodies)?;
+            }
         }
         let checksum = w.hasher.digest();
         w.inner.write_all(&checksum.to_le_bytes())?;
@@ -220,6 +262,112 @@ impl Deduper {
         crate::trace::event!(info, shards = shards.len(), "snapshot written");
         Ok(())
     }
+}
+
+/// A shard's claims (version 3): the next token, the live leases, the
+/// bodies of committed claims.
+fn write_claims<W: Write>(
+    w: &mut HashingWriter<W>,
+    shard: &crate::engine::Shard,
+    bodies: &[(usize, Fingerprint, Timestamp, RecordBody)],
+) -> io::Result<()> {
+    w.u64(shard.next_token)?;
+    w.u64(shard.leases.len() as u64)?;
+    for (fp, held) in shard.leases.iter() {
+        w.bytes(&fp.to_bytes())?;
+        w.u64(held.token)?;
+        w.u64(held.acquired_at)?;
+        w.u64(held.until)?;
+        write_payload(w, held.payload)?;
+    }
+    w.u64(bodies.len() as u64)?;
+    for (slot, fp, at, body) in bodies {
+        w.u8(*slot as u8)?;
+        w.bytes(&fp.to_bytes())?;
+        w.u64(at.as_nanos())?;
+        write_payload(w, body.payload)?;
+        w.u32(body.result.len() as u32)?;
+        w.bytes(&body.result)?;
+    }
+    Ok(())
+}
+
+fn write_payload<W: Write>(
+    w: &mut HashingWriter<W>,
+    payload: Option<PayloadFingerprint>,
+) -> io::Result<()> {
+    match payload {
+        None => w.u8(0),
+        Some(p) => {
+            w.u8(1)?;
+            w.u64(p.0)
+        }
+    }
+}
+
+fn read_payload<R: Read>(
+    r: &mut HashingReader<R>,
+) -> Result<Option<PayloadFingerprint>, SnapshotError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(PayloadFingerprint(r.u64()?))),
+        _ => Err(SnapshotError::Malformed("payload tag")),
+    }
+}
+
+/// Reads a shard's claims (version 3) into `shard`.
+fn read_claims<R: Read>(
+    r: &mut HashingReader<R>,
+    shard: &mut crate::engine::Shard,
+    exact_name: &'static str,
+) -> Result<(), SnapshotError> {
+    // Tokens only grow: a fresh shard's first token is the wall clock's
+    // nanoseconds, which may be past the saved one.
+    shard.next_token = shard.next_token.max(r.u64()?);
+    let leases = r.u64()?;
+    for _ in 0..leases {
+        let fp = Fingerprint::from_bytes(r.bytes()?);
+        let held = crate::engine::Held {
+            token: r.u64()?,
+            acquired_at: r.u64()?,
+            until: r.u64()?,
+            payload: read_payload(r)?,
+        };
+        if held.token >= shard.next_token {
+            return Err(SnapshotError::Malformed("lease token"));
+        }
+        shard.leases.insert(fp, held);
+    }
+    let bodies = r.u64()?;
+    for _ in 0..bodies {
+        let slot = r.u8()? as usize;
+        if slot >= GENERATIONS {
+            return Err(SnapshotError::Malformed("body slot"));
+        }
+        let fp = Fingerprint::from_bytes(r.bytes()?);
+        let at = Timestamp::from_nanos(r.u64()?);
+        let payload = read_payload(r)?;
+        let len = r.u32()?;
+        if len > MAX_RESULT {
+            return Err(SnapshotError::Malformed("result length"));
+        }
+        let mut result = Vec::new();
+        r.fill(&mut result, len as usize)?;
+        let exact = shard
+            .exact
+            .as_mut()
+            .ok_or(SnapshotError::Malformed("a body without an exact tier"))?;
+        let mark = crate::exact::Mark {
+            fingerprint: fp,
+            slot,
+            slice: 0,
+            at,
+        };
+        exact
+            .put_body(&mark, payload, &result)
+            .map_err(|_| SnapshotError::Unsupported(exact_name))?;
+    }
+    Ok(())
 }
 
 /// Reads a windowed filter (tag 1) into `f`, which has the sizing of the
@@ -397,7 +545,7 @@ impl DeduperBuilder {
                     }
                     // Fingerprints alone (version 2): only an engine that
                     // keeps no times takes them.
-                    (Some(exact), 2) if version >= 2 => {
+                    (Some(exact), 2) if version >= UNTIMED_VERSION => {
                         if exact.keeps_times() {
                             return Err(SnapshotError::Mismatch(
                                 "first_seen_times setting (the state keeps no first-seen \
@@ -414,6 +562,9 @@ impl DeduperBuilder {
                         }
                     }
                     _ => return Err(SnapshotError::Malformed("exact tier kind")),
+                }
+                if version >= CLAIMS_VERSION {
+                    read_claims(&mut r, shard, engine.plan().exact_name)?;
                 }
             }
         }

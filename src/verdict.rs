@@ -26,6 +26,13 @@ pub enum Verdict {
         /// The key was accepted at or after this time, if at all.
         since: Timestamp,
     },
+    /// The key is held by a live claim's lease (see [`crate::Claim`]):
+    /// someone is acting on it now and has not committed. Not recorded; do
+    /// not act — check again after `until` or when the holder is done.
+    InProgress {
+        /// When the holder's lease expires unless extended or committed.
+        until: Timestamp,
+    },
     /// The exact tier could not confirm a key the filter matched (a remote
     /// tier is down): nothing was recorded; retry the key later.
     Unavailable,
@@ -59,6 +66,12 @@ impl Verdict {
     #[must_use]
     pub fn is_late(self) -> bool {
         matches!(self, Verdict::Late { .. })
+    }
+
+    /// True for [`Verdict::InProgress`].
+    #[must_use]
+    pub fn is_in_progress(self) -> bool {
+        matches!(self, Verdict::InProgress { .. })
     }
 
     /// True for [`Verdict::Unavailable`].

@@ -62,6 +62,53 @@ fn smoke() {
     ));
 }
 
+/// Claims publish their outcomes: acquired, in progress, completed,
+/// conflicts, commits, releases, result bytes and live leases.
+#[test]
+fn claims_are_published() {
+    use tiered_dedup::{ClaimRequest, PayloadFingerprint};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let d = Deduper::builder().build().unwrap();
+        let a = d.claim("a").into_lease().unwrap();
+        assert!(d.claim("a").is_in_progress());
+        a.commit(b"12345").unwrap();
+        assert!(d.claim("a").is_completed());
+        let p = |n| ClaimRequest::new("b").payload(PayloadFingerprint(n));
+        let b = d.claim_with(p(1)).into_lease().unwrap();
+        assert!(d.claim_with(p(2)).is_conflict());
+        let _held = d.claim("c").into_lease().unwrap();
+        b.release().unwrap();
+        d.publish_metrics();
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let value = |name: &str| {
+        snapshot
+            .iter()
+            .find(|(k, _, _, _)| k.key().name() == name)
+            .map(|(_, _, _, v)| match v {
+                DebugValue::Counter(n) => *n as f64,
+                DebugValue::Gauge(g) => g.into_inner(),
+                DebugValue::Histogram(_) => panic!("{name} is a histogram"),
+            })
+            .unwrap_or_else(|| panic!("{name} published"))
+    };
+    for (name, want) in [
+        ("tiered_dedup_claims_total", 6.0),
+        ("tiered_dedup_claims_acquired_total", 3.0),
+        ("tiered_dedup_claims_in_progress_total", 1.0),
+        ("tiered_dedup_claims_completed_total", 1.0),
+        ("tiered_dedup_claims_conflicts_total", 1.0),
+        ("tiered_dedup_claims_commits_total", 1.0),
+        ("tiered_dedup_claims_releases_total", 1.0),
+        ("tiered_dedup_claims_result_bytes_total", 5.0),
+        ("tiered_dedup_claims_leases_live", 1.0),
+    ] {
+        assert_eq!(value(name), want, "{name}");
+    }
+}
+
 /// The background publisher keeps the facade in step and publishes once
 /// more when dropped.
 #[test]

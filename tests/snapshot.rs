@@ -153,11 +153,11 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused() {
         b.clone().restore(&b"{\"json\": true}"[..]),
         Err(SnapshotError::NotASnapshot)
     ));
-    let mut v3 = bytes.clone();
-    v3[8] = 3;
+    let mut newer = bytes.clone();
+    newer[8] = tiered_dedup::FORMAT_VERSION as u8 + 1;
     assert!(matches!(
-        b.clone().restore(&v3[..]),
-        Err(SnapshotError::Version { found: 3, .. })
+        b.clone().restore(&newer[..]),
+        Err(SnapshotError::Version { found, .. }) if found == tiered_dedup::FORMAT_VERSION + 1
     ));
     // Another configuration: the error names the field.
     let err = builder(Some(Duration::from_secs(61)))
@@ -301,5 +301,73 @@ fn an_absurd_entry_count_is_refused_not_allocated() {
             .expect("the exact tier's entry count");
         bytes[at + 1..at + 9].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(b.restore(&bytes[..]).is_err());
+    }
+}
+
+/// Claims survive a restore: live leases (still in progress, expiring on
+/// time), results and payload fingerprints of committed claims, and the
+/// fencing tokens keep growing. Such a state is format version 3; one
+/// without claims stays version 1. A truncated or flipped claims section
+/// is refused.
+#[test]
+fn claims_round_trip_and_a_damaged_claims_state_is_refused() {
+    use tiered_dedup::{Claim, ClaimRequest, ManualClock, PayloadFingerprint, FORMAT_VERSION};
+    let clock = ManualClock::new(Timestamp::from_secs(5_000));
+    let b = || {
+        Deduper::builder()
+            .expected_keys(1_000)
+            .shards(2)
+            .window(Duration::from_secs(60))
+            .lease_duration(Duration::from_secs(10))
+            .clock(Clock::Manual(clock.clone()))
+    };
+    let d = b().build().unwrap();
+    d.check("checked");
+    let plain = snapshot(&d);
+    assert_eq!(u32::from_le_bytes(plain[8..12].try_into().unwrap()), 1);
+
+    let held = d.claim("held").into_lease().unwrap();
+    let paid = d
+        .claim_with(ClaimRequest::new("paid").payload(PayloadFingerprint(7)))
+        .into_lease()
+        .unwrap();
+    paid.commit(b"receipt-7").unwrap();
+    let token = held.token();
+    let bytes = snapshot(&d);
+    assert_eq!(
+        u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+        FORMAT_VERSION
+    );
+    std::mem::forget(held); // the holder dies with the process
+
+    let r = b().restore(&bytes[..]).unwrap();
+    assert!(
+        matches!(r.claim("held"), Claim::InProgress { until } if until == Timestamp::from_secs(5_010))
+    );
+    match r.claim_with(ClaimRequest::new("paid").payload(PayloadFingerprint(7))) {
+        Claim::Completed { result, first_seen } => {
+            assert_eq!(&result[..], b"receipt-7");
+            assert_eq!(first_seen, Timestamp::from_secs(5_000));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r
+        .claim_with(ClaimRequest::new("paid").payload(PayloadFingerprint(8)))
+        .is_conflict());
+    assert!(r.check("checked").is_duplicate());
+    clock.advance(Duration::from_secs(11));
+    let again = r.claim("held").into_lease().expect("the lease expired");
+    assert!(again.token() > token);
+    drop(again);
+
+    for cut in (bytes.len() - 200..bytes.len()).step_by(3) {
+        assert!(b().restore(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut rng = Rng::new(99);
+    for _ in 0..200 {
+        let mut flipped = bytes.clone();
+        let i = bytes.len() - 1 - rng.below(120) as usize;
+        flipped[i] ^= 1 << rng.below(8);
+        assert!(b().restore(&flipped[..]).is_err(), "flip at {i}");
     }
 }

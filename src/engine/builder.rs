@@ -11,6 +11,7 @@ use crate::filter::{BlockedBloom, GenerationalBloom, GrowingBloom, SlotSizing, W
 use crate::fingerprint::Namespace;
 use crate::time::{duration_nanos, Clock, ClockSource, Slicing, GENERATIONS};
 
+use super::leases::LeaseClock;
 use super::shard::{Shard, ShardFilter, ShardRules, Trust};
 use super::Deduper;
 
@@ -87,6 +88,8 @@ pub struct DeduperBuilder {
     flush_interval: Duration,
     affinity: Affinity,
     first_seen_times: bool,
+    lease: Duration,
+    max_result_bytes: usize,
 }
 
 impl Default for DeduperBuilder {
@@ -106,6 +109,8 @@ impl Default for DeduperBuilder {
             flush_interval: Duration::from_millis(10),
             affinity: Affinity::Owned,
             first_seen_times: true,
+            lease: Duration::from_secs(30),
+            max_result_bytes: 64 << 10,
         }
     }
 }
@@ -235,6 +240,23 @@ impl DeduperBuilder {
         self
     }
 
+    /// How long a claim's lease lasts unless the claim asks for another
+    /// duration ([`crate::ClaimRequest::lease`]) or the holder extends it:
+    /// after it, a holder that neither committed nor released (it crashed,
+    /// or is stuck) loses the key to the next claim. Pick it longer than
+    /// the work a claim guards usually takes. Default: 30 s.
+    pub fn lease_duration(mut self, duration: Duration) -> Self {
+        self.lease = duration;
+        self
+    }
+
+    /// The largest result a commit may store ([`crate::Lease::commit`]
+    /// refuses more, storing nothing). Default: 64 KiB.
+    pub fn max_result_bytes(mut self, bytes: usize) -> Self {
+        self.max_result_bytes = bytes;
+        self
+    }
+
     /// Refuse to build an engine that would need more than `bytes` for its
     /// expected keys: its filter (allocated at build) plus the memory
     /// tier's tables as sized for the expected keys (allocated as keys
@@ -260,9 +282,10 @@ impl DeduperBuilder {
     /// ([`ConfigError::OutOfMemory`]).
     pub fn build(self) -> Result<Deduper, ConfigError> {
         let plan = self.plan()?;
+        let lease_clock = LeaseClock::new(&self.clock);
         let shards = (0..plan.shards)
             .map(|i| {
-                plan.make_shard(i, &self.exact)
+                plan.make_shard(i, &self.exact, lease_clock.clone())
                     .map(|s| CachePadded::new(std::sync::Mutex::new(s)))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -270,6 +293,7 @@ impl DeduperBuilder {
             plan,
             shards.into_boxed_slice(),
             ClockSource::new(&self.clock),
+            lease_clock,
         ))
     }
 
@@ -340,6 +364,9 @@ impl DeduperBuilder {
         if self.mark_batch == 0 {
             return Err(ConfigError::ZeroMarkBatch);
         }
+        if self.lease.is_zero() {
+            return Err(ConfigError::ZeroLease);
+        }
         if self.affinity == Affinity::Shared && self.mode == Mode::Probabilistic {
             return Err(ConfigError::SharedWithoutExactTier);
         }
@@ -385,6 +412,8 @@ impl DeduperBuilder {
             exact_name: self.exact.name(),
             exact: self.exact.clone(),
             untimed: !self.first_seen_times,
+            lease_nanos: duration_nanos(self.lease),
+            max_result_bytes: self.max_result_bytes,
         };
         plan.check_memory(self.memory_limit)?;
         Ok(plan)
@@ -422,6 +451,10 @@ pub(crate) struct Plan {
     /// Built with `first_seen_times(false)`: the memory tier keeps
     /// fingerprints alone.
     pub(crate) untimed: bool,
+    /// A claim's lease unless it asks for another.
+    pub(crate) lease_nanos: u64,
+    /// The cap on a committed result.
+    pub(crate) max_result_bytes: usize,
 }
 
 /// What a configuration allocates to hold its expected keys, in bytes.
@@ -541,7 +574,12 @@ impl Plan {
         Ok(())
     }
 
-    pub(crate) fn make_shard(&self, index: usize, exact: &ExactTier) -> Result<Shard, ConfigError> {
+    pub(crate) fn make_shard(
+        &self,
+        index: usize,
+        exact: &ExactTier,
+        lease_clock: LeaseClock,
+    ) -> Result<Shard, ConfigError> {
         // Owned keys on the embedded table: no filter. Every key costs one
         // probe of the table anyway (its mark or its confirmation); a filter
         // could only add a probe in front. With a window, the table holds
@@ -605,6 +643,6 @@ impl Plan {
                 )?),
             }
         };
-        Ok(Shard::new(filter, partition, self.mark_batch))
+        Ok(Shard::new(filter, partition, self.mark_batch, lease_clock))
     }
 }

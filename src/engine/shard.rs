@@ -11,6 +11,7 @@ use crate::fingerprint::Fingerprint;
 use crate::time::{newest_slot, slot_of, Timestamp, GENERATIONS};
 use crate::verdict::Verdict;
 
+use super::leases::{first_token, LeaseBook, LeaseClock};
 use super::marks::MarkBatch;
 use super::stats::ShardCounters;
 
@@ -54,6 +55,19 @@ pub(crate) struct Shard {
     /// Whether the filter knows everything the exact tier holds.
     pub(crate) warmth: Warmth,
     pub(crate) counters: ShardCounters,
+    /// Live leases of claimed keys (owned keys and local tiers).
+    pub(crate) leases: LeaseBook,
+    /// The next fencing token this shard issues (strictly increasing).
+    pub(crate) next_token: u64,
+    pub(crate) lease_clock: LeaseClock,
+    /// The empty result a completed key without a body replays (shared, so
+    /// such answers allocate nothing).
+    pub(crate) empty_result: std::sync::Arc<[u8]>,
+    /// Claims sleeping in [`crate::Deduper::claim_wait`] for this shard.
+    pub(crate) waiters: u32,
+    /// Shared keys on a remote store: releases of dropped leases
+    /// `(fingerprint, token, lease-clock time)`, sent with the next batch.
+    pub(crate) queued_releases: Vec<(Fingerprint, u64, u64)>,
 }
 
 /// The filter's answer for a key, read ahead of its check by
@@ -88,7 +102,12 @@ pub(crate) enum Trust {
 }
 
 impl Shard {
-    pub(crate) fn new(filter: ShardFilter, exact: Option<Partition>, mark_batch: usize) -> Self {
+    pub(crate) fn new(
+        filter: ShardFilter,
+        exact: Option<Partition>,
+        mark_batch: usize,
+        lease_clock: LeaseClock,
+    ) -> Self {
         let warmth = if exact.as_ref().is_some_and(|e| e.persistent()) {
             Warmth::ColdFresh
         } else {
@@ -102,6 +121,12 @@ impl Shard {
             unsettled_since: None,
             warmth,
             counters: ShardCounters::default(),
+            leases: LeaseBook::default(),
+            next_token: first_token(),
+            lease_clock,
+            empty_result: std::sync::Arc::from(&[][..]),
+            waiters: 0,
+            queued_releases: Vec::new(),
         }
     }
 
@@ -258,6 +283,10 @@ impl Shard {
     ) -> Verdict {
         self.advance(t);
         self.counters.checks += 1;
+        if let Some(held) = self.held_verdict(fp) {
+            self.count(held);
+            return held;
+        }
         let ShardFilter::Windowed(f) = &self.filter else {
             unreachable!("staged checks are for windowed filters");
         };
@@ -307,9 +336,11 @@ impl Shard {
         if let ShardFilter::Direct = self.filter {
             // One table for the window: count the slices time passes
             // through, and let a sweep of expired entries become due.
+            let mut rotated = false;
             if let Some(Partition::Memory(table)) = &mut self.exact {
                 if table.pass_time(self.time) {
                     self.counters.rotations += 1;
+                    rotated = true;
                     crate::trace::event!(
                         debug,
                         time_nanos = self.time,
@@ -317,6 +348,9 @@ impl Shard {
                         "shard rotated"
                     );
                 }
+            }
+            if rotated {
+                self.drop_expired_leases();
             }
             return;
         }
@@ -331,6 +365,7 @@ impl Shard {
                     overflow_layers = f.overflow.len(),
                     "shard rotated"
                 );
+                self.drop_expired_leases();
                 // Pending marks may belong to a slot being cleared: write
                 // them first, so the clear below drops them with the rest.
                 self.flush_marks();
@@ -353,6 +388,10 @@ impl Shard {
     ) -> Verdict {
         self.advance(t);
         self.counters.checks += 1;
+        if let Some(held) = self.held_verdict(fp) {
+            self.count(held);
+            return held;
+        }
         let (probe, hits, cur) = match &self.filter {
             ShardFilter::Windowed(f) => {
                 let probe = probe.unwrap_or_else(|| f.probe(fp));
@@ -482,6 +521,11 @@ impl Shard {
             self.advance(t);
             self.update_warmth(span);
             self.counters.checks += 1;
+            if let Some(held) = self.held_verdict(fp) {
+                out[pos] = held;
+                self.count(held);
+                continue;
+            }
             if trust == Trust::Shared {
                 waiting.push((pos, fp, probe, t, u8::MAX));
                 continue;
@@ -560,6 +604,7 @@ impl Shard {
             Verdict::Duplicate { .. } | Verdict::DuplicateUntimed => self.counters.duplicates += 1,
             Verdict::LikelyDuplicate { .. } => self.counters.likely_duplicates += 1,
             Verdict::Unavailable => self.counters.unavailable += 1,
+            Verdict::InProgress { .. } => self.counters.in_progress += 1,
             Verdict::Late { .. } => {}
         }
     }
@@ -575,6 +620,28 @@ impl Shard {
     ) {
         if waiting.is_empty() {
             return;
+        }
+        if trust == Trust::Shared && self.shares_leases(true) {
+            // The store holds the leases: checks are claims committed at
+            // once, atomic in the store.
+            let items: Vec<(usize, Fingerprint, Timestamp)> = waiting
+                .iter()
+                .map(|&(pos, fp, _, t, _)| (pos, fp, t))
+                .collect();
+            let now = self.lease_clock.now();
+            if self.check_shared(&items, now, rules, out).is_some() {
+                for &(pos, fp, probe, _, _) in waiting.iter() {
+                    if out[pos].is_new() {
+                        if let ShardFilter::Windowed(f) = &mut self.filter {
+                            let probe = probe.unwrap_or_else(|| f.probe(fp));
+                            let _ = f.insert(fp, probe);
+                        }
+                    }
+                    self.count(out[pos]);
+                }
+                waiting.clear();
+                return;
+            }
         }
         let current = self.current_slice();
         let exact = self.exact.as_mut().expect("only exact mode waits");
@@ -716,7 +783,7 @@ impl Shard {
 
     /// Accepts `fp` at `t`: into the filter's current generation and the
     /// exact tier's matching slot.
-    fn accept(
+    pub(crate) fn accept(
         &mut self,
         fp: Fingerprint,
         probe: Option<Probe>,
@@ -767,7 +834,7 @@ impl Shard {
         Verdict::New
     }
 
-    fn likely_duplicate(&self, hits: u8, cur: u64) -> Verdict {
+    pub(crate) fn likely_duplicate(&self, hits: u8, cur: u64) -> Verdict {
         let since = match &self.filter {
             ShardFilter::Windowed(f) => {
                 // The oldest matching live slice bounds when it was accepted.

@@ -31,6 +31,19 @@ pub(crate) struct ShardCounters {
     pub(crate) exact_calls: u64,
     pub(crate) exact_call_nanos: u64,
     pub(crate) exact_latency_buckets: [u64; LATENCY_BUCKETS_MICROS.len() + 1],
+    /// Checks of keys held by a live lease.
+    pub(crate) in_progress: u64,
+    pub(crate) claims: u64,
+    pub(crate) acquired: u64,
+    pub(crate) claims_in_progress: u64,
+    pub(crate) claims_completed: u64,
+    pub(crate) conflicts: u64,
+    pub(crate) commits: u64,
+    pub(crate) releases: u64,
+    pub(crate) leases_expired: u64,
+    pub(crate) lease_lost: u64,
+    pub(crate) result_bytes: u64,
+    pub(crate) forgotten: u64,
 }
 
 impl ShardCounters {
@@ -127,6 +140,41 @@ pub struct Stats {
     /// slice's, `[6]` the oldest still inside the window. Zero without a
     /// window or without a filter.
     pub generation_fill: [f64; crate::time::GENERATIONS - 1],
+    /// Checks of keys held by a live claim's lease (verdict `InProgress`).
+    pub in_progress: u64,
+    /// Claims and their leases.
+    pub claims: ClaimStats,
+}
+
+/// What claims did (see [`crate::Claim`]), summed over shards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClaimStats {
+    /// Claims made (late ones excluded).
+    pub claims: u64,
+    /// Claims answered `Acquired`.
+    pub acquired: u64,
+    /// Claims answered `InProgress` (another live lease held the key).
+    pub in_progress: u64,
+    /// Claims answered `Completed` (a record within the window).
+    pub completed: u64,
+    /// Claims answered `Conflict` (a different payload fingerprint).
+    pub conflicts: u64,
+    /// Leases committed.
+    pub commits: u64,
+    /// Leases released (explicitly or by being dropped).
+    pub releases: u64,
+    /// Leases found expired (by a later claim or check, or at a rotation).
+    pub leases_expired: u64,
+    /// Commits, releases and extensions refused because the lease was lost
+    /// (it expired and the key was claimed again, or was forgotten).
+    pub lease_lost: u64,
+    /// Result bytes committed.
+    pub result_bytes: u64,
+    /// Keys forgotten (`Deduper::forget`) that held a lease or a record.
+    pub forgotten: u64,
+    /// Leases live now (held keys, owned or local).
+    pub leases_live: u64,
 }
 
 impl Stats {
@@ -150,6 +198,19 @@ impl Stats {
         self.batch_keys += c.batch_keys;
         self.exact_calls += c.exact_calls;
         self.exact_call_nanos += c.exact_call_nanos;
+        self.in_progress += c.in_progress;
+        let claims = &mut self.claims;
+        claims.claims += c.claims;
+        claims.acquired += c.acquired;
+        claims.in_progress += c.claims_in_progress;
+        claims.completed += c.claims_completed;
+        claims.conflicts += c.conflicts;
+        claims.commits += c.commits;
+        claims.releases += c.releases;
+        claims.leases_expired += c.leases_expired;
+        claims.lease_lost += c.lease_lost;
+        claims.result_bytes += c.result_bytes;
+        claims.forgotten += c.forgotten;
         for (sum, n) in self
             .exact_latency_buckets
             .iter_mut()

@@ -8,11 +8,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use dashmap::DashMap;
 
+use crate::claims::PayloadFingerprint;
 use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
-use super::{table_hash, ExactPartition};
+use super::bodies::{BodyStore, RecordBody};
+use super::{table_hash, ExactPartition, Mark};
 
 /// Passes the fingerprint's high half through as the hash.
 #[derive(Default)]
@@ -47,6 +49,7 @@ type Map = DashMap<Key, u64, BuildHasherDefault<PassThrough>>;
 /// The exact tier of one shard as one `DashMap` per slot.
 pub struct DashMapPartition {
     slots: [Map; GENERATIONS],
+    bodies: BodyStore,
 }
 
 impl DashMapPartition {
@@ -56,6 +59,7 @@ impl DashMapPartition {
         let _ = per_slot;
         DashMapPartition {
             slots: std::array::from_fn(|_| Map::default()),
+            bodies: BodyStore::default(),
         }
     }
 }
@@ -76,7 +80,48 @@ impl ExactPartition for DashMapPartition {
         Ok(())
     }
 
+    fn put_body(
+        &mut self,
+        mark: &Mark,
+        payload: Option<PayloadFingerprint>,
+        result: &[u8],
+    ) -> Result<(), ExactTierError> {
+        self.bodies.put(
+            mark.slot,
+            mark.fingerprint,
+            mark.at.as_nanos(),
+            payload,
+            result,
+        );
+        Ok(())
+    }
+
+    fn body(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+        at: Timestamp,
+    ) -> Result<Option<RecordBody>, ExactTierError> {
+        Ok(self.bodies.get(slot, fp, Some(at.as_nanos())))
+    }
+
+    fn bodies(&self) -> Vec<(usize, Fingerprint, Timestamp, RecordBody)> {
+        self.bodies
+            .iter()
+            .map(|(slot, fp, at, body)| (slot, fp, Timestamp::from_nanos(at), body))
+            .collect()
+    }
+
+    fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
+        let mut found = self.bodies.remove(fp);
+        for map in &self.slots {
+            found |= map.remove(&Key(fp)).is_some();
+        }
+        Ok(found)
+    }
+
     fn clear_slots(&mut self, slots: u8) {
+        self.bodies.clear_slots(slots);
         for (g, map) in self.slots.iter_mut().enumerate() {
             if slots & (1 << g) != 0 {
                 *map = Map::default();
@@ -91,7 +136,7 @@ impl ExactPartition for DashMapPartition {
     fn bytes(&self) -> usize {
         // Entry (16 + 8) plus a control byte per bucket; DashMap does not
         // expose its tables' capacity exactly, so count capacity().
-        self.slots.iter().map(|m| m.capacity() * 25).sum()
+        self.slots.iter().map(|m| m.capacity() * 25).sum::<usize>() + self.bodies.bytes()
     }
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {

@@ -1,10 +1,12 @@
 //! `MemoryPartition`: one prefetchable open-addressing table per generation
 //! slot.
 
+use crate::claims::PayloadFingerprint;
 use crate::error::ExactTierError;
 use crate::fingerprint::Fingerprint;
 use crate::time::{Timestamp, GENERATIONS};
 
+use super::bodies::{BodyStore, RecordBody};
 use super::table::{FingerprintTable, Untimed, Within};
 use super::{ExactPartition, Mark};
 
@@ -29,6 +31,10 @@ pub struct MemoryPartition {
     /// lives in slot 0's table with its time, and expired entries are
     /// swept out a step at a time.
     expiry: Option<Expiry>,
+    /// Payloads and results of committed claims, by the slot of their
+    /// record (one-table mode: the slot of the slice they were accepted
+    /// in), dropped with it.
+    bodies: BodyStore,
 }
 
 /// The window of a one-table partition and the state of its sweep.
@@ -75,6 +81,7 @@ impl MemoryPartition {
             one_slot: false,
             expected_per_slot: per_slot,
             expiry: None,
+            bodies: BodyStore::default(),
         }
     }
 
@@ -120,9 +127,22 @@ impl MemoryPartition {
             return false;
         }
         let first = e.next_slice_at == 0;
-        e.next_slice_at = (now / e.slice_nanos)
-            .saturating_add(1)
-            .saturating_mul(e.slice_nanos);
+        let previous = (e.next_slice_at / e.slice_nanos).checked_sub(1);
+        let current = now / e.slice_nanos;
+        e.next_slice_at = current.saturating_add(1).saturating_mul(e.slice_nanos);
+        // Bodies live in the slot of the slice their record was accepted
+        // in: entering slice `c` drops slot `(c+1) % 8` (slice `c − 7`,
+        // older than six slices ≥ the span), for every slice entered.
+        if !self.bodies.is_empty() {
+            let from = previous
+                .map_or(current, |p| p + 1)
+                .max(current.saturating_sub(7));
+            let mut clear = 0u8;
+            for c in from..=current {
+                clear |= 1 << crate::time::slot_of(c + 1);
+            }
+            self.bodies.clear_slots(clear);
+        }
         // Before the first span has passed nothing can have expired (and a
         // saturated horizon of 0 would remove entries stamped 0).
         if now
@@ -308,6 +328,42 @@ impl MemoryPartition {
     }
 }
 
+impl MemoryPartition {
+    /// Without a filter in front (one table, or no window): what is
+    /// recorded for `fp`, without recording anything.
+    #[inline]
+    pub(crate) fn first_seen(&self, fp: Fingerprint) -> Seen {
+        if let Some(set) = &self.untimed {
+            return if set.contains(fp) {
+                Seen::Untimed
+            } else {
+                Seen::No
+            };
+        }
+        match self.slots[0].get(fp) {
+            Some(at) => Seen::At(Timestamp::from_nanos(at)),
+            None => Seen::No,
+        }
+    }
+
+    /// Starts loading what a commit of `fp`, accepted at `at`, touches: its
+    /// bucket of the one table (or slot 0's), and its body's index bucket.
+    #[inline]
+    pub(crate) fn prefetch_commit(&self, fp: Fingerprint, at: Timestamp) {
+        self.slots[0].prefetch(fp);
+        self.bodies.prefetch(self.body_slot(0, at), fp);
+    }
+
+    /// The slot a body of a record accepted at `at` in `slot` lives in:
+    /// one-table mode files bodies by the slice of their acceptance.
+    fn body_slot(&self, slot: usize, at: Timestamp) -> usize {
+        match &self.expiry {
+            Some(e) => crate::time::slot_of(at.as_nanos() / e.slice_nanos),
+            None => slot,
+        }
+    }
+}
+
 impl ExactPartition for MemoryPartition {
     #[inline]
     fn lookup(
@@ -339,10 +395,8 @@ impl ExactPartition for MemoryPartition {
                 self.allocate(0);
             }
             let at = at.as_nanos();
-            if self.slots[0].get(fp).is_none_or(|t| t < at) {
-                self.slots[0].insert(fp, at);
-                self.note_insert(at);
-            }
+            self.slots[0].insert_newest(fp, at);
+            self.note_insert(at);
             return Ok(());
         }
         if !self.slots[slot].is_allocated() {
@@ -386,7 +440,63 @@ impl ExactPartition for MemoryPartition {
         }
     }
 
+    fn put_body(
+        &mut self,
+        mark: &Mark,
+        payload: Option<PayloadFingerprint>,
+        result: &[u8],
+    ) -> Result<(), ExactTierError> {
+        let slot = self.body_slot(mark.slot, mark.at);
+        // One table stands for seven slices' slots; otherwise a slot's
+        // table is sized for that slot's keys.
+        let per_slot = match self.expiry {
+            Some(_) => self.table_capacity() / 7,
+            None => self.table_capacity(),
+        };
+        self.bodies.expect_per_slot(per_slot);
+        let at = if self.untimed.is_some() {
+            0
+        } else {
+            mark.at.as_nanos()
+        };
+        self.bodies.put(slot, mark.fingerprint, at, payload, result);
+        Ok(())
+    }
+
+    fn body(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+        at: Timestamp,
+    ) -> Result<Option<RecordBody>, ExactTierError> {
+        if self.bodies.is_empty() {
+            return Ok(None);
+        }
+        // An engine without times keeps a key's one record forever.
+        let at_filter = self.untimed.is_none().then_some(at.as_nanos());
+        Ok(self.bodies.get(self.body_slot(slot, at), fp, at_filter))
+    }
+
+    fn bodies(&self) -> Vec<(usize, Fingerprint, Timestamp, RecordBody)> {
+        self.bodies
+            .iter()
+            .map(|(slot, fp, at, body)| (slot, fp, Timestamp::from_nanos(at), body))
+            .collect()
+    }
+
+    fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
+        let mut found = self.bodies.remove(fp);
+        if let Some(set) = &mut self.untimed {
+            found |= set.remove(fp);
+        }
+        for table in &mut self.slots {
+            found |= table.remove(fp);
+        }
+        Ok(found)
+    }
+
     fn clear_slots(&mut self, slots: u8) {
+        self.bodies.clear_slots(slots);
         for (g, table) in self.slots.iter_mut().enumerate() {
             if slots & (1 << g) != 0 {
                 // Free the memory: one deallocation, no walk over entries.
@@ -407,6 +517,7 @@ impl ExactPartition for MemoryPartition {
             .map(FingerprintTable::bytes)
             .sum::<usize>()
             + untimed
+            + self.bodies.bytes()
     }
 
     fn keeps_times(&self) -> bool {

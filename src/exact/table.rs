@@ -341,6 +341,34 @@ impl<E: Entry> FingerprintTable<E> {
         self.len -= 1;
     }
 
+    /// Removes `fp`; true if it was stored.
+    pub(crate) fn remove(&mut self, fp: Fingerprint) -> bool {
+        if E::ZERO_IN_FLAG && Self::in_flag(fp) {
+            let was = self.zero;
+            if was {
+                self.zero = false;
+                self.len -= 1;
+            }
+            return was;
+        }
+        if self.buckets.is_empty() {
+            return false;
+        }
+        let (low, high) = (fp.low(), fp.high());
+        let mut i = self.home(fp);
+        loop {
+            let b = &self.buckets[i];
+            if b.is_free() {
+                return false;
+            }
+            if b.holds(low, high) {
+                self.remove_at(i);
+                return true;
+            }
+            i = self.next(i);
+        }
+    }
+
     /// Empties the table, keeping its buckets.
     pub(crate) fn clear(&mut self) {
         if self.len > 0 {
@@ -384,6 +412,20 @@ impl FingerprintTable<Timed> {
     pub(crate) fn insert(&mut self, fp: Fingerprint, at: u64) {
         match self.find_or_free(fp) {
             (i, true) => self.buckets[i].at = encode(at),
+            (i, false) => self.fill(i, fp, at),
+        }
+    }
+
+    /// Stores `at` for `fp` unless a later time is stored already (the
+    /// newest acceptance counts). One probe sequence.
+    #[inline]
+    pub(crate) fn insert_newest(&mut self, fp: Fingerprint, at: u64) {
+        match self.find_or_free(fp) {
+            (i, true) => {
+                if self.buckets[i].time() < at {
+                    self.buckets[i].at = encode(at);
+                }
+            }
             (i, false) => self.fill(i, fp, at),
         }
     }
@@ -475,7 +517,6 @@ impl FingerprintTable<Timed> {
 
 impl FingerprintTable<Untimed> {
     /// True when `fp` is stored.
-    #[cfg(test)]
     pub(crate) fn contains(&self, fp: Fingerprint) -> bool {
         if Self::in_flag(fp) {
             return self.zero;

@@ -1,0 +1,485 @@
+//! The engine's claim calls: claim (one, a batch, waiting), and what a
+//! lease does to its engine (commit, release, extend), and `forget`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::claims::{Claim, ClaimRequest, CommitError, Lease, LeaseError, LeaseInfo, LeaseLost};
+use crate::error::ExactTierError;
+use crate::exact::SharedOp;
+use crate::fingerprint::{Fingerprint, Key};
+use crate::time::{duration_nanos, Timestamp};
+
+use super::claim::ShardClaim;
+use super::shard::{Shard, Trust};
+use super::{group_by, Deduper};
+
+/// One claim routed to its shard: `(position, fingerprint, payload, time,
+/// lease nanoseconds)`.
+type Routed = (
+    usize,
+    Fingerprint,
+    Option<crate::claims::PayloadFingerprint>,
+    Timestamp,
+    u64,
+);
+
+/// A commit of a batch with its position: `(position, (lease, result))`.
+type Indexed<D, R> = (usize, (Lease<D>, R));
+
+/// How far ahead of the claim or commit being made a batch starts loading
+/// the table buckets it touches.
+const PREFETCH_AHEAD: usize = 16;
+
+/// Longest sleep of a waiting claim between looks when nothing wakes it
+/// (a remote holder's commit, a manual clock moving).
+const WAIT_POLL_MAX: Duration = Duration::from_millis(200);
+
+impl Deduper {
+    /// Claims `key` with the engine's default lease and no payload
+    /// fingerprint: see [`Claim`] for the answers and what to do with each.
+    pub fn claim<K: Key + ?Sized>(&self, key: &K) -> Claim<&Deduper> {
+        self.claim_with(ClaimRequest::new(key))
+    }
+
+    /// Claims one request (a payload fingerprint, a lease duration, an
+    /// event time).
+    pub fn claim_with<K: Key>(&self, request: ClaimRequest<K>) -> Claim<&Deduper> {
+        claim_in(&self, std::slice::from_ref(&request))
+            .pop()
+            .expect("one answer per request")
+    }
+
+    /// Claims many requests, in order: the same as claiming each in turn,
+    /// with one lock per shard and (on a remote tier) one round trip per
+    /// shard per batch.
+    pub fn claim_batch<K: Key>(&self, requests: &[ClaimRequest<K>]) -> Vec<Claim<&Deduper>> {
+        claim_in(&self, requests)
+    }
+
+    /// [`Deduper::claim_with`] for an engine shared through an `Arc`: the
+    /// lease holds a clone of it, so it can move into a task or thread.
+    pub fn claim_owned<K: Key>(self: &Arc<Self>, request: ClaimRequest<K>) -> Claim<Arc<Deduper>> {
+        claim_in(self, std::slice::from_ref(&request))
+            .pop()
+            .expect("one answer per request")
+    }
+
+    /// [`Deduper::claim_batch`] for an engine shared through an `Arc`.
+    pub fn claim_batch_owned<K: Key>(
+        self: &Arc<Self>,
+        requests: &[ClaimRequest<K>],
+    ) -> Vec<Claim<Arc<Deduper>>> {
+        claim_in(self, requests)
+    }
+
+    /// Claims `request`, and while another holder has the key, waits (up
+    /// to `timeout`) for it to finish: then answers `Completed` with its
+    /// result, or `Acquired` if it released the key or its lease expired.
+    /// After `timeout`, `InProgress`. A holder in this process wakes the
+    /// waiter when it commits or releases; a holder elsewhere (a shared
+    /// remote tier) is looked for again with a growing pause, at most
+    /// 200 ms, never past the holder's lease or the deadline.
+    pub fn claim_wait<K: Key>(
+        &self,
+        request: ClaimRequest<K>,
+        timeout: Duration,
+    ) -> Claim<&Deduper> {
+        wait_in(&self, &request, timeout)
+    }
+
+    /// [`Deduper::claim_wait`] for an engine shared through an `Arc`.
+    pub fn claim_wait_owned<K: Key>(
+        self: &Arc<Self>,
+        request: ClaimRequest<K>,
+        timeout: Duration,
+    ) -> Claim<Arc<Deduper>> {
+        wait_in(self, &request, timeout)
+    }
+
+    /// Removes whatever is recorded or held for `key` — a completed record
+    /// and its result, or a live lease (whose holder then gets
+    /// `LeaseLost`) — so the next claim or check of it is new: the
+    /// "unmark" of a consumer whose handler failed after `check`. True if
+    /// something was removed.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the exact tier cannot remove it (nothing is
+    /// then assumed removed from the tier).
+    pub fn forget<K: Key + ?Sized>(&self, key: &K) -> Result<bool, ExactTierError> {
+        let fp = self.fingerprint(key);
+        let s = self.shard_of(fp);
+        let mut shard = self.lock(s);
+        let result = if self.shares_leases(&shard) {
+            shard.forget_shared(fp, &self.plan.rules)
+        } else {
+            shard.forget(fp)
+        };
+        self.wake(s, &shard);
+        result
+    }
+
+    /// Commits many leases, each with its result: the same as
+    /// [`Lease::commit`] on each in turn, with one lock per shard (and on a
+    /// shared store, one round trip per shard).
+    pub fn commit_batch<D: AsRef<Deduper>, R: AsRef<[u8]>>(
+        &self,
+        commits: Vec<(Lease<D>, R)>,
+    ) -> Vec<Result<(), CommitError<D>>> {
+        let n = commits.len();
+        let shards = self.shards.len();
+        let mut out: Vec<Option<Result<(), CommitError<D>>>> = (0..n).map(|_| None).collect();
+        let mut items: Vec<Option<(Lease<D>, R)>> = commits.into_iter().map(Some).collect();
+        // Leases of another engine go to one more group, committed on their
+        // own after ours (one engine's locks at a time).
+        let (starts, order) = group_by(n, shards + 1, |i| {
+            let (lease, _) = items[i].as_ref().expect("not taken yet");
+            if lease.is_of(self) {
+                self.shard_of(lease.fingerprint())
+            } else {
+                shards
+            }
+        });
+        let info_of = |items: &[Option<(Lease<D>, R)>], i: u32| {
+            items[i as usize].as_ref().map(|(lease, _)| lease.info())
+        };
+        for s in 0..shards {
+            let group = &order[starts[s] as usize..starts[s + 1] as usize];
+            if group.is_empty() {
+                continue;
+            }
+            let mut shard = self.lock(s);
+            let t = self.now_in(&shard);
+            let now = self.lease_clock.now();
+            if self.shares_leases(&shard) {
+                // One batch of commits to the store; results over the cap
+                // are refused before anything is sent.
+                let cap = self.plan.max_result_bytes;
+                let taken: Vec<Indexed<D, R>> = group
+                    .iter()
+                    .map(|&i| {
+                        (
+                            i as usize,
+                            items[i as usize].take().expect("each commit once"),
+                        )
+                    })
+                    .collect();
+                let ops: Vec<SharedOp<'_>> = taken
+                    .iter()
+                    .filter(|(_, (_, r))| r.as_ref().len() <= cap)
+                    .map(|(_, (lease, result))| SharedOp::Commit {
+                        fingerprint: lease.fingerprint(),
+                        token: lease.token(),
+                        now,
+                        result: result.as_ref(),
+                    })
+                    .collect();
+                let mut answers = shard.lease_ops_shared(&ops, &self.plan.rules).into_iter();
+                for (i, (lease, result)) in taken {
+                    out[i] = Some(lease.settle_commit(result.as_ref(), |_, _| {
+                        answers.next().expect("one answer per sent commit")
+                    }));
+                }
+                self.wake(s, &shard);
+                continue;
+            }
+            for &i in group.iter().take(PREFETCH_AHEAD) {
+                if let Some(info) = info_of(&items, i) {
+                    shard.prefetch_commit(&info);
+                }
+            }
+            for (k, &i) in group.iter().enumerate() {
+                if let Some(&ahead) = group.get(k + PREFETCH_AHEAD) {
+                    if let Some(info) = info_of(&items, ahead) {
+                        shard.prefetch_commit(&info);
+                    }
+                }
+                let (lease, result) = items[i as usize].take().expect("each commit once");
+                let result = result.as_ref();
+                out[i as usize] = Some(lease.settle_commit(result, |_, info| {
+                    shard.commit(info, result, t, now, &self.plan.rules, self.plan.trust)
+                }));
+            }
+            self.wake(s, &shard);
+        }
+        for &i in &order[starts[shards] as usize..] {
+            let (lease, result) = items[i as usize].take().expect("each commit once");
+            out[i as usize] = Some(lease.commit(result.as_ref()));
+        }
+        out.into_iter()
+            .map(|r| r.expect("every commit answered"))
+            .collect()
+    }
+
+    /// Commits `info`'s lease with `result` (a [`Lease::commit`]).
+    pub(crate) fn commit_lease(&self, info: &LeaseInfo, result: &[u8]) -> Result<(), LeaseError> {
+        let s = self.shard_of(info.fingerprint);
+        let mut shard = self.lock(s);
+        let t = self.now_in(&shard);
+        let now = self.lease_clock.now();
+        let answer = if self.shares_leases(&shard) {
+            shard.lease_op_shared(
+                SharedOp::Commit {
+                    fingerprint: info.fingerprint,
+                    token: info.token,
+                    now,
+                    result,
+                },
+                &self.plan.rules,
+            )
+        } else {
+            shard.commit(info, result, t, now, &self.plan.rules, self.plan.trust)
+        };
+        self.wake(s, &shard);
+        answer
+    }
+
+    /// Releases `info`'s lease (a [`Lease::release`], or a lease dropped).
+    pub(crate) fn release_lease(&self, info: &LeaseInfo, dropped: bool) -> Result<(), LeaseError> {
+        let s = self.shard_of(info.fingerprint);
+        let mut shard = self.lock(s);
+        let now = self.lease_clock.now();
+        let answer = match (self.shares_leases(&shard), dropped) {
+            // No I/O inside `drop`: the release rides with the next batch.
+            (true, true) => {
+                shard.queue_release(info, now);
+                Ok(())
+            }
+            (true, false) => shard.lease_op_shared(
+                SharedOp::Release {
+                    fingerprint: info.fingerprint,
+                    token: info.token,
+                    now,
+                },
+                &self.plan.rules,
+            ),
+            (false, _) => shard.release(info, now),
+        };
+        self.wake(s, &shard);
+        answer
+    }
+
+    /// True when the store holds this engine's leases (shared keys on a
+    /// remote tier).
+    fn shares_leases(&self, shard: &Shard) -> bool {
+        shard.shares_leases(self.plan.trust == Trust::Shared)
+    }
+
+    /// Extends `info`'s lease by `duration` from now.
+    pub(crate) fn extend_lease(
+        &self,
+        info: &LeaseInfo,
+        duration: Duration,
+    ) -> Result<Timestamp, LeaseLost> {
+        let s = self.shard_of(info.fingerprint);
+        let mut shard = self.lock(s);
+        let now = self.lease_clock.now();
+        let until = now.saturating_add(duration_nanos(duration));
+        let answer = if self.shares_leases(&shard) {
+            shard.lease_op_shared(
+                SharedOp::Extend {
+                    fingerprint: info.fingerprint,
+                    token: info.token,
+                    now,
+                    until,
+                },
+                &self.plan.rules,
+            )
+        } else {
+            shard.extend(info, until, now)
+        };
+        match answer {
+            Ok(()) => Ok(Timestamp::from_nanos(until)),
+            Err(_) => {
+                shard.counters.lease_lost += 1;
+                Err(LeaseLost { token: info.token })
+            }
+        }
+    }
+
+    /// The cap on a committed result.
+    pub(crate) fn max_result_bytes(&self) -> usize {
+        self.plan.max_result_bytes
+    }
+
+    /// The engine time now for a shard: its processing time, or the
+    /// watermark under event time.
+    fn now_in(&self, shard: &Shard) -> Timestamp {
+        match self.clock.read() {
+            Some(reading) => shard.processing_time(reading),
+            None => self.watermark(),
+        }
+    }
+
+    /// Wakes the claims waiting on shard `s`, if any.
+    fn wake(&self, s: usize, shard: &Shard) {
+        if shard.waiters > 0 {
+            self.wakeups[s].notify_all();
+        }
+    }
+
+    /// One claim against shard `s`, under its lock.
+    fn claim_locked(&self, shard: &mut Shard, items: &[Routed], out: &mut [Option<ShardClaim>]) {
+        let now = self.lease_clock.now();
+        if shard.shares_leases(self.plan.trust == Trust::Shared) {
+            // Shared keys on a remote store: the store holds the leases.
+            shard.claim_shared(items, now, &self.plan.rules, out);
+            return;
+        }
+        if shard.wants_batches(self.plan.trust) {
+            shard.claim_batched(items, now, &self.plan.rules, out);
+        } else {
+            for &(_, fp, ..) in items.iter().take(PREFETCH_AHEAD) {
+                shard.prefetch_claim(fp);
+            }
+            for (j, &(pos, fp, payload, t, ttl)) in items.iter().enumerate() {
+                if let Some(&(_, ahead, ..)) = items.get(j + PREFETCH_AHEAD) {
+                    shard.prefetch_claim(ahead);
+                }
+                out[pos] = Some(shard.claim_one(fp, payload, t, ttl, now, &self.plan.rules));
+            }
+        }
+    }
+}
+
+/// Claims `requests` against the engine behind `handle`, in order.
+fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
+    handle: &D,
+    requests: &[ClaimRequest<K>],
+) -> Vec<Claim<D>> {
+    let engine = handle.as_ref();
+    let n = requests.len();
+    let mut answers: Vec<Option<ShardClaim>> = vec![None; n];
+    let mut late: Vec<Option<Timestamp>> = vec![None; n];
+    let fps: Vec<Fingerprint> = requests
+        .iter()
+        .map(|r| engine.fingerprint(&r.key))
+        .collect();
+    // Event time: lateness is decided before routing, as for checks.
+    let reading = engine.clock.read();
+    let mut event_times = vec![None; n];
+    if reading.is_none() {
+        for (i, r) in requests.iter().enumerate() {
+            if let Some(t) = r.at {
+                match engine.observe(t) {
+                    Some(crate::verdict::Verdict::Late { watermark }) => late[i] = Some(watermark),
+                    _ => event_times[i] = Some(t),
+                }
+            }
+        }
+    }
+    let (starts, order) = group_by(n, engine.shards.len(), |i| engine.shard_of(fps[i]));
+    for s in 0..engine.shards.len() {
+        let group = &order[starts[s] as usize..starts[s + 1] as usize];
+        if group.is_empty() {
+            continue;
+        }
+        let mut shard = engine.lock(s);
+        shard.counters.batches += 1;
+        shard.counters.batch_keys += group.len() as u64;
+        let items: Vec<Routed> = group
+            .iter()
+            .map(|&i| i as usize)
+            .filter(|&i| late[i].is_none())
+            .map(|i| {
+                let r = &requests[i];
+                let t = match (reading, event_times[i]) {
+                    (Some(reading), _) => shard.processing_time(reading),
+                    (None, Some(t)) => t,
+                    (None, None) => engine.watermark(),
+                };
+                let ttl = r.lease.map_or(engine.plan.lease_nanos, duration_nanos);
+                (i, fps[i], r.payload, t, ttl)
+            })
+            .collect();
+        engine.claim_locked(&mut shard, &items, &mut answers);
+    }
+    answers
+        .into_iter()
+        .zip(late)
+        .map(|(answer, late)| match late {
+            Some(watermark) => Claim::Late { watermark },
+            None => wrap(handle, answer.unwrap_or(ShardClaim::Unavailable)),
+        })
+        .collect()
+}
+
+/// A claim that waits for an in-flight holder (see [`Deduper::claim_wait`]).
+/// Each look claims under the shard's lock and, still in progress, waits on
+/// the shard's condition variable with the lock given up atomically, so a
+/// commit or release in between cannot be missed.
+fn wait_in<D: AsRef<Deduper> + Clone, K: Key>(
+    handle: &D,
+    request: &ClaimRequest<K>,
+    timeout: Duration,
+) -> Claim<D> {
+    let engine = handle.as_ref();
+    let deadline = Instant::now() + timeout;
+    let fp = engine.fingerprint(&request.key);
+    let s = engine.shard_of(fp);
+    let reading = engine.clock.read();
+    if reading.is_none() {
+        if let Some(t) = request.at {
+            if let Some(crate::verdict::Verdict::Late { watermark }) = engine.observe(t) {
+                return Claim::Late { watermark };
+            }
+        }
+    }
+    let remote = engine.plan.trust == Trust::Shared;
+    let mut pause = Duration::from_millis(5);
+    let mut shard = engine.lock(s);
+    loop {
+        let t = match (engine.clock.read(), request.at) {
+            (Some(reading), _) => shard.processing_time(reading),
+            (None, Some(t)) => t,
+            (None, None) => engine.watermark(),
+        };
+        let ttl = request
+            .lease
+            .map_or(engine.plan.lease_nanos, duration_nanos);
+        let mut out = [None];
+        shard.counters.batches += 1;
+        shard.counters.batch_keys += 1;
+        engine.claim_locked(&mut shard, &[(0, fp, request.payload, t, ttl)], &mut out);
+        let answer = out[0].take().unwrap_or(ShardClaim::Unavailable);
+        let ShardClaim::InProgress { until } = answer else {
+            drop(shard);
+            return wrap(handle, answer);
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Claim::InProgress { until };
+        }
+        // Sleep until woken (a local commit, release or forget), the
+        // holder's lease ends, or the deadline; a holder elsewhere, or a
+        // manual clock, is looked for again with a growing pause.
+        let to_expiry = Duration::from_nanos(
+            until
+                .as_nanos()
+                .saturating_sub(engine.lease_clock.now())
+                .saturating_add(1),
+        );
+        let mut sleep = (deadline - now).min(to_expiry);
+        if remote || engine.lease_clock.is_manual() {
+            sleep = sleep.min(pause);
+            pause = (pause * 2).min(WAIT_POLL_MAX);
+        }
+        shard.waiters += 1;
+        let (woken, _) = engine.wakeups[s]
+            .wait_timeout(shard, sleep)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shard = woken;
+        shard.waiters -= 1;
+    }
+}
+
+/// A shard's answer as the caller's [`Claim`].
+fn wrap<D: AsRef<Deduper> + Clone>(handle: &D, answer: ShardClaim) -> Claim<D> {
+    match answer {
+        ShardClaim::Acquired(info) => Claim::Acquired(Lease::new(handle.clone(), info)),
+        ShardClaim::InProgress { until } => Claim::InProgress { until },
+        ShardClaim::Completed { first_seen, result } => Claim::Completed { first_seen, result },
+        ShardClaim::Conflict => Claim::Conflict,
+        ShardClaim::Unavailable => Claim::Unavailable,
+    }
+}

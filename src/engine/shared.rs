@@ -1,0 +1,285 @@
+//! Shared keys on a remote store: every claim, check, commit and release is
+//! an operation the store applies atomically
+//! ([`crate::exact::ExactPartition::shared_claims`]),
+//! so the leases live in the store and every engine sharing it sees them.
+//! A shard sends one batch of operations per call; releases of dropped
+//! leases are queued and ride along with the next batch (no I/O in `Drop`).
+
+use crate::claims::{LeaseError, LeaseInfo, PayloadFingerprint};
+use crate::error::ExactTierError;
+use crate::exact::{SharedAnswer, SharedOp};
+use crate::fingerprint::Fingerprint;
+use crate::time::Timestamp;
+use crate::verdict::Verdict;
+
+use super::claim::ShardClaim;
+use super::shard::{Shard, ShardFilter, ShardRules};
+
+/// True when the error says the store offers no shared claims (the engine
+/// then uses the older claim script for checks).
+fn unsupported(e: &ExactTierError) -> bool {
+    matches!(e, ExactTierError::Unsupported(_))
+}
+
+impl Shard {
+    /// Sends `ops` (after the queued releases) in one batch; the answers
+    /// of `ops` only.
+    fn send_shared(
+        &mut self,
+        ops: &[SharedOp<'_>],
+        rules: &ShardRules,
+    ) -> Result<Vec<SharedAnswer>, ExactTierError> {
+        let current = self.shared_slice();
+        let exact = self
+            .exact
+            .as_mut()
+            .expect("shared claims need the exact tier");
+        let queued: Vec<SharedOp<'_>> = self
+            .queued_releases
+            .iter()
+            .map(|&(fingerprint, token, now)| SharedOp::Release {
+                fingerprint,
+                token,
+                now,
+            })
+            .collect();
+        let all: Vec<SharedOp<'_>> = queued.iter().chain(ops).copied().collect();
+        let mut out = Vec::with_capacity(all.len());
+        let started = std::time::Instant::now();
+        let result = exact.shared_claims(current, rules.window, &all, &mut out);
+        self.counters
+            .exact_call(started.elapsed().as_nanos() as u64);
+        result?;
+        if out.len() != all.len() {
+            return Err(ExactTierError::Unavailable(format!(
+                "the store answered {} of {} claim operations",
+                out.len(),
+                all.len()
+            )));
+        }
+        // The queued releases are applied (or were lost already).
+        self.counters.releases += queued.len() as u64;
+        self.queued_releases.clear();
+        Ok(out.split_off(queued.len()))
+    }
+
+    fn shared_slice(&self) -> u64 {
+        match &self.filter {
+            ShardFilter::Windowed(f) => f.current(),
+            ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
+        }
+    }
+
+    /// Shared claims of `items` (`(position, fingerprint, payload, time,
+    /// lease nanoseconds)`), in one batch.
+    pub(crate) fn claim_shared(
+        &mut self,
+        items: &[(
+            usize,
+            Fingerprint,
+            Option<PayloadFingerprint>,
+            Timestamp,
+            u64,
+        )],
+        now: u64,
+        rules: &ShardRules,
+        out: &mut [Option<ShardClaim>],
+    ) {
+        let ops: Vec<SharedOp<'_>> = items
+            .iter()
+            .map(|&(_, fingerprint, payload, at, ttl)| {
+                self.advance(at);
+                self.counters.claims += 1;
+                SharedOp::Claim {
+                    fingerprint,
+                    at,
+                    now,
+                    until: now.saturating_add(ttl),
+                    payload,
+                }
+            })
+            .collect();
+        let answers = self.send_shared(&ops, rules);
+        for (i, &(pos, fingerprint, payload, at, ttl)) in items.iter().enumerate() {
+            let answer = match &answers {
+                Err(_) => {
+                    self.counters.unavailable += 1;
+                    ShardClaim::Unavailable
+                }
+                Ok(a) => match a[i].clone() {
+                    SharedAnswer::Acquired { token } => {
+                        self.counters.acquired += 1;
+                        ShardClaim::Acquired(LeaseInfo {
+                            fingerprint,
+                            token,
+                            acquired_at: at,
+                            expires_at: Timestamp::from_nanos(now.saturating_add(ttl)),
+                            payload,
+                        })
+                    }
+                    SharedAnswer::InProgress { until } => {
+                        self.counters.claims_in_progress += 1;
+                        ShardClaim::InProgress {
+                            until: Timestamp::from_nanos(until),
+                        }
+                    }
+                    SharedAnswer::Completed { first_seen, body } => {
+                        self.counters.claims_completed += 1;
+                        ShardClaim::Completed {
+                            first_seen,
+                            result: body.map_or_else(|| self.empty_result.clone(), |b| b.result),
+                        }
+                    }
+                    SharedAnswer::Conflict => {
+                        self.counters.conflicts += 1;
+                        ShardClaim::Conflict
+                    }
+                    _unexpected => {
+                        self.counters.unavailable += 1;
+                        crate::trace::event!(
+                            warn,
+                            answer = ?_unexpected,
+                            "the store answered a claim with a non-claim answer"
+                        );
+                        ShardClaim::Unavailable
+                    }
+                },
+            };
+            out[pos] = Some(answer);
+        }
+    }
+
+    /// Shared checks of `items` (`(position, fingerprint, time)`) as
+    /// claims committed in one step. `None` when the store offers no
+    /// shared claims (the caller uses
+    /// [`crate::exact::ExactPartition::claim_batch`]).
+    pub(crate) fn check_shared(
+        &mut self,
+        items: &[(usize, Fingerprint, Timestamp)],
+        now: u64,
+        rules: &ShardRules,
+        out: &mut [Verdict],
+    ) -> Option<()> {
+        let ops: Vec<SharedOp<'_>> = items
+            .iter()
+            .map(|&(_, fingerprint, at)| SharedOp::Check {
+                fingerprint,
+                at,
+                now,
+            })
+            .collect();
+        let answers = match self.send_shared(&ops, rules) {
+            Err(e) if unsupported(&e) => return None,
+            other => other,
+        };
+        for (i, &(pos, _, _)) in items.iter().enumerate() {
+            out[pos] = match &answers {
+                Err(_) => Verdict::Unavailable,
+                Ok(a) => match &a[i] {
+                    SharedAnswer::Acquired { .. } => Verdict::New,
+                    SharedAnswer::InProgress { until } => Verdict::InProgress {
+                        until: Timestamp::from_nanos(*until),
+                    },
+                    SharedAnswer::Completed { first_seen, .. } => Verdict::Duplicate {
+                        first_seen: *first_seen,
+                    },
+                    _ => Verdict::Unavailable,
+                },
+            };
+        }
+        Some(())
+    }
+
+    /// One lease operation on the store (commit, release, extend).
+    pub(crate) fn lease_op_shared(
+        &mut self,
+        op: SharedOp<'_>,
+        rules: &ShardRules,
+    ) -> Result<(), LeaseError> {
+        self.lease_ops_shared(&[op], rules)
+            .pop()
+            .expect("one answer per operation")
+    }
+
+    /// Lease operations on the store (commits, releases, extensions) in
+    /// one batch, answered in order.
+    pub(crate) fn lease_ops_shared(
+        &mut self,
+        ops: &[SharedOp<'_>],
+        rules: &ShardRules,
+    ) -> Vec<Result<(), LeaseError>> {
+        match self.send_shared(ops, rules) {
+            Err(e) => ops
+                .iter()
+                .map(|_| {
+                    Err(LeaseError::Unavailable(ExactTierError::Unavailable(
+                        e.to_string(),
+                    )))
+                })
+                .collect(),
+            Ok(answers) => answers
+                .into_iter()
+                .zip(ops)
+                .map(|(answer, op)| match answer {
+                    SharedAnswer::Done => {
+                        match op {
+                            SharedOp::Commit { result, .. } => {
+                                self.counters.commits += 1;
+                                self.counters.result_bytes += result.len() as u64;
+                            }
+                            SharedOp::Release { .. } => self.counters.releases += 1,
+                            _ => {}
+                        }
+                        Ok(())
+                    }
+                    SharedAnswer::Lost => {
+                        self.counters.lease_lost += 1;
+                        Err(LeaseError::Lost)
+                    }
+                    other => Err(LeaseError::Unavailable(ExactTierError::Unavailable(
+                        format!("the store answered a lease operation with {other:?}"),
+                    ))),
+                })
+                .collect(),
+        }
+    }
+
+    /// A dropped lease's release, sent with the shard's next batch.
+    pub(crate) fn queue_release(&mut self, info: &LeaseInfo, now: u64) {
+        self.queued_releases
+            .push((info.fingerprint, info.token, now));
+    }
+
+    /// Forgets `fp` in the store.
+    pub(crate) fn forget_shared(
+        &mut self,
+        fp: Fingerprint,
+        rules: &ShardRules,
+    ) -> Result<bool, ExactTierError> {
+        let answers = self.send_shared(&[SharedOp::Forget { fingerprint: fp }], rules)?;
+        match answers.first() {
+            Some(SharedAnswer::Forgotten(found)) => {
+                if *found {
+                    self.counters.forgotten += 1;
+                }
+                Ok(*found)
+            }
+            other => Err(ExactTierError::Unavailable(format!(
+                "the store answered a forget with {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends the queued releases now (a flush), if any.
+    pub(crate) fn send_queued_releases(&mut self, rules: &ShardRules) {
+        if !self.queued_releases.is_empty() {
+            // A failure keeps them queued for the next batch.
+            let _ = self.send_shared(&[], rules);
+        }
+    }
+
+    /// True for shared keys on a store that holds the leases.
+    pub(crate) fn shares_leases(&self, shared: bool) -> bool {
+        shared && self.exact.as_ref().is_some_and(|e| e.prefers_batches())
+    }
+}
