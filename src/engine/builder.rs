@@ -402,6 +402,7 @@ impl DeduperBuilder {
             rules: ShardRules {
                 window,
                 slot_capacity,
+                warm_up: !matches!(self.clock, Clock::EventTime),
             },
             table_slot_keys,
             keys_per_window,

@@ -26,6 +26,14 @@ pub(crate) struct ShardRules {
     pub(crate) window: Option<u64>,
     /// Keys one slot of one shard was sized for.
     pub(crate) slot_capacity: u64,
+    /// Whether a cold filter in front of a persistent tier becomes trusted
+    /// once a span of the shard's own time has passed. True on processing
+    /// time, where the tier holds nothing newer than the process's start.
+    /// False on event time: a replay may meet records a previous run
+    /// accepted at times after the replay's start, so a fresh filter is
+    /// never trusted (every "definitely new" is confirmed in the tier)
+    /// unless a snapshot made it warm.
+    pub(crate) warm_up: bool,
 }
 
 pub(crate) enum ShardFilter {
@@ -462,9 +470,10 @@ impl Shard {
             || self.exact.as_ref().is_some_and(|e| e.prefers_batches())
     }
 
-    fn update_warmth(&mut self, span: u64) {
+    fn update_warmth(&mut self, span: u64, warm_up: bool) {
         match self.warmth {
             Warmth::Warm => {}
+            Warmth::ColdFresh if !warm_up => {}
             Warmth::ColdFresh => {
                 self.warmth = Warmth::ColdUntil(self.time.saturating_add(span));
             }
@@ -519,7 +528,7 @@ impl Shard {
                 self.resolve(&mut waiting, rules, trust, out);
             }
             self.advance(t);
-            self.update_warmth(span);
+            self.update_warmth(span, rules.warm_up);
             self.counters.checks += 1;
             if let Some(held) = self.held_verdict(fp) {
                 out[pos] = held;
