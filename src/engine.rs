@@ -28,6 +28,7 @@ pub use builder::{Affinity, DeduperBuilder, Mode};
 pub use stats::{ClaimStats, Stats};
 
 pub(crate) use builder::Plan;
+pub(crate) use claim::ShardClaim;
 pub(crate) use leases::Held;
 use leases::LeaseClock;
 pub(crate) use shard::{Shard, ShardFilter, Staged, Warmth};

@@ -131,7 +131,9 @@ pub use filter::{FilterAnswer, GenerationalBloom};
 pub use fingerprint::{ContentKey, Fingerprint, Key, Namespace};
 #[cfg(feature = "metrics")]
 pub use metrics::MetricsPublisher;
-pub use pipeline::{IntoDeduperError, Pipeline, PipelineBuilder, PipelineError, Producer};
+pub use pipeline::{
+    IntoDeduperError, Pipeline, PipelineBuilder, PipelineEngine, PipelineError, Producer,
+};
 pub use snapshot::FORMAT_VERSION;
 pub use time::{Clock, ManualClock, Timestamp, GENERATIONS};
 pub use verdict::Verdict;

@@ -42,7 +42,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
-use crate::engine::{group_by, Deduper, DeduperBuilder, Shard};
+use crate::claims::{Claim, ClaimRequest, PayloadFingerprint};
+use crate::engine::{group_by, Deduper, DeduperBuilder, Shard, ShardClaim};
 use crate::error::{ConfigError, FlushError};
 use crate::fingerprint::{Fingerprint, Key};
 use crate::time::Timestamp;
@@ -79,6 +80,11 @@ pub enum PipelineError {
     /// `recv` was called with no batch in flight.
     #[error("no batch is in flight")]
     NothingInFlight,
+    /// The oldest batch in flight is of the other kind: claims
+    /// ([`Producer::submit_claims`]) are received with
+    /// [`Producer::recv_claims`], checks with [`Producer::recv`].
+    #[error("the oldest batch in flight holds {0}: receive it with the matching call")]
+    OtherKind(&'static str),
     /// [`Pipeline::into_deduper`] while producers of the pipeline exist.
     #[error("producers of this pipeline still exist; drop them before taking the engine back")]
     ProducersAlive,
@@ -134,8 +140,13 @@ struct Job {
     /// Position of each key in the submitted batch.
     positions: Vec<u32>,
     times: Times,
+    /// `Some`: claims (each one's payload and lease), not checks.
+    claims: Option<Vec<ClaimSpec>>,
     reply: Sender<Reply>,
 }
+
+/// A claim's payload fingerprint and lease in nanoseconds.
+type ClaimSpec = (Option<PayloadFingerprint>, u64);
 
 enum Message {
     Work(Job),
@@ -147,6 +158,8 @@ struct Reply {
     batch: u64,
     positions: Vec<u32>,
     verdicts: Vec<Verdict>,
+    /// A claim job's answers (`verdicts` is then empty).
+    claims: Vec<Option<ShardClaim>>,
 }
 
 /// What workers and producers share.
@@ -531,7 +544,11 @@ impl std::fmt::Debug for Pipeline {
 /// A batch submitted and not yet fully answered.
 struct InFlight {
     batch: u64,
+    /// A check batch's verdicts; for a claim batch, `Late` marks the late
+    /// claims (the others are placeholders).
     verdicts: Vec<Verdict>,
+    /// A claim batch's answers.
+    claims: Option<Vec<Option<ShardClaim>>>,
     parts_left: usize,
 }
 
@@ -563,10 +580,54 @@ impl Producer {
             .map(|k| self.core.deduper.fingerprint(k))
             .collect();
         let n = fps.len();
-        self.dispatch(fps, |d| {
+        self.dispatch(fps, None, |d| {
             // Event time without timestamps: the watermark, like `check`.
             let reading = d.clock_reading().unwrap_or_else(|| d.watermark());
             (vec![Verdict::New; n], None, Times::Processing(reading))
+        })
+    }
+
+    /// Submits a batch of claims (see [`crate::Claim`]): each shard's
+    /// claims are made by its worker, in one lock (and on a remote tier one
+    /// round trip) per shard. Receive the answers with
+    /// [`Producer::recv_claims`]; acquired leases commit or release through
+    /// the engine directly ([`crate::Lease::commit`], [`Deduper::commit_batch`]).
+    /// Event time: a claim's `at` (else the watermark); late claims are
+    /// answered [`Claim::Late`] without reaching a worker.
+    ///
+    /// # Errors
+    /// As [`Producer::submit`].
+    pub fn submit_claims<K: Key>(
+        &mut self,
+        requests: &[ClaimRequest<K>],
+    ) -> Result<(), PipelineError> {
+        let fps: Vec<Fingerprint> = requests
+            .iter()
+            .map(|r| self.core.deduper.fingerprint(&r.key))
+            .collect();
+        let lease = self.core.deduper.lease_nanos();
+        let specs: Vec<ClaimSpec> = requests
+            .iter()
+            .map(|r| {
+                (
+                    r.payload,
+                    r.lease.map_or(lease, crate::time::duration_nanos),
+                )
+            })
+            .collect();
+        self.dispatch(fps, Some(specs), |d| match d.clock_reading() {
+            Some(reading) => (
+                vec![Verdict::New; requests.len()],
+                None,
+                Times::Processing(reading),
+            ),
+            None => {
+                let wm = d.watermark();
+                let times: Vec<Timestamp> = requests.iter().map(|r| r.at.unwrap_or(wm)).collect();
+                let mut verdicts = Vec::with_capacity(times.len());
+                let late = d.screen_late(times.iter().copied(), &mut verdicts);
+                (verdicts, Some(late), Times::Event(times))
+            }
         })
     }
 
@@ -580,7 +641,7 @@ impl Producer {
             .iter()
             .map(|(k, _)| self.core.deduper.fingerprint(k))
             .collect();
-        self.dispatch(fps, |d| {
+        self.dispatch(fps, None, |d| {
             // Lateness is decided (and the watermark moved) only once the
             // batch is sure to be queued.
             let mut verdicts = Vec::with_capacity(keys.len());
@@ -596,6 +657,7 @@ impl Producer {
     fn dispatch(
         &mut self,
         fps: Vec<Fingerprint>,
+        claims: Option<Vec<ClaimSpec>>,
         prepare: impl FnOnce(&Deduper) -> (Vec<Verdict>, Option<Vec<bool>>, Times),
     ) -> Result<(), PipelineError> {
         if let Some(e) = self.core.failure() {
@@ -643,6 +705,9 @@ impl Producer {
                         fps: chunk.iter().map(|&i| fps[i as usize]).collect(),
                         positions: chunk.to_vec(),
                         times: job_times,
+                        claims: claims
+                            .as_ref()
+                            .map(|specs| chunk.iter().map(|&i| specs[i as usize]).collect()),
                         reply: self.reply_tx.clone(),
                     },
                 ));
@@ -650,6 +715,7 @@ impl Producer {
         }
         self.in_flight.push_back(InFlight {
             batch,
+            claims: claims.as_ref().map(|specs| vec![None; specs.len()]),
             verdicts,
             parts_left: jobs.len(),
         });
@@ -708,8 +774,17 @@ impl Producer {
         let Some(entry) = self.in_flight.iter_mut().find(|b| b.batch == reply.batch) else {
             return;
         };
-        for (p, v) in reply.positions.into_iter().zip(reply.verdicts) {
-            entry.verdicts[p as usize] = v;
+        match &mut entry.claims {
+            Some(claims) => {
+                for (p, c) in reply.positions.into_iter().zip(reply.claims) {
+                    claims[p as usize] = c;
+                }
+            }
+            None => {
+                for (p, v) in reply.positions.into_iter().zip(reply.verdicts) {
+                    entry.verdicts[p as usize] = v;
+                }
+            }
         }
         entry.parts_left -= 1;
         if entry.parts_left == 0 {
@@ -727,15 +802,52 @@ impl Producer {
     /// (every batch whose submit returned `Ok` is answered in full, even
     /// across a shutdown).
     pub fn recv(&mut self) -> Result<Vec<Verdict>, PipelineError> {
-        let front_done = |p: &Self| p.in_flight.front().map(|b| b.parts_left == 0);
+        let entry = self.recv_front(false)?;
+        Ok(entry.verdicts)
+    }
+
+    /// The answers of the oldest batch in flight, a batch of claims
+    /// ([`Producer::submit_claims`]), in its request order; blocks until
+    /// they are all in. The leases hold the pipeline's engine.
+    ///
+    /// # Errors
+    /// As [`Producer::recv`]; [`PipelineError::OtherKind`] when the oldest
+    /// batch holds checks.
+    pub fn recv_claims(&mut self) -> Result<Vec<Claim<PipelineEngine>>, PipelineError> {
+        let entry = self.recv_front(true)?;
+        let engine = PipelineEngine {
+            core: Arc::clone(&self.core),
+        };
+        let claims = entry.claims.expect("a claim batch");
+        Ok(entry
+            .verdicts
+            .into_iter()
+            .zip(claims)
+            .map(|(verdict, claim)| match (verdict, claim) {
+                (Verdict::Late { watermark }, _) => Claim::Late { watermark },
+                (_, Some(claim)) => claim.wrap(&engine),
+                (_, None) => Claim::Unavailable,
+            })
+            .collect())
+    }
+
+    /// The oldest batch in flight once all in, if of the asked kind.
+    fn recv_front(&mut self, claims: bool) -> Result<InFlight, PipelineError> {
         loop {
-            match front_done(self) {
-                None => return Err(PipelineError::NothingInFlight),
-                Some(true) => {
-                    return Ok(self.in_flight.pop_front().expect("front exists").verdicts);
-                }
-                Some(false) => self.collect_one()?,
+            let Some(front) = self.in_flight.front() else {
+                return Err(PipelineError::NothingInFlight);
+            };
+            if front.claims.is_some() != claims {
+                return Err(PipelineError::OtherKind(if claims {
+                    "checks"
+                } else {
+                    "claims"
+                }));
             }
+            if front.parts_left == 0 {
+                return Ok(self.in_flight.pop_front().expect("front exists"));
+            }
+            self.collect_one()?;
         }
     }
 
@@ -836,10 +948,10 @@ fn process_job(core: &Core, job: Job) {
         fps,
         positions,
         times,
+        claims,
         reply,
     } = job;
     let d = &core.deduper;
-    let mut verdicts = vec![Verdict::New; fps.len()];
     let (starts, order) = group_by(fps.len(), d.shard_count(), |i| d.shard_index(fps[i]));
     let time = |shard: &Shard, i: usize| -> Option<Timestamp> {
         Some(match &times {
@@ -847,14 +959,52 @@ fn process_job(core: &Core, job: Job) {
             Times::Event(ts) => ts[i],
         })
     };
-    for s in (0..d.shard_count()).filter(|s| starts[s + 1] > starts[*s]) {
-        let group = &order[starts[s] as usize..starts[s + 1] as usize];
-        d.check_group(s, &fps, group, &time, &mut verdicts);
-    }
-    // The producer may be gone; its verdicts are then nobody's.
+    let groups = (0..d.shard_count())
+        .filter(|s| starts[s + 1] > starts[*s])
+        .map(|s| (s, &order[starts[s] as usize..starts[s + 1] as usize]));
+    let (verdicts, answers) = match claims {
+        None => {
+            let mut verdicts = vec![Verdict::New; fps.len()];
+            for (s, group) in groups {
+                d.check_group(s, &fps, group, &time, &mut verdicts);
+            }
+            (verdicts, Vec::new())
+        }
+        Some(specs) => {
+            let mut answers = vec![None; fps.len()];
+            for (s, group) in groups {
+                d.claim_group(s, &fps, group, &time, &specs, &mut answers);
+            }
+            (Vec::new(), answers)
+        }
+    };
+    // The producer may be gone; its answers are then nobody's.
     let _ = reply.send(Reply {
         batch,
         positions,
         verdicts,
+        claims: answers,
     });
+}
+
+/// The pipeline's engine, as the leases of its claims hold it
+/// ([`Producer::recv_claims`]): a lease commits or releases through it, and
+/// keeps the engine alive while it exists.
+#[derive(Clone)]
+pub struct PipelineEngine {
+    core: Arc<Core>,
+}
+
+impl AsRef<Deduper> for PipelineEngine {
+    fn as_ref(&self) -> &Deduper {
+        &self.core.deduper
+    }
+}
+
+impl std::fmt::Debug for PipelineEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PipelineEngine")
+            .field(&self.core.deduper)
+            .finish()
+    }
 }

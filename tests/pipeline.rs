@@ -833,3 +833,70 @@ fn a_restored_engine_keeps_its_window_in_a_new_pipeline() {
     assert!(err.into_deduper().is_none());
     drop(producer);
 }
+
+/// Claims through the pipeline answer as the engine's own `claim_batch` on
+/// a twin engine fed the same batches at the same times: acquired, in
+/// progress, completed with the committed result, conflicts; leases from
+/// the pipeline commit through its engine; batches of checks and claims
+/// interleave and are received by kind.
+#[test]
+fn claims_through_the_pipeline_answer_as_the_engine() {
+    use tiered_dedup::{Claim, ClaimRequest, PayloadFingerprint};
+    let clock = ManualClock::new(Timestamp::from_secs(10_000));
+    let b = || {
+        Deduper::builder()
+            .window(Duration::from_secs(60))
+            .expected_keys(5_000)
+            .shards(8)
+            .lease_duration(Duration::from_secs(5))
+            .clock(Clock::Manual(clock.clone()))
+    };
+    let twin = b().build().unwrap();
+    let pipeline = Pipeline::builder(b())
+        .workers(3)
+        .max_message_keys(50)
+        .build()
+        .unwrap();
+    let mut producer = pipeline.producer();
+    let mut rng = Rng::new(17);
+    fn kind<D: AsRef<Deduper>>(c: &Claim<D>) -> (String, Vec<u8>) {
+        match c {
+            Claim::Completed { result, .. } => ("completed".into(), result.to_vec()),
+            other => (format!("{:?}", other.kind()), Vec::new()),
+        }
+    }
+    for round in 0..300 {
+        let requests: Vec<ClaimRequest<u64>> = (0..rng.below(200) + 1)
+            .map(|_| {
+                let r = ClaimRequest::new(rng.below(400));
+                match rng.below(3) {
+                    0 => r.payload(PayloadFingerprint(rng.below(2))),
+                    _ => r,
+                }
+            })
+            .collect();
+        producer.submit_claims(&requests).unwrap();
+        // A check batch behind it, received after it.
+        producer.submit(&[1_000_000 + round]).unwrap();
+        assert!(matches!(producer.recv(), Err(PipelineError::OtherKind(_))));
+        let ours = producer.recv_claims().unwrap();
+        assert!(producer.recv().unwrap()[0].is_new());
+        let theirs = twin.claim_batch(&requests);
+        for (i, (a, b)) in ours.into_iter().zip(theirs).enumerate() {
+            assert_eq!(kind(&a), kind(&b), "round {round} request {i}");
+            // Commit about half, the same way on both; release the rest.
+            let commit = rng.chance(0.5);
+            let result = round.to_le_bytes();
+            if let (Claim::Acquired(a), Claim::Acquired(b)) = (a, b) {
+                if commit {
+                    a.commit(&result).unwrap();
+                    b.commit(&result).unwrap();
+                }
+            }
+        }
+        clock.advance(Duration::from_millis(rng.below(3_000)));
+    }
+    let stats = pipeline.deduper().stats().claims;
+    assert!(stats.acquired > 1_000 && stats.completed > 1_000 && stats.conflicts > 0, "{stats:?}");
+    assert_eq!(stats, twin.stats().claims);
+}

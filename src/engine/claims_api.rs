@@ -475,11 +475,51 @@ fn wait_in<D: AsRef<Deduper> + Clone, K: Key>(
 
 /// A shard's answer as the caller's [`Claim`].
 fn wrap<D: AsRef<Deduper> + Clone>(handle: &D, answer: ShardClaim) -> Claim<D> {
-    match answer {
-        ShardClaim::Acquired(info) => Claim::Acquired(Lease::new(handle.clone(), info)),
-        ShardClaim::InProgress { until } => Claim::InProgress { until },
-        ShardClaim::Completed { first_seen, result } => Claim::Completed { first_seen, result },
-        ShardClaim::Conflict => Claim::Conflict,
-        ShardClaim::Unavailable => Claim::Unavailable,
+    answer.wrap(handle)
+}
+
+impl ShardClaim {
+    /// The caller's [`Claim`], an acquired lease holding `handle`.
+    pub(crate) fn wrap<D: AsRef<Deduper> + Clone>(self, handle: &D) -> Claim<D> {
+        match self {
+            ShardClaim::Acquired(info) => Claim::Acquired(Lease::new(handle.clone(), info)),
+            ShardClaim::InProgress { until } => Claim::InProgress { until },
+            ShardClaim::Completed { first_seen, result } => Claim::Completed { first_seen, result },
+            ShardClaim::Conflict => Claim::Conflict,
+            ShardClaim::Unavailable => Claim::Unavailable,
+        }
+    }
+}
+
+impl Deduper {
+    /// The claims `group` (indices into `fps`, all of shard `s`, in input
+    /// order) under one lock of shard `s`: the pipeline's workers.
+    pub(crate) fn claim_group(
+        &self,
+        s: usize,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        specs: &[(Option<crate::claims::PayloadFingerprint>, u64)],
+        out: &mut [Option<ShardClaim>],
+    ) {
+        let mut shard = self.lock(s);
+        shard.counters.batches += 1;
+        shard.counters.batch_keys += group.len() as u64;
+        let items: Vec<Routed> = group
+            .iter()
+            .filter_map(|&i| {
+                let i = i as usize;
+                let (payload, ttl) = specs[i];
+                time(&shard, i).map(|t| (i, fps[i], payload, t, ttl))
+            })
+            .collect();
+        self.claim_locked(&mut shard, &items, out);
+        self.wake(s, &shard);
+    }
+
+    /// A claim's default lease in nanoseconds.
+    pub(crate) fn lease_nanos(&self) -> u64 {
+        self.plan.lease_nanos
     }
 }
