@@ -1,0 +1,299 @@
+//! Writing marks: kept oldest first, sent as one pipeline (single server:
+//! on a connection of their own, replies read with the next batch) or one
+//! script (Cluster), and kept for a retry when Redis fails.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use redis::Value;
+
+use super::conn::{unavailable, Conn};
+use super::records::RECORD;
+use super::scripts::COMPACT_SCRIPT;
+use super::RedisPartition;
+use crate::error::ExactTierError;
+use crate::exact::table::FingerprintTable;
+use crate::exact::Mark;
+use crate::fingerprint::Fingerprint;
+use crate::time::{slot_of, Timestamp};
+
+/// Marks written to a single server whose replies are not read yet.
+pub(super) struct InFlight {
+    pub(super) marks: Vec<Mark>,
+    pub(super) index: FingerprintTable,
+    /// Replies owed on the mark connection.
+    pub(super) replies: usize,
+    /// Hashes whose first `PEXPIRE` went with these marks.
+    pub(super) fresh: HashSet<(u64, u64)>,
+}
+
+/// The marks of one bucket's run of `(slice, bucket, index)` in mark
+/// order, as Redis stores them: (fingerprint, time as 8 big-endian bytes).
+pub(super) fn stored_marks<'a>(
+    unsent: &'a [Mark],
+    run: &'a [(u64, u64, u32)],
+) -> impl Iterator<Item = ([u8; 16], [u8; 8])> + 'a {
+    run.iter().map(|&(_, _, i)| {
+        let m = &unsent[i as usize];
+        (m.fingerprint.to_bytes(), m.at.as_nanos().to_be_bytes())
+    })
+}
+
+impl RedisPartition {
+    /// Writes every unsent mark (oldest first) in one pipeline. On a
+    /// single server the replies are read by the next call (or by
+    /// [`Self::settle`]); a cluster's script is answered at once.
+    pub(super) fn send_unsent(&mut self) -> Result<(), ExactTierError> {
+        // The previous marks' replies first: a failure puts them back
+        // before these, in order.
+        self.settle()?;
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        // Connect first: the hash count may change when a connection
+        // adopts the agreed one.
+        self.connect()?;
+        // Marks by hash, in mark order within each (a later mark of a key
+        // wins): sorted by (slice, bucket, position), no map, no vector per
+        // hash; a TTL for hashes this process has not given one yet.
+        let mut order: Vec<(u64, u64, u32)> = (0u32..)
+            .zip(&self.unsent)
+            .map(|(i, m)| (m.slice, self.bucket(m.fingerprint), i))
+            .collect();
+        order.sort_unstable();
+        let by_hash = || order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1));
+        let fresh: HashSet<(u64, u64)> = by_hash()
+            .map(|run| (run[0].0, run[0].1))
+            .filter(|h| !self.expiring.contains(h))
+            .collect();
+        if self.records {
+            let current = self.current;
+            self.appended
+                .extend(by_hash().map(|run| run[0].0).filter(|&s| s >= current));
+        }
+        // A chunk of a finished slice's strings rides along (see
+        // `COMPACT_SCRIPT`).
+        let compaction = if self.records {
+            self.next_compaction()
+        } else {
+            Vec::new()
+        };
+        // A record string's marks, appended in mark order.
+        let records = |run: &[(u64, u64, u32)]| {
+            let mut blob = Vec::with_capacity(run.len() * RECORD);
+            for (fp, at) in stored_marks(&self.unsent, run) {
+                blob.extend_from_slice(&fp);
+                blob.extend_from_slice(&at);
+            }
+            blob
+        };
+        let is_fresh = |run: &[(u64, u64, u32)]| fresh.contains(&(run[0].0, run[0].1));
+        if self.config.cluster {
+            // One script: one reply, whatever the number of hashes.
+            let script = if self.records {
+                self.append_script.clone()
+            } else {
+                self.mark_script.clone()
+            };
+            let mut invocation = script.prepare_invoke();
+            invocation.arg(self.ttl_ms);
+            for run in by_hash() {
+                invocation.key(self.key(run[0].0, run[0].1));
+                let fresh = u8::from(is_fresh(run));
+                if self.records {
+                    invocation.arg(records(run)).arg(fresh);
+                    continue;
+                }
+                invocation.arg(run.len()).arg(fresh);
+                for (fp, at) in stored_marks(&self.unsent, run) {
+                    invocation.arg(&fp[..]).arg(&at[..]);
+                }
+            }
+            self.with_conn(|c, _| invocation.invoke::<Value>(c.like()))?;
+            if !compaction.is_empty() {
+                let script = self.compact_script.clone();
+                let mut invocation = script.prepare_invoke();
+                for k in &compaction {
+                    invocation.key(k);
+                }
+                // Best effort: the marks are written either way.
+                let _ = self.with_conn(|c, _| invocation.invoke::<Value>(c.like()));
+            }
+            self.expiring.extend(fresh);
+            self.written(self.unsent.len());
+            self.unsent.clear();
+            self.unsent_index.clear();
+        } else {
+            // Plain commands cost Redis less than a script's calls (no Lua
+            // strings per argument): one APPEND or HSET per string or hash,
+            // a PEXPIRE per fresh one, read until the first failure.
+            // Each fresh bucket's PEXPIRE right after its write: a
+            // pipeline cut short leaves no bucket written without a TTL.
+            let mut cmds = Vec::with_capacity(2 * fresh.len());
+            for run in by_hash() {
+                let key = self.key(run[0].0, run[0].1);
+                let mut cmd = redis::cmd(if self.records { "APPEND" } else { "HSET" });
+                cmd.arg(&key);
+                if self.records {
+                    cmd.arg(records(run));
+                } else {
+                    for (fp, at) in stored_marks(&self.unsent, run) {
+                        cmd.arg(&fp[..]).arg(&at[..]);
+                    }
+                }
+                cmds.push(cmd);
+                if is_fresh(run) {
+                    let mut expire = redis::cmd("PEXPIRE");
+                    expire.arg(&key).arg(self.ttl_ms);
+                    cmds.push(expire);
+                }
+            }
+            if !compaction.is_empty() {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(COMPACT_SCRIPT)
+                    .arg(compaction.len())
+                    .arg(&compaction);
+                cmds.push(eval);
+            }
+            let mut packed = Vec::new();
+            for cmd in &cmds {
+                cmd.write_packed_command(&mut packed);
+            }
+            // A connection opened by an earlier flush may have been closed
+            // since (a server's idle `timeout`): one more try on a new one.
+            let mut tries = if self.mark_conn.is_some() { 2 } else { 1 };
+            loop {
+                if self.mark_conn.is_none() {
+                    if Instant::now() < self.retry_at {
+                        return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+                    }
+                    match Conn::open(&self.config) {
+                        Ok(c) => self.mark_conn = Some(c),
+                        Err(e) => {
+                            self.fail_marks();
+                            return Err(unavailable(&e));
+                        }
+                    }
+                }
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let Some(Conn::Single(c)) = &mut self.mark_conn else {
+                    unreachable!("a single server's mark connection")
+                };
+                match c.send_packed_command(&packed) {
+                    Ok(()) => break,
+                    Err(_) if tries > 1 => {
+                        tries -= 1;
+                        self.mark_conn = None;
+                    }
+                    Err(e) => {
+                        // Not known to be stored: the marks stay unsent
+                        // (those Redis did read are written again: an
+                        // `HSET` the same, a record string gains a copy).
+                        self.fail_marks();
+                        return Err(unavailable(&e));
+                    }
+                }
+            }
+            // In flight until their replies are read; still indexed.
+            std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
+            std::mem::swap(&mut self.in_flight.index, &mut self.unsent_index);
+            self.in_flight.replies = cmds.len();
+            self.in_flight.fresh = fresh;
+        }
+        Ok(())
+    }
+
+    /// Reads the replies of the marks in flight (single server): on
+    /// success they are written; on a failure they go back to the front of
+    /// the unsent marks (older than those), for the next retry.
+    pub(super) fn settle(&mut self) -> Result<(), ExactTierError> {
+        if self.in_flight.replies == 0 {
+            return Ok(());
+        }
+        let result = match &mut self.mark_conn {
+            Some(Conn::Single(c)) => (0..self.in_flight.replies)
+                .try_for_each(|_| match c.recv_response()? {
+                    Value::ServerError(e) => Err(e.into()),
+                    _ => Ok(()),
+                })
+                .map_err(|e: redis::RedisError| unavailable(&e)),
+            _ => Err(ExactTierError::Unavailable(
+                "the connection marks were sent on was dropped".to_owned(),
+            )),
+        };
+        self.in_flight.replies = 0;
+        match result {
+            Ok(()) => {
+                self.expiring.extend(self.in_flight.fresh.drain());
+                self.written(self.in_flight.marks.len());
+                self.in_flight.marks.clear();
+                self.in_flight.index.clear();
+                Ok(())
+            }
+            Err(e) => {
+                if self.mark_conn.is_some() {
+                    self.fail_marks();
+                }
+                self.in_flight.fresh.clear();
+                // Unsent marks are newer: they stay indexed over these.
+                for m in &self.in_flight.marks {
+                    if self.unsent_index.get(m.fingerprint).is_none() {
+                        self.unsent_index.insert(m.fingerprint, m.at.as_nanos());
+                    }
+                }
+                self.in_flight.index.clear();
+                self.in_flight.marks.append(&mut self.unsent);
+                std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts `n` marks as written (no longer unsent).
+    pub(super) fn written(&self, n: usize) {
+        let n = n as u64;
+        self.stats.marks_written.fetch_add(n, Ordering::Relaxed);
+        self.stats.marks_unsent.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The time of the newest mark of `fp` not yet known to be in Redis.
+    pub(super) fn pending_time(&self, fp: Fingerprint) -> Option<u64> {
+        self.unsent_index
+            .get(fp)
+            .or_else(|| self.in_flight.index.get(fp))
+    }
+
+    /// Keeps `marks` for writing, indexed for lookups, up to
+    /// `max_unsent_marks`; returns how many did not fit (counted dropped).
+    pub(super) fn keep(&mut self, marks: &[Mark]) -> usize {
+        let room = self
+            .config
+            .max_unsent_marks
+            .saturating_sub(self.unsent.len());
+        let dropped = marks.len().saturating_sub(room);
+        for m in &marks[..marks.len() - dropped] {
+            self.unsent.push(*m);
+            self.unsent_index.insert(m.fingerprint, m.at.as_nanos());
+        }
+        self.stats
+            .marks_unsent
+            .fetch_add((marks.len() - dropped) as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            self.stats
+                .marks_dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        dropped
+    }
+
+    /// A mark of a key this partition accepted in slice `current`.
+    pub(super) fn mark_now(fingerprint: Fingerprint, current: u64, at: Timestamp) -> Mark {
+        Mark {
+            fingerprint,
+            slot: slot_of(current),
+            slice: current,
+            at,
+        }
+    }
+}

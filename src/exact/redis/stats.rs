@@ -1,0 +1,24 @@
+//! [`RedisStats`]: the counters a [`super::RedisTier`]'s partitions share.
+
+use std::sync::atomic::AtomicU64;
+
+/// Counters of a Redis tier, shared by its partitions.
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    /// Requests sent (pipelines and scripts).
+    pub requests: AtomicU64,
+    /// Requests that failed.
+    pub failures: AtomicU64,
+    /// Connections (re)established.
+    pub connects: AtomicU64,
+    /// Verdicts decided without Redis under `FailOpen` or `FallbackToMemory`.
+    pub degraded_decisions: AtomicU64,
+    /// Marks Redis has acknowledged.
+    pub marks_written: AtomicU64,
+    /// Marks not acknowledged yet: kept for retry while Redis is down, or
+    /// one flush in flight (settled by the next flush, or after the flush
+    /// interval when idle).
+    pub marks_unsent: AtomicU64,
+    /// Marks dropped because the retry buffer was full.
+    pub marks_dropped: AtomicU64,
+}
