@@ -63,7 +63,9 @@
 //! window — atomically, so two engines never both accept one key.
 //!
 //! **Faults.** A failed call drops the connection; the next one reconnects
-//! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. What a
+//! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. The
+//! lookup and mark connections back off on their own (`conn::Link`): a
+//! failure of one never delays the other. What a
 //! failure means is the [`FailurePolicy`]. Marks that cannot be written are
 //! kept in a bounded buffer, still visible to lookups, and retried with the
 //! next marks, every shared-mode claim and [`crate::Deduper::flush`] (which
@@ -88,12 +90,11 @@ mod stats;
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use super::table::FingerprintTable;
 use super::{ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, TierMetric};
 use claims::UnansweredClaims;
-use conn::Conn;
+use conn::Link;
 use layout::{buckets_for, KEYS_PER_HASH};
 use marks::InFlight;
 use scripts::{APPEND_SCRIPT, CLAIM_SCRIPT, COMPACT_SCRIPT, LOOKUP_SCRIPT, MARK_SCRIPT};
@@ -191,19 +192,17 @@ struct RedisPartition {
     expiring: HashSet<(u64, u64)>,
     window: Option<u64>,
     ttl_ms: u64,
-    conn: Option<Conn>,
-    /// No reconnect before this instant.
-    retry_at: Instant,
-    backoff: Duration,
+    /// Lookups, claims, the layout and deletes (and, on a cluster, marks).
+    lookups: Link,
     /// Marks not yet written, oldest first, and their index for lookups.
     unsent: Vec<Mark>,
     unsent_index: FingerprintTable,
     /// Single server: the connection marks are written on. Their replies
     /// are read when the next marks are sent (or on a flush), so Redis
     /// stores one batch while the engine checks the next; lookups use
-    /// `conn` and do not wait behind them.
-    mark_conn: Option<Conn>,
-    /// Marks sent on `mark_conn` whose replies are not read yet: still
+    /// `lookups` and do not wait behind them, nor for its backoff.
+    marks: Link,
+    /// Marks sent on `marks` whose replies are not read yet: still
     /// "not yet written" (indexed for lookups, retried on a failure).
     in_flight: InFlight,
     /// Record strings: slices this process appended to that are still
@@ -251,12 +250,10 @@ impl RedisPartition {
                 .map_or((2 * (span_ms + 2 * slice_ms)).max(3_600_000), |t| {
                     (t.as_millis() as u64).max(1)
                 }),
-            conn: None,
-            retry_at: Instant::now(),
-            backoff: Duration::from_millis(10),
+            lookups: Link::new(),
             unsent: Vec::new(),
             unsent_index: FingerprintTable::new(),
-            mark_conn: None,
+            marks: Link::new(),
             appended: BTreeSet::new(),
             compacting: VecDeque::new(),
             compact_cursor: 0,

@@ -95,19 +95,67 @@ pub(super) fn unavailable(e: &redis::RedisError) -> ExactTierError {
     ExactTierError::Unavailable(e.to_string())
 }
 
+/// Shortest and longest wait before reconnecting after a failure.
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// One connection and its own reconnect backoff. A partition on a single
+/// server keeps two — lookups and claims on one, marks on the other — so a
+/// failure of one never delays the other: each waits 10 ms after its first
+/// failure, twice as long after each further one (up to 1 s), and is back
+/// to 10 ms once it connects.
+pub(super) struct Link {
+    pub(super) conn: Option<Conn>,
+    /// No reconnect before this instant.
+    retry_at: Instant,
+    /// The wait after the next failure.
+    backoff: Duration,
+}
+
+impl Link {
+    pub(super) fn new() -> Link {
+        Link {
+            conn: None,
+            retry_at: Instant::now(),
+            backoff: MIN_BACKOFF,
+        }
+    }
+
+    /// True while a reconnect must wait (after a failure).
+    pub(super) fn backing_off(&self) -> bool {
+        self.conn.is_none() && Instant::now() < self.retry_at
+    }
+
+    /// A request failed: drops the connection; returns how long the next
+    /// reconnect waits.
+    pub(super) fn fail(&mut self) -> Duration {
+        self.conn = None;
+        let wait = self.backoff;
+        self.retry_at = Instant::now() + wait;
+        self.backoff = (wait * 2).min(MAX_BACKOFF);
+        wait
+    }
+
+    /// A connection was opened.
+    pub(super) fn connected(&mut self, conn: Conn) {
+        self.conn = Some(conn);
+        self.backoff = MIN_BACKOFF;
+    }
+}
+
 impl RedisPartition {
-    /// Runs `f` on a connection, reconnecting with backoff; a failure drops
-    /// the connection.
+    /// Runs `f` on the lookup connection, reconnecting with backoff; a
+    /// failure drops the connection.
     pub(super) fn with_conn<T>(
         &mut self,
         f: impl FnOnce(&mut Conn, &mut Self) -> redis::RedisResult<T>,
     ) -> Result<T, ExactTierError> {
         self.connect()?;
-        let mut conn = self.conn.take().expect("connected above");
+        let mut conn = self.lookups.conn.take().expect("connected above");
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         match f(&mut conn, self) {
             Ok(v) => {
-                self.conn = Some(conn);
+                self.lookups.conn = Some(conn);
                 Ok(v)
             }
             Err(e) => {
@@ -117,60 +165,88 @@ impl RedisPartition {
         }
     }
 
-    /// Connects unless connected (or in backoff), adopting the agreed hash
-    /// count: call it before grouping keys by hash.
+    /// Opens the lookup connection unless it is open (or backing off),
+    /// adopting the agreed layout: call it before grouping keys by bucket.
     pub(super) fn connect(&mut self) -> Result<(), ExactTierError> {
-        if self.conn.is_none() {
-            if Instant::now() < self.retry_at {
-                return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+        if self.lookups.conn.is_some() {
+            return Ok(());
+        }
+        if self.lookups.backing_off() {
+            return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+        }
+        match self.open() {
+            Ok(c) => {
+                self.lookups.connected(c);
+                Ok(())
             }
-            match Conn::open(&self.config).and_then(|mut c| {
-                self.agree_layout(&mut c)?;
-                Ok(c)
-            }) {
-                Ok(c) => {
-                    let n = self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    if n > 0 {
-                        crate::trace::event!(info, key_base = %self.key_base, "reconnected to Redis");
-                    }
-                    self.conn = Some(c);
-                    self.backoff = Duration::from_millis(10);
-                }
-                Err(e) => {
-                    self.fail();
-                    return Err(unavailable(&e));
-                }
+            Err(e) => {
+                self.fail();
+                Err(unavailable(&e))
             }
         }
-        Ok(())
     }
 
-    /// A request on the main connection (lookups, claims, layout) failed:
-    /// drops it and backs off. The mark connection keeps its own state.
+    /// Opens the mark connection (single server) unless it is open (or
+    /// backing off), adopting the agreed layout: call it before grouping
+    /// marks by bucket. The lookup connection is not involved.
+    pub(super) fn connect_marks(&mut self) -> Result<(), ExactTierError> {
+        if self.marks.conn.is_some() {
+            return Ok(());
+        }
+        if self.marks.backing_off() {
+            return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+        }
+        match self.open() {
+            Ok(c) => {
+                self.marks.connected(c);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail_marks();
+                Err(unavailable(&e))
+            }
+        }
+    }
+
+    /// A new connection that has adopted the shard's agreed layout.
+    fn open(&mut self) -> redis::RedisResult<Conn> {
+        let mut c = Conn::open(&self.config)?;
+        self.agree_layout(&mut c)?;
+        let n = self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        if n > 0 {
+            crate::trace::event!(info, key_base = %self.key_base, "reconnected to Redis");
+        }
+        Ok(c)
+    }
+
+    /// A request on the lookup connection (lookups, claims, layout,
+    /// deletes) failed: drops it and backs off. The mark connection keeps
+    /// its own state.
     pub(super) fn fail(&mut self) {
-        self.conn = None;
-        self.failed("Redis request failed; connection dropped");
+        let wait = self.lookups.fail();
+        self.failed("Redis request failed; connection dropped", wait);
     }
 
     /// Writing marks or reading their replies failed: drops the mark
-    /// connection and backs off.
+    /// connection and backs off. The lookup connection keeps its own state.
     pub(super) fn fail_marks(&mut self) {
-        self.mark_conn = None;
-        self.failed("writing marks to Redis failed; mark connection dropped");
+        let wait = self.marks.fail();
+        self.failed(
+            "writing marks to Redis failed; mark connection dropped",
+            wait,
+        );
     }
 
-    pub(super) fn failed(&mut self, what: &'static str) {
+    fn failed(&mut self, what: &'static str, wait: Duration) {
         #[cfg(not(feature = "tracing"))]
-        let _ = what;
+        let _ = (what, wait);
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         crate::trace::event!(
             warn,
             key_base = %self.key_base,
-            retry_in_ms = self.backoff.as_millis() as u64,
+            retry_in_ms = wait.as_millis() as u64,
             unsent_marks = self.unsent.len(),
             "{what}"
         );
-        self.retry_at = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use redis::Value;
 
@@ -52,8 +51,13 @@ impl RedisPartition {
             return Ok(());
         }
         // Connect first: the hash count may change when a connection
-        // adopts the agreed one.
-        self.connect()?;
+        // adopts the agreed one. Marks go on their own connection (single
+        // server), whose failures and backoff are its own.
+        if self.config.cluster {
+            self.connect()?;
+        } else {
+            self.connect_marks()?;
+        }
         // Marks by hash, in mark order within each (a later mark of a key
         // wins): sorted by (slice, bucket, position), no map, no vector per
         // hash; a TTL for hashes this process has not given one yet.
@@ -162,29 +166,18 @@ impl RedisPartition {
             }
             // A connection opened by an earlier flush may have been closed
             // since (a server's idle `timeout`): one more try on a new one.
-            let mut tries = if self.mark_conn.is_some() { 2 } else { 1 };
+            let mut tries = if self.marks.conn.is_some() { 2 } else { 1 };
             loop {
-                if self.mark_conn.is_none() {
-                    if Instant::now() < self.retry_at {
-                        return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
-                    }
-                    match Conn::open(&self.config) {
-                        Ok(c) => self.mark_conn = Some(c),
-                        Err(e) => {
-                            self.fail_marks();
-                            return Err(unavailable(&e));
-                        }
-                    }
-                }
+                self.connect_marks()?;
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let Some(Conn::Single(c)) = &mut self.mark_conn else {
+                let Some(Conn::Single(c)) = &mut self.marks.conn else {
                     unreachable!("a single server's mark connection")
                 };
                 match c.send_packed_command(&packed) {
                     Ok(()) => break,
                     Err(_) if tries > 1 => {
                         tries -= 1;
-                        self.mark_conn = None;
+                        self.marks.conn = None;
                     }
                     Err(e) => {
                         // Not known to be stored: the marks stay unsent
@@ -211,7 +204,7 @@ impl RedisPartition {
         if self.in_flight.replies == 0 {
             return Ok(());
         }
-        let result = match &mut self.mark_conn {
+        let result = match &mut self.marks.conn {
             Some(Conn::Single(c)) => (0..self.in_flight.replies)
                 .try_for_each(|_| match c.recv_response()? {
                     Value::ServerError(e) => Err(e.into()),
@@ -232,7 +225,7 @@ impl RedisPartition {
                 Ok(())
             }
             Err(e) => {
-                if self.mark_conn.is_some() {
+                if self.marks.conn.is_some() {
                     self.fail_marks();
                 }
                 self.in_flight.fresh.clear();
