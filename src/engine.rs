@@ -512,7 +512,7 @@ impl Deduper {
                 Some(r) => shard.processing_time(r),
                 None => self.watermark(),
             };
-            shard.advance(t);
+            shard.advance_idle(t);
             shard.sweep_expired(1 << 16);
             shard.flush_marks_if_due(self.plan.flush_interval);
         }

@@ -188,6 +188,30 @@ pub trait ExactPartition: Send {
         Ok(())
     }
 
+    /// [`ExactPartition::mark_batch`] from the engine's idle upkeep
+    /// ([`crate::Deduper::maintain`], a pipeline worker between batches):
+    /// the shard's lock is held although no check is waiting for this, so
+    /// a remote backend must not wait long on a slow store — it keeps the
+    /// marks for a retry instead. Default: [`ExactPartition::mark_batch`].
+    ///
+    /// # Errors
+    /// As [`ExactPartition::mark_batch`].
+    fn mark_batch_idle(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        self.mark_batch(marks)
+    }
+
+    /// [`ExactPartition::flush`] from the engine's idle upkeep (see
+    /// [`ExactPartition::mark_batch_idle`]): settles what the store has
+    /// answered and retries kept marks, without waiting long. Default:
+    /// [`ExactPartition::flush`].
+    ///
+    /// # Errors
+    /// As [`ExactPartition::flush`], or when the store did not answer in
+    /// the short time allowed (the marks stay kept).
+    fn flush_idle(&mut self) -> Result<(), ExactTierError> {
+        self.flush()
+    }
+
     /// Marks this partition accepted and has not stored yet: kept after a
     /// failure for a retry by the next [`ExactPartition::flush`]. A local
     /// tier stores every mark at once. Default: 0.

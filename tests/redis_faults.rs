@@ -662,13 +662,16 @@ fn a_kept_mark_that_cannot_be_written_still_answers_claims() {
 // ---- the two connections -------------------------------------------------
 
 /// An owned engine on one shard whose filter is warm (a window has passed
-/// since it started), so a new key is accepted without asking Redis, and
+/// since it started), so a new key is accepted without asking Redis (bar a
+/// false positive of the filter, 10⁻³), and
 /// both of its connections are open: lookups (a repeat of key 0 was
 /// confirmed) and marks (keys `u64::MAX` and 0 were written).
 fn warm_engine(server: &RedisServer, clock: &ManualClock, config: RedisConfig) -> Deduper {
     let d = Deduper::builder()
         .window(WINDOW)
         .expected_keys(10_000)
+        // A new key is a filter miss (it needs no Redis) all but 10⁻³ of the time.
+        .false_positive_rate(1e-3)
         .shards(1)
         .mark_batch(100_000)
         .clock(Clock::Manual(clock.clone()))
@@ -779,4 +782,83 @@ fn marks_do_not_wait_for_the_lookup_connection() {
         .unwrap();
     let keys = redis_server::mark_hashes(&mut admin);
     assert_eq!(redis_server::count_marks(&mut admin, &keys), accepted);
+}
+
+// ---- idle upkeep under a stalled server ----------------------------------
+
+/// While Redis is stopped (`SIGSTOP`), the engine's idle upkeep — a host
+/// calling `maintain` every 5 ms, as a pipeline worker does between
+/// batches — retries the marks under the shard's lock. A check of a new
+/// key needs no Redis (a warm filter, owned keys), so it must never wait
+/// behind that retry for long: here at most 200 ms, against a request
+/// timeout of 1 s (a key the filter matches needs Redis, and may wait for
+/// it). Once Redis resumes, every accepted key is stored.
+#[test]
+fn an_idle_retry_never_holds_checks_for_long() {
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let d = warm_engine(
+        &server,
+        &clock,
+        RedisConfig {
+            timeout: Duration::from_secs(1),
+            ..RedisConfig::new(&server.url())
+        },
+    );
+    // Marks in flight when Redis stops: sent by an idle flush.
+    let first: Vec<u64> = (1_000_000..1_001_000).collect();
+    assert!(d.check_batch(&first).iter().all(|v| v.is_new()));
+    std::thread::sleep(Duration::from_millis(20));
+    d.maintain();
+    server.pause();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut slowest = Duration::ZERO;
+    let mut verdicts = Vec::new();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(10) {
+                d.maintain();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let start = Instant::now();
+        let mut key = 2_000_000u64;
+        while start.elapsed() < Duration::from_secs(2) {
+            let t = Instant::now();
+            let verdict = d.check(&key);
+            // A filter false positive needs Redis: it may wait for the
+            // timeout, and is refused (fail closed).
+            if verdict.is_new() {
+                slowest = slowest.max(t.elapsed());
+            }
+            verdicts.push(verdict);
+            key += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    server.resume();
+    let checks = verdicts.len();
+    let accepted_now = verdicts.iter().filter(|v| v.is_new()).count();
+    eprintln!(
+        "{checks} checks while Redis was stopped ({accepted_now} new): the slowest took {slowest:?}"
+    );
+    assert!(
+        verdicts.iter().all(|v| v.is_new() || v.is_unavailable()) && accepted_now + 5 >= checks,
+        "{verdicts:?}"
+    );
+    let accepted = 1_002 + accepted_now as u64;
+    assert!(
+        slowest < Duration::from_millis(200),
+        "a check waited {slowest:?} behind an idle retry"
+    );
+    let start = Instant::now();
+    while let Err(e) = d.flush() {
+        assert!(start.elapsed() < RECOVERY_DEADLINE, "no recovery: {e}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut conn = server.connection();
+    let keys = redis_server::mark_hashes(&mut conn);
+    assert_eq!(redis_server::count_marks(&mut conn, &keys), accepted);
 }

@@ -52,7 +52,11 @@
 //! connection of their own and their replies are read with the next marks,
 //! on a flush, or once the engine has been idle for the flush interval:
 //! Redis stores one batch while the engine checks the next, and lookups do
-//! not queue behind them. Marks in flight stay indexed, so a lookup that
+//! not queue behind them. A check waits for Redis only for its own
+//! requests (a lookup or claim it needs, a full batch of marks), up to
+//! [`RedisConfig::timeout`]; the engine's idle upkeep, which holds a
+//! shard's lock with no check waiting for it, waits at most
+//! [`RedisConfig::idle_timeout`] per request (`conn::Wait`). Marks in flight stay indexed, so a lookup that
 //! overtakes them is answered from the index; a shared-mode claim waits for
 //! their replies (and follows the failure policy if they cannot be
 //! written). A failure on one connection leaves the other alone. Once a
@@ -94,7 +98,7 @@ use std::sync::Arc;
 use super::table::FingerprintTable;
 use super::{ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, TierMetric};
 use claims::UnansweredClaims;
-use conn::Link;
+use conn::{Link, Wait};
 use layout::{buckets_for, KEYS_PER_HASH};
 use marks::InFlight;
 use scripts::{APPEND_SCRIPT, CLAIM_SCRIPT, COMPACT_SCRIPT, LOOKUP_SCRIPT, MARK_SCRIPT};
@@ -202,9 +206,14 @@ struct RedisPartition {
     /// stores one batch while the engine checks the next; lookups use
     /// `lookups` and do not wait behind them, nor for its backoff.
     marks: Link,
+    /// Who is waiting for the requests being made (see [`Wait`]).
+    wait: Wait,
     /// Marks sent on `marks` whose replies are not read yet: still
     /// "not yet written" (indexed for lookups, retried on a failure).
     in_flight: InFlight,
+    /// Single server: retired slices whose buckets are deleted (`UNLINK`)
+    /// on the mark connection with the next marks (it was down).
+    unlinks: Vec<u64>,
     /// Record strings: slices this process appended to that are still
     /// filling, and finished slices whose strings are being rewritten at
     /// their exact size (`COMPACT_SCRIPT`), with the next bucket to do.
@@ -254,6 +263,8 @@ impl RedisPartition {
             unsent: Vec::new(),
             unsent_index: FingerprintTable::new(),
             marks: Link::new(),
+            wait: Wait::Check,
+            unlinks: Vec::new(),
             appended: BTreeSet::new(),
             compacting: VecDeque::new(),
             compact_cursor: 0,

@@ -32,8 +32,16 @@ pub struct RedisConfig {
     pub prefix: String,
     /// What a failure means. Default: fail closed.
     pub policy: FailurePolicy,
-    /// Connect, read and write timeout. Default: 500 ms.
+    /// Connect, read and write timeout of a request a caller waits for (a
+    /// lookup or claim a check needs, a full batch of marks, a flush).
+    /// Default: 500 ms.
     pub timeout: Duration,
+    /// The longest the engine's idle upkeep ([`crate::Deduper::maintain`],
+    /// a pipeline worker between batches) waits on Redis per request: it
+    /// holds a shard's lock, so a check of that shard may wait that long
+    /// behind it. Marks not answered in time are kept for the next retry.
+    /// At most `timeout`. Default: 20 ms.
+    pub idle_timeout: Duration,
     /// Marks kept for retry while Redis is unreachable, per shard (one
     /// flush in flight comes on top). Default: 100 000.
     pub max_unsent_marks: usize,
@@ -63,6 +71,7 @@ impl RedisConfig {
             prefix: "td".to_owned(),
             policy: FailurePolicy::FailClosed,
             timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(20),
             max_unsent_marks: 100_000,
             keys_per_hash: None,
             ttl: None,

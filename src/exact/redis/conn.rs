@@ -16,34 +16,58 @@ pub(super) enum Conn {
 }
 
 impl Conn {
-    pub(super) fn open(config: &RedisConfig) -> redis::RedisResult<Conn> {
-        if config.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
-                .connection_timeout(config.timeout)
+    /// Connects within `timeout`, which then bounds each read and write.
+    pub(super) fn open(config: &RedisConfig, timeout: Duration) -> redis::RedisResult<Conn> {
+        // No `CLIENT SETINFO` on connect: the client reads its two replies
+        // even after a timeout, so a stalled server cost twice the timeout
+        // before the connection could fail.
+        let info = |url: &str| -> redis::RedisResult<redis::ConnectionInfo> {
+            let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+            let settings = info.redis_settings().clone().set_skip_set_lib_name();
+            Ok(info.set_redis_settings(settings))
+        };
+        let mut conn = if config.cluster {
+            let seeds = config
+                .urls
+                .iter()
+                .map(|u| info(u))
+                .collect::<redis::RedisResult<Vec<_>>>()?;
+            let client = redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(timeout)
                 .build()?;
-            let conn = client.get_connection()?;
-            conn.set_read_timeout(Some(config.timeout))?;
-            conn.set_write_timeout(Some(config.timeout))?;
-            Ok(Conn::Cluster(Box::new(conn)))
+            Conn::Cluster(Box::new(client.get_connection()?))
         } else {
-            let client = redis::Client::open(config.urls.first().map_or("", String::as_str))?;
-            let conn = client.get_connection_with_timeout(config.timeout)?;
-            conn.set_read_timeout(Some(config.timeout))?;
-            conn.set_write_timeout(Some(config.timeout))?;
-            Ok(Conn::Single(conn))
+            let client =
+                redis::Client::open(info(config.urls.first().map_or("", String::as_str))?)?;
+            Conn::Single(client.get_connection_with_timeout(timeout)?)
+        };
+        conn.set_timeout(timeout)?;
+        Ok(conn)
+    }
+
+    /// Bounds each read and write by `timeout`.
+    pub(super) fn set_timeout(&mut self, timeout: Duration) -> redis::RedisResult<()> {
+        // A zero timeout means "none" to the client: never wait forever.
+        let timeout = Some(timeout.max(Duration::from_millis(1)));
+        match self {
+            Conn::Single(c) => {
+                c.set_read_timeout(timeout)?;
+                c.set_write_timeout(timeout)
+            }
+            Conn::Cluster(c) => {
+                c.set_read_timeout(timeout)?;
+                c.set_write_timeout(timeout)
+            }
         }
     }
 
     /// Runs `cmds` as one pipeline (one round trip; slot-local keys).
+    /// On a single server, replies are read only until the first failure
+    /// (as [`Conn::pipeline_fail_fast`]): the connection must then be
+    /// dropped.
     pub(super) fn pipeline(&mut self, cmds: Vec<Cmd>) -> redis::RedisResult<Vec<Value>> {
         match self {
-            Conn::Single(c) => {
-                let mut p = redis::pipe();
-                for cmd in cmds {
-                    p.add_command(cmd);
-                }
-                p.query(c)
-            }
+            Conn::Single(_) => self.pipeline_fail_fast(&cmds).expect("a single server"),
             Conn::Cluster(c) => {
                 let mut p = redis::cluster::cluster_pipe();
                 for cmd in cmds {
@@ -99,6 +123,23 @@ pub(super) fn unavailable(e: &redis::RedisError) -> ExactTierError {
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long a request may wait on Redis, which depends on who is waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// A check needs the answer (a lookup, a claim) or wrote a full batch
+    /// of marks: up to [`RedisConfig::timeout`]; a connection backing off
+    /// fails at once.
+    Check,
+    /// The engine's idle upkeep: up to [`RedisConfig::idle_timeout`] (it
+    /// holds the shard's lock with no check waiting for it); a connection
+    /// backing off fails at once.
+    Idle,
+    /// An explicit flush ([`crate::Deduper::flush`]): up to
+    /// [`RedisConfig::timeout`], and a connection backing off is tried
+    /// again now (the caller asked, and may be about to exit).
+    Flush,
+}
+
 /// One connection and its own reconnect backoff. A partition on a single
 /// server keeps two — lookups and claims on one, marks on the other — so a
 /// failure of one never delays the other: each waits 10 ms after its first
@@ -110,6 +151,8 @@ pub(super) struct Link {
     retry_at: Instant,
     /// The wait after the next failure.
     backoff: Duration,
+    /// The read and write timeout set on `conn`.
+    timeout: Duration,
 }
 
 impl Link {
@@ -118,6 +161,7 @@ impl Link {
             conn: None,
             retry_at: Instant::now(),
             backoff: MIN_BACKOFF,
+            timeout: Duration::ZERO,
         }
     }
 
@@ -136,10 +180,23 @@ impl Link {
         wait
     }
 
-    /// A connection was opened.
-    pub(super) fn connected(&mut self, conn: Conn) {
+    /// A connection was opened with read and write timeout `timeout`.
+    pub(super) fn connected(&mut self, conn: Conn, timeout: Duration) {
         self.conn = Some(conn);
+        self.timeout = timeout;
         self.backoff = MIN_BACKOFF;
+    }
+
+    /// Bounds the connection's next reads and writes by `timeout` (a
+    /// system call only when it changes).
+    pub(super) fn bound(&mut self, timeout: Duration) -> redis::RedisResult<()> {
+        if let Some(conn) = &mut self.conn {
+            if self.timeout != timeout {
+                conn.set_timeout(timeout)?;
+                self.timeout = timeout;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -151,6 +208,11 @@ impl RedisPartition {
         f: impl FnOnce(&mut Conn, &mut Self) -> redis::RedisResult<T>,
     ) -> Result<T, ExactTierError> {
         self.connect()?;
+        let timeout = self.request_timeout();
+        if let Err(e) = self.lookups.bound(timeout) {
+            self.fail();
+            return Err(unavailable(&e));
+        }
         let mut conn = self.lookups.conn.take().expect("connected above");
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         match f(&mut conn, self) {
@@ -171,12 +233,13 @@ impl RedisPartition {
         if self.lookups.conn.is_some() {
             return Ok(());
         }
-        if self.lookups.backing_off() {
+        if self.lookups.backing_off() && self.wait != Wait::Flush {
             return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
         }
-        match self.open() {
+        let timeout = self.request_timeout();
+        match self.open(timeout) {
             Ok(c) => {
-                self.lookups.connected(c);
+                self.lookups.connected(c, timeout);
                 Ok(())
             }
             Err(e) => {
@@ -193,12 +256,13 @@ impl RedisPartition {
         if self.marks.conn.is_some() {
             return Ok(());
         }
-        if self.marks.backing_off() {
+        if self.marks.backing_off() && self.wait != Wait::Flush {
             return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
         }
-        match self.open() {
+        let timeout = self.request_timeout();
+        match self.open(timeout) {
             Ok(c) => {
-                self.marks.connected(c);
+                self.marks.connected(c, timeout);
                 Ok(())
             }
             Err(e) => {
@@ -208,15 +272,32 @@ impl RedisPartition {
         }
     }
 
-    /// A new connection that has adopted the shard's agreed layout.
-    fn open(&mut self) -> redis::RedisResult<Conn> {
-        let mut c = Conn::open(&self.config)?;
+    /// A new connection, made within `timeout`, that has adopted the
+    /// shard's agreed layout.
+    fn open(&mut self, timeout: Duration) -> redis::RedisResult<Conn> {
+        let mut c = Conn::open(&self.config, timeout)?;
         self.agree_layout(&mut c)?;
         let n = self.stats.connects.fetch_add(1, Ordering::Relaxed);
         if n > 0 {
             crate::trace::event!(info, key_base = %self.key_base, "reconnected to Redis");
         }
         Ok(c)
+    }
+
+    /// How long the request about to be made may wait (see [`Wait`]).
+    pub(super) fn request_timeout(&self) -> Duration {
+        match self.wait {
+            Wait::Check | Wait::Flush => self.config.timeout,
+            Wait::Idle => self.config.idle_timeout.min(self.config.timeout),
+        }
+    }
+
+    /// Runs `f` with requests waiting as `wait` allows.
+    pub(super) fn waiting<T>(&mut self, wait: Wait, f: impl FnOnce(&mut Self) -> T) -> T {
+        let before = std::mem::replace(&mut self.wait, wait);
+        let result = f(self);
+        self.wait = before;
+        result
     }
 
     /// A request on the lookup connection (lookups, claims, layout,

@@ -40,21 +40,25 @@ impl RedisPartition {
         ((u128::from(fp.high()) * u128::from(self.buckets)) >> 64) as u64
     }
 
-    /// Proposes this engine's layout for the shard (`<count>` of hashes,
-    /// or `records:<count>` of record strings) and adopts the one Redis
-    /// holds (the first engine's).
+    /// Adopts the layout Redis holds for the shard (the first engine's:
+    /// `<count>` of hashes, or `records:<count>` of record strings), or
+    /// proposes this engine's if none is stored yet. A reconnect only
+    /// reads it (one command, which a full server still answers).
     pub(super) fn agree_layout(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
-        let ours = if self.records {
-            format!("records:{}", self.buckets)
-        } else {
-            self.buckets.to_string()
-        };
-        let mut set = redis::cmd("SET");
-        set.arg(&self.layout_key).arg(ours).arg("NX");
         let mut get = redis::cmd("GET");
         get.arg(&self.layout_key);
-        let replies = conn.pipeline(vec![set, get])?;
-        let agreed = match replies.get(1) {
+        let mut stored = conn.pipeline(vec![get.clone()])?.pop();
+        if matches!(stored, None | Some(Value::Nil)) {
+            let ours = if self.records {
+                format!("records:{}", self.buckets)
+            } else {
+                self.buckets.to_string()
+            };
+            let mut set = redis::cmd("SET");
+            set.arg(&self.layout_key).arg(ours).arg("NX");
+            stored = conn.pipeline(vec![set, get])?.pop();
+        }
+        let agreed = match &stored {
             Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(|s| {
                 let (records, count) = match s.strip_prefix("records:") {
                     Some(count) => (true, count),

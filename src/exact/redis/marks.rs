@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
-use redis::Value;
+use redis::{Cmd, Value};
 
 use super::conn::{unavailable, Conn};
 use super::records::RECORD;
@@ -47,7 +47,7 @@ impl RedisPartition {
         // The previous marks' replies first: a failure puts them back
         // before these, in order.
         self.settle()?;
-        if self.unsent.is_empty() {
+        if self.unsent.is_empty() && self.unlinks.is_empty() {
             return Ok(());
         }
         // Connect first: the hash count may change when a connection
@@ -160,9 +160,14 @@ impl RedisPartition {
                     .arg(&compaction);
                 cmds.push(eval);
             }
+            cmds.extend(self.unlink_commands());
             let mut packed = Vec::new();
             for cmd in &cmds {
                 cmd.write_packed_command(&mut packed);
+            }
+            if let Err(e) = self.marks.bound(self.request_timeout()) {
+                self.fail_marks();
+                return Err(unavailable(&e));
             }
             // A connection opened by an earlier flush may have been closed
             // since (a server's idle `timeout`): one more try on a new one.
@@ -188,6 +193,7 @@ impl RedisPartition {
                     }
                 }
             }
+            self.unlinks.clear();
             // In flight until their replies are read; still indexed.
             std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
             std::mem::swap(&mut self.in_flight.index, &mut self.unsent_index);
@@ -203,6 +209,10 @@ impl RedisPartition {
     pub(super) fn settle(&mut self) -> Result<(), ExactTierError> {
         if self.in_flight.replies == 0 {
             return Ok(());
+        }
+        if let Err(e) = self.marks.bound(self.request_timeout()) {
+            self.fail_marks();
+            return Err(unavailable(&e));
         }
         let result = match &mut self.marks.conn {
             Some(Conn::Single(c)) => (0..self.in_flight.replies)
@@ -240,6 +250,49 @@ impl RedisPartition {
                 std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
                 Err(e)
             }
+        }
+    }
+
+    /// The `UNLINK`s of the retired slices queued in `unlinks`: one per
+    /// slice, every bucket of it.
+    fn unlink_commands(&self) -> Vec<Cmd> {
+        self.unlinks
+            .iter()
+            .map(|&slice| {
+                let mut del = redis::cmd("UNLINK");
+                for bucket in 0..self.buckets {
+                    del.arg(self.key(slice, bucket));
+                }
+                del
+            })
+            .collect()
+    }
+
+    /// Single server: sends the queued `UNLINK`s on the mark connection if
+    /// it is open, behind the marks in flight, without waiting: their
+    /// replies are read with those of the marks. Otherwise they go with
+    /// the next marks.
+    pub(super) fn send_unlinks(&mut self) {
+        if self.unlinks.is_empty() || self.marks.conn.is_none() {
+            return;
+        }
+        let cmds = self.unlink_commands();
+        let mut packed = Vec::new();
+        for cmd in &cmds {
+            cmd.write_packed_command(&mut packed);
+        }
+        let Some(Conn::Single(c)) = &mut self.marks.conn else {
+            return;
+        };
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        match c.send_packed_command(&packed) {
+            Ok(()) => {
+                self.in_flight.replies += cmds.len();
+                self.unlinks.clear();
+            }
+            // The marks in flight fail with their replies; the deletes go
+            // with the next marks.
+            Err(_) => self.fail_marks(),
         }
     }
 

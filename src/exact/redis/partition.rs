@@ -1,6 +1,7 @@
 //! The [`ExactPartition`] the engine calls: each request goes to the
 //! concern that handles it.
 
+use super::conn::Wait;
 use super::RedisPartition;
 use crate::error::ExactTierError;
 use crate::exact::{slots_newest_first, Claim, ExactPartition, Lookup, Mark, MemoryPartition};
@@ -52,9 +53,16 @@ impl ExactPartition for RedisPartition {
         Ok(())
     }
 
+    fn mark_batch_idle(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        self.waiting(Wait::Idle, |p| p.mark_batch(marks))
+    }
+
     fn flush(&mut self) -> Result<(), ExactTierError> {
-        self.send_unsent()?;
-        self.settle()
+        self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))
+    }
+
+    fn flush_idle(&mut self) -> Result<(), ExactTierError> {
+        self.waiting(Wait::Idle, |p| p.send_unsent().and_then(|()| p.settle()))
     }
 
     fn prefers_batches(&self) -> bool {
@@ -93,15 +101,9 @@ impl ExactPartition for RedisPartition {
             .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
             .collect();
         if !expired.is_empty() {
-            // Marks in flight to these buckets land before the UNLINK (a
-            // bucket created after it would have no TTL). If their replies
-            // are lost, so is the order: the buckets are left to their TTL.
-            // (A pipeline abandoned on an earlier failure may still run in
-            // a server that was stopped; its buckets can outlive an UNLINK
-            // the same way: memory until the TTL, never a verdict.)
-            let settled = self.settle().is_ok();
             self.expiring.retain(|(slice, _)| !expired.contains(slice));
-            if settled {
+            if self.config.cluster {
+                // Marks are answered at once on a cluster: none in flight.
                 let _ = self.with_conn(|c, p| {
                     let mut del = redis::cmd("UNLINK");
                     for &slice in &expired {
@@ -111,6 +113,13 @@ impl ExactPartition for RedisPartition {
                     }
                     c.pipeline(vec![del])
                 });
+            } else {
+                // On the mark connection, after the marks in flight (Redis
+                // runs one connection's commands in order: none of them
+                // lands after the delete), without waiting for a reply; or
+                // with the next marks if that connection is down.
+                self.unlinks.extend(expired);
+                self.send_unlinks();
             }
         }
         if let Some(fallback) = &mut self.fallback {
