@@ -101,7 +101,7 @@ mod trace;
 mod verdict;
 
 pub use engine::{Affinity, Deduper, DeduperBuilder, Mode, Sizing, Stats};
-pub use error::{ConfigError, ExactTierError, FlushError, SnapshotError};
+pub use error::{ConfigError, ExactTierError, FailureCause, FlushError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};
 pub use fingerprint::{ContentKey, Fingerprint, Key, Namespace};

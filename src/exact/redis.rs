@@ -83,6 +83,7 @@
 mod claims;
 mod config;
 mod conn;
+mod error;
 mod layout;
 mod lookups;
 mod marks;
@@ -112,6 +113,8 @@ pub use stats::RedisStats;
 pub struct RedisTier {
     config: Arc<RedisConfig>,
     stats: Arc<RedisStats>,
+    /// How errors name the server (no password).
+    server: Arc<str>,
 }
 
 impl RedisTier {
@@ -119,6 +122,7 @@ impl RedisTier {
     #[must_use]
     pub fn new(config: RedisConfig) -> Self {
         RedisTier {
+            server: error::server_name(&config).into(),
             config: Arc::new(config),
             stats: Arc::new(RedisStats::default()),
         }
@@ -167,6 +171,7 @@ impl ExactBackend for RedisTier {
         Box::new(RedisPartition::new(
             Arc::clone(&self.config),
             Arc::clone(&self.stats),
+            Arc::clone(&self.server),
             spec,
         ))
     }
@@ -175,12 +180,14 @@ impl ExactBackend for RedisTier {
 /// One shard's share of the tier: its connections, the marks not yet
 /// stored, and what it knows of the shard's layout. The methods live by
 /// concern: `layout.rs` (key names, the agreed layout), `conn.rs`
-/// (connections and backoff), `marks.rs` (writing marks), `lookups.rs`,
+/// (connections and backoff), `error.rs` (failures with their cause), `marks.rs` (writing marks), `lookups.rs`,
 /// `claims.rs` (shared mode), `records.rs` (record strings),
 /// `partition.rs` (the [`ExactPartition`] the engine calls).
 struct RedisPartition {
     config: Arc<RedisConfig>,
     stats: Arc<RedisStats>,
+    /// How errors name the server (no password).
+    server: Arc<str>,
     key_base: String,
     /// Where the shard's hash count is agreed (see the module docs).
     layout_key: String,
@@ -233,7 +240,12 @@ struct RedisPartition {
 }
 
 impl RedisPartition {
-    fn new(config: Arc<RedisConfig>, stats: Arc<RedisStats>, spec: &PartitionSpec) -> Self {
+    fn new(
+        config: Arc<RedisConfig>,
+        stats: Arc<RedisStats>,
+        server: Arc<str>,
+        spec: &PartitionSpec,
+    ) -> Self {
         let slice_ms = spec.slice_nanos.map_or(0, |n| n.div_ceil(1_000_000));
         let span_ms = spec.span_nanos.map_or(0, |n| n.div_ceil(1_000_000));
         let key_base = format!(
@@ -242,6 +254,7 @@ impl RedisPartition {
         );
         RedisPartition {
             stats,
+            server,
             layout_key: format!("{key_base}layout"),
             key_base,
             buckets: buckets_for(

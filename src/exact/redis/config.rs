@@ -11,16 +11,16 @@ pub enum FailurePolicy {
     #[default]
     FailClosed,
     /// Keys that need Redis are treated as new (counted in
-    /// [`RedisStats::degraded_decisions`]): availability over exactness.
+    /// [`RedisStats::degraded_decisions`](super::RedisStats::degraded_decisions)): availability over exactness.
     FailOpen,
     /// Keys are judged by a local memory tier that holds every mark this
-    /// process made (counted in [`RedisStats::degraded_decisions`]); exact
+    /// process made (counted in [`RedisStats::degraded_decisions`](super::RedisStats::degraded_decisions)); exact
     /// for this process's own keys, blind to other engines' while Redis is
     /// down.
     FallbackToMemory,
 }
 
-/// Configures a [`RedisTier`].
+/// Configures a [`RedisTier`](super::RedisTier).
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
     /// `redis://host:port[/db]` of a single server, or several seed nodes of

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, ConnectionLike, Value};
 
-use super::{RedisConfig, RedisPartition};
-use crate::error::ExactTierError;
+use super::{error, RedisConfig, RedisPartition};
+use crate::error::{ExactTierError, FailureCause};
 
 pub(super) enum Conn {
     Single(redis::Connection),
@@ -115,10 +115,6 @@ impl Conn {
     }
 }
 
-pub(super) fn unavailable(e: &redis::RedisError) -> ExactTierError {
-    ExactTierError::Unavailable(e.to_string())
-}
-
 /// Shortest and longest wait before reconnecting after a failure.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -153,6 +149,9 @@ pub(super) struct Link {
     backoff: Duration,
     /// The read and write timeout set on `conn`.
     timeout: Duration,
+    /// Why the connection last failed: a request made while it backs off
+    /// fails with it.
+    last_error: Option<ExactTierError>,
 }
 
 impl Link {
@@ -162,6 +161,7 @@ impl Link {
             retry_at: Instant::now(),
             backoff: MIN_BACKOFF,
             timeout: Duration::ZERO,
+            last_error: None,
         }
     }
 
@@ -170,14 +170,38 @@ impl Link {
         self.conn.is_none() && Instant::now() < self.retry_at
     }
 
-    /// A request failed: drops the connection; returns how long the next
-    /// reconnect waits.
-    pub(super) fn fail(&mut self) -> Duration {
+    /// A request failed with `e`: drops the connection; returns how long
+    /// the next reconnect waits.
+    pub(super) fn fail(&mut self, e: &ExactTierError) -> Duration {
         self.conn = None;
+        self.last_error = Some(e.clone());
         let wait = self.backoff;
         self.retry_at = Instant::now() + wait;
         self.backoff = (wait * 2).min(MAX_BACKOFF);
         wait
+    }
+
+    /// The error of a request not tried because the connection backs off:
+    /// the last failure's cause, and how long until the next try.
+    pub(super) fn backoff_error(&self) -> ExactTierError {
+        let left = self.retry_at.saturating_duration_since(Instant::now());
+        let wait = format!(
+            "not tried: reconnecting in {} ms after the last failure",
+            left.as_millis()
+        );
+        match &self.last_error {
+            Some(ExactTierError::Remote {
+                server,
+                cause,
+                detail,
+            }) => ExactTierError::Remote {
+                server: server.clone(),
+                cause: *cause,
+                detail: format!("{detail} ({wait})"),
+            },
+            Some(e) => ExactTierError::Unavailable(format!("{e} ({wait})")),
+            None => ExactTierError::Unavailable(wait),
+        }
     }
 
     /// A connection was opened with read and write timeout `timeout`.
@@ -210,8 +234,7 @@ impl RedisPartition {
         self.connect()?;
         let timeout = self.request_timeout();
         if let Err(e) = self.lookups.bound(timeout) {
-            self.fail();
-            return Err(unavailable(&e));
+            return Err(self.fail(&e));
         }
         let mut conn = self.lookups.conn.take().expect("connected above");
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -220,10 +243,7 @@ impl RedisPartition {
                 self.lookups.conn = Some(conn);
                 Ok(v)
             }
-            Err(e) => {
-                self.fail();
-                Err(unavailable(&e))
-            }
+            Err(e) => Err(self.fail(&e)),
         }
     }
 
@@ -234,7 +254,7 @@ impl RedisPartition {
             return Ok(());
         }
         if self.lookups.backing_off() && self.wait != Wait::Flush {
-            return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+            return Err(self.lookups.backoff_error());
         }
         let timeout = self.request_timeout();
         match self.open(timeout) {
@@ -242,10 +262,7 @@ impl RedisPartition {
                 self.lookups.connected(c, timeout);
                 Ok(())
             }
-            Err(e) => {
-                self.fail();
-                Err(unavailable(&e))
-            }
+            Err(e) => Err(self.fail(&e)),
         }
     }
 
@@ -257,7 +274,7 @@ impl RedisPartition {
             return Ok(());
         }
         if self.marks.backing_off() && self.wait != Wait::Flush {
-            return Err(ExactTierError::Unavailable("reconnect backoff".to_owned()));
+            return Err(self.marks.backoff_error());
         }
         let timeout = self.request_timeout();
         match self.open(timeout) {
@@ -265,10 +282,7 @@ impl RedisPartition {
                 self.marks.connected(c, timeout);
                 Ok(())
             }
-            Err(e) => {
-                self.fail_marks();
-                Err(unavailable(&e))
-            }
+            Err(e) => Err(self.fail_marks(&self.error(&e))),
         }
     }
 
@@ -300,25 +314,50 @@ impl RedisPartition {
         result
     }
 
-    /// A request on the lookup connection (lookups, claims, layout,
-    /// deletes) failed: drops it and backs off. The mark connection keeps
-    /// its own state.
-    pub(super) fn fail(&mut self) {
-        let wait = self.lookups.fail();
-        self.failed("Redis request failed; connection dropped", wait);
+    /// `e`, from this partition's server (remembered as the tier's last
+    /// failure).
+    pub(super) fn error(&self, e: &redis::RedisError) -> ExactTierError {
+        let err = error::remote(&self.server, e);
+        self.stats.record(&err);
+        err
     }
 
-    /// Writing marks or reading their replies failed: drops the mark
-    /// connection and backs off. The lookup connection keeps its own state.
-    pub(super) fn fail_marks(&mut self) {
-        let wait = self.marks.fail();
+    /// A failure of `cause` at this partition's server (remembered as the
+    /// tier's last failure).
+    pub(super) fn error_of(
+        &self,
+        cause: FailureCause,
+        detail: impl Into<String>,
+    ) -> ExactTierError {
+        let err = error::failure(&self.server, cause, detail);
+        self.stats.record(&err);
+        err
+    }
+
+    /// A request on the lookup connection (lookups, claims, layout,
+    /// deletes) failed with `e`: drops it and backs off. The mark
+    /// connection keeps its own state. Returns the error, with its cause.
+    pub(super) fn fail(&mut self, e: &redis::RedisError) -> ExactTierError {
+        let err = self.error(e);
+        let wait = self.lookups.fail(&err);
+        self.failed(&err, "Redis request failed; connection dropped", wait);
+        err
+    }
+
+    /// Writing marks or reading their replies failed with `err`: drops the
+    /// mark connection and backs off. The lookup connection keeps its own
+    /// state. Returns `err`.
+    pub(super) fn fail_marks(&mut self, err: &ExactTierError) -> ExactTierError {
+        let wait = self.marks.fail(err);
         self.failed(
+            err,
             "writing marks to Redis failed; mark connection dropped",
             wait,
         );
+        err.clone()
     }
 
-    fn failed(&mut self, what: &'static str, wait: Duration) {
+    fn failed(&mut self, err: &ExactTierError, what: &'static str, wait: Duration) {
         #[cfg(not(feature = "tracing"))]
         let _ = (what, wait);
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -327,6 +366,7 @@ impl RedisPartition {
             key_base = %self.key_base,
             retry_in_ms = wait.as_millis() as u64,
             unsent_marks = self.unsent.len(),
+            error = %err,
             "{what}"
         );
     }

@@ -9,7 +9,7 @@ use redis::{Cmd, Value};
 
 use super::records::{decode, find_record};
 use super::{FailurePolicy, RedisPartition};
-use crate::error::ExactTierError;
+use crate::error::{ExactTierError, FailureCause};
 use crate::exact::{slots_newest_first, ExactPartition, Lookup};
 use crate::time::Timestamp;
 
@@ -97,9 +97,9 @@ impl RedisPartition {
                     let mut values = Vec::new();
                     for reply in replies {
                         let Value::Array(v) = reply else {
-                            return Err(ExactTierError::Unavailable(
-                                "unexpected HMGET reply".to_owned(),
-                            ));
+                            return Err(
+                                self.error_of(FailureCause::UnexpectedReply, "an HMGET reply")
+                            );
                         };
                         values.extend(v);
                     }
@@ -118,8 +118,9 @@ impl RedisPartition {
             asked.iter().map(|(_, which)| which.len()).sum::<usize>()
         };
         if replies.len() != expected {
-            return Err(ExactTierError::Unavailable(
-                "unexpected lookup reply".to_owned(),
+            return Err(self.error_of(
+                FailureCause::UnexpectedReply,
+                format!("{} values for a lookup of {expected}", replies.len()),
             ));
         }
         let mut values = replies.into_iter();
@@ -132,7 +133,10 @@ impl RedisPartition {
                     if out[i].is_none() {
                         match find_record(&records, &lookups[i].fingerprint.to_bytes()) {
                             Ok(found) => out[i] = found,
-                            Err(e) => return self.lookups_failed(e, current, lookups, out),
+                            Err(what) => {
+                                let e = self.error_of(FailureCause::UnexpectedReply, what);
+                                return self.lookups_failed(e, current, lookups, out);
+                            }
                         }
                     }
                 }

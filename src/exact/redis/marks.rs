@@ -7,11 +7,12 @@ use std::sync::atomic::Ordering;
 
 use redis::{Cmd, Value};
 
-use super::conn::{unavailable, Conn};
+use super::conn::Conn;
+use super::error;
 use super::records::RECORD;
 use super::scripts::COMPACT_SCRIPT;
 use super::RedisPartition;
-use crate::error::ExactTierError;
+use crate::error::{ExactTierError, FailureCause};
 use crate::exact::table::FingerprintTable;
 use crate::exact::Mark;
 use crate::fingerprint::Fingerprint;
@@ -166,8 +167,8 @@ impl RedisPartition {
                 cmd.write_packed_command(&mut packed);
             }
             if let Err(e) = self.marks.bound(self.request_timeout()) {
-                self.fail_marks();
-                return Err(unavailable(&e));
+                let err = self.error(&e);
+                return Err(self.fail_marks(&err));
             }
             // A connection opened by an earlier flush may have been closed
             // since (a server's idle `timeout`): one more try on a new one.
@@ -188,8 +189,8 @@ impl RedisPartition {
                         // Not known to be stored: the marks stay unsent
                         // (those Redis did read are written again: an
                         // `HSET` the same, a record string gains a copy).
-                        self.fail_marks();
-                        return Err(unavailable(&e));
+                        let err = self.error(&e);
+                        return Err(self.fail_marks(&err));
                     }
                 }
             }
@@ -211,8 +212,8 @@ impl RedisPartition {
             return Ok(());
         }
         if let Err(e) = self.marks.bound(self.request_timeout()) {
-            self.fail_marks();
-            return Err(unavailable(&e));
+            let err = self.error(&e);
+            return Err(self.fail_marks(&err));
         }
         let result = match &mut self.marks.conn {
             Some(Conn::Single(c)) => (0..self.in_flight.replies)
@@ -220,9 +221,11 @@ impl RedisPartition {
                     Value::ServerError(e) => Err(e.into()),
                     _ => Ok(()),
                 })
-                .map_err(|e: redis::RedisError| unavailable(&e)),
-            _ => Err(ExactTierError::Unavailable(
-                "the connection marks were sent on was dropped".to_owned(),
+                .map_err(|e: redis::RedisError| error::remote(&self.server, &e)),
+            _ => Err(error::failure(
+                &self.server,
+                FailureCause::ConnectionLost,
+                "the connection marks were sent on was dropped",
             )),
         };
         self.in_flight.replies = 0;
@@ -235,8 +238,9 @@ impl RedisPartition {
                 Ok(())
             }
             Err(e) => {
+                self.stats.record(&e);
                 if self.marks.conn.is_some() {
-                    self.fail_marks();
+                    self.fail_marks(&e);
                 }
                 self.in_flight.fresh.clear();
                 // Unsent marks are newer: they stay indexed over these.
@@ -292,7 +296,10 @@ impl RedisPartition {
             }
             // The marks in flight fail with their replies; the deletes go
             // with the next marks.
-            Err(_) => self.fail_marks(),
+            Err(e) => {
+                let err = self.error(&e);
+                self.fail_marks(&err);
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 
 use super::conn::Wait;
 use super::RedisPartition;
-use crate::error::ExactTierError;
+use crate::error::{ExactTierError, FailureCause};
 use crate::exact::{slots_newest_first, Claim, ExactPartition, Lookup, Mark, MemoryPartition};
 use crate::fingerprint::Fingerprint;
 use crate::time::{slot_of, Timestamp, GENERATIONS};
@@ -46,9 +46,13 @@ impl ExactPartition for RedisPartition {
         // Kept for retry whatever happens now; report the failure.
         self.send_unsent()?;
         if dropped > 0 {
-            return Err(ExactTierError::Unavailable(format!(
-                "{dropped} marks dropped: the retry buffer is full"
-            )));
+            return Err(self.error_of(
+                FailureCause::RetryBufferFull,
+                format!(
+                    "{dropped} marks dropped: {} are kept for a retry per shard (max_unsent_marks)",
+                    self.config.max_unsent_marks
+                ),
+            ));
         }
         Ok(())
     }

@@ -3,7 +3,6 @@
 //! filling, its strings are rewritten at their exact size.
 
 use super::RedisPartition;
-use crate::error::ExactTierError;
 use crate::time::{Timestamp, GENERATIONS};
 
 /// Buckets one flush compacts (one script per flush).
@@ -19,16 +18,13 @@ pub(super) fn decode(v: &[u8]) -> Option<Timestamp> {
 pub(super) const RECORD: usize = 24;
 
 /// The time of the last (newest) record of `fp` in a record string; `Err`
-/// for a string that is not whole records.
-pub(super) fn find_record(
-    records: &[u8],
-    fp: &[u8; 16],
-) -> Result<Option<Timestamp>, ExactTierError> {
+/// (what is wrong) for a string that is not whole records.
+pub(super) fn find_record(records: &[u8], fp: &[u8; 16]) -> Result<Option<Timestamp>, String> {
     if records.len() % RECORD != 0 {
-        return Err(ExactTierError::Unavailable(format!(
+        return Err(format!(
             "a record string of {} bytes is not whole {RECORD}-byte records",
             records.len()
-        )));
+        ));
     }
     Ok(records
         .chunks_exact(RECORD)

@@ -1,6 +1,9 @@
 //! [`RedisStats`]: the counters a [`super::RedisTier`]'s partitions share.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
+
+use crate::error::ExactTierError;
 
 /// Counters of a Redis tier, shared by its partitions.
 #[derive(Debug, Default)]
@@ -21,4 +24,28 @@ pub struct RedisStats {
     pub marks_unsent: AtomicU64,
     /// Marks dropped because the retry buffer was full.
     pub marks_dropped: AtomicU64,
+    /// The last failure of any partition (see [`RedisStats::last_error`]).
+    last_error: Mutex<Option<ExactTierError>>,
+}
+
+impl RedisStats {
+    /// The last failure of any of the tier's partitions, with its cause
+    /// and server ([`ExactTierError::cause`], [`ExactTierError::server`]):
+    /// what a program prints after a run that had failures (`None` if
+    /// there was none).
+    #[must_use]
+    pub fn last_error(&self) -> Option<ExactTierError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Remembers `e` as the last failure.
+    pub(super) fn record(&self, e: &ExactTierError) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(e.clone());
+    }
 }
