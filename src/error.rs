@@ -203,23 +203,55 @@ impl std::fmt::Display for FailureCause {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FlushError {
-    /// The tier failed to store `marks` marks; they are kept for a retry
-    /// (the next flush) up to the tier's bound.
-    #[error("{marks} accepted keys are not stored in the exact tier: {source}")]
+    /// `marks` accepted keys (still inside the window) are not stored in
+    /// the tier: `dropped` of them were dropped past the tier's retry
+    /// buffer and are lost for good (until their slice leaves the window,
+    /// every flush reports them again); the others are kept for a retry by
+    /// the next flush. `source` says why (the first failing shard's error).
+    #[error("{marks} accepted keys are not stored in the exact tier{}: {source}", dropped_note(*.dropped, *.marks))]
     Unwritten {
-        /// Marks (accepted keys) not stored.
+        /// Accepted keys not stored: kept for a retry, plus `dropped`.
         marks: u64,
-        /// The tier's error (the first shard's).
+        /// Of `marks`, those dropped past the retry buffer: never retried.
+        dropped: u64,
+        /// The tier's error (the first failing shard's).
         source: ExactTierError,
     },
 }
 
+fn dropped_note(dropped: u64, marks: u64) -> String {
+    match dropped {
+        0 => " (kept for a retry)".to_owned(),
+        d if d == marks => " (dropped: the retry buffer was full)".to_owned(),
+        d => {
+            format!(" ({d} of them dropped: the retry buffer was full; the rest kept for a retry)")
+        }
+    }
+}
+
 impl FlushError {
-    /// Marks (accepted keys) not stored.
+    /// Accepted keys not stored (kept for a retry, and dropped).
     #[must_use]
     pub fn unwritten(&self) -> u64 {
         match self {
             FlushError::Unwritten { marks, .. } => *marks,
+        }
+    }
+
+    /// Of [`FlushError::unwritten`], the keys whose marks were dropped past
+    /// the retry buffer: no flush will store them.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        match self {
+            FlushError::Unwritten { dropped, .. } => *dropped,
+        }
+    }
+
+    /// Why (the first failing shard's error).
+    #[must_use]
+    pub fn cause(&self) -> &ExactTierError {
+        match self {
+            FlushError::Unwritten { source, .. } => source,
         }
     }
 }

@@ -213,9 +213,18 @@ pub trait ExactPartition: Send {
     }
 
     /// Marks this partition accepted and has not stored yet: kept after a
-    /// failure for a retry by the next [`ExactPartition::flush`]. A local
-    /// tier stores every mark at once. Default: 0.
+    /// failure for a retry by the next [`ExactPartition::flush`] (a remote
+    /// tier counts marks sent but not answered yet too). A local tier
+    /// stores every mark at once. Default: 0.
     fn unwritten(&self) -> u64 {
+        0
+    }
+
+    /// Marks of keys still inside the window that this partition accepted
+    /// and gave up on (dropped past a bounded retry buffer): no flush will
+    /// store them. While there are any, [`ExactPartition::flush`] fails.
+    /// Default: 0.
+    fn dropped(&self) -> u64 {
         0
     }
 

@@ -92,6 +92,7 @@ fn flush_says_why_marks_are_not_stored() {
         .unwrap();
     assert!(d.check("k").is_new(), "fail open");
     let err = d.flush().expect_err("nothing is stored");
+    assert_eq!((err.unwritten(), err.dropped()), (1, 0), "{err}");
     let tiered_dedup::FlushError::Unwritten { source, .. } = &err else {
         panic!("{err}");
     };

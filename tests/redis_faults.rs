@@ -556,6 +556,10 @@ fn a_full_retry_buffer_counts_what_it_drops() {
         "each shard keeps its bound: {unsent} kept"
     );
     assert_eq!(dropped + unsent, 2_000, "every mark kept or counted");
+    // The flush says so: every accepted key is missing, and how many of
+    // them no retry will store.
+    let err = run.d.flush().expect_err("Redis is down");
+    assert_eq!((err.unwritten(), err.dropped()), (2_000, dropped), "{err}");
     // Every flush that failed is counted: all but the first batch of each
     // shard, whose send went through before the failure showed (its
     // replies failed with the next flush, which is counted).
@@ -575,6 +579,14 @@ fn a_full_retry_buffer_counts_what_it_drops() {
     let hashes = redis_server::mark_hashes(&mut conn);
     let fields = redis_server::count_marks(&mut conn, &hashes);
     assert_eq!(fields, unsent);
+    // The dropped ones are still missing: every flush says so, while they
+    // are inside the window.
+    let err = run.d.flush().expect_err("dropped marks are missing");
+    assert_eq!(
+        (err.unwritten(), err.dropped()),
+        (dropped, dropped),
+        "{err}"
+    );
 }
 
 /// Shared mode, fail open: a key accepted while Redis was down is kept as

@@ -175,9 +175,14 @@ impl Shard {
         Ok(())
     }
 
-    /// Marks accepted but not stored by the exact tier yet.
-    pub(crate) fn unwritten_marks(&self) -> u64 {
-        self.pending.len() as u64 + self.exact.as_ref().map_or(0, |e| e.unwritten())
+    /// Marks accepted but not stored by the exact tier: (queued or kept
+    /// for a retry, dropped by the tier).
+    pub(crate) fn unwritten_marks(&self) -> (u64, u64) {
+        let (kept, dropped) = self
+            .exact
+            .as_ref()
+            .map_or((0, 0), |e| (e.unwritten(), e.dropped()));
+        (self.pending.len() as u64 + kept, dropped)
     }
 
     /// Flushes the pending marks if the oldest has waited `interval`; with

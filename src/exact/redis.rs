@@ -70,11 +70,16 @@
 //! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. The
 //! lookup and mark connections back off on their own (`conn::Link`): a
 //! failure of one never delays the other. What a
-//! failure means is the [`FailurePolicy`]. Marks that cannot be written are
-//! kept in a bounded buffer, still visible to lookups, and retried with the
-//! next marks, every shared-mode claim and [`crate::Deduper::flush`] (which
-//! returns once Redis has answered them); past the bound they are counted
-//! as dropped (marks in flight do not count against it). In shared mode, a key accepted without Redis (fail
+//! failure means is the [`FailurePolicy`]. Each write's reply says whether
+//! Redis stored its marks; marks Redis refused (an error reply: out of
+//! memory, no permission, read-only) or whose reply never came are kept in
+//! a bounded buffer, still visible to lookups, and retried with the next
+//! marks, every shared-mode claim and [`crate::Deduper::flush`] (which
+//! returns once Redis has answered them); past the bound they are dropped
+//! and counted (marks in flight do not count against it). Until their
+//! slice leaves the window, kept and dropped marks make
+//! [`crate::Deduper::flush`] fail with their exact count
+//! ([`crate::FlushError::Unwritten`]). In shared mode, a key accepted without Redis (fail
 //! open, fallback) gets such a mark too, so Redis holds it once it is back.
 //! A shared-mode claim whose answer was lost may still have run: its retry
 //! recognises the claim's own time and accepts the key (see
@@ -89,6 +94,7 @@ mod lookups;
 mod marks;
 mod partition;
 mod records;
+mod replies;
 mod scripts;
 mod stats;
 
@@ -98,10 +104,11 @@ use std::sync::Arc;
 
 use super::table::FingerprintTable;
 use super::{ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, TierMetric};
+use crate::time::GENERATIONS;
 use claims::UnansweredClaims;
 use conn::{Link, Wait};
 use layout::{buckets_for, KEYS_PER_HASH};
-use marks::InFlight;
+use replies::InFlight;
 use scripts::{APPEND_SCRIPT, CLAIM_SCRIPT, COMPACT_SCRIPT, LOOKUP_SCRIPT, MARK_SCRIPT};
 
 pub use config::{FailurePolicy, RedisConfig};
@@ -154,6 +161,7 @@ impl ExactBackend for RedisTier {
             ),
             ("tiered_dedup_redis_marks_written_total", &s.marks_written),
             ("tiered_dedup_redis_marks_dropped_total", &s.marks_dropped),
+            ("tiered_dedup_redis_marks_refused_total", &s.marks_refused),
         ];
         for (name, value) in counters {
             report(TierMetric::Counter {
@@ -205,6 +213,9 @@ struct RedisPartition {
     ttl_ms: u64,
     /// Lookups, claims, the layout and deletes (and, on a cluster, marks).
     lookups: Link,
+    /// Marks dropped past `max_unsent_marks`, per slot, until the slot's
+    /// slice leaves the window: accepted keys Redis will not hold.
+    dropped: [u64; GENERATIONS],
     /// Marks not yet written, oldest first, and their index for lookups.
     unsent: Vec<Mark>,
     unsent_index: FingerprintTable,
@@ -281,12 +292,8 @@ impl RedisPartition {
             appended: BTreeSet::new(),
             compacting: VecDeque::new(),
             compact_cursor: 0,
-            in_flight: InFlight {
-                marks: Vec::new(),
-                index: FingerprintTable::new(),
-                replies: 0,
-                fresh: HashSet::new(),
-            },
+            in_flight: InFlight::new(),
+            dropped: [0; GENERATIONS],
             fallback: (config.policy == FailurePolicy::FallbackToMemory)
                 .then(|| MemoryPartition::with_capacity(spec.keys_per_slot)),
             unanswered: UnansweredClaims::new(config.max_unsent_marks),

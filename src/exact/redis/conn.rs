@@ -165,9 +165,24 @@ impl Link {
         }
     }
 
-    /// True while a reconnect must wait (after a failure).
+    /// True while a reconnect, or a retry of refused marks, must wait.
     pub(super) fn backing_off(&self) -> bool {
-        self.conn.is_none() && Instant::now() < self.retry_at
+        Instant::now() < self.retry_at
+    }
+
+    /// Redis answered with an error (`e`): the connection is fine, but the
+    /// next retry waits; returns how long.
+    pub(super) fn hold(&mut self, e: &ExactTierError) -> Duration {
+        self.last_error = Some(e.clone());
+        let wait = self.backoff;
+        self.retry_at = Instant::now() + wait;
+        self.backoff = (wait * 2).min(MAX_BACKOFF);
+        wait
+    }
+
+    /// A request succeeded: the next failure waits the shortest time.
+    pub(super) fn succeeded(&mut self) {
+        self.backoff = MIN_BACKOFF;
     }
 
     /// A request failed with `e`: drops the connection; returns how long
@@ -207,6 +222,7 @@ impl Link {
     /// A connection was opened with read and write timeout `timeout`.
     pub(super) fn connected(&mut self, conn: Conn, timeout: Duration) {
         self.conn = Some(conn);
+        self.retry_at = Instant::now();
         self.timeout = timeout;
         self.backoff = MIN_BACKOFF;
     }
@@ -357,7 +373,7 @@ impl RedisPartition {
         err.clone()
     }
 
-    fn failed(&mut self, err: &ExactTierError, what: &'static str, wait: Duration) {
+    pub(super) fn failed(&mut self, err: &ExactTierError, what: &'static str, wait: Duration) {
         #[cfg(not(feature = "tracing"))]
         let _ = (what, wait);
         self.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -14,14 +14,11 @@ pub(super) fn cause_of(e: &RedisError) -> FailureCause {
     if e.is_timeout() {
         return FailureCause::Timeout;
     }
+    if let Some(cause) = e.code().and_then(cause_of_code) {
+        return cause;
+    }
     match (e.kind(), e.code()) {
-        (ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH" | "WRONGPASS")) => {
-            FailureCause::AuthenticationFailed
-        }
-        (ErrorKind::Server(ServerErrorKind::NoPerm), _) => FailureCause::PermissionDenied,
-        (ErrorKind::Server(ServerErrorKind::ReadOnly), _) => FailureCause::ReadOnly,
-        (ErrorKind::Server(ServerErrorKind::BusyLoading), _) => FailureCause::Loading,
-        (_, Some("OOM")) => FailureCause::OutOfMemory,
+        (ErrorKind::AuthenticationFailed, _) => FailureCause::AuthenticationFailed,
         (ErrorKind::Server(ServerErrorKind::NoScript | ServerErrorKind::ExecAbort), _) => {
             FailureCause::Script
         }
@@ -31,8 +28,7 @@ pub(super) fn cause_of(e: &RedisError) -> FailureCause {
                 | ServerErrorKind::Ask
                 | ServerErrorKind::TryAgain
                 | ServerErrorKind::ClusterDown
-                | ServerErrorKind::CrossSlot
-                | ServerErrorKind::MasterDown,
+                | ServerErrorKind::CrossSlot,
             )
             | ErrorKind::ClusterConnectionNotFound,
             _,
@@ -44,6 +40,20 @@ pub(super) fn cause_of(e: &RedisError) -> FailureCause {
         _ if e.detail().is_some_and(|d| d.contains("script")) => FailureCause::Script,
         _ => FailureCause::Other,
     }
+}
+
+/// What an error reply's code (its first word) names, if it names one.
+pub(super) fn cause_of_code(code: &str) -> Option<FailureCause> {
+    Some(match code {
+        "NOAUTH" | "WRONGPASS" => FailureCause::AuthenticationFailed,
+        "NOPERM" => FailureCause::PermissionDenied,
+        "READONLY" => FailureCause::ReadOnly,
+        "LOADING" => FailureCause::Loading,
+        "OOM" => FailureCause::OutOfMemory,
+        "NOSCRIPT" | "BUSY" => FailureCause::Script,
+        "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "CROSSSLOT" => FailureCause::Cluster,
+        _ => return None,
+    })
 }
 
 /// `url` without its password: `redis://user:***@host:port/db`, and a

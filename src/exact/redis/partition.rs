@@ -62,7 +62,28 @@ impl ExactPartition for RedisPartition {
     }
 
     fn flush(&mut self) -> Result<(), ExactTierError> {
-        self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))
+        self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))?;
+        // Stored or kept; dropped marks are reported while they matter.
+        match self.dropped() {
+            0 => Ok(()),
+            n => Err(self.error_of(
+                FailureCause::RetryBufferFull,
+                format!(
+                    "{n} accepted keys inside the window were dropped past the retry buffer \
+                     ({} marks per shard: RedisConfig::max_unsent_marks) while Redis did not \
+                     store them",
+                    self.config.max_unsent_marks
+                ),
+            )),
+        }
+    }
+
+    fn unwritten(&self) -> u64 {
+        (self.unsent.len() + self.in_flight.marks.len()) as u64
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped.iter().sum()
     }
 
     fn flush_idle(&mut self) -> Result<(), ExactTierError> {
@@ -126,6 +147,7 @@ impl ExactPartition for RedisPartition {
                 self.send_unlinks();
             }
         }
+        self.forget_slots(slots);
         if let Some(fallback) = &mut self.fallback {
             fallback.clear_slots(slots);
         }

@@ -5,41 +5,67 @@
 
 /// On a cluster, writes marks into many hashes in one request (one reply:
 /// the cluster client's pipeline of one command per hash would wait out a
-/// timeout per command when a server stalls). KEYS: the hashes. ARGV: ttl ms, then per hash: its number
-/// of marks `n`, `1` to give it the TTL (else `0`), `n` pairs (fingerprint,
-/// time). Arguments go to `HSET` in runs that fit Lua's stack.
+/// timeout per command when a server stalls). KEYS: the hashes. ARGV: ttl
+/// ms, then per hash: its number of marks `n`, `1` to give it the TTL
+/// (else `0`), `n` pairs (fingerprint, time). Arguments go to `HSET` in
+/// runs of 500 marks that fit Lua's stack. Returns per hash how many of
+/// its marks are stored (the runs before the first one Redis refused: out
+/// of memory, no permission), then the first refusal's message if any.
 pub(super) const MARK_SCRIPT: &str = r"
 local ttl = ARGV[1]
+local out, refusal = {}, nil
 local i = 2
 for k = 1, #KEYS do
   local n = tonumber(ARGV[i])
   local expire = ARGV[i + 1] == '1'
   local j, last = i + 2, i + 1 + 2 * n
+  local stored = 0
   while j <= last do
     local e = math.min(j + 999, last)
-    redis.call('HSET', KEYS[k], unpack(ARGV, j, e))
+    local r = redis.pcall('HSET', KEYS[k], unpack(ARGV, j, e))
+    if type(r) == 'table' and r.err then
+      refusal = refusal or r.err
+      break
+    end
+    stored = stored + (e - j + 1) / 2
     j = e + 1
   end
-  if expire then
-    redis.call('PEXPIRE', KEYS[k], ttl)
+  if expire and stored > 0 then
+    redis.pcall('PEXPIRE', KEYS[k], ttl)
   end
+  out[k] = stored
   i = last + 1
 end
-return #KEYS
+if refusal then
+  out[#KEYS + 1] = refusal
+end
+return out
 ";
 
 /// On a cluster, appends marks to many record strings in one request (one
 /// reply, as [`MARK_SCRIPT`]). KEYS: the strings. ARGV: ttl ms, then per
 /// string: its records (24 bytes each), `1` to give it the TTL (else `0`).
+/// Returns per string how many records it stored (all or none), then the
+/// first refusal's message if any.
 pub(super) const APPEND_SCRIPT: &str = r"
 local ttl = ARGV[1]
+local out, refusal = {}, nil
 for k = 1, #KEYS do
-  redis.call('APPEND', KEYS[k], ARGV[2 * k])
-  if ARGV[2 * k + 1] == '1' then
-    redis.call('PEXPIRE', KEYS[k], ttl)
+  local r = redis.pcall('APPEND', KEYS[k], ARGV[2 * k])
+  if type(r) == 'table' and r.err then
+    refusal = refusal or r.err
+    out[k] = 0
+  else
+    out[k] = #ARGV[2 * k] / 24
+    if ARGV[2 * k + 1] == '1' then
+      redis.pcall('PEXPIRE', KEYS[k], ttl)
+    end
   end
 end
-return #KEYS
+if refusal then
+  out[#KEYS + 1] = refusal
+end
+return out
 ";
 
 /// Rewrites record strings of a finished slice at their exact size: `APPEND`

@@ -24,6 +24,10 @@ pub struct RedisStats {
     pub marks_unsent: AtomicU64,
     /// Marks dropped because the retry buffer was full.
     pub marks_dropped: AtomicU64,
+    /// Marks Redis answered with an error (out of memory, no permission,
+    /// read-only): kept for a retry, so a mark refused several times is
+    /// counted each time.
+    pub marks_refused: AtomicU64,
     /// The last failure of any partition (see [`RedisStats::last_error`]).
     last_error: Mutex<Option<ExactTierError>>,
 }
