@@ -66,6 +66,11 @@
 //! key, checks the live slices and records the key unless it is inside the
 //! window — atomically, so two engines never both accept one key.
 //!
+//! **Servers that would lose keys.** Each connection first asks the
+//! server's `maxmemory-policy` and role: a server that evicts keys or a
+//! replica is refused, or used with a warning ([`UnsafeServer`]);
+//! [`RedisTier::check`] runs the same check for the host at start.
+//!
 //! **Faults.** A failed call drops the connection; the next one reconnects
 //! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. The
 //! lookup and mark connections back off on their own (`conn::Link`): a
@@ -96,6 +101,7 @@ mod partition;
 mod records;
 mod replies;
 mod scripts;
+mod server;
 mod stats;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
@@ -104,6 +110,7 @@ use std::sync::Arc;
 
 use super::table::FingerprintTable;
 use super::{ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, TierMetric};
+use crate::error::ExactTierError;
 use crate::time::GENERATIONS;
 use claims::UnansweredClaims;
 use conn::{Link, Wait};
@@ -111,7 +118,8 @@ use layout::{buckets_for, KEYS_PER_HASH};
 use replies::InFlight;
 use scripts::{APPEND_SCRIPT, CLAIM_SCRIPT, COMPACT_SCRIPT, LOOKUP_SCRIPT, MARK_SCRIPT};
 
-pub use config::{FailurePolicy, RedisConfig};
+pub use config::{FailurePolicy, RedisConfig, UnsafeServer};
+pub use server::{NodeInfo, ServerInfo};
 pub use stats::RedisStats;
 
 /// The Redis exact tier: give it to
@@ -140,6 +148,33 @@ impl RedisTier {
     pub fn stats(&self) -> Arc<RedisStats> {
         Arc::clone(&self.stats)
     }
+
+    /// Connects now, as the host's start-up check: is the server there,
+    /// are the credentials right, and will it keep accepted keys — its
+    /// `maxmemory-policy` must not evict keys, and it must not be a replica
+    /// (every master of a Cluster is checked). Connections are otherwise
+    /// opened lazily, and each applies the same rule
+    /// ([`RedisConfig::unsafe_server`]).
+    ///
+    /// # Errors
+    /// [`ExactTierError::Remote`] when the server cannot be reached (its
+    /// cause says why), or would lose accepted keys and the configuration
+    /// refuses such a server ([`crate::FailureCause::UnsafeServer`], with
+    /// the setting and what to change). What could not be checked (`CONFIG`
+    /// disabled) is not an error: [`ServerInfo::unchecked`] says it.
+    pub fn check(&self) -> Result<ServerInfo, ExactTierError> {
+        let remote = |e: &redis::RedisError| {
+            let err = error::remote(&self.server, e);
+            self.stats.record(&err);
+            err
+        };
+        let mut conn =
+            conn::Conn::open(&self.config, self.config.timeout).map_err(|e| remote(&e))?;
+        let info = server::inspect(&mut conn, &self.server).map_err(|e| remote(&e))?;
+        server::judge(&info, self.config.unsafe_server, &self.stats, &self.server)
+            .inspect_err(|e| self.stats.record(e))?;
+        Ok(info)
+    }
 }
 
 impl ExactBackend for RedisTier {
@@ -162,6 +197,14 @@ impl ExactBackend for RedisTier {
             ("tiered_dedup_redis_marks_written_total", &s.marks_written),
             ("tiered_dedup_redis_marks_dropped_total", &s.marks_dropped),
             ("tiered_dedup_redis_marks_refused_total", &s.marks_refused),
+            (
+                "tiered_dedup_redis_server_warnings_total",
+                &s.server_warnings,
+            ),
+            (
+                "tiered_dedup_redis_server_unchecked_total",
+                &s.server_unchecked,
+            ),
         ];
         for (name, value) in counters {
             report(TierMetric::Counter {

@@ -20,6 +20,22 @@ pub enum FailurePolicy {
     FallbackToMemory,
 }
 
+/// What the tier does with a server that would lose accepted keys: one
+/// whose `maxmemory-policy` evicts keys, or a replica (see
+/// [`super::ServerInfo::problems`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnsafeServer {
+    /// Refuse it: [`super::RedisTier::check`] and every connection fail
+    /// with [`crate::FailureCause::UnsafeServer`] and a message naming the
+    /// setting and what to change.
+    #[default]
+    Refuse,
+    /// Use it anyway, counted in [`super::RedisStats::server_warnings`] and
+    /// reported (a `tracing` warning): a key Redis evicts is accepted again
+    /// later.
+    Warn,
+}
+
 /// Configures a [`RedisTier`](super::RedisTier).
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -45,6 +61,10 @@ pub struct RedisConfig {
     /// Marks kept for retry while Redis is unreachable, per shard (one
     /// flush in flight comes on top). Default: 100 000.
     pub max_unsent_marks: usize,
+    /// A server that would lose accepted keys (an evicting
+    /// `maxmemory-policy`, a replica) is refused, or used with a warning.
+    /// Default: refused.
+    pub unsafe_server: UnsafeServer,
     /// Keys one bucket of a slice is sized for (see the module docs): owned
     /// keys' buckets are record strings; `Some(0)` keeps one hash per slice
     /// instead (89–99 bytes per key, 1.1–1.25 µs of Redis CPU per key). The
@@ -73,6 +93,7 @@ impl RedisConfig {
             timeout: Duration::from_millis(500),
             idle_timeout: Duration::from_millis(20),
             max_unsent_marks: 100_000,
+            unsafe_server: UnsafeServer::Refuse,
             keys_per_hash: None,
             ttl: None,
         }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, ConnectionLike, Value};
 
-use super::{error, RedisConfig, RedisPartition};
+use super::{error, server, RedisConfig, RedisPartition};
 use crate::error::{ExactTierError, FailureCause};
 
 pub(super) enum Conn {
@@ -105,6 +105,22 @@ impl Conn {
             Ok(replies)
         };
         Some(run())
+    }
+
+    /// Runs `cmds` in one round trip on a single server and returns every
+    /// reply, error replies as [`Value::ServerError`]: only an I/O failure
+    /// (the connection must then be dropped) is an error. A cluster
+    /// connection runs them as a pipeline.
+    pub(super) fn pipeline_each(&mut self, cmds: &[Cmd]) -> redis::RedisResult<Vec<Value>> {
+        let Conn::Single(c) = self else {
+            return self.pipeline(cmds.to_vec());
+        };
+        let mut packed = Vec::new();
+        for cmd in cmds {
+            cmd.write_packed_command(&mut packed);
+        }
+        c.send_packed_command(&packed)?;
+        cmds.iter().map(|_| c.recv_response()).collect()
     }
 
     pub(super) fn like(&mut self) -> &mut dyn ConnectionLike {
@@ -278,7 +294,7 @@ impl RedisPartition {
                 self.lookups.connected(c, timeout);
                 Ok(())
             }
-            Err(e) => Err(self.fail(&e)),
+            Err(err) => Err(self.fail_lookups(&err)),
         }
     }
 
@@ -298,15 +314,18 @@ impl RedisPartition {
                 self.marks.connected(c, timeout);
                 Ok(())
             }
-            Err(e) => Err(self.fail_marks(&self.error(&e))),
+            Err(err) => Err(self.fail_marks(&err)),
         }
     }
 
-    /// A new connection, made within `timeout`, that has adopted the
-    /// shard's agreed layout.
-    fn open(&mut self, timeout: Duration) -> redis::RedisResult<Conn> {
-        let mut c = Conn::open(&self.config, timeout)?;
-        self.agree_layout(&mut c)?;
+    /// A new connection, made within `timeout`, to a server that keeps
+    /// accepted keys (or one the configuration accepts anyway: see
+    /// `server.rs`), that has adopted the shard's agreed layout.
+    fn open(&mut self, timeout: Duration) -> Result<Conn, ExactTierError> {
+        let mut c = Conn::open(&self.config, timeout).map_err(|e| self.error(&e))?;
+        let info = server::inspect(&mut c, &self.server).map_err(|e| self.error(&e))?;
+        server::judge(&info, self.config.unsafe_server, &self.stats, &self.server)?;
+        self.agree_layout(&mut c).map_err(|e| self.error(&e))?;
         let n = self.stats.connects.fetch_add(1, Ordering::Relaxed);
         if n > 0 {
             crate::trace::event!(info, key_base = %self.key_base, "reconnected to Redis");
@@ -355,9 +374,14 @@ impl RedisPartition {
     /// connection keeps its own state. Returns the error, with its cause.
     pub(super) fn fail(&mut self, e: &redis::RedisError) -> ExactTierError {
         let err = self.error(e);
-        let wait = self.lookups.fail(&err);
-        self.failed(&err, "Redis request failed; connection dropped", wait);
-        err
+        self.fail_lookups(&err)
+    }
+
+    /// [`Self::fail`] with the error made already.
+    fn fail_lookups(&mut self, err: &ExactTierError) -> ExactTierError {
+        let wait = self.lookups.fail(err);
+        self.failed(err, "Redis request failed; connection dropped", wait);
+        err.clone()
     }
 
     /// Writing marks or reading their replies failed with `err`: drops the
@@ -377,6 +401,7 @@ impl RedisPartition {
         #[cfg(not(feature = "tracing"))]
         let _ = (what, wait);
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.stats.record(err);
         crate::trace::event!(
             warn,
             key_base = %self.key_base,

@@ -28,6 +28,13 @@ pub struct RedisStats {
     /// read-only): kept for a retry, so a mark refused several times is
     /// counted each time.
     pub marks_refused: AtomicU64,
+    /// Connections made, under [`super::UnsafeServer::Warn`], to a server
+    /// that would lose accepted keys (it evicts keys, or is a replica).
+    pub server_warnings: AtomicU64,
+    /// Connections made to a server whose eviction policy or role could
+    /// not be checked (`CONFIG` or `ROLE` disabled, renamed or not
+    /// allowed).
+    pub server_unchecked: AtomicU64,
     /// The last failure of any partition (see [`RedisStats::last_error`]).
     last_error: Mutex<Option<ExactTierError>>,
 }
