@@ -37,7 +37,9 @@
 //! that stopped, set when this process first writes a hash (and refreshed
 //! by every shared-mode claim): by default twice the span plus two slices,
 //! and at least an hour, so a clock slower than the wall clock (an
-//! event-time replay) never loses a key early.
+//! event-time replay) never loses a key early. Without a window keys never
+//! expire: no TTL, unless [`RedisConfig::ttl`] sets a retention (renewed by
+//! every write of a bucket).
 //!
 //! **Batches, never a round trip per key.** Lookups are one `MGET` (record
 //! strings) or one pipeline of `HMGET`s (one per hash needed); marks one
@@ -253,7 +255,13 @@ struct RedisPartition {
     /// Hashes (slice, bucket) this process has given a TTL.
     expiring: HashSet<(u64, u64)>,
     window: Option<u64>,
-    ttl_ms: u64,
+    /// The TTL given to buckets, in ms: with a window a backstop, set at
+    /// this process's first write of each; without one, none by default,
+    /// or a retention renewed by every write (`renew_ttl`).
+    ttl_ms: Option<u64>,
+    /// Every write of a bucket renews its TTL (a retention without a
+    /// window), not only the first.
+    renew_ttl: bool,
     /// Lookups, claims, the layout and deletes (and, on a cluster, marks).
     lookups: Link,
     /// Marks dropped past `max_unsent_marks`, per slot, until the slot's
@@ -321,11 +329,12 @@ impl RedisPartition {
             shared: spec.shared,
             expiring: HashSet::new(),
             window: spec.window_nanos,
-            ttl_ms: config
-                .ttl
-                .map_or((2 * (span_ms + 2 * slice_ms)).max(3_600_000), |t| {
-                    (t.as_millis() as u64).max(1)
-                }),
+            ttl_ms: match (spec.window_nanos, config.ttl) {
+                (_, Some(ttl)) => Some((ttl.as_millis() as u64).max(1)),
+                (Some(_), None) => Some((2 * (span_ms + 2 * slice_ms)).max(3_600_000)),
+                (None, None) => None,
+            },
+            renew_ttl: spec.window_nanos.is_none(),
             lookups: Link::new(),
             unsent: Vec::new(),
             unsent_index: FingerprintTable::new(),

@@ -127,7 +127,8 @@ impl RedisPartition {
             let live: Vec<u64> = slots_newest_first(current)
                 .map(|(slice, _)| slice)
                 .collect();
-            let ttl = self.ttl_ms;
+            // 0: no TTL (no window, no retention configured).
+            let ttl = self.ttl_ms.unwrap_or(0);
             let sent = &mut sent;
             // Built once connected: the hash count may change when a
             // connection adopts the agreed one.

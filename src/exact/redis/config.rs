@@ -74,10 +74,16 @@ pub struct RedisConfig {
     /// every new key up in each live slice — a full scan of a compact hash,
     /// which made shared mode 2.2× slower (60 against 126 thousand keys/s).
     pub keys_per_hash: Option<usize>,
-    /// TTL of a slice's hashes, set when this process first writes each
-    /// (refreshed by shared-mode claims); a backstop: slices are deleted
-    /// when they expire in engine time. Default: twice the span plus two
-    /// slices, at least one hour.
+    /// With a window: the TTL of a slice's buckets, set when this process
+    /// first writes each (refreshed by shared-mode claims); a backstop,
+    /// since slices are deleted when they expire in engine time (shorter
+    /// than the window plus lateness, it forgets keys early). Default:
+    /// twice the span plus two slices, at least one hour.
+    ///
+    /// Without a window keys never expire by default: no TTL. `Some(d)`
+    /// is a retention instead: every write of a bucket renews its TTL to
+    /// `d`, so a key is kept at least `d` after it was accepted (others of
+    /// its bucket written later keep it longer).
     pub ttl: Option<Duration>,
 }
 

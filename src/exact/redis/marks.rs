@@ -68,11 +68,17 @@ impl RedisPartition {
             .map(|(i, m)| (m.slice, self.bucket(m.fingerprint), i))
             .collect();
         order.sort_unstable();
-        let fresh: HashSet<(u64, u64)> = order
-            .chunk_by(|a, b| (a.0, a.1) == (b.0, b.1))
-            .map(|run| (run[0].0, run[0].1))
-            .filter(|h| !self.expiring.contains(h))
-            .collect();
+        // The buckets whose write carries a PEXPIRE: none without a TTL;
+        // every one when writes renew it (a retention without a window);
+        // else those this process has not given it yet.
+        let fresh: HashSet<(u64, u64)> = match self.ttl_ms {
+            None => HashSet::new(),
+            Some(_) => order
+                .chunk_by(|a, b| (a.0, a.1) == (b.0, b.1))
+                .map(|run| (run[0].0, run[0].1))
+                .filter(|h| self.renew_ttl || !self.expiring.contains(h))
+                .collect(),
+        };
         if self.records {
             let current = self.current;
             self.appended
@@ -125,9 +131,9 @@ impl RedisPartition {
             let end = start + run.len() as u32;
             sent.push(Sent::Marks { start, end });
             start = end;
-            if fresh.contains(&(slice, bucket)) {
+            if let Some(ttl) = self.ttl_ms.filter(|_| fresh.contains(&(slice, bucket))) {
                 let mut expire = redis::cmd("PEXPIRE");
-                expire.arg(&key).arg(self.ttl_ms);
+                expire.arg(&key).arg(ttl);
                 cmds.push(expire);
                 sent.push(Sent::Expire { slice, bucket });
             }
@@ -205,7 +211,7 @@ impl RedisPartition {
             self.mark_script.clone()
         };
         let mut invocation = script.prepare_invoke();
-        invocation.arg(self.ttl_ms);
+        invocation.arg(self.ttl_ms.unwrap_or(0));
         let runs: Vec<&[(u64, u64, u32)]> =
             order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)).collect();
         for run in &runs {

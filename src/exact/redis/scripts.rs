@@ -107,7 +107,8 @@ return out
 ";
 
 /// Claims keys atomically. KEYS: per bucket the claims use, the live slice
-/// hashes of that bucket, newest (current) first. ARGV: ttl ms, the number
+/// hashes of that bucket, newest (current) first. ARGV: ttl ms (`0`: the
+/// hashes get none), the number
 /// of live slices `L`, then per key: the offset of its bucket's hashes in
 /// KEYS, fingerprint, time (8 bytes BE), threshold (8 bytes BE: the oldest
 /// first-accepted time still inside the window, or 0 without one). Returns
@@ -199,7 +200,9 @@ for b, w in pairs(writes) do
     redis.call('HSET', KEYS[b + 1], unpack(w, s, e))
     s = e + 1
   end
-  redis.call('PEXPIRE', KEYS[b + 1], ttl)
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[b + 1], ttl)
+  end
 end
 return out
 ";
