@@ -412,3 +412,34 @@ impl RedisPartition {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> ExactTierError {
+        error::failure("redis://h:1", FailureCause::ConnectionRefused, "")
+    }
+
+    #[test]
+    fn a_link_backs_off_on_its_own_doubling_up_to_a_second() {
+        let (mut lookups, marks) = (Link::new(), Link::new());
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            waits.push(lookups.fail(&refused()).as_millis());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert!(lookups.backing_off());
+        assert!(!marks.backing_off(), "the other link is not held back");
+        let e = lookups.backoff_error();
+        assert_eq!(e.cause(), Some(FailureCause::ConnectionRefused), "{e}");
+        assert!(e.to_string().contains("not tried: reconnecting in"), "{e}");
+        // A refusal holds the link back without dropping it; a success
+        // brings the next wait back to the shortest.
+        let mut held = Link::new();
+        assert_eq!(held.hold(&refused()).as_millis(), 10);
+        assert_eq!(held.hold(&refused()).as_millis(), 20);
+        held.succeeded();
+        assert_eq!(held.hold(&refused()).as_millis(), 10);
+    }
+}

@@ -221,3 +221,47 @@ fn text(v: &Value) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(policy: Option<&str>, role: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            address: "redis://h:1".to_owned(),
+            maxmemory_policy: policy.map(str::to_owned),
+            role: role.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn only_a_master_that_never_evicts_is_safe() {
+        let safe = ServerInfo {
+            nodes: vec![node(Some("noeviction"), Some("master"))],
+        };
+        assert!(safe.problems().is_empty() && safe.unchecked().is_empty());
+        for policy in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "volatile-lru",
+            "volatile-ttl",
+        ] {
+            let info = ServerInfo {
+                nodes: vec![node(Some(policy), Some("master"))],
+            };
+            let problems = info.problems();
+            assert_eq!(problems.len(), 1, "{policy}");
+            assert!(problems[0].contains(policy), "{problems:?}");
+        }
+        let replica = ServerInfo {
+            nodes: vec![node(Some("noeviction"), Some("slave"))],
+        };
+        assert!(replica.problems()[0].contains("is a replica"));
+        let unknown = ServerInfo {
+            nodes: vec![node(None, None)],
+        };
+        assert!(unknown.problems().is_empty());
+        assert_eq!(unknown.unchecked().len(), 2);
+    }
+}
