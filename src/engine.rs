@@ -502,9 +502,13 @@ impl Deduper {
         let mut shard = self.lock(s);
         if force {
             shard.send_queued_releases(&self.plan.rules);
-            shard.sync_marks().map_err(|source| FlushError::Unwritten {
-                marks: shard.unwritten_marks(),
-                source,
+            shard.sync_marks().map_err(|source| {
+                let (kept, dropped) = shard.unwritten_marks();
+                FlushError::Unwritten {
+                    marks: kept + dropped,
+                    dropped,
+                    source,
+                }
             })
         } else {
             shard.flush_marks_if_due(self.plan.flush_interval);
@@ -530,7 +534,7 @@ impl Deduper {
                 Some(r) => shard.processing_time(r),
                 None => self.watermark(),
             };
-            shard.advance(t);
+            shard.advance_idle(t);
             shard.sweep_expired(1 << 16);
             shard.flush_marks_if_due(self.plan.flush_interval);
         }
@@ -540,19 +544,23 @@ impl Deduper {
     /// until the tier has them.
     ///
     /// # Errors
-    /// [`FlushError::Unwritten`] when the tier could not store some of
-    /// them: how many marks (accepted keys) are not stored, and the first
-    /// shard's error. They stay kept for a retry (the next `flush`,
-    /// [`Deduper::maintain`] or check), up to the tier's bound; a caller
-    /// about to exit must not treat them as recorded.
+    /// [`FlushError::Unwritten`] when the tier has not stored some
+    /// accepted keys: how many, how many of them it dropped past its retry
+    /// buffer, and the first failing shard's error. The others stay kept
+    /// for a retry (the next `flush`, [`Deduper::maintain`] or check); a
+    /// caller about to exit must not treat any of them as recorded.
+    /// Dropped keys are reported by every flush until their slice leaves
+    /// the window.
     pub fn flush(&self) -> Result<(), FlushError> {
-        let mut unwritten = 0;
+        let (mut unwritten, mut lost) = (0, 0);
         let mut first = None;
         for s in 0..self.shards.len() {
             let mut shard = self.lock(s);
             shard.send_queued_releases(&self.plan.rules);
             if let Err(e) = shard.sync_marks() {
-                unwritten += shard.unwritten_marks();
+                let (kept, dropped) = shard.unwritten_marks();
+                unwritten += kept + dropped;
+                lost += dropped;
                 first.get_or_insert(e);
             }
         }
@@ -560,6 +568,7 @@ impl Deduper {
             None => Ok(()),
             Some(source) => Err(FlushError::Unwritten {
                 marks: unwritten,
+                dropped: lost,
                 source,
             }),
         }

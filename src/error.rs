@@ -115,39 +115,201 @@ fn memory_fix(filter: u64, exact: u64) -> &'static str {
 }
 
 /// An exact tier that could not answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ExactTierError {
-    /// The backend is unreachable or failed.
-    #[error("exact tier unavailable: {0}")]
+    /// The backend is unreachable or failed (a backend's own message).
     Unavailable(String),
     /// The backend does not offer the operation (e.g. storing claim
     /// results).
-    #[error("exact tier cannot do this: {0}")]
     Unsupported(&'static str),
+    /// A remote store (Redis) failed: why, where, and the store's or the
+    /// client's own words. `Display` says all three, e.g. "the exact tier
+    /// at redis://127.0.0.1:6379 failed: connection refused (is the server
+    /// running, and is the port right?): Connection refused (os error 111)".
+    Remote {
+        /// The server: its URL without the password (`***` in its place),
+        /// or a cluster's seeds.
+        server: String,
+        /// What went wrong.
+        cause: FailureCause,
+        /// The store's or the client's message.
+        detail: String,
+    },
+}
+
+impl ExactTierError {
+    /// What went wrong, for a remote store.
+    #[must_use]
+    pub fn cause(&self) -> Option<FailureCause> {
+        match self {
+            ExactTierError::Unavailable(_) | ExactTierError::Unsupported(_) => None,
+            ExactTierError::Remote { cause, .. } => Some(*cause),
+        }
+    }
+
+    /// The server that failed (no password), for a remote store.
+    #[must_use]
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            ExactTierError::Unavailable(_) | ExactTierError::Unsupported(_) => None,
+            ExactTierError::Remote { server, .. } => Some(server),
+        }
+    }
+}
+
+impl std::fmt::Display for ExactTierError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExactTierError::Unavailable(what) => write!(f, "exact tier unavailable: {what}"),
+            ExactTierError::Unsupported(what) => write!(f, "exact tier cannot do this: {what}"),
+            ExactTierError::Remote {
+                server,
+                cause,
+                detail,
+            } => {
+                write!(f, "the exact tier at {server} failed: {cause}")?;
+                if !detail.is_empty() {
+                    write!(f, ": {detail}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ExactTierError {}
+
+/// Why a remote exact tier failed ([`ExactTierError::Remote`]). Its
+/// `Display` says it in a few words, with what to check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// Nothing listens at the address: the server is down, or the host or
+    /// port is wrong.
+    ConnectionRefused,
+    /// No answer within the timeout: the server is stalled, overloaded or
+    /// unreachable.
+    Timeout,
+    /// The connection was closed or reset.
+    ConnectionLost,
+    /// The server refused the credentials (wrong or missing password or
+    /// user).
+    AuthenticationFailed,
+    /// The user may not run a command or touch a key the tier needs (an
+    /// ACL).
+    PermissionDenied,
+    /// The server is a read-only replica.
+    ReadOnly,
+    /// The server is loading its data set.
+    Loading,
+    /// The server is out of memory (`maxmemory` reached with the
+    /// `noeviction` policy) and refuses writes.
+    OutOfMemory,
+    /// A server-side script failed.
+    Script,
+    /// A Redis Cluster could not serve the request (down, or slots on the
+    /// move).
+    Cluster,
+    /// The server would lose accepted keys (it evicts keys, or it is a
+    /// replica), and the tier is configured to refuse such a server.
+    UnsafeServer,
+    /// Marks were dropped because the retry buffer was full.
+    RetryBufferFull,
+    /// The store answered what the tier did not expect (data it did not
+    /// write, a protocol error).
+    UnexpectedReply,
+    /// The tier's configuration is invalid (a malformed URL).
+    InvalidConfig,
+    /// Any other failure: the detail says what.
+    Other,
+}
+
+impl std::fmt::Display for FailureCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailureCause::ConnectionRefused => {
+                "connection refused (is the server running, and are the host and port right?)"
+            }
+            FailureCause::Timeout => {
+                "no answer within the timeout (the server is stalled, overloaded or unreachable)"
+            }
+            FailureCause::ConnectionLost => "connection lost",
+            FailureCause::AuthenticationFailed => {
+                "authentication failed (wrong or missing user or password)"
+            }
+            FailureCause::PermissionDenied => {
+                "permission denied (the user's ACL forbids a command or key the tier needs)"
+            }
+            FailureCause::ReadOnly => "the server is read-only (a replica: use its master)",
+            FailureCause::Loading => "the server is loading its data set (retry once it has)",
+            FailureCause::OutOfMemory => {
+                "out of memory (maxmemory reached, and the noeviction policy refuses writes: raise maxmemory or shorten the window)"
+            }
+            FailureCause::Script => "a server-side script failed",
+            FailureCause::Cluster => "the cluster cannot serve the request",
+            FailureCause::UnsafeServer => "refused: the server would lose accepted keys",
+            FailureCause::RetryBufferFull => "marks dropped: the retry buffer was full",
+            FailureCause::UnexpectedReply => "unexpected reply",
+            FailureCause::InvalidConfig => "invalid configuration",
+            FailureCause::Other => "request failed",
+        })
+    }
 }
 
 /// Accepted keys whose marks the exact tier has not stored.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FlushError {
-    /// The tier failed to store `marks` marks; they are kept for a retry
-    /// (the next flush) up to the tier's bound.
-    #[error("{marks} accepted keys are not stored in the exact tier: {source}")]
+    /// `marks` accepted keys (still inside the window) are not stored in
+    /// the tier: `dropped` of them were dropped past the tier's retry
+    /// buffer and are lost for good (until their slice leaves the window,
+    /// every flush reports them again); the others are kept for a retry by
+    /// the next flush. `source` says why (the first failing shard's error).
+    #[error("{marks} accepted keys are not stored in the exact tier{}: {source}", dropped_note(*.dropped, *.marks))]
     Unwritten {
-        /// Marks (accepted keys) not stored.
+        /// Accepted keys not stored: kept for a retry, plus `dropped`.
         marks: u64,
-        /// The tier's error (the first shard's).
+        /// Of `marks`, those dropped past the retry buffer: never retried.
+        dropped: u64,
+        /// The tier's error (the first failing shard's).
         source: ExactTierError,
     },
 }
 
+fn dropped_note(dropped: u64, marks: u64) -> String {
+    match dropped {
+        0 => " (kept for a retry)".to_owned(),
+        d if d == marks => " (dropped: the retry buffer was full)".to_owned(),
+        d => {
+            format!(" ({d} of them dropped: the retry buffer was full; the rest kept for a retry)")
+        }
+    }
+}
+
 impl FlushError {
-    /// Marks (accepted keys) not stored.
+    /// Accepted keys not stored (kept for a retry, and dropped).
     #[must_use]
     pub fn unwritten(&self) -> u64 {
         match self {
             FlushError::Unwritten { marks, .. } => *marks,
+        }
+    }
+
+    /// Of [`FlushError::unwritten`], the keys whose marks were dropped past
+    /// the retry buffer: no flush will store them.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        match self {
+            FlushError::Unwritten { dropped, .. } => *dropped,
+        }
+    }
+
+    /// Why (the first failing shard's error).
+    #[must_use]
+    pub fn cause(&self) -> &ExactTierError {
+        match self {
+            FlushError::Unwritten { source, .. } => source,
         }
     }
 }

@@ -376,10 +376,43 @@ pub trait ExactPartition: Send {
         ))
     }
 
+    /// [`ExactPartition::mark_batch`] from the engine's idle upkeep
+    /// ([`crate::Deduper::maintain`], a pipeline worker between batches):
+    /// the shard's lock is held although no check is waiting for this, so
+    /// a remote backend must not wait long on a slow store — it keeps the
+    /// marks for a retry instead. Default: [`ExactPartition::mark_batch`].
+    ///
+    /// # Errors
+    /// As [`ExactPartition::mark_batch`].
+    fn mark_batch_idle(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        self.mark_batch(marks)
+    }
+
+    /// [`ExactPartition::flush`] from the engine's idle upkeep (see
+    /// [`ExactPartition::mark_batch_idle`]): settles what the store has
+    /// answered and retries kept marks, without waiting long. Default:
+    /// [`ExactPartition::flush`].
+    ///
+    /// # Errors
+    /// As [`ExactPartition::flush`], or when the store did not answer in
+    /// the short time allowed (the marks stay kept).
+    fn flush_idle(&mut self) -> Result<(), ExactTierError> {
+        self.flush()
+    }
+
     /// Marks this partition accepted and has not stored yet: kept after a
-    /// failure for a retry by the next [`ExactPartition::flush`]. A local
-    /// tier stores every mark at once. Default: 0.
+    /// failure for a retry by the next [`ExactPartition::flush`] (a remote
+    /// tier counts marks sent but not answered yet too). A local tier
+    /// stores every mark at once. Default: 0.
     fn unwritten(&self) -> u64 {
+        0
+    }
+
+    /// Marks of keys still inside the window that this partition accepted
+    /// and gave up on (dropped past a bounded retry buffer): no flush will
+    /// store them. While there are any, [`ExactPartition::flush`] fails.
+    /// Default: 0.
+    fn dropped(&self) -> u64 {
         0
     }
 

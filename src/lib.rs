@@ -125,7 +125,7 @@ pub use claims::{
     PayloadFingerprint, Reply,
 };
 pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats};
-pub use error::{ConfigError, ExactTierError, FlushError, SnapshotError};
+pub use error::{ConfigError, ExactTierError, FailureCause, FlushError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};
 pub use fingerprint::{ContentKey, Fingerprint, Key, Namespace};

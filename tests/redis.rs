@@ -543,3 +543,83 @@ fn an_event_time_replay_finds_what_the_first_run_kept() {
         assert!(v.is_duplicate(), "event {i}: {v:?}");
     }
 }
+
+/// The TTL (ms) of every mark key; `-1` for none.
+fn ttls(server: &RedisServer) -> Vec<i64> {
+    let mut conn = server.connection();
+    redis_server::mark_hashes(&mut conn)
+        .iter()
+        .map(|k| redis::cmd("PTTL").arg(k).query::<i64>(&mut conn).unwrap())
+        .collect()
+}
+
+/// Without a window keys never expire: no TTL on any mark key, owned
+/// (record strings) or shared (hashes, written by the claim script).
+#[test]
+fn without_a_window_keys_never_expire() {
+    for affinity in [Affinity::Owned, Affinity::Shared] {
+        let server = RedisServer::start();
+        let tier = RedisTier::new(RedisConfig::new(&server.url()));
+        let d = Deduper::builder()
+            .no_window()
+            .expected_keys(10_000)
+            .shards(4)
+            .affinity(affinity)
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap();
+        let keys: Vec<u64> = (0..5_000).collect();
+        assert!(d.check_batch(&keys).iter().all(|v| v.is_new()));
+        d.flush().expect("stored");
+        let ttls = ttls(&server);
+        assert!(!ttls.is_empty());
+        assert!(ttls.iter().all(|&t| t == -1), "{affinity:?}: {ttls:?}");
+    }
+}
+
+/// Without a window, `ttl` is a retention: every write of a bucket renews
+/// it, so a key is kept at least that long after it was accepted. With a
+/// window, the default TTL is a backstop of at least an hour.
+#[test]
+fn a_retention_without_a_window_is_renewed_by_every_write() {
+    let server = RedisServer::start();
+    let retention = Duration::from_secs(100);
+    let tier = RedisTier::new(RedisConfig {
+        ttl: Some(retention),
+        keys_per_hash: Some(0),
+        ..RedisConfig::new(&server.url())
+    });
+    let d = Deduper::builder()
+        .no_window()
+        .expected_keys(10_000)
+        .shards(1)
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    assert!(d.check_batch(&[1u64, 2, 3]).iter().all(|v| v.is_new()));
+    d.flush().expect("stored");
+    let first = ttls(&server);
+    assert_eq!(first.len(), 1, "one hash");
+    assert!((99_000..=100_000).contains(&first[0]), "{first:?}");
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert!(d.check(&4u64).is_new());
+    d.flush().expect("stored");
+    let renewed = ttls(&server)[0];
+    assert!(
+        renewed > first[0] - 500,
+        "{renewed} after {first:?}: not renewed"
+    );
+    // With a window: the backstop.
+    let server = RedisServer::start();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let d = engine(&server, &clock, Affinity::Owned, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    assert!(d.check("k").is_new());
+    d.flush().expect("stored");
+    let ttls = ttls(&server);
+    assert!(
+        ttls.iter().all(|&t| (3_599_000..=3_600_000).contains(&t)),
+        "{ttls:?}"
+    );
+}

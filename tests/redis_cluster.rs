@@ -110,3 +110,21 @@ fn verdicts_match_the_reference_on_a_three_master_cluster() {
         );
     }
 }
+
+/// `RedisTier::check` asks every master of the cluster for its eviction
+/// policy.
+#[test]
+fn the_check_asks_every_master() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let seeds: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let info = RedisTier::new(RedisConfig::cluster(&seeds[..1]))
+        .check()
+        .expect("three masters that never evict");
+    assert_eq!(info.nodes.len(), 3, "{info:?}");
+    assert!(info
+        .nodes
+        .iter()
+        .all(|n| n.maxmemory_policy.as_deref() == Some("noeviction")));
+    assert!(info.problems().is_empty() && info.unchecked().is_empty());
+}

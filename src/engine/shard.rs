@@ -100,6 +100,17 @@ pub(crate) enum Warmth {
     ColdFresh,
 }
 
+/// Who writes marks, and so how long a remote exact tier may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upkeep {
+    /// A check (a full batch, a rotation it caused): up to the tier's
+    /// request timeout.
+    Check,
+    /// The engine's idle upkeep (`maintain`, a pipeline worker between
+    /// batches): only briefly, since no check is waiting for it.
+    Idle,
+}
+
 /// How the engine may trust its filter (see [`crate::Affinity`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Trust {
@@ -141,17 +152,26 @@ impl Shard {
     /// Writes the pending marks to the exact tier; with none pending, lets
     /// the tier retry the marks it kept after a failure.
     pub(crate) fn flush_marks(&mut self) {
+        self.write_marks(Upkeep::Check);
+    }
+
+    /// [`Shard::flush_marks`], waiting on a remote tier as `upkeep` allows.
+    fn write_marks(&mut self, upkeep: Upkeep) {
         let Some(exact) = &mut self.exact else {
             return;
         };
         let n = self.pending.len() as u64;
         if n == 0 {
+            // A retry, without waiting long (a forced flush waits next).
             // Still failing: the tier keeps (and counts) them.
-            let _ = exact.flush();
+            let _ = exact.flush_idle();
             return;
         }
         let started = std::time::Instant::now();
-        let result = exact.mark_batch(self.pending.marks());
+        let result = match upkeep {
+            Upkeep::Check => exact.mark_batch(self.pending.marks()),
+            Upkeep::Idle => exact.mark_batch_idle(self.pending.marks()),
+        };
         if exact.prefers_batches() {
             self.counters
                 .exact_call(started.elapsed().as_nanos() as u64);
@@ -188,27 +208,40 @@ impl Shard {
         Ok(())
     }
 
-    /// Marks accepted but not stored by the exact tier yet.
-    pub(crate) fn unwritten_marks(&self) -> u64 {
-        self.pending.len() as u64 + self.exact.as_ref().map_or(0, |e| e.unwritten())
+    /// Marks accepted but not stored by the exact tier: (queued or kept
+    /// for a retry, dropped by the tier).
+    pub(crate) fn unwritten_marks(&self) -> (u64, u64) {
+        let (kept, dropped) = self
+            .exact
+            .as_ref()
+            .map_or((0, 0), |e| (e.unwritten(), e.dropped()));
+        (self.pending.len() as u64 + kept, dropped)
     }
 
     /// Flushes the pending marks if the oldest has waited `interval`; with
     /// none pending, settles the marks written (and retries the kept ones)
     /// once the last write is `interval` old, so an idle engine's last
     /// batch is acknowledged and counted.
+    ///
+    /// This is idle upkeep: a remote tier waits only briefly
+    /// ([`crate::exact::ExactPartition::mark_batch_idle`]), so checks on
+    /// this shard are not held up behind a slow store.
     pub(crate) fn flush_marks_if_due(&mut self, interval: Duration) {
         if self.pending.is_due(interval) {
-            self.flush_marks();
+            self.write_marks(Upkeep::Idle);
         } else if self.pending.len() == 0
             && self
                 .unsettled_since
                 .is_some_and(|t| t.elapsed() >= interval)
         {
             self.unsettled_since = Some(std::time::Instant::now());
-            // A failure leaves them kept (and counted) by the tier; a forced
-            // flush reports it.
-            let _ = self.settle_marks();
+            if let Some(exact) = &mut self.exact {
+                // A failure leaves them kept (and counted) by the tier; a
+                // forced flush reports it.
+                if exact.flush_idle().is_ok() {
+                    self.unsettled_since = None;
+                }
+            }
         }
     }
 
@@ -340,6 +373,17 @@ impl Shard {
     /// Moves the shard's generations to `t`, dropping expired exact entries.
     #[inline]
     pub(crate) fn advance(&mut self, t: Timestamp) {
+        self.advance_with(t, Upkeep::Check);
+    }
+
+    /// [`Shard::advance`] from the engine's idle upkeep: marks written
+    /// before a rotation wait on a remote tier only briefly.
+    pub(crate) fn advance_idle(&mut self, t: Timestamp) {
+        self.advance_with(t, Upkeep::Idle);
+    }
+
+    #[inline]
+    fn advance_with(&mut self, t: Timestamp, upkeep: Upkeep) {
         self.time = self.time.max(t.as_nanos());
         if let ShardFilter::Direct = self.filter {
             // One table for the window: count the slices time passes
@@ -376,7 +420,7 @@ impl Shard {
                 self.drop_expired_leases();
                 // Pending marks may belong to a slot being cleared: write
                 // them first, so the clear below drops them with the rest.
-                self.flush_marks();
+                self.write_marks(upkeep);
                 if let Some(exact) = &mut self.exact {
                     exact.clear_slots(cleared);
                 }

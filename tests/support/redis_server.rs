@@ -57,6 +57,11 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let mut cmd = Command::new("redis-server");
         cmd.args([
             "--port",
@@ -74,7 +79,6 @@ impl RedisServer {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         self.child = Some(cmd.spawn().expect("starting redis-server"));
-        self.wait_ready();
     }
 
     fn wait_ready(&self) {
@@ -96,8 +100,23 @@ impl RedisServer {
         }
     }
 
+    /// The server's URL, with the password when it requires one
+    /// (`--requirepass`).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.password() {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn password(&self) -> Option<&str> {
+        let at = self.extra.iter().position(|a| a == "--requirepass")?;
+        self.extra.get(at + 1).map(String::as_str)
+    }
+
+    /// A port nothing listens on (taken from the system, then released).
+    pub fn unused_port() -> u16 {
+        free_port()
     }
 
     pub fn pid(&self) -> u32 {
@@ -116,6 +135,24 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Starts it again on the same port with `extra` arguments added (for
+    /// this and later starts), and returns as soon as it accepts
+    /// connections: it may still be loading its data set.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.kill();
+        self.extra.extend(extra.iter().map(|s| (*s).to_owned()));
+        self.spawn_process();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server on port {} did not listen",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// `SIGSTOP`: the server stops answering (slow, not down).

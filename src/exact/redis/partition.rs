@@ -1,0 +1,170 @@
+//! The [`ExactPartition`] the engine calls: each request goes to the
+//! concern that handles it.
+
+use super::conn::Wait;
+use super::RedisPartition;
+use crate::error::{ExactTierError, FailureCause};
+use crate::exact::{slots_newest_first, Claim, ExactPartition, Lookup, Mark, MemoryPartition};
+use crate::fingerprint::Fingerprint;
+use crate::time::{slot_of, Timestamp, GENERATIONS};
+
+impl ExactPartition for RedisPartition {
+    fn lookup(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+    ) -> Result<Option<Timestamp>, ExactTierError> {
+        let mut out = Vec::new();
+        let lookup = Lookup {
+            fingerprint: fp,
+            slots: 1 << slot,
+        };
+        self.lookup_batch(self.current, &[lookup], &mut out)?;
+        Ok(out.pop().flatten())
+    }
+
+    fn mark(&mut self, fp: Fingerprint, slot: usize, at: Timestamp) -> Result<(), ExactTierError> {
+        let slice = slots_newest_first(self.current)
+            .find(|&(_, s)| s == slot)
+            .map_or(self.current, |(slice, _)| slice);
+        self.mark_batch(&[Mark {
+            fingerprint: fp,
+            slot,
+            slice,
+            at,
+        }])
+    }
+
+    fn mark_batch(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        if let Some(newest) = marks.iter().map(|m| m.slice).max() {
+            self.advance(newest);
+        }
+        if let Some(fallback) = &mut self.fallback {
+            fallback.mark_batch(marks)?;
+        }
+        let dropped = self.keep(marks);
+        // Kept for retry whatever happens now; report the failure.
+        self.send_unsent()?;
+        if dropped > 0 {
+            return Err(self.error_of(
+                FailureCause::RetryBufferFull,
+                format!(
+                    "{dropped} marks dropped: {} are kept for a retry per shard (max_unsent_marks)",
+                    self.config.max_unsent_marks
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn mark_batch_idle(&mut self, marks: &[Mark]) -> Result<(), ExactTierError> {
+        self.waiting(Wait::Idle, |p| p.mark_batch(marks))
+    }
+
+    fn flush(&mut self) -> Result<(), ExactTierError> {
+        self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))?;
+        // Stored or kept; dropped marks are reported while they matter.
+        match self.dropped() {
+            0 => Ok(()),
+            n => Err(self.error_of(
+                FailureCause::RetryBufferFull,
+                format!(
+                    "{n} accepted keys inside the window were dropped past the retry buffer \
+                     ({} marks per shard: RedisConfig::max_unsent_marks) while Redis did not \
+                     store them",
+                    self.config.max_unsent_marks
+                ),
+            )),
+        }
+    }
+
+    fn unwritten(&self) -> u64 {
+        (self.unsent.len() + self.in_flight.marks.len()) as u64
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped.iter().sum()
+    }
+
+    fn flush_idle(&mut self) -> Result<(), ExactTierError> {
+        self.waiting(Wait::Idle, |p| p.send_unsent().and_then(|()| p.settle()))
+    }
+
+    fn prefers_batches(&self) -> bool {
+        true
+    }
+
+    fn persistent(&self) -> bool {
+        true
+    }
+
+    fn lookup_batch(
+        &mut self,
+        current: u64,
+        lookups: &[Lookup],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        self.lookup_batch_in_redis(current, lookups, out)
+    }
+
+    fn claim_batch(
+        &mut self,
+        current: u64,
+        window: Option<u64>,
+        claims: &[Claim],
+        out: &mut Vec<Option<Timestamp>>,
+    ) -> Result<(), ExactTierError> {
+        self.claim_batch_in_redis(current, window, claims, out)
+    }
+
+    fn clear_slots(&mut self, slots: u8) {
+        // The slot's retiring slice is the newest one in it up to the last
+        // slice the engine named: delete those hashes now (best effort; the
+        // TTL is the backstop).
+        let expired: Vec<u64> = (0..GENERATIONS as u64)
+            .filter_map(|back| self.current.checked_sub(back))
+            .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
+            .collect();
+        if !expired.is_empty() {
+            self.expiring.retain(|(slice, _)| !expired.contains(slice));
+            if self.config.cluster {
+                // Marks are answered at once on a cluster: none in flight.
+                let _ = self.with_conn(|c, p| {
+                    let mut del = redis::cmd("UNLINK");
+                    for &slice in &expired {
+                        for bucket in 0..p.buckets {
+                            del.arg(p.key(slice, bucket));
+                        }
+                    }
+                    c.pipeline(vec![del])
+                });
+            } else {
+                // On the mark connection, after the marks in flight (Redis
+                // runs one connection's commands in order: none of them
+                // lands after the delete), without waiting for a reply; or
+                // with the next marks if that connection is down.
+                self.unlinks.extend(expired);
+                self.send_unlinks();
+            }
+        }
+        self.forget_slots(slots);
+        if let Some(fallback) = &mut self.fallback {
+            fallback.clear_slots(slots);
+        }
+    }
+
+    fn len(&self) -> u64 {
+        (self.unsent.len() + self.in_flight.marks.len()) as u64
+    }
+
+    fn bytes(&self) -> usize {
+        self.fallback.as_ref().map_or(0, MemoryPartition::bytes)
+            + (self.unsent.capacity() + self.in_flight.marks.capacity()) * 48
+            + self.unsent_index.bytes()
+            + self.in_flight.index.bytes()
+    }
+
+    fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {
+        None
+    }
+}

@@ -1,0 +1,175 @@
+//! Reading the replies of marks in flight (single server), one per command
+//! sent: each says whether Redis stored its bucket's marks. Marks Redis
+//! refused (an error reply: out of memory, no permission, read-only) or
+//! whose reply never came go back to the retry buffer; the others are
+//! counted written. Nothing is taken for stored without its reply.
+
+use std::sync::atomic::Ordering;
+
+use redis::Value;
+
+use super::conn::Conn;
+use super::error;
+use super::RedisPartition;
+use crate::error::{ExactTierError, FailureCause};
+use crate::exact::table::FingerprintTable;
+use crate::exact::Mark;
+
+/// Marks written to a single server whose replies are not read yet. Its
+/// vectors and table keep their memory between batches (they swap with
+/// the unsent marks').
+pub(super) struct InFlight {
+    /// The marks, in the order they were kept (oldest first).
+    pub(super) marks: Vec<Mark>,
+    /// Their index, for lookups that overtake them.
+    pub(super) index: FingerprintTable,
+    /// Indices into `marks`, grouped by bucket as they were sent.
+    pub(super) order: Vec<u32>,
+    /// What each command sent carries, in order: the replies owed.
+    pub(super) sent: Vec<Sent>,
+}
+
+impl InFlight {
+    pub(super) fn new() -> Self {
+        InFlight {
+            marks: Vec::new(),
+            index: FingerprintTable::new(),
+            order: Vec::new(),
+            sent: Vec::new(),
+        }
+    }
+}
+
+/// What one command on the mark connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Sent {
+    /// The write of one bucket: the marks `order[start..end]`.
+    Marks { start: u32, end: u32 },
+    /// The first `PEXPIRE` of a bucket.
+    Expire { slice: u64, bucket: u64 },
+    /// A compaction or a retired slice's `UNLINK`: no mark depends on it.
+    Upkeep,
+}
+
+impl RedisPartition {
+    /// Reads the replies of the marks in flight (single server). Marks
+    /// whose command Redis answered without an error are written; the
+    /// others go back to the front of the unsent marks (older than those),
+    /// for the next retry. An error reply leaves the connection open (it
+    /// is in step) but holds the next retry back (backoff); a failed read
+    /// (timeout, connection lost) drops the connection, and every mark
+    /// whose reply was not read counts as not stored.
+    ///
+    /// # Errors
+    /// The first refusal's or the read's error, with its cause.
+    pub(super) fn settle(&mut self) -> Result<(), ExactTierError> {
+        if self.in_flight.sent.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.marks.bound(self.request_timeout()) {
+            let err = self.error(&e);
+            self.fail_marks(&err);
+        }
+        let in_flight = &self.in_flight;
+        let mut conn = match &mut self.marks.conn {
+            Some(Conn::Single(c)) => Some(c),
+            _ => None,
+        };
+        // Indices (into `in_flight.marks`) of marks not stored: refused by
+        // Redis, or unknown after a failed read.
+        let mut not_stored: Vec<u32> = Vec::new();
+        let mut refused = 0usize;
+        let mut refusal: Option<redis::RedisError> = None;
+        let mut broken: Option<ExactTierError> = None;
+        let mut fresh = Vec::new();
+        for &sent in &in_flight.sent {
+            let reply = match &mut conn {
+                Some(c) if broken.is_none() => c.recv_response(),
+                _ => {
+                    if let Sent::Marks { start, end } = sent {
+                        not_stored.extend(&in_flight.order[start as usize..end as usize]);
+                    }
+                    continue;
+                }
+            };
+            match (sent, reply) {
+                (Sent::Marks { start, end }, Ok(Value::ServerError(e))) => {
+                    not_stored.extend(&in_flight.order[start as usize..end as usize]);
+                    refused += (end - start) as usize;
+                    refusal.get_or_insert(e.into());
+                }
+                (Sent::Expire { slice, bucket }, Ok(Value::Int(1))) => fresh.push((slice, bucket)),
+                // Written (an APPEND's length, an HSET's count); a bucket
+                // already gone (`PEXPIRE` 0); compaction and deletes are
+                // best effort.
+                (_, Ok(_)) => {}
+                (sent, Err(e)) => {
+                    broken = Some(error::remote(&self.server, &e));
+                    if let Sent::Marks { start, end } = sent {
+                        not_stored.extend(&in_flight.order[start as usize..end as usize]);
+                    }
+                }
+            }
+        }
+        if conn.is_none() && broken.is_none() {
+            broken = Some(error::failure(
+                &self.server,
+                FailureCause::ConnectionLost,
+                "the connection marks were sent on was dropped",
+            ));
+        }
+        // Oldest first, as they were kept.
+        not_stored.sort_unstable();
+        let again: Vec<Mark> = not_stored
+            .iter()
+            .map(|&i| in_flight.marks[i as usize])
+            .collect();
+        let written = in_flight.marks.len() - again.len();
+        self.in_flight.marks.clear();
+        self.in_flight.index.clear();
+        self.in_flight.order.clear();
+        self.in_flight.sent.clear();
+        self.expiring.extend(fresh);
+        self.written(written);
+        self.keep_again(again.into_iter());
+        if refused > 0 {
+            self.stats
+                .marks_refused
+                .fetch_add(refused as u64, Ordering::Relaxed);
+        }
+        if let Some(err) = broken {
+            self.stats.record(&err);
+            if self.marks.conn.is_some() {
+                self.fail_marks(&err);
+            }
+            return Err(err);
+        }
+        if let Some(e) = refusal {
+            let err = self.error(&e);
+            return Err(self.hold_marks(&err));
+        }
+        self.marks.succeeded();
+        Ok(())
+    }
+
+    /// Redis refused marks (an error reply, `text` on a cluster): the
+    /// error, with the cause its code names.
+    pub(super) fn refusal(&self, text: &str, marks: usize) -> ExactTierError {
+        let code = text.split_whitespace().next().unwrap_or("");
+        let cause = error::cause_of_code(code).unwrap_or(if text.contains("script") {
+            FailureCause::Script
+        } else {
+            FailureCause::Other
+        });
+        self.error_of(cause, format!("{marks} marks refused: {text}"))
+    }
+
+    /// Redis refused marks with `err`: the connection is fine, but the
+    /// next retry waits (backoff), so a full or forbidding server is not
+    /// sent every batch again at once. Returns `err`.
+    pub(super) fn hold_marks(&mut self, err: &ExactTierError) -> ExactTierError {
+        let wait = self.marks.hold(err);
+        self.failed(err, "Redis refused marks; kept for a retry", wait);
+        err.clone()
+    }
+}

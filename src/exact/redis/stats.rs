@@ -1,0 +1,62 @@
+//! [`RedisStats`]: the counters a [`super::RedisTier`]'s partitions share.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
+
+use crate::error::ExactTierError;
+
+/// Counters of a Redis tier, shared by its partitions.
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    /// Requests sent (pipelines and scripts).
+    pub requests: AtomicU64,
+    /// Requests that failed.
+    pub failures: AtomicU64,
+    /// Connections (re)established.
+    pub connects: AtomicU64,
+    /// Verdicts decided without Redis under `FailOpen` or `FallbackToMemory`.
+    pub degraded_decisions: AtomicU64,
+    /// Marks Redis has acknowledged.
+    pub marks_written: AtomicU64,
+    /// Marks not acknowledged yet: kept for retry while Redis is down, or
+    /// one flush in flight (settled by the next flush, or after the flush
+    /// interval when idle).
+    pub marks_unsent: AtomicU64,
+    /// Marks dropped because the retry buffer was full.
+    pub marks_dropped: AtomicU64,
+    /// Marks Redis answered with an error (out of memory, no permission,
+    /// read-only): kept for a retry, so a mark refused several times is
+    /// counted each time.
+    pub marks_refused: AtomicU64,
+    /// Connections made, under [`super::UnsafeServer::Warn`], to a server
+    /// that would lose accepted keys (it evicts keys, or is a replica).
+    pub server_warnings: AtomicU64,
+    /// Connections made to a server whose eviction policy or role could
+    /// not be checked (`CONFIG` or `ROLE` disabled, renamed or not
+    /// allowed).
+    pub server_unchecked: AtomicU64,
+    /// The last failure of any partition (see [`RedisStats::last_error`]).
+    last_error: Mutex<Option<ExactTierError>>,
+}
+
+impl RedisStats {
+    /// The last failure of any of the tier's partitions, with its cause
+    /// and server ([`ExactTierError::cause`], [`ExactTierError::server`]):
+    /// what a program prints after a run that had failures (`None` if
+    /// there was none).
+    #[must_use]
+    pub fn last_error(&self) -> Option<ExactTierError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Remembers `e` as the last failure.
+    pub(super) fn record(&self, e: &ExactTierError) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(e.clone());
+    }
+}
