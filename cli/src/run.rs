@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::error::ErrorKind;
 use clap::CommandFactory;
 use tiered_dedup::exact::redis::RedisStats;
-use tiered_dedup::{Deduper, FlushError};
+use tiered_dedup::Deduper;
 
 use crate::cli::{Cli, ExactArg, Format, OutputMode, RunArgs};
 use crate::input::{InputError, NextChunk, RecordReader, Source};
@@ -426,34 +426,22 @@ impl Ending<'_> {
     /// Writes the pending marks of the `accepted` records; says how many
     /// are not stored, and why, when some are not.
     fn flush(&self, accepted: u64) -> Option<u64> {
-        let result = self.engine.flush();
-        let dropped = self
-            .redis_stats
-            .map_or(0, |s| s.marks_dropped.load(Ordering::Relaxed));
-        let unwritten = result.as_ref().err().map_or(0, FlushError::unwritten);
-        if result.is_ok() && dropped == 0 {
+        let Err(e) = self.engine.flush() else {
             return None;
-        }
-        // The engine's count, or what Redis has not acknowledged of this
-        // run's marks (one per accepted record), whichever is larger: never
-        // fewer than are missing.
+        };
+        // The engine counts every accepted key whose mark the tier has not
+        // stored (kept for a retry, and dropped past its retry buffer).
+        // What Redis has not acknowledged of this run's marks (one per
+        // accepted record) is a floor, should the two ever disagree: the
+        // run never reports fewer than are missing.
         let acknowledged = self
             .redis_stats
             .map_or(accepted, |s| s.marks_written.load(Ordering::Relaxed));
-        let not_stored = (unwritten + dropped).max(accepted.saturating_sub(acknowledged));
+        let not_stored = e.unwritten().max(accepted.saturating_sub(acknowledged));
         let url = self.redis_url().map_or_else(String::new, |u| {
             format!(" (Redis at {})", redis_cause::redact(u))
         });
-        match result {
-            Err(e) => say!("dedup: {e}{url}"),
-            Ok(()) => say!(
-                "dedup: {dropped} accepted records are not stored in the exact tier{url}: the \
-                 tier dropped their marks when its retry buffer was full"
-            ),
-        }
-        if dropped > 0 && unwritten > 0 {
-            say!("dedup: and {dropped} more marks were dropped when the tier's retry buffer was full");
-        }
+        say!("dedup: {e}{url}");
         say!(
             "dedup: {not_stored} accepted records (written to standard output) are not stored{}; \
              a later run will accept them again",
@@ -477,6 +465,9 @@ fn build(
             settings.fit_estimate(physical / 2);
         }
     }
+    if let Some(url) = settings.redis_url() {
+        check_redis(url)?;
+    }
     let (builder, redis_stats) = settings.builder_with_stats();
     let engine = builder.build().map_err(|e| {
         Refusal::Usage(format!(
@@ -485,6 +476,34 @@ fn build(
         ))
     })?;
     Ok((engine, settings, redis_stats))
+}
+
+/// Asks the Redis server, before any input is read, whether it keeps what
+/// is written to it: a server that evicts keys (`maxmemory-policy` other
+/// than `noeviction`) or a read-only replica is refused with the library's
+/// message. A server that cannot be reached now is not refused here: the
+/// run's records are then judged under the tier's failure policy, and the
+/// run says why at the end.
+fn check_redis(url: &str) -> Result<(), Refusal> {
+    use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
+    use tiered_dedup::FailureCause;
+    match RedisTier::new(RedisConfig::new(url)).check() {
+        Ok(info) => {
+            for warning in info.unchecked() {
+                say!("dedup: warning: {warning}");
+            }
+            Ok(())
+        }
+        Err(e)
+            if matches!(
+                e.cause(),
+                Some(FailureCause::UnsafeServer | FailureCause::ReadOnly)
+            ) =>
+        {
+            Err(Refusal::Fatal(e.to_string()))
+        }
+        Err(_) => Ok(()),
+    }
 }
 
 /// Starts the reader thread: it reads, cuts and parses chunks (the first

@@ -229,6 +229,13 @@ impl Settings {
         (b, redis_stats)
     }
 
+    /// The Redis URL of `--exact redis://…`, if that is the tier.
+    pub fn redis_url(&self) -> Option<&str> {
+        self.exact
+            .starts_with("redis://")
+            .then_some(self.exact.as_str())
+    }
+
     /// How this run's settings contradict `saved`'s, one line per flag.
     pub fn contradictions(&self, saved: &Settings) -> Vec<String> {
         let mut out = Vec::new();

@@ -336,5 +336,37 @@ fn failures_name_their_cause_and_the_sum_holds() {
         .arg(master.port)
         .query(&mut replica.connection())
         .unwrap();
-    check(&replica.url(), &["read-only replica", "READONLY"]);
+    // A replica keeps nothing that is written to it: refused before any
+    // input is read, with the library's message.
+    let r = support::run(
+        &["--exact", &replica.url(), "--window", "1h"],
+        input.as_bytes(),
+        LONG,
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("replica"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+}
+
+/// A Redis that evicts keys under memory pressure would forget accepted
+/// records: the run is refused before reading input, saying which policy
+/// to change.
+#[test]
+fn an_evicting_redis_is_refused_at_start() {
+    let server = RedisServer::start();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query(&mut server.connection())
+        .unwrap();
+    let input = keys(0..100);
+    let r = support::run(
+        &["--exact", &server.url(), "--window", "1h"],
+        input.as_bytes(),
+        LONG,
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("allkeys-lru"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
 }
