@@ -357,6 +357,25 @@ pub trait ExactPartition: Send {
         Ok(None)
     }
 
+    /// [`ExactPartition::body`] for many records `(fingerprint, likely
+    /// slot, record time)`, answered in order in `out`: a remote tier reads
+    /// them in one request. Default: `body` for each.
+    ///
+    /// # Errors
+    /// [`ExactTierError`] when the backend cannot answer; `out` is then
+    /// meaningless.
+    fn bodies_batch(
+        &mut self,
+        records: &[(Fingerprint, usize, Timestamp)],
+        out: &mut Vec<Option<RecordBody>>,
+    ) -> Result<(), ExactTierError> {
+        out.clear();
+        for &(fp, slot, at) in records {
+            out.push(self.body(fp, slot, at)?);
+        }
+        Ok(())
+    }
+
     /// Every stored body as `(slot, fingerprint, record time, body)`, for
     /// snapshots. Default: none.
     fn bodies(&self) -> Vec<(usize, Fingerprint, Timestamp, RecordBody)> {

@@ -110,7 +110,7 @@ impl Shard {
             self.counters.claims += 1;
             match self.claim_held(fp, payload, now) {
                 Some(answer) => out[pos] = Some(answer),
-                None => waiting.push((pos, fp, self.claim_slots(fp))),
+                None => waiting.push((pos, fp, self.claim_slots(fp), t)),
             }
         }
         if waiting.is_empty() {
@@ -119,7 +119,7 @@ impl Shard {
         let current = self.current_claim_slice();
         let lookups: Vec<Lookup> = waiting
             .iter()
-            .map(|&(_, fp, slots)| Lookup {
+            .map(|&(_, fp, slots, _)| Lookup {
                 fingerprint: fp,
                 slots,
             })
@@ -135,28 +135,41 @@ impl Shard {
         let by_pos: std::collections::HashMap<usize, usize> = waiting
             .iter()
             .enumerate()
-            .map(|(i, &(pos, _, _))| (pos, i))
+            .map(|(i, &(pos, ..))| (pos, i))
             .collect();
+        // The records found within the window, and their bodies in one
+        // more request.
+        let mut found: Vec<Option<Timestamp>> = vec![None; waiting.len()];
+        let mut wanted = Vec::new();
+        if looked_up.is_ok() {
+            for (j, &(_, fp, _, t)) in waiting.iter().enumerate() {
+                let newest = self.pending.get(fp).or(answers.get(j).copied().flatten());
+                if let Some(first_seen) = newest.filter(|&t0| self.inside(t0, t, rules)) {
+                    found[j] = Some(first_seen);
+                    wanted.push((fp, slot_of(current), first_seen));
+                }
+            }
+        }
+        let mut bodies = Vec::with_capacity(wanted.len());
+        let bodies_read = match (&mut self.exact, wanted.is_empty()) {
+            (Some(exact), false) => exact.bodies_batch(&wanted, &mut bodies),
+            _ => Ok(()),
+        };
+        let mut bodies = bodies.into_iter();
         for &(pos, fp, payload, t, ttl) in items {
             let Some(&i) = by_pos.get(&pos) else { continue };
+            let body = found[i].map(|_| bodies.next().flatten());
             // A copy acquired earlier in this batch holds a lease now.
             if let Some(answer) = self.claim_held(fp, payload, now) {
                 out[pos] = Some(answer);
                 continue;
             }
-            let found = match &looked_up {
-                Err(e) => Err(ExactTierError::Unavailable(e.to_string())),
-                Ok(()) => {
-                    let pending = self.pending.get(fp);
-                    match pending.or(answers.get(i).copied().flatten()) {
-                        Some(first_seen) if self.inside(first_seen, t, rules) => {
-                            let slot = slot_of(current);
-                            self.body_of(fp, slot, first_seen)
-                                .map(|body| Some(Found { first_seen, body }))
-                        }
-                        _ => Ok(None),
-                    }
-                }
+            let found = match (&looked_up, &bodies_read) {
+                (Err(e), _) | (_, Err(e)) => Err(ExactTierError::Unavailable(e.to_string())),
+                (Ok(()), Ok(())) => Ok(found[i].map(|first_seen| Found {
+                    first_seen,
+                    body: body.flatten(),
+                })),
             };
             out[pos] = Some(self.settle_claim(fp, payload, t, ttl, now, found));
         }
