@@ -1,29 +1,5 @@
-//! `ClaimBatcher`: the claims, commits and releases of many concurrent
-//! callers — async tasks of an HTTP server or a broker consumer, or threads
-//! — gathered into one engine call per batch, made on a thread of the
-//! batcher's own. Callers never block a runtime's worker threads on the
-//! exact tier's I/O, and concurrent callers share round trips: while one
-//! batch is with the tier, the next gathers.
-//!
-//! Every call returns a [`Reply`]: a future (any executor; no runtime
-//! dependency) that can also be waited for from a thread.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use tiered_dedup::{Claim, ClaimBatcher, ClaimRequest, Deduper};
-//!
-//! let dedup = Arc::new(Deduper::builder().build()?);
-//! let batcher = ClaimBatcher::new(Arc::clone(&dedup));
-//! // From async code: `batcher.claim(request).await`.
-//! match batcher.claim(ClaimRequest::new("order-7")).wait() {
-//!     Claim::Acquired(lease) => {
-//!         batcher.commit(lease, b"created".to_vec()).wait().unwrap();
-//!     }
-//!     other => panic!("{other:?}"),
-//! }
-//! assert!(batcher.claim(ClaimRequest::new("order-7")).wait().is_completed());
-//! # Ok::<(), tiered_dedup::ConfigError>(())
-//! ```
+//! `ClaimBatcher`: concurrent callers' claims, commits and releases in one
+//! engine call per batch, on a thread of its own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -161,9 +137,32 @@ enum Job {
     },
 }
 
-/// Gathers the claims, commits and releases of concurrent callers into
-/// batches, made on a thread of its own (see the [module docs](self)).
-/// Dropping it finishes the queued jobs and stops the thread.
+/// Gathers the claims, commits and releases of concurrent callers — async
+/// tasks of an HTTP server or a broker consumer, or threads — into one
+/// engine call per batch, made on a thread of the batcher's own; dropping
+/// it finishes the queued jobs and stops the thread. Callers never block a runtime's worker threads on the
+/// exact tier's I/O, and concurrent callers share round trips: while one
+/// batch is with the tier, the next gathers.
+///
+/// Every call returns a [`Reply`]: a future (any executor; no runtime
+/// dependency) that can also be waited for from a thread.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tiered_dedup::{Claim, ClaimBatcher, ClaimRequest, Deduper};
+///
+/// let dedup = Arc::new(Deduper::builder().build()?);
+/// let batcher = ClaimBatcher::new(Arc::clone(&dedup));
+/// // From async code: `batcher.claim(request).await`.
+/// match batcher.claim(ClaimRequest::new("order-7")).wait() {
+///     Claim::Acquired(lease) => {
+///         batcher.commit(lease, b"created".to_vec()).wait().unwrap();
+///     }
+///     other => panic!("{other:?}"),
+/// }
+/// assert!(batcher.claim(ClaimRequest::new("order-7")).wait().is_completed());
+/// # Ok::<(), tiered_dedup::ConfigError>(())
+/// ```
 pub struct ClaimBatcher {
     engine: Arc<Deduper>,
     jobs: Option<Sender<Job>>,
