@@ -1,0 +1,2 @@
+//! The HTTP benchmark (written next).
+fn main() {}
