@@ -250,27 +250,50 @@ where
         return Err(ReadError::TooLarge);
     }
     let mut body = std::pin::pin!(body);
-    let mut first: Option<Bytes> = None;
-    let mut buf = BytesMut::new();
+    let mut gathered = Gathered::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ReadError::Failed(e.into()))?;
         if let Ok(data) = frame.into_data() {
-            let len = first.as_ref().map_or(0, Bytes::len) + buf.len() + data.len();
-            if len > cap {
+            if gathered.len() + data.len() > cap {
                 return Err(ReadError::TooLarge);
             }
-            // One frame (the usual case) is kept without a copy.
-            match first.take() {
-                None if buf.is_empty() => first = Some(data),
-                None => buf.extend_from_slice(&data),
-                Some(f) => {
-                    buf.extend_from_slice(&f);
-                    buf.extend_from_slice(&data);
-                }
+            gathered.push(data);
+        }
+    }
+    Ok(gathered.finish())
+}
+
+/// Data frames gathered into one `Bytes`: a single frame (the usual case)
+/// is kept as it is, without a copy.
+#[derive(Default)]
+struct Gathered {
+    first: Option<Bytes>,
+    more: BytesMut,
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.more.len()
+    }
+
+    fn push(&mut self, data: Bytes) {
+        match self.first.take() {
+            None if self.more.is_empty() => self.first = Some(data),
+            None => self.more.extend_from_slice(&data),
+            Some(first) => {
+                self.more.reserve(first.len() + data.len());
+                self.more.extend_from_slice(&first);
+                self.more.extend_from_slice(&data);
             }
         }
     }
-    Ok(first.unwrap_or_else(|| buf.freeze()))
+
+    fn finish(self) -> Bytes {
+        match self.first {
+            Some(first) => first,
+            None => self.more.freeze(),
+        }
+    }
 }
 
 /// A request with a key: read, claim, then act or answer.
@@ -443,7 +466,7 @@ where
     // releases it.
     held.lease = Some(lease);
     let mut body = Box::pin(body);
-    let mut buf = BytesMut::new();
+    let mut buf = Gathered::default();
     let mut trailers = None;
     loop {
         // The handler's error type need not be `Send`: boxed at once.
@@ -457,7 +480,7 @@ where
                 let lease = held.lease.take().expect("held");
                 let _ = store.release(lease).await;
                 shared.stats.record(Outcome::Released);
-                let body = ResponseBody::failed(buf.freeze(), error);
+                let body = ResponseBody::failed(buf.finish(), error);
                 return Ok(Response::from_parts(head, body));
             }
             Some(Ok(frame)) => match frame.into_data() {
@@ -467,11 +490,11 @@ where
                     let lease = held.lease.take().expect("held");
                     let outcome = commit_omitted(&shared, lease, &record).await;
                     shared.stats.record(outcome);
-                    buf.extend_from_slice(&data);
-                    let spilled = ResponseBody::spill(buf.freeze(), body);
+                    buf.push(data);
+                    let spilled = ResponseBody::spill(buf.finish(), body);
                     return Ok(Response::from_parts(head, spilled));
                 }
-                Ok(data) => buf.extend_from_slice(&data),
+                Ok(data) => buf.push(data),
                 Err(frame) => {
                     if let Ok(t) = frame.into_trailers() {
                         trailers = Some(t);
@@ -481,7 +504,7 @@ where
         }
     }
     let lease = held.lease.take().expect("held");
-    let bytes = buf.freeze();
+    let bytes = buf.finish();
     record.body = StoredBody::Bytes(bytes.clone());
     let encoded = record.encode();
     let len = encoded.len();
