@@ -118,7 +118,6 @@ pub fn canonical_json(parts: &Parts, body: &Bytes) -> PayloadFingerprint {
 /// # }
 /// ```
 #[cfg(feature = "json")]
-#[must_use]
 pub fn json_fields(
     pointers: &[&str],
 ) -> impl Fn(&Parts, &Bytes) -> PayloadFingerprint + Send + Sync + 'static {
