@@ -166,6 +166,31 @@ async fn redis_down_fails_closed_shared() {
     bounded(redis_down_fails_closed(Affinity::Shared)).await;
 }
 
+/// Redis goes down while the handler runs: the response is still sent,
+/// and while the lease lasts a retry never runs the handler again (the
+/// commit is retried in the background, or was kept locally).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_redis_cannot_take_never_reruns_the_handler() {
+    bounded(async {
+        let mut server = RedisServer::start();
+        let app = start(IdempotencyLayer::new(engine(&server, Affinity::Owned))).await;
+        assert_eq!(pay(app.addr, "warm", 1, &[]).await.status, 201);
+        let addr = app.addr;
+        let slow = tokio::spawn(async move { pay(addr, "mid", 4, &[("x-delay-ms", "400")]).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.kill();
+        let first = slow.await.unwrap();
+        assert_eq!(first.status, 201, "the client gets the handler's response");
+        let retry = pay(app.addr, "mid", 4, &[]).await;
+        assert!(
+            retry.status == 409 || retry.is_replay(),
+            "no second run while the lease lasts: {retry:?}"
+        );
+        assert_eq!(app.executed(), 2);
+    })
+    .await;
+}
+
 /// `OnUnavailable::Proceed`: with Redis down the handler runs unprotected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_proceeds_when_configured() {
