@@ -293,6 +293,51 @@ async fn rounds(
     }
 }
 
+/// The layer's CPU cost per request without sockets: the same router
+/// called through `tower::ServiceExt::oneshot` in a loop on one task, with
+/// and without the layer (memory tier, direct), fresh keys; medians of
+/// paired rounds.
+async fn in_process(rounds: usize, requests: usize) {
+    use tower::ServiceExt;
+    let engine = engine_for(Variant::MemoryDirect, None).unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let plain = Router::new()
+        .route("/payments", post(create_payment))
+        .with_state(runs);
+    let layered = plain.clone().layer(
+        IdempotencyLayer::builder(engine)
+            .dispatch(Dispatch::Direct)
+            .build()
+            .unwrap(),
+    );
+    let time = |router: Router, tag: String| async move {
+        let started = Instant::now();
+        for i in 0..requests {
+            let request = http::Request::post("/payments")
+                .header("content-type", "application/json")
+                .header("idempotency-key", format!("\"{tag}-{i}\""))
+                .body(axum::body::Body::from(format!(
+                    "{{\"amount\":{i},\"currency\":\"EUR\"}}"
+                )))
+                .unwrap();
+            let response = router.clone().oneshot(request).await.unwrap();
+            let _ = response.into_body().collect().await.unwrap();
+        }
+        started.elapsed().as_secs_f64() * 1e6 / requests as f64
+    };
+    time(layered.clone(), "warm".to_owned()).await;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        without.push(time(plain.clone(), format!("p{round}")).await);
+        with.push(time(layered.clone(), format!("l{round}")).await);
+    }
+    let (a, b) = (median(without), median(with));
+    println!(
+        "\nin process (oneshot, no sockets), {requests} requests, {rounds} rounds: no layer {a:.2} µs, layer {b:.2} µs per request: the layer costs {:.2} µs",
+        b - a
+    );
+}
+
 fn main() {
     let smoke = std::env::args().any(|a| a == "--test");
     let s = if smoke {
@@ -314,6 +359,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
+        in_process(s.rounds, s.requests).await;
         rounds(
             "memory tier",
             &[
