@@ -111,8 +111,12 @@ struct Pass {
 /// passes, as a server keeps its engine (a fresh one per pass would time
 /// the first touch of its tables' pages).
 fn engine_for(variant: Variant, redis: Option<&str>) -> Option<Arc<Deduper>> {
-    // The defaults a service would start from: 10^6 keys per window.
-    let builder = Deduper::builder().window(Duration::from_secs(3600));
+    // Sized for the keys the run makes (`TD_BENCH_EXPECTED_KEYS`, default
+    // 200 000: 7 rounds of 20 000 and the warm-ups), as a service sizes its
+    // engine for the keys of its window; the builder's default is 10^6.
+    let builder = Deduper::builder()
+        .window(Duration::from_secs(3600))
+        .expected_keys(env_usize("TD_BENCH_EXPECTED_KEYS", 200_000) as u64);
     match variant {
         Variant::Plain | Variant::RedisPeer => None,
         Variant::MemoryDirect | Variant::MemoryBatched => Some(Arc::new(builder.build().unwrap())),
