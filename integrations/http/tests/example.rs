@@ -82,8 +82,10 @@ impl Drop for Instance {
     }
 }
 
+/// The documented interface: 201 with `{id, amount}`, replay, 422,
+/// `X-Fail`, `X-Delay-Ms`, 400, `GET /stats`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_example_serves_the_documented_interface() {
+async fn smoke() {
     bounded(async {
         let api = Instance::start(None);
         let first = pay(api.addr, "ex-1", 42, &[]).await;

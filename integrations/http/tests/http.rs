@@ -522,6 +522,66 @@ impl http_body::Body for Chunks {
     }
 }
 
+/// A seeded random sequence of requests (8 keys, 3 amounts, failures,
+/// stored and released statuses) against a trivial reference: a map from
+/// key to the stored (amount, response).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_match_a_reference_model() {
+    bounded(async {
+        let app = start(IdempotencyLayer::new(engine())).await;
+        let mut model: std::collections::HashMap<u64, (u64, app::Answer)> = Default::default();
+        let mut runs = 0;
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            // SplitMix64.
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) % n
+        };
+        for step in 0..300 {
+            let key = next(8);
+            let amount = next(3);
+            let status = match next(10) {
+                0 | 1 => "500",
+                2 => "429",
+                3 => "402",
+                _ => "201",
+            };
+            let extra: Vec<(&str, &str)> = if status == "500" {
+                vec![("x-fail", "1")]
+            } else {
+                vec![("x-status", status)]
+            };
+            let got = pay(app.addr, &format!("m{key}"), amount, &extra).await;
+            match model.get(&key) {
+                Some((stored_amount, _)) if *stored_amount != amount => {
+                    assert_eq!(got.status, 422, "step {step}");
+                }
+                Some((_, stored)) => {
+                    assert!(got.is_replay(), "step {step}: {got:?}");
+                    assert_eq!(
+                        (got.status, &got.body),
+                        (stored.status, &stored.body),
+                        "step {step}"
+                    );
+                }
+                None => {
+                    runs += 1;
+                    assert!(!got.is_replay(), "step {step}");
+                    assert_eq!(got.status.as_str(), status, "step {step}");
+                    if status == "201" || status == "402" {
+                        model.insert(key, (amount, got));
+                    }
+                }
+            }
+        }
+        assert_eq!(app.executed(), runs);
+    })
+    .await;
+}
+
 /// Methods not covered pass through; with `MissingKey::PassThrough` a
 /// covered request without a key does too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
