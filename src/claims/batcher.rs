@@ -379,11 +379,7 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
 }
 
 /// One batch of claims; those in progress with a deadline ahead wait.
-fn run_claims(
-    engine: &Arc<Deduper>,
-    claims: Vec<QueuedClaim>,
-    waiting: &mut Vec<Waiting>,
-) {
+fn run_claims(engine: &Arc<Deduper>, claims: Vec<QueuedClaim>, waiting: &mut Vec<Waiting>) {
     let requests: Vec<Request> = claims.iter().map(|(r, ..)| *r).collect();
     let now = Instant::now();
     for ((request, deadline, answer), claim) in
