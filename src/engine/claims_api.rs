@@ -45,9 +45,7 @@ impl Deduper {
     /// Claims one request (a payload fingerprint, a lease duration, an
     /// event time).
     pub fn claim_with<K: Key>(&self, request: ClaimRequest<K>) -> Claim<&Deduper> {
-        claim_in(&self, std::slice::from_ref(&request))
-            .pop()
-            .expect("one answer per request")
+        claim_one_in(&self, &request)
     }
 
     /// Claims many requests, in order: the same as claiming each in turn,
@@ -60,9 +58,7 @@ impl Deduper {
     /// [`Deduper::claim_with`] for an engine shared through an `Arc`: the
     /// lease holds a clone of it, so it can move into a task or thread.
     pub fn claim_owned<K: Key>(self: &Arc<Self>, request: ClaimRequest<K>) -> Claim<Arc<Deduper>> {
-        claim_in(self, std::slice::from_ref(&request))
-            .pop()
-            .expect("one answer per request")
+        claim_one_in(self, &request)
     }
 
     /// [`Deduper::claim_batch`] for an engine shared through an `Arc`.
@@ -340,6 +336,38 @@ impl Deduper {
             }
         }
     }
+}
+
+/// One claim against the engine behind `handle`: the batch path without
+/// its per-batch vectors (an HTTP request claims one key at a time).
+fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
+    handle: &D,
+    request: &ClaimRequest<K>,
+) -> Claim<D> {
+    let engine = handle.as_ref();
+    let fp = engine.fingerprint(&request.key);
+    let reading = engine.clock.read();
+    let event_time = match (reading, request.at) {
+        (None, Some(t)) => match engine.observe(t) {
+            Some(crate::verdict::Verdict::Late { watermark }) => {
+                return Claim::Late { watermark };
+            }
+            _ => Some(t),
+        },
+        _ => None,
+    };
+    let s = engine.shard_of(fp);
+    let mut shard = engine.lock(s);
+    let t = match (reading, event_time) {
+        (Some(reading), _) => shard.processing_time(reading),
+        (None, Some(t)) => t,
+        (None, None) => engine.watermark(),
+    };
+    let ttl = request.lease.map_or(engine.plan.lease_nanos, duration_nanos);
+    let mut out = [None];
+    engine.claim_locked(&mut shard, &[(0, fp, request.payload, t, ttl)], &mut out);
+    drop(shard);
+    wrap(handle, out[0].take().unwrap_or(ShardClaim::Unavailable))
 }
 
 /// Claims `requests` against the engine behind `handle`, in order.
