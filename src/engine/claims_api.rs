@@ -363,7 +363,9 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
         (None, Some(t)) => t,
         (None, None) => engine.watermark(),
     };
-    let ttl = request.lease.map_or(engine.plan.lease_nanos, duration_nanos);
+    let ttl = request
+        .lease
+        .map_or(engine.plan.lease_nanos, duration_nanos);
     let mut out = [None];
     engine.claim_locked(&mut shard, &[(0, fp, request.payload, t, ttl)], &mut out);
     drop(shard);
