@@ -40,10 +40,14 @@ impl<'a> FromSql<'a> for Fp {
     }
 }
 
-/// The advisory-lock key of a fingerprint: both halves folded into one
-/// `bigint`. Two keys that share one only serialise each other.
-pub(crate) fn lock_key(fp: Fingerprint) -> i64 {
-    (fp.high() ^ fp.low().rotate_left(32)) as i64
+/// The advisory-lock key of a fingerprint on one set of tables (`salt`:
+/// [`crate::schema::Names::lock_salt`]): both halves and the salt folded
+/// into one `bigint`. Advisory locks are database-wide, so the salt keeps
+/// two tiers (prefixes, schemas) of one database from taking each other's
+/// keys for their own; two keys that share a lock only serialise each
+/// other.
+pub(crate) fn lock_key(fp: Fingerprint, salt: u64) -> i64 {
+    (fp.high() ^ fp.low().rotate_left(32) ^ salt) as i64
 }
 
 /// Nanoseconds as a `bigint` (times are below 2^63 until the year 2262).

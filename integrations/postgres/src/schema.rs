@@ -67,10 +67,23 @@ impl Names {
         }
     }
 
+    /// What [`crate::fp::lock_key`] folds into every advisory-lock key of
+    /// these tables.
+    pub(crate) fn lock_salt(&self) -> u64 {
+        name_hash(self.label.as_bytes())
+    }
+
     /// The ring partition of slice `slice`.
     pub(crate) fn ring(&self, slice: u64) -> &str {
         &self.rings[(slice % RING) as usize]
     }
+}
+
+/// A 64-bit FNV-1a hash (no dependency for one hash of a name).
+fn name_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The DDL of version [`SCHEMA_VERSION`] for `config`'s schema and prefix:

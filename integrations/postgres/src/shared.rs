@@ -343,9 +343,10 @@ pub(crate) fn shared_claims(
     if let Err(e) = p.write_unsent() {
         return degrade(p, current, window, ops, out, e);
     }
+    let salt = p.tier.names.lock_salt();
     let mut keys: Vec<(i64, Fingerprint)> = ops
         .iter()
-        .map(|op| (lock_key(fp_of(op)), fp_of(op)))
+        .map(|op| (lock_key(fp_of(op), salt), fp_of(op)))
         .collect();
     keys.sort_unstable();
     keys.dedup();
@@ -380,7 +381,7 @@ pub(crate) fn shared_claims(
         let mut busy: HashSet<Fingerprint> = ops
             .iter()
             .map(fp_of)
-            .filter(|&fp| busy_keys.contains(&lock_key(fp)))
+            .filter(|&fp| busy_keys.contains(&lock_key(fp, salt)))
             .collect();
         if ops
             .iter()

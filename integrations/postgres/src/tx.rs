@@ -376,7 +376,8 @@ impl PgClaims {
         let current = self.slice_nanos.map_or(0, |d| now.as_nanos() / d);
         self.maintain(current);
         // 1. Locks, sorted (two batches never deadlock), and the isolation.
-        let mut keys: Vec<i64> = items.iter().map(|&(fp, ..)| lock_key(fp)).collect();
+        let salt = self.names.lock_salt();
+        let mut keys: Vec<i64> = items.iter().map(|&(fp, ..)| lock_key(fp, salt)).collect();
         keys.sort_unstable();
         keys.dedup();
         let lock = match self.wait {
@@ -442,7 +443,7 @@ impl PgClaims {
         let ring = self.names.ring(current).to_owned();
         for &(fp, payload, at) in items {
             let at = at.unwrap_or(now).as_nanos();
-            if busy.contains(&lock_key(fp)) {
+            if busy.contains(&lock_key(fp, salt)) {
                 answers.push(TxClaim::InProgress { until: None });
                 continue;
             }
