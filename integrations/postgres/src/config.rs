@@ -159,6 +159,7 @@ impl PgConfig {
             self.timeout.as_millis().max(1),
             self.timeout.as_millis().max(1)
         );
+        options.push_str(crate::schema::PLANNER_OPTIONS);
         if let Some(on) = self.synchronous_commit {
             options.push_str(if on {
                 " -c synchronous_commit=on"

@@ -1,7 +1,7 @@
 //! `PgPartition`: one engine shard's use of the tables.
 //!
 //! Owned keys: a lookup batch is one `SELECT … UNION ALL …` (one branch per
-//! ring partition asked, `fp = ANY($n)`); a mark batch one `INSERT … SELECT
+//! ring partition asked, `fp = ANY($n)` on its primary key); a mark batch one `INSERT … SELECT
 //! FROM unnest(…) ON CONFLICT (fp) DO UPDATE` per ring partition written
 //! (one, unless the batch spans a rotation). A committed claim's body rides
 //! with its mark in the same row. Marks that cannot be written are kept
@@ -221,10 +221,10 @@ impl PgPartition {
             .enumerate()
             .map(|(i, (slice, _))| {
                 format!(
-                    "SELECT fp, slice, at, payload, result FROM {} WHERE slice = ${} AND fp = ANY(${})",
+                    "SELECT fp, slice, at, payload, result FROM {} WHERE fp = ANY(${}) AND slice = ${}",
                     names.ring(*slice),
-                    2 * i + 1,
-                    2 * i + 2
+                    2 * i + 2,
+                    2 * i + 1
                 )
             })
             .collect::<Vec<_>>()

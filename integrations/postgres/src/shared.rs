@@ -275,14 +275,14 @@ fn lock_wait_sql() -> &'static str {
 /// live slices, newest first.
 fn read_sql(names: &Names, current: u64) -> String {
     let mut sql = format!(
-        "SELECT 0::int2 AS kind, fp, token AS a, at AS b, until AS c, payload, NULL::bytea AS result \
-         FROM {} WHERE fp = ANY($1)",
+        "SELECT 0::int2 AS kind, l.fp, l.token AS a, l.at AS b, l.until AS c, l.payload, NULL::bytea AS result \
+         FROM {} AS l WHERE l.fp = ANY($1)",
         names.leases
     );
     for (i, (slice, _)) in live_slices(current).enumerate() {
         sql.push_str(&format!(
-            " UNION ALL SELECT 1::int2, fp, slice, at, NULL::int8, payload, result FROM {} \
-             WHERE slice = ($2::int8[])[{}] AND fp = ANY($1)",
+            " UNION ALL SELECT 1::int2, r.fp, r.slice, r.at, NULL::int8, r.payload, r.result \
+             FROM {} AS r WHERE r.fp = ANY($1) AND r.slice = ($2::int8[])[{}]",
             names.ring(slice),
             i + 1
         ));
@@ -298,13 +298,13 @@ fn read_sql(names: &Names, current: u64) -> String {
 /// The write of step 4 for a batch in slice `current`.
 fn write_sql(names: &Names, current: u64) -> String {
     format!(
-        "WITH dl AS (DELETE FROM {leases} WHERE fp = ANY($1)), \
+        "WITH dl AS (DELETE FROM {leases} AS l WHERE l.fp = ANY($1)), \
               ul AS (INSERT INTO {leases} AS l (fp, token, at, until, payload) \
                      SELECT * FROM unnest($2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
                      ON CONFLICT (fp) DO UPDATE SET token = excluded.token, at = excluded.at, \
                      until = excluded.until, payload = excluded.payload), \
-              da AS (DELETE FROM {records} WHERE fp = ANY($7)), \
-              dx AS (DELETE FROM {records} WHERE fp = ANY($8) AND slice % {ring} <> $9::int8), \
+              da AS (DELETE FROM {records} AS r WHERE r.fp = ANY($7)), \
+              dx AS (DELETE FROM {records} AS r WHERE r.fp = ANY($8) AND r.slice % {ring} <> $9::int8), \
               ur AS ({upsert}) \
          SELECT 1",
         leases = names.leases,

@@ -127,7 +127,8 @@ pub struct TxLease {
     fingerprint: Fingerprint,
     slice: u64,
     at: Timestamp,
-    ring: String,
+    /// The tables' `complete` function.
+    complete_fn: String,
 }
 
 impl TxLease {
@@ -168,22 +169,22 @@ pub fn complete_batch<C: GenericClient, R: AsRef<[u8]>>(
     tx: &mut C,
     leases: Vec<(TxLease, R)>,
 ) -> Result<(), PgError> {
-    let mut by_ring: std::collections::BTreeMap<&str, Completions<'_>> =
+    let mut by_ring: std::collections::BTreeMap<(&str, i32), Completions<'_>> =
         std::collections::BTreeMap::new();
     for (lease, result) in &leases {
-        let e = by_ring.entry(lease.ring.as_str()).or_default();
+        let ring = (lease.slice % schema::RING) as i32;
+        let e = by_ring
+            .entry((lease.complete_fn.as_str(), ring))
+            .or_default();
         e.0.push(Fp(lease.fingerprint));
         e.1.push(nanos(lease.slice));
         e.2.push(result.as_ref());
     }
-    for (ring, (fps, slices, results)) in &by_ring {
-        tx.execute_typed(
-            &format!(
-                "UPDATE {ring} AS r SET result = u.result \
-                 FROM unnest($1::uuid[], $2::int8[], $3::bytea[]) AS u(fp, slice, result) \
-                 WHERE r.fp = u.fp AND r.slice = u.slice"
-            ),
+    for ((function, ring), (fps, slices, results)) in &by_ring {
+        tx.query_typed(
+            &format!("SELECT {function}($1, $2, $3, $4)"),
             &[
+                (ring, Type::INT4),
                 (fps, Type::UUID_ARRAY),
                 (slices, Type::INT8_ARRAY),
                 (results, Type::BYTEA_ARRAY),
@@ -403,20 +404,15 @@ impl PgClaims {
         // 2. Read, in a statement of its own: its snapshot is taken after
         // the locks, so it sees what earlier holders committed.
         let fps: Vec<Fp> = items.iter().map(|&(fp, ..)| Fp(fp)).collect();
-        let live: Vec<i64> = live_slices(current).map(|(s, _)| nanos(s)).collect();
-        let mut sql = format!(
-            "SELECT 0::int2, fp, token, at, until, payload, NULL::bytea FROM {} WHERE fp = ANY($1)",
-            self.names.leases
-        );
-        for (i, (slice, _)) in live_slices(current).enumerate() {
-            sql.push_str(&format!(
-                " UNION ALL SELECT 1::int2, fp, slice, at, NULL::int8, payload, result FROM {} \
-                 WHERE slice = ($2::int8[])[{}] AND fp = ANY($1)",
-                self.names.ring(slice),
-                i + 1
-            ));
+        // Per ring partition, the live slice it holds (NULL: not read).
+        let mut slices: Vec<Option<i64>> = vec![None; schema::RING as usize];
+        for (slice, _) in live_slices(current) {
+            slices[(slice % schema::RING) as usize] = Some(nanos(slice));
         }
-        let rows = tx.query_typed(&sql, &[(&fps, Type::UUID_ARRAY), (&live, Type::INT8_ARRAY)])?;
+        let rows = tx.query_typed(
+            &format!("SELECT * FROM {}($1, $2)", self.names.read_fn),
+            &[(&fps, Type::UUID_ARRAY), (&slices, Type::INT8_ARRAY)],
+        )?;
         let mut leases = std::collections::HashMap::new();
         let mut records: std::collections::HashMap<Fingerprint, Stored> =
             std::collections::HashMap::new();
@@ -478,7 +474,7 @@ impl PgClaims {
                 fingerprint: fp,
                 slice: current,
                 at: Timestamp::from_nanos(at),
-                ring: ring.clone(),
+                complete_fn: self.names.complete_fn.clone(),
             }));
         }
         // 4. Write the records (and drop expired engine leases of them).
@@ -497,7 +493,7 @@ impl PgClaims {
             ];
             tx.execute_typed(
                 &format!(
-                    "WITH l AS (DELETE FROM {} WHERE fp = ANY($1)) {}",
+                    "WITH l AS (DELETE FROM {} AS l WHERE l.fp = ANY($1)) {}",
                     self.names.leases,
                     crate::partition::record_upsert_sql(&ring, 1, false)
                 ),
