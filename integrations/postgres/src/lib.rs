@@ -59,7 +59,7 @@
 //! record, and writes it — all in the caller's transaction. A concurrent
 //! claimer gets `InProgress` at once ([`Wait::NoWait`], the default) or
 //! waits for the holder's commit or rollback ([`Wait::Block`]). The
-//! transaction must be `READ COMMITTED` (checked). Many claims go in three
+//! transaction must be `READ COMMITTED` (checked). Many claims go in two
 //! statements ([`PgClaims::claim_batch`]).
 //!
 //! ## Schema

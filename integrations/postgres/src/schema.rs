@@ -48,15 +48,16 @@ pub(crate) struct Names {
     pub(crate) rings: Vec<String>,
     pub(crate) leases: String,
     pub(crate) tokens: String,
-    /// `<prefix>_read(fps, slices)`: leases and records of keys (see the
-    /// DDL).
-    pub(crate) read_fn: String,
+    /// `<prefix>_claim_read(keys, wait, fps, slices)`: isolation, locks,
+    /// leases and records (see the DDL).
+    pub(crate) claim_read_fn: String,
+    /// `<prefix>_record(ring, fps, slices, ats, payloads)`.
+    pub(crate) record_fn: String,
     /// `<prefix>_complete(ring, fps, slices, results)`.
     pub(crate) complete_fn: String,
     /// `schema.prefix`, unquoted, for messages and the DDL lock.
     pub(crate) label: String,
     schema: String,
-    prefix: String,
 }
 
 impl Names {
@@ -68,11 +69,11 @@ impl Names {
             rings: (0..RING).map(|r| q(&format!("records_{r}"))).collect(),
             leases: q("leases"),
             tokens: q("tokens"),
-            read_fn: q("read"),
+            claim_read_fn: q("claim_read"),
+            record_fn: q("record"),
             complete_fn: q("complete"),
             label: format!("{}.{}", config.schema, config.prefix),
             schema: format!("\"{}\"", config.schema),
-            prefix: config.prefix.clone(),
         }
     }
 
@@ -80,12 +81,6 @@ impl Names {
     /// these tables.
     pub(crate) fn lock_salt(&self) -> u64 {
         name_hash(self.label.as_bytes())
-    }
-
-    /// The prefix as a SQL string literal (a validated identifier: no
-    /// quote to escape).
-    fn prefix_literal(&self) -> String {
-        format!("'{}'", self.prefix)
     }
 
     /// The ring partition of slice `slice`.
@@ -148,37 +143,63 @@ fn ddl(n: &Names) -> String {
         tokens = n.tokens,
         meta = n.meta,
     ));
-    // What a transactional claim reads and writes in the caller's
-    // transaction, as functions: their SET clause (no sequential scans)
-    // holds during the call and never touches the caller's session.
+    // What a transactional claim does in the caller's transaction, as
+    // PL/pgSQL functions: their static statements keep cached plans for
+    // the session, and their SET clauses (no sequential scans, no parallel
+    // workers) hold during the call and never touch the caller's session.
+    //
+    // <prefix>_claim_read: the isolation level (kind 3), the keys' advisory
+    // locks taken in the order given (waiting, or not: a busy key is a kind
+    // 4 row), then — statements of their own, so under READ COMMITTED their
+    // snapshots are taken after the locks — the keys' leases (kind 0) and
+    // records in the slices asked (kind 1; `slices[r + 1]` for ring r, NULL
+    // for none).
     let mut read = format!(
-        "SELECT 0::int2, l.fp, l.token, l.at, l.until, l.payload, NULL::bytea \
-         FROM {leases} AS l WHERE l.fp = ANY(fps)",
+        "  RETURN QUERY SELECT 0::int2, l.fp, l.token, l.at, l.until, l.payload, NULL::bytea \
+         FROM {leases} AS l WHERE l.fp = ANY(fps);\n",
         leases = n.leases
     );
+    let mut record = String::new();
+    let mut complete = String::new();
     for (r, ring) in n.rings.iter().enumerate() {
         read.push_str(&format!(
-            "\n  UNION ALL SELECT 1::int2, r.fp, r.slice, r.at, NULL::int8, r.payload, r.result \
-             FROM {ring} AS r \
-             WHERE slices[{i}] IS NOT NULL AND r.fp = ANY(fps) AND r.slice = slices[{i}]",
+            "  IF slices[{i}] IS NOT NULL THEN\n    RETURN QUERY SELECT 1::int2, r.fp, r.slice, r.at, NULL::int8, r.payload, r.result \
+             FROM {ring} AS r WHERE r.fp = ANY(fps) AND r.slice = slices[{i}];\n  END IF;\n",
             i = r + 1
+        ));
+        record.push_str(&format!(
+            "    WHEN {r} THEN\n      INSERT INTO {ring} AS x (fp, slice, at, payload, result) \
+             SELECT u.fp, u.slice, u.at, u.payload, NULL FROM unnest(fps, slices, ats, payloads) AS u(fp, slice, at, payload) \
+             ON CONFLICT (fp) DO UPDATE SET slice = excluded.slice, at = excluded.at, \
+             payload = excluded.payload, result = NULL;\n"
+        ));
+        complete.push_str(&format!(
+            "    WHEN {r} THEN\n      UPDATE {ring} AS x SET result = u.result \
+             FROM unnest(fps, slices, results) AS u(fp, slice, result) \
+             WHERE x.fp = ANY(fps) AND x.fp = u.fp AND x.slice = u.slice;\n"
         ));
     }
     sql.push_str(&format!(
-        "CREATE OR REPLACE FUNCTION {read_fn}(fps uuid[], slices bigint[])\n\
+        "CREATE OR REPLACE FUNCTION {claim_read_fn}(keys bigint[], wait boolean, fps uuid[], slices bigint[])\n\
          RETURNS TABLE (kind int2, fp uuid, a bigint, b bigint, c bigint, payload bigint, result bytea)\n\
-         LANGUAGE sql STABLE\n{PLANNER}\
-         AS $f$\n  {read}\n$f$;\n\
+         LANGUAGE plpgsql VOLATILE\n{PLANNER}\
+         AS $f$\nDECLARE\n  k bigint;\n  isolation text := current_setting('transaction_isolation');\nBEGIN\n  \
+         RETURN QUERY SELECT 3::int2, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, convert_to(isolation, 'UTF8');\n  \
+         IF isolation <> 'read committed' THEN\n    RETURN;\n  END IF;\n  \
+         FOREACH k IN ARRAY keys LOOP\n    IF wait THEN\n      PERFORM pg_advisory_xact_lock(k);\n    \
+         ELSIF NOT pg_try_advisory_xact_lock(k) THEN\n      \
+         RETURN QUERY SELECT 4::int2, NULL::uuid, k, NULL::int8, NULL::int8, NULL::int8, NULL::bytea;\n    \
+         END IF;\n  END LOOP;\n{read}END\n$f$;\n\
+         CREATE OR REPLACE FUNCTION {record_fn}(ring int, fps uuid[], slices bigint[], ats bigint[], payloads bigint[])\n\
+         RETURNS void LANGUAGE plpgsql VOLATILE\n{PLANNER}\
+         AS $f$\nBEGIN\n  DELETE FROM {leases} AS l WHERE l.fp = ANY(fps);\n  CASE ring\n{record}  END CASE;\nEND\n$f$;\n\
          CREATE OR REPLACE FUNCTION {complete_fn}(ring int, fps uuid[], slices bigint[], results bytea[])\n\
-         RETURNS void LANGUAGE plpgsql\n{PLANNER}\
-         AS $f$\nBEGIN\n  EXECUTE format('UPDATE %I.%I AS r SET result = u.result \
-         FROM unnest($1, $2, $3) AS u(fp, slice, result) \
-         WHERE r.fp = ANY($1) AND r.fp = u.fp AND r.slice = u.slice', \
-         {schema_lit}, {prefix_lit} || '_records_' || ring) USING fps, slices, results;\nEND\n$f$;\n",
-        read_fn = n.read_fn,
+         RETURNS void LANGUAGE plpgsql VOLATILE\n{PLANNER}\
+         AS $f$\nBEGIN\n  CASE ring\n{complete}  END CASE;\nEND\n$f$;\n",
+        claim_read_fn = n.claim_read_fn,
+        record_fn = n.record_fn,
         complete_fn = n.complete_fn,
-        schema_lit = n.schema.replace('"', "'"),
-        prefix_lit = n.prefix_literal(),
+        leases = n.leases,
     ));
     sql
 }

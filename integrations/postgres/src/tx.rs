@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postgres::types::{ToSql, Type};
+use postgres::types::Type;
 use postgres::{Client, GenericClient};
 use tiered_dedup::claims::PayloadFingerprint;
 use tiered_dedup::{ClaimRequest, Fingerprint, Key, Namespace, Timestamp};
@@ -346,8 +346,8 @@ impl PgClaims {
             .map(|mut v| v.pop().expect("one answer"))
     }
 
-    /// Claims many requests in the caller's transaction, in three
-    /// statements whatever their number (lock, read, write). A key claimed
+    /// Claims many requests in the caller's transaction, in two
+    /// statements whatever their number (lock and read, write). A key claimed
     /// twice in one batch is `Completed` the second time (this
     /// transaction recorded it).
     ///
@@ -376,67 +376,67 @@ impl PgClaims {
         let now = Timestamp::now();
         let current = self.slice_nanos.map_or(0, |d| now.as_nanos() / d);
         self.maintain(current);
-        // 1. Locks, sorted (two batches never deadlock), and the isolation.
+        // 1. One call: the isolation level, the locks (sorted: two batches
+        // never deadlock), then the read in statements of their own, whose
+        // snapshots are taken after the locks and so see what earlier
+        // holders committed.
         let salt = self.names.lock_salt();
         let mut keys: Vec<i64> = items.iter().map(|&(fp, ..)| lock_key(fp, salt)).collect();
         keys.sort_unstable();
         keys.dedup();
-        let lock = match self.wait {
-            Wait::NoWait => "pg_try_advisory_xact_lock(k)",
-            Wait::Block => "pg_advisory_xact_lock(k)::text = ''",
-        };
-        let rows = tx.query_typed(
-            &format!(
-                "SELECT current_setting('transaction_isolation'), {lock} FROM unnest($1::int8[]) AS k"
-            ),
-            &[(&keys, Type::INT8_ARRAY)],
-        )?;
-        let isolation: String = rows[0].get(0);
-        if isolation != "read committed" {
-            return Err(PgError::Isolation(isolation));
-        }
-        let busy: std::collections::HashSet<i64> = keys
-            .iter()
-            .zip(&rows)
-            .filter(|(_, r)| !r.get::<_, bool>(1))
-            .map(|(&k, _)| k)
-            .collect();
-        // 2. Read, in a statement of its own: its snapshot is taken after
-        // the locks, so it sees what earlier holders committed.
         let fps: Vec<Fp> = items.iter().map(|&(fp, ..)| Fp(fp)).collect();
         // Per ring partition, the live slice it holds (NULL: not read).
         let mut slices: Vec<Option<i64>> = vec![None; schema::RING as usize];
         for (slice, _) in live_slices(current) {
             slices[(slice % schema::RING) as usize] = Some(nanos(slice));
         }
+        let wait = self.wait == Wait::Block;
         let rows = tx.query_typed(
-            &format!("SELECT * FROM {}($1, $2)", self.names.read_fn),
-            &[(&fps, Type::UUID_ARRAY), (&slices, Type::INT8_ARRAY)],
+            &format!("SELECT * FROM {}($1, $2, $3, $4)", self.names.claim_read_fn),
+            &[
+                (&keys, Type::INT8_ARRAY),
+                (&wait, Type::BOOL),
+                (&fps, Type::UUID_ARRAY),
+                (&slices, Type::INT8_ARRAY),
+            ],
         )?;
+        let mut busy = std::collections::HashSet::new();
         let mut leases = std::collections::HashMap::new();
         let mut records: std::collections::HashMap<Fingerprint, Stored> =
             std::collections::HashMap::new();
         for r in &rows {
-            let fp = r.get::<_, Fp>(1).0;
-            let payload = r
-                .get::<_, Option<i64>>(5)
-                .map(|p| PayloadFingerprint(p as u64));
-            let at = from_nanos(r.get(3));
-            if r.get::<_, i16>(0) == 0 {
-                let until = from_nanos(r.get::<_, Option<i64>>(4).unwrap_or(0));
-                leases.insert(fp, (until, payload));
-            } else if records.get(&fp).is_none_or(|(t, ..)| *t < at) {
-                let result: Arc<[u8]> = r
-                    .get::<_, Option<&[u8]>>(6)
-                    .map_or_else(|| Arc::from(&[][..]), Arc::from);
-                records.insert(fp, (at, payload, result));
+            match r.get::<_, i16>(0) {
+                3 => {
+                    let isolation = String::from_utf8_lossy(r.get::<_, &[u8]>(6)).into_owned();
+                    if isolation != "read committed" {
+                        return Err(PgError::Isolation(isolation));
+                    }
+                }
+                4 => {
+                    busy.insert(r.get::<_, i64>(2));
+                }
+                kind => {
+                    let fp = r.get::<_, Fp>(1).0;
+                    let payload = r
+                        .get::<_, Option<i64>>(5)
+                        .map(|p| PayloadFingerprint(p as u64));
+                    let at = from_nanos(r.get(3));
+                    if kind == 0 {
+                        let until = from_nanos(r.get::<_, Option<i64>>(4).unwrap_or(0));
+                        leases.insert(fp, (until, payload));
+                    } else if records.get(&fp).is_none_or(|(t, ..)| *t < at) {
+                        let result: Arc<[u8]> = r
+                            .get::<_, Option<&[u8]>>(6)
+                            .map_or_else(|| Arc::from(&[][..]), Arc::from);
+                        records.insert(fp, (at, payload, result));
+                    }
+                }
             }
         }
-        // 3. Decide, in order.
+        // 2. Decide, in order.
         let conflicts = |a: Option<PayloadFingerprint>, b: Option<PayloadFingerprint>| matches!((a, b), (Some(a), Some(b)) if a != b);
         let mut answers = Vec::with_capacity(items.len());
         let mut writes: Vec<(Fp, i64, Option<i64>)> = Vec::new();
-        let ring = self.names.ring(current).to_owned();
         for &(fp, payload, at) in items {
             let at = at.unwrap_or(now).as_nanos();
             if busy.contains(&lock_key(fp, salt)) {
@@ -477,27 +477,22 @@ impl PgClaims {
                 complete_fn: self.names.complete_fn.clone(),
             }));
         }
-        // 4. Write the records (and drop expired engine leases of them).
+        // 3. Write the records (and drop expired engine leases of them).
         if !writes.is_empty() {
             let wfps: Vec<Fp> = writes.iter().map(|w| w.0).collect();
             let wslices: Vec<i64> = vec![nanos(current); writes.len()];
             let wats: Vec<i64> = writes.iter().map(|w| w.1).collect();
             let wpay: Vec<Option<i64>> = writes.iter().map(|w| w.2).collect();
-            let wres: Vec<Option<&[u8]>> = vec![None; writes.len()];
-            let params: [(&(dyn ToSql + Sync), Type); 5] = [
-                (&wfps, Type::UUID_ARRAY),
-                (&wslices, Type::INT8_ARRAY),
-                (&wats, Type::INT8_ARRAY),
-                (&wpay, Type::INT8_ARRAY),
-                (&wres, Type::BYTEA_ARRAY),
-            ];
-            tx.execute_typed(
-                &format!(
-                    "WITH l AS (DELETE FROM {} AS l WHERE l.fp = ANY($1)) {}",
-                    self.names.leases,
-                    crate::partition::record_upsert_sql(&ring, 1, false)
-                ),
-                &params,
+            let ring = (current % schema::RING) as i32;
+            tx.query_typed(
+                &format!("SELECT {}($1, $2, $3, $4, $5)", self.names.record_fn),
+                &[
+                    (&ring, Type::INT4),
+                    (&wfps, Type::UUID_ARRAY),
+                    (&wslices, Type::INT8_ARRAY),
+                    (&wats, Type::INT8_ARRAY),
+                    (&wpay, Type::INT8_ARRAY),
+                ],
             )?;
         }
         Ok(answers)
