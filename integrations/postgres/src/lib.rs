@@ -69,9 +69,18 @@
 //! (version and slicing) in a schema of your choice; created idempotently
 //! at connect ([`SchemaAction::Create`]), or only checked
 //! ([`SchemaAction::CheckOnly`], with [`schema_sql`] run by a DBA). Names
-//! are validated identifiers, always quoted. About 90 bytes per record on
-//! disk (heap and primary key), against Redis's 31: pick this tier for
+//! are validated identifiers, always quoted. 105 bytes per record on disk
+//! (heap and primary key), against Redis's 31: pick this tier for
 //! durability and transactions, not for bytes.
+//!
+//! ## Figures
+//!
+//! At 10⁶ keys with 10% repeats, PostgreSQL 15 (fsync and synchronous
+//! commit on) on the same two cores as the engine: 213 k keys/s on one
+//! thread, 295 k on two — 49.6× / 71.0× one `INSERT … ON CONFLICT DO
+//! NOTHING` per message — and effects under transactional claims at 0.18 of
+//! the same effects without dedup when batched 100 per transaction (19.8 µs
+//! per effect). `docs/benchmarks.md` has the method.
 //!
 //! Failures follow a [`FailurePolicy`] as for the Redis tier: fail closed
 //! (default), fail open, or fall back to a memory tier; connections
