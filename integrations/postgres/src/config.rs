@@ -68,8 +68,8 @@ pub struct PgConfig {
     /// Connect timeout, and the `statement_timeout` of the tier's own
     /// sessions. Default: 5 s.
     pub timeout: Duration,
-    /// Marks kept for retry while the database is unreachable, per shard.
-    /// Default: 100 000.
+    /// Marks kept for retry while the database is unreachable, per shard
+    /// (the batch in flight included). Default: 100 000.
     pub max_unsent_marks: usize,
     /// `synchronous_commit` of the tier's own sessions (not of the caller's
     /// transactions): `None` keeps the server's (`on` by default). `off`

@@ -96,6 +96,7 @@ mod schema;
 mod shared;
 mod tier;
 mod tx;
+mod writer;
 
 pub use config::{FailurePolicy, PgConfig, SchemaAction};
 pub use error::PgError;

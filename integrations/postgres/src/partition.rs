@@ -24,6 +24,7 @@ use crate::fp::{from_nanos, nanos, Fp};
 use crate::link::Link;
 use crate::schema::{self, RETIRE_BACK};
 use crate::tier::TierShared;
+use crate::writer::MarkWriter;
 
 /// A record to write: a mark, with its claim's body when committed with
 /// one.
@@ -37,8 +38,14 @@ pub(crate) struct Row {
 }
 
 impl Row {
-    fn has_body(&self) -> bool {
+    pub(crate) fn has_body(&self) -> bool {
         self.payload.is_some() || self.result.is_some()
+    }
+
+    /// True when `self` makes `later` redundant: the same acceptance, and
+    /// `later` is a plain mark while `self` has the body.
+    pub(crate) fn supersedes(&self, later: &Row) -> bool {
+        self.at == later.at && self.slice == later.slice && self.has_body() && !later.has_body()
     }
 
     pub(crate) fn body(&self) -> Option<RecordBody> {
@@ -47,6 +54,21 @@ impl Row {
             result: self.result.clone().unwrap_or_else(|| Arc::from(&[][..])),
         })
     }
+}
+
+/// The position of the newest row of each fingerprint in `rows` (a plain
+/// mark never hides the body of the same acceptance).
+pub(crate) fn index_rows(rows: &[Row]) -> HashMap<Fingerprint, usize> {
+    let mut index: HashMap<Fingerprint, usize> = HashMap::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        match index.get(&row.fp) {
+            Some(&j) if rows[j].supersedes(row) => {}
+            _ => {
+                index.insert(row.fp, i);
+            }
+        }
+    }
+    index
 }
 
 /// The slot (of the engine's eight) of slice `s`.
@@ -64,6 +86,8 @@ pub(crate) fn live_slices(current: u64) -> impl Iterator<Item = (u64, usize)> {
 pub(crate) struct PgPartition {
     pub(crate) tier: Arc<TierShared>,
     pub(crate) link: Link,
+    /// Mark batches in flight on a connection of their own.
+    writer: MarkWriter,
     pub(crate) window: Option<u64>,
     /// Rows not yet known to be stored, oldest first, and the newest row of
     /// each fingerprint among them.
@@ -86,6 +110,7 @@ impl PgPartition {
             .then(|| MemoryPartition::with_capacity(spec.keys_per_slot));
         PgPartition {
             link: Link::new(Arc::clone(&tier)),
+            writer: MarkWriter::new(Arc::clone(&tier)),
             tier,
             window: spec.window_nanos,
             unsent: Vec::new(),
@@ -107,7 +132,12 @@ impl PgPartition {
         let max = self.tier.config.max_unsent_marks;
         let (mut kept, mut dropped) = (0u64, 0usize);
         for row in rows {
-            if self.unsent.len() >= max {
+            // A plain mark of an acceptance whose body is kept or in flight
+            // says nothing more (and must not hide the body).
+            if self.pending(row.fp).is_some_and(|old| old.supersedes(&row)) {
+                continue;
+            }
+            if self.unsent.len() + self.writer.len() >= max {
                 dropped += 1;
                 continue;
             }
@@ -125,51 +155,66 @@ impl PgPartition {
         dropped
     }
 
-    /// The newest kept row of `fp`.
+    /// The newest row of `fp` not yet known to be stored: kept, or in
+    /// flight.
     pub(crate) fn pending(&self, fp: Fingerprint) -> Option<&Row> {
-        self.unsent_index.get(&fp).map(|&i| &self.unsent[i])
+        self.unsent_index
+            .get(&fp)
+            .map(|&i| &self.unsent[i])
+            .or_else(|| self.writer.pending(fp))
     }
 
-    /// Writes every kept row: one statement per ring partition, each
-    /// fingerprint once per statement (a row with a body wins over a plain
-    /// mark of the same time, else the later row).
+    /// Hands every kept row to the mark writer (after settling the batch
+    /// in flight): written while the engine goes on. A failure of the
+    /// batch in flight puts its rows back, before the kept ones.
     pub(crate) fn write_unsent(&mut self) -> Result<(), ExactTierError> {
+        self.settle()?;
         if self.unsent.is_empty() {
             return Ok(());
         }
-        let mut by_ring: HashMap<u64, HashMap<Fingerprint, &Row>> = HashMap::new();
-        for row in &self.unsent {
-            let ring = by_ring.entry(row.slice % schema::RING).or_default();
-            match ring.get(&row.fp) {
-                Some(old) if old.at == row.at && old.has_body() && !row.has_body() => {}
-                _ => {
-                    ring.insert(row.fp, row);
-                }
+        let rows = std::mem::take(&mut self.unsent);
+        self.unsent_index.clear();
+        if let Err(rows) = self.writer.send(rows) {
+            self.put_back(rows);
+            return Err(ExactTierError::Unavailable(
+                "the mark writer thread stopped".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits for the batch in flight; on a failure its rows go back to the
+    /// front of the kept ones (older than those).
+    pub(crate) fn settle(&mut self) -> Result<(), ExactTierError> {
+        match self.writer.settle() {
+            Ok(written) => {
+                let stats = &self.tier.stats;
+                stats
+                    .marks_written
+                    .fetch_add(written as u64, Ordering::Relaxed);
+                stats
+                    .marks_unsent
+                    .fetch_sub(written as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err((e, rows)) => {
+                self.put_back(rows);
+                Err(e)
             }
         }
-        let names = &self.tier.names;
-        let statements: Vec<(String, Vec<&Row>)> = by_ring
-            .into_values()
-            .map(|rows| {
-                let rows: Vec<&Row> = rows.into_values().collect();
-                (record_upsert_sql(names.ring(rows[0].slice), 1, true), rows)
-            })
-            .collect();
-        let written = self.unsent.len() as u64;
-        self.link.run(|client, prepared| {
-            for (sql, rows) in &statements {
-                let stmt = prepared.get(client, sql)?;
-                let columns = RowColumns::of(rows);
-                client.execute(&stmt, &columns.params())?;
-            }
-            Ok(())
-        })?;
-        let stats = &self.tier.stats;
-        stats.marks_written.fetch_add(written, Ordering::Relaxed);
-        stats.marks_unsent.fetch_sub(written, Ordering::Relaxed);
-        self.unsent.clear();
-        self.unsent_index.clear();
-        Ok(())
+    }
+
+    /// Writes everything kept and waits until it is stored.
+    pub(crate) fn sync(&mut self) -> Result<(), ExactTierError> {
+        self.write_unsent()?;
+        self.settle()
+    }
+
+    /// `rows` (older) back in front of the kept rows.
+    fn put_back(&mut self, mut rows: Vec<Row>) {
+        rows.append(&mut self.unsent);
+        self.unsent = rows;
+        self.unsent_index = index_rows(&self.unsent);
     }
 
     pub(crate) fn degraded(&self, n: usize) {
@@ -441,11 +486,11 @@ impl ExactPartition for PgPartition {
     }
 
     fn flush(&mut self) -> Result<(), ExactTierError> {
-        self.write_unsent()
+        self.sync()
     }
 
     fn unwritten(&self) -> u64 {
-        self.unsent.len() as u64
+        (self.unsent.len() + self.writer.len()) as u64
     }
 
     fn put_body(
@@ -522,6 +567,9 @@ impl ExactPartition for PgPartition {
     }
 
     fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
+        // A batch in flight must land before the delete (a failure puts its
+        // rows back among the kept ones, removed below).
+        let _ = self.settle();
         let mut found = false;
         if self.unsent_index.remove(&fp).is_some() {
             let before = self.unsent.len();
@@ -531,12 +579,7 @@ impl ExactPartition for PgPartition {
                 .stats
                 .marks_unsent
                 .fetch_sub(removed, Ordering::Relaxed);
-            self.unsent_index = self
-                .unsent
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.fp, i))
-                .collect();
+            self.unsent_index = index_rows(&self.unsent);
             found = true;
         }
         self.found_bodies.remove(&fp);
@@ -571,6 +614,8 @@ impl ExactPartition for PgPartition {
             return;
         };
         let entered = retired + GENERATIONS as u64 - 1;
+        // Marks in flight land before a partition is emptied.
+        let _ = self.settle();
         self.advance(entered);
         let Some(expired) = entered.checked_sub(RETIRE_BACK) else {
             return;
@@ -598,7 +643,7 @@ impl ExactPartition for PgPartition {
     }
 
     fn len(&self) -> u64 {
-        self.unsent.len() as u64
+        (self.unsent.len() + self.writer.len()) as u64
     }
 
     fn bytes(&self) -> usize {
@@ -610,6 +655,7 @@ impl ExactPartition for PgPartition {
                 .map(|r| r.result.as_ref().map_or(0, |b| b.len()))
                 .sum::<usize>()
             + self.unsent_index.capacity() * 32
+            + self.writer.bytes()
     }
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {

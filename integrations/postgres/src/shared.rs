@@ -340,7 +340,7 @@ pub(crate) fn shared_claims(
     }
     // Marks kept through an outage (fail open, fallback) first: the
     // decisions below must see them.
-    if let Err(e) = p.write_unsent() {
+    if let Err(e) = p.sync() {
         return degrade(p, current, window, ops, out, e);
     }
     let salt = p.tier.names.lock_salt();
