@@ -11,6 +11,9 @@
 //!   per flush), warm filter, final flush included (1 and 2 threads);
 //! - `engine, shared`: shared keys (every key claimed in the database, one
 //!   transaction per shard per batch), on a tenth of the stream;
+//! - `engine, owned, marks in the call`: the same on 1 thread with
+//!   `PgConfig::pipeline_marks(false)` (each mark batch written in the
+//!   engine's call), beside the pipelined default;
 //! - `insert per message`: one `INSERT … ON CONFLICT DO NOTHING` per key in
 //!   its own round trip and transaction — what a per-message dedup step
 //!   does — on a sample (and the same with `synchronous_commit = off`);
@@ -94,13 +97,13 @@ impl Bench {
             .unwrap();
     }
 
-    fn tier(&self) -> PgTier {
-        PgTier::connect(PgConfig::new(&self.server.url())).unwrap()
+    fn tier(&self, pipelined: bool) -> PgTier {
+        PgTier::connect(PgConfig::new(&self.server.url()).pipeline_marks(pipelined)).unwrap()
     }
 
     /// The stream through an engine on the tier (warm, owned or shared) on
     /// `threads` threads; keys per second.
-    fn engine(&mut self, affinity: Affinity, threads: usize, n: usize) -> f64 {
+    fn engine(&mut self, affinity: Affinity, threads: usize, n: usize, pipelined: bool) -> f64 {
         self.reset();
         let clock = manual_clock();
         let distinct = self.distinct as u64;
@@ -108,7 +111,7 @@ impl Bench {
             engine_on(&clock, distinct)
                 .mark_batch(MARK_BATCH)
                 .affinity(affinity)
-                .exact_tier(ExactTier::Custom(Arc::new(self.tier())))
+                .exact_tier(ExactTier::Custom(Arc::new(self.tier(pipelined))))
                 .build()
                 .unwrap(),
         );
@@ -142,7 +145,7 @@ impl Bench {
         let rate = n as f64 / started.elapsed().as_secs_f64();
         let st = d.stats();
         eprintln!(
-            "[postgres] engine {affinity:?} x{threads}: {} exact calls, {:.1} ms in them, {} rotations, {:.0} keys/s",
+            "[postgres] engine {affinity:?} x{threads}, pipelined {pipelined}: {} exact calls, {:.1} ms in them, {} rotations, {:.0} keys/s",
             st.exact_calls,
             st.exact_call_nanos as f64 / 1e6,
             st.rotations,
@@ -325,18 +328,19 @@ fn main() {
         "effects, no dedup, 100 per tx",
         "effects, claimed, 1 per tx",
         "effects, no dedup, 1 per tx",
+        "engine, owned, 1 thread, marks in the call",
     ];
     let bytes = (std::cell::Cell::new(0.0), std::cell::Cell::new(0.0));
     let b = std::cell::RefCell::new(&mut bench);
     let mut passes: Vec<Box<dyn FnMut() -> f64 + '_>> = vec![
         Box::new(|| {
             let mut b = b.borrow_mut();
-            let r = b.engine(Affinity::Owned, 1, n);
+            let r = b.engine(Affinity::Owned, 1, n, true);
             bytes.0.set(b.bytes_per_key().0);
             r
         }),
-        Box::new(|| b.borrow_mut().engine(Affinity::Owned, 2, n)),
-        Box::new(|| b.borrow_mut().engine(Affinity::Shared, 1, shared_n)),
+        Box::new(|| b.borrow_mut().engine(Affinity::Owned, 2, n, true)),
+        Box::new(|| b.borrow_mut().engine(Affinity::Shared, 1, shared_n, true)),
         Box::new(|| b.borrow_mut().per_message(sample.min(2_000), true)),
         Box::new(|| b.borrow_mut().per_message(sample, false)),
         Box::new(|| {
@@ -349,6 +353,7 @@ fn main() {
         Box::new(|| b.borrow_mut().effects(effects, 100, false)),
         Box::new(|| b.borrow_mut().effects(effects / 50, 1, true)),
         Box::new(|| b.borrow_mut().effects(effects / 50, 1, false)),
+        Box::new(|| b.borrow_mut().engine(Affinity::Owned, 1, n, false)),
     ];
     let mut refs: Vec<&mut dyn FnMut() -> f64> = passes
         .iter_mut()
@@ -414,6 +419,11 @@ fn main() {
         "  owned 1 / 2 threads vs insert batched by 4096:       {:.2}x / {:.2}x",
         ratio(0, 5),
         ratio(1, 5)
+    );
+    println!(
+        "  owned 1 thread, marks in the call: vs pipelined {:.2}x, vs insert batched {:.2}x",
+        ratio(10, 0),
+        ratio(10, 5)
     );
     println!(
         "  shared vs insert per message, sync on / off:          {:.1}x / {:.1}x",

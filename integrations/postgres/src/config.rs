@@ -78,6 +78,11 @@ pub struct PgConfig {
     /// corrupt anything); a transactional claim always commits as the
     /// caller's transaction does. Default: `None`.
     pub synchronous_commit: Option<bool>,
+    /// Write mark batches on a connection and a thread of their own per
+    /// shard, while the engine goes on (`true`), or in the engine's call
+    /// (`false`: one connection per shard, and each mark batch's latency
+    /// under the shard's lock). Default: `true`.
+    pub pipeline_marks: bool,
 }
 
 impl PgConfig {
@@ -93,7 +98,16 @@ impl PgConfig {
             timeout: Duration::from_secs(5),
             max_unsent_marks: 100_000,
             synchronous_commit: None,
+            pipeline_marks: true,
         }
+    }
+
+    /// Pipelined mark batches (`true`, the default) or written in the
+    /// engine's call.
+    #[must_use]
+    pub fn pipeline_marks(mut self, on: bool) -> Self {
+        self.pipeline_marks = on;
+        self
     }
 
     /// With the tables in `schema`.

@@ -23,7 +23,8 @@
 //!
 //! The engine's filter stays in front: only keys it may have seen are
 //! looked up, in one statement per batch; accepted keys are written in one
-//! `INSERT … SELECT FROM unnest(…) ON CONFLICT` per batch. Records survive
+//! `INSERT … SELECT FROM unnest(…) ON CONFLICT` per batch, on a connection
+//! of their own while the engine goes on (pipelined). Records survive
 //! restarts, so a fresh engine confirms "definitely new" here until its
 //! filter has seen a whole window. Records expire a slice at a time: slice
 //! `s` lives in ring partition `s % 10` of the records table, emptied whole

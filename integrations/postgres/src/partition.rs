@@ -24,7 +24,7 @@ use crate::fp::{from_nanos, nanos, Fp};
 use crate::link::Link;
 use crate::schema::{self, RETIRE_BACK};
 use crate::tier::TierShared;
-use crate::writer::MarkWriter;
+use crate::writer::{write_rows, MarkWriter};
 
 /// A record to write: a mark, with its claim's body when committed with
 /// one.
@@ -86,8 +86,9 @@ pub(crate) fn live_slices(current: u64) -> impl Iterator<Item = (u64, usize)> {
 pub(crate) struct PgPartition {
     pub(crate) tier: Arc<TierShared>,
     pub(crate) link: Link,
-    /// Mark batches in flight on a connection of their own.
-    writer: MarkWriter,
+    /// Mark batches in flight on a connection of their own (`None`: marks
+    /// are written in the engine's call).
+    writer: Option<MarkWriter>,
     pub(crate) window: Option<u64>,
     /// Rows not yet known to be stored, oldest first, and the newest row of
     /// each fingerprint among them.
@@ -110,7 +111,10 @@ impl PgPartition {
             .then(|| MemoryPartition::with_capacity(spec.keys_per_slot));
         PgPartition {
             link: Link::new(Arc::clone(&tier)),
-            writer: MarkWriter::new(Arc::clone(&tier)),
+            writer: tier
+                .config
+                .pipeline_marks
+                .then(|| MarkWriter::new(Arc::clone(&tier))),
             tier,
             window: spec.window_nanos,
             unsent: Vec::new(),
@@ -137,7 +141,7 @@ impl PgPartition {
             if self.pending(row.fp).is_some_and(|old| old.supersedes(&row)) {
                 continue;
             }
-            if self.unsent.len() + self.writer.len() >= max {
+            if self.unsent.len() + self.in_flight() >= max {
                 dropped += 1;
                 continue;
             }
@@ -161,7 +165,7 @@ impl PgPartition {
         self.unsent_index
             .get(&fp)
             .map(|&i| &self.unsent[i])
-            .or_else(|| self.writer.pending(fp))
+            .or_else(|| self.writer.as_ref().and_then(|w| w.pending(fp)))
     }
 
     /// Hands every kept row to the mark writer (after settling the batch
@@ -172,9 +176,17 @@ impl PgPartition {
         if self.unsent.is_empty() {
             return Ok(());
         }
+        let Some(writer) = &mut self.writer else {
+            // Not pipelined: written now.
+            write_rows(&mut self.link, &self.tier.names, &self.unsent)?;
+            self.written(self.unsent.len());
+            self.unsent.clear();
+            self.unsent_index.clear();
+            return Ok(());
+        };
         let rows = std::mem::take(&mut self.unsent);
         self.unsent_index.clear();
-        if let Err(rows) = self.writer.send(rows) {
+        if let Err(rows) = writer.send(rows) {
             self.put_back(rows);
             return Err(ExactTierError::Unavailable(
                 "the mark writer thread stopped".to_owned(),
@@ -186,15 +198,12 @@ impl PgPartition {
     /// Waits for the batch in flight; on a failure its rows go back to the
     /// front of the kept ones (older than those).
     pub(crate) fn settle(&mut self) -> Result<(), ExactTierError> {
-        match self.writer.settle() {
+        let Some(writer) = &mut self.writer else {
+            return Ok(());
+        };
+        match writer.settle() {
             Ok(written) => {
-                let stats = &self.tier.stats;
-                stats
-                    .marks_written
-                    .fetch_add(written as u64, Ordering::Relaxed);
-                stats
-                    .marks_unsent
-                    .fetch_sub(written as u64, Ordering::Relaxed);
+                self.written(written);
                 Ok(())
             }
             Err((e, rows)) => {
@@ -202,6 +211,18 @@ impl PgPartition {
                 Err(e)
             }
         }
+    }
+
+    /// Counts `n` rows as stored.
+    fn written(&self, n: usize) {
+        let stats = &self.tier.stats;
+        stats.marks_written.fetch_add(n as u64, Ordering::Relaxed);
+        stats.marks_unsent.fetch_sub(n as u64, Ordering::Relaxed);
+    }
+
+    /// Rows in flight.
+    fn in_flight(&self) -> usize {
+        self.writer.as_ref().map_or(0, MarkWriter::len)
     }
 
     /// Writes everything kept and waits until it is stored.
@@ -490,7 +511,7 @@ impl ExactPartition for PgPartition {
     }
 
     fn unwritten(&self) -> u64 {
-        (self.unsent.len() + self.writer.len()) as u64
+        (self.unsent.len() + self.in_flight()) as u64
     }
 
     fn put_body(
@@ -643,7 +664,7 @@ impl ExactPartition for PgPartition {
     }
 
     fn len(&self) -> u64 {
-        (self.unsent.len() + self.writer.len()) as u64
+        (self.unsent.len() + self.in_flight()) as u64
     }
 
     fn bytes(&self) -> usize {
@@ -655,7 +676,7 @@ impl ExactPartition for PgPartition {
                 .map(|r| r.result.as_ref().map_or(0, |b| b.len()))
                 .sum::<usize>()
             + self.unsent_index.capacity() * 32
-            + self.writer.bytes()
+            + self.writer.as_ref().map_or(0, MarkWriter::bytes)
     }
 
     fn entries(&self) -> Option<Vec<(usize, Fingerprint, Timestamp)>> {

@@ -68,14 +68,25 @@ fn smoke() {
 }
 
 /// Random batches, time crossing many slices (and so ring partitions
-/// retired): verdicts equal the reference, in both modes.
+/// retired): verdicts equal the reference, in both modes (owned keys with
+/// pipelined marks and with marks written in the engine's call).
 #[test]
 fn verdicts_match_the_reference_in_owned_and_shared_modes() {
     let server = PgServer::start_with(&["fsync=off", "synchronous_commit=off"]);
-    for (i, affinity) in [Affinity::Owned, Affinity::Shared].into_iter().enumerate() {
+    let cases = [
+        (Affinity::Owned, true),
+        (Affinity::Shared, true),
+        (Affinity::Owned, false),
+    ];
+    for (i, (affinity, pipelined)) in cases.into_iter().enumerate() {
         let window = Duration::from_millis(200);
         let clock = ManualClock::new(Timestamp::from_secs(1_000 + 1_000 * i as u64));
-        let tier = PgTier::connect(PgConfig::new(&server.url()).prefix(&format!("v{i}"))).unwrap();
+        let tier = PgTier::connect(
+            PgConfig::new(&server.url())
+                .prefix(&format!("v{i}"))
+                .pipeline_marks(pipelined),
+        )
+        .unwrap();
         let d = Deduper::builder()
             .window(window)
             .expected_keys(10_000)
