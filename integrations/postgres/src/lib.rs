@@ -77,11 +77,11 @@
 //! ## Figures
 //!
 //! At 10⁶ keys with 10% repeats, PostgreSQL 15 (fsync and synchronous
-//! commit on) on the same two cores as the engine: 213 k keys/s on one
-//! thread, 295 k on two — 49.6× / 71.0× one `INSERT … ON CONFLICT DO
-//! NOTHING` per message — and effects under transactional claims at 0.18 of
-//! the same effects without dedup when batched 100 per transaction (19.8 µs
-//! per effect). `docs/benchmarks.md` has the method.
+//! commit on) on the same two cores as the engine: 180–213 k keys/s on one
+//! thread, 185–295 k on two — 39–71× one `INSERT … ON CONFLICT DO NOTHING`
+//! per message — and effects under transactional claims at 0.18–0.19 of the
+//! same effects without dedup when batched 100 per transaction (20–25 µs
+//! per effect). `docs/benchmarks.md` has the runs and the method.
 //!
 //! Failures follow a [`FailurePolicy`] as for the Redis tier: fail closed
 //! (default), fail open, or fall back to a memory tier; connections

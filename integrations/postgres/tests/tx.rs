@@ -330,3 +330,45 @@ fn engine_leases_and_transactional_claims_see_each_other() {
     }
     assert!(dedup.check("t").is_duplicate());
 }
+
+/// A transaction that claimed a key holds its lock until it ends, even when
+/// the answer was `InProgress`: an engine's commit of that key meets the
+/// held lock, waits for it (every lock, in order) and then applies.
+#[test]
+fn an_engine_commit_waits_for_a_transaction_holding_the_key() {
+    let server = PgServer::start();
+    let tier = PgTier::connect(PgConfig::new(&server.url())).unwrap();
+    let dedup = Arc::new(
+        Deduper::builder()
+            .window(Duration::from_secs(600))
+            .affinity(Affinity::Shared)
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap(),
+    );
+    let claims = claims(&server, Wait::NoWait);
+    let lease = dedup
+        .claim_owned(ClaimRequest::new("w"))
+        .into_lease()
+        .unwrap();
+    let mut c = server.client();
+    let mut tx = c.transaction().unwrap();
+    assert!(claims.claim(&mut tx, "w").unwrap().is_in_progress());
+    let committer = std::thread::spawn(move || {
+        let started = Instant::now();
+        let result = lease.commit(b"after the wait").is_ok();
+        (result, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    tx.rollback().unwrap();
+    let (committed, waited) = committer.join().unwrap();
+    assert!(committed, "the commit applied once the lock was free");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "it waited: {waited:?}"
+    );
+    match dedup.claim("w") {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"after the wait"),
+        other => panic!("{other:?}"),
+    };
+}
