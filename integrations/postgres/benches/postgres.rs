@@ -27,9 +27,13 @@
 //! Bytes per record on disk: the ring partitions' heap and index
 //! (`pg_total_relation_size`) over the distinct keys.
 //!
+//! Expiry, once at the end: one slice's records removed by `TRUNCATE` of
+//! its ring partition (the tier) against `DELETE` from a table sliced by an
+//! index, and the `VACUUM` that follows: time and WAL bytes.
+//!
 //! `cargo bench -p tiered-dedup-postgres --bench postgres` (N = 10⁶, 3
 //! rounds: `TD_BENCH_ROUNDS`); `-- --test` for a smoke run (N = 2·10⁴, one
-//! round).
+//! round); `TD_BENCH_EXPIRY_ONLY=1` for the expiry measurement alone.
 
 #[path = "../tests/support/pg_server.rs"]
 mod pg_server;
@@ -247,6 +251,55 @@ impl Bench {
         effects as f64 / started.elapsed().as_secs_f64()
     }
 
+    /// Expiring `n` records of one slice, measured once: `TRUNCATE` of a
+    /// ring partition (what the tier does) against `DELETE` of the slice's
+    /// rows from a table that keeps other slices (with an index on the
+    /// slice, and the `VACUUM` it leaves behind). Milliseconds and WAL
+    /// bytes of each.
+    fn expiry(&mut self, n: usize) -> [(f64, i64); 3] {
+        self.reset();
+        let c = &mut self.client;
+        c.batch_execute(
+            "DROP TABLE IF EXISTS ring_t, sliced_d; \
+             CREATE TABLE ring_t (fp uuid PRIMARY KEY, slice bigint NOT NULL, at bigint NOT NULL); \
+             CREATE TABLE sliced_d (fp uuid NOT NULL, slice bigint NOT NULL, at bigint NOT NULL, PRIMARY KEY (fp, slice)); \
+             CREATE INDEX ON sliced_d (slice)",
+        )
+        .unwrap();
+        for table in ["ring_t", "sliced_d"] {
+            c.execute(
+                &format!(
+                    "INSERT INTO {table} SELECT md5(i::text)::uuid, 7, i FROM generate_series(1, $1::int8) AS i"
+                ),
+                &[&(n as i64)],
+            )
+            .unwrap();
+        }
+        // The other, live slice of the sliced table (kept).
+        c.execute(
+            "INSERT INTO sliced_d SELECT md5(i::text)::uuid, 8, i FROM generate_series(1, $1::int8) AS i",
+            &[&(n as i64)],
+        )
+        .unwrap();
+        c.batch_execute("CHECKPOINT").unwrap();
+        let timed = |c: &mut Client, sql: &str| {
+            let lsn = |c: &mut Client| -> i64 {
+                c.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[])
+                    .unwrap()
+                    .get(0)
+            };
+            let before = lsn(c);
+            let started = Instant::now();
+            c.batch_execute(sql).unwrap();
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            (ms, lsn(c) - before)
+        };
+        let truncate = timed(c, "TRUNCATE ring_t");
+        let delete = timed(c, "DELETE FROM sliced_d WHERE slice = 7");
+        let vacuum = timed(c, "VACUUM sliced_d");
+        [truncate, delete, vacuum]
+    }
+
     /// Bytes on disk per distinct key: the records' ring partitions (heap,
     /// index, TOAST) after an owned pass; and the peer table's.
     fn bytes_per_key(&mut self) -> (f64, f64) {
@@ -314,6 +367,15 @@ fn main() {
             .unwrap()
             .get::<_, String>(0)
     );
+    if env_number::<u8>("TD_BENCH_EXPIRY_ONLY") == Some(1) {
+        let e = bench.expiry(distinct as usize);
+        println!(
+            "expiring one slice of {distinct} records: TRUNCATE {:.1} ms, {} B of WAL; \
+             DELETE {:.1} ms, {} B of WAL, then VACUUM {:.1} ms, {} B",
+            e[0].0, e[0].1, e[1].0, e[1].1, e[2].0, e[2].1
+        );
+        return;
+    }
     let sample = (n / 50).clamp(1_000, 20_000);
     let shared_n = n / 10;
     let effects = (n / 10).max(2_000);
@@ -404,6 +466,12 @@ fn main() {
             println!("  slow: {n:>5} x, {ms:>9.1} ms  {what}");
         }
     }
+    let expiry = b.borrow_mut().expiry(distinct as usize);
+    println!(
+        "expiring one slice of {distinct} records: TRUNCATE of its ring partition {:.1} ms, {} B of WAL; \
+         DELETE of its rows from a table sliced by an index {:.1} ms, {} B of WAL, then VACUUM {:.1} ms, {} B",
+        expiry[0].0, expiry[0].1, expiry[1].0, expiry[1].1, expiry[2].0, expiry[2].1
+    );
     println!("ratios (median of per-round ratios):");
     println!(
         "  owned 1 / 2 threads vs insert per message, sync on:  {:.1}x / {:.1}x",
