@@ -65,9 +65,17 @@ impl Link {
                 Ok(())
             }
             Err(e) => {
+                self.record(&e);
                 self.failed();
                 Err(e)
             }
+        }
+    }
+
+    /// Keeps `e` as the tier's last error.
+    fn record(&self, e: &ExactTierError) {
+        if let Ok(mut last) = self.tier.stats.last_error.lock() {
+            *last = Some(e.to_string());
         }
     }
 
@@ -96,6 +104,7 @@ impl Link {
             Ok(v) => Ok(v),
             Err(e) => {
                 let err = unavailable(&e);
+                self.record(&err);
                 self.failed();
                 Err(err)
             }

@@ -32,6 +32,9 @@ pub struct PgStats {
     pub marks_dropped: AtomicU64,
     /// Ring partitions emptied (`TRUNCATE`) as their slices expired.
     pub partitions_retired: AtomicU64,
+    /// The last failure's message (for logs and tests; the verdicts only
+    /// say `Unavailable`).
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// What the partitions of one tier share.

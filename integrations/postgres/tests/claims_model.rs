@@ -200,6 +200,8 @@ struct Setting {
     snapshots: bool,
     ops: usize,
     key_space: u64,
+    /// The tier's counters (its last error is printed on a failure).
+    stats: Arc<tiered_dedup_postgres::PgStats>,
 }
 
 const LEASE: Duration = Duration::from_millis(400);
@@ -431,15 +433,19 @@ fn run(s: &Setting, seed: u64) {
 
 fn settings(server: &PgServer) -> Vec<Setting> {
     let tier = |prefix: &str| {
-        ExactTier::Custom(Arc::new(
-            PgTier::connect(PgConfig::new(&server.url()).prefix(prefix)).unwrap(),
-        ))
+        let tier = PgTier::connect(PgConfig::new(&server.url()).prefix(prefix)).unwrap();
+        let stats = tier.stats();
+        (ExactTier::Custom(Arc::new(tier)), stats)
     };
+    let (owned, owned_stats) = tier("owned");
+    let (shared, shared_stats) = tier("shared");
+    let (unwindowed, unwindowed_stats) = tier("unwindowed");
     vec![
         Setting {
             name: "postgres tier, owned keys (leases in the engine)",
             window: Some(Duration::from_secs(2)),
-            tier: tier("owned"),
+            tier: owned,
+            stats: owned_stats,
             affinity: Affinity::Owned,
             mark_batch: 16,
             shards: 2,
@@ -450,7 +456,8 @@ fn settings(server: &PgServer) -> Vec<Setting> {
         Setting {
             name: "postgres tier, shared keys (leases in the database)",
             window: Some(Duration::from_secs(2)),
-            tier: tier("shared"),
+            tier: shared,
+            stats: shared_stats,
             affinity: Affinity::Shared,
             mark_batch: 16,
             shards: 2,
@@ -461,7 +468,8 @@ fn settings(server: &PgServer) -> Vec<Setting> {
         Setting {
             name: "postgres tier, shared keys, no window",
             window: None,
-            tier: tier("unwindowed"),
+            tier: unwindowed,
+            stats: unwindowed_stats,
             affinity: Affinity::Shared,
             mark_batch: 16,
             shards: 2,
@@ -478,7 +486,20 @@ fn claims_match_the_reference_state_machine() {
     let settings = settings(&server);
     std::thread::scope(|scope| {
         for (i, s) in settings.iter().enumerate() {
-            scope.spawn(move || run(s, 0xC1A1_5000 + i as u64));
+            scope.spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(s, 0xC1A1_5000 + i as u64);
+                }));
+                if let Err(panic) = outcome {
+                    eprintln!(
+                        "{}: {} failures, last error: {:?}",
+                        s.name,
+                        s.stats.failures.load(std::sync::atomic::Ordering::Relaxed),
+                        s.stats.last_error.lock().unwrap()
+                    );
+                    std::panic::resume_unwind(panic);
+                }
+            });
         }
     });
 }
