@@ -17,7 +17,7 @@ use super::RedisPartition;
 use crate::error::{ExactTierError, FailureCause};
 use crate::exact::Mark;
 use crate::fingerprint::Fingerprint;
-use crate::time::{slot_of, Timestamp, GENERATIONS};
+use crate::time::GENERATIONS;
 
 /// The marks of one bucket's run of `(slice, bucket, index)` in mark
 /// order, as Redis stores them: (fingerprint, time as 8 big-endian bytes).
@@ -425,16 +425,6 @@ impl RedisPartition {
             if slots & (1 << slot) != 0 {
                 *dropped = 0;
             }
-        }
-    }
-
-    /// A mark of a key this partition accepted in slice `current`.
-    pub(super) fn mark_now(fingerprint: Fingerprint, current: u64, at: Timestamp) -> Mark {
-        Mark {
-            fingerprint,
-            slot: slot_of(current),
-            slice: current,
-            at,
         }
     }
 }

@@ -4,7 +4,10 @@
 use super::conn::Wait;
 use super::RedisPartition;
 use crate::error::{ExactTierError, FailureCause};
-use crate::exact::{slots_newest_first, Claim, ExactPartition, Lookup, Mark, MemoryPartition};
+use crate::exact::{
+    slots_newest_first, Claim, ExactPartition, Lookup, Mark, MemoryPartition, SharedAnswer,
+    SharedOp,
+};
 use crate::fingerprint::Fingerprint;
 use crate::time::{slot_of, Timestamp, GENERATIONS};
 
@@ -62,7 +65,11 @@ impl ExactPartition for RedisPartition {
     }
 
     fn flush(&mut self) -> Result<(), ExactTierError> {
-        self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))?;
+        if self.log.is_some() {
+            self.waiting(Wait::Flush, |p| p.catch_up())?;
+        } else {
+            self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))?;
+        }
         // Stored or kept; dropped marks are reported while they matter.
         match self.dropped() {
             0 => Ok(()),
@@ -79,7 +86,7 @@ impl ExactPartition for RedisPartition {
     }
 
     fn unwritten(&self) -> u64 {
-        (self.unsent.len() + self.in_flight.marks.len()) as u64
+        (self.unsent.len() + self.in_flight.marks.len()) as u64 + self.kept_checks()
     }
 
     fn dropped(&self) -> u64 {
@@ -87,6 +94,11 @@ impl ExactPartition for RedisPartition {
     }
 
     fn flush_idle(&mut self) -> Result<(), ExactTierError> {
+        if self.log.is_some() {
+            // Reads what the other engines appended meanwhile: the next
+            // batch has less to catch up.
+            return self.waiting(Wait::Idle, |p| p.catch_up());
+        }
         self.waiting(Wait::Idle, |p| p.send_unsent().and_then(|()| p.settle()))
     }
 
@@ -104,9 +116,16 @@ impl ExactPartition for RedisPartition {
         lookups: &[Lookup],
         out: &mut Vec<Option<Timestamp>>,
     ) -> Result<(), ExactTierError> {
+        if self.log.is_some() {
+            return Err(ExactTierError::Unsupported(
+                "shared keys are looked up by claiming them (shared_claims)",
+            ));
+        }
         self.lookup_batch_in_redis(current, lookups, out)
     }
 
+    /// Shared mode: checks through the shard's log, as
+    /// [`ExactPartition::shared_claims`] does them.
     fn claim_batch(
         &mut self,
         current: u64,
@@ -114,7 +133,43 @@ impl ExactPartition for RedisPartition {
         claims: &[Claim],
         out: &mut Vec<Option<Timestamp>>,
     ) -> Result<(), ExactTierError> {
-        self.claim_batch_in_redis(current, window, claims, out)
+        if self.log.is_none() {
+            return Err(ExactTierError::Unsupported(
+                "owned keys are claimed in the engine",
+            ));
+        }
+        let now = crate::time::Timestamp::now().as_nanos();
+        let ops: Vec<SharedOp<'_>> = claims
+            .iter()
+            .map(|c| SharedOp::Check {
+                fingerprint: c.fingerprint,
+                at: c.at,
+                now,
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(ops.len());
+        self.shared_claims_in_redis(current, window, &ops, &mut answers)?;
+        out.clear();
+        out.extend(answers.into_iter().map(|a| match a {
+            SharedAnswer::Completed { first_seen, .. } => Some(first_seen),
+            _ => None,
+        }));
+        Ok(())
+    }
+
+    fn shared_claims(
+        &mut self,
+        current: u64,
+        window: Option<u64>,
+        ops: &[SharedOp<'_>],
+        out: &mut Vec<SharedAnswer>,
+    ) -> Result<(), ExactTierError> {
+        if self.log.is_none() {
+            return Err(ExactTierError::Unsupported(
+                "owned keys keep their leases in the engine",
+            ));
+        }
+        self.shared_claims_in_redis(current, window, ops, out)
     }
 
     fn clear_slots(&mut self, slots: u8) {
@@ -125,7 +180,18 @@ impl ExactPartition for RedisPartition {
             .filter_map(|back| self.current.checked_sub(back))
             .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
             .collect();
-        if !expired.is_empty() {
+        if !expired.is_empty() && self.log.is_some() {
+            // Shared mode: the log is trimmed as it is read; the retired
+            // slices' result hashes go now (best effort: the TTL is the
+            // backstop).
+            let _ = self.with_conn(|c, p| {
+                let mut del = redis::cmd("UNLINK");
+                for &slice in &expired {
+                    del.arg(p.body_key(slice));
+                }
+                c.pipeline(vec![del])
+            });
+        } else if !expired.is_empty() {
             self.expiring.retain(|(slice, _)| !expired.contains(slice));
             if self.config.cluster {
                 // Marks are answered at once on a cluster: none in flight.
@@ -155,10 +221,12 @@ impl ExactPartition for RedisPartition {
 
     fn len(&self) -> u64 {
         (self.unsent.len() + self.in_flight.marks.len()) as u64
+            + self.log.as_ref().map_or(0, |l| l.replica.len())
     }
 
     fn bytes(&self) -> usize {
         self.fallback.as_ref().map_or(0, MemoryPartition::bytes)
+            + self.log.as_ref().map_or(0, |l| l.replica.bytes())
             + (self.unsent.capacity() + self.in_flight.marks.capacity()) * 48
             + self.unsent_index.bytes()
             + self.in_flight.index.bytes()

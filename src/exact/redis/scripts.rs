@@ -1,7 +1,7 @@
 //! The Lua scripts the tier runs: on a cluster, marks and lookups as one
 //! request per batch (one reply: the cluster client's pipelines wait out a
 //! timeout per command when a server stalls); everywhere, the shared-mode
-//! claim and the compaction of record strings.
+//! log and the compaction of record strings.
 
 /// On a cluster, writes marks into many hashes in one request (one reply:
 /// the cluster client's pipeline of one command per hash would wait out a
@@ -106,103 +106,50 @@ end
 return out
 ";
 
-/// Claims keys atomically. KEYS: per bucket the claims use, the live slice
-/// hashes of that bucket, newest (current) first. ARGV: ttl ms (`0`: the
-/// hashes get none), the number
-/// of live slices `L`, then per key: the offset of its bucket's hashes in
-/// KEYS, fingerprint, time (8 bytes BE), threshold (8 bytes BE: the oldest
-/// first-accepted time still inside the window, or 0 without one). Returns
-/// per key the stored time (a duplicate) or `false` (recorded now). Times
-/// are compared as two 32-bit halves: Lua numbers are doubles. Redis is
-/// asked in bulk — one `HMGET` per live slice (newest first, only for keys
-/// no newer slice holds) and one `HSET` per bucket — since a Redis call
-/// from Lua costs about a microsecond: a call per key and slice made
-/// shared mode 126 thousand keys/s at 10⁷ keys.
-pub(super) const CLAIM_SCRIPT: &str = r"
-local ttl = tonumber(ARGV[1])
-local live = tonumber(ARGV[2])
-local n = (#ARGV - 2) / 4
--- Claim j's arguments: base ARGV[4j - 1], fingerprint ARGV[4j], time
--- ARGV[4j + 1], threshold ARGV[4j + 2]. Claims by bucket (its base).
-local groups, bases = {}, {}
-for j = 1, n do
-  local b = tonumber(ARGV[4 * j - 1])
-  local g = groups[b]
-  if not g then
-    g = {}
-    groups[b] = g
-    bases[#bases + 1] = b
-  end
-  g[#g + 1] = j
+/// Shared keys: one batch of a shard's operations appended to its log,
+/// and the log read back from where the caller stopped (see `log.rs`).
+/// KEYS: the log (a stream), its epoch (a string naming this stream's
+/// life: a log lost with its server gets a new one, and every replica
+/// rebuilds), then the body hashes this batch writes. ARGV: the epoch to
+/// set if there is none, ttl ms (`0`: none), the id to read after
+/// (exclusive: `(0-<seq>`), the most entries to return, the id to trim
+/// before (`''`: none), the number of entries `n`, the `n` entries, then
+/// per body hash: its index in KEYS, its number of fields `m`, and `m`
+/// pairs (field, result). Bodies are written before the commits that name
+/// them, so a reader that sees a commit finds its result. Returns the
+/// epoch, the ids of the entries appended (`0-*`: the sequence counts
+/// entries), and the entries read (`XRANGE` replies).
+pub(super) const LOG_SCRIPT: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
 end
--- The newest stored time of each claim's key: one HMGET per live slice
--- (newest first) for the keys not found in a newer one.
-local stored = {}
-for _, b in ipairs(bases) do
-  local pending = groups[b]
-  for k = b + 1, b + live do
-    if #pending == 0 then
-      break
-    end
-    local still = {}
-    local s = 1
-    while s <= #pending do
-      local e = math.min(s + 999, #pending)
-      local fields = {}
-      for q = s, e do
-        fields[#fields + 1] = ARGV[4 * pending[q]]
-      end
-      local values = redis.call('HMGET', KEYS[k], unpack(fields))
-      for q = s, e do
-        local v = values[q - s + 1]
-        if v then
-          stored[pending[q]] = v
-        else
-          still[#still + 1] = pending[q]
-        end
-      end
-      s = e + 1
-    end
-    pending = still
+local ttl = tonumber(ARGV[2])
+local n = tonumber(ARGV[6])
+local i = 7 + n
+while i <= #ARGV do
+  local k, m = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local j, last = i + 2, i + 1 + 2 * m
+  while j <= last do
+    local e = math.min(j + 999, last)
+    redis.call('HSET', KEYS[k], unpack(ARGV, j, e))
+    j = e + 1
+  end
+  i = last + 1
+end
+local ids = {}
+for b = 1, n do
+  ids[b] = redis.call('XADD', KEYS[1], '0-*', 'o', ARGV[6 + b])
+end
+if ttl > 0 and n > 0 then
+  for k = 1, #KEYS do
+    redis.call('PEXPIRE', KEYS[k], ttl)
   end
 end
--- In order: a key is inside the window if its newest time (a copy
--- claimed earlier in this batch counts) reaches the threshold.
-local out, claimed, writes = {}, {}, {}
-for j = 1, n do
-  local fp, at, threshold = ARGV[4 * j], ARGV[4 * j + 1], ARGV[4 * j + 2]
-  local v = claimed[fp] or stored[j]
-  local found = false
-  if v then
-    local th_hi, th_lo = struct.unpack('>I4>I4', threshold)
-    local hi, lo = struct.unpack('>I4>I4', v)
-    if hi > th_hi or (hi == th_hi and lo >= th_lo) then
-      found = v
-    end
-  end
-  out[j] = found
-  if not found then
-    claimed[fp] = at
-    local b = tonumber(ARGV[4 * j - 1])
-    local w = writes[b]
-    if not w then
-      w = {}
-      writes[b] = w
-    end
-    w[#w + 1] = fp
-    w[#w + 1] = at
-  end
+if ARGV[5] ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[5])
 end
-for b, w in pairs(writes) do
-  local s = 1
-  while s <= #w do
-    local e = math.min(s + 999, #w)
-    redis.call('HSET', KEYS[b + 1], unpack(w, s, e))
-    s = e + 1
-  end
-  if ttl > 0 then
-    redis.call('PEXPIRE', KEYS[b + 1], ttl)
-  end
-end
-return out
+local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
+return {epoch, ids, entries}
 ";
