@@ -124,8 +124,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::table::FingerprintTable;
-use super::{ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, TierMetric};
+use super::{
+    ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, RecordBody, TierMetric,
+};
 use crate::error::ExactTierError;
+use crate::fingerprint::FingerprintMap;
 use crate::time::GENERATIONS;
 use claims::SharedLog;
 use conn::{Link, Wait};
@@ -283,6 +286,13 @@ struct RedisPartition {
     /// Marks not yet written, oldest first, and their index for lookups.
     unsent: Vec<Mark>,
     unsent_index: FingerprintTable,
+    /// Bodies of committed claims (fingerprint → record time, body) whose
+    /// marks Redis has not acknowledged: written with their marks, read
+    /// from here meanwhile.
+    bodies: FingerprintMap<(u64, RecordBody)>,
+    /// Bodies the last lookup found with its records, for the claim that
+    /// asks for them next (`bodies_batch`).
+    found_bodies: FingerprintMap<(u64, RecordBody)>,
     /// Single server: the connection marks are written on. Their replies
     /// are read when the next marks are sent (or on a flush), so Redis
     /// stores one batch while the engine checks the next; lookups use
@@ -366,6 +376,8 @@ impl RedisPartition {
             lookups: Link::new(),
             unsent: Vec::new(),
             unsent_index: FingerprintTable::new(),
+            bodies: FingerprintMap::default(),
+            found_bodies: FingerprintMap::default(),
             marks: Link::new(),
             wait: Wait::Check,
             unlinks: Vec::new(),

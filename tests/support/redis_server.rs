@@ -184,11 +184,16 @@ fn signal(pid: u32, sig: &str) {
 
 /// The engine's mark keys (hashes, record strings, or shared-mode logs)
 /// under the default prefix `td` (not the shards' `…:layout` keys, nor a
-/// log's epoch or the hashes of committed results).
+/// log's epoch, snapshots and hashes of committed results).
 pub fn mark_hashes(conn: &mut redis::Connection) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg("td:*").query(conn).unwrap();
     keys.into_iter()
-        .filter(|k| !k.ends_with(":layout") && !k.ends_with(":log:epoch") && !k.contains(":b:"))
+        .filter(|k| {
+            !k.ends_with(":layout")
+                && !k.ends_with(":log:epoch")
+                && !k.contains(":b:")
+                && !k.contains(":snap")
+        })
         .collect()
 }
 
@@ -241,8 +246,7 @@ pub fn stored_fingerprints(conn: &mut redis::Connection, key: &str) -> Vec<Vec<u
         "hash" => redis::cmd("HKEYS").arg(key).query(conn).unwrap(),
         "string" => {
             let bytes: Vec<u8> = redis::cmd("GET").arg(key).query(conn).unwrap();
-            assert_eq!(bytes.len() % 24, 0, "{key}: not whole records");
-            let mut fps: Vec<Vec<u8>> = bytes.chunks_exact(24).map(|r| r[..16].to_vec()).collect();
+            let mut fps: Vec<Vec<u8>> = records(&bytes, key).into_iter().map(|r| r.0).collect();
             fps.sort_unstable();
             fps.dedup();
             fps
@@ -255,6 +259,32 @@ pub fn stored_fingerprints(conn: &mut redis::Connection, key: &str) -> Vec<Vec<u
         }
         other => panic!("{key}: a {other} among the mark keys"),
     }
+}
+
+/// The records of a record string (see `src/exact/redis/records.rs`):
+/// fingerprint, time, and the result of those with a body.
+pub fn records(bytes: &[u8], key: &str) -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(i + 24 <= bytes.len(), "{key}: a record cut short");
+        let word = u64::from_be_bytes(bytes[i + 16..i + 24].try_into().unwrap());
+        let fp = bytes[i..i + 16].to_vec();
+        if word >> 63 == 0 {
+            out.push((fp, word, None));
+            i += 24;
+            continue;
+        }
+        let len = u32::from_be_bytes(bytes[i + 33..i + 37].try_into().unwrap()) as usize;
+        assert!(i + 37 + len <= bytes.len(), "{key}: a body cut short");
+        out.push((
+            fp,
+            word & !(1 << 63),
+            Some(bytes[i + 37..i + 37 + len].to_vec()),
+        ));
+        i += 37 + len;
+    }
+    out
 }
 
 /// Distinct fingerprints stored under all of `keys`, summed per key.

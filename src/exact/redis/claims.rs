@@ -26,6 +26,8 @@ use crate::time::{slot_of, Timestamp};
 
 /// Entries one read returns at most.
 const READ_COUNT: usize = 256;
+/// Bytes of one snapshot part (a Redis string of its own).
+const SNAPSHOT_PART: usize = 1 << 20;
 /// Reads one call makes at most while catching up (a replica far behind
 /// catches up over several calls).
 const MAX_READS: usize = 4096;
@@ -41,12 +43,13 @@ pub(super) struct SharedLog {
     next_batch: u64,
     /// The epoch of the log the replica follows (`None`: never read).
     epoch: Option<String>,
-    /// Entries before this sequence may be trimmed (sent with the next
-    /// request), and the point last sent.
-    trim: Option<u64>,
-    trimmed: u64,
-    /// The record-time slice at which the trim point was last computed.
-    trim_slice: u64,
+    /// The snapshot's pointer and the prefix of its parts' keys.
+    snapshot_key: String,
+    /// The generation (record-time slice; without a window, position) of
+    /// the last snapshot this replica took or considered, and the entries
+    /// applied since one was taken.
+    snapshot_generation: u64,
+    since_snapshot: u64,
     /// Checks accepted and releases made without Redis (fail open,
     /// fallback), oldest first, appended once it is back; the checks'
     /// index, for the decisions made meanwhile.
@@ -65,6 +68,7 @@ pub(super) struct SharedLog {
     /// released with the next request.
     orphans: Vec<(Fingerprint, u64, u64)>,
     script: redis::Script,
+    snapshot_script: redis::Script,
     scratch: Vec<LogOp>,
 }
 
@@ -97,9 +101,9 @@ impl SharedLog {
             writer: new_writer(shard),
             next_batch: 1,
             epoch: None,
-            trim: None,
-            trimmed: 0,
-            trim_slice: 0,
+            snapshot_key: format!("{key_base}snap"),
+            snapshot_generation: 0,
+            since_snapshot: 0,
             kept: Vec::new(),
             kept_index: FingerprintTable::new(),
             kept_checks: 0,
@@ -108,6 +112,7 @@ impl SharedLog {
             reclaim: FingerprintMap::default(),
             orphans: Vec::new(),
             script: redis::Script::new(super::scripts::LOG_SCRIPT),
+            snapshot_script: redis::Script::new(super::scripts::SNAPSHOT_SCRIPT),
             scratch: Vec::new(),
         }
     }
@@ -498,11 +503,11 @@ impl RedisPartition {
         let mut reads = 0;
         loop {
             let first = reads == 0;
+            if !first && self.log().replica.last_seq == 0 {
+                // A replica with nothing yet starts from the snapshot.
+                self.load_snapshot().map_err(|e| (e, sent))?;
+            }
             let log = self.log.as_ref().expect("shared");
-            let trim = match log.trim {
-                Some(seq) if seq > log.trimmed => Some(seq),
-                _ => None,
-            };
             let mut invocation = script.prepare_invoke();
             invocation.key(&log.log_key).key(&log.epoch_key);
             if first {
@@ -514,8 +519,7 @@ impl RedisPartition {
                 .arg(format!("{:016x}", new_writer(reads)))
                 .arg(ttl)
                 .arg(format!("(0-{}", log.replica.last_seq))
-                .arg(READ_COUNT)
-                .arg(trim.map_or(String::new(), |t| format!("0-{t}")));
+                .arg(READ_COUNT);
             if first {
                 invocation.arg(blobs.len());
                 for b in &blobs {
@@ -541,25 +545,28 @@ impl RedisPartition {
                 .map_err(|what| (self.error_of(FailureCause::UnexpectedReply, what), sent))?;
             reads += 1;
             let log = self.log();
-            if let Some(t) = trim {
-                log.trimmed = log.trimmed.max(t);
-            }
             // A log other than the one the replica follows (its server lost
-            // it, or some of it): rebuilt from what Redis holds.
+            // it, or some of it), or one trimmed past what the replica read
+            // (it fell a snapshot behind): rebuilt from what Redis holds.
+            let last = log.replica.last_seq;
+            let gap = read.entries.first().is_some_and(|&(seq, _)| seq > last + 1);
             let lost_log = match &log.epoch {
-                None => log.replica.last_seq > 0,
+                None => last > 0,
                 Some(e) => *e != read.epoch,
-            } || read.appended.iter().any(|&seq| seq <= log.replica.last_seq);
+            } || read.appended.iter().any(|&seq| seq <= last);
             log.epoch = Some(read.epoch);
-            if lost_log {
+            if lost_log || gap {
                 crate::trace::event!(
                     warn,
                     log = %log.log_key,
-                    "the shared log was lost or replaced; its replica is rebuilt from Redis"
+                    lost = lost_log,
+                    "the shared log was lost, replaced or trimmed past this replica; \
+                     it is rebuilt from Redis"
                 );
                 log.replica.clear();
-                log.trimmed = 0;
-                log.trim = None;
+                if reads >= MAX_READS {
+                    break;
+                }
                 continue;
             }
             let got = read.entries.len();
@@ -589,8 +596,135 @@ impl RedisPartition {
                 ));
             }
         }
-        self.schedule_trim();
+        if !waiting.is_empty() {
+            return Err((
+                self.error_of(
+                    FailureCause::UnexpectedReply,
+                    "entries appended to the shared log were lost before they were read",
+                ),
+                sent,
+            ));
+        }
+        self.schedule_snapshot();
         Ok(outcomes)
+    }
+
+    /// Loads the shard's latest snapshot into the (cleared) replica, if
+    /// there is one: the log is then read from its position on.
+    fn load_snapshot(&mut self) -> Result<(), ExactTierError> {
+        for _ in 0..8 {
+            let pointer_key = self.log().snapshot_key.clone();
+            let pointer: Option<String> =
+                self.with_conn(|c, _| redis::cmd("GET").arg(&pointer_key).query(c.like()))?;
+            let Some(pointer) = pointer else {
+                return Ok(());
+            };
+            let mut fields = pointer.split(':');
+            let (Some(_), Some(parts), Some(id)) = (
+                fields.next(),
+                fields.next().and_then(|n| n.parse::<usize>().ok()),
+                fields.next(),
+            ) else {
+                return Err(self.error_of(
+                    FailureCause::UnexpectedReply,
+                    format!("{pointer_key} holds {pointer:?}, not a snapshot pointer"),
+                ));
+            };
+            let keys: Vec<String> = (1..=parts)
+                .map(|i| format!("{pointer_key}:{id}:{i}"))
+                .collect();
+            let mut blobs: Vec<Option<Vec<u8>>> = Vec::with_capacity(parts);
+            for chunk in keys.chunks(16) {
+                let got: Vec<Option<Vec<u8>>> = self.with_conn(|c, _| {
+                    let mut mget = redis::cmd("MGET");
+                    for k in chunk {
+                        mget.arg(k);
+                    }
+                    mget.query(c.like())
+                })?;
+                blobs.extend(got);
+            }
+            if blobs.iter().any(Option::is_none) {
+                // Replaced meanwhile by a newer one: read that.
+                continue;
+            }
+            let log = self.log();
+            log.replica.clear();
+            for blob in blobs.iter().flatten() {
+                if let Err(what) = log.replica.load_part(blob) {
+                    log.replica.clear();
+                    return Err(self.error_of(
+                        FailureCause::UnexpectedReply,
+                        format!("{pointer_key}: {what}"),
+                    ));
+                }
+            }
+            let slice_nanos = self.slice_nanos;
+            let log = self.log();
+            log.snapshot_generation = log.snapshot_generation.max(self_generation(
+                slice_nanos,
+                log.replica.newest_at(),
+                log.replica.last_seq,
+            ));
+            return Ok(());
+        }
+        Err(self.error_of(
+            FailureCause::Other,
+            "the shard's snapshot kept changing while it was read",
+        ))
+    }
+
+    /// Takes a snapshot of the replica for the log to be trimmed behind:
+    /// once per slice of record time (without a window, once the entries
+    /// since the last one outnumber twice the state). Best effort: another
+    /// engine may have taken this slice's, or the next request takes it.
+    fn schedule_snapshot(&mut self) {
+        let slice_nanos = self.slice_nanos;
+        let ttl = self.ttl_ms.unwrap_or(0);
+        let log = self.log();
+        let state = log.replica.len();
+        let generation = match slice_nanos {
+            Some(d) => log.replica.newest_at() / d.max(1),
+            None => {
+                if log.since_snapshot < (2 * state).max(1 << 16) {
+                    return;
+                }
+                log.replica.last_seq
+            }
+        };
+        if log.snapshot_generation == 0 {
+            // The first look: the next snapshot is a generation on.
+            log.snapshot_generation = generation;
+            return;
+        }
+        if generation <= log.snapshot_generation || log.replica.last_seq == 0 {
+            return;
+        }
+        log.snapshot_generation = generation;
+        log.since_snapshot = 0;
+        let parts = log.replica.snapshot(SNAPSHOT_PART);
+        let id = format!("{:x}", new_writer(generation as usize));
+        let pointer = format!(
+            "{}:{}:{id}:{generation}:0-{}",
+            log.replica.last_seq,
+            parts.len(),
+            log.replica.last_seq + 1
+        );
+        let script = log.snapshot_script.clone();
+        let mut invocation = script.prepare_invoke();
+        invocation.key(&log.snapshot_key).key(&log.log_key);
+        for i in 1..=parts.len() {
+            invocation.key(format!("{}:{id}:{i}", log.snapshot_key));
+        }
+        invocation
+            .arg(pointer)
+            .arg(generation)
+            .arg(ttl)
+            .arg(format!("{}:", log.snapshot_key));
+        for p in &parts {
+            invocation.arg(&p[..]);
+        }
+        let _ = self.with_conn(|c, _| invocation.invoke::<i64>(c.like()));
     }
 
     /// Applies read entries in order; the outcomes of entries this call
@@ -619,6 +753,7 @@ impl RedisPartition {
                     ));
                 }
             };
+            log.since_snapshot += ops.len() as u64;
             let mine = header.writer == log.writer;
             if mine && waiting.contains(&header.batch) {
                 let k = (header.batch - first_batch) as usize;
@@ -648,38 +783,6 @@ impl RedisPartition {
         }
         log.scratch = ops;
         Ok(())
-    }
-
-    /// Computes where the log may be trimmed, once per slice of record
-    /// time.
-    fn schedule_trim(&mut self) {
-        let slice_nanos = self.slice_nanos.unwrap_or(0);
-        let window = self.window.unwrap_or(u64::MAX / 2);
-        let log = self.log();
-        if slice_nanos == 0 {
-            return;
-        }
-        let slice = log.replica.newest_at() / slice_nanos;
-        if slice > log.trim_slice {
-            log.trim_slice = slice;
-            if let Some(point) = log.replica.trim_point() {
-                log.trim = Some(point);
-            }
-            // Lost batches older than the window are no longer found.
-            if !log.lost.is_empty() {
-                let horizon = log
-                    .replica
-                    .newest_at()
-                    .saturating_sub(window.saturating_add(slice_nanos));
-                log.lost.retain(|_, ops| {
-                    ops.iter().any(|op| match op {
-                        LogOp::Check { at, .. } | LogOp::Claim { at, .. } => *at > horizon,
-                        _ => false,
-                    })
-                });
-                log.lost_ops = log.lost.values().map(Vec::len).sum();
-            }
-        }
     }
 
     /// Keeps `ops` (with their lease clock readings) to append with the
@@ -835,6 +938,15 @@ impl RedisPartition {
     /// The hash of a slice's committed results.
     pub(super) fn body_key(&self, slice: u64) -> String {
         format!("{}b:{slice}", self.key_base)
+    }
+}
+
+/// A snapshot's generation: the slice of its newest record time, or
+/// without a window its position.
+fn self_generation(slice_nanos: Option<u64>, newest_at: u64, last_seq: u64) -> u64 {
+    match slice_nanos {
+        Some(d) => newest_at / d.max(1),
+        None => last_seq,
     }
 }
 

@@ -32,8 +32,6 @@
 //! `seq << 16 | i`: strictly increasing per shard, so per key, across
 //! engines.
 
-use std::collections::VecDeque;
-
 use crate::claims::PayloadFingerprint;
 use crate::exact::table::FingerprintTable;
 use crate::exact::SharedOp;
@@ -43,6 +41,15 @@ pub(super) const MAGIC: u8 = 0x54;
 pub(super) const VERSION: u8 = 1;
 /// Bytes of an entry's header.
 pub(super) const HEADER: usize = 2 + 8 + 8 + 8 + 8 + 4;
+/// A snapshot part's first byte (see [`Replica::snapshot`]): a replica
+/// starts from the latest snapshot and the entries after its position
+/// (the log is trimmed behind snapshots: replaying a suffix alone would
+/// judge its checks without the records they met).
+pub(super) const SNAPSHOT_MAGIC: u8 = 0x53;
+/// Bytes of a snapshot part's header: magic, version, position (u64),
+/// newest record time (u64), newest lease clock (u64), records (u32).
+const SNAPSHOT_HEADER: usize = 2 + 8 + 8 + 8 + 4;
+
 /// Operations one entry holds at most (the token's low bits).
 pub(super) const MAX_OPS: usize = 1 << TOKEN_SHIFT;
 const TOKEN_SHIFT: u32 = 16;
@@ -63,11 +70,6 @@ fn window_code(window: Option<u64>) -> u64 {
 /// The token of operation `index` of entry `seq`.
 pub(super) fn token(seq: u64, index: usize) -> u64 {
     (seq << TOKEN_SHIFT) | index as u64
-}
-
-/// The entry a token was issued in.
-pub(super) fn token_seq(token: u64) -> u64 {
-    token >> TOKEN_SHIFT
 }
 
 /// One operation as the log carries it: a [`SharedOp`] (its result goes to
@@ -474,9 +476,6 @@ pub(super) struct Replica {
     /// The newest record time and lease clock reading applied.
     newest_at: u64,
     newest_now: u64,
-    /// Per entry applied, oldest first: its sequence and the newest record
-    /// time up to it (what trimming the stream may drop).
-    entries: VecDeque<(u64, u64)>,
     /// The slice of `newest_at` when the last sweep began, and where the
     /// running sweep of `plain` resumes (`None`: none running).
     swept_slice: u64,
@@ -503,7 +502,6 @@ impl Replica {
             slice: slice.unwrap_or(0),
             newest_at: 0,
             newest_now: 0,
-            entries: VecDeque::new(),
             swept_slice: 0,
             sweep: None,
         }
@@ -517,7 +515,6 @@ impl Replica {
         self.last_seq = 0;
         self.newest_at = 0;
         self.newest_now = 0;
-        self.entries.clear();
         self.swept_slice = 0;
         self.sweep = None;
     }
@@ -532,9 +529,7 @@ impl Replica {
     }
 
     pub(super) fn bytes(&self) -> usize {
-        self.plain.bytes()
-            + self.rich.capacity() * (16 + std::mem::size_of::<Rich>() + 8)
-            + self.entries.capacity() * 16
+        self.plain.bytes() + self.rich.capacity() * (16 + std::mem::size_of::<Rich>() + 8)
     }
 
     /// Records older than this can no longer count for any operation (they
@@ -562,8 +557,6 @@ impl Replica {
         }
         self.last_seq = seq;
         self.newest_now = self.newest_now.max(header.now);
-        let running = self.entries.back().map_or(0, |e| e.1).max(self.newest_at);
-        self.entries.push_back((seq, running));
         self.upkeep(ops.len());
     }
 
@@ -758,29 +751,130 @@ impl Replica {
         }
     }
 
-    /// Where the stream may be trimmed: every entry before the returned
-    /// sequence holds only records past the horizon and no live lease's
-    /// claim. `None`: nothing to trim.
-    pub(super) fn trim_point(&mut self) -> Option<u64> {
-        let horizon = self.horizon()?;
-        let oldest_lease = self
-            .rich
-            .values()
-            .filter_map(|r| match r {
-                Rich::Held { token, .. } => Some(token_seq(*token)),
-                Rich::Done { .. } => None,
-            })
-            .min()
-            .unwrap_or(u64::MAX);
-        let mut point = None;
-        while let Some(&(seq, newest)) = self.entries.front() {
-            if newest > horizon || seq >= oldest_lease || seq == self.last_seq {
-                break;
+    /// The state as snapshot parts of at most about `part_bytes` each
+    /// (see [`SNAPSHOT_MAGIC`]), as of the last entry applied.
+    pub(super) fn snapshot(&self, part_bytes: usize) -> Vec<Vec<u8>> {
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut count = 0u32;
+        let mut part = Vec::new();
+        let start = |part: &mut Vec<u8>| {
+            part.clear();
+            part.push(SNAPSHOT_MAGIC);
+            part.push(VERSION);
+            part.extend_from_slice(&self.last_seq.to_le_bytes());
+            part.extend_from_slice(&self.newest_at.to_le_bytes());
+            part.extend_from_slice(&self.newest_now.to_le_bytes());
+            part.extend_from_slice(&0u32.to_le_bytes());
+        };
+        let finish = |part: &mut Vec<u8>, count: &mut u32, parts: &mut Vec<Vec<u8>>| {
+            part[SNAPSHOT_HEADER - 4..SNAPSHOT_HEADER].copy_from_slice(&count.to_le_bytes());
+            parts.push(std::mem::take(part));
+            *count = 0;
+        };
+        start(&mut part);
+        let u = |part: &mut Vec<u8>, v: u64| part.extend_from_slice(&v.to_le_bytes());
+        let payload = |part: &mut Vec<u8>, p: Option<PayloadFingerprint>| {
+            part.push(u8::from(p.is_some()));
+            part.extend_from_slice(&p.map_or(0, |p| p.0).to_le_bytes());
+        };
+        let rich = self.rich.iter().map(|(fp, r)| (*fp, Some(*r)));
+        let plain = self.plain.iter().map(|(fp, _)| (fp, None));
+        for (fp, r) in rich.chain(plain) {
+            if part.len() >= part_bytes {
+                finish(&mut part, &mut count, &mut parts);
+                start(&mut part);
             }
-            self.entries.pop_front();
-            point = Some(seq + 1);
+            match r {
+                None => {
+                    part.push(1);
+                    part.extend_from_slice(&fp.to_bytes());
+                    u(&mut part, self.plain.get(fp).expect("iterated"));
+                }
+                Some(Rich::Held {
+                    token,
+                    at,
+                    until,
+                    payload: p,
+                }) => {
+                    part.push(2);
+                    part.extend_from_slice(&fp.to_bytes());
+                    u(&mut part, token);
+                    u(&mut part, at);
+                    u(&mut part, until);
+                    payload(&mut part, p);
+                }
+                Some(Rich::Done {
+                    at,
+                    token,
+                    payload: p,
+                    body,
+                }) => {
+                    part.push(3);
+                    part.extend_from_slice(&fp.to_bytes());
+                    u(&mut part, at);
+                    u(&mut part, token);
+                    payload(&mut part, p);
+                    part.push(u8::from(body));
+                }
+            }
+            count += 1;
         }
-        point
+        finish(&mut part, &mut count, &mut parts);
+        parts
+    }
+
+    /// Adds one snapshot part to this (cleared) replica: its records, and
+    /// the position and times it was taken at. Returns the position.
+    pub(super) fn load_part(&mut self, bytes: &[u8]) -> Result<u64, String> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.u8()? != SNAPSHOT_MAGIC || r.u8()? != VERSION {
+            return Err("a snapshot part of another format".into());
+        }
+        let as_of = r.u64()?;
+        self.newest_at = self.newest_at.max(r.u64()?);
+        self.newest_now = self.newest_now.max(r.u64()?);
+        let count = r.u32()?;
+        let payload = |r: &mut Reader<'_>| -> Result<Option<PayloadFingerprint>, String> {
+            let tag = r.u8()?;
+            let value = r.u64()?;
+            Ok((tag != 0).then_some(PayloadFingerprint(value)))
+        };
+        for _ in 0..count {
+            match r.u8()? {
+                1 => {
+                    let fp = r.fp()?;
+                    let at = r.u64()?;
+                    self.plain.insert(fp, at);
+                }
+                2 => {
+                    let fp = r.fp()?;
+                    let held = Rich::Held {
+                        token: r.u64()?,
+                        at: r.u64()?,
+                        until: r.u64()?,
+                        payload: payload(&mut r)?,
+                    };
+                    self.rich.insert(fp, held);
+                }
+                3 => {
+                    let fp = r.fp()?;
+                    let done = Rich::Done {
+                        at: r.u64()?,
+                        token: r.u64()?,
+                        payload: payload(&mut r)?,
+                        body: r.u8()? != 0,
+                    };
+                    self.rich.insert(fp, done);
+                }
+                other => return Err(format!("a snapshot record of unknown kind {other}")),
+            }
+        }
+        if r.at != bytes.len() {
+            return Err("bytes after a snapshot part's last record".into());
+        }
+        self.last_seq = as_of;
+        self.swept_slice = self.newest_at.checked_div(self.slice).unwrap_or(0);
+        Ok(as_of)
     }
 
     /// The lease `token` of `fp` if it still holds it (not expired by the
@@ -963,7 +1057,7 @@ mod tests {
     }
 
     #[test]
-    fn old_records_are_swept_and_the_stream_trimmed_behind_them() {
+    fn old_records_are_swept_and_snapshots_round_trip() {
         let mut r = Replica::new(Some(100), Some(20));
         let h = header(0);
         for seq in 1..=50u64 {
@@ -975,14 +1069,43 @@ mod tests {
                 .collect();
             r.apply(seq, &h, &ops, |_, _| {});
         }
+        let claim = LogOp::Claim {
+            fp: Fingerprint(7),
+            at: 500,
+            until: 90,
+            payload: Some(PayloadFingerprint(4)),
+        };
+        r.apply(51, &header(10), &[claim], |_, _| {});
         // Newest record time 500: records at or before 500 − 120 are gone.
         for _ in 0..100 {
             r.upkeep(100);
         }
         assert!(r.plain.len() <= 13 * 10, "{} records kept", r.plain.len());
         assert!(r.plain.get(Fingerprint(50 << 8)).is_some());
-        let point = r.trim_point().expect("old entries");
-        assert_eq!(point, 39, "entries up to time 380 may go");
-        assert_eq!(r.trim_point(), None, "once");
+        let parts = r.snapshot(64);
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        let mut back = Replica::new(Some(100), Some(20));
+        for p in &parts {
+            assert_eq!(back.load_part(p), Ok(51));
+        }
+        assert_eq!(back.len(), r.len());
+        assert_eq!(
+            (back.newest_at, back.newest_now),
+            (r.newest_at, r.newest_now)
+        );
+        // Both answer the next operations alike.
+        let next = [
+            LogOp::Check {
+                fp: Fingerprint(50 << 8),
+                at: 505,
+            },
+            claim,
+        ];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        r.apply(52, &header(20), &next, |_, o| a.push(o));
+        back.apply(52, &header(20), &next, |_, o| b.push(o));
+        assert_eq!(a, b);
+        assert!(matches!(a[1], Outcome::InProgress { until: 90 }));
+        assert!(back.load_part(&parts[0][..parts[0].len() - 1]).is_err());
     }
 }

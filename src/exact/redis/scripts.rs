@@ -44,20 +44,20 @@ return out
 
 /// On a cluster, appends marks to many record strings in one request (one
 /// reply, as [`MARK_SCRIPT`]). KEYS: the strings. ARGV: ttl ms, then per
-/// string: its records (24 bytes each), `1` to give it the TTL (else `0`).
-/// Returns per string how many records it stored (all or none), then the
-/// first refusal's message if any.
+/// string: its records, `1` to give it the TTL (else `0`), and how many
+/// records they are. Returns per string how many records it stored (all or
+/// none), then the first refusal's message if any.
 pub(super) const APPEND_SCRIPT: &str = r"
 local ttl = ARGV[1]
 local out, refusal = {}, nil
 for k = 1, #KEYS do
-  local r = redis.pcall('APPEND', KEYS[k], ARGV[2 * k])
+  local r = redis.pcall('APPEND', KEYS[k], ARGV[3 * k - 1])
   if type(r) == 'table' and r.err then
     refusal = refusal or r.err
     out[k] = 0
   else
-    out[k] = #ARGV[2 * k] / 24
-    if ARGV[2 * k + 1] == '1' then
+    out[k] = tonumber(ARGV[3 * k + 1])
+    if ARGV[3 * k] == '1' then
       redis.pcall('PEXPIRE', KEYS[k], ttl)
     end
   end
@@ -66,6 +66,49 @@ if refusal then
   out[#KEYS + 1] = refusal
 end
 return out
+";
+
+/// Removes every record of one fingerprint from the buckets of the live
+/// slices that may hold it (a forget, owned keys). KEYS: the buckets.
+/// ARGV: the fingerprint (16 bytes), `1` for record strings (rewritten
+/// without its records, same TTL), `0` for hashes (`HDEL`). Records are
+/// walked as `records.rs` writes them: 24 bytes, and a body after those
+/// whose time has its top bit set. Returns how many records went.
+pub(super) const FORGET_SCRIPT: &str = r"
+local fp = ARGV[1]
+local removed = 0
+for _, k in ipairs(KEYS) do
+  if ARGV[2] == '1' then
+    local v = redis.call('GET', k)
+    if v then
+      local kept, i, n, changed = {}, 1, #v, false
+      while i <= n do
+        local len = 24
+        if string.byte(v, i + 16) >= 128 then
+          local a, b, c, d = string.byte(v, i + 33, i + 36)
+          len = 37 + ((a * 256 + b) * 256 + c) * 256 + d
+        end
+        if string.sub(v, i, i + 15) == fp then
+          changed = true
+          removed = removed + 1
+        else
+          kept[#kept + 1] = string.sub(v, i, i + len - 1)
+        end
+        i = i + len
+      end
+      if changed then
+        if #kept == 0 then
+          redis.call('DEL', k)
+        else
+          redis.call('SET', k, table.concat(kept), 'KEEPTTL')
+        end
+      end
+    end
+  else
+    removed = removed + redis.call('HDEL', k, fp)
+  end
+end
+return removed
 ";
 
 /// Rewrites record strings of a finished slice at their exact size: `APPEND`
@@ -112,13 +155,13 @@ return out
 /// life: a log lost with its server gets a new one, and every replica
 /// rebuilds), then the body hashes this batch writes. ARGV: the epoch to
 /// set if there is none, ttl ms (`0`: none), the id to read after
-/// (exclusive: `(0-<seq>`), the most entries to return, the id to trim
-/// before (`''`: none), the number of entries `n`, the `n` entries, then
-/// per body hash: its index in KEYS, its number of fields `m`, and `m`
-/// pairs (field, result). Bodies are written before the commits that name
-/// them, so a reader that sees a commit finds its result. Returns the
-/// epoch, the ids of the entries appended (`0-*`: the sequence counts
-/// entries), and the entries read (`XRANGE` replies).
+/// (exclusive: `(0-<seq>`), the most entries to return, the number of
+/// entries `n`, the `n` entries, then per body hash: its index in KEYS,
+/// its number of fields `m`, and `m` pairs (field, result). Bodies are
+/// written before the commits that name them, so a reader that sees a
+/// commit finds its result. Returns the epoch, the ids of the entries
+/// appended (`0-*`: the sequence counts entries), and the entries read
+/// (`XRANGE` replies).
 pub(super) const LOG_SCRIPT: &str = r"
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -126,8 +169,8 @@ if not epoch then
   redis.call('SET', KEYS[2], epoch)
 end
 local ttl = tonumber(ARGV[2])
-local n = tonumber(ARGV[6])
-local i = 7 + n
+local n = tonumber(ARGV[5])
+local i = 6 + n
 while i <= #ARGV do
   local k, m = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local j, last = i + 2, i + 1 + 2 * m
@@ -140,16 +183,56 @@ while i <= #ARGV do
 end
 local ids = {}
 for b = 1, n do
-  ids[b] = redis.call('XADD', KEYS[1], '0-*', 'o', ARGV[6 + b])
+  ids[b] = redis.call('XADD', KEYS[1], '0-*', 'o', ARGV[5 + b])
 end
 if ttl > 0 and n > 0 then
   for k = 1, #KEYS do
     redis.call('PEXPIRE', KEYS[k], ttl)
   end
 end
-if ARGV[5] ~= '' then
-  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[5])
-end
 local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
 return {epoch, ids, entries}
+";
+
+/// Shared keys: stores a snapshot of a shard's state (its replica as of an
+/// entry of the log) and trims the log behind the previous one. KEYS: the
+/// snapshot's pointer, the log, then the new snapshot's parts. ARGV: the
+/// new pointer (`<position>:<parts>:<id>:<generation>:<trim id>`), its
+/// generation, ttl ms (`0`: none), the prefix of part keys
+/// (`…:snap:`), then the parts. Does nothing (returns 0) when the stored
+/// snapshot is of this generation or a later one (another engine took
+/// it); otherwise writes the parts and the pointer, deletes the previous
+/// snapshot's parts and trims the log before the previous snapshot's
+/// position (replicas up to a snapshot behind still read on without a
+/// gap), and returns 1.
+pub(super) const SNAPSHOT_SCRIPT: &str = r"
+local old = redis.call('GET', KEYS[1])
+local old_parts, old_id, trim = 0, nil, nil
+if old then
+  local n, id, generation, t = string.match(old, '^%d+:(%d+):(%w+):(%d+):(.+)$')
+  if generation and tonumber(generation) >= tonumber(ARGV[2]) then
+    return 0
+  end
+  old_parts, old_id, trim = tonumber(n or 0), id, t
+end
+local ttl = tonumber(ARGV[3])
+for k = 3, #KEYS do
+  if ttl > 0 then
+    redis.call('SET', KEYS[k], ARGV[k + 2], 'PX', ttl)
+  else
+    redis.call('SET', KEYS[k], ARGV[k + 2])
+  end
+end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if old_id then
+  for i = 1, old_parts do
+    redis.call('UNLINK', ARGV[4] .. old_id .. ':' .. i)
+  end
+  redis.call('XTRIM', KEYS[2], 'MINID', trim)
+end
+return 1
 ";
