@@ -223,6 +223,8 @@ impl ExactBackend for RedisTier {
                 "tiered_dedup_redis_server_unchecked_total",
                 &s.server_unchecked,
             ),
+            ("tiered_dedup_redis_snapshots_total", &s.snapshots),
+            ("tiered_dedup_redis_rebuilds_total", &s.rebuilds),
         ];
         for (name, value) in counters {
             report(TierMetric::Counter {

@@ -564,6 +564,9 @@ impl RedisPartition {
                      it is rebuilt from Redis"
                 );
                 log.replica.clear();
+                if last > 0 {
+                    self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+                }
                 if reads >= MAX_READS {
                     break;
                 }
@@ -710,21 +713,54 @@ impl RedisPartition {
             parts.len(),
             log.replica.last_seq + 1
         );
+        let part_keys: Vec<String> = (1..=parts.len())
+            .map(|i| format!("{}:{id}:{i}", log.snapshot_key))
+            .collect();
         let script = log.snapshot_script.clone();
-        let mut invocation = script.prepare_invoke();
-        invocation.key(&log.snapshot_key).key(&log.log_key);
-        for i in 1..=parts.len() {
-            invocation.key(format!("{}:{id}:{i}", log.snapshot_key));
+        let (snapshot_key, log_key) = (log.snapshot_key.clone(), log.log_key.clone());
+        // On the mark connection (unused otherwise in shared mode): a slow
+        // or failed snapshot never holds back the claims. The parts first,
+        // a few megabytes per request; then the pointer, which readers
+        // follow, switched atomically with the deletion of the previous
+        // snapshot and the trimming of the log behind it.
+        for (keys, blobs) in part_keys.chunks(4).zip(parts.chunks(4)) {
+            let written = self.with_mark_conn(|c, _| {
+                let cmds = keys
+                    .iter()
+                    .zip(blobs)
+                    .map(|(k, b)| {
+                        let mut cmd = redis::cmd("SET");
+                        cmd.arg(k).arg(&b[..]);
+                        if ttl > 0 {
+                            cmd.arg("PX").arg(ttl);
+                        }
+                        cmd
+                    })
+                    .collect();
+                // `Conn::pipeline`: a cluster connection takes a cluster
+                // pipeline (the client's plain one is refused there).
+                c.pipeline(cmds)
+            });
+            if written.is_err() {
+                return;
+            }
         }
-        invocation
-            .arg(pointer)
-            .arg(generation)
-            .arg(ttl)
-            .arg(format!("{}:", log.snapshot_key));
-        for p in &parts {
-            invocation.arg(&p[..]);
+        let switched = self.with_mark_conn(|c, _| {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(&snapshot_key).key(&log_key);
+            invocation
+                .arg(pointer)
+                .arg(generation)
+                .arg(ttl)
+                .arg(format!("{snapshot_key}:"));
+            for k in &part_keys {
+                invocation.arg(k);
+            }
+            invocation.invoke::<i64>(c.like())
+        });
+        if let Ok(1) = switched {
+            self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
         }
-        let _ = self.with_conn(|c, _| invocation.invoke::<i64>(c.like()));
     }
 
     /// Applies read entries in order; the outcomes of entries this call

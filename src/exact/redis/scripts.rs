@@ -194,37 +194,32 @@ local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
 return {epoch, ids, entries}
 ";
 
-/// Shared keys: stores a snapshot of a shard's state (its replica as of an
-/// entry of the log) and trims the log behind the previous one. KEYS: the
-/// snapshot's pointer, the log, then the new snapshot's parts. ARGV: the
-/// new pointer (`<position>:<parts>:<id>:<generation>:<trim id>`), its
-/// generation, ttl ms (`0`: none), the prefix of part keys
-/// (`…:snap:`), then the parts. Does nothing (returns 0) when the stored
-/// snapshot is of this generation or a later one (another engine took
-/// it); otherwise writes the parts and the pointer, deletes the previous
-/// snapshot's parts and trims the log before the previous snapshot's
-/// position (replicas up to a snapshot behind still read on without a
-/// gap), and returns 1.
+/// Shared keys: makes a snapshot of a shard's state (its replica as of an
+/// entry of the log, whose parts were stored first) the one replicas
+/// start from, and trims the log behind the previous one. KEYS: the
+/// snapshot's pointer, the log. ARGV: the new pointer
+/// (`<position>:<parts>:<id>:<generation>:<trim id>`), its generation,
+/// ttl ms (`0`: none), the prefix of part keys (`…:snap:`), then the new
+/// parts' keys. When the stored snapshot is of this generation or a later
+/// one (another engine took it), deletes the new parts and returns 0;
+/// otherwise sets the pointer, deletes the previous snapshot's parts,
+/// trims the log before the previous snapshot's position (replicas up to
+/// a snapshot behind still read on without a gap), and returns 1.
 pub(super) const SNAPSHOT_SCRIPT: &str = r"
 local old = redis.call('GET', KEYS[1])
 local old_parts, old_id, trim = 0, nil, nil
 if old then
   local n, id, generation, t = string.match(old, '^%d+:(%d+):(%w+):(%d+):(.+)$')
   if generation and tonumber(generation) >= tonumber(ARGV[2]) then
+    for i = 5, #ARGV do
+      redis.call('UNLINK', ARGV[i])
+    end
     return 0
   end
   old_parts, old_id, trim = tonumber(n or 0), id, t
 end
-local ttl = tonumber(ARGV[3])
-for k = 3, #KEYS do
-  if ttl > 0 then
-    redis.call('SET', KEYS[k], ARGV[k + 2], 'PX', ttl)
-  else
-    redis.call('SET', KEYS[k], ARGV[k + 2])
-  end
-end
-if ttl > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
