@@ -21,10 +21,21 @@
 //! rounds, default 5) and the ratio of each round's pair is printed; the
 //! criterion groups time whole passes too.
 //!
+//! With the `redis` feature the bench also runs claims on the Redis tier
+//! against the per-request Redis pattern (`benches/claims/redis.rs`);
+//! a filter argument runs only the parts whose name holds it.
+//!
 //! ```text
 //! cargo bench --bench claims
+//! cargo bench --features redis --bench claims -- claims-redis
 //! ```
 
+#[cfg(feature = "redis")]
+#[path = "claims/redis.rs"]
+mod redis_part;
+#[cfg(feature = "redis")]
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
 mod support;
 use support::{
     env_number, growing_stream, manual_clock, paired_rounds, smoke_test, spread, Order, Until,
@@ -274,9 +285,20 @@ fn peer_pass(threads: usize) -> Duration {
     elapsed
 }
 
+/// True unless a filter argument was given that `name` does not hold.
+fn wanted(name: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_none_or(|filter| name.contains(&filter))
+}
+
 /// Paired rounds: ours and the peer alternate, each round's ratio printed,
 /// then the medians.
 fn paired(_c: &mut Criterion) {
+    if !wanted("claims/paired") {
+        return;
+    }
     let rounds = if smoke_test() {
         1
     } else {
@@ -340,5 +362,15 @@ fn timed(c: &mut Criterion) {
     g.finish();
 }
 
+#[cfg(feature = "redis")]
+fn redis(c: &mut Criterion) {
+    if wanted("claims-redis") {
+        redis_part::redis_claims(c);
+    }
+}
+
+#[cfg(feature = "redis")]
+criterion_group!(benches, paired, timed, redis);
+#[cfg(not(feature = "redis"))]
 criterion_group!(benches, paired, timed);
 criterion_main!(benches);

@@ -250,7 +250,13 @@ impl Bench {
         });
         d.flush().expect("a healthy tier stores every mark");
         let m = meter.stop();
-        assert_eq!(new, self.distinct, "{affinity:?}: verdicts");
+        assert_eq!(
+            new,
+            self.distinct,
+            "{affinity:?}: verdicts ({} Redis failures, last: {:?})",
+            stats.failures.load(std::sync::atomic::Ordering::Relaxed),
+            stats.last_error()
+        );
         assert_eq!(
             stats.failures.load(std::sync::atomic::Ordering::Relaxed),
             0,

@@ -16,7 +16,7 @@ use super::claim::ShardClaim;
 use super::shard::{Shard, ShardFilter, ShardRules};
 
 /// True when the error says the store offers no shared claims (the engine
-/// then uses the older claim script for checks).
+/// then checks through `ExactPartition::claim_batch`).
 fn unsupported(e: &ExactTierError) -> bool {
     matches!(e, ExactTierError::Unsupported(_))
 }

@@ -1,45 +1,60 @@
 //! `RedisTier`: the shared, durable exact tier (feature `redis`).
 //!
-//! **Layout.** Each (namespace, shard, slice) is cut into `B` buckets,
-//! Redis keys `{prefix}:{<namespace>:<shard>}:<slice>:<bucket>` in hex, the
-//! bucket being the fingerprint's high half scaled onto `B`. A mark is the
-//! 16 fingerprint bytes and the first-accepted time as 8 big-endian bytes,
-//! stored one of two ways:
-//! - **record strings** (owned keys, the default): a bucket is a string of
-//!   24-byte records, written with `APPEND` (all of a flush's marks for one
-//!   bucket in one argument) and read whole with `MGET` (one command for a
-//!   lookup batch); the newest record of a fingerprint wins. Redis does no
-//!   search and no per-field work: in the Redis bench it spends 0.3–0.7 µs
-//!   per key where small hashes cost 0.8–1.3, at about 31 bytes per key
-//!   once a slice's strings are compacted (`APPEND` grows them by doubling
+//! **Owned keys.** Each (namespace, shard, slice) is cut into `B`
+//! buckets, Redis keys `{prefix}:{<namespace>:<shard>}:<slice>:<bucket>`
+//! in hex, the bucket being the fingerprint's high half scaled onto `B`. A
+//! mark is the 16 fingerprint bytes and the first-accepted time as 8
+//! big-endian bytes, stored one of two ways:
+//! - **record strings** (the default): a bucket is a string of 24-byte
+//!   records, written with `APPEND` (all of a flush's marks for one bucket
+//!   in one argument) and read whole with `MGET` (one command for a lookup
+//!   batch); the newest record of a fingerprint wins. Redis does no search
+//!   and no per-field work: in the Redis bench it spends 0.3–0.7 µs per key
+//!   where small hashes cost 0.8–1.3, at about 31 bytes per key once a
+//!   slice's strings are compacted (`APPEND` grows them by doubling
 //!   meanwhile);
-//! - **hashes** (shared keys, whose claim script checks and sets one field
-//!   atomically; or `keys_per_hash: Some(0)`): fields are fingerprints,
-//!   values times.
+//! - **hashes** (`keys_per_hash: Some(0)`, or a namespace an older version
+//!   wrote): fields are fingerprints, values times.
 //!
-//! `B` is chosen for about 51 keys per bucket at the expected rate (shared
-//! keys keep one hash per slice by default: see
-//! [`RedisConfig::keys_per_hash`]), so a lookup reads about 1.2 kB and
-//! small hashes would stay in Redis's compact listpack encoding (up to
-//! `hash-max-listpack-entries`, 128 by default; one large hash costs 89
-//! bytes per key and `SET key 1 NX PX` 115). The first engine to use a
-//! shard writes its layout (`B`, or `records:B`) to
-//! `{prefix}:{<namespace>:<shard>}:layout`; every engine that connects
-//! later adopts it, so engines sized differently (or a restart with another
-//! estimate) still look in the same buckets, an owned engine reads and
-//! writes the hashes an earlier one left, and a shared engine refuses
-//! record strings (its requests fail with a message that says so).
+//! `B` is chosen for about 51 keys per bucket at the expected rate, so a
+//! lookup reads about 1.2 kB. The first engine to use a shard writes its
+//! layout (`B`, or `records:B`) to `{prefix}:{<namespace>:<shard>}:layout`;
+//! every engine that connects later adopts it, so engines sized
+//! differently (or a restart with another estimate) still look in the same
+//! buckets.
 //!
-//! The hash tag `{<namespace>:<shard>}` puts all hashes of one shard in one
-//! Cluster slot, so every batch is slot-local. A slice's hashes are deleted
-//! when the engine's rotation retires its slot (engine time: processing or
-//! event time), and carry a TTL only as a backstop for keys of an engine
-//! that stopped, set when this process first writes a hash (and refreshed
-//! by every shared-mode claim): by default twice the span plus two slices,
-//! and at least an hour, so a clock slower than the wall clock (an
-//! event-time replay) never loses a key early. Without a window keys never
-//! expire: no TTL, unless [`RedisConfig::ttl`] sets a retention (renewed by
-//! every write of a bucket).
+//! **Shared keys** (no key affinity: any engine may see any key) are kept
+//! as one **log** per shard, `{prefix}:{<namespace>:<shard>}:log` (a Redis
+//! stream), its layout `log:<window>:<span>`: every claim, check, commit,
+//! release, extension and forget of a shard's batch is appended as one
+//! entry, and the same request reads the log back from where this engine
+//! stopped (`LOG_SCRIPT`); each engine replays the log into a replica of
+//! the shard's state in its own memory and answers its operations from
+//! what they meet there. The log's order is the atomicity — every replica
+//! that applied the same entries holds the same state — and Redis does no
+//! work per key beyond storing and sending the bytes: 190 ns of Redis CPU
+//! per key where the earlier claim script, which looked each key up in
+//! every live slice's hash, took 5–7 µs (`docs/benchmarks.md`). A check
+//! costs 25 bytes in the log. The costs move to the engines: each holds a
+//! replica of its shards (the keys of every engine, about 30 bytes per key
+//! in the window) and reads every engine's operations. Engines sharing
+//! keys must agree on the window and lateness (they judge each other's
+//! operations): the layout key says which, and an engine that differs is
+//! refused with a message, as is a shared engine on an owned namespace and
+//! the other way round. A committed result is stored in the hash of its
+//! acquisition slice (`…:b:<slice>`), fenced by its lease's token.
+//!
+//! The hash tag `{<namespace>:<shard>}` puts all keys of one shard in one
+//! Cluster slot, so every batch is slot-local. A slice's buckets (and its
+//! results' hash) are deleted when the engine's rotation retires its slot
+//! (engine time: processing or event time); a log is trimmed of entries
+//! whose records have all left the window. Every key carries a TTL only as
+//! a backstop for an engine that stopped, set when this process first
+//! writes a bucket (renewed by every append to a log): by default twice the
+//! span plus two slices, and at least an hour, so a clock slower than the
+//! wall clock (an event-time replay) never loses a key early. Without a
+//! window keys never expire: no TTL, unless [`RedisConfig::ttl`] sets a
+//! retention (renewed by every write of a bucket).
 //!
 //! **Batches, never a round trip per key.** Lookups are one `MGET` (record
 //! strings) or one pipeline of `HMGET`s (one per hash needed); marks one
@@ -55,18 +70,14 @@
 //! on a flush, or once the engine has been idle for the flush interval:
 //! Redis stores one batch while the engine checks the next, and lookups do
 //! not queue behind them. A check waits for Redis only for its own
-//! requests (a lookup or claim it needs, a full batch of marks), up to
-//! [`RedisConfig::timeout`]; the engine's idle upkeep, which holds a
-//! shard's lock with no check waiting for it, waits at most
-//! [`RedisConfig::idle_timeout`] per request (`conn::Wait`). Marks in flight stay indexed, so a lookup that
-//! overtakes them is answered from the index; a shared-mode claim waits for
-//! their replies (and follows the failure policy if they cannot be
-//! written). A failure on one connection leaves the other alone. Once a
+//! requests (a lookup or shared-mode batch it needs, a full batch of
+//! marks), up to [`RedisConfig::timeout`]; the engine's idle upkeep, which
+//! holds a shard's lock with no check waiting for it, waits at most
+//! [`RedisConfig::idle_timeout`] per request (`conn::Wait`). Marks in
+//! flight stay indexed, so a lookup that overtakes them is answered from
+//! the index. A failure on one connection leaves the other alone. Once a
 //! slice stops filling, its record strings are rewritten at their exact
 //! size (`COMPACT_SCRIPT`, a chunk per flush).
-//! Shared-mode claims are one `EVALSHA` of a script that, per
-//! key, checks the live slices and records the key unless it is inside the
-//! window — atomically, so two engines never both accept one key.
 //!
 //! **Servers that would lose keys.** Each connection first asks the
 //! server's `maxmemory-policy` and role: a server that evicts keys or a
@@ -76,27 +87,29 @@
 //! **Faults.** A failed call drops the connection; the next one reconnects
 //! after an exponential backoff (10 ms … 1 s), failing fast meanwhile. The
 //! lookup and mark connections back off on their own (`conn::Link`): a
-//! failure of one never delays the other. What a
-//! failure means is the [`FailurePolicy`]. Each write's reply says whether
-//! Redis stored its marks; marks Redis refused (an error reply: out of
-//! memory, no permission, read-only) or whose reply never came are kept in
-//! a bounded buffer, still visible to lookups, and retried with the next
-//! marks, every shared-mode claim and [`crate::Deduper::flush`] (which
-//! returns once Redis has answered them); past the bound they are dropped
-//! and counted (marks in flight do not count against it). Until their
-//! slice leaves the window, kept and dropped marks make
-//! [`crate::Deduper::flush`] fail with their exact count
-//! ([`crate::FlushError::Unwritten`]). In shared mode, a key accepted without Redis (fail
-//! open, fallback) gets such a mark too, so Redis holds it once it is back.
-//! A shared-mode claim whose answer was lost may still have run: its retry
-//! recognises the claim's own time and accepts the key (see
-//! `UnansweredClaims`).
+//! failure of one never delays the other. What a failure means is the
+//! [`FailurePolicy`]. Each write's reply says whether Redis stored its
+//! marks; marks Redis refused (an error reply: out of memory, no
+//! permission, read-only) or whose reply never came are kept in a bounded
+//! buffer, still visible to lookups, and retried with the next marks and
+//! [`crate::Deduper::flush`] (which returns once Redis has answered them);
+//! past the bound they are dropped and counted (marks in flight do not
+//! count against it). Until their slice leaves the window, kept and dropped
+//! marks make [`crate::Deduper::flush`] fail with their exact count
+//! ([`crate::FlushError::Unwritten`]). In shared mode, a key accepted
+//! without Redis (fail open, fallback: judged from the replica as last
+//! read) is kept the same way and appended to the log once Redis is back.
+//! A shared-mode request whose answer was lost may still have run: when
+//! the log shows it, a check it recorded is accepted by the caller's retry
+//! (whose time then anchors the window), and a lease it acquired is
+//! released (see `claims.rs`).
 
 mod claims;
 mod config;
 mod conn;
 mod error;
 mod layout;
+mod log;
 mod lookups;
 mod marks;
 mod partition;
@@ -111,14 +124,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::table::FingerprintTable;
-use super::{ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, TierMetric};
+use super::{
+    ExactBackend, ExactPartition, Mark, MemoryPartition, PartitionSpec, RecordBody, TierMetric,
+};
 use crate::error::ExactTierError;
+use crate::fingerprint::FingerprintMap;
 use crate::time::GENERATIONS;
-use claims::UnansweredClaims;
+use claims::SharedLog;
 use conn::{Link, Wait};
 use layout::{buckets_for, KEYS_PER_HASH};
 use replies::InFlight;
-use scripts::{APPEND_SCRIPT, CLAIM_SCRIPT, COMPACT_SCRIPT, LOOKUP_SCRIPT, MARK_SCRIPT};
+use scripts::{APPEND_SCRIPT, COMPACT_SCRIPT, LOOKUP_SCRIPT, MARK_SCRIPT};
 
 pub use config::{FailurePolicy, RedisConfig, UnsafeServer};
 pub use server::{NodeInfo, ServerInfo};
@@ -207,6 +223,8 @@ impl ExactBackend for RedisTier {
                 "tiered_dedup_redis_server_unchecked_total",
                 &s.server_unchecked,
             ),
+            ("tiered_dedup_redis_snapshots_total", &s.snapshots),
+            ("tiered_dedup_redis_rebuilds_total", &s.rebuilds),
         ];
         for (name, value) in counters {
             report(TierMetric::Counter {
@@ -270,6 +288,13 @@ struct RedisPartition {
     /// Marks not yet written, oldest first, and their index for lookups.
     unsent: Vec<Mark>,
     unsent_index: FingerprintTable,
+    /// Bodies of committed claims (fingerprint → record time, body) whose
+    /// marks Redis has not acknowledged: written with their marks, read
+    /// from here meanwhile.
+    bodies: FingerprintMap<(u64, RecordBody)>,
+    /// Bodies the last lookup found with its records, for the claim that
+    /// asks for them next (`bodies_batch`).
+    found_bodies: FingerprintMap<(u64, RecordBody)>,
     /// Single server: the connection marks are written on. Their replies
     /// are read when the next marks are sent (or on a flush), so Redis
     /// stores one batch while the engine checks the next; lookups use
@@ -290,11 +315,17 @@ struct RedisPartition {
     compacting: VecDeque<u64>,
     compact_cursor: u64,
     fallback: Option<MemoryPartition>,
-    /// Claims sent whose answer was lost (fail closed).
-    unanswered: UnansweredClaims,
+    /// Shared mode: the shard's log and its replica (see `claims.rs`).
+    log: Option<Box<SharedLog>>,
+    /// Shared mode: the batches of the last failed request, if it was
+    /// sent (see `claims.rs`, `remember_lost`).
+    unanswered: Vec<(u64, Vec<log::LogOp>)>,
+    /// One slice, and window plus lateness, in nanoseconds (`None`
+    /// without a window).
+    slice_nanos: Option<u64>,
+    span_nanos: Option<u64>,
     /// The newest slice the engine has named (maps slots to slices).
     current: u64,
-    script: redis::Script,
     mark_script: redis::Script,
     append_script: redis::Script,
     compact_script: redis::Script,
@@ -314,6 +345,15 @@ impl RedisPartition {
             "{}:{{{:x}:{}}}:",
             config.prefix, spec.namespace_seed, spec.shard
         );
+        let log = spec.shared.then(|| {
+            Box::new(SharedLog::new(
+                &key_base,
+                spec.shard,
+                spec.span_nanos,
+                spec.slice_nanos,
+                spec.keys_per_slot.saturating_mul(GENERATIONS - 1),
+            ))
+        });
         RedisPartition {
             stats,
             server,
@@ -338,6 +378,8 @@ impl RedisPartition {
             lookups: Link::new(),
             unsent: Vec::new(),
             unsent_index: FingerprintTable::new(),
+            bodies: FingerprintMap::default(),
+            found_bodies: FingerprintMap::default(),
             marks: Link::new(),
             wait: Wait::Check,
             unlinks: Vec::new(),
@@ -348,9 +390,11 @@ impl RedisPartition {
             dropped: [0; GENERATIONS],
             fallback: (config.policy == FailurePolicy::FallbackToMemory)
                 .then(|| MemoryPartition::with_capacity(spec.keys_per_slot)),
-            unanswered: UnansweredClaims::new(config.max_unsent_marks),
+            log,
+            unanswered: Vec::new(),
+            slice_nanos: spec.slice_nanos,
+            span_nanos: spec.span_nanos,
             current: 0,
-            script: redis::Script::new(CLAIM_SCRIPT),
             mark_script: redis::Script::new(MARK_SCRIPT),
             compact_script: redis::Script::new(COMPACT_SCRIPT),
             append_script: redis::Script::new(APPEND_SCRIPT),

@@ -182,13 +182,60 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid} failed");
 }
 
-/// The engine's mark keys (hashes, or record strings) under the default
-/// prefix `td` (not the shards' `…:layout` keys).
+/// The engine's mark keys (hashes, record strings, or shared-mode logs)
+/// under the default prefix `td` (not the shards' `…:layout` keys, nor a
+/// log's epoch, snapshots and hashes of committed results).
 pub fn mark_hashes(conn: &mut redis::Connection) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg("td:*").query(conn).unwrap();
     keys.into_iter()
-        .filter(|k| !k.ends_with(":layout"))
+        .filter(|k| {
+            !k.ends_with(":layout")
+                && !k.ends_with(":log:epoch")
+                && !k.contains(":b:")
+                && !k.contains(":snap")
+        })
         .collect()
+}
+
+/// A stream entry as `XRANGE` answers it: its id and fields.
+type LogEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// The checks in a shared-mode log (a stream of entries, see
+/// `src/exact/redis/log.rs`): each check's fingerprint and time, in log
+/// order.
+pub fn log_checks(conn: &mut redis::Connection, key: &str) -> Vec<(Vec<u8>, u64)> {
+    let entries: Vec<LogEntry> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .unwrap();
+    let mut checks = Vec::new();
+    for (_, fields) in entries {
+        let blob = &fields[0].1;
+        assert_eq!(&blob[..2], &[0x54, 1], "{key}: a log entry");
+        let u64_at = |i: usize| u64::from_le_bytes(blob[i..i + 8].try_into().unwrap());
+        let count = u32::from_le_bytes(blob[34..38].try_into().unwrap());
+        let mut i = 38;
+        for _ in 0..count {
+            let kind = blob[i];
+            let size = match kind {
+                1 => 25,
+                2 => 42,
+                3 => 34,
+                4 | 7 => 33,
+                5 => 41,
+                6 => 17,
+                other => panic!("{key}: an operation of kind {other}"),
+            };
+            if kind == 1 {
+                checks.push((blob[i + 1..i + 17].to_vec(), u64_at(i + 17)));
+            }
+            i += size;
+        }
+        assert_eq!(i, blob.len(), "{key}: whole operations");
+    }
+    checks
 }
 
 /// The distinct fingerprints stored under one mark key: the fields of a
@@ -199,14 +246,45 @@ pub fn stored_fingerprints(conn: &mut redis::Connection, key: &str) -> Vec<Vec<u
         "hash" => redis::cmd("HKEYS").arg(key).query(conn).unwrap(),
         "string" => {
             let bytes: Vec<u8> = redis::cmd("GET").arg(key).query(conn).unwrap();
-            assert_eq!(bytes.len() % 24, 0, "{key}: not whole records");
-            let mut fps: Vec<Vec<u8>> = bytes.chunks_exact(24).map(|r| r[..16].to_vec()).collect();
+            let mut fps: Vec<Vec<u8>> = records(&bytes, key).into_iter().map(|r| r.0).collect();
+            fps.sort_unstable();
+            fps.dedup();
+            fps
+        }
+        "stream" => {
+            let mut fps: Vec<Vec<u8>> = log_checks(conn, key).into_iter().map(|c| c.0).collect();
             fps.sort_unstable();
             fps.dedup();
             fps
         }
         other => panic!("{key}: a {other} among the mark keys"),
     }
+}
+
+/// The records of a record string (see `src/exact/redis/records.rs`):
+/// fingerprint, time, and the result of those with a body.
+pub fn records(bytes: &[u8], key: &str) -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(i + 24 <= bytes.len(), "{key}: a record cut short");
+        let word = u64::from_be_bytes(bytes[i + 16..i + 24].try_into().unwrap());
+        let fp = bytes[i..i + 16].to_vec();
+        if word >> 63 == 0 {
+            out.push((fp, word, None));
+            i += 24;
+            continue;
+        }
+        let len = u32::from_be_bytes(bytes[i + 33..i + 37].try_into().unwrap()) as usize;
+        assert!(i + 37 + len <= bytes.len(), "{key}: a body cut short");
+        out.push((
+            fp,
+            word & !(1 << 63),
+            Some(bytes[i + 37..i + 37 + len].to_vec()),
+        ));
+        i += 37 + len;
+    }
+    out
 }
 
 /// Distinct fingerprints stored under all of `keys`, summed per key.

@@ -1,308 +1,1037 @@
-//! Shared mode: claims judged and recorded atomically in Redis
-//! (`CLAIM_SCRIPT`), and what a claim does when Redis cannot answer.
+//! Shared mode: a shard's claims, checks, commits, releases, extensions
+//! and forgets appended to its log in Redis and answered from the replica
+//! that replays it (`log.rs`); what happens when Redis cannot answer.
+//!
+//! One request per call (`LOG_SCRIPT`): the call's entry is appended and
+//! the log read back from where this replica stopped, so the replica
+//! applies every engine's operations in the log's order, its own among
+//! them, and answers its own from the state they meet. A committed
+//! result lives in the shard's body hash of its acquisition slice
+//! (`…:b:<slice>`, field fingerprint and token), written by the same
+//! request before the commit that names it; answers that replay one read
+//! them in one more request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::Value;
 
-use super::records::decode;
+use super::log::{decode_entry, encode_entry, Header, LogOp, Outcome, Replica, MAX_OPS};
 use super::{FailurePolicy, RedisPartition};
-use crate::error::ExactTierError;
-use crate::exact::{slots_newest_first, Claim, ExactPartition, Mark};
-use crate::fingerprint::Fingerprint;
+use crate::error::{ExactTierError, FailureCause};
+use crate::exact::table::FingerprintTable;
+use crate::exact::{RecordBody, SharedAnswer, SharedOp};
+use crate::fingerprint::{Fingerprint, FingerprintMap};
 use crate::time::{slot_of, Timestamp};
 
-/// Shared mode, fail closed: claims that were sent but whose answer was
-/// lost (a timeout, a connection cut mid-request). The caller got
-/// `Unavailable` and will retry, yet the script may have run — at once, or
-/// when a stopped server resumes — and recorded the key at the claim's
-/// time. A later claim that finds exactly that time is the retry of that
-/// claim: the key is accepted then, not refused as a duplicate of a claim
-/// nobody acted on. (Another engine claiming the same key at the same
-/// nanosecond would be taken for ours.) Bounded by `max_unsent_marks`;
-/// entries older than the window are forgotten.
-pub(super) struct UnansweredClaims {
-    /// Fingerprint → times of its unanswered claims.
-    times: HashMap<Fingerprint, Vec<u64>>,
-    len: usize,
-    max: usize,
-    /// No time held is older (`u64::MAX` when empty).
-    oldest: u64,
+/// Entries one read returns at most.
+const READ_COUNT: usize = 256;
+/// Bytes of one snapshot part (a Redis string of its own).
+const SNAPSHOT_PART: usize = 1 << 20;
+/// Reads one call makes at most while catching up (a replica far behind
+/// catches up over several calls).
+const MAX_READS: usize = 4096;
+
+/// A shard's shared-mode state: its replica of the log and what it has
+/// sent or still has to send.
+pub(super) struct SharedLog {
+    pub(super) replica: Replica,
+    pub(super) log_key: String,
+    epoch_key: String,
+    /// This partition's name in the log (random per partition).
+    writer: u64,
+    next_batch: u64,
+    /// The epoch of the log the replica follows (`None`: never read).
+    epoch: Option<String>,
+    /// The snapshot's pointer and the prefix of its parts' keys.
+    snapshot_key: String,
+    /// The generation (record-time slice; without a window, position) of
+    /// the last snapshot this replica took or considered, and the entries
+    /// applied since one was taken.
+    snapshot_generation: u64,
+    since_snapshot: u64,
+    /// Checks accepted and releases made without Redis (fail open,
+    /// fallback), oldest first, appended once it is back; the checks'
+    /// index, for the decisions made meanwhile.
+    kept: Vec<(u64, LogOp)>,
+    kept_index: FingerprintTable,
+    kept_checks: usize,
+    /// Batches sent whose answer was lost: batch → its operations. The
+    /// log may hold them (the request ran, its reply did not come back).
+    lost: HashMap<u64, Vec<LogOp>>,
+    lost_ops: usize,
+    /// Checks of lost batches that recorded their key (fingerprint →
+    /// time): the caller was told `Unavailable` and retries, and that
+    /// retry is the check that accepts the key.
+    reclaim: FingerprintMap<u64>,
+    /// Leases acquired by claims of lost batches: nobody holds them;
+    /// released with the next request.
+    orphans: Vec<(Fingerprint, u64, u64)>,
+    script: redis::Script,
+    snapshot_script: redis::Script,
+    scratch: Vec<LogOp>,
 }
 
-impl UnansweredClaims {
-    pub(super) fn new(max: usize) -> Self {
-        UnansweredClaims {
-            times: HashMap::new(),
-            len: 0,
-            max,
-            oldest: u64::MAX,
+/// A distinct name for each partition of this process, and of others.
+fn new_writer(shard: usize) -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&now.to_le_bytes());
+    seed[8..16].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    seed[16..24].copy_from_slice(&(shard as u64).to_le_bytes());
+    seed[24..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&seed)
+}
+
+impl SharedLog {
+    pub(super) fn new(
+        key_base: &str,
+        shard: usize,
+        span: Option<u64>,
+        slice: Option<u64>,
+        expected: usize,
+    ) -> SharedLog {
+        SharedLog {
+            replica: Replica::with_capacity(span, slice, expected),
+            log_key: format!("{key_base}log"),
+            epoch_key: format!("{key_base}log:epoch"),
+            writer: new_writer(shard),
+            next_batch: 1,
+            epoch: None,
+            snapshot_key: format!("{key_base}snap"),
+            snapshot_generation: 0,
+            since_snapshot: 0,
+            kept: Vec::new(),
+            kept_index: FingerprintTable::new(),
+            kept_checks: 0,
+            lost: HashMap::new(),
+            lost_ops: 0,
+            reclaim: FingerprintMap::default(),
+            orphans: Vec::new(),
+            script: redis::Script::new(super::scripts::LOG_SCRIPT),
+            snapshot_script: redis::Script::new(super::scripts::SNAPSHOT_SCRIPT),
+            scratch: Vec::new(),
         }
     }
+}
 
-    pub(super) fn remember(&mut self, claims: &[Claim]) {
-        for c in claims {
-            if self.len >= self.max {
-                return;
-            }
-            self.times
-                .entry(c.fingerprint)
-                .or_default()
-                .push(c.at.as_nanos());
-            self.len += 1;
-            self.oldest = self.oldest.min(c.at.as_nanos());
-        }
+/// One entry to append: its header and operations, and for each of them
+/// where its answer goes (`None`: an operation of the tier's own).
+struct Outgoing {
+    header: Header,
+    /// `header.now` is a check's or claim's lease clock.
+    now_set: bool,
+    ops: Vec<LogOp>,
+    answer_to: Vec<Option<usize>>,
+}
+
+/// A field of a hash and its value.
+type FieldValue<'a> = (&'a [u8], &'a [u8]);
+
+/// What one request read.
+struct Read {
+    epoch: String,
+    /// Sequences of the entries appended.
+    appended: Vec<u64>,
+    entries: Vec<(u64, Vec<u8>)>,
+}
+
+fn parse_seq(id: &[u8]) -> Option<u64> {
+    std::str::from_utf8(id)
+        .ok()?
+        .strip_prefix("0-")?
+        .parse()
+        .ok()
+}
+
+fn parse_read(reply: Value) -> Result<Read, String> {
+    let Value::Array(mut parts) = reply else {
+        return Err(format!("a log reply of {reply:?}"));
+    };
+    if parts.len() != 3 {
+        return Err(format!("a log reply of {} parts", parts.len()));
     }
-
-    /// Forgets `fp`: a claim recorded it now, so no earlier one of ours can
-    /// record it any more.
-    pub(super) fn forget(&mut self, fp: Fingerprint) {
-        if self.len > 0 {
-            if let Some(times) = self.times.remove(&fp) {
-                self.len -= times.len();
-            }
-        }
-    }
-
-    /// True (and forgotten) when `fp` has an unanswered claim at `at`.
-    pub(super) fn take(&mut self, fp: Fingerprint, at: Timestamp) -> bool {
-        if self.len == 0 {
-            return false;
-        }
-        let Some(times) = self.times.get(&fp) else {
-            return false;
+    let entries = parts.pop().expect("three parts");
+    let ids = parts.pop().expect("three parts");
+    let epoch = match parts.pop().expect("three parts") {
+        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        Value::SimpleString(s) => s,
+        other => return Err(format!("a log epoch of {other:?}")),
+    };
+    let appended = match ids {
+        Value::Array(ids) => ids
+            .iter()
+            .map(|id| match id {
+                Value::BulkString(b) => parse_seq(b),
+                Value::SimpleString(s) => parse_seq(s.as_bytes()),
+                _ => None,
+            })
+            .collect::<Option<Vec<u64>>>()
+            .ok_or("an appended entry's id")?,
+        Value::Nil => Vec::new(),
+        other => return Err(format!("appended ids of {other:?}")),
+    };
+    let Value::Array(raw) = entries else {
+        return Err(format!("log entries of {entries:?}"));
+    };
+    let mut read = Vec::with_capacity(raw.len());
+    for e in raw {
+        let Value::Array(mut e) = e else {
+            return Err("a log entry that is not [id, fields]".into());
         };
-        if !times.contains(&at.as_nanos()) {
-            return false;
+        if e.len() != 2 {
+            return Err("a log entry that is not [id, fields]".into());
         }
-        self.len -= times.len();
-        self.times.remove(&fp);
-        true
-    }
-
-    /// Forgets claims made before `t` (outside the window: a claim's
-    /// record no longer counts then).
-    pub(super) fn forget_before(&mut self, t: u64) {
-        if self.len == 0 || self.oldest >= t {
-            return;
+        let fields = e.pop().expect("two");
+        let seq = match e.pop().expect("two") {
+            Value::BulkString(b) => parse_seq(&b),
+            Value::SimpleString(s) => parse_seq(s.as_bytes()),
+            _ => None,
         }
-        let (mut len, mut oldest) = (0, u64::MAX);
-        self.times.retain(|_, times| {
-            times.retain(|&at| at >= t);
-            len += times.len();
-            oldest = times.iter().copied().fold(oldest, u64::min);
-            !times.is_empty()
-        });
-        self.len = len;
-        self.oldest = oldest;
+        .ok_or("a log entry's id")?;
+        let Value::Array(mut fields) = fields else {
+            return Err("a log entry's fields".into());
+        };
+        let blob = match fields.pop() {
+            Some(Value::BulkString(b)) => b,
+            _ => return Err("a log entry's operations".into()),
+        };
+        read.push((seq, blob));
     }
+    Ok(Read {
+        epoch,
+        appended,
+        entries: read,
+    })
 }
 
 impl RedisPartition {
-    pub(super) fn claim_batch_in_redis(
+    fn log(&mut self) -> &mut SharedLog {
+        self.log.as_mut().expect("a shared-mode partition")
+    }
+
+    /// Shared mode: `ops` appended to the shard's log and answered in
+    /// order in `out`, atomically in the log's order with every other
+    /// engine's. Checks follow the failure policy when Redis cannot
+    /// answer; every other operation fails then.
+    pub(super) fn shared_claims_in_redis(
         &mut self,
         current: u64,
         window: Option<u64>,
-        claims: &[Claim],
-        out: &mut Vec<Option<Timestamp>>,
+        ops: &[SharedOp<'_>],
+        out: &mut Vec<SharedAnswer>,
     ) -> Result<(), ExactTierError> {
         self.advance(current);
         out.clear();
         let window = window.or(self.window);
-        // Marks kept through an outage first: the script must see them.
-        // Written means answered: the script runs on another connection.
-        // If they cannot be written, the claims cannot be made either (the
-        // script would accept their keys again): the policy decides.
-        if let Err(e) = self.send_unsent().and_then(|()| self.settle()) {
-            return match self.config.policy {
-                FailurePolicy::FailClosed => Err(e),
-                FailurePolicy::FailOpen | FailurePolicy::FallbackToMemory => {
-                    self.claim_degraded(current, window, claims, out)
-                }
-            };
-        }
-        let script = self.script.clone();
-        let mut sent = false;
-        let result: Result<Vec<Value>, ExactTierError> = {
-            let live: Vec<u64> = slots_newest_first(current)
-                .map(|(slice, _)| slice)
-                .collect();
-            // 0: no TTL (no window, no retention configured).
-            let ttl = self.ttl_ms.unwrap_or(0);
-            let sent = &mut sent;
-            // Built once connected: the hash count may change when a
-            // connection adopts the agreed one.
-            self.with_conn(move |c, p| {
-                // Per bucket used, its live hashes; per claim, where its
-                // bucket's hashes start.
-                let mut keys: Vec<String> = Vec::new();
-                let mut base: HashMap<u64, usize> = HashMap::new();
-                let mut args: Vec<Vec<u8>> = Vec::with_capacity(claims.len() * 4);
-                for c in claims {
-                    let bucket = p.bucket(c.fingerprint);
-                    let offset = *base.entry(bucket).or_insert_with(|| {
-                        let offset = keys.len();
-                        keys.extend(live.iter().map(|&slice| p.key(slice, bucket)));
-                        offset
-                    });
-                    let threshold =
-                        window.map_or(0, |w| c.at.as_nanos().saturating_sub(w).saturating_add(1));
-                    args.push(offset.to_string().into_bytes());
-                    args.push(c.fingerprint.to_bytes().to_vec());
-                    args.push(c.at.as_nanos().to_be_bytes().to_vec());
-                    args.push(threshold.to_be_bytes().to_vec());
-                }
-                *sent = true;
-                let mut invocation = script.prepare_invoke();
-                for k in &keys {
-                    invocation.key(k);
-                }
-                invocation.arg(ttl).arg(live.len());
-                for a in &args {
-                    invocation.arg(&a[..]);
-                }
-                invocation.invoke(c.like())
-            })
-        };
-        let values = match result {
-            Ok(values) => values,
+        match self.exchange_ops(window, ops, out) {
+            Ok(()) => Ok(()),
             Err(e) => {
-                return match self.config.policy {
-                    FailurePolicy::FailClosed => {
-                        if sent {
-                            // The script may still run (a reply lost, a
-                            // stopped server resumed): remember what it
-                            // would record, so the caller's retry is not
-                            // taken for a duplicate of its own claim.
-                            self.unanswered.remember(claims);
-                        }
+                out.clear();
+                let checks_only = ops
+                    .iter()
+                    .all(|op| matches!(op, SharedOp::Check { .. } | SharedOp::Release { .. }));
+                match self.config.policy {
+                    FailurePolicy::FailOpen | FailurePolicy::FallbackToMemory if checks_only => {
+                        // Answered here: what the request did, if it ran,
+                        // needs no repair (its checks only record keys
+                        // these answers accept or find).
+                        self.unanswered.clear();
+                        self.decide_without_redis(current, window, ops, out);
+                        Ok(())
+                    }
+                    _ => {
+                        self.remember_lost();
                         Err(e)
                     }
-                    FailurePolicy::FailOpen | FailurePolicy::FallbackToMemory => {
-                        self.claim_degraded(current, window, claims, out)
+                }
+            }
+        }
+    }
+
+    /// The caller is told its operations failed, yet the request may have
+    /// run: its batches are remembered, so that what they did is repaired
+    /// when the log shows them (a check's key accepted by its retry, a
+    /// claim's lease released). Bounded by `max_unsent_marks` operations.
+    fn remember_lost(&mut self) {
+        let max = self.config.max_unsent_marks;
+        let unanswered = std::mem::take(&mut self.unanswered);
+        let log = self.log();
+        for (batch, ops) in unanswered {
+            if log.lost_ops + ops.len() <= max {
+                log.lost_ops += ops.len();
+                log.lost.insert(batch, ops);
+            }
+        }
+    }
+
+    /// Appends the kept operations and the orphans' releases (if any),
+    /// reads the log up to now: the replica is current.
+    pub(super) fn catch_up(&mut self) -> Result<(), ExactTierError> {
+        let mut out = Vec::new();
+        let window = self.window;
+        self.exchange_ops(window, &[], &mut out)
+    }
+
+    /// Kept checks not yet in Redis (accepted without it).
+    pub(super) fn kept_checks(&self) -> u64 {
+        self.log.as_ref().map_or(0, |l| l.kept_checks as u64)
+    }
+
+    fn exchange_ops(
+        &mut self,
+        window: Option<u64>,
+        ops: &[SharedOp<'_>],
+        out: &mut Vec<SharedAnswer>,
+    ) -> Result<(), ExactTierError> {
+        // Entries: the tier's own operations first (kept checks and
+        // releases, the orphans' releases), then the caller's, split where
+        // the lease clock of checks and claims changes (one `now` per
+        // entry) and at `MAX_OPS`.
+        let mut outgoing: Vec<Outgoing> = Vec::new();
+        let (own, own_checks) = self.take_own_ops();
+        let writer = self.log().writer;
+        for &(now, op) in &own {
+            push(&mut outgoing, writer, window, now, op, None);
+        }
+        // Results go to the body hash of their lease's acquisition slice.
+        let mut bodies: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let (log_op, now) = LogOp::of(op);
+            if let SharedOp::Commit {
+                fingerprint,
+                token,
+                result,
+                ..
+            } = *op
+            {
+                if !result.is_empty() {
+                    if let Some(at) = self.log().replica.held_at(fingerprint, token) {
+                        bodies.push((
+                            slice_of(self.slice_nanos, at),
+                            body_field(fingerprint, token),
+                            result.to_vec(),
+                        ));
                     }
-                };
+                }
+            }
+            push(
+                &mut outgoing,
+                writer,
+                window,
+                now.unwrap_or(0),
+                log_op,
+                Some(i),
+            );
+        }
+        let answers = match self.exchange(&mut outgoing, &bodies) {
+            Ok(answers) => answers,
+            Err((e, sent)) => {
+                // Not known to be applied: the tier's own operations are
+                // kept again (sent twice, a check or a release changes
+                // nothing the second time); the caller's, if sent, may
+                // have run: remembered until the caller knows (see
+                // `remember_lost`).
+                self.unanswered.clear();
+                if sent {
+                    for o in &outgoing {
+                        let theirs: Vec<LogOp> = o
+                            .ops
+                            .iter()
+                            .zip(&o.answer_to)
+                            .filter(|(_, to)| to.is_some())
+                            .map(|(op, _)| *op)
+                            .collect();
+                        if !theirs.is_empty() {
+                            self.unanswered.push((o.header.batch, theirs));
+                        }
+                    }
+                }
+                self.keep_ops(own);
+                return Err(e);
             }
         };
-        // Keys whose stored time is that of a claim of ours answered
-        // `Unavailable`: recorded by that claim, never accepted by the
-        // caller. Accept them now, and record the time they are accepted.
-        let mut reclaimed: Vec<Mark> = Vec::new();
-        for (c, v) in claims.iter().zip(values) {
-            let found = match v {
-                Value::BulkString(bytes) => decode(&bytes),
-                _ => None,
-            };
-            let found = match found {
-                Some(t0) if self.unanswered.take(c.fingerprint, t0) => {
-                    reclaimed.push(Self::mark_now(c.fingerprint, current, c.at));
-                    None
-                }
-                // A later copy of a key reclaimed in this batch.
-                Some(t0) => Some(
-                    reclaimed
-                        .iter()
-                        .find(|m| m.fingerprint == c.fingerprint)
-                        .map_or(t0, |m| m.at),
-                ),
-                None => {
-                    self.unanswered.forget(c.fingerprint);
-                    None
-                }
-            };
-            out.push(found);
-        }
-        if let Some(fallback) = &mut self.fallback {
-            for (c, r) in claims.iter().zip(out.iter()) {
-                if r.is_none() {
-                    fallback.mark(c.fingerprint, slot_of(current), c.at)?;
-                }
+        self.stats
+            .marks_written
+            .fetch_add(own_checks as u64, Ordering::Relaxed);
+        // The caller's answers, in order; results read in one request.
+        out.resize(ops.len(), SharedAnswer::Lost);
+        let mut wanted: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+        let mut reanchors: Vec<(u64, LogOp)> = Vec::new();
+        for (o, outcomes) in outgoing.iter().zip(answers) {
+            for ((op, to), outcome) in o.ops.iter().zip(&o.answer_to).zip(outcomes) {
+                let Some(i) = *to else { continue };
+                out[i] = match outcome {
+                    Outcome::Acquired { token } => SharedAnswer::Acquired { token },
+                    Outcome::InProgress { until } => SharedAnswer::InProgress { until },
+                    Outcome::Completed {
+                        first_seen,
+                        payload,
+                        body,
+                    } => {
+                        // A later copy of a key reclaimed in this call:
+                        // judged against the retry's acceptance.
+                        let first_seen = reanchors
+                            .iter()
+                            .find_map(|(_, r)| match *r {
+                                LogOp::Reanchor { fp, from, to }
+                                    if fp == op.fingerprint() && from == first_seen =>
+                                {
+                                    Some(to)
+                                }
+                                _ => None,
+                            })
+                            .unwrap_or(first_seen);
+                        if let LogOp::Check { fp, at } = *op {
+                            let log = self.log();
+                            if log.reclaim.get(&fp) == Some(&first_seen) {
+                                // Recorded by a check of ours whose answer
+                                // was lost: this retry is what accepts the
+                                // key, and its window starts now.
+                                log.reclaim.remove(&fp);
+                                reanchors.push((
+                                    0,
+                                    LogOp::Reanchor {
+                                        fp,
+                                        from: first_seen,
+                                        to: at,
+                                    },
+                                ));
+                                out[i] = SharedAnswer::Acquired { token: 0 };
+                                continue;
+                            }
+                        }
+                        if let Some(token) = body {
+                            wanted.push((
+                                i,
+                                slice_of(self.slice_nanos, first_seen),
+                                body_field(op.fingerprint(), token),
+                            ));
+                        }
+                        SharedAnswer::Completed {
+                            first_seen: Timestamp::from_nanos(first_seen),
+                            body: (payload.is_some() || body.is_some()).then(|| RecordBody {
+                                payload,
+                                result: std::sync::Arc::from(&[][..]),
+                            }),
+                        }
+                    }
+                    Outcome::Conflict => SharedAnswer::Conflict,
+                    Outcome::Done => SharedAnswer::Done,
+                    Outcome::Lost => SharedAnswer::Lost,
+                    Outcome::Forgotten(found) => SharedAnswer::Forgotten(found),
+                };
             }
         }
-        if !reclaimed.is_empty() {
-            self.keep(&reclaimed);
-            let _ = self.send_unsent();
+        if !reanchors.is_empty() {
+            // Kept, and sent now (again with the next request if this one
+            // fails).
+            self.keep_ops(reanchors);
+            let _ = self.catch_up();
         }
-        if let Some(at) = claims.iter().map(|c| c.at.as_nanos()).max() {
-            self.unanswered
-                .forget_before(window.map_or(0, |w| at.saturating_sub(w)));
+        if !wanted.is_empty() {
+            let results = self.read_bodies(&wanted)?;
+            for ((i, ..), result) in wanted.iter().zip(results) {
+                if let SharedAnswer::Completed {
+                    body: Some(body), ..
+                } = &mut out[*i]
+                {
+                    body.result = result.into();
+                }
+            }
         }
         Ok(())
     }
 
-    /// Shared mode without Redis, under a policy that accepts keys: judges
-    /// `claims` in order from the marks this partition keeps (fail open) or
-    /// its memory tier (fallback), and keeps a mark of every key accepted,
-    /// so that Redis holds it once it is back.
-    pub(super) fn claim_degraded(
+    /// The operations the tier itself has to append (kept while Redis was
+    /// down, releases of orphaned leases), taken out of the partition,
+    /// with the number of kept checks among them.
+    fn take_own_ops(&mut self) -> (Vec<(u64, LogOp)>, usize) {
+        let log = self.log();
+        let mut own = std::mem::take(&mut log.kept);
+        log.kept_index.clear();
+        let checks = std::mem::take(&mut log.kept_checks);
+        own.extend(
+            std::mem::take(&mut log.orphans)
+                .into_iter()
+                .map(|(fp, token, now)| (now, LogOp::Release { fp, token, now })),
+        );
+        self.stats
+            .marks_unsent
+            .fetch_sub(checks as u64, Ordering::Relaxed);
+        (own, checks)
+    }
+
+    /// Sends `outgoing` (numbered here) with `bodies`, reads the log until
+    /// every entry sent is applied (with nothing to send, until the
+    /// replica has read everything), and returns each sent entry's
+    /// outcomes. On failure, whether the request was sent.
+    fn exchange(
+        &mut self,
+        outgoing: &mut [Outgoing],
+        bodies: &[(u64, Vec<u8>, Vec<u8>)],
+    ) -> Result<Vec<Vec<Outcome>>, (ExactTierError, bool)> {
+        let log = self.log();
+        for o in outgoing.iter_mut() {
+            o.header.batch = log.next_batch;
+            log.next_batch += 1;
+        }
+        let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(outgoing.len());
+        for o in outgoing.iter() {
+            let mut blob = Vec::new();
+            encode_entry(&o.header, &o.ops, &mut blob);
+            blobs.push(blob);
+        }
+        // Body hashes by slice, each one of KEYS.
+        let mut by_slice: Vec<(u64, Vec<FieldValue<'_>>)> = Vec::new();
+        for (slice, field, value) in bodies {
+            match by_slice.iter_mut().find(|(s, _)| s == slice) {
+                Some((_, fields)) => fields.push((field, value)),
+                None => by_slice.push((*slice, vec![(field, value)])),
+            }
+        }
+        let body_keys: Vec<String> = by_slice.iter().map(|(s, _)| self.body_key(*s)).collect();
+        let ttl = self.ttl_ms.unwrap_or(0);
+        let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); outgoing.len()];
+        let first_batch = outgoing.first().map_or(0, |o| o.header.batch);
+        let script = self.log().script.clone();
+        let mut waiting: Vec<u64> = outgoing.iter().map(|o| o.header.batch).collect();
+        let mut sent = false;
+        let mut reads = 0;
+        loop {
+            let first = reads == 0;
+            if !first && self.log().replica.last_seq == 0 {
+                // A replica with nothing yet starts from the snapshot.
+                self.load_snapshot().map_err(|e| (e, sent))?;
+            }
+            let log = self.log.as_ref().expect("shared");
+            let mut invocation = script.prepare_invoke();
+            invocation.key(&log.log_key).key(&log.epoch_key);
+            if first {
+                for k in &body_keys {
+                    invocation.key(k);
+                }
+            }
+            invocation
+                .arg(format!("{:016x}", new_writer(reads)))
+                .arg(ttl)
+                .arg(format!("(0-{}", log.replica.last_seq))
+                .arg(READ_COUNT);
+            if first {
+                invocation.arg(blobs.len());
+                for b in &blobs {
+                    invocation.arg(&b[..]);
+                }
+                for (k, (_, fields)) in by_slice.iter().enumerate() {
+                    invocation.arg(k + 3).arg(fields.len());
+                    for (f, v) in fields {
+                        invocation.arg(*f).arg(*v);
+                    }
+                }
+            } else {
+                invocation.arg(0);
+            }
+            let sent_now = &mut sent;
+            let reply = self
+                .with_conn(|c, _| {
+                    *sent_now |= first;
+                    invocation.invoke::<Value>(c.like())
+                })
+                .map_err(|e| (e, sent))?;
+            let read = parse_read(reply)
+                .map_err(|what| (self.error_of(FailureCause::UnexpectedReply, what), sent))?;
+            reads += 1;
+            let log = self.log();
+            // A log other than the one the replica follows (its server lost
+            // it, or some of it), or one trimmed past what the replica read
+            // (it fell a snapshot behind): rebuilt from what Redis holds.
+            let last = log.replica.last_seq;
+            let gap = read.entries.first().is_some_and(|&(seq, _)| seq > last + 1);
+            let lost_log = match &log.epoch {
+                None => last > 0,
+                Some(e) => *e != read.epoch,
+            } || read.appended.iter().any(|&seq| seq <= last);
+            log.epoch = Some(read.epoch);
+            if lost_log || gap {
+                crate::trace::event!(
+                    warn,
+                    log = %log.log_key,
+                    lost = lost_log,
+                    "the shared log was lost, replaced or trimmed past this replica; \
+                     it is rebuilt from Redis"
+                );
+                log.replica.clear();
+                if last > 0 {
+                    self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+                }
+                if reads >= MAX_READS {
+                    break;
+                }
+                continue;
+            }
+            let got = read.entries.len();
+            self.apply_entries(read.entries, first_batch, &mut waiting, &mut outcomes)
+                .map_err(|e| (e, sent))?;
+            let caught_up = got < READ_COUNT;
+            if waiting.is_empty() && (caught_up || !outgoing.is_empty()) {
+                break;
+            }
+            if caught_up && !waiting.is_empty() {
+                return Err((
+                    self.error_of(
+                        FailureCause::UnexpectedReply,
+                        "entries appended to the shared log were not found in it",
+                    ),
+                    sent,
+                ));
+            }
+            if reads >= MAX_READS {
+                let key = self.log().log_key.clone();
+                return Err((
+                    self.error_of(
+                        FailureCause::Other,
+                        format!("the shared log {key} is too far ahead to catch up in one call"),
+                    ),
+                    sent,
+                ));
+            }
+        }
+        if !waiting.is_empty() {
+            return Err((
+                self.error_of(
+                    FailureCause::UnexpectedReply,
+                    "entries appended to the shared log were lost before they were read",
+                ),
+                sent,
+            ));
+        }
+        self.schedule_snapshot();
+        Ok(outcomes)
+    }
+
+    /// Loads the shard's latest snapshot into the (cleared) replica, if
+    /// there is one: the log is then read from its position on.
+    fn load_snapshot(&mut self) -> Result<(), ExactTierError> {
+        for _ in 0..8 {
+            let pointer_key = self.log().snapshot_key.clone();
+            let pointer: Option<String> =
+                self.with_conn(|c, _| redis::cmd("GET").arg(&pointer_key).query(c.like()))?;
+            let Some(pointer) = pointer else {
+                return Ok(());
+            };
+            let mut fields = pointer.split(':');
+            let (Some(_), Some(parts), Some(id)) = (
+                fields.next(),
+                fields.next().and_then(|n| n.parse::<usize>().ok()),
+                fields.next(),
+            ) else {
+                return Err(self.error_of(
+                    FailureCause::UnexpectedReply,
+                    format!("{pointer_key} holds {pointer:?}, not a snapshot pointer"),
+                ));
+            };
+            let keys: Vec<String> = (1..=parts)
+                .map(|i| format!("{pointer_key}:{id}:{i}"))
+                .collect();
+            let mut blobs: Vec<Option<Vec<u8>>> = Vec::with_capacity(parts);
+            for chunk in keys.chunks(16) {
+                let got: Vec<Option<Vec<u8>>> = self.with_conn(|c, _| {
+                    let mut mget = redis::cmd("MGET");
+                    for k in chunk {
+                        mget.arg(k);
+                    }
+                    mget.query(c.like())
+                })?;
+                blobs.extend(got);
+            }
+            if blobs.iter().any(Option::is_none) {
+                // Replaced meanwhile by a newer one: read that.
+                continue;
+            }
+            let log = self.log();
+            log.replica.clear();
+            for blob in blobs.iter().flatten() {
+                if let Err(what) = log.replica.load_part(blob) {
+                    log.replica.clear();
+                    return Err(self.error_of(
+                        FailureCause::UnexpectedReply,
+                        format!("{pointer_key}: {what}"),
+                    ));
+                }
+            }
+            let slice_nanos = self.slice_nanos;
+            let log = self.log();
+            log.snapshot_generation = log.snapshot_generation.max(self_generation(
+                slice_nanos,
+                log.replica.newest_at(),
+                log.replica.last_seq,
+            ));
+            return Ok(());
+        }
+        Err(self.error_of(
+            FailureCause::Other,
+            "the shard's snapshot kept changing while it was read",
+        ))
+    }
+
+    /// Takes a snapshot of the replica for the log to be trimmed behind:
+    /// once per slice of record time (without a window, once the entries
+    /// since the last one outnumber twice the state). Best effort: another
+    /// engine may have taken this slice's, or the next request takes it.
+    fn schedule_snapshot(&mut self) {
+        let slice_nanos = self.slice_nanos;
+        let ttl = self.ttl_ms.unwrap_or(0);
+        let log = self.log();
+        let state = log.replica.len();
+        let generation = match slice_nanos {
+            Some(d) => log.replica.newest_at() / d.max(1),
+            None => {
+                if log.since_snapshot < (2 * state).max(1 << 16) {
+                    return;
+                }
+                log.replica.last_seq
+            }
+        };
+        if log.snapshot_generation == 0 {
+            // The first look: the next snapshot is a generation on.
+            log.snapshot_generation = generation;
+            return;
+        }
+        if generation <= log.snapshot_generation || log.replica.last_seq == 0 {
+            return;
+        }
+        log.snapshot_generation = generation;
+        log.since_snapshot = 0;
+        let parts = log.replica.snapshot(SNAPSHOT_PART);
+        let id = format!("{:x}", new_writer(generation as usize));
+        let pointer = format!(
+            "{}:{}:{id}:{generation}:0-{}",
+            log.replica.last_seq,
+            parts.len(),
+            log.replica.last_seq + 1
+        );
+        let part_keys: Vec<String> = (1..=parts.len())
+            .map(|i| format!("{}:{id}:{i}", log.snapshot_key))
+            .collect();
+        let script = log.snapshot_script.clone();
+        let (snapshot_key, log_key) = (log.snapshot_key.clone(), log.log_key.clone());
+        // On the mark connection (unused otherwise in shared mode): a slow
+        // or failed snapshot never holds back the claims. The parts first,
+        // a few megabytes per request; then the pointer, which readers
+        // follow, switched atomically with the deletion of the previous
+        // snapshot and the trimming of the log behind it.
+        for (keys, blobs) in part_keys.chunks(4).zip(parts.chunks(4)) {
+            let written = self.with_mark_conn(|c, _| {
+                let cmds = keys
+                    .iter()
+                    .zip(blobs)
+                    .map(|(k, b)| {
+                        let mut cmd = redis::cmd("SET");
+                        cmd.arg(k).arg(&b[..]);
+                        if ttl > 0 {
+                            cmd.arg("PX").arg(ttl);
+                        }
+                        cmd
+                    })
+                    .collect();
+                // `Conn::pipeline`: a cluster connection takes a cluster
+                // pipeline (the client's plain one is refused there).
+                c.pipeline(cmds)
+            });
+            if written.is_err() {
+                return;
+            }
+        }
+        let switched = self.with_mark_conn(|c, _| {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(&snapshot_key).key(&log_key);
+            invocation
+                .arg(pointer)
+                .arg(generation)
+                .arg(ttl)
+                .arg(format!("{snapshot_key}:"));
+            for k in &part_keys {
+                invocation.arg(k);
+            }
+            invocation.invoke::<i64>(c.like())
+        });
+        if let Ok(1) = switched {
+            self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies read entries in order; the outcomes of entries this call
+    /// appended (their batches in `waiting`) go to `outcomes`.
+    fn apply_entries(
+        &mut self,
+        entries: Vec<(u64, Vec<u8>)>,
+        first_batch: u64,
+        waiting: &mut Vec<u64>,
+        outcomes: &mut [Vec<Outcome>],
+    ) -> Result<(), ExactTierError> {
+        let log = self.log.as_mut().expect("shared");
+        let mut ops = std::mem::take(&mut log.scratch);
+        for (seq, blob) in entries {
+            if seq <= log.replica.last_seq {
+                continue;
+            }
+            let header = match decode_entry(&blob, &mut ops) {
+                Ok(h) => h,
+                Err(what) => {
+                    log.scratch = ops;
+                    let key = log.log_key.clone();
+                    return Err(self.error_of(
+                        FailureCause::UnexpectedReply,
+                        format!("{key} entry 0-{seq}: {what}"),
+                    ));
+                }
+            };
+            log.since_snapshot += ops.len() as u64;
+            let mine = header.writer == log.writer;
+            if mine && waiting.contains(&header.batch) {
+                let k = (header.batch - first_batch) as usize;
+                let slot = &mut outcomes[k];
+                log.replica.apply(seq, &header, &ops, |_, o| slot.push(o));
+                waiting.retain(|&b| b != header.batch);
+            } else if let Some(sent) = mine.then(|| log.lost.remove(&header.batch)).flatten() {
+                // A batch whose answer was lost: what it did.
+                log.lost_ops -= sent.len();
+                let mut found: Vec<(LogOp, Outcome)> = Vec::new();
+                log.replica
+                    .apply(seq, &header, &ops, |i, o| found.push((ops[i], o)));
+                for (op, outcome) in found {
+                    match (op, outcome) {
+                        (LogOp::Check { fp, at }, Outcome::Acquired { .. }) => {
+                            log.reclaim.insert(fp, at);
+                        }
+                        (LogOp::Claim { fp, .. }, Outcome::Acquired { token }) => {
+                            log.orphans.push((fp, token, header.now));
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                log.replica.apply(seq, &header, &ops, |_, _| {});
+            }
+        }
+        log.scratch = ops;
+        Ok(())
+    }
+
+    /// Keeps `ops` (with their lease clock readings) to append with the
+    /// next request, up to `max_unsent_marks`; checks past it are dropped
+    /// and counted.
+    fn keep_ops(&mut self, ops: Vec<(u64, LogOp)>) {
+        let max = self.config.max_unsent_marks;
+        let current = self.current;
+        let log = self.log.as_mut().expect("shared");
+        let mut dropped = 0u64;
+        let mut kept = 0u64;
+        for (now, op) in ops {
+            if log.kept.len() >= max {
+                if matches!(op, LogOp::Check { .. }) {
+                    dropped += 1;
+                }
+                continue;
+            }
+            if let LogOp::Check { fp, at } = op {
+                log.kept_index.insert(fp, at);
+                log.kept_checks += 1;
+                kept += 1;
+            }
+            log.kept.push((now, op));
+        }
+        self.stats.marks_unsent.fetch_add(kept, Ordering::Relaxed);
+        if dropped > 0 {
+            self.dropped[slot_of(current)] += dropped;
+            self.stats
+                .marks_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// Checks (and queued releases) decided without Redis, under a policy
+    /// that accepts keys: judged from the replica (the log as last read)
+    /// and the keys accepted so, which are kept to append once Redis is
+    /// back.
+    fn decide_without_redis(
         &mut self,
         current: u64,
         window: Option<u64>,
-        claims: &[Claim],
-        out: &mut Vec<Option<Timestamp>>,
-    ) -> Result<(), ExactTierError> {
-        self.degraded(claims.len());
-        out.clear();
-        if let Some(fallback) = &mut self.fallback {
-            fallback.claim_batch(current, window, claims, out)?;
-        } else {
-            for c in claims {
-                // Kept marks are written in order: a copy accepted earlier
-                // in this batch is seen here.
-                let inside = self
-                    .pending_time(c.fingerprint)
-                    .filter(|&t0| window.is_none_or(|w| c.at.as_nanos().saturating_sub(t0) < w));
-                if inside.is_none() {
-                    self.keep(&[Self::mark_now(c.fingerprint, current, c.at)]);
+        ops: &[SharedOp<'_>],
+        out: &mut Vec<SharedAnswer>,
+    ) {
+        let _ = current;
+        self.degraded(ops.len());
+        let mut keep = Vec::new();
+        let log = self.log.as_mut().expect("shared");
+        for op in ops {
+            let answer = match *op {
+                SharedOp::Check {
+                    fingerprint,
+                    at,
+                    now,
+                } => {
+                    let at = at.as_nanos();
+                    let pending = log
+                        .kept_index
+                        .get(fingerprint)
+                        .filter(|&t0| window.is_none_or(|w| at.saturating_sub(t0) < w));
+                    match (pending, log.replica.peek(fingerprint, at, now, window)) {
+                        (Some(t0), _) | (None, Some(Outcome::Completed { first_seen: t0, .. })) => {
+                            SharedAnswer::Completed {
+                                first_seen: Timestamp::from_nanos(t0),
+                                body: None,
+                            }
+                        }
+                        (None, Some(Outcome::InProgress { until })) => {
+                            SharedAnswer::InProgress { until }
+                        }
+                        (None, _) => {
+                            log.kept_index.insert(fingerprint, at);
+                            keep.push((
+                                now,
+                                LogOp::Check {
+                                    fp: fingerprint,
+                                    at,
+                                },
+                            ));
+                            SharedAnswer::Acquired { token: 0 }
+                        }
+                    }
                 }
-                out.push(inside.map(Timestamp::from_nanos));
-            }
-            return Ok(());
+                SharedOp::Release {
+                    fingerprint,
+                    token,
+                    now,
+                } => {
+                    keep.push((
+                        now,
+                        LogOp::Release {
+                            fp: fingerprint,
+                            token,
+                            now,
+                        },
+                    ));
+                    SharedAnswer::Done
+                }
+                _ => SharedAnswer::Lost,
+            };
+            out.push(answer);
         }
-        let accepted: Vec<Mark> = claims
-            .iter()
-            .zip(out.iter())
-            .filter(|(_, r)| r.is_none())
-            .map(|(c, _)| Self::mark_now(c.fingerprint, current, c.at))
-            .collect();
-        self.keep(&accepted);
-        Ok(())
+        // The index already holds the kept checks: keep_ops re-inserts.
+        self.keep_ops(keep);
+    }
+
+    /// The results named by `wanted` (`(answer, slice, field)`), read in
+    /// one request.
+    fn read_bodies(
+        &mut self,
+        wanted: &[(usize, u64, Vec<u8>)],
+    ) -> Result<Vec<Vec<u8>>, ExactTierError> {
+        let mut slices: Vec<u64> = wanted.iter().map(|w| w.1).collect();
+        slices.sort_unstable();
+        slices.dedup();
+        let script = self.lookup_script.clone();
+        let mut invocation = script.prepare_invoke();
+        let mut order = Vec::with_capacity(wanted.len());
+        for &slice in &slices {
+            let fields: Vec<usize> = (0..wanted.len())
+                .filter(|&i| wanted[i].1 == slice)
+                .collect();
+            invocation.key(self.body_key(slice)).arg(fields.len());
+            for &i in &fields {
+                invocation.arg(&wanted[i].2[..]);
+                order.push(i);
+            }
+        }
+        let values = self.with_conn(|c, _| invocation.invoke::<Vec<Value>>(c.like()))?;
+        if values.len() != order.len() {
+            return Err(self.error_of(
+                FailureCause::UnexpectedReply,
+                format!("{} results for {} asked", values.len(), order.len()),
+            ));
+        }
+        let mut results = vec![Vec::new(); wanted.len()];
+        for (i, v) in order.into_iter().zip(values) {
+            match v {
+                Value::BulkString(b) => results[i] = b,
+                _ => {
+                    return Err(self.error_of(
+                        FailureCause::Other,
+                        "a committed result is missing from Redis (its slice was deleted, or \
+                         the server lost it)",
+                    ))
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// The hash of a slice's committed results.
+    pub(super) fn body_key(&self, slice: u64) -> String {
+        format!("{}b:{slice}", self.key_base)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn claim(fp: u128, at: u64) -> Claim {
-        Claim {
-            fingerprint: Fingerprint(fp),
-            at: Timestamp::from_nanos(at),
-        }
+/// A snapshot's generation: the slice of its newest record time, or
+/// without a window its position.
+fn self_generation(slice_nanos: Option<u64>, newest_at: u64, last_seq: u64) -> u64 {
+    match slice_nanos {
+        Some(d) => newest_at / d.max(1),
+        None => last_seq,
     }
+}
 
-    #[test]
-    fn unanswered_claims_are_recognised_once_and_forgotten_with_age() {
-        let mut u = UnansweredClaims {
-            times: HashMap::new(),
-            len: 0,
-            max: 3,
-            oldest: u64::MAX,
-        };
-        u.remember(&[claim(1, 10), claim(1, 20), claim(2, 30), claim(3, 40)]);
-        assert_eq!(u.len, 3, "bounded");
-        assert!(!u.take(Fingerprint(1), Timestamp::from_nanos(15)));
-        assert!(u.take(Fingerprint(1), Timestamp::from_nanos(20)));
-        assert!(!u.take(Fingerprint(1), Timestamp::from_nanos(10)), "once");
-        assert!(
-            !u.take(Fingerprint(3), Timestamp::from_nanos(40)),
-            "never held"
-        );
-        u.remember(&[claim(4, 50)]);
-        u.forget_before(31);
-        assert_eq!((u.len, u.oldest), (1, 50));
-        assert!(!u.take(Fingerprint(2), Timestamp::from_nanos(30)));
-        u.forget(Fingerprint(4));
-        assert_eq!(u.len, 0);
+/// The slice of record time `at` (0 without a window).
+fn slice_of(slice_nanos: Option<u64>, at: u64) -> u64 {
+    slice_nanos.map_or(0, |d| at / d.max(1))
+}
+
+/// A result's field in its body hash: the fingerprint and the token of the
+/// lease that committed it.
+fn body_field(fp: Fingerprint, token: u64) -> Vec<u8> {
+    let mut field = fp.to_bytes().to_vec();
+    field.extend_from_slice(&token.to_le_bytes());
+    field
+}
+
+/// Appends `op` (whose answer goes to `to`) to the last entry, or to a new
+/// one where the lease clock of checks and claims changes or the entry is
+/// full.
+fn push(
+    outgoing: &mut Vec<Outgoing>,
+    writer: u64,
+    window: Option<u64>,
+    now: u64,
+    op: LogOp,
+    to: Option<usize>,
+) {
+    let needs_now = matches!(op, LogOp::Check { .. } | LogOp::Claim { .. });
+    let fits = outgoing.last().is_some_and(|o| {
+        o.ops.len() < MAX_OPS && (!needs_now || !o.now_set || o.header.now == now)
+    });
+    if !fits {
+        outgoing.push(Outgoing {
+            header: Header {
+                writer,
+                batch: 0,
+                window,
+                now: 0,
+            },
+            now_set: false,
+            ops: Vec::new(),
+            answer_to: Vec::new(),
+        });
     }
+    let o = outgoing.last_mut().expect("pushed");
+    if needs_now && !o.now_set {
+        o.header.now = now;
+        o.now_set = true;
+    }
+    o.ops.push(op);
+    o.answer_to.push(to);
 }

@@ -65,17 +65,16 @@ pub struct RedisConfig {
     /// `maxmemory-policy`, a replica) is refused, or used with a warning.
     /// Default: refused.
     pub unsafe_server: UnsafeServer,
-    /// Keys one bucket of a slice is sized for (see the module docs): owned
-    /// keys' buckets are record strings; `Some(0)` keeps one hash per slice
-    /// instead (89–99 bytes per key, 1.1–1.25 µs of Redis CPU per key). The
-    /// first engine's choice is stored per shard and adopted by the others.
-    /// Default (`None`): 64 for owned keys (about 51 per bucket at the
-    /// expected rate); one hash per slice for shared keys, whose claims look
-    /// every new key up in each live slice — a full scan of a compact hash,
-    /// which made shared mode 2.2× slower (60 against 126 thousand keys/s).
+    /// Keys one bucket of a slice is sized for (owned keys, see the module
+    /// docs): buckets are record strings; `Some(0)` keeps one hash per
+    /// slice instead (89–99 bytes per key, 1.1–1.25 µs of Redis CPU per
+    /// key). The first engine's choice is stored per shard and adopted by
+    /// the others. Shared keys keep a log per shard whatever this says.
+    /// Default (`None`): 64 (about 51 per bucket at the expected rate).
     pub keys_per_hash: Option<usize>,
     /// With a window: the TTL of a slice's buckets, set when this process
-    /// first writes each (refreshed by shared-mode claims); a backstop,
+    /// first writes each (and of a shared-mode log, renewed by every
+    /// append); a backstop,
     /// since slices are deleted when they expire in engine time (shorter
     /// than the window plus lateness, it forgets keys early). Default:
     /// twice the span plus two slices, at least one hour.

@@ -279,6 +279,34 @@ impl RedisPartition {
         }
     }
 
+    /// Runs `f` on the mark connection (shared mode: the upkeep of the
+    /// log — snapshots — whose failures must not hold back claims on the
+    /// lookup connection), reconnecting with backoff; a failure drops it.
+    pub(super) fn with_mark_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Conn, &mut Self) -> redis::RedisResult<T>,
+    ) -> Result<T, ExactTierError> {
+        self.connect_marks()?;
+        let timeout = self.request_timeout();
+        if let Err(e) = self.marks.bound(timeout) {
+            let err = self.error(&e);
+            return Err(self.fail_marks(&err));
+        }
+        let mut conn = self.marks.conn.take().expect("connected above");
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        match f(&mut conn, self) {
+            Ok(v) => {
+                self.marks.conn = Some(conn);
+                self.marks.succeeded();
+                Ok(v)
+            }
+            Err(e) => {
+                let err = self.error(&e);
+                Err(self.fail_marks(&err))
+            }
+        }
+    }
+
     /// Opens the lookup connection unless it is open (or backing off),
     /// adopting the agreed layout: call it before grouping keys by bucket.
     pub(super) fn connect(&mut self) -> Result<(), ExactTierError> {

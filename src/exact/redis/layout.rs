@@ -40,48 +40,86 @@ impl RedisPartition {
         ((u128::from(fp.high()) * u128::from(self.buckets)) >> 64) as u64
     }
 
+    /// This engine's layout, as the layout key stores it: `<count>` of
+    /// hashes, `records:<count>` of record strings, or (shared mode)
+    /// `log:<window>:<span>` in nanoseconds (`none` without a window).
+    fn own_layout(&self) -> String {
+        if self.shared {
+            let ns = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
+            format!("log:{}:{}", ns(self.window), ns(self.span_nanos))
+        } else if self.records {
+            format!("records:{}", self.buckets)
+        } else {
+            self.buckets.to_string()
+        }
+    }
+
     /// Adopts the layout Redis holds for the shard (the first engine's:
     /// `<count>` of hashes, or `records:<count>` of record strings), or
-    /// proposes this engine's if none is stored yet. A reconnect only
-    /// reads it (one command, which a full server still answers).
+    /// proposes this engine's if none is stored yet. Shared mode keeps a
+    /// log instead, which every engine sharing the shard must agree on
+    /// with the same window and lateness (they judge each other's
+    /// operations): a shard kept otherwise is refused, with a message. A
+    /// reconnect only reads the layout (one command, which a full server
+    /// still answers).
     pub(super) fn agree_layout(&mut self, conn: &mut Conn) -> redis::RedisResult<()> {
         let mut get = redis::cmd("GET");
         get.arg(&self.layout_key);
         let mut stored = conn.pipeline(vec![get.clone()])?.pop();
         if matches!(stored, None | Some(Value::Nil)) {
-            let ours = if self.records {
-                format!("records:{}", self.buckets)
-            } else {
-                self.buckets.to_string()
-            };
             let mut set = redis::cmd("SET");
-            set.arg(&self.layout_key).arg(ours).arg("NX");
+            set.arg(&self.layout_key).arg(self.own_layout()).arg("NX");
             stored = conn.pipeline(vec![set, get])?.pop();
         }
-        let agreed = match &stored {
-            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(|s| {
-                let (records, count) = match s.strip_prefix("records:") {
-                    Some(count) => (true, count),
-                    None => (false, s),
-                };
-                let n = count.parse::<u64>().ok()?;
-                (1..=MAX_BUCKETS).contains(&n).then_some((records, n))
-            }),
+        let text = match &stored {
+            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok(),
             _ => None,
         };
+        let refuse = |what: String| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "the shard's layout does not fit this engine",
+                format!("{}: {what}", self.layout_key),
+            ))
+        };
+        if let Some(log) = text.and_then(|t| t.strip_prefix("log:")) {
+            if !self.shared {
+                return Err(refuse(format!(
+                    "shared-mode engines keep this namespace's keys as a log ({log}); owned \
+                     mode needs record strings or hashes: use another namespace or key prefix"
+                )));
+            }
+            let ours = self.own_layout();
+            if text != Some(ours.as_str()) {
+                return Err(refuse(format!(
+                    "engines sharing keys judge each other's operations, so they need the same \
+                     window and lateness: this shard's log is kept for {log} (window and span \
+                     in nanoseconds), this engine has {}",
+                    &ours["log:".len()..]
+                )));
+            }
+            return Ok(());
+        }
+        let agreed = text.and_then(|s| {
+            let (records, count) = match s.strip_prefix("records:") {
+                Some(count) => (true, count),
+                None => (false, s),
+            };
+            let n = count.parse::<u64>().ok()?;
+            (1..=MAX_BUCKETS).contains(&n).then_some((records, n))
+        });
         let Some((records, agreed)) = agreed else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
-                "the shard's layout key does not hold a hash count",
+                "the shard's layout key does not hold a layout",
                 self.layout_key.clone(),
             )));
         };
-        if records && self.shared {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "owned-mode engines keep this namespace's keys as record strings; \
-                 shared mode needs hashes: use another namespace or key prefix",
-                self.layout_key.clone(),
+        if self.shared {
+            return Err(refuse(format!(
+                "owned-mode engines keep this namespace's keys as {}; shared mode needs its \
+                 log: use another namespace or key prefix",
+                if records { "record strings" } else { "hashes" }
             )));
         }
         if (records, agreed) != (self.records, self.buckets) {

@@ -22,6 +22,7 @@ impl RedisPartition {
     ) -> Result<(), ExactTierError> {
         self.advance(current);
         out.clear();
+        self.found_bodies.clear();
         // Marks not yet in Redis stay queued: their index answers for them
         // below (read-your-writes without a flush per lookup).
         // Failing here fails the request below at once.
@@ -131,8 +132,16 @@ impl RedisPartition {
                 };
                 for &i in which {
                     if out[i].is_none() {
-                        match find_record(&records, &lookups[i].fingerprint.to_bytes()) {
-                            Ok(found) => out[i] = found,
+                        let fp = lookups[i].fingerprint;
+                        match find_record(&records, &fp.to_bytes()) {
+                            Ok(found) => {
+                                if let Some((at, body)) = found {
+                                    out[i] = Some(at);
+                                    if let Some(body) = body {
+                                        self.found_bodies.insert(fp, (at.as_nanos(), body));
+                                    }
+                                }
+                            }
                             Err(what) => {
                                 let e = self.error_of(FailureCause::UnexpectedReply, what);
                                 return self.lookups_failed(e, current, lookups, out);
@@ -145,7 +154,13 @@ impl RedisPartition {
             for (&i, v) in which.iter().zip(values.by_ref()) {
                 if out[i].is_none() {
                     if let Value::BulkString(bytes) = v {
-                        out[i] = decode(&bytes);
+                        if let Some((at, body)) = decode(&bytes) {
+                            out[i] = Some(at);
+                            if let Some(body) = body {
+                                let fp = lookups[i].fingerprint;
+                                self.found_bodies.insert(fp, (at.as_nanos(), body));
+                            }
+                        }
                     }
                 }
             }

@@ -10,26 +10,14 @@ use std::sync::atomic::Ordering;
 use redis::{Cmd, Value};
 
 use super::conn::{Conn, Wait};
-use super::records::RECORD;
+use super::records::{write_record, RECORD};
 use super::replies::Sent;
 use super::scripts::COMPACT_SCRIPT;
 use super::RedisPartition;
 use crate::error::{ExactTierError, FailureCause};
-use crate::exact::Mark;
+use crate::exact::{Mark, RecordBody};
 use crate::fingerprint::Fingerprint;
-use crate::time::{slot_of, Timestamp, GENERATIONS};
-
-/// The marks of one bucket's run of `(slice, bucket, index)` in mark
-/// order, as Redis stores them: (fingerprint, time as 8 big-endian bytes).
-fn stored_marks<'a>(
-    unsent: &'a [Mark],
-    run: &'a [(u64, u64, u32)],
-) -> impl Iterator<Item = ([u8; 16], [u8; 8])> + 'a {
-    run.iter().map(|&(_, _, i)| {
-        let m = &unsent[i as usize];
-        (m.fingerprint.to_bytes(), m.at.as_nanos().to_be_bytes())
-    })
-}
+use crate::time::GENERATIONS;
 
 impl RedisPartition {
     /// Writes every unsent mark (oldest first) in one pipeline. On a
@@ -91,14 +79,57 @@ impl RedisPartition {
         }
     }
 
+    /// The body to store with mark `m`, if its claim was committed with
+    /// one ([`crate::exact::ExactPartition::put_body`]).
+    fn body_of_mark(&self, m: &Mark) -> Option<&RecordBody> {
+        match self.bodies.get(&m.fingerprint) {
+            Some((at, body)) if *at == m.at.as_nanos() => Some(body),
+            _ => None,
+        }
+    }
+
     /// The record string of one bucket's marks, in mark order.
     fn record_blob(&self, run: &[(u64, u64, u32)]) -> Vec<u8> {
         let mut blob = Vec::with_capacity(run.len() * RECORD);
-        for (fp, at) in stored_marks(&self.unsent, run) {
-            blob.extend_from_slice(&fp);
-            blob.extend_from_slice(&at);
+        for &(_, _, i) in run {
+            let m = &self.unsent[i as usize];
+            let body = self.body_of_mark(m);
+            write_record(
+                &mut blob,
+                Some(&m.fingerprint.to_bytes()),
+                m.at.as_nanos(),
+                body,
+            );
         }
         blob
+    }
+
+    /// A hash's field and value for each of one bucket's marks.
+    fn hash_pairs(&self, run: &[(u64, u64, u32)]) -> Vec<([u8; 16], Vec<u8>)> {
+        run.iter()
+            .map(|&(_, _, i)| {
+                let m = &self.unsent[i as usize];
+                let mut value = Vec::with_capacity(8);
+                write_record(&mut value, None, m.at.as_nanos(), self.body_of_mark(m));
+                (m.fingerprint.to_bytes(), value)
+            })
+            .collect()
+    }
+
+    /// Marks Redis acknowledged: their bodies are stored with them.
+    pub(super) fn bodies_written<'a>(&mut self, marks: impl Iterator<Item = &'a Mark>) {
+        if self.bodies.is_empty() {
+            return;
+        }
+        for m in marks {
+            if self
+                .bodies
+                .get(&m.fingerprint)
+                .is_some_and(|(at, _)| *at == m.at.as_nanos())
+            {
+                self.bodies.remove(&m.fingerprint);
+            }
+        }
     }
 
     /// Single server: one `APPEND` or `HSET` per bucket (plain commands
@@ -123,8 +154,8 @@ impl RedisPartition {
             if self.records {
                 cmd.arg(self.record_blob(run));
             } else {
-                for (fp, at) in stored_marks(&self.unsent, run) {
-                    cmd.arg(&fp[..]).arg(&at[..]);
+                for (fp, value) in self.hash_pairs(run) {
+                    cmd.arg(&fp[..]).arg(value);
                 }
             }
             cmds.push(cmd);
@@ -218,12 +249,15 @@ impl RedisPartition {
             invocation.key(self.key(run[0].0, run[0].1));
             let fresh = u8::from(fresh.contains(&(run[0].0, run[0].1)));
             if self.records {
-                invocation.arg(self.record_blob(run)).arg(fresh);
+                invocation
+                    .arg(self.record_blob(run))
+                    .arg(fresh)
+                    .arg(run.len());
                 continue;
             }
             invocation.arg(run.len()).arg(fresh);
-            for (fp, at) in stored_marks(&self.unsent, run) {
-                invocation.arg(&fp[..]).arg(&at[..]);
+            for (fp, value) in self.hash_pairs(run) {
+                invocation.arg(&fp[..]).arg(value);
             }
         }
         let reply = self.with_conn(|c, _| invocation.invoke::<Vec<Value>>(c.like()))?;
@@ -253,6 +287,13 @@ impl RedisPartition {
         }
         let written = self.unsent.len() - refused.len();
         self.written(written);
+        let stored: Vec<Mark> = runs
+            .iter()
+            .zip(&stored)
+            .flat_map(|(run, &n)| run.iter().take(n))
+            .map(|o| self.unsent[o.2 as usize])
+            .collect();
+        self.bodies_written(stored.iter());
         let refusal = (!refused.is_empty()).then(|| match reply.get(runs.len()) {
             Some(Value::BulkString(text)) => {
                 self.refusal(&String::from_utf8_lossy(text), refused.len())
@@ -365,6 +406,7 @@ impl RedisPartition {
         }
         for m in lost {
             self.dropped[m.slot] += 1;
+            self.bodies.remove(&m.fingerprint);
         }
         self.stats
             .marks_unsent
@@ -387,6 +429,7 @@ impl RedisPartition {
         for m in marks {
             if self.retired(m.slice) {
                 expired += 1;
+                self.bodies.remove(&m.fingerprint);
                 continue;
             }
             if self.unsent_index.get(m.fingerprint).is_none() {
@@ -410,7 +453,14 @@ impl RedisPartition {
     /// and of the count of marks dropped there.
     pub(super) fn forget_slots(&mut self, slots: u8) {
         let before = self.unsent.len();
-        self.unsent.retain(|m| slots & (1 << m.slot) == 0);
+        let bodies = &mut self.bodies;
+        self.unsent.retain(|m| {
+            let keep = slots & (1 << m.slot) == 0;
+            if !keep {
+                bodies.remove(&m.fingerprint);
+            }
+            keep
+        });
         let gone = before - self.unsent.len();
         if gone > 0 {
             self.unsent_index.clear();
@@ -425,16 +475,6 @@ impl RedisPartition {
             if slots & (1 << slot) != 0 {
                 *dropped = 0;
             }
-        }
-    }
-
-    /// A mark of a key this partition accepted in slice `current`.
-    pub(super) fn mark_now(fingerprint: Fingerprint, current: u64, at: Timestamp) -> Mark {
-        Mark {
-            fingerprint,
-            slot: slot_of(current),
-            slice: current,
-            at,
         }
     }
 }

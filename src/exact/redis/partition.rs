@@ -1,10 +1,18 @@
 //! The [`ExactPartition`] the engine calls: each request goes to the
 //! concern that handles it.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use super::conn::Wait;
+use super::scripts::FORGET_SCRIPT;
 use super::RedisPartition;
+use crate::claims::PayloadFingerprint;
 use crate::error::{ExactTierError, FailureCause};
-use crate::exact::{slots_newest_first, Claim, ExactPartition, Lookup, Mark, MemoryPartition};
+use crate::exact::{
+    slots_newest_first, Claim, ExactPartition, Lookup, Mark, MemoryPartition, RecordBody,
+    SharedAnswer, SharedOp,
+};
 use crate::fingerprint::Fingerprint;
 use crate::time::{slot_of, Timestamp, GENERATIONS};
 
@@ -62,7 +70,11 @@ impl ExactPartition for RedisPartition {
     }
 
     fn flush(&mut self) -> Result<(), ExactTierError> {
-        self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))?;
+        if self.log.is_some() {
+            self.waiting(Wait::Flush, |p| p.catch_up())?;
+        } else {
+            self.waiting(Wait::Flush, |p| p.send_unsent().and_then(|()| p.settle()))?;
+        }
         // Stored or kept; dropped marks are reported while they matter.
         match self.dropped() {
             0 => Ok(()),
@@ -79,7 +91,7 @@ impl ExactPartition for RedisPartition {
     }
 
     fn unwritten(&self) -> u64 {
-        (self.unsent.len() + self.in_flight.marks.len()) as u64
+        (self.unsent.len() + self.in_flight.marks.len()) as u64 + self.kept_checks()
     }
 
     fn dropped(&self) -> u64 {
@@ -87,6 +99,11 @@ impl ExactPartition for RedisPartition {
     }
 
     fn flush_idle(&mut self) -> Result<(), ExactTierError> {
+        if self.log.is_some() {
+            // Reads what the other engines appended meanwhile: the next
+            // batch has less to catch up.
+            return self.waiting(Wait::Idle, |p| p.catch_up());
+        }
         self.waiting(Wait::Idle, |p| p.send_unsent().and_then(|()| p.settle()))
     }
 
@@ -104,9 +121,16 @@ impl ExactPartition for RedisPartition {
         lookups: &[Lookup],
         out: &mut Vec<Option<Timestamp>>,
     ) -> Result<(), ExactTierError> {
+        if self.log.is_some() {
+            return Err(ExactTierError::Unsupported(
+                "shared keys are looked up by claiming them (shared_claims)",
+            ));
+        }
         self.lookup_batch_in_redis(current, lookups, out)
     }
 
+    /// Shared mode: checks through the shard's log, as
+    /// [`ExactPartition::shared_claims`] does them.
     fn claim_batch(
         &mut self,
         current: u64,
@@ -114,7 +138,43 @@ impl ExactPartition for RedisPartition {
         claims: &[Claim],
         out: &mut Vec<Option<Timestamp>>,
     ) -> Result<(), ExactTierError> {
-        self.claim_batch_in_redis(current, window, claims, out)
+        if self.log.is_none() {
+            return Err(ExactTierError::Unsupported(
+                "owned keys are claimed in the engine",
+            ));
+        }
+        let now = crate::time::Timestamp::now().as_nanos();
+        let ops: Vec<SharedOp<'_>> = claims
+            .iter()
+            .map(|c| SharedOp::Check {
+                fingerprint: c.fingerprint,
+                at: c.at,
+                now,
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(ops.len());
+        self.shared_claims_in_redis(current, window, &ops, &mut answers)?;
+        out.clear();
+        out.extend(answers.into_iter().map(|a| match a {
+            SharedAnswer::Completed { first_seen, .. } => Some(first_seen),
+            _ => None,
+        }));
+        Ok(())
+    }
+
+    fn shared_claims(
+        &mut self,
+        current: u64,
+        window: Option<u64>,
+        ops: &[SharedOp<'_>],
+        out: &mut Vec<SharedAnswer>,
+    ) -> Result<(), ExactTierError> {
+        if self.log.is_none() {
+            return Err(ExactTierError::Unsupported(
+                "owned keys keep their leases in the engine",
+            ));
+        }
+        self.shared_claims_in_redis(current, window, ops, out)
     }
 
     fn clear_slots(&mut self, slots: u8) {
@@ -125,7 +185,18 @@ impl ExactPartition for RedisPartition {
             .filter_map(|back| self.current.checked_sub(back))
             .filter(|&slice| slots & (1 << slot_of(slice)) != 0)
             .collect();
-        if !expired.is_empty() {
+        if !expired.is_empty() && self.log.is_some() {
+            // Shared mode: the log is trimmed as it is read; the retired
+            // slices' result hashes go now (best effort: the TTL is the
+            // backstop).
+            let _ = self.with_conn(|c, p| {
+                let mut del = redis::cmd("UNLINK");
+                for &slice in &expired {
+                    del.arg(p.body_key(slice));
+                }
+                c.pipeline(vec![del])
+            });
+        } else if !expired.is_empty() {
             self.expiring.retain(|(slice, _)| !expired.contains(slice));
             if self.config.cluster {
                 // Marks are answered at once on a cluster: none in flight.
@@ -153,12 +224,149 @@ impl ExactPartition for RedisPartition {
         }
     }
 
+    fn put_body(
+        &mut self,
+        mark: &Mark,
+        payload: Option<PayloadFingerprint>,
+        result: &[u8],
+    ) -> Result<(), ExactTierError> {
+        if self.log.is_some() {
+            return Err(ExactTierError::Unsupported(
+                "shared keys are committed through shared_claims",
+            ));
+        }
+        if let Some(fallback) = &mut self.fallback {
+            fallback.put_body(mark, payload, result)?;
+        }
+        // Written with the key's mark, which the engine queues next.
+        self.bodies.insert(
+            mark.fingerprint,
+            (
+                mark.at.as_nanos(),
+                RecordBody {
+                    payload,
+                    result: Arc::from(result),
+                },
+            ),
+        );
+        Ok(())
+    }
+
+    fn body(
+        &mut self,
+        fp: Fingerprint,
+        slot: usize,
+        at: Timestamp,
+    ) -> Result<Option<RecordBody>, ExactTierError> {
+        let mut out = Vec::with_capacity(1);
+        self.bodies_batch(&[(fp, slot, at)], &mut out)?;
+        Ok(out.pop().flatten())
+    }
+
+    /// Bodies not yet acknowledged are read here; the others were found
+    /// by the lookup that found their records (the claim path asks right
+    /// after it), or are looked up again, in one request.
+    fn bodies_batch(
+        &mut self,
+        records: &[(Fingerprint, usize, Timestamp)],
+        out: &mut Vec<Option<RecordBody>>,
+    ) -> Result<(), ExactTierError> {
+        out.clear();
+        let mut missing = Vec::new();
+        for (i, &(fp, _, at)) in records.iter().enumerate() {
+            let at = at.as_nanos();
+            let known = [&self.bodies, &self.found_bodies]
+                .into_iter()
+                .find_map(|m| m.get(&fp).filter(|(t, _)| *t == at));
+            match known {
+                Some((_, body)) => out.push(Some(body.clone())),
+                None => {
+                    out.push(None);
+                    missing.push(i);
+                }
+            }
+        }
+        if !missing.is_empty() && self.log.is_none() {
+            let lookups: Vec<Lookup> = missing
+                .iter()
+                .map(|&i| Lookup {
+                    fingerprint: records[i].0,
+                    slots: u8::MAX,
+                })
+                .collect();
+            let mut times = Vec::with_capacity(lookups.len());
+            self.lookup_batch_in_redis(self.current, &lookups, &mut times)?;
+            for &i in &missing {
+                let (fp, _, at) = records[i];
+                out[i] = self
+                    .found_bodies
+                    .get(&fp)
+                    .filter(|(t, _)| *t == at.as_nanos())
+                    .map(|(_, body)| body.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Owned keys: the marks in flight are settled first (a delete must
+    /// not be overtaken by them), the unsent ones dropped, then every
+    /// record of `fp` is removed from the buckets of the live slices
+    /// (`FORGET_SCRIPT`, one request).
+    fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
+        if self.log.is_some() {
+            return Err(ExactTierError::Unsupported(
+                "shared keys are forgotten through shared_claims",
+            ));
+        }
+        if !self.config.cluster {
+            self.send_unsent()?;
+            self.settle()?;
+        }
+        let mut found = self.bodies.remove(&fp).is_some();
+        self.found_bodies.remove(&fp);
+        if self.unsent_index.get(fp).is_some() {
+            found = true;
+            let gone = self.unsent.iter().filter(|m| m.fingerprint == fp).count();
+            self.unsent.retain(|m| m.fingerprint != fp);
+            self.unsent_index.clear();
+            for m in &self.unsent {
+                self.unsent_index.insert(m.fingerprint, m.at.as_nanos());
+            }
+            self.stats
+                .marks_unsent
+                .fetch_sub(gone as u64, Ordering::Relaxed);
+        }
+        if let Some(fallback) = &mut self.fallback {
+            found |= fallback.forget(fp)?;
+        }
+        let script = redis::Script::new(FORGET_SCRIPT);
+        let removed: u64 = self.with_conn(|c, p| {
+            let mut invocation = script.prepare_invoke();
+            let bucket = p.bucket(fp);
+            for (slice, _) in slots_newest_first(p.current) {
+                invocation.key(p.key(slice, bucket));
+            }
+            invocation
+                .arg(&fp.to_bytes()[..])
+                .arg(if p.records { "1" } else { "0" });
+            invocation.invoke(c.like())
+        })?;
+        Ok(found || removed > 0)
+    }
+
     fn len(&self) -> u64 {
         (self.unsent.len() + self.in_flight.marks.len()) as u64
+            + self.log.as_ref().map_or(0, |l| l.replica.len())
     }
 
     fn bytes(&self) -> usize {
+        let bodies = |m: &crate::fingerprint::FingerprintMap<(u64, RecordBody)>| {
+            m.values().map(|(_, b)| 64 + b.result.len()).sum::<usize>()
+        };
         self.fallback.as_ref().map_or(0, MemoryPartition::bytes)
+            + bodies(&self.bodies)
+            + bodies(&self.found_bodies)
+            + self.log.as_ref().map_or(0, |l| l.replica.bytes())
             + (self.unsent.capacity() + self.in_flight.marks.capacity()) * 48
             + self.unsent_index.bytes()
             + self.in_flight.index.bytes()

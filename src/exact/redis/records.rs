@@ -1,36 +1,110 @@
-//! Record strings (owned keys): a bucket is a string of 24-byte records
-//! (fingerprint, time), appended to and read whole; once a slice stops
-//! filling, its strings are rewritten at their exact size.
+//! Record strings (owned keys): a bucket is a string of records, appended
+//! to and read whole; once a slice stops filling, its strings are
+//! rewritten at their exact size.
+//!
+//! A record is 24 bytes — the fingerprint and the first-accepted time (8
+//! bytes big-endian) — and, for a committed claim with a payload
+//! fingerprint or a result, its body after them: the time's top bit is
+//! set, then the payload tag (u8) and fingerprint (u64), the result's
+//! length (u32) and the result. The newest record of a fingerprint wins.
+//! (A hash's value is the same without the fingerprint.) So a body lives
+//! and expires with its record, costs Redis no key and no command of its
+//! own, and a lookup that finds the record finds the body: measured in
+//! `benches/claims.rs`, where strings of bodies apart (a second `APPEND`
+//! per bucket) cost more per key.
+
+use std::sync::Arc;
 
 use super::RedisPartition;
+use crate::claims::PayloadFingerprint;
+use crate::exact::RecordBody;
 use crate::time::{Timestamp, GENERATIONS};
 
 /// Buckets one flush compacts (one script per flush).
 pub(super) const COMPACT_CHUNK: u64 = 1024;
 
-pub(super) fn decode(v: &[u8]) -> Option<Timestamp> {
-    let bytes: [u8; 8] = v.try_into().ok()?;
-    Some(Timestamp::from_nanos(u64::from_be_bytes(bytes)))
-}
-
-/// Bytes of one record in a record string: the fingerprint, then the time
-/// (8 bytes big-endian).
+/// Bytes of a record's head in a record string: the fingerprint, then the
+/// time (8 bytes big-endian; its top bit set when a body follows).
 pub(super) const RECORD: usize = 24;
 
-/// The time of the last (newest) record of `fp` in a record string; `Err`
-/// (what is wrong) for a string that is not whole records.
-pub(super) fn find_record(records: &[u8], fp: &[u8; 16]) -> Result<Option<Timestamp>, String> {
-    if records.len() % RECORD != 0 {
-        return Err(format!(
-            "a record string of {} bytes is not whole {RECORD}-byte records",
-            records.len()
-        ));
+/// The top bit of a stored time: a body follows (record times are below
+/// 2⁶³).
+const HAS_BODY: u64 = 1 << 63;
+
+/// Bytes of a body's header after its record's head: the payload tag (u8)
+/// and fingerprint (u64), the result's length (u32), all big-endian.
+const BODY_HEADER: usize = 1 + 8 + 4;
+
+/// A record (or a hash's value) as Redis stores it: the time, and the body
+/// of a committed claim that has one.
+pub(super) fn write_record(
+    out: &mut Vec<u8>,
+    fp: Option<&[u8; 16]>,
+    at: u64,
+    body: Option<&RecordBody>,
+) {
+    if let Some(fp) = fp {
+        out.extend_from_slice(fp);
     }
-    Ok(records
-        .chunks_exact(RECORD)
-        .rev()
-        .find(|r| r[..16] == fp[..])
-        .and_then(|r| decode(&r[16..])))
+    let flag = if body.is_some() { HAS_BODY } else { 0 };
+    out.extend_from_slice(&(at | flag).to_be_bytes());
+    if let Some(b) = body {
+        out.push(u8::from(b.payload.is_some()));
+        out.extend_from_slice(&b.payload.map_or(0, |p| p.0).to_be_bytes());
+        out.extend_from_slice(&(b.result.len() as u32).to_be_bytes());
+        out.extend_from_slice(&b.result);
+    }
+}
+
+/// Reads the time and body at the start of `v` (a hash's value, or a
+/// record string after the fingerprint): the time, the body, and the bytes
+/// they took; `None` when `v` is cut.
+fn read_tail(v: &[u8]) -> Option<(u64, Option<RecordBody>, usize)> {
+    let word = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    if word & HAS_BODY == 0 {
+        return Some((word, None, 8));
+    }
+    let h = v.get(8..8 + BODY_HEADER)?;
+    let payload = (h[0] != 0)
+        .then(|| PayloadFingerprint(u64::from_be_bytes(h[1..9].try_into().expect("8 bytes"))));
+    let len = u32::from_be_bytes(h[9..13].try_into().expect("4 bytes")) as usize;
+    let start = 8 + BODY_HEADER;
+    let result = v.get(start..start + len)?;
+    Some((
+        word & !HAS_BODY,
+        Some(RecordBody {
+            payload,
+            result: Arc::from(result),
+        }),
+        start + len,
+    ))
+}
+
+/// A hash's value: the time and the body, if any; `None` for a value that
+/// is not a record.
+pub(super) fn decode(v: &[u8]) -> Option<(Timestamp, Option<RecordBody>)> {
+    let (at, body, used) = read_tail(v)?;
+    (used == v.len()).then(|| (Timestamp::from_nanos(at), body))
+}
+
+/// The newest record of `fp` in a record string: its time and body; `Err`
+/// (what is wrong) for a string that is not whole records.
+pub(super) fn find_record(
+    records: &[u8],
+    fp: &[u8; 16],
+) -> Result<Option<(Timestamp, Option<RecordBody>)>, String> {
+    let mut found = None;
+    let mut i = 0;
+    while i < records.len() {
+        let cut = || format!("a record string of {} bytes cut at byte {i}", records.len());
+        let head = records.get(i..i + 16).ok_or_else(cut)?;
+        let (at, body, used) = read_tail(&records[i + 16..]).ok_or_else(cut)?;
+        if head == fp {
+            found = Some((Timestamp::from_nanos(at), body));
+        }
+        i += 16 + used;
+    }
+    Ok(found)
 }
 
 impl RedisPartition {
@@ -76,23 +150,44 @@ mod tests {
 
     #[test]
     fn a_record_string_answers_with_its_newest_record() {
-        let record = |fp: u128, at: u64| {
-            let mut r = Fingerprint(fp).to_bytes().to_vec();
-            r.extend_from_slice(&at.to_be_bytes());
+        let record = |fp: u128, at: u64, body: Option<&RecordBody>| {
+            let mut r = Vec::new();
+            write_record(&mut r, Some(&Fingerprint(fp).to_bytes()), at, body);
             r
         };
         let fp = |v: u128| Fingerprint(v).to_bytes();
-        let blob = [record(1, 10), record(2, 20), record(1, 30)].concat();
+        let body = RecordBody {
+            payload: Some(PayloadFingerprint(5)),
+            result: Arc::from(&b"receipt"[..]),
+        };
+        let blob = [
+            record(1, 10, None),
+            record(2, 20, Some(&body)),
+            record(1, 30, None),
+        ]
+        .concat();
+        assert_eq!(blob.len(), 3 * RECORD + BODY_HEADER + 7);
         assert_eq!(
             find_record(&blob, &fp(1)).unwrap(),
-            Some(Timestamp::from_nanos(30))
+            Some((Timestamp::from_nanos(30), None))
         );
         assert_eq!(
             find_record(&blob, &fp(2)).unwrap(),
-            Some(Timestamp::from_nanos(20))
+            Some((Timestamp::from_nanos(20), Some(body.clone())))
         );
         assert_eq!(find_record(&blob, &fp(3)).unwrap(), None);
         assert_eq!(find_record(&[], &fp(3)).unwrap(), None);
         assert!(find_record(&blob[..30], &fp(1)).is_err());
+        assert!(
+            find_record(&blob[..40], &fp(1)).is_err(),
+            "a body cut short"
+        );
+        let mut value = Vec::new();
+        write_record(&mut value, None, 20, Some(&body));
+        assert_eq!(
+            decode(&value),
+            Some((Timestamp::from_nanos(20), Some(body)))
+        );
+        assert_eq!(decode(&value[..9]), None);
     }
 }

@@ -125,12 +125,26 @@ impl RedisPartition {
             .map(|&i| in_flight.marks[i as usize])
             .collect();
         let written = in_flight.marks.len() - again.len();
+        let stored: Vec<Mark> = {
+            let mut not = not_stored.iter().peekable();
+            (0u32..)
+                .zip(&in_flight.marks)
+                .filter(|(i, _)| {
+                    while not.peek().is_some_and(|&&n| n < *i) {
+                        not.next();
+                    }
+                    not.peek() != Some(&i)
+                })
+                .map(|(_, m)| *m)
+                .collect()
+        };
         self.in_flight.marks.clear();
         self.in_flight.index.clear();
         self.in_flight.order.clear();
         self.in_flight.sent.clear();
         self.expiring.extend(fresh);
         self.written(written);
+        self.bodies_written(stored.iter());
         self.keep_again(again.into_iter());
         if refused > 0 {
             self.stats

@@ -1,7 +1,7 @@
 //! The Lua scripts the tier runs: on a cluster, marks and lookups as one
 //! request per batch (one reply: the cluster client's pipelines wait out a
 //! timeout per command when a server stalls); everywhere, the shared-mode
-//! claim and the compaction of record strings.
+//! log and the compaction of record strings.
 
 /// On a cluster, writes marks into many hashes in one request (one reply:
 /// the cluster client's pipeline of one command per hash would wait out a
@@ -44,20 +44,20 @@ return out
 
 /// On a cluster, appends marks to many record strings in one request (one
 /// reply, as [`MARK_SCRIPT`]). KEYS: the strings. ARGV: ttl ms, then per
-/// string: its records (24 bytes each), `1` to give it the TTL (else `0`).
-/// Returns per string how many records it stored (all or none), then the
-/// first refusal's message if any.
+/// string: its records, `1` to give it the TTL (else `0`), and how many
+/// records they are. Returns per string how many records it stored (all or
+/// none), then the first refusal's message if any.
 pub(super) const APPEND_SCRIPT: &str = r"
 local ttl = ARGV[1]
 local out, refusal = {}, nil
 for k = 1, #KEYS do
-  local r = redis.pcall('APPEND', KEYS[k], ARGV[2 * k])
+  local r = redis.pcall('APPEND', KEYS[k], ARGV[3 * k - 1])
   if type(r) == 'table' and r.err then
     refusal = refusal or r.err
     out[k] = 0
   else
-    out[k] = #ARGV[2 * k] / 24
-    if ARGV[2 * k + 1] == '1' then
+    out[k] = tonumber(ARGV[3 * k + 1])
+    if ARGV[3 * k] == '1' then
       redis.pcall('PEXPIRE', KEYS[k], ttl)
     end
   end
@@ -66,6 +66,49 @@ if refusal then
   out[#KEYS + 1] = refusal
 end
 return out
+";
+
+/// Removes every record of one fingerprint from the buckets of the live
+/// slices that may hold it (a forget, owned keys). KEYS: the buckets.
+/// ARGV: the fingerprint (16 bytes), `1` for record strings (rewritten
+/// without its records, same TTL), `0` for hashes (`HDEL`). Records are
+/// walked as `records.rs` writes them: 24 bytes, and a body after those
+/// whose time has its top bit set. Returns how many records went.
+pub(super) const FORGET_SCRIPT: &str = r"
+local fp = ARGV[1]
+local removed = 0
+for _, k in ipairs(KEYS) do
+  if ARGV[2] == '1' then
+    local v = redis.call('GET', k)
+    if v then
+      local kept, i, n, changed = {}, 1, #v, false
+      while i <= n do
+        local len = 24
+        if string.byte(v, i + 16) >= 128 then
+          local a, b, c, d = string.byte(v, i + 33, i + 36)
+          len = 37 + ((a * 256 + b) * 256 + c) * 256 + d
+        end
+        if string.sub(v, i, i + 15) == fp then
+          changed = true
+          removed = removed + 1
+        else
+          kept[#kept + 1] = string.sub(v, i, i + len - 1)
+        end
+        i = i + len
+      end
+      if changed then
+        if #kept == 0 then
+          redis.call('DEL', k)
+        else
+          redis.call('SET', k, table.concat(kept), 'KEEPTTL')
+        end
+      end
+    end
+  else
+    removed = removed + redis.call('HDEL', k, fp)
+  end
+end
+return removed
 ";
 
 /// Rewrites record strings of a finished slice at their exact size: `APPEND`
@@ -106,103 +149,85 @@ end
 return out
 ";
 
-/// Claims keys atomically. KEYS: per bucket the claims use, the live slice
-/// hashes of that bucket, newest (current) first. ARGV: ttl ms (`0`: the
-/// hashes get none), the number
-/// of live slices `L`, then per key: the offset of its bucket's hashes in
-/// KEYS, fingerprint, time (8 bytes BE), threshold (8 bytes BE: the oldest
-/// first-accepted time still inside the window, or 0 without one). Returns
-/// per key the stored time (a duplicate) or `false` (recorded now). Times
-/// are compared as two 32-bit halves: Lua numbers are doubles. Redis is
-/// asked in bulk — one `HMGET` per live slice (newest first, only for keys
-/// no newer slice holds) and one `HSET` per bucket — since a Redis call
-/// from Lua costs about a microsecond: a call per key and slice made
-/// shared mode 126 thousand keys/s at 10⁷ keys.
-pub(super) const CLAIM_SCRIPT: &str = r"
-local ttl = tonumber(ARGV[1])
-local live = tonumber(ARGV[2])
-local n = (#ARGV - 2) / 4
--- Claim j's arguments: base ARGV[4j - 1], fingerprint ARGV[4j], time
--- ARGV[4j + 1], threshold ARGV[4j + 2]. Claims by bucket (its base).
-local groups, bases = {}, {}
-for j = 1, n do
-  local b = tonumber(ARGV[4 * j - 1])
-  local g = groups[b]
-  if not g then
-    g = {}
-    groups[b] = g
-    bases[#bases + 1] = b
-  end
-  g[#g + 1] = j
+/// Shared keys: one batch of a shard's operations appended to its log,
+/// and the log read back from where the caller stopped (see `log.rs`).
+/// KEYS: the log (a stream), its epoch (a string naming this stream's
+/// life: a log lost with its server gets a new one, and every replica
+/// rebuilds), then the body hashes this batch writes. ARGV: the epoch to
+/// set if there is none, ttl ms (`0`: none), the id to read after
+/// (exclusive: `(0-<seq>`), the most entries to return, the number of
+/// entries `n`, the `n` entries, then per body hash: its index in KEYS,
+/// its number of fields `m`, and `m` pairs (field, result). Bodies are
+/// written before the commits that name them, so a reader that sees a
+/// commit finds its result. Returns the epoch, the ids of the entries
+/// appended (`0-*`: the sequence counts entries), and the entries read
+/// (`XRANGE` replies).
+pub(super) const LOG_SCRIPT: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
 end
--- The newest stored time of each claim's key: one HMGET per live slice
--- (newest first) for the keys not found in a newer one.
-local stored = {}
-for _, b in ipairs(bases) do
-  local pending = groups[b]
-  for k = b + 1, b + live do
-    if #pending == 0 then
-      break
-    end
-    local still = {}
-    local s = 1
-    while s <= #pending do
-      local e = math.min(s + 999, #pending)
-      local fields = {}
-      for q = s, e do
-        fields[#fields + 1] = ARGV[4 * pending[q]]
-      end
-      local values = redis.call('HMGET', KEYS[k], unpack(fields))
-      for q = s, e do
-        local v = values[q - s + 1]
-        if v then
-          stored[pending[q]] = v
-        else
-          still[#still + 1] = pending[q]
-        end
-      end
-      s = e + 1
-    end
-    pending = still
+local ttl = tonumber(ARGV[2])
+local n = tonumber(ARGV[5])
+local i = 6 + n
+while i <= #ARGV do
+  local k, m = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local j, last = i + 2, i + 1 + 2 * m
+  while j <= last do
+    local e = math.min(j + 999, last)
+    redis.call('HSET', KEYS[k], unpack(ARGV, j, e))
+    j = e + 1
+  end
+  i = last + 1
+end
+local ids = {}
+for b = 1, n do
+  ids[b] = redis.call('XADD', KEYS[1], '0-*', 'o', ARGV[5 + b])
+end
+if ttl > 0 and n > 0 then
+  for k = 1, #KEYS do
+    redis.call('PEXPIRE', KEYS[k], ttl)
   end
 end
--- In order: a key is inside the window if its newest time (a copy
--- claimed earlier in this batch counts) reaches the threshold.
-local out, claimed, writes = {}, {}, {}
-for j = 1, n do
-  local fp, at, threshold = ARGV[4 * j], ARGV[4 * j + 1], ARGV[4 * j + 2]
-  local v = claimed[fp] or stored[j]
-  local found = false
-  if v then
-    local th_hi, th_lo = struct.unpack('>I4>I4', threshold)
-    local hi, lo = struct.unpack('>I4>I4', v)
-    if hi > th_hi or (hi == th_hi and lo >= th_lo) then
-      found = v
+local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
+return {epoch, ids, entries}
+";
+
+/// Shared keys: makes a snapshot of a shard's state (its replica as of an
+/// entry of the log, whose parts were stored first) the one replicas
+/// start from, and trims the log behind the previous one. KEYS: the
+/// snapshot's pointer, the log. ARGV: the new pointer
+/// (`<position>:<parts>:<id>:<generation>:<trim id>`), its generation,
+/// ttl ms (`0`: none), the prefix of part keys (`…:snap:`), then the new
+/// parts' keys. When the stored snapshot is of this generation or a later
+/// one (another engine took it), deletes the new parts and returns 0;
+/// otherwise sets the pointer, deletes the previous snapshot's parts,
+/// trims the log before the previous snapshot's position (replicas up to
+/// a snapshot behind still read on without a gap), and returns 1.
+pub(super) const SNAPSHOT_SCRIPT: &str = r"
+local old = redis.call('GET', KEYS[1])
+local old_parts, old_id, trim = 0, nil, nil
+if old then
+  local n, id, generation, t = string.match(old, '^%d+:(%d+):(%w+):(%d+):(.+)$')
+  if generation and tonumber(generation) >= tonumber(ARGV[2]) then
+    for i = 5, #ARGV do
+      redis.call('UNLINK', ARGV[i])
     end
+    return 0
   end
-  out[j] = found
-  if not found then
-    claimed[fp] = at
-    local b = tonumber(ARGV[4 * j - 1])
-    local w = writes[b]
-    if not w then
-      w = {}
-      writes[b] = w
-    end
-    w[#w + 1] = fp
-    w[#w + 1] = at
-  end
+  old_parts, old_id, trim = tonumber(n or 0), id, t
 end
-for b, w in pairs(writes) do
-  local s = 1
-  while s <= #w do
-    local e = math.min(s + 999, #w)
-    redis.call('HSET', KEYS[b + 1], unpack(w, s, e))
-    s = e + 1
-  end
-  if ttl > 0 then
-    redis.call('PEXPIRE', KEYS[b + 1], ttl)
-  end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
 end
-return out
+if old_id then
+  for i = 1, old_parts do
+    redis.call('UNLINK', ARGV[4] .. old_id .. ':' .. i)
+  end
+  redis.call('XTRIM', KEYS[2], 'MINID', trim)
+end
+return 1
 ";

@@ -35,6 +35,13 @@ pub struct RedisStats {
     /// not be checked (`CONFIG` or `ROLE` disabled, renamed or not
     /// allowed).
     pub server_unchecked: AtomicU64,
+    /// Shared mode: snapshots of a shard's state this tier stored (the
+    /// log is trimmed behind them; see the module docs).
+    pub snapshots: AtomicU64,
+    /// Shared mode: replicas rebuilt from Redis because the log was lost
+    /// (a server that restarted without its data), or trimmed past what
+    /// the replica had read (it fell a snapshot behind).
+    pub rebuilds: AtomicU64,
     /// The last failure of any partition (see [`RedisStats::last_error`]).
     last_error: Mutex<Option<ExactTierError>>,
 }

@@ -1,0 +1,1059 @@
+//! Claims on the Redis tier against the reference state machine of
+//! `tests/claims.rs`: every answer of claim, commit, release, extend, drop,
+//! check and forget over long random streams — a manual clock moving past
+//! leases and windows, engines restarting on the same Redis — equals that
+//! of a map from key to `Held { token, until, payload } | Done { at,
+//! result, payload }`, with owned keys (leases in the engine, records and
+//! results in Redis) and shared keys (everything in the shard's log), on a
+//! private `redis-server` and on a private three-master Cluster. Then the
+//! concurrency and fault contracts: two engines racing for one fresh key
+//! acquire it once; a Redis killed or stopped in the middle of commits
+//! never lets a key be committed twice.
+#![cfg(feature = "redis")]
+
+#[path = "support/redis_cluster.rs"]
+mod redis_cluster;
+#[path = "support/redis_server.rs"]
+mod redis_server;
+#[path = "support/rng.rs"]
+mod rng;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+
+use std::time::{Duration, Instant};
+
+use redis_cluster::RedisCluster;
+use redis_server::RedisServer;
+use rng::Rng;
+use tiered_dedup::exact::redis::{FailurePolicy, RedisConfig, RedisTier};
+use tiered_dedup::{
+    Affinity, Claim, ClaimRequest, Clock, CommitError, Deduper, DeduperBuilder, ExactTier, Lease,
+    ManualClock, PayloadFingerprint, Timestamp, Verdict,
+};
+
+/// What the contract says a key is.
+#[derive(Clone, Debug)]
+enum State {
+    Held {
+        token: u64,
+        acquired_at: u64,
+        until: u64,
+        payload: Option<u64>,
+    },
+    Done {
+        at: u64,
+        result: Vec<u8>,
+        payload: Option<u64>,
+    },
+}
+
+/// What the contract says a claim answers (tokens are the engine's; the
+/// reference only checks that they grow).
+#[derive(Debug, PartialEq)]
+enum Expect {
+    Acquired { acquired_at: u64, until: u64 },
+    InProgress { until: u64 },
+    Completed { at: u64, result: Vec<u8> },
+    Conflict,
+}
+
+struct Reference {
+    window: Option<u64>,
+    keys: HashMap<u64, State>,
+    last_token: HashMap<u64, u64>,
+}
+
+fn conflicts(a: Option<u64>, b: Option<u64>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a != b)
+}
+
+impl Reference {
+    fn live(&self, key: u64, now: u64) -> Option<&State> {
+        match self.keys.get(&key)? {
+            s @ State::Held { until, .. } if now < *until => Some(s),
+            s @ State::Done { at, .. }
+                if self.window.is_none_or(|w| now.saturating_sub(*at) < w) =>
+            {
+                Some(s)
+            }
+            _ => None,
+        }
+    }
+
+    fn claim(&self, key: u64, payload: Option<u64>, now: u64, ttl: u64) -> Expect {
+        match self.live(key, now) {
+            Some(State::Held {
+                until, payload: p, ..
+            }) => {
+                if conflicts(*p, payload) {
+                    Expect::Conflict
+                } else {
+                    Expect::InProgress { until: *until }
+                }
+            }
+            Some(State::Done {
+                at,
+                result,
+                payload: p,
+            }) => {
+                if conflicts(*p, payload) {
+                    Expect::Conflict
+                } else {
+                    Expect::Completed {
+                        at: *at,
+                        result: result.clone(),
+                    }
+                }
+            }
+            None => Expect::Acquired {
+                acquired_at: now,
+                until: now + ttl,
+            },
+        }
+    }
+
+    fn acquired(&mut self, key: u64, token: u64, payload: Option<u64>, now: u64, until: u64) {
+        let last = self.last_token.insert(key, token);
+        assert!(
+            last.is_none_or(|l| token > l),
+            "tokens grow per key: {last:?} then {token}"
+        );
+        self.keys.insert(
+            key,
+            State::Held {
+                token,
+                acquired_at: now,
+                until,
+                payload,
+            },
+        );
+    }
+
+    fn holds(&self, key: u64, token: u64, now: u64) -> bool {
+        matches!(self.keys.get(&key), Some(State::Held { token: t, until, .. }) if *t == token && now < *until)
+    }
+
+    fn commit(&mut self, key: u64, token: u64, result: &[u8], now: u64) -> bool {
+        if !self.holds(key, token, now) {
+            return false;
+        }
+        let Some(State::Held {
+            acquired_at,
+            payload,
+            ..
+        }) = self.keys.get(&key).cloned()
+        else {
+            unreachable!()
+        };
+        self.keys.insert(
+            key,
+            State::Done {
+                at: acquired_at,
+                result: result.to_vec(),
+                payload,
+            },
+        );
+        true
+    }
+
+    fn release(&mut self, key: u64, token: u64, now: u64) -> bool {
+        if !self.holds(key, token, now) {
+            return false;
+        }
+        self.keys.remove(&key);
+        true
+    }
+
+    fn extend(&mut self, key: u64, token: u64, now: u64, by: u64) -> Option<u64> {
+        if !self.holds(key, token, now) {
+            return None;
+        }
+        if let Some(State::Held { until, .. }) = self.keys.get_mut(&key) {
+            *until = now + by;
+        }
+        Some(now + by)
+    }
+
+    fn check(&mut self, key: u64, now: u64) -> Verdict {
+        match self.live(key, now) {
+            Some(State::Held { until, .. }) => Verdict::InProgress {
+                until: Timestamp::from_nanos(*until),
+            },
+            Some(State::Done { at, .. }) => Verdict::Duplicate {
+                first_seen: Timestamp::from_nanos(*at),
+            },
+            None => {
+                self.keys.insert(
+                    key,
+                    State::Done {
+                        at: now,
+                        result: Vec::new(),
+                        payload: None,
+                    },
+                );
+                Verdict::New
+            }
+        }
+    }
+
+    /// The engine stopped: leases kept in the engine die with it (owned
+    /// keys: as if released); a shared store keeps them until they expire.
+    fn restarted(&mut self, affinity: Affinity) {
+        if affinity == Affinity::Owned {
+            self.keys.retain(|_, s| matches!(s, State::Done { .. }));
+        }
+    }
+}
+
+/// Where the engines' Redis is.
+enum Store {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Store {
+    /// Connections to every node.
+    fn connections(&self) -> Vec<redis::Connection> {
+        match self {
+            Store::Server(s) => vec![s.connection()],
+            Store::Cluster(c) => c.nodes.iter().map(RedisServer::connection).collect(),
+        }
+    }
+
+    /// Shared mode: how many shards have a snapshot, and how many logs
+    /// were trimmed behind one (their first entry is not the first ever).
+    fn snapshots_and_trimmed_logs(&self) -> (usize, usize) {
+        let (mut snapshots, mut trimmed) = (0, 0);
+        for mut c in self.connections() {
+            let keys: Vec<String> = redis::cmd("KEYS").arg("td:*").query(&mut c).unwrap();
+            snapshots += keys.iter().filter(|k| k.ends_with(":snap")).count();
+            for k in keys.iter().filter(|k| k.ends_with(":log")) {
+                let first: Vec<redis::Value> = redis::cmd("XRANGE")
+                    .arg(k)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query(&mut c)
+                    .unwrap();
+                let id = match first.first() {
+                    Some(redis::Value::Array(e)) => match e.first() {
+                        Some(redis::Value::BulkString(id)) => {
+                            String::from_utf8_lossy(id).into_owned()
+                        }
+                        _ => String::new(),
+                    },
+                    _ => String::new(),
+                };
+                trimmed += usize::from(!id.is_empty() && id != "0-1");
+            }
+        }
+        (snapshots, trimmed)
+    }
+
+    fn config(&self) -> RedisConfig {
+        match self {
+            Store::Server(s) => RedisConfig::new(&s.url()),
+            Store::Cluster(c) => {
+                let urls = c.urls();
+                let seeds: Vec<&str> = urls.iter().map(String::as_str).collect();
+                RedisConfig::cluster(&seeds)
+            }
+        }
+    }
+}
+
+struct Setting {
+    name: &'static str,
+    affinity: Affinity,
+    window: Option<Duration>,
+    mark_batch: usize,
+    shards: usize,
+    ops: usize,
+    key_space: u64,
+}
+
+const LEASE: Duration = Duration::from_millis(400);
+
+fn builder(s: &Setting, store: &Store, clock: &ManualClock) -> DeduperBuilder {
+    let tier = RedisTier::new(store.config());
+    let b = Deduper::builder()
+        .expected_keys(2_000)
+        .shards(s.shards)
+        .clock(Clock::Manual(clock.clone()))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .affinity(s.affinity)
+        .mark_batch(s.mark_batch)
+        .lease_duration(LEASE)
+        .max_result_bytes(200);
+    match s.window {
+        Some(w) => b.window(w),
+        None => b.no_window(),
+    }
+}
+
+fn engine_answer(claim: &Claim<Arc<Deduper>>) -> Expect {
+    match claim {
+        Claim::Acquired(lease) => Expect::Acquired {
+            acquired_at: lease.info().acquired_at.as_nanos(),
+            until: lease.expires_at().as_nanos(),
+        },
+        Claim::InProgress { until } => Expect::InProgress {
+            until: until.as_nanos(),
+        },
+        Claim::Completed { first_seen, result } => Expect::Completed {
+            at: first_seen.as_nanos(),
+            result: result.to_vec(),
+        },
+        Claim::Conflict => Expect::Conflict,
+        other => panic!("unexpected {other:?} from a healthy Redis"),
+    }
+}
+
+fn run(s: &Setting, store: &Store, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let start = Timestamp::from_secs(1_700_000_000);
+    let clock = ManualClock::new(start);
+    let mut dedup = Arc::new(builder(s, store, &clock).build().unwrap());
+    let mut reference = Reference {
+        window: s.window.map(|w| w.as_nanos() as u64),
+        keys: HashMap::new(),
+        last_token: HashMap::new(),
+    };
+    let key_space = s.key_space;
+    let lease_nanos = LEASE.as_nanos() as u64;
+    let mut leases: Vec<(u64, Lease<Arc<Deduper>>)> = Vec::new();
+    let (mut acquired, mut completed, mut lost, mut conflicts_seen, mut restarts) = (0, 0, 0, 0, 0);
+    let (mut with_result, mut forgotten) = (0, 0);
+    let payload = |rng: &mut Rng| match rng.below(4) {
+        0 => None,
+        p => Some(p),
+    };
+    let began = Instant::now();
+    for op in 0..s.ops {
+        let now = clock.now().as_nanos();
+        let ctx = |what: &str| format!("{} seed {seed} op {op}: {what}", s.name);
+        match rng.below(100) {
+            // Claims, one at a time or in a batch.
+            0..=29 => {
+                let n = if rng.chance(0.3) {
+                    1 + rng.below(8) as usize
+                } else {
+                    1
+                };
+                let requests: Vec<ClaimRequest<u64>> = (0..n)
+                    .map(|_| {
+                        let mut r = ClaimRequest::new(rng.below(key_space));
+                        if let Some(p) = payload(&mut rng) {
+                            r = r.payload(PayloadFingerprint(p));
+                        }
+                        if rng.chance(0.2) {
+                            r = r.lease(Duration::from_millis(50 + rng.below(600)));
+                        }
+                        r
+                    })
+                    .collect();
+                let answers = if n == 1 {
+                    vec![dedup.claim_owned(requests[0])]
+                } else {
+                    dedup.claim_batch_owned(&requests)
+                };
+                for (r, answer) in requests.iter().zip(answers) {
+                    let ttl = r.lease.map_or(lease_nanos, |d| d.as_nanos() as u64);
+                    let want = reference.claim(r.key, r.payload.map(|p| p.0), now, ttl);
+                    let got = engine_answer(&answer);
+                    assert_eq!(got, want, "{}", ctx(&format!("claim of key {}", r.key)));
+                    match answer {
+                        Claim::Acquired(lease) => {
+                            acquired += 1;
+                            reference.acquired(
+                                r.key,
+                                lease.token(),
+                                r.payload.map(|p| p.0),
+                                now,
+                                lease.expires_at().as_nanos(),
+                            );
+                            leases.push((r.key, lease));
+                        }
+                        Claim::Completed { result, .. } => {
+                            completed += 1;
+                            with_result += usize::from(!result.is_empty());
+                        }
+                        Claim::Conflict => conflicts_seen += 1,
+                        _ => {}
+                    }
+                }
+            }
+            // Commit a lease, one or a batch.
+            30..=44 if !leases.is_empty() => {
+                let n = if rng.chance(0.2) {
+                    (1 + rng.below(4) as usize).min(leases.len())
+                } else {
+                    1
+                };
+                let mut batch = Vec::new();
+                for _ in 0..n {
+                    let (key, lease) = leases.swap_remove(rng.below(leases.len() as u64) as usize);
+                    let result: Vec<u8> = (0..rng.below(120))
+                        .map(|i| (i as u8) ^ (op as u8))
+                        .collect();
+                    batch.push((key, lease, result));
+                }
+                let expected: Vec<bool> = batch
+                    .iter()
+                    .map(|(key, lease, result)| reference.commit(*key, lease.token(), result, now))
+                    .collect();
+                let answers: Vec<Result<(), CommitError<Arc<Deduper>>>> = if n == 1 {
+                    let (_, lease, result) = batch.pop().unwrap();
+                    vec![lease.commit(&result)]
+                } else {
+                    dedup.commit_batch(batch.into_iter().map(|(_, l, r)| (l, r)).collect())
+                };
+                for (ok, answer) in expected.into_iter().zip(answers) {
+                    match answer {
+                        Ok(()) => assert!(ok, "{}", ctx("commit accepted a lost lease")),
+                        Err(e) => {
+                            assert!(e.is_lease_lost(), "{}", ctx(&format!("{e}")));
+                            assert!(!ok, "{}", ctx("commit refused a live lease"));
+                            lost += 1;
+                        }
+                    }
+                }
+            }
+            // Release, drop or extend a lease.
+            45..=54 if !leases.is_empty() => {
+                let i = rng.below(leases.len() as u64) as usize;
+                let token = leases[i].1.token();
+                let key = leases[i].0;
+                match rng.below(3) {
+                    0 => {
+                        let (_, lease) = leases.swap_remove(i);
+                        let ok = reference.release(key, token, now);
+                        assert_eq!(lease.release().is_ok(), ok, "{}", ctx("release"));
+                    }
+                    1 => {
+                        let (_, lease) = leases.swap_remove(i);
+                        reference.release(key, token, now);
+                        drop(lease);
+                    }
+                    _ => {
+                        let by = Duration::from_millis(50 + rng.below(800));
+                        let want = reference.extend(key, token, now, by.as_nanos() as u64);
+                        let got = leases[i].1.extend(by).ok().map(Timestamp::as_nanos);
+                        assert_eq!(got, want, "{}", ctx("extend"));
+                    }
+                }
+            }
+            // A commit over the cap stores nothing and hands the lease back.
+            55 if !leases.is_empty() => {
+                let i = rng.below(leases.len() as u64) as usize;
+                let (key, lease) = leases.swap_remove(i);
+                match lease.commit(&[7u8; 201]) {
+                    Err(e) => {
+                        let lease = e.into_lease().expect("too large hands the lease back");
+                        leases.push((key, lease));
+                    }
+                    Ok(()) => panic!("{}", ctx("a result over the cap was stored")),
+                }
+            }
+            // Checks, one at a time or in a batch.
+            56..=84 => {
+                let n = if rng.chance(0.3) {
+                    1 + rng.below(16) as usize
+                } else {
+                    1
+                };
+                let keys: Vec<u64> = (0..n).map(|_| rng.below(key_space)).collect();
+                let got = if n == 1 {
+                    vec![dedup.check(&keys[0])]
+                } else {
+                    dedup.check_batch(&keys)
+                };
+                for (k, v) in keys.iter().zip(got) {
+                    let before = reference.keys.get(k).cloned();
+                    assert_eq!(
+                        v,
+                        reference.check(*k, now),
+                        "{}",
+                        ctx(&format!(
+                            "check of key {k} at {now}, reference had {before:?}"
+                        ))
+                    );
+                }
+            }
+            // Forget.
+            85..=86 => {
+                let key = rng.below(key_space);
+                let live = reference.live(key, now).is_some();
+                let removed = dedup.forget(&key).unwrap();
+                assert!(
+                    !live || removed,
+                    "{}",
+                    ctx("forget of a live key found nothing")
+                );
+                forgotten += usize::from(live);
+                reference.keys.remove(&key);
+            }
+            // A restart on the same Redis: the engine's pending writes are
+            // flushed, its holders die with it.
+            87 if rng.chance(0.01) => {
+                dedup.flush().expect("a healthy Redis stores everything");
+                for (_, lease) in leases.drain(..) {
+                    std::mem::forget(lease);
+                }
+                dedup = Arc::new(builder(s, store, &clock).build().unwrap());
+                reference.restarted(s.affinity);
+                restarts += 1;
+            }
+            // Time passes: mostly a little, sometimes past leases and windows.
+            _ => {
+                let step = match rng.below(20) {
+                    0 => lease_nanos * 2,
+                    1 => s.window.map_or(lease_nanos, |w| w.as_nanos() as u64 / 2),
+                    _ => rng.below(lease_nanos / 8),
+                };
+                clock.advance(Duration::from_nanos(step));
+            }
+        }
+    }
+    eprintln!(
+        "{}: {} ops in {:.1?}: {acquired} acquired, {completed} completed ({with_result} with a \
+         result), {lost} lost, {conflicts_seen} conflicts, {forgotten} forgotten, {restarts} restarts",
+        s.name,
+        s.ops,
+        began.elapsed()
+    );
+    assert!(acquired > s.ops / 50, "{}: {acquired} acquired", s.name);
+    assert!(completed > s.ops / 200, "{}: {completed} completed", s.name);
+    assert!(with_result > 0, "{}: no result replayed", s.name);
+    assert!(
+        lost > 0 && conflicts_seen > 0 && forgotten > 0,
+        "{}: {lost} lost, {conflicts_seen} conflicts, {forgotten} forgotten",
+        s.name
+    );
+    assert!(restarts > 0, "{}: no restart", s.name);
+    if s.affinity == Affinity::Shared && s.window.is_some() {
+        // Restarted engines started from snapshots, the logs trimmed
+        // behind them.
+        let (snapshots, trimmed) = store.snapshots_and_trimmed_logs();
+        assert!(
+            snapshots > 0 && trimmed > 0,
+            "{}: {snapshots} snapshots, {trimmed} logs trimmed",
+            s.name
+        );
+    }
+}
+
+fn setting(name: &'static str, affinity: Affinity, ops: usize) -> Setting {
+    Setting {
+        name,
+        affinity,
+        window: Some(Duration::from_secs(2)),
+        mark_batch: 16,
+        shards: 4,
+        ops,
+        key_space: 300,
+    }
+}
+
+/// 10⁵ random operations on one server, owned keys.
+#[test]
+fn owned_claims_match_the_reference() {
+    let store = Store::Server(RedisServer::start());
+    run(
+        &setting("Redis, owned keys", Affinity::Owned, 100_000),
+        &store,
+        0xC1A1_0001,
+    );
+}
+
+/// The same with marks written one by one, and without a window.
+#[test]
+fn owned_claims_without_a_window_match_the_reference() {
+    let store = Store::Server(RedisServer::start());
+    let s = Setting {
+        window: None,
+        mark_batch: 1,
+        key_space: 3_000,
+        ..setting("Redis, owned keys, no window", Affinity::Owned, 30_000)
+    };
+    run(&s, &store, 0xC1A1_0002);
+}
+
+/// 10⁵ random operations on one server, shared keys (the log).
+#[test]
+fn shared_claims_match_the_reference() {
+    let store = Store::Server(RedisServer::start());
+    run(
+        &setting("Redis, shared keys", Affinity::Shared, 100_000),
+        &store,
+        0xC1A1_0003,
+    );
+}
+
+/// Shared keys without a window.
+#[test]
+fn shared_claims_without_a_window_match_the_reference() {
+    let store = Store::Server(RedisServer::start());
+    let s = Setting {
+        window: None,
+        key_space: 3_000,
+        ..setting("Redis, shared keys, no window", Affinity::Shared, 30_000)
+    };
+    run(&s, &store, 0xC1A1_0004);
+}
+
+/// 10⁵ random operations in each mode on a three-master Cluster, the
+/// shards spread over its masters.
+#[test]
+fn cluster_claims_match_the_reference() {
+    let store = Store::Cluster(RedisCluster::start(3));
+    for (i, (name, affinity)) in [
+        ("Redis Cluster, shared keys", Affinity::Shared),
+        ("Redis Cluster, owned keys", Affinity::Owned),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = Setting {
+            shards: 16,
+            ..setting(name, affinity, 100_000)
+        };
+        run(&s, &store, 0xC1A1_0010 + i as u64);
+        if let Store::Cluster(c) = &store {
+            assert!(
+                c.dbsizes().iter().all(|&n| n > 0),
+                "{name}: every master holds keys: {:?}",
+                c.dbsizes()
+            );
+            c.flush_all();
+        }
+    }
+}
+
+/// An engine of `store` on the system clock (leases are real time).
+fn live_engine(
+    store: &Store,
+    affinity: Affinity,
+    lease: Duration,
+    timeout: Duration,
+) -> Arc<Deduper> {
+    let tier = RedisTier::new(RedisConfig {
+        timeout,
+        policy: FailurePolicy::FailClosed,
+        ..store.config()
+    });
+    Arc::new(
+        Deduper::builder()
+            .window(Duration::from_secs(600))
+            .expected_keys(10_000)
+            .shards(4)
+            .affinity(affinity)
+            .lease_duration(lease)
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap(),
+    )
+}
+
+/// Two engines sharing keys, two threads each, claim one fresh key at
+/// once, round after round: exactly one acquires it; the others see it in
+/// progress, or completed once the winner has committed.
+fn one_acquired_among_engines(store: &Store, rounds: u64) {
+    let engines: Vec<Arc<Deduper>> = (0..2)
+        .map(|_| {
+            live_engine(
+                store,
+                Affinity::Shared,
+                Duration::from_secs(60),
+                Duration::from_secs(2),
+            )
+        })
+        .collect();
+    let threads = 4;
+    for round in 0..rounds {
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let dedup = Arc::clone(&engines[t % 2]);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    match dedup.claim_owned(ClaimRequest::new(round)) {
+                        Claim::Acquired(lease) => {
+                            lease.commit(b"done").unwrap();
+                            1
+                        }
+                        Claim::InProgress { .. } => 0,
+                        Claim::Completed { result, .. } => {
+                            assert_eq!(&result[..], b"done");
+                            0
+                        }
+                        other => panic!("round {round}: unexpected {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let acquired: u32 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(acquired, 1, "round {round}");
+    }
+}
+
+#[test]
+fn one_acquired_among_racing_engines() {
+    one_acquired_among_engines(&Store::Server(RedisServer::start()), 300);
+}
+
+#[test]
+fn one_acquired_among_racing_engines_on_a_cluster() {
+    one_acquired_among_engines(&Store::Cluster(RedisCluster::start(3)), 100);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// `kill -9`, then a restart (the server keeps an append-only file,
+    /// fsynced at every write).
+    Kill,
+    /// `SIGSTOP`, then `SIGCONT`.
+    Pause,
+}
+
+const DURABLE: &[&str] = &["--appendonly", "yes", "--appendfsync", "always"];
+/// No call may take longer (a hang).
+const CALL_BOUND: Duration = Duration::from_secs(3);
+
+/// Retries `f` (a call that answers `None` while Redis cannot) until it
+/// answers, for at most 10 s.
+fn until_answered<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        let called = Instant::now();
+        let answer = f();
+        assert!(
+            called.elapsed() < CALL_BOUND,
+            "a call took {:?}",
+            called.elapsed()
+        );
+        if let Some(v) = answer {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "Redis never came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Shared keys, fail closed: engine A claims 1 500 keys and commits them
+/// in batches while Redis is killed (or stopped) and comes back; commits
+/// answered `Unavailable` may or may not have landed. Once A's leases
+/// have expired, engine B claims every key: a key A's commit reached is
+/// completed with A's result, any other is acquired and committed by B.
+/// Then A retries its unanswered commits: fencing refuses those B
+/// overtook. No key is committed twice: a fresh engine finds each with
+/// exactly the result of the one commit that was answered `Ok`.
+fn no_key_committed_twice(fault: Fault) {
+    let server = match fault {
+        Fault::Kill => RedisServer::start_with(DURABLE),
+        Fault::Pause => RedisServer::start(),
+    };
+    let url = server.url();
+    let server = Arc::new(std::sync::Mutex::new(server));
+    let config = || RedisConfig::new(&url);
+    let make = |lease: Duration| {
+        let tier = RedisTier::new(RedisConfig {
+            timeout: Duration::from_millis(150),
+            ..config()
+        });
+        Arc::new(
+            Deduper::builder()
+                .window(Duration::from_secs(600))
+                .expected_keys(10_000)
+                .shards(4)
+                .affinity(Affinity::Shared)
+                .lease_duration(lease)
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .build()
+                .unwrap(),
+        )
+    };
+    let lease = Duration::from_millis(400);
+    let a = make(lease);
+    let b = make(Duration::from_secs(60));
+    let keys: Vec<u64> = (0..1_500).collect();
+    let requests: Vec<ClaimRequest<u64>> = keys.iter().map(|&k| ClaimRequest::new(k)).collect();
+    let mut leases: Vec<Lease<Arc<Deduper>>> = a
+        .claim_batch_owned(&requests)
+        .into_iter()
+        .map(|c| c.into_lease().expect("fresh keys are acquired"))
+        .collect();
+    // The fault, while A commits 50 at a time.
+    let faulter = {
+        let server = Arc::clone(&server);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(15));
+            match fault {
+                Fault::Kill => server.lock().unwrap().kill(),
+                Fault::Pause => server.lock().unwrap().pause(),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            match fault {
+                Fault::Kill => server.lock().unwrap().restart(),
+                Fault::Pause => server.lock().unwrap().resume(),
+            }
+        })
+    };
+    let mut a_ok: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut unanswered: Vec<Lease<Arc<Deduper>>> = Vec::new();
+    let mut lost_a = 0;
+    while !leases.is_empty() {
+        let n = leases.len().min(50);
+        let chunk: Vec<(Lease<Arc<Deduper>>, &[u8])> =
+            leases.drain(..n).map(|l| (l, &b"A"[..])).collect();
+        let fps: Vec<_> = chunk.iter().map(|(l, _)| l.fingerprint()).collect();
+        let started = Instant::now();
+        let answers = a.commit_batch(chunk);
+        assert!(
+            started.elapsed() < CALL_BOUND,
+            "a commit batch took {:?}",
+            started.elapsed()
+        );
+        for (fp, answer) in fps.into_iter().zip(answers) {
+            let key = keys
+                .iter()
+                .copied()
+                .find(|k| a.fingerprint(k) == fp)
+                .unwrap();
+            match answer {
+                Ok(()) => {
+                    a_ok.insert(key);
+                }
+                Err(CommitError::Unavailable { lease, .. }) => unanswered.push(lease),
+                Err(CommitError::LeaseLost(_)) => lost_a += 1,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    faulter.join().unwrap();
+    assert!(!unanswered.is_empty(), "{fault:?}: the fault hit no commit");
+    // A's leases are over: B claims every key.
+    std::thread::sleep(lease + Duration::from_millis(100));
+    let mut b_ok = std::collections::HashSet::new();
+    let mut completed_by_a = 0;
+    for &k in &keys {
+        let claim = until_answered(|| match b.claim_owned(ClaimRequest::new(k)) {
+            Claim::Unavailable => None,
+            other => Some(other),
+        });
+        match claim {
+            Claim::Acquired(lease) => {
+                assert!(
+                    !a_ok.contains(&k),
+                    "{fault:?}: key {k} committed by A, acquired by B"
+                );
+                lease.commit(b"B").expect("B's live lease commits");
+                b_ok.insert(k);
+            }
+            Claim::Completed { result, .. } => {
+                assert_eq!(&result[..], b"A", "{fault:?}: key {k}");
+                completed_by_a += 1;
+            }
+            other => panic!("{fault:?}: key {k}: {other:?}"),
+        }
+    }
+    let mut landed_unanswered = 0;
+    // A retries what was not answered: its lease ran out, so each retry
+    // is done only if the first attempt landed (then B found it
+    // completed), and lost where B took the key.
+    for lease in unanswered {
+        let fp = lease.fingerprint();
+        let k = keys
+            .iter()
+            .copied()
+            .find(|k| a.fingerprint(k) == fp)
+            .unwrap();
+        let mut lease = Some(lease);
+        let answer = until_answered(|| match lease.take().unwrap().commit(b"A") {
+            Err(CommitError::Unavailable { lease: back, .. }) => {
+                lease = Some(back);
+                None
+            }
+            other => Some(other),
+        });
+        match answer {
+            Ok(()) => {
+                assert!(
+                    !b_ok.contains(&k),
+                    "{fault:?}: key {k} committed by A and by B"
+                );
+                a_ok.insert(k);
+                landed_unanswered += 1;
+            }
+            Err(e) => assert!(e.is_lease_lost(), "{fault:?}: {e}"),
+        }
+    }
+    assert!(a_ok.is_disjoint(&b_ok), "{fault:?}: a key committed twice");
+    assert_eq!(
+        a_ok.len() + b_ok.len(),
+        keys.len(),
+        "{fault:?}: every key committed once"
+    );
+    assert_eq!(
+        completed_by_a,
+        a_ok.len(),
+        "{fault:?}: B found every commit of A's"
+    );
+    // A fresh engine finds each key with the result of its one commit.
+    let c = make(lease);
+    for &k in &keys {
+        match c.claim_owned(ClaimRequest::new(k)) {
+            Claim::Completed { result, .. } => {
+                let by = if a_ok.contains(&k) {
+                    &b"A"[..]
+                } else {
+                    &b"B"[..]
+                };
+                assert_eq!(&result[..], by, "{fault:?}: key {k}");
+            }
+            other => panic!("{fault:?}: key {k}: {other:?}"),
+        }
+    }
+    eprintln!(
+        "{fault:?}: {} committed by A ({landed_unanswered} of them by a commit whose answer was \
+         lost; {lost_a} leases lost at once), {} by B",
+        a_ok.len(),
+        b_ok.len()
+    );
+    if fault == Fault::Pause {
+        assert!(
+            landed_unanswered > 0,
+            "a stopped server runs the commits it read once resumed"
+        );
+    }
+}
+
+#[test]
+fn no_key_is_committed_twice_across_a_kill() {
+    no_key_committed_twice(Fault::Kill);
+}
+
+#[test]
+fn no_key_is_committed_twice_across_a_pause() {
+    no_key_committed_twice(Fault::Pause);
+}
+
+/// Owned keys, fail closed: the leases are the engine's, the commits its
+/// marks. Redis is killed (or stopped) while engine A commits: a commit
+/// is kept with its mark until Redis stores it, so once its lease has
+/// expired A still finds every committed key completed — from what it
+/// keeps, then from Redis — and never acquires it again; after recovery a
+/// fresh engine finds each key with A's one result.
+fn owned_commits_survive(fault: Fault) {
+    let mut server = match fault {
+        Fault::Kill => RedisServer::start_with(DURABLE),
+        Fault::Pause => RedisServer::start(),
+    };
+    let url = server.url();
+    let make = || {
+        let tier = RedisTier::new(RedisConfig {
+            timeout: Duration::from_millis(150),
+            ..RedisConfig::new(&url)
+        });
+        Arc::new(
+            Deduper::builder()
+                .window(Duration::from_secs(600))
+                .expected_keys(10_000)
+                .shards(4)
+                .mark_batch(50)
+                .lease_duration(Duration::from_millis(300))
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .build()
+                .unwrap(),
+        )
+    };
+    let a = make();
+    let keys: Vec<u64> = (0..1_000).collect();
+    let mut committed = std::collections::HashSet::new();
+    for (i, chunk) in keys.chunks(100).enumerate() {
+        if i == 3 {
+            match fault {
+                Fault::Kill => server.kill(),
+                Fault::Pause => server.pause(),
+            }
+        }
+        let requests: Vec<ClaimRequest<u64>> =
+            chunk.iter().map(|&k| ClaimRequest::new(k)).collect();
+        let claims = a.claim_batch_owned(&requests);
+        let mut leases = Vec::new();
+        for (&k, claim) in chunk.iter().zip(claims) {
+            match claim {
+                Claim::Acquired(lease) => leases.push((k, lease)),
+                // A fresh key needs Redis while the filter is cold.
+                Claim::Unavailable => {}
+                other => panic!("{fault:?}: key {k}: {other:?}"),
+            }
+        }
+        for (k, lease) in leases {
+            let started = Instant::now();
+            match lease.commit(format!("A{k}").as_bytes()) {
+                Ok(()) => {
+                    committed.insert(k);
+                }
+                Err(e) => panic!("{fault:?}: key {k}: {e}"),
+            }
+            assert!(started.elapsed() < CALL_BOUND);
+        }
+    }
+    match fault {
+        Fault::Kill => server.restart(),
+        Fault::Pause => server.resume(),
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    // Every committed key stays completed; the others are acquired now.
+    for &k in &keys {
+        let claim = until_answered(|| match a.claim_owned(ClaimRequest::new(k)) {
+            Claim::Unavailable => None,
+            other => Some(other),
+        });
+        match claim {
+            Claim::Completed { result, .. } => {
+                assert!(committed.contains(&k), "{fault:?}: key {k} never committed");
+                assert_eq!(result.as_ref(), format!("A{k}").as_bytes());
+            }
+            Claim::Acquired(lease) => {
+                assert!(!committed.contains(&k), "{fault:?}: key {k} acquired again");
+                lease.commit(format!("A{k}").as_bytes()).unwrap();
+                committed.insert(k);
+            }
+            other => panic!("{fault:?}: key {k}: {other:?}"),
+        }
+    }
+    until_answered(|| a.flush().ok());
+    let fresh = make();
+    for &k in &keys {
+        let claim = until_answered(|| match fresh.claim_owned(ClaimRequest::new(k)) {
+            Claim::Unavailable => None,
+            other => Some(other),
+        });
+        match claim {
+            Claim::Completed { result, .. } => {
+                assert_eq!(result.as_ref(), format!("A{k}").as_bytes(), "{fault:?}");
+            }
+            other => panic!("{fault:?}: key {k}: {other:?}"),
+        }
+    }
+    assert_eq!(committed.len(), keys.len());
+}
+
+#[test]
+fn owned_commits_survive_a_kill() {
+    owned_commits_survive(Fault::Kill);
+}
+
+#[test]
+fn owned_commits_survive_a_pause() {
+    owned_commits_survive(Fault::Pause);
+}
