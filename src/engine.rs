@@ -64,6 +64,8 @@ pub struct Deduper {
     /// Per shard: claims waiting for a holder to commit or release
     /// ([`Deduper::claim_wait`]) sleep here, with the shard's lock.
     wakeups: Box<[CachePadded<Condvar>]>,
+    /// The log and checkpoints of an engine opened on a directory.
+    pub(crate) durable: Option<crate::durability::Durable>,
 }
 
 impl Deduper {
@@ -90,7 +92,13 @@ impl Deduper {
             clock,
             watermark: CachePadded::new(AtomicU64::new(0)),
             late: AtomicU64::new(0),
+            durable: None,
         }
+    }
+
+    /// Makes this engine log to `durable` (after its recovery).
+    pub(crate) fn attach_durable(&mut self, durable: crate::durability::Durable) {
+        self.durable = Some(durable);
     }
 
     /// The fingerprint of `key` in this engine's namespace.
@@ -169,6 +177,11 @@ impl Deduper {
         (fp.low() & self.shard_mask) as usize
     }
 
+    /// Shard `s`, locked.
+    pub(crate) fn lock_shard(&self, s: usize) -> MutexGuard<'_, Shard> {
+        self.lock(s)
+    }
+
     #[inline]
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
         // A shard's state is consistent between calls (a panic inside one
@@ -181,15 +194,36 @@ impl Deduper {
     /// The verdict for `key` now: [`Verdict::New`] (accepted now) or
     /// [`Verdict::Duplicate`] (accepted less than the window ago). Under
     /// [`crate::Clock::EventTime`], "now" is the watermark.
+    ///
+    /// A durable engine ([`DeduperBuilder::open`]) returns once the change
+    /// is logged as its [`crate::Durability`] promises; after a log failure
+    /// it answers [`Verdict::Unavailable`].
     #[inline]
     pub fn check<K: Key + ?Sized>(&self, key: &K) -> Verdict {
         let fp = self.fingerprint(key);
-        let mut shard = self.lock(self.shard_of(fp));
+        if self.durability_failed() {
+            return Verdict::Unavailable;
+        }
+        let s = self.shard_of(fp);
+        let mut shard = self.lock(s);
         let t = match self.clock.read() {
             Some(reading) => shard.processing_time(reading),
             None => self.watermark(),
         };
-        self.check_one(&mut shard, fp, t)
+        let verdict = self.check_one(&mut shard, fp, t);
+        let need = self.seal(s, &mut shard);
+        drop(shard);
+        self.settled(need, verdict)
+    }
+
+    /// `verdict` once records below `need` are durable; `Unavailable` if
+    /// the log failed.
+    #[inline]
+    fn settled(&self, need: u64, verdict: Verdict) -> Verdict {
+        match self.settle(need) {
+            Ok(()) => verdict,
+            Err(_) => Verdict::Unavailable,
+        }
     }
 
     /// One key under its shard's lock, by the batched path where the shard
@@ -217,12 +251,19 @@ impl Deduper {
     /// allowed lateness behind the watermark is [`Verdict::Late`].
     #[inline]
     pub fn check_at<K: Key + ?Sized>(&self, key: &K, t: Timestamp) -> Verdict {
+        if self.durability_failed() {
+            return Verdict::Unavailable;
+        }
         if let Some(late) = self.observe(t) {
             return late;
         }
         let fp = self.fingerprint(key);
-        let mut shard = self.lock(self.shard_of(fp));
-        self.check_one(&mut shard, fp, t)
+        let s = self.shard_of(fp);
+        let mut shard = self.lock(s);
+        let verdict = self.check_one(&mut shard, fp, t);
+        let need = self.seal(s, &mut shard);
+        drop(shard);
+        self.settled(need, verdict)
     }
 
     /// Moves the watermark to `t`, or returns `Late` when `t` is behind it by
@@ -255,6 +296,11 @@ impl Deduper {
 
     /// [`Deduper::check_batch`] into a caller's vector (cleared first).
     pub fn check_batch_into<K: Key>(&self, keys: &[K], out: &mut Vec<Verdict>) {
+        if self.durability_failed() {
+            out.clear();
+            out.resize(keys.len(), Verdict::Unavailable);
+            return;
+        }
         let fps: Vec<Fingerprint> = keys.iter().map(|k| self.fingerprint(k)).collect();
         let reading = self.clock.read();
         let wm = self.watermark();
@@ -271,6 +317,9 @@ impl Deduper {
     /// Verdicts for many `(key, event time)` pairs, in order: the same as
     /// calling [`Deduper::check_at`] on each in turn.
     pub fn check_batch_at<K: Key>(&self, keys: &[(K, Timestamp)]) -> Vec<Verdict> {
+        if self.durability_failed() {
+            return vec![Verdict::Unavailable; keys.len()];
+        }
         let mut out = Vec::with_capacity(keys.len());
         let late = self.screen_late(keys.iter().map(|(_, t)| *t), &mut out);
         let fps: Vec<Fingerprint> = keys.iter().map(|(k, _)| self.fingerprint(k)).collect();
@@ -336,25 +385,36 @@ impl Deduper {
         // shard (a convoy): take the shards that are free first, then wait
         // for the others. Keys of one shard stay in input order either way.
         let mut busy = Vec::new();
+        let mut need = 0;
         for s in 0..self.shards.len() {
             if group(s).is_empty() {
                 continue;
             }
-            match self.shards[s].try_lock() {
-                Ok(mut shard) => self.check_group_locked(&mut shard, fps, group(s), &time, out),
+            let n = match self.shards[s].try_lock() {
+                Ok(mut shard) => self.check_group_locked(s, &mut shard, fps, group(s), &time, out),
                 Err(TryLockError::Poisoned(e)) => {
-                    self.check_group_locked(&mut e.into_inner(), fps, group(s), &time, out);
+                    self.check_group_locked(s, &mut e.into_inner(), fps, group(s), &time, out)
                 }
-                Err(TryLockError::WouldBlock) => busy.push(s),
-            }
+                Err(TryLockError::WouldBlock) => {
+                    busy.push(s);
+                    0
+                }
+            };
+            need = need.max(n);
         }
         for s in busy {
-            self.check_group(s, fps, group(s), &time, out);
+            need = need.max(self.check_group(s, fps, group(s), &time, out));
+        }
+        if self.settle(need).is_err() {
+            // Not durable: no verdict of this batch may be acted on.
+            out.fill(Verdict::Unavailable);
         }
     }
 
     /// Checks the keys `group` (indices into `fps`, all of shard `s`, in
     /// input order) under one lock of shard `s`, with two prefetch stages.
+    /// Returns what the verdicts wait for to be durable
+    /// ([`Deduper::seal`]).
     pub(crate) fn check_group(
         &self,
         s: usize,
@@ -362,15 +422,28 @@ impl Deduper {
         group: &[u32],
         time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
         out: &mut [Verdict],
-    ) {
+    ) -> u64 {
         if group.is_empty() {
-            return;
+            return 0;
         }
-        self.check_group_locked(&mut self.lock(s), fps, group, time, out);
+        self.check_group_locked(s, &mut self.lock(s), fps, group, time, out)
     }
 
     /// [`Deduper::check_group`] with the shard's lock held.
     fn check_group_locked(
+        &self,
+        s: usize,
+        shard: &mut Shard,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        out: &mut [Verdict],
+    ) -> u64 {
+        self.judge_group(shard, fps, group, time, out);
+        self.seal(s, shard)
+    }
+
+    fn judge_group(
         &self,
         shard: &mut Shard,
         fps: &[Fingerprint],

@@ -105,6 +105,7 @@
 #![warn(missing_docs)]
 
 pub mod claims;
+pub mod durability;
 mod engine;
 mod error;
 pub mod exact;
@@ -124,6 +125,7 @@ pub use claims::{
     Claim, ClaimBatcher, ClaimKind, ClaimRequest, CommitError, Lease, LeaseInfo, LeaseLost,
     PayloadFingerprint, Reply,
 };
+pub use durability::{Durability, DurabilityError, DurabilityStats, Recovery};
 pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats};
 pub use error::{ConfigError, ExactTierError, FlushError, SnapshotError};
 pub use exact::ExactTier;

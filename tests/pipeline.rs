@@ -897,6 +897,9 @@ fn claims_through_the_pipeline_answer_as_the_engine() {
         clock.advance(Duration::from_millis(rng.below(3_000)));
     }
     let stats = pipeline.deduper().stats().claims;
-    assert!(stats.acquired > 1_000 && stats.completed > 1_000 && stats.conflicts > 0, "{stats:?}");
+    assert!(
+        stats.acquired > 1_000 && stats.completed > 1_000 && stats.conflicts > 0,
+        "{stats:?}"
+    );
     assert_eq!(stats, twin.stats().claims);
 }
