@@ -303,9 +303,15 @@ impl Durable {
         self.log.after_durable(need, then);
     }
 
+    /// Whether a checkpoint is due (false while one is being taken).
     fn checkpoint_due(&self) -> bool {
-        let state = lock(&self.checkpointing);
         let bytes = self.log.bytes();
+        if bytes < self.policy.log_bytes && self.policy.interval.is_none() {
+            return false;
+        }
+        let Ok(state) = self.checkpointing.try_lock() else {
+            return false;
+        };
         bytes >= self.policy.log_bytes.max(state.bytes)
             || self
                 .policy

@@ -296,35 +296,71 @@ impl Deduper {
 
     /// [`Deduper::check_batch`] into a caller's vector (cleared first).
     pub fn check_batch_into<K: Key>(&self, keys: &[K], out: &mut Vec<Verdict>) {
+        let pending = self.check_batch_into_deferred(keys, out);
+        if pending.wait(self).is_err() {
+            // Not durable: no verdict of this batch may be acted on.
+            out.fill(Verdict::Unavailable);
+        }
+    }
+
+    /// Verdicts for many `(key, event time)` pairs, in order: the same as
+    /// calling [`Deduper::check_at`] on each in turn.
+    pub fn check_batch_at<K: Key>(&self, keys: &[(K, Timestamp)]) -> Vec<Verdict> {
+        let mut out = Vec::with_capacity(keys.len());
+        let pending = self.check_batch_at_deferred(keys, &mut out);
+        if pending.wait(self).is_err() {
+            out.fill(Verdict::Unavailable);
+        }
+        out
+    }
+
+    /// [`Deduper::check_batch_into`] without waiting for durability: the
+    /// verdicts are in `out` at once, but on a durable engine they may be
+    /// acted on only once [`Unsettled::wait`] (or any later wait of this
+    /// engine that covers them, such as a [`Deduper::note`]) has returned
+    /// `Ok`; until then a crash may lose the keys accepted. Lets a caller
+    /// overlap the log's write or sync with other work, or cover several
+    /// batches with one wait.
+    pub fn check_batch_into_deferred<K: Key>(
+        &self,
+        keys: &[K],
+        out: &mut Vec<Verdict>,
+    ) -> Unsettled {
         if self.durability_failed() {
             out.clear();
             out.resize(keys.len(), Verdict::Unavailable);
-            return;
+            return Unsettled { need: 0 };
         }
         let fps: Vec<Fingerprint> = keys.iter().map(|k| self.fingerprint(k)).collect();
         let reading = self.clock.read();
         let wm = self.watermark();
         out.clear();
         out.resize(fps.len(), Verdict::New);
-        self.run_batch(&fps, out, |shard, _| {
+        let need = self.judge_batch(&fps, out, |shard, _| {
             Some(match reading {
                 Some(r) => shard.processing_time(r),
                 None => wm,
             })
         });
+        Unsettled { need }
     }
 
-    /// Verdicts for many `(key, event time)` pairs, in order: the same as
-    /// calling [`Deduper::check_at`] on each in turn.
-    pub fn check_batch_at<K: Key>(&self, keys: &[(K, Timestamp)]) -> Vec<Verdict> {
+    /// [`Deduper::check_batch_at`] without waiting for durability (see
+    /// [`Deduper::check_batch_into_deferred`]); verdicts into `out`.
+    pub fn check_batch_at_deferred<K: Key>(
+        &self,
+        keys: &[(K, Timestamp)],
+        out: &mut Vec<Verdict>,
+    ) -> Unsettled {
         if self.durability_failed() {
-            return vec![Verdict::Unavailable; keys.len()];
+            out.clear();
+            out.resize(keys.len(), Verdict::Unavailable);
+            return Unsettled { need: 0 };
         }
-        let mut out = Vec::with_capacity(keys.len());
-        let late = self.screen_late(keys.iter().map(|(_, t)| *t), &mut out);
+        let late = self.screen_late(keys.iter().map(|(_, t)| *t), out);
         let fps: Vec<Fingerprint> = keys.iter().map(|(k, _)| self.fingerprint(k)).collect();
-        self.run_batch(&fps, &mut out, |_, i| (!late[i]).then_some(keys[i].1));
-        out
+        let need = self.judge_batch(&fps, out, |_, i| (!late[i]).then_some(keys[i].1));
+        Unsettled { need }
     }
 
     /// Decides lateness for a batch of event times up front, against the
@@ -372,12 +408,13 @@ impl Deduper {
     /// Groups `fps` by shard, takes each shard's lock once, and writes the
     /// verdicts in input order into `out` (which has one slot per key).
     /// `time(shard, i)` is the time of key `i`, or `None` to leave `out[i]`.
-    fn run_batch(
+    /// Returns what the verdicts wait for to be durable.
+    fn judge_batch(
         &self,
         fps: &[Fingerprint],
         out: &mut [Verdict],
         time: impl Fn(&Shard, usize) -> Option<Timestamp>,
-    ) {
+    ) -> u64 {
         debug_assert_eq!(fps.len(), out.len());
         let (starts, order) = group_by(fps.len(), self.shards.len(), |i| self.shard_of(fps[i]));
         let group = |s: usize| &order[starts[s] as usize..starts[s + 1] as usize];
@@ -405,10 +442,7 @@ impl Deduper {
         for s in busy {
             need = need.max(self.check_group(s, fps, group(s), &time, out));
         }
-        if self.settle(need).is_err() {
-            // Not durable: no verdict of this batch may be acted on.
-            out.fill(Verdict::Unavailable);
-        }
+        need
     }
 
     /// Checks the keys `group` (indices into `fps`, all of shard `s`, in
@@ -688,6 +722,35 @@ impl Deduper {
 
     pub(crate) fn late_count(&self) -> u64 {
         self.late.load(Ordering::Relaxed)
+    }
+}
+
+/// Verdicts returned before they are durable
+/// ([`Deduper::check_batch_into_deferred`]): wait before acting on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "the verdicts may be acted on only once `wait` returned Ok"]
+pub struct Unsettled {
+    need: u64,
+}
+
+impl Unsettled {
+    /// Returns once the batch's changes are as durable as the engine's
+    /// [`crate::Durability`] promises (at once without a directory), then
+    /// takes a checkpoint if one is due and automatic.
+    ///
+    /// # Errors
+    /// [`crate::DurabilityError::Failed`] when the log has failed: the
+    /// verdicts must not be acted on (the engine answers `Unavailable` from
+    /// then on).
+    pub fn wait(self, engine: &Deduper) -> Result<(), crate::DurabilityError> {
+        engine.settle(self.need)
+    }
+
+    /// The later of two (waiting for it covers both).
+    pub fn max(self, other: Unsettled) -> Unsettled {
+        Unsettled {
+            need: self.need.max(other.need),
+        }
     }
 }
 

@@ -126,7 +126,7 @@ pub use claims::{
     PayloadFingerprint, Reply,
 };
 pub use durability::{Durability, DurabilityError, DurabilityStats, Recovery};
-pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats};
+pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats, Unsettled};
 pub use error::{ConfigError, ExactTierError, FlushError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};

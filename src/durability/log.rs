@@ -131,6 +131,9 @@ pub(crate) struct Log {
     cond: Condvar,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// Bytes of every segment still needed (read without the writer's lock,
+    /// which a sync holds).
+    bytes: AtomicU64,
     pub(crate) counters: LogCounters,
 }
 
@@ -145,6 +148,7 @@ impl Log {
         older: Vec<(u64, u64)>,
         next_seq: u64,
     ) -> Self {
+        let bytes = current.len + older.iter().map(|&(_, b)| b).sum::<u64>();
         Log {
             dir,
             mode,
@@ -170,6 +174,7 @@ impl Log {
             cond: Condvar::new(),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
+            bytes: AtomicU64::new(bytes),
             counters: LogCounters::default(),
         }
     }
@@ -344,6 +349,7 @@ impl Log {
         fail_point(frame.len() as u64)?;
         w.file.write_all(frame)?;
         w.len += frame.len() as u64;
+        self.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.counters.frames.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
@@ -465,8 +471,7 @@ impl Log {
 
     /// Bytes of every segment still needed.
     pub(crate) fn bytes(&self) -> u64 {
-        let w = lock(&self.writer);
-        w.len + w.older.iter().map(|&(_, b)| b).sum::<u64>()
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Starts a new segment for every record after those pending now,
@@ -496,15 +501,18 @@ impl Log {
         let old_epoch = std::mem::replace(&mut w.epoch, epoch);
         let old_len = std::mem::replace(&mut w.len, SEGMENT_HEADER as u64);
         w.older.push((old_epoch, old_len));
+        self.bytes
+            .fetch_add(SEGMENT_HEADER as u64, Ordering::Relaxed);
         Ok(epoch)
     }
 
     /// Deletes the segments before `epoch` (a checkpoint covers them).
     pub(crate) fn remove_before(&self, epoch: u64) {
         let mut w = lock(&self.writer);
-        w.older.retain(|&(e, _)| {
+        w.older.retain(|&(e, bytes)| {
             if e < epoch {
                 let _ = fs::remove_file(self.dir.join(segment_name(e)));
+                self.bytes.fetch_sub(bytes, Ordering::Relaxed);
                 false
             } else {
                 true

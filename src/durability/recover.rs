@@ -174,8 +174,11 @@ fn open(
         older,
         next_seq,
     ));
-    for s in 0..shards {
-        engine.lock_shard(s).log = Some(ShardLog::default());
+    if !mode.is_none() {
+        // `None` logs nothing: its state is what its checkpoints hold.
+        for s in 0..shards {
+            engine.lock_shard(s).log = Some(ShardLog::default());
+        }
     }
     let committer = match mode {
         Durability::Sync { group_commit } => {
