@@ -130,7 +130,7 @@ impl Default for CheckpointPolicy {
     fn default() -> Self {
         CheckpointPolicy {
             automatic: true,
-            log_bytes: 64 << 20,
+            log_bytes: 256 << 20,
             interval: Some(Duration::from_secs(600)),
         }
     }
@@ -259,13 +259,38 @@ pub struct DurabilityStats {
     pub failure: Option<String>,
 }
 
+/// When the last checkpoint was started (held while one writes its shards).
 struct CheckpointState {
     at: Instant,
+}
+
+/// What checkpoints did (updated by the thread that finishes one).
+#[derive(Default)]
+struct CheckpointResults {
     bytes: u64,
     count: u64,
     failures: u64,
     took: Duration,
     error: Option<String>,
+}
+
+impl CheckpointResults {
+    fn record(&mut self, result: &Result<u64, DurabilityError>, took: Duration) {
+        match result {
+            Ok(bytes) => {
+                self.count += 1;
+                self.bytes = *bytes;
+                self.took = took;
+                self.error = None;
+                crate::trace::event!(info, bytes, "checkpoint taken");
+            }
+            Err(e) => {
+                self.failures += 1;
+                self.error = Some(e.to_string());
+                crate::trace::event!(warn, error = %e, "checkpoint failed");
+            }
+        }
+    }
 }
 
 /// The durable half of an engine.
@@ -275,8 +300,14 @@ pub(crate) struct Durable {
     /// Held for the engine's life: one engine per directory.
     _lock: Option<File>,
     policy: CheckpointPolicy,
-    /// One checkpoint at a time; notes wait for it (its cut of the note).
+    /// One checkpoint at a time; notes wait for its pass over the shards
+    /// (its cut of the note).
     checkpointing: Mutex<CheckpointState>,
+    /// An automatic checkpoint's last steps (sync, rename, deleting the
+    /// segments it covers), on a thread of its own: they wait for the disk,
+    /// not for the shards.
+    finishing: Mutex<Option<JoinHandle<()>>>,
+    results: Arc<Mutex<CheckpointResults>>,
     note: Mutex<Option<Arc<[u8]>>>,
     committer: Mutex<Option<JoinHandle<()>>>,
     recovery: Recovery,
@@ -309,10 +340,17 @@ impl Durable {
         if bytes < self.policy.log_bytes && self.policy.interval.is_none() {
             return false;
         }
+        if lock(&self.finishing)
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+        {
+            return false;
+        }
         let Ok(state) = self.checkpointing.try_lock() else {
             return false;
         };
-        bytes >= self.policy.log_bytes.max(state.bytes)
+        let last = lock(&self.results).bytes;
+        bytes >= self.policy.log_bytes.max(last)
             || self
                 .policy
                 .interval
@@ -322,6 +360,9 @@ impl Durable {
 
 impl Drop for Durable {
     fn drop(&mut self) {
+        if let Some(h) = lock(&self.finishing).take() {
+            let _ = h.join();
+        }
         self.log.stop();
         if let Some(h) = lock(&self.committer).take() {
             let _ = h.join();
@@ -419,7 +460,7 @@ impl Deduper {
     pub fn durability_stats(&self) -> Option<DurabilityStats> {
         let d = self.durable.as_ref()?;
         let c = &d.log.counters;
-        let state = lock(&d.checkpointing);
+        let state = lock(&d.results);
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         Some(DurabilityStats {
             mode: d.log.mode(),
@@ -473,7 +514,7 @@ impl Deduper {
             return Ok(());
         };
         let mut state = lock(&d.checkpointing);
-        self.checkpoint_locked(d, &mut state)
+        self.checkpoint_locked(d, &mut state, false)
     }
 
     /// A checkpoint unless one is already running.
@@ -484,36 +525,55 @@ impl Deduper {
         let Ok(mut state) = d.checkpointing.try_lock() else {
             return Ok(());
         };
-        self.checkpoint_locked(d, &mut state)
+        self.checkpoint_locked(d, &mut state, true)
     }
 
+    /// Writes a checkpoint's shards (under the checkpoint lock), then
+    /// finishes it here or, `in_background`, on a thread of its own.
     fn checkpoint_locked(
         &self,
         d: &Durable,
         state: &mut CheckpointState,
+        in_background: bool,
     ) -> Result<(), DurabilityError> {
         if d.has_failed() {
             return Err(DurabilityError::Failed(d.log.failure().unwrap_or_default()));
         }
-        let started = Instant::now();
-        let result = checkpoint::take(self, d);
-        state.at = Instant::now();
-        match result {
-            Ok(bytes) => {
-                state.count += 1;
-                state.bytes = bytes;
-                state.took = started.elapsed();
-                state.error = None;
-                crate::trace::event!(info, bytes, "checkpoint taken");
-                Ok(())
-            }
-            Err(e) => {
-                state.failures += 1;
-                state.error = Some(e.to_string());
-                crate::trace::event!(warn, error = %e, "checkpoint failed");
-                Err(e)
-            }
+        // The previous checkpoint is renamed (or failed) before this one
+        // starts.
+        if let Some(h) = lock(&d.finishing).take() {
+            let _ = h.join();
         }
+        let started = Instant::now();
+        state.at = started;
+        let written = match checkpoint::write(self, d) {
+            Ok(written) => written,
+            Err(e) => {
+                let failed = Err(e);
+                lock(&d.results).record(&failed, started.elapsed());
+                return failed.map(|_| ());
+            }
+        };
+        let results = Arc::clone(&d.results);
+        let finish = move || {
+            let result = written.finish();
+            lock(&results).record(&result, started.elapsed());
+            result.map(|_| ())
+        };
+        if !in_background {
+            return finish();
+        }
+        let handle = std::thread::Builder::new()
+            .name("tiered-dedup-checkpoint".into())
+            .spawn(move || {
+                let _ = finish();
+            })
+            .map_err(|error| DurabilityError::Io {
+                path: d.dir.clone(),
+                error,
+            })?;
+        *lock(&d.finishing) = Some(handle);
+        Ok(())
     }
 
     /// Records `note` (application bytes, e.g. how far a job got) in the log,

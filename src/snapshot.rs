@@ -226,83 +226,23 @@ pub(crate) struct ShardWriter<W: Write> {
 impl<W: Write> ShardWriter<W> {
     /// Writes the next shard.
     pub(crate) fn shard(&mut self, shard: &crate::engine::Shard) -> Result<(), SnapshotError> {
-        let w = &mut self.w;
-        let version = self.version;
-        w.u64(shard.time)?;
-        for n in counters_to_array(&shard.counters) {
-            w.u64(n)?;
-        }
-        match &shard.filter {
-            ShardFilter::Windowed(f) => {
-                w.u8(1)?;
-                w.u64(f.base.current_slice().unwrap_or(NONE))?;
-                for n in f.inserts {
-                    w.u64(n)?;
-                }
-                write_words(w, f.base.bloom())?;
-                w.u32(f.overflow.len() as u32)?;
-                for layer in &f.overflow {
-                    w.u64(layer.bloom.num_blocks() as u64)?;
-                    w.u64(layer.capacity)?;
-                    for n in layer.inserts {
-                        w.u64(n)?;
-                    }
-                    write_words(w, &layer.bloom)?;
-                }
-            }
-            ShardFilter::Unbounded(g) => {
-                w.u8(2)?;
-                w.u32(g.layers().len() as u32)?;
-                for layer in g.layers() {
-                    w.u64(layer.bloom.num_blocks() as u64)?;
-                    w.u32(layer.bloom.hashes())?;
-                    w.u64(layer.stage_capacity)?;
-                    write_words(w, &layer.bloom)?;
-                }
-                let (stage, len) = g.stage();
-                w.u32(stage as u32)?;
-                w.u64(len)?;
-            }
-            // No filter: the exact tier below is the whole state.
-            ShardFilter::Direct => w.u8(3)?,
-        }
-        match &shard.exact {
-            None => w.u8(0)?,
-            Some(exact) => {
-                let timed = exact.keeps_times();
-                // The memory tier hands its entries over one by one;
-                // another backend lists them.
-                let listed = match exact {
-                    Partition::Memory(_) => None,
-                    Partition::Other(o) => Some(
-                        o.entries()
-                            .ok_or(SnapshotError::Unsupported(self.exact_name))?,
-                    ),
-                };
-                w.u8(if timed { 1 } else { 2 })?;
-                w.u64(listed.as_ref().map_or(exact.len(), |l| l.len() as u64))?;
-                let mut entry = |slot: usize, fp: Fingerprint, at: Timestamp| {
-                    if timed {
-                        w.u8(slot as u8)?;
-                        w.bytes(&fp.to_bytes())?;
-                        w.u64(at.as_nanos())
-                    } else {
-                        w.bytes(&fp.to_bytes())
-                    }
-                };
-                if let Partition::Memory(m) = exact {
-                    m.try_for_each_entry(&mut entry)?;
-                }
-                for (slot, fp, at) in listed.into_iter().flatten() {
-                    entry(slot, fp, at)?;
-                }
-            }
-        }
-        if version >= CLAIMS_VERSION {
-            let bodies = shard.exact.as_ref().map_or_else(Vec::new, |e| e.bodies());
-            write_claims(w, shard, &bodies)?;
-        }
-        Ok(())
+        write_shard(&mut self.w, shard, self.version, self.exact_name)
+    }
+
+    /// The next shard's bytes, to [`ShardWriter::append`] later (a
+    /// checkpoint serializes a shard under its lock and writes it after).
+    pub(crate) fn serialize(&self, shard: &crate::engine::Shard) -> Result<Vec<u8>, SnapshotError> {
+        let mut w = HashingWriter {
+            inner: Vec::new(),
+            hasher: Xxh3::new(),
+        };
+        write_shard(&mut w, shard, self.version, self.exact_name)?;
+        Ok(w.inner)
+    }
+
+    /// Appends a shard [`ShardWriter::serialize`]d.
+    pub(crate) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.w.bytes(bytes)
     }
 
     /// Writes the checksum and flushes; the writer.
@@ -314,6 +254,100 @@ impl<W: Write> ShardWriter<W> {
             .into_inner()
             .map_err(io::IntoInnerError::into_error)
     }
+}
+
+/// Entries are gathered into pieces this large before they are hashed and
+/// written (a call per entry field cost more than the rest of a snapshot).
+const ENTRY_PIECE: usize = 64 << 10;
+
+/// One shard's section of a snapshot of `version`.
+fn write_shard<W: Write>(
+    w: &mut HashingWriter<W>,
+    shard: &crate::engine::Shard,
+    version: u32,
+    exact_name: &'static str,
+) -> Result<(), SnapshotError> {
+    w.u64(shard.time)?;
+    for n in counters_to_array(&shard.counters) {
+        w.u64(n)?;
+    }
+    match &shard.filter {
+        ShardFilter::Windowed(f) => {
+            w.u8(1)?;
+            w.u64(f.base.current_slice().unwrap_or(NONE))?;
+            for n in f.inserts {
+                w.u64(n)?;
+            }
+            write_words(w, f.base.bloom())?;
+            w.u32(f.overflow.len() as u32)?;
+            for layer in &f.overflow {
+                w.u64(layer.bloom.num_blocks() as u64)?;
+                w.u64(layer.capacity)?;
+                for n in layer.inserts {
+                    w.u64(n)?;
+                }
+                write_words(w, &layer.bloom)?;
+            }
+        }
+        ShardFilter::Unbounded(g) => {
+            w.u8(2)?;
+            w.u32(g.layers().len() as u32)?;
+            for layer in g.layers() {
+                w.u64(layer.bloom.num_blocks() as u64)?;
+                w.u32(layer.bloom.hashes())?;
+                w.u64(layer.stage_capacity)?;
+                write_words(w, &layer.bloom)?;
+            }
+            let (stage, len) = g.stage();
+            w.u32(stage as u32)?;
+            w.u64(len)?;
+        }
+        // No filter: the exact tier below is the whole state.
+        ShardFilter::Direct => w.u8(3)?,
+    }
+    match &shard.exact {
+        None => w.u8(0)?,
+        Some(exact) => {
+            let timed = exact.keeps_times();
+            // The memory tier hands its entries over one by one;
+            // another backend lists them.
+            let listed = match exact {
+                Partition::Memory(_) => None,
+                Partition::Other(o) => {
+                    Some(o.entries().ok_or(SnapshotError::Unsupported(exact_name))?)
+                }
+            };
+            w.u8(if timed { 1 } else { 2 })?;
+            w.u64(listed.as_ref().map_or(exact.len(), |l| l.len() as u64))?;
+            let mut piece = Vec::with_capacity(ENTRY_PIECE + 32);
+            let mut entry = |slot: usize, fp: Fingerprint, at: Timestamp| {
+                if timed {
+                    piece.push(slot as u8);
+                    piece.extend_from_slice(&fp.to_bytes());
+                    piece.extend_from_slice(&at.as_nanos().to_le_bytes());
+                } else {
+                    piece.extend_from_slice(&fp.to_bytes());
+                }
+                if piece.len() >= ENTRY_PIECE {
+                    w.bytes(&piece)?;
+                    piece.clear();
+                }
+                Ok::<(), io::Error>(())
+            };
+            if let Partition::Memory(m) = exact {
+                m.try_for_each_entry(&mut entry)?;
+            }
+            for (slot, fp, at) in listed.into_iter().flatten() {
+                entry(slot, fp, at)?;
+            }
+            w.bytes(&piece)?;
+        }
+    }
+    if version >= CLAIMS_VERSION {
+        let bodies = shard.exact.as_ref().map_or_else(Vec::new, |e| e.bodies());
+        write_claims(w, shard, &bodies)?;
+    }
+    Ok(())
 }
 
 /// A shard's claims (version 3): the next token, the live leases, the

@@ -117,7 +117,8 @@ impl Twin {
                     assert_eq!(
                         engine.check_batch(&keys),
                         self.twin.check_batch(&keys),
-                        "step {step}"
+                        "step {step}: {:?}",
+                        engine.durability_failure()
                     );
                 }
                 4 => assert_eq!(engine.check(&key), self.twin.check(&key), "step {step}"),
@@ -192,7 +193,7 @@ fn reopened_at_random_points_it_answers_as_an_engine_that_never_stopped() {
                 .durability(mode)
                 .checkpoint_log_bytes(16 << 10)
                 .open(dir.path())
-                .unwrap()
+                .unwrap_or_else(|e| panic!("{e}"))
         };
         let mut checkpoints = 0;
         for round in 0..40 {

@@ -71,9 +71,19 @@ impl Write for Counted {
     }
 }
 
-/// Takes a checkpoint of `engine` (the caller holds the checkpoint lock);
-/// its size in bytes.
-pub(crate) fn take(engine: &Deduper, d: &Durable) -> Result<u64, DurabilityError> {
+/// A checkpoint whose shards are written (not yet synced or renamed).
+pub(crate) struct Written {
+    file: File,
+    bytes: u64,
+    epoch: u64,
+    dir: std::path::PathBuf,
+    log: std::sync::Arc<super::log::Log>,
+}
+
+/// Writes a checkpoint of `engine` to its temporary file (the caller holds
+/// the checkpoint lock): the log is cut into a new segment, then each shard
+/// is written with its cut. [`Written::finish`] makes it the checkpoint.
+pub(crate) fn write(engine: &Deduper, d: &Durable) -> Result<Written, DurabilityError> {
     // Records from here on go to a new segment; the older ones are all
     // before every shard's cut below.
     let epoch = d.log.rotate()?;
@@ -88,29 +98,54 @@ pub(crate) fn take(engine: &Deduper, d: &Durable) -> Result<u64, DurabilityError
         .create_new(true)
         .open(&tmp)
         .map_err(io_err)?;
-    let written = write(engine, d, file, epoch);
-    let bytes = match written {
-        Ok(bytes) => bytes,
+    match write_shards(engine, d, file, epoch) {
+        Ok((file, bytes)) => Ok(Written {
+            file,
+            bytes,
+            epoch,
+            dir: d.dir.clone(),
+            log: std::sync::Arc::clone(&d.log),
+        }),
         Err(e) => {
             let _ = fs::remove_file(&tmp);
-            return Err(e);
+            Err(e)
         }
-    };
-    let path = d.dir.join(FILE);
-    if let Err(error) = fs::rename(&tmp, &path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(DurabilityError::Io { path, error });
     }
-    sync_dir(&d.dir).map_err(|error| DurabilityError::Io {
-        path: d.dir.clone(),
-        error,
-    })?;
-    // Only now is the old checkpoint gone: the segments it needed go too.
-    d.log.remove_before(epoch);
-    Ok(bytes)
 }
 
-fn write(engine: &Deduper, d: &Durable, file: File, epoch: u64) -> Result<u64, DurabilityError> {
+impl Written {
+    /// Syncs the file, renames it over the last checkpoint, syncs the
+    /// directory, and deletes the log segments it covers; its size. On an
+    /// error the temporary file is removed and the last checkpoint stays.
+    pub(crate) fn finish(self) -> Result<u64, DurabilityError> {
+        let tmp = self.dir.join(TEMPORARY);
+        let synced = fail_point(0).and_then(|()| self.file.sync_all());
+        drop(self.file);
+        if let Err(error) = synced {
+            let _ = fs::remove_file(&tmp);
+            return Err(DurabilityError::Io { path: tmp, error });
+        }
+        let path = self.dir.join(FILE);
+        if let Err(error) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(DurabilityError::Io { path, error });
+        }
+        sync_dir(&self.dir).map_err(|error| DurabilityError::Io {
+            path: self.dir.clone(),
+            error,
+        })?;
+        // Only now is the old checkpoint gone: the segments it needed go too.
+        self.log.remove_before(self.epoch);
+        Ok(self.bytes)
+    }
+}
+
+fn write_shards(
+    engine: &Deduper,
+    d: &Durable,
+    file: File,
+    epoch: u64,
+) -> Result<(File, u64), DurabilityError> {
     let tmp = d.dir.join(TEMPORARY);
     let io_err = |error| DurabilityError::Io {
         path: tmp.clone(),
@@ -142,10 +177,15 @@ fn write(engine: &Deduper, d: &Durable, file: File, epoch: u64) -> Result<u64, D
         .map_err(io_err)?;
     let mut cuts = Vec::with_capacity(engine.shard_count());
     for s in 0..engine.shard_count() {
-        let mut shard = engine.lock_shard(s);
-        engine.seal(s, &mut shard);
-        cuts.push(d.log.next_seq());
-        w.shard(&shard).map_err(snap_err)?;
+        // Serialized under the shard's lock (memory speed), written after:
+        // the shard answers again while its bytes go to the file.
+        let bytes = {
+            let mut shard = engine.lock_shard(s);
+            engine.seal(s, &mut shard);
+            cuts.push(d.log.next_seq());
+            w.serialize(&shard).map_err(snap_err)?
+        };
+        w.append(&bytes).map_err(io_err)?;
     }
     let next_seq = d.log.next_seq();
     let mut out = w.finish().map_err(io_err)?;
@@ -171,13 +211,12 @@ fn write(engine: &Deduper, d: &Durable, file: File, epoch: u64) -> Result<u64, D
     summed.extend_from_slice(&trailer);
     trailer.extend_from_slice(&xxh3_64(&summed).to_le_bytes());
     out.write_all(&trailer).map_err(io_err)?;
+    let bytes = out.bytes;
     let mut file = out.file;
     file.seek(SeekFrom::Start(12))
         .and_then(|_| file.write_all(&snapshot_len.to_le_bytes()))
-        .and_then(|()| fail_point(0))
-        .and_then(|()| file.sync_all())
         .map_err(io_err)?;
-    Ok(out.bytes)
+    Ok((file, bytes))
 }
 
 /// Loads the checkpoint at `path` into `engine` (fresh, of the

@@ -10,7 +10,9 @@ use std::time::Instant;
 use super::checkpoint::{self, Meta};
 use super::log::{self, Log, NOTE, SEGMENT_HEADER};
 use super::ops::{Op, Ops};
-use super::{CheckpointState, Durability, DurabilityError, Durable, Recovery, ShardLog};
+use super::{
+    CheckpointResults, CheckpointState, Durability, DurabilityError, Durable, Recovery, ShardLog,
+};
 use crate::engine::{Deduper, DeduperBuilder, Held, Shard};
 use crate::error::{ConfigError, SnapshotError};
 use crate::exact::Mark;
@@ -202,14 +204,12 @@ fn open(
         dir: dir.to_owned(),
         _lock: dir_lock,
         policy,
-        checkpointing: Mutex::new(CheckpointState {
-            at: Instant::now(),
+        checkpointing: Mutex::new(CheckpointState { at: Instant::now() }),
+        finishing: Mutex::new(None),
+        results: Arc::new(Mutex::new(CheckpointResults {
             bytes: checkpoint_bytes,
-            count: 0,
-            failures: 0,
-            took: std::time::Duration::ZERO,
-            error: None,
-        }),
+            ..CheckpointResults::default()
+        })),
         note: Mutex::new(note),
         committer: Mutex::new(committer),
         recovery,
