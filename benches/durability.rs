@@ -86,7 +86,7 @@ fn step() -> u64 {
 /// The system under test for one pass.
 enum Subject {
     Engine {
-        engine: Deduper,
+        engine: Box<Deduper>,
         clock: ManualClock,
         deferred: bool,
         dir: Option<tempfile::TempDir>,
@@ -122,7 +122,7 @@ fn make(kind: Kind) -> Subject {
                 (builder.open(dir.path()).expect("open"), Some(dir))
             };
             Subject::Engine {
-                engine,
+                engine: Box::new(engine),
                 clock,
                 deferred,
                 dir,

@@ -162,7 +162,7 @@ enum Job {
 }
 
 /// Gathers the claims, commits and releases of concurrent callers into
-/// batches, made on a thread of its own (see the [module docs](self)).
+/// batches, made on a thread of its own (see `src/claims/batcher.rs`).
 /// Dropping it finishes the queued jobs and stops the thread.
 pub struct ClaimBatcher {
     engine: Arc<Deduper>,
