@@ -36,6 +36,12 @@ mod redis_part;
 #[cfg(feature = "redis")]
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
+// The Redis part's meters (CPU of `redis-server`, its memory); not in
+// `support`, which benches of other packages include too.
+#[cfg(feature = "redis")]
+#[path = "support/redis_meter.rs"]
+#[allow(dead_code)] // the meter reads more than this bench prints
+mod redis_meter;
 mod support;
 use support::{
     env_number, growing_stream, manual_clock, paired_rounds, smoke_test, spread, Order, Until,

@@ -64,6 +64,8 @@ pub struct Deduper {
     /// Per shard: claims waiting for a holder to commit or release
     /// ([`Deduper::claim_wait`]) sleep here, with the shard's lock.
     wakeups: Box<[CachePadded<Condvar>]>,
+    /// The log and checkpoints of an engine opened on a directory.
+    pub(crate) durable: Option<crate::durability::Durable>,
 }
 
 impl Deduper {
@@ -90,7 +92,13 @@ impl Deduper {
             clock,
             watermark: CachePadded::new(AtomicU64::new(0)),
             late: AtomicU64::new(0),
+            durable: None,
         }
+    }
+
+    /// Makes this engine log to `durable` (after its recovery).
+    pub(crate) fn attach_durable(&mut self, durable: crate::durability::Durable) {
+        self.durable = Some(durable);
     }
 
     /// The fingerprint of `key` in this engine's namespace.
@@ -169,6 +177,11 @@ impl Deduper {
         (fp.low() & self.shard_mask) as usize
     }
 
+    /// Shard `s`, locked.
+    pub(crate) fn lock_shard(&self, s: usize) -> MutexGuard<'_, Shard> {
+        self.lock(s)
+    }
+
     #[inline]
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
         // A shard's state is consistent between calls (a panic inside one
@@ -181,15 +194,36 @@ impl Deduper {
     /// The verdict for `key` now: [`Verdict::New`] (accepted now) or
     /// [`Verdict::Duplicate`] (accepted less than the window ago). Under
     /// [`crate::Clock::EventTime`], "now" is the watermark.
+    ///
+    /// A durable engine ([`DeduperBuilder::open`]) returns once the change
+    /// is logged as its [`crate::Durability`] promises; after a log failure
+    /// it answers [`Verdict::Unavailable`].
     #[inline]
     pub fn check<K: Key + ?Sized>(&self, key: &K) -> Verdict {
         let fp = self.fingerprint(key);
-        let mut shard = self.lock(self.shard_of(fp));
+        if self.durability_failed() {
+            return Verdict::Unavailable;
+        }
+        let s = self.shard_of(fp);
+        let mut shard = self.lock(s);
         let t = match self.clock.read() {
             Some(reading) => shard.processing_time(reading),
             None => self.watermark(),
         };
-        self.check_one(&mut shard, fp, t)
+        let verdict = self.check_one(&mut shard, fp, t);
+        let need = self.seal(s, &mut shard);
+        drop(shard);
+        self.settled(need, verdict)
+    }
+
+    /// `verdict` once records below `need` are durable; `Unavailable` if
+    /// the log failed.
+    #[inline]
+    fn settled(&self, need: u64, verdict: Verdict) -> Verdict {
+        match self.settle(need) {
+            Ok(()) => verdict,
+            Err(_) => Verdict::Unavailable,
+        }
     }
 
     /// One key under its shard's lock, by the batched path where the shard
@@ -217,12 +251,19 @@ impl Deduper {
     /// allowed lateness behind the watermark is [`Verdict::Late`].
     #[inline]
     pub fn check_at<K: Key + ?Sized>(&self, key: &K, t: Timestamp) -> Verdict {
+        if self.durability_failed() {
+            return Verdict::Unavailable;
+        }
         if let Some(late) = self.observe(t) {
             return late;
         }
         let fp = self.fingerprint(key);
-        let mut shard = self.lock(self.shard_of(fp));
-        self.check_one(&mut shard, fp, t)
+        let s = self.shard_of(fp);
+        let mut shard = self.lock(s);
+        let verdict = self.check_one(&mut shard, fp, t);
+        let need = self.seal(s, &mut shard);
+        drop(shard);
+        self.settled(need, verdict)
     }
 
     /// Moves the watermark to `t`, or returns `Late` when `t` is behind it by
@@ -255,27 +296,71 @@ impl Deduper {
 
     /// [`Deduper::check_batch`] into a caller's vector (cleared first).
     pub fn check_batch_into<K: Key>(&self, keys: &[K], out: &mut Vec<Verdict>) {
-        let fps: Vec<Fingerprint> = keys.iter().map(|k| self.fingerprint(k)).collect();
-        let reading = self.clock.read();
-        let wm = self.watermark();
-        out.clear();
-        out.resize(fps.len(), Verdict::New);
-        self.run_batch(&fps, out, |shard, _| {
-            Some(match reading {
-                Some(r) => shard.processing_time(r),
-                None => wm,
-            })
-        });
+        let pending = self.check_batch_into_deferred(keys, out);
+        if pending.wait(self).is_err() {
+            // Not durable: no verdict of this batch may be acted on.
+            out.fill(Verdict::Unavailable);
+        }
     }
 
     /// Verdicts for many `(key, event time)` pairs, in order: the same as
     /// calling [`Deduper::check_at`] on each in turn.
     pub fn check_batch_at<K: Key>(&self, keys: &[(K, Timestamp)]) -> Vec<Verdict> {
         let mut out = Vec::with_capacity(keys.len());
-        let late = self.screen_late(keys.iter().map(|(_, t)| *t), &mut out);
-        let fps: Vec<Fingerprint> = keys.iter().map(|(k, _)| self.fingerprint(k)).collect();
-        self.run_batch(&fps, &mut out, |_, i| (!late[i]).then_some(keys[i].1));
+        let pending = self.check_batch_at_deferred(keys, &mut out);
+        if pending.wait(self).is_err() {
+            out.fill(Verdict::Unavailable);
+        }
         out
+    }
+
+    /// [`Deduper::check_batch_into`] without waiting for durability: the
+    /// verdicts are in `out` at once, but on a durable engine they may be
+    /// acted on only once [`Unsettled::wait`] (or any later wait of this
+    /// engine that covers them, such as a [`Deduper::note`]) has returned
+    /// `Ok`; until then a crash may lose the keys accepted. Lets a caller
+    /// overlap the log's write or sync with other work, or cover several
+    /// batches with one wait.
+    pub fn check_batch_into_deferred<K: Key>(
+        &self,
+        keys: &[K],
+        out: &mut Vec<Verdict>,
+    ) -> Unsettled {
+        if self.durability_failed() {
+            out.clear();
+            out.resize(keys.len(), Verdict::Unavailable);
+            return Unsettled { need: 0 };
+        }
+        let fps: Vec<Fingerprint> = keys.iter().map(|k| self.fingerprint(k)).collect();
+        let reading = self.clock.read();
+        let wm = self.watermark();
+        out.clear();
+        out.resize(fps.len(), Verdict::New);
+        let need = self.judge_batch(&fps, out, |shard, _| {
+            Some(match reading {
+                Some(r) => shard.processing_time(r),
+                None => wm,
+            })
+        });
+        Unsettled { need }
+    }
+
+    /// [`Deduper::check_batch_at`] without waiting for durability (see
+    /// [`Deduper::check_batch_into_deferred`]); verdicts into `out`.
+    pub fn check_batch_at_deferred<K: Key>(
+        &self,
+        keys: &[(K, Timestamp)],
+        out: &mut Vec<Verdict>,
+    ) -> Unsettled {
+        if self.durability_failed() {
+            out.clear();
+            out.resize(keys.len(), Verdict::Unavailable);
+            return Unsettled { need: 0 };
+        }
+        let late = self.screen_late(keys.iter().map(|(_, t)| *t), out);
+        let fps: Vec<Fingerprint> = keys.iter().map(|(k, _)| self.fingerprint(k)).collect();
+        let need = self.judge_batch(&fps, out, |_, i| (!late[i]).then_some(keys[i].1));
+        Unsettled { need }
     }
 
     /// Decides lateness for a batch of event times up front, against the
@@ -323,12 +408,13 @@ impl Deduper {
     /// Groups `fps` by shard, takes each shard's lock once, and writes the
     /// verdicts in input order into `out` (which has one slot per key).
     /// `time(shard, i)` is the time of key `i`, or `None` to leave `out[i]`.
-    fn run_batch(
+    /// Returns what the verdicts wait for to be durable.
+    fn judge_batch(
         &self,
         fps: &[Fingerprint],
         out: &mut [Verdict],
         time: impl Fn(&Shard, usize) -> Option<Timestamp>,
-    ) {
+    ) -> u64 {
         debug_assert_eq!(fps.len(), out.len());
         let (starts, order) = group_by(fps.len(), self.shards.len(), |i| self.shard_of(fps[i]));
         let group = |s: usize| &order[starts[s] as usize..starts[s + 1] as usize];
@@ -336,25 +422,33 @@ impl Deduper {
         // shard (a convoy): take the shards that are free first, then wait
         // for the others. Keys of one shard stay in input order either way.
         let mut busy = Vec::new();
+        let mut need = 0;
         for s in 0..self.shards.len() {
             if group(s).is_empty() {
                 continue;
             }
-            match self.shards[s].try_lock() {
-                Ok(mut shard) => self.check_group_locked(&mut shard, fps, group(s), &time, out),
+            let n = match self.shards[s].try_lock() {
+                Ok(mut shard) => self.check_group_locked(s, &mut shard, fps, group(s), &time, out),
                 Err(TryLockError::Poisoned(e)) => {
-                    self.check_group_locked(&mut e.into_inner(), fps, group(s), &time, out);
+                    self.check_group_locked(s, &mut e.into_inner(), fps, group(s), &time, out)
                 }
-                Err(TryLockError::WouldBlock) => busy.push(s),
-            }
+                Err(TryLockError::WouldBlock) => {
+                    busy.push(s);
+                    0
+                }
+            };
+            need = need.max(n);
         }
         for s in busy {
-            self.check_group(s, fps, group(s), &time, out);
+            need = need.max(self.check_group(s, fps, group(s), &time, out));
         }
+        need
     }
 
     /// Checks the keys `group` (indices into `fps`, all of shard `s`, in
     /// input order) under one lock of shard `s`, with two prefetch stages.
+    /// Returns what the verdicts wait for to be durable
+    /// ([`Deduper::seal`]).
     pub(crate) fn check_group(
         &self,
         s: usize,
@@ -362,15 +456,28 @@ impl Deduper {
         group: &[u32],
         time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
         out: &mut [Verdict],
-    ) {
+    ) -> u64 {
         if group.is_empty() {
-            return;
+            return 0;
         }
-        self.check_group_locked(&mut self.lock(s), fps, group, time, out);
+        self.check_group_locked(s, &mut self.lock(s), fps, group, time, out)
     }
 
     /// [`Deduper::check_group`] with the shard's lock held.
     fn check_group_locked(
+        &self,
+        s: usize,
+        shard: &mut Shard,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        out: &mut [Verdict],
+    ) -> u64 {
+        self.judge_group(shard, fps, group, time, out);
+        self.seal(s, shard)
+    }
+
+    fn judge_group(
         &self,
         shard: &mut Shard,
         fps: &[Fingerprint],
@@ -624,6 +731,35 @@ impl Deduper {
 
     pub(crate) fn late_count(&self) -> u64 {
         self.late.load(Ordering::Relaxed)
+    }
+}
+
+/// Verdicts returned before they are durable
+/// ([`Deduper::check_batch_into_deferred`]): wait before acting on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "the verdicts may be acted on only once `wait` returned Ok"]
+pub struct Unsettled {
+    need: u64,
+}
+
+impl Unsettled {
+    /// Returns once the batch's changes are as durable as the engine's
+    /// [`crate::Durability`] promises (at once without a directory), then
+    /// takes a checkpoint if one is due and automatic.
+    ///
+    /// # Errors
+    /// [`crate::DurabilityError::Failed`] when the log has failed: the
+    /// verdicts must not be acted on (the engine answers `Unavailable` from
+    /// then on).
+    pub fn wait(self, engine: &Deduper) -> Result<(), crate::DurabilityError> {
+        engine.settle(self.need)
+    }
+
+    /// The later of two (waiting for it covers both).
+    pub fn max(self, other: Unsettled) -> Unsettled {
+        Unsettled {
+            need: self.need.max(other.need),
+        }
     }
 }
 

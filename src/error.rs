@@ -83,6 +83,12 @@ pub enum ConfigError {
     /// Allowed lateness is set without event time.
     #[error("allowed lateness only applies to event time: set `clock(Clock::EventTime)` or drop `allowed_lateness`")]
     LatenessWithoutEventTime,
+    /// A durable engine was asked of [`crate::DeduperBuilder::build`].
+    #[error("a durable engine needs a directory for its log: call `open(dir)` instead of `build()` (or keep Durability::None)")]
+    DurabilityNeedsDirectory,
+    /// Durability was asked of a configuration that cannot log its state.
+    #[error("durability needs {0}; a remote tier (Redis) keeps its own state")]
+    DurabilityNeeds(&'static str),
     /// An engine without first-seen times was asked for something that
     /// needs them, or for a tier that cannot drop them.
     #[error("first_seen_times(false) keeps fingerprints alone, so it needs no window (expiry needs the times), Mode::Exact, Affinity::Owned and the memory tier: {0}")]

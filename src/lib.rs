@@ -101,10 +101,24 @@
 //!
 //! [`Deduper::snapshot`] and [`DeduperBuilder::restore`] carry the whole state
 //! across a restart (versioned and checksummed).
+//!
+//! ## Durability
+//!
+//! Opened on a directory ([`DeduperBuilder::open`]), the memory tier
+//! survives crashes: every batch's changes (keys accepted, claims acquired,
+//! committed with their results, released, forgotten) go to an append-only
+//! log before its verdicts are returned ([`Durability::Os`]: a killed
+//! process loses no key whose verdict was returned), or are `fdatasync`ed in
+//! groups first ([`Durability::Sync`]: nor does a power loss). Checkpoints
+//! bound the log; a restart replays the log after the checkpoint, cutting a
+//! torn tail and refusing damage before it; a full disk stops the log (calls
+//! answer [`Verdict::Unavailable`]) without touching the last checkpoint.
+//! See [`durability`].
 
 #![warn(missing_docs)]
 
 pub mod claims;
+pub mod durability;
 mod engine;
 mod error;
 pub mod exact;
@@ -124,7 +138,8 @@ pub use claims::{
     Claim, ClaimBatcher, ClaimKind, ClaimRequest, CommitError, Lease, LeaseInfo, LeaseLost,
     PayloadFingerprint, Reply,
 };
-pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats};
+pub use durability::{Durability, DurabilityError, DurabilityStats, Recovery};
+pub use engine::{Affinity, ClaimStats, Deduper, DeduperBuilder, Mode, Sizing, Stats, Unsettled};
 pub use error::{ConfigError, ExactTierError, FailureCause, FlushError, SnapshotError};
 pub use exact::ExactTier;
 pub use filter::{FilterAnswer, GenerationalBloom};

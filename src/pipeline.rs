@@ -962,29 +962,48 @@ fn process_job(core: &Core, job: Job) {
     let groups = (0..d.shard_count())
         .filter(|s| starts[s + 1] > starts[*s])
         .map(|s| (s, &order[starts[s] as usize..starts[s + 1] as usize]));
+    // What the answers wait for to be durable (a durable engine).
+    let mut need = 0;
     let (verdicts, answers) = match claims {
         None => {
             let mut verdicts = vec![Verdict::New; fps.len()];
             for (s, group) in groups {
-                d.check_group(s, &fps, group, &time, &mut verdicts);
+                need = need.max(d.check_group(s, &fps, group, &time, &mut verdicts));
             }
             (verdicts, Vec::new())
         }
         Some(specs) => {
             let mut answers = vec![None; fps.len()];
             for (s, group) in groups {
-                d.claim_group(s, &fps, group, &time, &specs, &mut answers);
+                need = need.max(d.claim_group(s, &fps, group, &time, &specs, &mut answers));
             }
             (Vec::new(), answers)
         }
     };
-    // The producer may be gone; its answers are then nobody's.
-    let _ = reply.send(Reply {
+    let mut answer = Reply {
         batch,
         positions,
         verdicts,
         claims: answers,
-    });
+    };
+    let Some(durable) = d.durable() else {
+        // The producer may be gone; its answers are then nobody's.
+        let _ = reply.send(answer);
+        return;
+    };
+    // Answered once durable: `os` on this thread, `sync` by the committer
+    // after the group's sync (this worker goes on meanwhile).
+    durable.after_durable(
+        need,
+        Box::new(move |result| {
+            if result.is_err() {
+                answer.verdicts.fill(Verdict::Unavailable);
+                answer.claims.fill(Some(ShardClaim::Unavailable));
+            }
+            let _ = reply.send(answer);
+        }),
+    );
+    d.checkpoint_if_due();
 }
 
 /// The pipeline's engine, as the leases of its claims hold it

@@ -128,6 +128,16 @@ fn header_fields(engine: &Deduper) -> [u64; 7] {
     ]
 }
 
+/// One number for the configuration a snapshot or a log must agree with
+/// (the xxh3-64 of the header fields).
+pub(crate) fn config_id(engine: &Deduper) -> u64 {
+    let bytes: Vec<u8> = header_fields(engine)
+        .iter()
+        .flat_map(|f| f.to_le_bytes())
+        .collect();
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
 const HEADER_NAMES: [&str; 7] = [
     "namespace",
     "window",
@@ -147,10 +157,6 @@ impl Deduper {
     /// [`SnapshotError::Unsupported`] for an exact tier that keeps no local
     /// state.
     pub fn snapshot<W: Write>(&self, w: W) -> Result<(), SnapshotError> {
-        let mut w = HashingWriter {
-            inner: io::BufWriter::with_capacity(1 << 20, w),
-            hasher: Xxh3::new(),
-        };
         let mut shards = self.lock_all();
         // Pending marks are part of the state: write them through first.
         // Only local tiers are snapshotted (a remote one is refused below),
@@ -161,12 +167,9 @@ impl Deduper {
         let untimed = shards
             .iter()
             .any(|s| s.exact.as_ref().is_some_and(|e| !e.keeps_times()));
-        let bodies: Vec<Vec<(usize, Fingerprint, Timestamp, RecordBody)>> = shards
-            .iter()
-            .map(|s| s.exact.as_ref().map_or_else(Vec::new, |e| e.bodies()))
-            .collect();
-        let claims =
-            shards.iter().any(|s| !s.leases.is_empty()) || bodies.iter().any(|b| !b.is_empty());
+        let claims = shards.iter().any(|s| {
+            !s.leases.is_empty() || s.exact.as_ref().is_some_and(|e| !e.bodies().is_empty())
+        });
         let version = if claims {
             CLAIMS_VERSION
         } else if untimed {
@@ -174,94 +177,177 @@ impl Deduper {
         } else {
             TIMED_VERSION
         };
+        let mut w =
+            self.snapshot_head(w, version, self.watermark().as_nanos(), self.late_count())?;
+        for shard in shards.iter() {
+            w.shard(shard)?;
+        }
+        w.finish()?;
+        crate::trace::event!(info, shards = shards.len(), "snapshot written");
+        Ok(())
+    }
+
+    /// Starts a snapshot of format `version` with the given watermark and
+    /// late count; the shards follow one by one ([`ShardWriter::shard`]),
+    /// each under its own lock (a checkpoint's cut per shard).
+    pub(crate) fn snapshot_head<W: Write>(
+        &self,
+        w: W,
+        version: u32,
+        watermark: u64,
+        late: u64,
+    ) -> io::Result<ShardWriter<W>> {
+        let mut w = HashingWriter {
+            inner: io::BufWriter::with_capacity(1 << 20, w),
+            hasher: Xxh3::new(),
+        };
         w.bytes(MAGIC)?;
         w.u32(version)?;
         for field in header_fields(self) {
             w.u64(field)?;
         }
-        w.u64(self.watermark().as_nanos())?;
-        w.u64(self.late_count())?;
-        for (shard, bodies) in shards.iter().zip(&bodies) {
-            w.u64(shard.time)?;
-            for n in counters_to_array(&shard.counters) {
+        w.u64(watermark)?;
+        w.u64(late)?;
+        Ok(ShardWriter {
+            w,
+            version,
+            exact_name: self.plan().exact_name,
+        })
+    }
+}
+
+/// A snapshot being written shard by shard (see [`Deduper::snapshot_head`]).
+pub(crate) struct ShardWriter<W: Write> {
+    w: HashingWriter<io::BufWriter<W>>,
+    version: u32,
+    exact_name: &'static str,
+}
+
+impl<W: Write> ShardWriter<W> {
+    /// Writes the next shard.
+    pub(crate) fn shard(&mut self, shard: &crate::engine::Shard) -> Result<(), SnapshotError> {
+        write_shard(&mut self.w, shard, self.version, self.exact_name)
+    }
+
+    /// The next shard's bytes, to [`ShardWriter::append`] later (a
+    /// checkpoint serializes a shard under its lock and writes it after).
+    pub(crate) fn serialize(&self, shard: &crate::engine::Shard) -> Result<Vec<u8>, SnapshotError> {
+        let mut w = HashingWriter {
+            inner: Vec::new(),
+            hasher: Xxh3::new(),
+        };
+        write_shard(&mut w, shard, self.version, self.exact_name)?;
+        Ok(w.inner)
+    }
+
+    /// Appends a shard [`ShardWriter::serialize`]d.
+    pub(crate) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.w.bytes(bytes)
+    }
+
+    /// Writes the checksum and flushes; the writer.
+    pub(crate) fn finish(mut self) -> io::Result<W> {
+        let checksum = self.w.hasher.digest();
+        self.w.inner.write_all(&checksum.to_le_bytes())?;
+        self.w
+            .inner
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)
+    }
+}
+
+/// Entries are gathered into pieces this large before they are hashed and
+/// written (a call per entry field cost more than the rest of a snapshot).
+const ENTRY_PIECE: usize = 64 << 10;
+
+/// One shard's section of a snapshot of `version`.
+fn write_shard<W: Write>(
+    w: &mut HashingWriter<W>,
+    shard: &crate::engine::Shard,
+    version: u32,
+    exact_name: &'static str,
+) -> Result<(), SnapshotError> {
+    w.u64(shard.time)?;
+    for n in counters_to_array(&shard.counters) {
+        w.u64(n)?;
+    }
+    match &shard.filter {
+        ShardFilter::Windowed(f) => {
+            w.u8(1)?;
+            w.u64(f.base.current_slice().unwrap_or(NONE))?;
+            for n in f.inserts {
                 w.u64(n)?;
             }
-            match &shard.filter {
-                ShardFilter::Windowed(f) => {
-                    w.u8(1)?;
-                    w.u64(f.base.current_slice().unwrap_or(NONE))?;
-                    for n in f.inserts {
-                        w.u64(n)?;
-                    }
-                    write_words(&mut w, f.base.bloom())?;
-                    w.u32(f.overflow.len() as u32)?;
-                    for layer in &f.overflow {
-                        w.u64(layer.bloom.num_blocks() as u64)?;
-                        w.u64(layer.capacity)?;
-                        for n in layer.inserts {
-                            w.u64(n)?;
-                        }
-                        write_words(&mut w, &layer.bloom)?;
-                    }
+            write_words(w, f.base.bloom())?;
+            w.u32(f.overflow.len() as u32)?;
+            for layer in &f.overflow {
+                w.u64(layer.bloom.num_blocks() as u64)?;
+                w.u64(layer.capacity)?;
+                for n in layer.inserts {
+                    w.u64(n)?;
                 }
-                ShardFilter::Unbounded(g) => {
-                    w.u8(2)?;
-                    w.u32(g.layers().len() as u32)?;
-                    for layer in g.layers() {
-                        w.u64(layer.bloom.num_blocks() as u64)?;
-                        w.u32(layer.bloom.hashes())?;
-                        w.u64(layer.stage_capacity)?;
-                        write_words(&mut w, &layer.bloom)?;
-                    }
-                    let (stage, len) = g.stage();
-                    w.u32(stage as u32)?;
-                    w.u64(len)?;
-                }
-                // No filter: the exact tier below is the whole state.
-                ShardFilter::Direct => w.u8(3)?,
-            }
-            match &shard.exact {
-                None => w.u8(0)?,
-                Some(exact) => {
-                    let timed = exact.keeps_times();
-                    // The memory tier hands its entries over one by one;
-                    // another backend lists them.
-                    let listed = match exact {
-                        Partition::Memory(_) => None,
-                        Partition::Other(o) => Some(
-                            o.entries()
-                                .ok_or(SnapshotError::Unsupported(self.plan().exact_name))?,
-                        ),
-                    };
-                    w.u8(if timed { 1 } else { 2 })?;
-                    w.u64(listed.as_ref().map_or(exact.len(), |l| l.len() as u64))?;
-                    let mut entry = |slot: usize, fp: Fingerprint, at: Timestamp| {
-                        if timed {
-                            w.u8(slot as u8)?;
-                            w.bytes(&fp.to_bytes())?;
-                            w.u64(at.as_nanos())
-                        } else {
-                            w.bytes(&fp.to_bytes())
-                        }
-                    };
-                    if let Partition::Memory(m) = exact {
-                        m.try_for_each_entry(&mut entry)?;
-                    }
-                    for (slot, fp, at) in listed.into_iter().flatten() {
-                        entry(slot, fp, at)?;
-                    }
-                }
-            }
-            if version >= CLAIMS_VERSION {
-                write_claims(&mut w, shard, bodies)?;
+                write_words(w, &layer.bloom)?;
             }
         }
-        let checksum = w.hasher.digest();
-        w.inner.write_all(&checksum.to_le_bytes())?;
-        w.inner.flush()?;
-        crate::trace::event!(info, shards = shards.len(), "snapshot written");
-        Ok(())
+        ShardFilter::Unbounded(g) => {
+            w.u8(2)?;
+            w.u32(g.layers().len() as u32)?;
+            for layer in g.layers() {
+                w.u64(layer.bloom.num_blocks() as u64)?;
+                w.u32(layer.bloom.hashes())?;
+                w.u64(layer.stage_capacity)?;
+                write_words(w, &layer.bloom)?;
+            }
+            let (stage, len) = g.stage();
+            w.u32(stage as u32)?;
+            w.u64(len)?;
+        }
+        // No filter: the exact tier below is the whole state.
+        ShardFilter::Direct => w.u8(3)?,
     }
+    match &shard.exact {
+        None => w.u8(0)?,
+        Some(exact) => {
+            let timed = exact.keeps_times();
+            // The memory tier hands its entries over one by one;
+            // another backend lists them.
+            let listed = match exact {
+                Partition::Memory(_) => None,
+                Partition::Other(o) => {
+                    Some(o.entries().ok_or(SnapshotError::Unsupported(exact_name))?)
+                }
+            };
+            w.u8(if timed { 1 } else { 2 })?;
+            w.u64(listed.as_ref().map_or(exact.len(), |l| l.len() as u64))?;
+            let mut piece = Vec::with_capacity(ENTRY_PIECE + 32);
+            let mut entry = |slot: usize, fp: Fingerprint, at: Timestamp| {
+                if timed {
+                    piece.push(slot as u8);
+                    piece.extend_from_slice(&fp.to_bytes());
+                    piece.extend_from_slice(&at.as_nanos().to_le_bytes());
+                } else {
+                    piece.extend_from_slice(&fp.to_bytes());
+                }
+                if piece.len() >= ENTRY_PIECE {
+                    w.bytes(&piece)?;
+                    piece.clear();
+                }
+                Ok::<(), io::Error>(())
+            };
+            if let Partition::Memory(m) = exact {
+                m.try_for_each_entry(&mut entry)?;
+            }
+            for (slot, fp, at) in listed.into_iter().flatten() {
+                entry(slot, fp, at)?;
+            }
+            w.bytes(&piece)?;
+        }
+    }
+    if version >= CLAIMS_VERSION {
+        let bodies = shard.exact.as_ref().map_or_else(Vec::new, |e| e.bodies());
+        write_claims(w, shard, &bodies)?;
+    }
+    Ok(())
 }
 
 /// A shard's claims (version 3): the next token, the live leases, the
@@ -462,134 +548,140 @@ impl DeduperBuilder {
     /// (the message names the field); nothing is half-loaded.
     pub fn restore<R: Read>(self, r: R) -> Result<Deduper, SnapshotError> {
         let engine = self.build().map_err(SnapshotError::Config)?;
-        let mut r = HashingReader {
-            inner: io::BufReader::with_capacity(1 << 20, r),
-            hasher: Xxh3::new(),
-        };
-        if &r.bytes::<8>()? != MAGIC {
-            return Err(SnapshotError::NotASnapshot);
-        }
-        let version = r.u32()?;
-        if !(1..=FORMAT_VERSION).contains(&version) {
-            return Err(SnapshotError::Version {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        for (expected, name) in header_fields(&engine).into_iter().zip(HEADER_NAMES) {
-            if r.u64()? != expected {
-                return Err(SnapshotError::Mismatch(name));
-            }
-        }
-        let watermark = r.u64()?;
-        let late = r.u64()?;
-        {
-            let mut shards = engine.lock_all();
-            for shard in shards.iter_mut() {
-                shard.time = r.u64()?;
-                let mut c = [0u64; COUNTERS];
-                for n in &mut c {
-                    *n = r.u64()?;
-                }
-                shard.counters = counters_from_array(c);
-                let tag = r.u8()?;
-                match (&mut shard.filter, tag) {
-                    (ShardFilter::Windowed(f), 1) => read_windowed(&mut r, f)?,
-                    // A state written while the memory tier kept a filter and
-                    // one table per slice: the entries below carry every key
-                    // (merged into the one table), the filter is read and
-                    // let go.
-                    (ShardFilter::Direct, 1) => {
-                        let mut scratch = engine
-                            .plan()
-                            .windowed_filter()
-                            .map_err(SnapshotError::Config)?
-                            .ok_or(SnapshotError::Malformed("filter kind"))?;
-                        read_windowed(&mut r, &mut scratch)?;
-                    }
-                    (ShardFilter::Unbounded(g), 2) => {
-                        *g = read_growing(&mut r, engine.plan().false_positive_rate)?;
-                    }
-                    // A state written before the engine dropped the filter
-                    // in front of its memory tier: the exact entries below
-                    // hold every key, so the filter is read and let go.
-                    (ShardFilter::Direct, 2) => {
-                        read_growing(&mut r, engine.plan().false_positive_rate)?;
-                    }
-                    (ShardFilter::Direct, 3) => {}
-                    // No filter: written on the memory tier with owned keys.
-                    (_, 3) => {
-                        return Err(SnapshotError::Mismatch(
-                            "exact tier (the state was written on the memory tier, \
-                             which keeps no filter)",
-                        ))
-                    }
-                    _ => return Err(SnapshotError::Malformed("filter kind")),
-                }
-                match (&mut shard.exact, r.u8()?) {
-                    (None, 0) => {}
-                    (Some(exact), 1) => {
-                        let count = r.u64()?;
-                        exact.reserve(count);
-                        for _ in 0..count {
-                            let slot = r.u8()? as usize;
-                            if slot >= GENERATIONS {
-                                return Err(SnapshotError::Malformed("exact-tier slot"));
-                            }
-                            let fp = Fingerprint::from_bytes(r.bytes()?);
-                            let at = Timestamp::from_nanos(r.u64()?);
-                            exact.mark(fp, slot, at).map_err(|_| {
-                                SnapshotError::Unsupported(engine.plan().exact_name)
-                            })?;
-                        }
-                    }
-                    // Fingerprints alone (version 2): only an engine that
-                    // keeps no times takes them.
-                    (Some(exact), 2) if version >= UNTIMED_VERSION => {
-                        if exact.keeps_times() {
-                            return Err(SnapshotError::Mismatch(
-                                "first_seen_times setting (the state keeps no first-seen \
-                                 times: build with first_seen_times(false))",
-                            ));
-                        }
-                        let count = r.u64()?;
-                        exact.reserve(count);
-                        for _ in 0..count {
-                            let fp = Fingerprint::from_bytes(r.bytes()?);
-                            exact.mark(fp, 0, Timestamp::ZERO).map_err(|_| {
-                                SnapshotError::Unsupported(engine.plan().exact_name)
-                            })?;
-                        }
-                    }
-                    _ => return Err(SnapshotError::Malformed("exact tier kind")),
-                }
-                if version >= CLAIMS_VERSION {
-                    read_claims(&mut r, shard, engine.plan().exact_name)?;
-                }
-            }
-        }
-        let computed = r.hasher.digest();
-        let mut stored = [0u8; 8];
-        r.inner
-            .read_exact(&mut stored)
-            .map_err(|_| SnapshotError::Truncated)?;
-        if u64::from_le_bytes(stored) != computed {
-            return Err(SnapshotError::Checksum);
-        }
-        let mut rest = [0u8; 1];
-        if r.inner.read(&mut rest)? != 0 {
-            return Err(SnapshotError::Malformed(
-                "trailing bytes after the checksum",
-            ));
-        }
-        // The restored filter knows every key this engine accepted.
-        for shard in engine.lock_all().iter_mut() {
-            shard.warmth = crate::engine::Warmth::Warm;
-        }
-        engine.restore_watermark(watermark, late);
-        crate::trace::event!(info, shards = engine.shard_count(), "snapshot restored");
-        Ok(engine)
+        read_into(engine, r)
     }
+}
+
+/// Loads the state a [`Deduper::snapshot`] wrote into `engine`, a fresh
+/// engine of the configuration the snapshot must match.
+pub(crate) fn read_into<R: Read>(engine: Deduper, r: R) -> Result<Deduper, SnapshotError> {
+    let mut r = HashingReader {
+        inner: io::BufReader::with_capacity(1 << 20, r),
+        hasher: Xxh3::new(),
+    };
+    if &r.bytes::<8>()? != MAGIC {
+        return Err(SnapshotError::NotASnapshot);
+    }
+    let version = r.u32()?;
+    if !(1..=FORMAT_VERSION).contains(&version) {
+        return Err(SnapshotError::Version {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    for (expected, name) in header_fields(&engine).into_iter().zip(HEADER_NAMES) {
+        if r.u64()? != expected {
+            return Err(SnapshotError::Mismatch(name));
+        }
+    }
+    let watermark = r.u64()?;
+    let late = r.u64()?;
+    {
+        let mut shards = engine.lock_all();
+        for shard in shards.iter_mut() {
+            shard.time = r.u64()?;
+            let mut c = [0u64; COUNTERS];
+            for n in &mut c {
+                *n = r.u64()?;
+            }
+            shard.counters = counters_from_array(c);
+            let tag = r.u8()?;
+            match (&mut shard.filter, tag) {
+                (ShardFilter::Windowed(f), 1) => read_windowed(&mut r, f)?,
+                // A state written while the memory tier kept a filter and
+                // one table per slice: the entries below carry every key
+                // (merged into the one table), the filter is read and
+                // let go.
+                (ShardFilter::Direct, 1) => {
+                    let mut scratch = engine
+                        .plan()
+                        .windowed_filter()
+                        .map_err(SnapshotError::Config)?
+                        .ok_or(SnapshotError::Malformed("filter kind"))?;
+                    read_windowed(&mut r, &mut scratch)?;
+                }
+                (ShardFilter::Unbounded(g), 2) => {
+                    *g = read_growing(&mut r, engine.plan().false_positive_rate)?;
+                }
+                // A state written before the engine dropped the filter
+                // in front of its memory tier: the exact entries below
+                // hold every key, so the filter is read and let go.
+                (ShardFilter::Direct, 2) => {
+                    read_growing(&mut r, engine.plan().false_positive_rate)?;
+                }
+                (ShardFilter::Direct, 3) => {}
+                // No filter: written on the memory tier with owned keys.
+                (_, 3) => {
+                    return Err(SnapshotError::Mismatch(
+                        "exact tier (the state was written on the memory tier, \
+                             which keeps no filter)",
+                    ))
+                }
+                _ => return Err(SnapshotError::Malformed("filter kind")),
+            }
+            match (&mut shard.exact, r.u8()?) {
+                (None, 0) => {}
+                (Some(exact), 1) => {
+                    let count = r.u64()?;
+                    exact.reserve(count);
+                    for _ in 0..count {
+                        let slot = r.u8()? as usize;
+                        if slot >= GENERATIONS {
+                            return Err(SnapshotError::Malformed("exact-tier slot"));
+                        }
+                        let fp = Fingerprint::from_bytes(r.bytes()?);
+                        let at = Timestamp::from_nanos(r.u64()?);
+                        exact
+                            .mark(fp, slot, at)
+                            .map_err(|_| SnapshotError::Unsupported(engine.plan().exact_name))?;
+                    }
+                }
+                // Fingerprints alone (version 2): only an engine that
+                // keeps no times takes them.
+                (Some(exact), 2) if version >= UNTIMED_VERSION => {
+                    if exact.keeps_times() {
+                        return Err(SnapshotError::Mismatch(
+                            "first_seen_times setting (the state keeps no first-seen \
+                                 times: build with first_seen_times(false))",
+                        ));
+                    }
+                    let count = r.u64()?;
+                    exact.reserve(count);
+                    for _ in 0..count {
+                        let fp = Fingerprint::from_bytes(r.bytes()?);
+                        exact
+                            .mark(fp, 0, Timestamp::ZERO)
+                            .map_err(|_| SnapshotError::Unsupported(engine.plan().exact_name))?;
+                    }
+                }
+                _ => return Err(SnapshotError::Malformed("exact tier kind")),
+            }
+            if version >= CLAIMS_VERSION {
+                read_claims(&mut r, shard, engine.plan().exact_name)?;
+            }
+        }
+    }
+    let computed = r.hasher.digest();
+    let mut stored = [0u8; 8];
+    r.inner
+        .read_exact(&mut stored)
+        .map_err(|_| SnapshotError::Truncated)?;
+    if u64::from_le_bytes(stored) != computed {
+        return Err(SnapshotError::Checksum);
+    }
+    let mut rest = [0u8; 1];
+    if r.inner.read(&mut rest)? != 0 {
+        return Err(SnapshotError::Malformed(
+            "trailing bytes after the checksum",
+        ));
+    }
+    // The restored filter knows every key this engine accepted.
+    for shard in engine.lock_all().iter_mut() {
+        shard.warmth = crate::engine::Warmth::Warm;
+    }
+    engine.restore_watermark(watermark, late);
+    crate::trace::event!(info, shards = engine.shard_count(), "snapshot restored");
+    Ok(engine)
 }
 
 /// A growing filter as [`Deduper::snapshot`] writes it (tag 2).

@@ -10,10 +10,6 @@
 #[path = "../../tests/support/rng.rs"]
 pub mod rng;
 
-// The Redis benches' meters (CPU of `redis-server`, its memory).
-#[cfg(feature = "redis")]
-pub mod redis_meter;
-
 use std::str::FromStr;
 use std::time::Duration;
 

@@ -39,8 +39,10 @@ output follows it (then a newline separates them); `awk '!seen[$0]++'` always \
 adds one.
 
 SIGINT or SIGTERM stops a run gracefully: reading stops, what was read is \
-judged and written, marks are written, --state is saved and the summary \
-printed; a second signal ends the run at once.
+judged and written, marks are written, --state is synced and the summary \
+printed; a second signal ends the run at once. With --state (--durability os, \
+the default) even SIGKILL loses nothing: a rerun writes exactly the records \
+the killed run had not written.
 
 Exit status (when several apply, the highest of 1-5; 130/143 only when none of
 them does):
@@ -171,11 +173,26 @@ pub struct RunArgs {
     pub namespace: String,
 
     /// Keep the engine's state in this directory between runs, so a later
-    /// run deduplicates against what this one accepted. Written when a run
-    /// ends without error (atomically, versioned and checksummed); a run
-    /// with contradicting flags, or a corrupt state, is refused.
+    /// run deduplicates against what this one accepted: a checkpoint and a
+    /// log of every record accepted (see --durability); a run with
+    /// contradicting flags, or a corrupt state, is refused.
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
+
+    /// How --state survives a crash. `os`: every accepted record is logged
+    /// before it is written to standard output, and a rerun after a kill
+    /// (even SIGKILL) writes exactly the records the killed run had not
+    /// written. `sync`: the same, and the log (and a regular-file output) is
+    /// synced every --group-commit, surviving a power loss too (slower).
+    /// `none`: the state is saved only when a run ends without error, as a
+    /// whole.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Os, requires = "state")]
+    pub durability: DurabilityArg,
+
+    /// With --durability sync: how often the log is synced; a chunk's output
+    /// waits for the sync that covers it.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = parse_duration)]
+    pub group_commit: Duration,
 
     /// Distinct keys expected per window (without a window: in all), to size
     /// the tables or the filter up front (`5M`, `1e6`); more only cost speed
@@ -228,6 +245,17 @@ impl Format {
             Format::Ndjson => "ndjson",
         }
     }
+}
+
+/// How `--state` survives a crash.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DurabilityArg {
+    /// Saved when a run ends without error.
+    None,
+    /// Logged before output: survives a killed process.
+    Os,
+    /// Logged and synced before output: survives a power loss.
+    Sync,
 }
 
 /// Which records are written.

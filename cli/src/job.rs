@@ -15,16 +15,17 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tiered_dedup::{Deduper, Fingerprint, Timestamp, Verdict};
+use tiered_dedup::{Deduper, Fingerprint, Timestamp, Unsettled, Verdict};
 
 use crate::cli::{OnError, RunArgs};
 use crate::event_time::format_timestamp;
 use crate::input::Source;
 use crate::judge::Judge;
-use crate::output::{Label, Output};
+use crate::output::{Delivery, Label, Output};
 use crate::parse::Parsed;
 use crate::record::{BadKind, BadRecord};
 use crate::serve::RunCounters;
+use crate::state::delivery::{self, Counter, InFlight, Target};
 use crate::summary::{Progress, Tally};
 
 /// Bad (and unavailable) records reported one by one under `skip` and
@@ -61,6 +62,42 @@ enum Fate {
     Passed(BadKind),
 }
 
+/// `--state` with `--durability os|sync`: each chunk's accepted records are
+/// noted in the engine's log before its output is written, and delivery is
+/// tracked (see `state/delivery.rs`).
+pub struct Delivering {
+    counter: Counter,
+    target: Target,
+    /// Sync the output too (a regular file, `--durability sync`).
+    sync_output: bool,
+    /// The next chunk's number.
+    chunk: u64,
+    accepted: Vec<(Fingerprint, u64)>,
+    note: Vec<u8>,
+    /// Accepted records forgotten because their output failed.
+    pub forgotten: u64,
+    /// The engine's log failed (the message).
+    pub failure: Option<String>,
+}
+
+impl Delivering {
+    /// Tracks delivery to standard output (`fd`) with the counter in the
+    /// state directory.
+    pub fn new(counter: Counter, fd: Option<std::os::fd::RawFd>, sync_output: bool) -> Self {
+        let target = fd.map_or(Target::Stream, Target::of);
+        Delivering {
+            sync_output: sync_output && matches!(target, Target::File { .. }),
+            counter,
+            target,
+            chunk: 0,
+            accepted: Vec::new(),
+            note: Vec::new(),
+            forgotten: 0,
+            failure: None,
+        }
+    }
+}
+
 /// Event-time screening: the bounds a record's time must keep.
 #[derive(Clone, Copy, Debug)]
 pub struct TimeBounds {
@@ -92,6 +129,8 @@ pub struct Job<'a> {
     bad: Vec<(usize, BadRecord)>,
     /// The chunk's records in the output buffer, in order.
     written: Vec<(usize, Fate)>,
+    /// Delivery tracking of a durable `--state`.
+    pub delivering: Option<Delivering>,
 }
 
 impl<'a> Job<'a> {
@@ -120,6 +159,7 @@ impl<'a> Job<'a> {
             timed: Vec::new(),
             bad: Vec::new(),
             written: Vec::new(),
+            delivering: None,
         }
     }
 
@@ -156,8 +196,10 @@ impl<'a> Job<'a> {
                     None
                 };
                 let good = end.map_or(p.keys.len(), |e| e - 1);
-                self.judge
-                    .check(self.engine, &p.keys[..good], &mut self.verdicts);
+                let unsettled =
+                    self.judge
+                        .check_deferred(self.engine, &p.keys[..good], &mut self.verdicts);
+                self.unsettled(unsettled);
                 end
             }
         };
@@ -177,12 +219,19 @@ impl<'a> Job<'a> {
                 continue;
             }
             let verdict = self.verdicts[g];
+            let fp = match self.time_bounds {
+                Some(_) => self.timed[g].0,
+                None => p.keys[g],
+            };
             g += 1;
             match verdict {
                 Verdict::New => {
                     self.tally.unique += 1;
                     if self.out.judged(record, newline, Label::New) {
                         self.written.push((i, Fate::New));
+                    }
+                    if let Some(d) = &mut self.delivering {
+                        d.accepted.push((fp, self.out.buffered()));
                     }
                 }
                 Verdict::Duplicate { .. }
@@ -219,7 +268,22 @@ impl<'a> Job<'a> {
         }
         self.bytes_read = p.bytes_read;
         self.progress.set(p.bytes_read);
-        let delivery = self.out.flush();
+        let delivery = match self.delivering.take() {
+            None => self.out.flush(),
+            Some(mut d) => {
+                let delivery = self.deliver(&mut d);
+                self.delivering = Some(d);
+                match delivery {
+                    Some(delivery) => delivery,
+                    None => {
+                        // The log failed: nothing of this chunk may be
+                        // written (its records are not recorded).
+                        self.not_judged(p);
+                        return Err(ChunkStop::Unavailable);
+                    }
+                }
+            }
+        };
         if let Some(error) = delivery.error {
             self.not_delivered(p, delivery.records);
             return Err(ChunkStop::Output(error));
@@ -231,6 +295,92 @@ impl<'a> Job<'a> {
         } else {
             Ok(())
         }
+    }
+
+    /// Without delivery tracking, waits for the verdicts to be durable (a
+    /// durable `--state` with `none`: at once); with it, the note written
+    /// before the output waits for them too.
+    fn unsettled(&mut self, unsettled: Unsettled) {
+        if self.delivering.is_none() && unsettled.wait(self.engine).is_err() {
+            self.verdicts.fill(Verdict::Unavailable);
+        }
+    }
+
+    /// Notes the chunk's accepted records, then writes its output, counting
+    /// what a stream takes; `None` when the engine's log failed (nothing
+    /// written). An output that fails part-way forgets the accepted records
+    /// it did not deliver.
+    fn deliver(&mut self, d: &mut Delivering) -> Option<Delivery> {
+        let total = self.out.buffered();
+        let accepted = std::mem::take(&mut d.accepted);
+        if accepted.is_empty() {
+            // Nothing to forget if it fails: no note, and the counter keeps
+            // the last noted chunk's count.
+            return Some(self.out.flush());
+        }
+        {
+            let start = match (&d.target, self.out.fd()) {
+                (Target::File { .. }, Some(fd)) => delivery::file_position(fd).unwrap_or(0),
+                _ => 0,
+            };
+            let note = InFlight {
+                chunk: d.chunk,
+                target: d.target.clone(),
+                start,
+                total,
+                accepted,
+            };
+            note.encode(&mut d.note);
+            d.accepted = note.accepted;
+            if let Err(e) = self.engine.note(&d.note) {
+                d.failure = Some(e.to_string());
+                d.accepted.clear();
+                return None;
+            }
+        }
+        let (piece, nowait) = match d.target {
+            Target::File { .. } => (usize::MAX, false),
+            Target::Stream => (delivery::PIPE_PIECE, true),
+        };
+        d.counter.start(d.chunk);
+        let counter = &mut d.counter;
+        let delivery = self
+            .out
+            .flush_tracked(piece, nowait, |bytes| counter.delivered(bytes));
+        if d.sync_output && delivery.error.is_none() {
+            if let Some(fd) = self.out.fd() {
+                // SAFETY: fdatasync on standard output's descriptor.
+                unsafe { libc::fdatasync(fd) };
+            }
+        }
+        if delivery.error.is_some() {
+            // Not written: not recorded either (a later run writes them).
+            let written = self.out.bytes_last_flush();
+            for &(fp, end) in &d.accepted {
+                if end > written && self.engine.forget(&fp).unwrap_or(false) {
+                    d.forgotten += 1;
+                }
+            }
+            let _ = self.engine.note(&delivery::idle_note());
+        }
+        d.accepted.clear();
+        d.chunk += 1;
+        Some(delivery)
+    }
+
+    /// The log failed before the chunk's output: its judged records are
+    /// neither written nor recorded (counted unavailable).
+    fn not_judged(&mut self, p: &Parsed) {
+        let _ = p;
+        for &(_, fate) in &self.written {
+            match fate {
+                Fate::New => self.tally.unique -= 1,
+                Fate::Duplicate => self.tally.duplicates -= 1,
+                Fate::Passed(kind) => self.tally.bad[kind.index()] -= 1,
+            }
+            self.tally.unavailable += 1;
+        }
+        self.out.discard();
     }
 
     /// Event time: picks the records to judge into `self.timed`, adding
@@ -306,7 +456,12 @@ impl<'a> Job<'a> {
             self.bad.extend(screened);
             self.bad.sort_by_key(|&(i, _)| i);
         }
-        self.verdicts = self.engine.check_batch_at(&self.timed);
+        let mut verdicts = std::mem::take(&mut self.verdicts);
+        let unsettled = self
+            .engine
+            .check_batch_at_deferred(&self.timed, &mut verdicts);
+        self.verdicts = verdicts;
+        self.unsettled(unsettled);
         end
     }
 

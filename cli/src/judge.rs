@@ -12,7 +12,7 @@
 
 use std::num::NonZeroUsize;
 
-use tiered_dedup::{Deduper, Fingerprint, Verdict};
+use tiered_dedup::{Deduper, Fingerprint, Unsettled, Verdict};
 
 /// Fewer keys than this are judged on the calling thread alone.
 const MIN_PARALLEL_KEYS: usize = 8192;
@@ -45,11 +45,18 @@ impl Judge {
         }
     }
 
-    /// Verdicts for `keys` into `out`, as `engine.check_batch_into` gives.
-    pub fn check(&mut self, engine: &Deduper, keys: &[Fingerprint], out: &mut Vec<Verdict>) {
+    /// Verdicts for `keys` into `out`, as `engine.check_batch_into` gives,
+    /// without waiting for a durable engine's log: they may be acted on
+    /// once the returned [`Unsettled`] (or a later wait that covers it) is
+    /// settled.
+    pub fn check_deferred(
+        &mut self,
+        engine: &Deduper,
+        keys: &[Fingerprint],
+        out: &mut Vec<Verdict>,
+    ) -> Unsettled {
         if self.threads == 1 || keys.len() < MIN_PARALLEL_KEYS {
-            engine.check_batch_into(keys, out);
-            return;
+            return engine.check_batch_into_deferred(keys, out);
         }
         let n = self.threads as u64;
         for g in &mut self.groups {
@@ -61,13 +68,23 @@ impl Judge {
             g.keys.push(fp);
             g.positions.push(i as u32);
         }
-        std::thread::scope(|scope| {
+        let unsettled = std::thread::scope(|scope| {
             let (first, rest) = self.groups.split_at_mut(1);
-            for g in rest {
-                scope.spawn(move || engine.check_batch_into(&g.keys, &mut g.verdicts));
-            }
+            let handles: Vec<_> = rest
+                .iter_mut()
+                .map(|g| {
+                    scope.spawn(move || engine.check_batch_into_deferred(&g.keys, &mut g.verdicts))
+                })
+                .collect();
             let g = &mut first[0];
-            engine.check_batch_into(&g.keys, &mut g.verdicts);
+            let mut unsettled = engine.check_batch_into_deferred(&g.keys, &mut g.verdicts);
+            for h in handles {
+                match h.join() {
+                    Ok(u) => unsettled = unsettled.max(u),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            unsettled
         });
         out.clear();
         out.resize(keys.len(), Verdict::New);
@@ -76,5 +93,6 @@ impl Judge {
                 out[at as usize] = v;
             }
         }
+        unsettled
     }
 }

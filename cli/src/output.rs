@@ -42,6 +42,8 @@ pub struct Output {
     /// Records and bytes delivered (accepted by a `write`).
     records: u64,
     bytes: u64,
+    /// Bytes the last flush delivered.
+    last_flush: u64,
 }
 
 /// What a flush delivered: the first `records` records buffered since the
@@ -90,6 +92,7 @@ impl Output {
             fd: None,
             records: 0,
             bytes: 0,
+            last_flush: 0,
         }
     }
 
@@ -188,26 +191,83 @@ impl Output {
         self.ends.push(self.buf.len());
     }
 
+    /// Bytes in the buffer (the end of the last record buffered).
+    pub fn buffered(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    /// Standard output's descriptor (`None` for another writer).
+    pub fn fd(&self) -> Option<RawFd> {
+        self.fd
+    }
+
     /// Writes the buffer out (one `write` unless the output takes less at
     /// a time) and says which of its records were delivered: a record
     /// counts as delivered once `write` has accepted its last byte. After
     /// an error nothing more is written.
     pub fn flush(&mut self) -> Delivery {
+        self.flush_tracked(usize::MAX, false, |_| {})
+    }
+
+    /// [`Output::flush`] in writes of at most `piece` bytes, cut at record
+    /// ends where a record fits, calling `delivered` with the bytes taken
+    /// so far after each. With `nowait` (a pipe, `piece` ≤ `PIPE_BUF`), each
+    /// piece waits for room first (`poll`) and is then written without
+    /// sleeping (`RWF_NOWAIT`): a pipe takes such a write whole or not at
+    /// all, and a process killed while waiting has nothing in flight (a
+    /// blocking write woken for room copies before it notices the kill).
+    pub fn flush_tracked(
+        &mut self,
+        piece: usize,
+        nowait: bool,
+        mut delivered: impl FnMut(u64),
+    ) -> Delivery {
         let mut written = 0;
         let mut error = None;
         while written < self.buf.len() {
-            match self.out.write(&self.buf[written..]) {
+            let end = if piece >= self.buf.len() - written {
+                self.buf.len()
+            } else {
+                // The last record end within one piece, else a piece.
+                let limit = written + piece;
+                let i = self.ends.partition_point(|&e| e <= limit);
+                match i.checked_sub(1).map(|i| self.ends[i]) {
+                    Some(e) if e > written => e,
+                    _ => limit,
+                }
+            };
+            let result = if let (true, Some(fd)) = (nowait, self.fd) {
+                write_nowait(fd, &self.buf[written..end], || {
+                    // Counted just before the write: the pipe has room and
+                    // takes it whole, so only a kill in the few
+                    // instructions before the system call counts a piece
+                    // not taken (after the write, the kill lands in the
+                    // copy or on its return: a window a thousand times
+                    // wider, and a piece counted short).
+                    delivered(end as u64);
+                })
+            } else {
+                self.out.write(&self.buf[written..end])
+            };
+            match result {
                 Ok(0) => {
                     error = Some(io::Error::from(io::ErrorKind::WriteZero));
                     break;
                 }
-                Ok(n) => written += n,
+                Ok(n) => {
+                    written += n;
+                    delivered(written as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     error = Some(e);
                     break;
                 }
             }
+        }
+        if error.is_some() {
+            // A piece counted before a write that failed: the true count.
+            delivered(written as u64);
         }
         if error.is_none() {
             if let Err(e) = self.out.flush() {
@@ -221,9 +281,22 @@ impl Output {
         };
         self.records += delivered as u64;
         self.bytes += written as u64;
+        self.last_flush = written as u64;
         self.buf.clear();
         self.ends.clear();
         delivery
+    }
+
+    /// Drops what is buffered, unwritten.
+    pub fn discard(&mut self) {
+        self.buf.clear();
+        self.ends.clear();
+        self.owes_newline = false;
+    }
+
+    /// Bytes the last flush delivered.
+    pub fn bytes_last_flush(&self) -> u64 {
+        self.last_flush
     }
 
     /// Records delivered so far.
@@ -234,6 +307,53 @@ impl Output {
     /// Bytes delivered so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+/// Writes `buf` to `fd` once room is there, never sleeping inside the
+/// write itself (see [`Output::flush_tracked`]), calling `ready` just
+/// before; falls back to a blocking write where the kernel has no
+/// `RWF_NOWAIT` for this file.
+fn write_nowait(fd: RawFd, buf: &[u8], mut ready: impl FnMut()) -> io::Result<usize> {
+    loop {
+        let mut fds = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut fds, 1, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        ready();
+        // SAFETY: one iovec over `buf`, valid for the call; offset -1 is
+        // the file's current position (a pipe has none).
+        let n = unsafe { libc::pwritev2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                // SAFETY: a plain write of `buf` to `fd`.
+                let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+                return if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                };
+            }
+            _ => return Err(e),
+        }
     }
 }
 

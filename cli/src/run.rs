@@ -24,7 +24,7 @@ use tiered_dedup::Deduper;
 
 use crate::cli::{Cli, ExactArg, Format, OutputMode, RunArgs};
 use crate::input::{InputError, NextChunk, RecordReader, Source};
-use crate::job::{ChunkStop, Job, TimeBounds};
+use crate::job::{ChunkStop, Delivering, Job, TimeBounds};
 use crate::output::Output;
 use crate::parse::Parsed;
 use crate::record::Extractor;
@@ -32,7 +32,7 @@ use crate::redis_cause;
 use crate::serve::{MetricsEndpoint, RunCounters};
 use crate::settings::{physical_memory, Settings};
 use crate::signals::StopSignals;
-use crate::state::{self, StateLock};
+use crate::state::{self, delivery, StateLock};
 use crate::summary::{Progress, Report};
 
 /// How often the main thread, waiting for input, looks for a signal.
@@ -210,16 +210,30 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
     first.bytes_read = reader.bytes_read();
 
     let wanted = Settings::from_args(args);
-    let loaded = match &args.state {
-        Some(dir) => state::load(dir, &wanted).map_err(|e| Refusal::Fatal(e.to_string()))?,
-        None => None,
-    };
-    let (engine, settings, redis_stats) = match loaded {
-        Some(loaded) => (loaded.engine, loaded.settings, None),
+    let durability = state::durability(args.durability, args.group_commit);
+    let (engine, settings, redis_stats) = match &args.state {
+        Some(dir) => {
+            let fatal = |e: state::StateError| Refusal::Fatal(e.to_string());
+            let settings = match state::saved_settings(dir, &wanted).map_err(fatal)? {
+                Some(saved) => saved,
+                None => fit(
+                    wanted.with_estimate(&sources, has_first.then_some(&first.chunk)),
+                    args.expected_keys.is_some(),
+                )?,
+            };
+            let engine = state::open(dir, &settings, durability).map_err(fatal)?;
+            (engine, settings, None)
+        }
         None => build(
             wanted.with_estimate(&sources, has_first.then_some(&first.chunk)),
             args.expected_keys.is_some(),
         )?,
+    };
+    // A durable state: what the previous run accepted but did not write
+    // (it was killed) is forgotten, so this run writes it.
+    let counter = match (&args.state, durability.survives_process_kill()) {
+        (Some(dir), true) => Some(reconcile(&engine, dir, args.quiet)?),
+        _ => None,
     };
 
     let engine = Arc::new(engine);
@@ -248,6 +262,8 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
     let mut out = Output::stdout(args.output, args.format, &args.annotate_field)
         .map_err(|e| Refusal::Fatal(format!("cannot write to standard output: {e}")))?;
 
+    let delivering =
+        counter.map(|c| Delivering::new(c, out.fd(), durability.survives_power_loss()));
     let parsed_rx = spawn_reader(reader, has_first.then_some(first), extractor)?;
     let flusher = redis_stats
         .is_some()
@@ -255,6 +271,7 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
         .transpose()?;
 
     let mut job = Job::new(args, &sources, &engine, &mut out, &progress, time_bounds);
+    job.delivering = delivering;
     let mut stop = None;
     let mut abandoned = None;
     loop {
@@ -271,6 +288,9 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
                     f.touch();
                 }
                 job.publish(&counters);
+                if step.is_ok() && job.delivering.is_some() {
+                    checkpoint_if_due(&engine);
+                }
                 step
             }
             FromReader::Failed(e) => Err(Stop::Input(e)),
@@ -331,7 +351,9 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
                 status = status.max(Status::Error);
                 say!("dedup: cannot write to standard output: {e}");
             }
-            let recorded = ending.persistent() && job.tally.undelivered_accepted > 0;
+            // A durable state forgot the accepted records it could not write.
+            let forgotten = job.delivering.as_ref().map_or(0, |d| d.forgotten);
+            let recorded = ending.persistent() && job.tally.undelivered_accepted > forgotten;
             if let (true, Some(u)) = (recorded, &job.undelivered) {
                 status = status.max(Status::Undelivered);
                 say!(
@@ -346,15 +368,28 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
             }
         }
     }
+    let log_failure = job
+        .delivering
+        .as_ref()
+        .and_then(|d| d.failure.clone())
+        .or_else(|| engine.durability_failure());
     if job.tally.unavailable > 0 {
         status = status.max(Status::Unavailable);
         may_save = false;
-        say!(
-            "dedup: the exact tier could not judge {} records (neither written nor recorded); \
-             the run stopped after writing the records of their chunk it could judge{}",
-            job.tally.unavailable,
-            ending.cause()
-        );
+        match &log_failure {
+            Some(failure) => say!(
+                "dedup: the --state log could not be written ({failure}): {} records were \
+                 neither written nor recorded and the run stopped; free the disk and rerun \
+                 (every record written so far is recorded)",
+                job.tally.unavailable
+            ),
+            None => say!(
+                "dedup: the exact tier could not judge {} records (neither written nor recorded); \
+                 the run stopped after writing the records of their chunk it could judge{}",
+                job.tally.unavailable,
+                ending.cause()
+            ),
+        }
     }
     // Marks still queued for the exact tier (Redis batches them) are
     // written before the program ends, whatever stopped it.
@@ -364,10 +399,19 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
         status = status.max(Status::NotStored);
     }
     job.publish(&counters);
-    if may_save {
-        if let Some(dir) = &args.state {
-            if let Err(e) = state::save(dir, &settings, &engine) {
-                say!("dedup: {e}");
+    if args.state.is_some() {
+        if durability.survives_process_kill() {
+            // Every record written is logged already; nothing is in flight.
+            let ended = engine
+                .note(&delivery::idle_note())
+                .and_then(|()| engine.sync());
+            if let (Err(e), None) = (ended, &log_failure) {
+                say!("dedup: --state: {e}");
+                status = status.max(Status::Error);
+            }
+        } else if may_save {
+            if let Err(e) = engine.checkpoint() {
+                say!("dedup: --state: cannot save: {e}");
                 status = status.max(Status::Error);
             }
         }
@@ -451,13 +495,10 @@ impl Ending<'_> {
     }
 }
 
-/// Builds the engine `settings` describe. A size the user gave
+/// Checks `settings` against the machine's memory: a size the user gave
 /// (`explicit`) that the machine cannot hold is refused; an estimated one
 /// is lowered to fit (the tables grow if the keys come).
-fn build(
-    mut settings: Settings,
-    explicit: bool,
-) -> Result<(Deduper, Settings, Option<Arc<RedisStats>>), Refusal> {
+fn fit(mut settings: Settings, explicit: bool) -> Result<Settings, Refusal> {
     if let Some(physical) = physical_memory() {
         if explicit {
             settings.check_memory(physical).map_err(Refusal::Usage)?;
@@ -465,6 +506,69 @@ fn build(
             settings.fit_estimate(physical / 2);
         }
     }
+    Ok(settings)
+}
+
+/// A durable state's start: forgets what the previous run accepted but did
+/// not write, and says so; the delivery counter.
+fn reconcile(
+    engine: &Deduper,
+    dir: &std::path::Path,
+    quiet: bool,
+) -> Result<delivery::Counter, Refusal> {
+    let counter = delivery::Counter::open(dir).map_err(|e| {
+        Refusal::Fatal(format!(
+            "{}: {e}",
+            dir.join(delivery::COUNTER_FILE).display()
+        ))
+    })?;
+    let done = delivery::reconcile(engine, &counter)
+        .map_err(|e| Refusal::Fatal(format!("{}: {e}", dir.display())))?;
+    if done.forgotten > 0 && !quiet {
+        say!(
+            "dedup: the previous run on this state stopped before writing {} records it had \
+             accepted: this run judges and writes them again{}",
+            done.forgotten,
+            if done.unknown {
+                " (standard output was not a file it could look at: some of them may have \
+                 been written before the kill)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(file) = &done.file {
+        if !quiet {
+            say!(
+                "dedup: {} may end with part of a record the previous run was writing when it \
+                 was killed; this run writes that record whole",
+                file.display()
+            );
+        }
+    }
+    Ok(counter)
+}
+
+/// Takes a checkpoint of a durable state when its log has grown enough
+/// (between chunks: no output is in flight).
+fn checkpoint_if_due(engine: &Deduper) {
+    if !engine.checkpoint_due() {
+        return;
+    }
+    let taken = engine
+        .note(&delivery::idle_note())
+        .and_then(|()| engine.checkpoint());
+    if let Err(e) = taken {
+        say!("dedup: --state: a checkpoint failed ({e}); the log goes on and nothing is lost");
+    }
+}
+
+/// Builds the engine `settings` describe (see [`fit`]).
+fn build(
+    settings: Settings,
+    explicit: bool,
+) -> Result<(Deduper, Settings, Option<Arc<RedisStats>>), Refusal> {
+    let settings = fit(settings, explicit)?;
     if let Some(url) = settings.redis_url() {
         check_redis(url)?;
     }

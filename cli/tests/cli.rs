@@ -791,8 +791,9 @@ fn state_dedups_across_runs_and_refuses_damage() {
     let r = dedup(&["-q", "--state", st], b"a\ne\nf\n");
     assert_eq!(r.out(), "f\n");
 
-    let file = state.join("dedup.state");
+    let file = state.join("dedup.settings");
     let bytes = std::fs::read(&file).unwrap();
+    assert!(state.join("engine").is_dir());
     assert!(!dir.path().join("state").read_dir().unwrap().any(|e| e
         .unwrap()
         .file_name()
@@ -810,7 +811,7 @@ fn state_dedups_across_runs_and_refuses_damage() {
     );
     assert!(r.stdout.is_empty());
 
-    // A truncated state is refused, and left as it was.
+    // A truncated settings file is refused, and left as it was.
     for cut in [0, 10, 30, bytes.len() / 2, bytes.len() - 1] {
         std::fs::write(&file, &bytes[..cut]).unwrap();
         let r = dedup(&["-q", "--state", st], b"a\n");
@@ -839,11 +840,52 @@ fn state_dedups_across_runs_and_refuses_damage() {
         "{}",
         r.stderr
     );
+    std::fs::write(&file, &bytes).unwrap();
+
+    // The engine's log: a record damaged before whole ones is refused (not
+    // cut: that would drop records written after it), and left as it was.
+    let mut segments: Vec<_> = std::fs::read_dir(state.join("engine"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".log"))
+        .collect();
+    segments.sort();
+    let first = &segments[0];
+    let log = std::fs::read(first).unwrap();
+    assert!(log.len() > 80, "{} bytes", log.len());
+    let mut bad = log.clone();
+    bad[60] ^= 0x10;
+    std::fs::write(first, &bad).unwrap();
+    let r = dedup(&["-q", "--state", st], b"a\n");
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("corrupt"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    assert_eq!(std::fs::read(first).unwrap(), bad);
 
     // Restored intact, it works again.
-    std::fs::write(&file, &bytes).unwrap();
+    std::fs::write(first, &log).unwrap();
     let r = dedup(&["-q", "--state", st], b"a\ng\n");
     assert_eq!(r.out(), "g\n");
+}
+
+/// `--durability none`: the state is one checkpoint, saved when a run ends
+/// without error (a run stopped by bad input leaves it as it was).
+#[test]
+fn state_without_durability_is_saved_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let st = s(&state);
+    let none = ["-q", "--state", st, "--durability", "none"];
+    let r = dedup(&none, b"a\nb\n");
+    assert_eq!((r.code, r.out().as_str()), (0, "a\nb\n"), "{}", r.stderr);
+    assert!(state.join("engine").join("checkpoint").exists());
+    let r = dedup(&none, b"b\nc\n");
+    assert_eq!(r.out(), "c\n");
+    // The default (os) continues the same state.
+    let r = dedup(&["-q", "--state", st], b"a\nc\nd\n");
+    assert_eq!(r.out(), "d\n");
+    let r = dedup(&none, b"d\ne\n");
+    assert_eq!(r.out(), "e\n");
 }
 
 #[test]
@@ -870,13 +912,24 @@ fn state_keeps_an_event_time_window() {
         b"{\"id\":1,\"t\":109}\n{\"id\":2,\"t\":115}\n{\"id\":1,\"t\":110}\n",
     );
     assert_eq!(r.out(), "{\"id\":2,\"t\":115}\n{\"id\":1,\"t\":110}\n");
-    // Not saved after a failed run: the same input gives the same output.
+    // A failed run records what it wrote (`os`, the default): the same
+    // input again writes nothing more.
     let bad = b"{\"id\":3,\"t\":116}\nbroken\n";
     let r1 = dedup(&args, bad);
     let r2 = dedup(&args, bad);
     assert_eq!((r1.code, r2.code), (2, 2));
-    assert_eq!(r1.stdout, r2.stdout);
     assert_eq!(r1.out(), "{\"id\":3,\"t\":116}\n");
+    assert_eq!(r2.out(), "");
+    // `--durability none`: not saved after a failed run, so the same input
+    // gives the same output.
+    let mut none = args.to_vec();
+    none.extend(["--durability", "none"]);
+    let bad = b"{\"id\":4,\"t\":117}\nbroken\n";
+    let r1 = dedup(&none, bad);
+    let r2 = dedup(&none, bad);
+    assert_eq!((r1.code, r2.code), (2, 2));
+    assert_eq!(r1.stdout, r2.stdout);
+    assert_eq!(r1.out(), "{\"id\":4,\"t\":117}\n");
 }
 
 // ---------------------------------------------------------------- flags and errors

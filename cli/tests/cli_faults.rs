@@ -138,8 +138,9 @@ fn an_unwritable_state_directory_is_refused_before_reading() {
 }
 
 /// Temporary files a dead run left are removed (a planted link among them,
-/// without following it), and the save never writes through a link planted
-/// at its temporary name: it refuses instead.
+/// without following it), and the state is never written through a link
+/// planted at a name it writes: a temporary file's link is removed, not
+/// followed; a new file's name taken by a link makes the write fail.
 #[test]
 fn the_state_directory_is_not_written_through_planted_links() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,25 +150,44 @@ fn the_state_directory_is_not_written_through_planted_links() {
     std::fs::write(&victim, b"precious").unwrap();
     let stale = state.join(".dedup.state.1.tmp");
     std::os::unix::fs::symlink(&victim, &stale).unwrap();
-    let mut r = Running::start(&["--state", s(&state)]);
+    let args = ["--state", s(&state), "--durability", "none"];
+    let mut r = Running::start(&args);
     r.write(b"a\n");
     assert!(r.wait_for_lines(1, LONG), "{}", r.stderr());
     assert!(
         std::fs::symlink_metadata(&stale).is_err(),
         "a stale temporary file was left"
     );
-    // Links planted at the names this run could write its state to.
-    for name in [
-        format!(".dedup.state.{}.tmp", r.pid()),
-        format!(".dedup.state.{}.save.tmp", r.pid()),
-    ] {
-        std::os::unix::fs::symlink(&victim, state.join(name)).unwrap();
-    }
+    // The checkpoint's temporary name: the link is removed, not followed.
+    let engine = state.join("engine");
+    std::os::unix::fs::symlink(&victim, engine.join("checkpoint.tmp")).unwrap();
+    r.close_stdin();
+    let f = r.finish(LONG);
+    assert_eq!(f.code, Some(0), "{}", f.stderr);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(engine.join("checkpoint").is_file());
+    // The next log segment's name: the checkpoint that would create it
+    // refuses, and the previous checkpoint stays.
+    let before = std::fs::read(engine.join("checkpoint")).unwrap();
+    let mut r = Running::start(&args);
+    r.write(b"b\n");
+    assert!(r.wait_for_lines(1, LONG), "{}", r.stderr());
+    let next = std::fs::read_dir(&engine)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            u64::from_str_radix(name.strip_prefix("wal-")?.strip_suffix(".log")?, 16).ok()
+        })
+        .max()
+        .unwrap()
+        + 1;
+    std::os::unix::fs::symlink(&victim, engine.join(format!("wal-{next:016x}.log"))).unwrap();
     r.close_stdin();
     let f = r.finish(LONG);
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert_eq!(f.code, Some(1), "{}", f.stderr);
     assert!(f.stderr.contains("exists"), "{}", f.stderr);
+    assert_eq!(std::fs::read(engine.join("checkpoint")).unwrap(), before);
 }
 
 // ---------------------------------------------------------- bad times

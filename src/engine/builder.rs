@@ -11,6 +11,8 @@ use crate::filter::{BlockedBloom, GenerationalBloom, GrowingBloom, SlotSizing, W
 use crate::fingerprint::Namespace;
 use crate::time::{duration_nanos, Clock, ClockSource, Slicing, GENERATIONS};
 
+use crate::durability::{CheckpointPolicy, Durability};
+
 use super::leases::LeaseClock;
 use super::shard::{Shard, ShardFilter, ShardRules, Trust};
 use super::Deduper;
@@ -90,6 +92,8 @@ pub struct DeduperBuilder {
     first_seen_times: bool,
     lease: Duration,
     max_result_bytes: usize,
+    durability: Durability,
+    checkpoints: CheckpointPolicy,
 }
 
 impl Default for DeduperBuilder {
@@ -111,6 +115,8 @@ impl Default for DeduperBuilder {
             first_seen_times: true,
             lease: Duration::from_secs(30),
             max_result_bytes: 64 << 10,
+            durability: Durability::None,
+            checkpoints: CheckpointPolicy::default(),
         }
     }
 }
@@ -269,6 +275,50 @@ impl DeduperBuilder {
         self
     }
 
+    /// How far the state survives a crash: [`Durability::Os`] (a killed
+    /// process loses no key whose verdict was returned) or
+    /// [`Durability::Sync`] (nor does a power loss), logged in the
+    /// directory given to [`DeduperBuilder::open`], which a durable engine
+    /// needs (`build` refuses it). Needs the memory tier with owned keys in
+    /// exact mode. Default: [`Durability::None`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Whether a durable engine takes checkpoints by itself, on the thread
+    /// of a call that finds one due (see
+    /// [`DeduperBuilder::checkpoint_log_bytes`] and
+    /// [`DeduperBuilder::checkpoint_interval`]); otherwise only when
+    /// [`Deduper::checkpoint`] is called. Default: true.
+    pub fn automatic_checkpoints(mut self, automatic: bool) -> Self {
+        self.checkpoints.automatic = automatic;
+        self
+    }
+
+    /// A checkpoint is due once the log holds `bytes`, or as many bytes as
+    /// the last checkpoint if that is more: so the log stays within about
+    /// one checkpoint's size (plus what arrives while one is written), and
+    /// a restart replays at most about that much (256 MiB: about 15 M keys
+    /// accepted, 2–4 s of replay on the machine of `docs/benchmarks.md`).
+    /// Lower it for faster restarts, raise it for fewer checkpoints (each
+    /// writes the whole state: 25 bytes per key held). Default: 256 MiB.
+    pub fn checkpoint_log_bytes(mut self, bytes: u64) -> Self {
+        self.checkpoints.log_bytes = bytes;
+        self
+    }
+
+    /// A checkpoint is due once this long has passed since the last one (if
+    /// anything was logged); `None`: only by size. Default: 10 minutes.
+    pub fn checkpoint_interval(mut self, interval: Option<Duration>) -> Self {
+        self.checkpoints.interval = interval;
+        self
+    }
+
+    pub(crate) fn durability_settings(&self) -> (Durability, CheckpointPolicy) {
+        (self.durability, self.checkpoints)
+    }
+
     /// The engine.
     ///
     /// # Errors
@@ -281,6 +331,15 @@ impl DeduperBuilder {
     /// limit when lower), or a filter that cannot be allocated
     /// ([`ConfigError::OutOfMemory`]).
     pub fn build(self) -> Result<Deduper, ConfigError> {
+        if !self.durability.is_none() {
+            return Err(ConfigError::DurabilityNeedsDirectory);
+        }
+        self.build_engine()
+    }
+
+    /// [`DeduperBuilder::build`] whatever the durability (the directory is
+    /// attached by [`DeduperBuilder::open`]).
+    pub(crate) fn build_engine(&self) -> Result<Deduper, ConfigError> {
         let plan = self.plan()?;
         let lease_clock = LeaseClock::new(&self.clock);
         let shards = (0..plan.shards)
@@ -481,6 +540,13 @@ impl Plan {
         let base =
             GenerationalBloom::try_with_parts(slicing, self.sizing.num_blocks, self.sizing.hashes)?;
         Ok(Some(WindowedFilter::new(base, self.rules.slot_capacity)))
+    }
+
+    /// Whether an engine of this plan can log its changes: owned keys on
+    /// the embedded table (no filter), whose whole state the shards' ops
+    /// describe.
+    pub(crate) fn can_be_durable(&self) -> bool {
+        self.is_direct()
     }
 
     /// Owned keys on the embedded table: the shard keeps no filter.

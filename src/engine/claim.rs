@@ -259,6 +259,9 @@ impl Shard {
                         payload,
                     },
                 );
+                if let Some(log) = &mut self.log {
+                    log.acquire(fp, t.as_nanos(), token, until, payload);
+                }
                 self.counters.acquired += 1;
                 ShardClaim::Acquired(LeaseInfo {
                     fingerprint: fp,
@@ -434,6 +437,16 @@ impl Shard {
             self.leases.insert(fp, held);
             return Err(LeaseError::Unavailable(e));
         }
+        if let Some(log) = &mut self.log {
+            log.commit(
+                fp,
+                t.as_nanos().max(self.time),
+                held.token,
+                held.acquired_at,
+                held.payload,
+                result,
+            );
+        }
         self.counters.commits += 1;
         self.counters.result_bytes += result.len() as u64;
         Ok(())
@@ -493,6 +506,9 @@ impl Shard {
             return Err(LeaseError::Lost);
         }
         self.leases.remove(info.fingerprint);
+        if let Some(log) = &mut self.log {
+            log.release(info.fingerprint, info.token);
+        }
         self.counters.releases += 1;
         Ok(())
     }
@@ -525,6 +541,9 @@ impl Shard {
             .get_mut(info.fingerprint)
             .expect("held, checked above");
         held.until = until;
+        if let Some(log) = &mut self.log {
+            log.extend(info.fingerprint, info.token, until);
+        }
         Ok(())
     }
 
@@ -533,18 +552,41 @@ impl Shard {
     ///
     /// # Errors
     /// The tier's error when it cannot remove the record.
-    pub(crate) fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
-        let held = self.leases.remove(fp).is_some();
+    pub(crate) fn forget(
+        &mut self,
+        fp: Fingerprint,
+        t: Timestamp,
+        rules: &ShardRules,
+    ) -> Result<bool, ExactTierError> {
+        // An expired lease counts as nothing held, whether or not it was
+        // swept yet (the answer must not depend on when sweeps run, nor on
+        // a restart's replay, which sweeps at other moments).
+        let now = self.lease_clock.now();
+        let held = self.leases.remove(fp).is_some_and(|h| now < h.until);
         if self.pending.get(fp).is_some() {
             // Its mark is queued: write the queue, then remove it there.
             self.flush_marks();
         }
+        // On the one-table memory tier an expired record counts as nothing,
+        // swept or not; other tiers answer for any record they removed.
+        let live = match (&self.filter, &self.exact) {
+            (ShardFilter::Direct, Some(Partition::Memory(table))) => match table.first_seen(fp) {
+                Seen::At(first_seen) => Some(self.inside(first_seen, t, rules)),
+                Seen::Untimed => Some(true),
+                Seen::No => Some(false),
+            },
+            _ => None,
+        };
         let recorded = match &mut self.exact {
             Some(exact) => exact.forget(fp)?,
             None => false,
         };
+        let recorded = live.map_or(recorded, |live| live && recorded);
         if held || recorded {
             self.counters.forgotten += 1;
+            if let Some(log) = &mut self.log {
+                log.forget(fp);
+            }
         }
         Ok(held || recorded)
     }

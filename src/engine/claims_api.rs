@@ -97,7 +97,8 @@ impl Deduper {
     /// and its result, or a live lease (whose holder then gets
     /// `LeaseLost`) — so the next claim or check of it is new: the
     /// "unmark" of a consumer whose handler failed after `check`. True if
-    /// something was removed.
+    /// something live was removed: a lease not yet expired, or a record
+    /// within the window (on the memory tier; other tiers: any record).
     ///
     /// # Errors
     /// [`ExactTierError`] when the exact tier cannot remove it (nothing is
@@ -105,14 +106,27 @@ impl Deduper {
     pub fn forget<K: Key + ?Sized>(&self, key: &K) -> Result<bool, ExactTierError> {
         let fp = self.fingerprint(key);
         let s = self.shard_of(fp);
+        if let Some(e) = self.durability_error() {
+            return Err(e);
+        }
         let mut shard = self.lock(s);
         let result = if self.shares_leases(&shard) {
             shard.forget_shared(fp, &self.plan.rules)
         } else {
-            shard.forget(fp)
+            let t = self.now_in(&shard);
+            shard.forget(fp, t, &self.plan.rules)
         };
+        let need = self.seal(s, &mut shard);
         self.wake(s, &shard);
+        drop(shard);
+        self.settle(need).map_err(|e| unavailable(&e))?;
         result
+    }
+
+    /// The log's failure as an exact-tier error, if it has failed.
+    fn durability_error(&self) -> Option<ExactTierError> {
+        self.durability_failure()
+            .map(|e| unavailable(&crate::durability::DurabilityError::Failed(e)))
     }
 
     /// Commits many leases, each with its result: the same as
@@ -184,19 +198,47 @@ impl Deduper {
                     shard.prefetch_commit(&info);
                 }
             }
+            // Committed under the lock; answered once durable.
+            let cap = self.plan.max_result_bytes;
+            let failed = self.durability_failed();
+            let mut outcomes = Vec::with_capacity(group.len());
             for (k, &i) in group.iter().enumerate() {
                 if let Some(&ahead) = group.get(k + PREFETCH_AHEAD) {
                     if let Some(info) = info_of(&items, ahead) {
                         shard.prefetch_commit(&info);
                     }
                 }
-                let (lease, result) = items[i as usize].take().expect("each commit once");
+                let (lease, result) = items[i as usize].as_ref().expect("each commit once");
                 let result = result.as_ref();
-                out[i as usize] = Some(lease.settle_commit(result, |_, info| {
-                    shard.commit(info, result, t, now, &self.plan.rules, self.plan.trust)
-                }));
+                let outcome = if result.len() > cap {
+                    // Refused by `settle_commit` before anything is stored.
+                    Ok(())
+                } else if failed {
+                    Err(LeaseError::Unavailable(failed_tier(self)))
+                } else {
+                    shard.commit(
+                        &lease.info(),
+                        result,
+                        t,
+                        now,
+                        &self.plan.rules,
+                        self.plan.trust,
+                    )
+                };
+                outcomes.push((i as usize, outcome));
             }
+            let need = self.seal(s, &mut shard);
             self.wake(s, &shard);
+            drop(shard);
+            let durable = self.settle(need);
+            for (i, outcome) in outcomes {
+                let outcome = match (outcome, &durable) {
+                    (Ok(()), Err(e)) => Err(LeaseError::Unavailable(unavailable(e))),
+                    (outcome, _) => outcome,
+                };
+                let (lease, result) = items[i].take().expect("each commit once");
+                out[i] = Some(lease.settle_commit(result.as_ref(), |_, _| outcome));
+            }
         }
         for &i in &order[starts[shards] as usize..] {
             let (lease, result) = items[i as usize].take().expect("each commit once");
@@ -223,11 +265,18 @@ impl Deduper {
                 },
                 &self.plan.rules,
             )
+        } else if self.durability_failed() {
+            Err(LeaseError::Unavailable(failed_tier(self)))
         } else {
             shard.commit(info, result, t, now, &self.plan.rules, self.plan.trust)
         };
+        let need = self.seal(s, &mut shard);
         self.wake(s, &shard);
-        answer
+        drop(shard);
+        match (answer, self.settle(need)) {
+            (Ok(()), Err(e)) => Err(LeaseError::Unavailable(unavailable(&e))),
+            (answer, _) => answer,
+        }
     }
 
     /// Releases `info`'s lease (a [`Lease::release`], or a lease dropped).
@@ -251,6 +300,9 @@ impl Deduper {
             ),
             (false, _) => shard.release(info, now),
         };
+        // Sealed, not waited for: a release lost to a crash leaves a lease
+        // that expires on time, whose holder died with the process.
+        self.seal(s, &mut shard);
         self.wake(s, &shard);
         answer
     }
@@ -284,6 +336,9 @@ impl Deduper {
         } else {
             shard.extend(info, until, now)
         };
+        // Sealed, not waited for: an extension lost to a crash ends a lease
+        // earlier, whose holder died with the process.
+        self.seal(s, &mut shard);
         match answer {
             Ok(()) => Ok(Timestamp::from_nanos(until)),
             Err(_) => {
@@ -398,7 +453,11 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
             }
         }
     }
+    if engine.durability_failed() {
+        return (0..n).map(|_| Claim::Unavailable).collect();
+    }
     let (starts, order) = group_by(n, engine.shards.len(), |i| engine.shard_of(fps[i]));
+    let mut need = 0;
     for s in 0..engine.shards.len() {
         let group = &order[starts[s] as usize..starts[s + 1] as usize];
         if group.is_empty() {
@@ -423,6 +482,11 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
             })
             .collect();
         engine.claim_locked(&mut shard, &items, &mut answers);
+        need = need.max(engine.seal(s, &mut shard));
+    }
+    if engine.settle(need).is_err() {
+        // Not durable: no answer of this batch may be acted on.
+        answers.fill(Some(ShardClaim::Unavailable));
     }
     answers
         .into_iter()
@@ -455,6 +519,9 @@ fn wait_in<D: AsRef<Deduper> + Clone, K: Key>(
             }
         }
     }
+    if engine.durability_failed() {
+        return Claim::Unavailable;
+    }
     let remote = engine.plan.trust == Trust::Shared;
     let mut pause = Duration::from_millis(5);
     let mut shard = engine.lock(s);
@@ -473,7 +540,11 @@ fn wait_in<D: AsRef<Deduper> + Clone, K: Key>(
         engine.claim_locked(&mut shard, &[(0, fp, request.payload, t, ttl)], &mut out);
         let answer = out[0].take().unwrap_or(ShardClaim::Unavailable);
         let ShardClaim::InProgress { until } = answer else {
+            let need = engine.seal(s, &mut shard);
             drop(shard);
+            if engine.settle(need).is_err() {
+                return Claim::Unavailable;
+            }
             return wrap(handle, answer);
         };
         let now = Instant::now();
@@ -523,7 +594,8 @@ impl ShardClaim {
 
 impl Deduper {
     /// The claims `group` (indices into `fps`, all of shard `s`, in input
-    /// order) under one lock of shard `s`: the pipeline's workers.
+    /// order) under one lock of shard `s`: the pipeline's workers. Returns
+    /// what the answers wait for to be durable ([`Deduper::seal`]).
     pub(crate) fn claim_group(
         &self,
         s: usize,
@@ -532,7 +604,7 @@ impl Deduper {
         time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
         specs: &[(Option<crate::claims::PayloadFingerprint>, u64)],
         out: &mut [Option<ShardClaim>],
-    ) {
+    ) -> u64 {
         let mut shard = self.lock(s);
         shard.counters.batches += 1;
         shard.counters.batch_keys += group.len() as u64;
@@ -546,10 +618,23 @@ impl Deduper {
             .collect();
         self.claim_locked(&mut shard, &items, out);
         self.wake(s, &shard);
+        self.seal(s, &mut shard)
     }
 
     /// A claim's default lease in nanoseconds.
     pub(crate) fn lease_nanos(&self) -> u64 {
         self.plan.lease_nanos
     }
+}
+
+/// A durability failure as the exact-tier error claims report.
+fn unavailable(e: &crate::durability::DurabilityError) -> ExactTierError {
+    ExactTierError::Unavailable(e.to_string())
+}
+
+/// The log's failure as an exact-tier error.
+fn failed_tier(engine: &Deduper) -> ExactTierError {
+    unavailable(&crate::durability::DurabilityError::Failed(
+        engine.durability_failure().unwrap_or_default(),
+    ))
 }

@@ -76,6 +76,9 @@ pub(crate) struct Shard {
     /// Shared keys on a remote store: releases of dropped leases
     /// `(fingerprint, token, lease-clock time)`, sent with the next batch.
     pub(crate) queued_releases: Vec<(Fingerprint, u64, u64)>,
+    /// A durable engine: the changes made under the lock since the last
+    /// record was sealed (see [`crate::durability`]).
+    pub(crate) log: Option<crate::durability::ShardLog>,
 }
 
 /// The filter's answer for a key, read ahead of its check by
@@ -146,6 +149,7 @@ impl Shard {
             empty_result: std::sync::Arc::from(&[][..]),
             waiters: 0,
             queued_releases: Vec::new(),
+            log: None,
         }
     }
 
@@ -490,6 +494,9 @@ impl Shard {
         if verdict == Verdict::New {
             self.counters.marks_queued += 1;
             self.counters.marks_flushed += 1;
+            if let Some(log) = &mut self.log {
+                log.accept(fp, t.as_nanos());
+            }
         }
         self.count(verdict);
         verdict
