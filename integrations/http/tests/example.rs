@@ -120,7 +120,6 @@ async fn smoke() {
 /// Two processes of the example on one Redis: one run across both, and a
 /// restarted process still replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis claim bodies (lead merges)"]
 async fn two_example_processes_on_one_redis() {
     bounded(async {
         let server = RedisServer::start();
