@@ -31,8 +31,8 @@ use redis::Value;
 use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
 use tiered_dedup::{Affinity, Claim, ClaimRequest, Clock, Deduper, Key, Lease, Namespace};
 
-use super::redis_server::RedisServer;
 use super::redis_meter::{used_memory, Meter};
+use super::redis_server::RedisServer;
 use super::support::{env_number, manual_clock, median, smoke_test, spread};
 use super::{expect, run_threads, stream, Answers, BATCH, LEASE, RESULT, WINDOW};
 
