@@ -34,7 +34,7 @@ for feature in redis metrics tracing; do
 done
 
 echo "== unit, integration and doc tests (release, every workspace member)"
-cargo test --release --workspace --all-features
+cargo test --release --workspace --all-features --no-fail-fast
 
 echo "== the 2^32-bit filter run (ignored by default: 4 GiB)"
 cargo test --release --all-features --test fpr -- --ignored

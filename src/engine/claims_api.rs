@@ -411,6 +411,9 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
         },
         _ => None,
     };
+    if engine.durability_failed() {
+        return Claim::Unavailable;
+    }
     let s = engine.shard_of(fp);
     let mut shard = engine.lock(s);
     let t = match (reading, event_time) {
@@ -423,7 +426,12 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
         .map_or(engine.plan.lease_nanos, duration_nanos);
     let mut out = [None];
     engine.claim_locked(&mut shard, &[(0, fp, request.payload, t, ttl)], &mut out);
+    // A durable engine answers once the acquisition is logged.
+    let need = engine.seal(s, &mut shard);
     drop(shard);
+    if engine.settle(need).is_err() {
+        return Claim::Unavailable;
+    }
     wrap(handle, out[0].take().unwrap_or(ShardClaim::Unavailable))
 }
 
