@@ -212,17 +212,19 @@ impl Peer {
         let lease = LEASE.as_nanos() as u64;
         for &k in batch {
             let fp = k.fingerprint(Namespace::default()).0;
-            let now = self.now();
             let mut entry = self
                 .map
                 .entry(fp)
                 .or_insert_with(|| Record::Held { token: 0, until: 0 });
+            // Read under the entry's lock: a time read before it can be
+            // older than the `at` another thread has just committed.
+            let now = self.now();
             let take = match &*entry {
                 Record::Held { until, .. } if now < *until => {
                     answers.in_progress += 1;
                     false
                 }
-                Record::Done { at, result } if now - at < window => {
+                Record::Done { at, result } if now.saturating_sub(*at) < window => {
                     // The stored result is what a retry replays.
                     std::hint::black_box(&result[..]);
                     answers.completed += 1;
