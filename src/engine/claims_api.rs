@@ -378,7 +378,7 @@ impl Deduper {
             return;
         }
         if shard.wants_batches(self.plan.trust) {
-            shard.claim_batched(items, now, &self.plan.rules, out);
+            shard.claim_batched(items, now, &self.plan.rules, self.plan.span, out);
         } else {
             for &(_, fp, ..) in items.iter().take(PREFETCH_AHEAD) {
                 shard.prefetch_claim(fp);

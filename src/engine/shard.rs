@@ -521,7 +521,7 @@ impl Shard {
             || self.exact.as_ref().is_some_and(|e| e.prefers_batches())
     }
 
-    fn update_warmth(&mut self, span: u64, warm_up: bool) {
+    pub(crate) fn update_warmth(&mut self, span: u64, warm_up: bool) {
         match self.warmth {
             Warmth::Warm => {}
             Warmth::ColdFresh if !warm_up => {}
