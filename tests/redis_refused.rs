@@ -19,7 +19,8 @@ use std::time::Duration;
 use redis_server::RedisServer;
 use tiered_dedup::exact::redis::{FailurePolicy, RedisConfig, RedisStats, RedisTier};
 use tiered_dedup::{
-    Affinity, Clock, Deduper, ExactTier, FailureCause, FlushError, ManualClock, Timestamp, Verdict,
+    Affinity, Claim, ClaimRequest, Clock, Deduper, ExactTier, FailureCause, FlushError,
+    ManualClock, Timestamp, Verdict,
 };
 
 const SHARDS: usize = 4;
@@ -301,4 +302,68 @@ fn lookups_go_on_while_marks_are_refused() {
         stats.failures.load(Ordering::Relaxed),
         stats.last_error()
     );
+}
+
+/// Owned claims with results while Redis is out of memory: a body and its
+/// record are written together (the body to the slice's body hash first),
+/// and a commit counts stored only once both are. Refused, every commit is
+/// kept and reported; once there is room the retries store them, and a
+/// fresh engine (its filter cold: every key read from Redis) replays each
+/// key's own result.
+#[test]
+fn refused_commits_keep_their_results_until_stored() {
+    let server = RedisServer::start_with(FULL);
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let (d, stats) = engine(&server.url(), &clock, Affinity::Owned, |c| c);
+    let result = |k: u64| format!("{k:0>200}").into_bytes();
+    let keys: Vec<u64> = (0..20_000).collect();
+    for chunk in keys.chunks(1_000) {
+        let requests: Vec<ClaimRequest<u64>> =
+            chunk.iter().map(|&k| ClaimRequest::new(k)).collect();
+        let commits: Vec<_> = d
+            .claim_batch(&requests)
+            .into_iter()
+            .zip(chunk)
+            .map(|(c, &k)| (c.into_lease().expect("fresh keys are acquired"), result(k)))
+            .collect();
+        for committed in d.commit_batch(commits) {
+            committed.expect("kept until Redis stores it");
+        }
+    }
+    let err = d.flush().expect_err("Redis refuses some commits");
+    assert_eq!(
+        err.cause().cause(),
+        Some(FailureCause::OutOfMemory),
+        "{err}"
+    );
+    assert!(err.unwritten() > 0);
+    assert!(stats.marks_refused.load(Ordering::Relaxed) > 0);
+    // Meanwhile the engine answers from what it keeps.
+    for &k in keys.iter().step_by(97) {
+        match d.claim(&k) {
+            Claim::Completed { result: r, .. } => assert_eq!(r.as_ref(), result(k), "key {k}"),
+            other => panic!("key {k}: {other:?}"),
+        }
+    }
+    let mut admin = server.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query(&mut admin)
+        .unwrap();
+    d.flush().expect("room for every commit now");
+    let (fresh, _) = engine(&server.url(), &clock, Affinity::Owned, |c| c);
+    for chunk in keys.chunks(1_000) {
+        let requests: Vec<ClaimRequest<u64>> =
+            chunk.iter().map(|&k| ClaimRequest::new(k)).collect();
+        for (claim, &k) in fresh.claim_batch(&requests).into_iter().zip(chunk) {
+            match claim {
+                Claim::Completed { result: r, .. } => {
+                    assert_eq!(r.as_ref(), result(k), "key {k}");
+                }
+                other => panic!("key {k}: {other:?}"),
+            }
+        }
+    }
 }

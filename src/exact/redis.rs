@@ -13,8 +13,13 @@
 //!   where small hashes cost 0.8–1.3, at about 31 bytes per key once a
 //!   slice's strings are compacted (`APPEND` grows them by doubling
 //!   meanwhile);
+//!   The body of a committed claim (its payload fingerprint and result)
+//!   goes to the slice's body hash `…:b:<slice>` in the same pipeline,
+//!   before its record, which is flagged as having one: a lookup still
+//!   reads strings of 24-byte records, then fetches the bodies of the
+//!   records it found (one `HMGET` per slice) — see `records.rs`;
 //! - **hashes** (`keys_per_hash: Some(0)`, or a namespace an older version
-//!   wrote): fields are fingerprints, values times.
+//!   wrote): fields are fingerprints, values times (and bodies).
 //!
 //! `B` is chosen for about 51 keys per bucket at the expected rate, so a
 //! lookup reads about 1.2 kB. The first engine to use a shard writes its
@@ -295,6 +300,9 @@ struct RedisPartition {
     /// Bodies the last lookup found with its records, for the claim that
     /// asks for them next (`bodies_batch`).
     found_bodies: FingerprintMap<(u64, RecordBody)>,
+    /// Records the last lookup found whose bodies are in a body hash
+    /// (fingerprint → record time, slice), fetched by `bodies_batch`.
+    apart_bodies: FingerprintMap<(u64, u64)>,
     /// Single server: the connection marks are written on. Their replies
     /// are read when the next marks are sent (or on a flush), so Redis
     /// stores one batch while the engine checks the next; lookups use
@@ -380,6 +388,7 @@ impl RedisPartition {
             unsent_index: FingerprintTable::new(),
             bodies: FingerprintMap::default(),
             found_bodies: FingerprintMap::default(),
+            apart_bodies: FingerprintMap::default(),
             marks: Link::new(),
             wait: Wait::Check,
             unlinks: Vec::new(),

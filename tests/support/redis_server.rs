@@ -262,7 +262,8 @@ pub fn stored_fingerprints(conn: &mut redis::Connection, key: &str) -> Vec<Vec<u
 }
 
 /// The records of a record string (see `src/exact/redis/records.rs`):
-/// fingerprint, time, and the result of those with a body.
+/// fingerprint, time, and the result of those with a body inline (bodies
+/// kept apart are in the slice's body hash).
 pub fn records(bytes: &[u8], key: &str) -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> {
     let mut out = Vec::new();
     let mut i = 0;
@@ -271,7 +272,8 @@ pub fn records(bytes: &[u8], key: &str) -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> 
         let word = u64::from_be_bytes(bytes[i + 16..i + 24].try_into().unwrap());
         let fp = bytes[i..i + 16].to_vec();
         if word >> 63 == 0 {
-            out.push((fp, word, None));
+            // Bit 62: the body is in the slice's body hash.
+            out.push((fp, word & !(1 << 62), None));
             i += 24;
             continue;
         }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use redis::{Cmd, Value};
 
-use super::records::{decode, find_record};
+use super::records::{decode, find_record, Stored};
 use super::{FailurePolicy, RedisPartition};
 use crate::error::{ExactTierError, FailureCause};
 use crate::exact::{slots_newest_first, ExactPartition, Lookup};
@@ -23,6 +23,7 @@ impl RedisPartition {
         self.advance(current);
         out.clear();
         self.found_bodies.clear();
+        self.apart_bodies.clear();
         // Marks not yet in Redis stay queued: their index answers for them
         // below (read-your-writes without a flush per lookup).
         // Failing here fails the request below at once.
@@ -70,42 +71,18 @@ impl RedisPartition {
                     }
                 }
             })
-        } else if self.config.cluster {
-            let script = self.lookup_script.clone();
-            let mut invocation = script.prepare_invoke();
-            for ((slice, bucket), which) in &asked {
-                invocation.key(self.key(*slice, *bucket)).arg(which.len());
-                for &i in which {
-                    invocation.arg(&lookups[i].fingerprint.to_bytes()[..]);
-                }
-            }
-            self.with_conn(|c, _| invocation.invoke::<Vec<Value>>(c.like()))
         } else {
-            let cmds: Vec<Cmd> = asked
+            let hashes: Vec<(String, Vec<[u8; 16]>)> = asked
                 .iter()
                 .map(|((slice, bucket), which)| {
-                    let mut cmd = redis::cmd("HMGET");
-                    cmd.arg(self.key(*slice, *bucket));
-                    for &i in which {
-                        cmd.arg(&lookups[i].fingerprint.to_bytes()[..]);
-                    }
-                    cmd
+                    let fields = which
+                        .iter()
+                        .map(|&i| lookups[i].fingerprint.to_bytes())
+                        .collect();
+                    (self.key(*slice, *bucket), fields)
                 })
                 .collect();
-            // Each reply is one HMGET's values: flatten them in order.
-            self.with_conn(|c, _| c.pipeline_fail_fast(&cmds).expect("a single server"))
-                .and_then(|replies| {
-                    let mut values = Vec::new();
-                    for reply in replies {
-                        let Value::Array(v) = reply else {
-                            return Err(
-                                self.error_of(FailureCause::UnexpectedReply, "an HMGET reply")
-                            );
-                        };
-                        values.extend(v);
-                    }
-                    Ok(values)
-                })
+            self.hmget_many(&hashes)
         };
         let replies = match result {
             Ok(r) => r,
@@ -125,7 +102,7 @@ impl RedisPartition {
             ));
         }
         let mut values = replies.into_iter();
-        for (_, which) in &asked {
+        for ((slice, _), which) in &asked {
             if self.records {
                 let Some(Value::BulkString(records)) = values.next() else {
                     continue;
@@ -134,14 +111,19 @@ impl RedisPartition {
                     if out[i].is_none() {
                         let fp = lookups[i].fingerprint;
                         match find_record(&records, &fp.to_bytes()) {
-                            Ok(found) => {
-                                if let Some((at, body)) = found {
-                                    out[i] = Some(at);
-                                    if let Some(body) = body {
+                            Ok(Some((at, stored))) => {
+                                out[i] = Some(at);
+                                match stored {
+                                    Stored::Bare => {}
+                                    Stored::Inline(body) => {
                                         self.found_bodies.insert(fp, (at.as_nanos(), body));
+                                    }
+                                    Stored::Apart => {
+                                        self.apart_bodies.insert(fp, (at.as_nanos(), *slice));
                                     }
                                 }
                             }
+                            Ok(None) => {}
                             Err(what) => {
                                 let e = self.error_of(FailureCause::UnexpectedReply, what);
                                 return self.lookups_failed(e, current, lookups, out);
@@ -171,6 +153,48 @@ impl RedisPartition {
             }
         }
         Ok(())
+    }
+
+    /// The values of `fields` in each hash of `hashes`, in order (nil
+    /// where absent): one pipeline of `HMGET`s, or on a cluster one
+    /// `LOOKUP_SCRIPT` (one reply).
+    pub(super) fn hmget_many(
+        &mut self,
+        hashes: &[(String, Vec<[u8; 16]>)],
+    ) -> Result<Vec<Value>, ExactTierError> {
+        if self.config.cluster {
+            let script = self.lookup_script.clone();
+            let mut invocation = script.prepare_invoke();
+            for (key, fields) in hashes {
+                invocation.key(key).arg(fields.len());
+                for field in fields {
+                    invocation.arg(&field[..]);
+                }
+            }
+            return self.with_conn(|c, _| invocation.invoke::<Vec<Value>>(c.like()));
+        }
+        let cmds: Vec<Cmd> = hashes
+            .iter()
+            .map(|(key, fields)| {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(key);
+                for field in fields {
+                    cmd.arg(&field[..]);
+                }
+                cmd
+            })
+            .collect();
+        // Each reply is one HMGET's values: flatten them in order.
+        let replies =
+            self.with_conn(|c, _| c.pipeline_fail_fast(&cmds).expect("a single server"))?;
+        let mut values = Vec::new();
+        for reply in replies {
+            let Value::Array(v) = reply else {
+                return Err(self.error_of(FailureCause::UnexpectedReply, "an HMGET reply"));
+            };
+            values.extend(v);
+        }
+        Ok(values)
     }
 
     /// Answers `lookups` after Redis failed them (`e`), as the policy says.

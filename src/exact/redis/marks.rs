@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use redis::{Cmd, Value};
 
 use super::conn::{Conn, Wait};
-use super::records::{write_record, RECORD};
-use super::replies::Sent;
+use super::records::{write_record, BODY_APART, RECORD};
+use super::replies::{Sent, BODY_HASH};
 use super::scripts::COMPACT_SCRIPT;
 use super::RedisPartition;
 use crate::error::{ExactTierError, FailureCause};
@@ -104,6 +104,48 @@ impl RedisPartition {
         blob
     }
 
+    /// The body hash write of one slice's marks (`order` entries of one
+    /// slice): an `HSET` of the bodies kept apart from record strings, and
+    /// the marks it carries (indices into `unsent`); `None` when no mark
+    /// of the slice has one.
+    fn body_write(&self, slice_run: &[(u64, u64, u32)]) -> Option<(Cmd, Vec<u32>)> {
+        if !self.records {
+            return None;
+        }
+        let mut hset = redis::cmd("HSET");
+        let mut marks = Vec::new();
+        for &(slice, _, i) in slice_run {
+            let m = &self.unsent[i as usize];
+            let Some(body) = self.body_of_mark(m) else {
+                continue;
+            };
+            if m.at.as_nanos() >= BODY_APART {
+                continue;
+            }
+            if marks.is_empty() {
+                hset.arg(self.body_key(slice));
+            }
+            let mut value = Vec::with_capacity(8 + 13 + body.result.len());
+            write_record(&mut value, None, m.at.as_nanos(), Some(body));
+            hset.arg(&m.fingerprint.to_bytes()[..]).arg(value);
+            marks.push(i);
+        }
+        (!marks.is_empty()).then_some((hset, marks))
+    }
+
+    /// The `PEXPIRE` a slice's body hash needs with a write, if this
+    /// process has not given it its TTL yet (every write, when writes renew
+    /// it).
+    fn body_expire(&self, slice: u64) -> Option<Cmd> {
+        let ttl = self.ttl_ms?;
+        if !self.renew_ttl && self.expiring.contains(&(slice, BODY_HASH)) {
+            return None;
+        }
+        let mut expire = redis::cmd("PEXPIRE");
+        expire.arg(self.body_key(slice)).arg(ttl);
+        Some(expire)
+    }
+
     /// A hash's field and value for each of one bucket's marks.
     fn hash_pairs(&self, run: &[(u64, u64, u32)]) -> Vec<([u8; 16], Vec<u8>)> {
         run.iter()
@@ -145,29 +187,28 @@ impl RedisPartition {
     ) -> Result<(), ExactTierError> {
         let mut cmds = Vec::with_capacity(2 * fresh.len());
         let mut sent = Vec::with_capacity(2 * fresh.len());
+        let mut body_marks: Vec<u32> = Vec::new();
         let mut start = 0u32;
-        for run in order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-            let (slice, bucket) = (run[0].0, run[0].1);
-            let key = self.key(slice, bucket);
-            let mut cmd = redis::cmd(if self.records { "APPEND" } else { "HSET" });
-            cmd.arg(&key);
-            if self.records {
-                cmd.arg(self.record_blob(run));
-            } else {
-                for (fp, value) in self.hash_pairs(run) {
-                    cmd.arg(&fp[..]).arg(value);
+        for slice_run in order.chunk_by(|a, b| a.0 == b.0) {
+            // A slice's bodies go before its records: a reader that finds
+            // a record finds its body.
+            if let Some((hset, marks)) = self.body_write(slice_run) {
+                let from = body_marks.len() as u32;
+                body_marks.extend(marks);
+                cmds.push(hset);
+                sent.push(Sent::Bodies {
+                    start: from,
+                    end: body_marks.len() as u32,
+                });
+                if let Some(expire) = self.body_expire(slice_run[0].0) {
+                    cmds.push(expire);
+                    sent.push(Sent::Expire {
+                        slice: slice_run[0].0,
+                        bucket: BODY_HASH,
+                    });
                 }
             }
-            cmds.push(cmd);
-            let end = start + run.len() as u32;
-            sent.push(Sent::Marks { start, end });
-            start = end;
-            if let Some(ttl) = self.ttl_ms.filter(|_| fresh.contains(&(slice, bucket))) {
-                let mut expire = redis::cmd("PEXPIRE");
-                expire.arg(&key).arg(ttl);
-                cmds.push(expire);
-                sent.push(Sent::Expire { slice, bucket });
-            }
+            self.bucket_writes(slice_run, fresh, &mut start, &mut cmds, &mut sent);
         }
         let compaction = if self.records {
             self.next_compaction()
@@ -223,8 +264,45 @@ impl RedisPartition {
         std::mem::swap(&mut self.in_flight.marks, &mut self.unsent);
         std::mem::swap(&mut self.in_flight.index, &mut self.unsent_index);
         self.in_flight.order.extend(order.iter().map(|o| o.2));
+        self.in_flight.bodies = body_marks;
         self.in_flight.sent = sent;
         Ok(())
+    }
+
+    /// The writes of one slice's buckets (`order` entries of one slice),
+    /// each a run of marks `order[start..]`, and the `PEXPIRE` of each
+    /// fresh bucket right after its write.
+    fn bucket_writes(
+        &self,
+        slice_run: &[(u64, u64, u32)],
+        fresh: &HashSet<(u64, u64)>,
+        start: &mut u32,
+        cmds: &mut Vec<Cmd>,
+        sent: &mut Vec<Sent>,
+    ) {
+        for run in slice_run.chunk_by(|a, b| a.1 == b.1) {
+            let (slice, bucket) = (run[0].0, run[0].1);
+            let key = self.key(slice, bucket);
+            let mut cmd = redis::cmd(if self.records { "APPEND" } else { "HSET" });
+            cmd.arg(&key);
+            if self.records {
+                cmd.arg(self.record_blob(run));
+            } else {
+                for (fp, value) in self.hash_pairs(run) {
+                    cmd.arg(&fp[..]).arg(value);
+                }
+            }
+            cmds.push(cmd);
+            let end = *start + run.len() as u32;
+            sent.push(Sent::Marks { start: *start, end });
+            *start = end;
+            if let Some(ttl) = self.ttl_ms.filter(|_| fresh.contains(&(slice, bucket))) {
+                let mut expire = redis::cmd("PEXPIRE");
+                expire.arg(&key).arg(ttl);
+                cmds.push(expire);
+                sent.push(Sent::Expire { slice, bucket });
+            }
+        }
     }
 
     /// Cluster: one script for all the buckets (one reply: the cluster
@@ -236,6 +314,32 @@ impl RedisPartition {
         order: &[(u64, u64, u32)],
         fresh: &HashSet<(u64, u64)>,
     ) -> Result<(), ExactTierError> {
+        // The slices' bodies first (a reader that finds a record finds
+        // its body), answered at once: refused, every mark stays kept.
+        let mut body_writes: Vec<(u64, Cmd, Option<Cmd>)> = Vec::new();
+        for slice_run in order.chunk_by(|a, b| a.0 == b.0) {
+            if let Some((hset, _)) = self.body_write(slice_run) {
+                let slice = slice_run[0].0;
+                body_writes.push((slice, hset, self.body_expire(slice)));
+            }
+        }
+        for (slice, hset, expire) in body_writes {
+            let written = self.with_conn(|c, _| {
+                hset.query::<Value>(c.like())?;
+                match &expire {
+                    Some(expire) => expire.query::<i64>(c.like()).map(|n| n == 1),
+                    None => Ok(false),
+                }
+            });
+            match written {
+                Ok(true) => {
+                    self.expiring.insert((slice, BODY_HASH));
+                }
+                Ok(false) => {}
+                // Not stored: every mark stays kept, as when the script fails.
+                Err(e) => return Err(e),
+            }
+        }
         let script = if self.records {
             self.append_script.clone()
         } else {
@@ -337,6 +441,9 @@ impl RedisPartition {
                 let mut del = redis::cmd("UNLINK");
                 for bucket in 0..self.buckets {
                     del.arg(self.key(slice, bucket));
+                }
+                if self.records {
+                    del.arg(self.body_key(slice));
                 }
                 del
             })

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::conn::Wait;
+use super::records::decode;
 use super::scripts::FORGET_SCRIPT;
 use super::RedisPartition;
 use crate::claims::PayloadFingerprint;
@@ -206,6 +207,9 @@ impl ExactPartition for RedisPartition {
                         for bucket in 0..p.buckets {
                             del.arg(p.key(slice, bucket));
                         }
+                        if p.records {
+                            del.arg(p.body_key(slice));
+                        }
                     }
                     c.pipeline(vec![del])
                 });
@@ -286,24 +290,86 @@ impl ExactPartition for RedisPartition {
                 }
             }
         }
-        if !missing.is_empty() && self.log.is_none() {
-            let lookups: Vec<Lookup> = missing
-                .iter()
-                .map(|&i| Lookup {
-                    fingerprint: records[i].0,
-                    slots: u8::MAX,
-                })
-                .collect();
-            let mut times = Vec::with_capacity(lookups.len());
-            self.lookup_batch_in_redis(self.current, &lookups, &mut times)?;
-            for &i in &missing {
+        if missing.is_empty() || self.log.is_some() {
+            return Ok(());
+        }
+        // Not found by the last lookup: looked up again.
+        let again: Vec<Lookup> = missing
+            .iter()
+            .filter(|&&i| {
                 let (fp, _, at) = records[i];
-                out[i] = self
-                    .found_bodies
-                    .get(&fp)
-                    .filter(|(t, _)| *t == at.as_nanos())
-                    .map(|(_, body)| body.clone());
+                self.apart_bodies.get(&fp).map(|&(t, _)| t) != Some(at.as_nanos())
+            })
+            .map(|&i| Lookup {
+                fingerprint: records[i].0,
+                slots: u8::MAX,
+            })
+            .collect();
+        if !again.is_empty() {
+            let apart = std::mem::take(&mut self.apart_bodies);
+            let mut times = Vec::with_capacity(again.len());
+            self.lookup_batch_in_redis(self.current, &again, &mut times)?;
+            for (fp, v) in apart {
+                self.apart_bodies.entry(fp).or_insert(v);
             }
+        }
+        // Bodies in body hashes: one HMGET per slice.
+        let mut by_slice: Vec<(u64, usize)> = Vec::new();
+        for &i in &missing {
+            let (fp, _, at) = records[i];
+            out[i] = self
+                .found_bodies
+                .get(&fp)
+                .filter(|(t, _)| *t == at.as_nanos())
+                .map(|(_, body)| body.clone());
+            if let Some(&(_, slice)) = self
+                .apart_bodies
+                .get(&fp)
+                .filter(|(t, _)| *t == at.as_nanos())
+            {
+                by_slice.push((slice, i));
+            }
+        }
+        if by_slice.is_empty() {
+            return Ok(());
+        }
+        by_slice.sort_unstable();
+        let runs: Vec<&[(u64, usize)]> = by_slice.chunk_by(|a, b| a.0 == b.0).collect();
+        let hashes: Vec<(String, Vec<[u8; 16]>)> = runs
+            .iter()
+            .map(|run| {
+                let fields = run.iter().map(|&(_, i)| records[i].0.to_bytes()).collect();
+                (self.body_key(run[0].0), fields)
+            })
+            .collect();
+        let values = self.hmget_many(&hashes)?;
+        if values.len() != by_slice.len() {
+            return Err(self.error_of(
+                FailureCause::UnexpectedReply,
+                format!("{} bodies for {} asked", values.len(), by_slice.len()),
+            ));
+        }
+        for (&(slice, i), value) in by_slice.iter().zip(values) {
+            let at = records[i].2;
+            let body = match value {
+                redis::Value::BulkString(bytes) => decode(&bytes)
+                    .filter(|(t, _)| *t == at)
+                    .and_then(|(_, body)| body),
+                _ => None,
+            };
+            // A record says it has a body: without it, the record's
+            // stored result cannot be replayed, nor taken for empty.
+            let Some(body) = body else {
+                return Err(self.error_of(
+                    FailureCause::UnexpectedReply,
+                    format!(
+                        "the body of a completed record (accepted at {} ns) is missing from {}",
+                        at.as_nanos(),
+                        self.body_key(slice)
+                    ),
+                ));
+            };
+            out[i] = Some(body);
         }
         Ok(())
     }
@@ -324,6 +390,7 @@ impl ExactPartition for RedisPartition {
         }
         let mut found = self.bodies.remove(&fp).is_some();
         self.found_bodies.remove(&fp);
+        self.apart_bodies.remove(&fp);
         if self.unsent_index.get(fp).is_some() {
             found = true;
             let gone = self.unsent.iter().filter(|m| m.fingerprint == fp).count();

@@ -25,6 +25,9 @@ pub(super) struct InFlight {
     pub(super) index: FingerprintTable,
     /// Indices into `marks`, grouped by bucket as they were sent.
     pub(super) order: Vec<u32>,
+    /// Indices into `marks` of those whose bodies were sent to body
+    /// hashes, grouped by slice as they were sent.
+    pub(super) bodies: Vec<u32>,
     /// What each command sent carries, in order: the replies owed.
     pub(super) sent: Vec<Sent>,
 }
@@ -35,17 +38,27 @@ impl InFlight {
             marks: Vec::new(),
             index: FingerprintTable::new(),
             order: Vec::new(),
+            bodies: Vec::new(),
             sent: Vec::new(),
         }
     }
 }
+
+/// The bucket number under which a slice's body hash is remembered as
+/// given its TTL (`expiring`).
+pub(super) const BODY_HASH: u64 = u64::MAX;
 
 /// What one command on the mark connection carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Sent {
     /// The write of one bucket: the marks `order[start..end]`.
     Marks { start: u32, end: u32 },
-    /// The first `PEXPIRE` of a bucket.
+    /// The write of one slice's bodies (kept apart from record strings):
+    /// those of the marks `bodies[start..end]`. A mark is stored once its
+    /// bucket's write and its body's are.
+    Bodies { start: u32, end: u32 },
+    /// The first `PEXPIRE` of a bucket (or of a slice's body hash:
+    /// [`BODY_HASH`]).
     Expire { slice: u64, bucket: u64 },
     /// A compaction or a retired slice's `UNLINK`: no mark depends on it.
     Upkeep,
@@ -78,24 +91,28 @@ impl RedisPartition {
         // Indices (into `in_flight.marks`) of marks not stored: refused by
         // Redis, or unknown after a failed read.
         let mut not_stored: Vec<u32> = Vec::new();
-        let mut refused = 0usize;
+        let mut refused_marks: Vec<u32> = Vec::new();
         let mut refusal: Option<redis::RedisError> = None;
         let mut broken: Option<ExactTierError> = None;
         let mut fresh = Vec::new();
+        // The marks a command carries.
+        let carried = |sent: Sent| match sent {
+            Sent::Marks { start, end } => &in_flight.order[start as usize..end as usize],
+            Sent::Bodies { start, end } => &in_flight.bodies[start as usize..end as usize],
+            Sent::Expire { .. } | Sent::Upkeep => &[],
+        };
         for &sent in &in_flight.sent {
             let reply = match &mut conn {
                 Some(c) if broken.is_none() => c.recv_response(),
                 _ => {
-                    if let Sent::Marks { start, end } = sent {
-                        not_stored.extend(&in_flight.order[start as usize..end as usize]);
-                    }
+                    not_stored.extend(carried(sent));
                     continue;
                 }
             };
             match (sent, reply) {
-                (Sent::Marks { start, end }, Ok(Value::ServerError(e))) => {
-                    not_stored.extend(&in_flight.order[start as usize..end as usize]);
-                    refused += (end - start) as usize;
+                (Sent::Marks { .. } | Sent::Bodies { .. }, Ok(Value::ServerError(e))) => {
+                    not_stored.extend(carried(sent));
+                    refused_marks.extend(carried(sent));
                     refusal.get_or_insert(e.into());
                 }
                 (Sent::Expire { slice, bucket }, Ok(Value::Int(1))) => fresh.push((slice, bucket)),
@@ -105,9 +122,7 @@ impl RedisPartition {
                 (_, Ok(_)) => {}
                 (sent, Err(e)) => {
                     broken = Some(error::remote(&self.server, &e));
-                    if let Sent::Marks { start, end } = sent {
-                        not_stored.extend(&in_flight.order[start as usize..end as usize]);
-                    }
+                    not_stored.extend(carried(sent));
                 }
             }
         }
@@ -118,8 +133,13 @@ impl RedisPartition {
                 "the connection marks were sent on was dropped",
             ));
         }
-        // Oldest first, as they were kept.
+        // Oldest first, as they were kept; once each (a mark whose body
+        // and record both failed).
         not_stored.sort_unstable();
+        not_stored.dedup();
+        refused_marks.sort_unstable();
+        refused_marks.dedup();
+        let refused = refused_marks.len();
         let again: Vec<Mark> = not_stored
             .iter()
             .map(|&i| in_flight.marks[i as usize])
@@ -141,6 +161,7 @@ impl RedisPartition {
         self.in_flight.marks.clear();
         self.in_flight.index.clear();
         self.in_flight.order.clear();
+        self.in_flight.bodies.clear();
         self.in_flight.sent.clear();
         self.expiring.extend(fresh);
         self.written(written);
