@@ -105,9 +105,7 @@ where
     let consumer = Arc::clone(consumer);
     let handler = Arc::clone(handler);
     let on_conflict = Arc::clone(on_conflict);
-    tokio::task::spawn_blocking(move || {
-        consumer.process(batch, |m| handler(m), |m| on_conflict(m))
-    })
-    .await
-    .map_err(|e| ConsumerError::Task(e.to_string()))
+    tokio::task::spawn_blocking(move || consumer.process(batch, |m| handler(m), |m| on_conflict(m)))
+        .await
+        .map_err(|e| ConsumerError::Task(e.to_string()))
 }

@@ -151,7 +151,11 @@ impl RedisStreamConsumer {
         self.reclaimed
     }
 
-    async fn read(&mut self, count: usize, block: Option<Duration>) -> Result<Vec<StreamEntry>, ConsumerError> {
+    async fn read(
+        &mut self,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<StreamEntry>, ConsumerError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
@@ -216,7 +220,11 @@ impl RedisStreamConsumer {
             }
         }
         let max = self.batching.max.max(1);
-        let wait = self.batching.wait.min(self.reclaim_idle / 4).max(Duration::from_millis(1));
+        let wait = self
+            .batching
+            .wait
+            .min(self.reclaim_idle / 4)
+            .max(Duration::from_millis(1));
         let mut batch = self.read(max, Some(wait)).await?;
         if !batch.is_empty() && batch.len() < max && !self.batching.linger.is_zero() {
             tokio::time::sleep(self.batching.linger).await;

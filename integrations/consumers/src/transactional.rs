@@ -71,7 +71,10 @@ impl TxConsumer {
         let mut failed = vec![false; n];
         // Each retry drops at least one message: at most n + 1 attempts.
         let answers = 'attempt: loop {
-            let mut tx = self.client.transaction().map_err(tiered_dedup_postgres::PgError::from)?;
+            let mut tx = self
+                .client
+                .transaction()
+                .map_err(tiered_dedup_postgres::PgError::from)?;
             let live: Vec<usize> = (0..n).filter(|&i| !failed[i]).collect();
             let requests: Vec<ClaimRequest<&[u8]>> = live
                 .iter()
