@@ -263,7 +263,8 @@ impl BatchConsumer {
     /// after the commit.
     ///
     /// A key delivered twice in one batch is acted on once (the second is
-    /// `Replayed`, or `Failed` if the first failed).
+    /// `Replayed`, or `Failed` if the first failed; `Conflict` when both
+    /// carry payload fingerprints and they differ).
     pub fn process<M, E>(
         &self,
         batch: Vec<Delivery<M>>,
@@ -346,6 +347,13 @@ impl BatchConsumer {
         // 4. Repeats within the batch follow their first delivery.
         for i in 0..batch.len() {
             if let Err(j) = slot[i] {
+                if let (Some(a), Some(b)) = (batch[j].payload, batch[i].payload) {
+                    if a != b {
+                        on_conflict(&batch[i].message);
+                        out[i] = Some(Disposition::Conflict);
+                        continue;
+                    }
+                }
                 out[i] = Some(match out[j].clone().expect("settled above") {
                     Disposition::Processed | Disposition::Uncommitted => Disposition::Replayed {
                         result: stored[j].clone().unwrap_or_else(|| Arc::from(&[][..])),

@@ -60,7 +60,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("published {n} distinct {distinct}");
         return Ok(());
     }
-    let mut effects = Effects::open(&args)?;
+    // The PostgreSQL client is synchronous: connect off the runtime's workers.
+    let mut effects = tokio::task::block_in_place(|| Effects::open(&args))?;
     let consumer = stream
         .get_or_create_consumer(
             &args.group,
@@ -133,5 +134,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{}",
         app::summary(effects.stats(), bad, source.ack_stats().acked)
     );
+    tokio::task::block_in_place(move || drop(effects));
     Ok(())
 }

@@ -46,7 +46,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("published {n} distinct {distinct}");
         return Ok(());
     }
-    let mut effects = Effects::open(&args)?;
+    // The PostgreSQL client is synchronous: connect off the runtime's workers.
+    let mut effects = tokio::task::block_in_place(|| Effects::open(&args))?;
     let batching = Batching {
         max: args.batch,
         wait: Duration::from_millis(200),
@@ -122,5 +123,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("{}", app::summary(effects.stats(), bad, source.acked()));
+    tokio::task::block_in_place(move || drop(effects));
     Ok(())
 }
