@@ -33,9 +33,16 @@ async fn member(server: &RedisServer, name: &str) -> RedisStreamConsumer {
         wait: Duration::from_millis(50),
         ..Batching::default()
     };
-    RedisStreamConsumer::new(conn, "orders", "dedup", name, batching, Duration::from_millis(300))
-        .await
-        .unwrap()
+    RedisStreamConsumer::new(
+        conn,
+        "orders",
+        "dedup",
+        name,
+        batching,
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap()
 }
 
 async fn publish_keys(server: &RedisServer, keys: &[&str]) {
@@ -43,23 +50,23 @@ async fn publish_keys(server: &RedisServer, keys: &[&str]) {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     for k in keys {
         let data = format!("{{\"k\":\"{k}\"}}");
-        publish(&mut conn, "orders", &[("data", data.as_bytes())]).await.unwrap();
+        publish(&mut conn, "orders", &[("data", data.as_bytes())])
+            .await
+            .unwrap();
     }
 }
 
 fn shared_engine(server: &RedisServer) -> Arc<BatchConsumer> {
     let tier = RedisTier::new(RedisConfig::new(&server.url()));
-    Arc::new(
-        BatchConsumer::new(Arc::new(
-            Deduper::builder()
-                .exact_tier(ExactTier::Custom(Arc::new(tier)))
-                .affinity(Affinity::Shared)
-                .shards(1)
-                .lease_duration(Duration::from_millis(250))
-                .build()
-                .unwrap(),
-        )),
-    )
+    Arc::new(BatchConsumer::new(Arc::new(
+        Deduper::builder()
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .affinity(Affinity::Shared)
+            .shards(1)
+            .lease_duration(Duration::from_millis(250))
+            .build()
+            .unwrap(),
+    )))
 }
 
 fn recorder() -> (Arc<Mutex<Vec<String>>>, Arc<Handler>) {
@@ -82,9 +89,14 @@ async fn step(
 ) -> (Vec<Disposition>, usize) {
     let batch = source.next_batch().await.unwrap();
     let (good, bad): (Vec<_>, Vec<_>) = batch.into_iter().partition(|e| key_of(e).is_some());
-    let deliveries = good.into_iter().map(|e| Delivery::new(key_of(&e).unwrap(), e)).collect();
+    let deliveries = good
+        .into_iter()
+        .map(|e| Delivery::new(key_of(&e).unwrap(), e))
+        .collect();
     let none: Arc<OnConflict> = Arc::new(|_| panic!("no conflicts"));
-    let settled = process_blocking(dedup, deliveries, handler, &none).await.unwrap();
+    let settled = process_blocking(dedup, deliveries, handler, &none)
+        .await
+        .unwrap();
     let seen = settled.iter().map(|(_, d)| d.clone()).collect();
     if ack {
         source
@@ -116,7 +128,11 @@ async fn a_dead_consumers_pending_entries_are_reclaimed() {
     let mut dead = member(&server, "dead").await;
     let mut live = member(&server, "live").await;
     let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
-    publish_keys(&server, &keys.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    publish_keys(
+        &server,
+        &keys.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
     let dedup_dead = shared_engine(&server);
     let dedup_live = shared_engine(&server);
     let (effects, handler) = recorder();
@@ -127,7 +143,10 @@ async fn a_dead_consumers_pending_entries_are_reclaimed() {
     let mut replayed = 0;
     while live.acked() < 40 && start.elapsed() < Duration::from_secs(10) {
         let (seen, _) = step(&mut live, &dedup_live, &handler, true).await;
-        replayed += seen.iter().filter(|d| matches!(d, Disposition::Replayed { .. })).count();
+        replayed += seen
+            .iter()
+            .filter(|d| matches!(d, Disposition::Replayed { .. }))
+            .count();
     }
     assert_eq!(live.acked(), 40);
     assert!(live.reclaimed() >= 40, "taken over with XAUTOCLAIM");
@@ -145,7 +164,9 @@ async fn a_failed_handler_is_reclaimed_and_done_once_and_bad_entries_are_counted
     {
         let client = redis::Client::open(server.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        publish(&mut conn, "orders", &[("data", b"not json")]).await.unwrap();
+        publish(&mut conn, "orders", &[("data", b"not json")])
+            .await
+            .unwrap();
     }
     let dedup = shared_engine(&server);
     let effects = Arc::new(Mutex::new(Vec::new()));

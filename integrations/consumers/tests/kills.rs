@@ -1,0 +1,285 @@
+//! Real processes, real kills: the example consumers (three per group) are
+//! SIGKILLed at random moments at least ten times and restarted, then the
+//! stream is drained. With PostgreSQL effects (the effect row and the claim
+//! in one transaction): every business key's effect exactly once, none
+//! missing. With file effects and Redis claims: none missing, and every
+//! duplicated effect accounted for by a kill between the effect and the
+//! commit (the documented window).
+//!
+//! `TD_KILL_MESSAGES` sets the number of messages (default 2000; the issue's
+//! by-hand run is 100000). The example binaries are the ones `cargo test
+//! --workspace` builds; when missing or older than this test they are built
+//! here with the same profile.
+#![cfg(all(feature = "jetstream", feature = "redis-streams", feature = "postgres"))]
+
+#[path = "support/nats_server.rs"]
+mod nats_server;
+#[path = "../../postgres/tests/support/pg_server.rs"]
+mod pg_server;
+#[path = "../../../tests/support/redis_server.rs"]
+mod redis_server;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn messages() -> u64 {
+    std::env::var("TD_KILL_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+/// The example program `name`, built if needed.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let path = profile_dir.join("examples").join(name);
+    let fresh = |p: &PathBuf| {
+        let (Ok(a), Ok(b)) = (std::fs::metadata(p), std::fs::metadata(&exe)) else {
+            return false;
+        };
+        a.modified().unwrap() >= b.modified().unwrap()
+    };
+    if !fresh(&path) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "tiered-dedup-consumers", "--example", name]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo to build the example");
+        assert!(status.success(), "building example {name} failed");
+    }
+    assert!(
+        path.exists(),
+        "example {name} not found at {}",
+        path.display()
+    );
+    path
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn publish(program: &PathBuf, common: &[String], n: u64) -> u64 {
+    let out = Command::new(program)
+        .args(common)
+        .args(["--publish", &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let distinct = text.split_whitespace().last().unwrap().parse().unwrap();
+    eprintln!("{}", text.trim());
+    distinct
+}
+
+/// Runs three consumers, kills one at random moments `kills` times
+/// (restarting it), waits for all to drain and exit; returns the pids
+/// killed.
+fn run_with_kills(program: &PathBuf, common: &[String], kills: usize) -> HashSet<u32> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill seed {seed}");
+    let mut rng = Rng(seed);
+    let spawn = |i: usize| -> Child {
+        Command::new(program)
+            .args(common)
+            .args(["--consumer", &format!("c{i}"), "--idle-exit-ms", "4000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut children: Vec<Child> = (0..3).map(spawn).collect();
+    let mut killed = HashSet::new();
+    let start = Instant::now();
+    while killed.len() < kills {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "kills took too long"
+        );
+        std::thread::sleep(Duration::from_millis(50 + rng.below(250)));
+        let i = rng.below(3) as usize;
+        if children[i].try_wait().unwrap().is_none() {
+            killed.insert(children[i].id());
+            children[i].kill().unwrap(); // SIGKILL
+        }
+        let _ = children[i].wait();
+        children[i] = spawn(i);
+    }
+    for c in &mut children {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if c.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("a consumer did not drain and exit in 90 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    killed
+}
+
+fn check_postgres(pg: &pg_server::PgServer, distinct: u64) {
+    let mut c = pg.client();
+    let rows: Vec<(String, i64)> = c
+        .query(
+            "SELECT key, count(*) FROM consumer_effects GROUP BY key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let twice: Vec<_> = rows.iter().filter(|(_, n)| *n > 1).collect();
+    eprintln!(
+        "postgres: {} keys with effects, {} twice",
+        rows.len(),
+        twice.len()
+    );
+    assert!(twice.is_empty(), "effects twice: {twice:?}");
+    assert_eq!(rows.len() as u64, distinct, "effects missing");
+}
+
+/// Every key has an effect; every duplicate is in a killed process's
+/// effects after its last commit mark.
+fn check_file(path: &PathBuf, distinct: u64, killed: &HashSet<u32>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    // Per pid, the index of its last commit mark.
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    let mut last_commit: HashMap<&str, usize> = HashMap::new();
+    for (i, l) in lines.iter().enumerate() {
+        if l[0] == "C" {
+            last_commit.insert(l[1], i);
+        }
+    }
+    let mut by_key: HashMap<&str, Vec<bool>> = HashMap::new();
+    for (i, l) in lines.iter().enumerate() {
+        if l[0] == "E" {
+            let pid = l[1];
+            let in_window = killed.contains(&pid.parse().unwrap())
+                && last_commit.get(pid).is_none_or(|&c| i > c);
+            by_key.entry(l[2]).or_default().push(in_window);
+        }
+    }
+    let mut duplicates = 0;
+    for (key, effects) in &by_key {
+        let extra = effects.len() - 1;
+        duplicates += extra;
+        let accounted = effects.iter().filter(|w| **w).count();
+        assert!(
+            accounted >= extra,
+            "key {key}: {} effects, only {accounted} by a kill between effect and commit",
+            effects.len()
+        );
+    }
+    eprintln!(
+        "file: {} keys with effects, {duplicates} duplicated effects, all in a kill's window",
+        by_key.len()
+    );
+    assert_eq!(by_key.len() as u64, distinct, "effects missing");
+}
+
+fn common(server: String, effects: String, redis: Option<String>) -> Vec<String> {
+    let mut v = vec![
+        "--server".into(),
+        server,
+        "--effects".into(),
+        effects,
+        "--lease-ms".into(),
+        "1000".into(),
+        "--ack-wait-ms".into(),
+        "1500".into(),
+        "--dup-window-ms".into(),
+        "1000".into(),
+        "--batch".into(),
+        "64".into(),
+        "--effect-delay-us".into(),
+        "300".into(),
+    ];
+    if let Some(r) = redis {
+        v.extend(["--redis".into(), r]);
+    }
+    v
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("td-kills-{tag}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn smoke() {
+    assert!(example("jetstream_consumer").exists());
+    assert!(example("redis_streams_consumer").exists());
+}
+
+#[test]
+fn jetstream_postgres_effects_exactly_once_through_kills() {
+    let program = example("jetstream_consumer");
+    let nats = nats_server::NatsServer::start();
+    let pg = pg_server::PgServer::start();
+    let args = common(nats.url(), pg.url(), None);
+    let distinct = publish(&program, &args, messages());
+    let killed = run_with_kills(&program, &args, 10);
+    assert!(killed.len() >= 10);
+    check_postgres(&pg, distinct);
+}
+
+#[test]
+fn jetstream_file_effects_with_redis_claims_lose_nothing_through_kills() {
+    let program = example("jetstream_consumer");
+    let nats = nats_server::NatsServer::start();
+    let redis = redis_server::RedisServer::start();
+    let file = scratch("js");
+    let args = common(nats.url(), file.display().to_string(), Some(redis.url()));
+    let distinct = publish(&program, &args, messages());
+    let killed = run_with_kills(&program, &args, 10);
+    check_file(&file, distinct, &killed);
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn redis_streams_postgres_effects_exactly_once_through_kills() {
+    let program = example("redis_streams_consumer");
+    let redis = redis_server::RedisServer::start();
+    let pg = pg_server::PgServer::start();
+    let args = common(redis.url(), pg.url(), None);
+    let distinct = publish(&program, &args, messages());
+    let killed = run_with_kills(&program, &args, 10);
+    assert!(killed.len() >= 10);
+    check_postgres(&pg, distinct);
+}
+
+#[test]
+fn redis_streams_file_effects_with_redis_claims_lose_nothing_through_kills() {
+    let program = example("redis_streams_consumer");
+    let redis = redis_server::RedisServer::start();
+    let file = scratch("rs");
+    let args = common(redis.url(), file.display().to_string(), Some(redis.url()));
+    let distinct = publish(&program, &args, messages());
+    let killed = run_with_kills(&program, &args, 10);
+    check_file(&file, distinct, &killed);
+    let _ = std::fs::remove_file(&file);
+}
