@@ -1,5 +1,8 @@
 //! Real processes, real kills: the example consumers (three per group) are
-//! SIGKILLed at random moments at least ten times and restarted, then the
+//! SIGKILLed at random moments at least ten times while the stream is still
+//! being worked through (a kill counts only while some key has no effect
+//! yet, and the stream moved on since the previous kill; the handler is
+//! paced so the stream lasts about 4 s of effects) and restarted, then the
 //! stream is drained. With PostgreSQL effects (the effect row and the claim
 //! in one transaction): every business key's effect exactly once, none
 //! missing. With file effects and Redis claims: none missing, and every
@@ -7,9 +10,9 @@
 //! commit (the documented window).
 //!
 //! `TD_KILL_MESSAGES` sets the number of messages (default 2000; the issue's
-//! by-hand run is 100000). The example binaries are the ones `cargo test
-//! --workspace` builds; when missing or older than this test they are built
-//! here with the same profile.
+//! by-hand run is 100000). The example binaries are the ones `cargo test`
+//! builds with this test; when missing they are built here with the same
+//! profile.
 #![cfg(all(feature = "jetstream", feature = "redis-streams", feature = "postgres"))]
 
 #[path = "support/nats_server.rs"]
@@ -31,18 +34,14 @@ fn messages() -> u64 {
         .unwrap_or(2000)
 }
 
-/// The example program `name`, built if needed.
+/// The example program `name`: `cargo test` builds a package's examples
+/// with its tests; when missing (the test binary run alone) it is built
+/// here with the same profile.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let path = profile_dir.join("examples").join(name);
-    let fresh = |p: &PathBuf| {
-        let (Ok(a), Ok(b)) = (std::fs::metadata(p), std::fs::metadata(&exe)) else {
-            return false;
-        };
-        a.modified().unwrap() >= b.modified().unwrap()
-    };
-    if !fresh(&path) {
+    if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", "tiered-dedup-consumers", "--example", name]);
@@ -87,10 +86,19 @@ fn publish(program: &PathBuf, common: &[String], n: u64) -> u64 {
     distinct
 }
 
-/// Runs three consumers, kills one at random moments `kills` times
-/// (restarting it), waits for all to drain and exit; returns the pids
-/// killed.
-fn run_with_kills(program: &PathBuf, common: &[String], kills: usize) -> HashSet<u32> {
+/// How many distinct business keys have an effect so far.
+type Progress<'a> = &'a mut dyn FnMut() -> u64;
+
+/// Runs three consumers, kills one at random moments (restarting it) until
+/// `kills` kills have landed mid-stream (fewer than `distinct` keys had an
+/// effect), waits for all to drain and exit; returns the pids killed.
+fn run_with_kills(
+    program: &PathBuf,
+    common: &[String],
+    kills: usize,
+    distinct: u64,
+    progress: Progress<'_>,
+) -> HashSet<u32> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -109,30 +117,49 @@ fn run_with_kills(program: &PathBuf, common: &[String], kills: usize) -> HashSet
     };
     let mut children: Vec<Child> = (0..3).map(spawn).collect();
     let mut killed = HashSet::new();
+    let mut at = Vec::new();
+    let mut last = progress();
     let start = Instant::now();
     while killed.len() < kills {
         assert!(
-            start.elapsed() < Duration::from_secs(60),
+            start.elapsed() < Duration::from_secs(120),
             "kills took too long"
         );
-        std::thread::sleep(Duration::from_millis(50 + rng.below(250)));
+        std::thread::sleep(Duration::from_millis(20 + rng.below(150)));
+        let done = progress();
+        assert!(
+            done < distinct,
+            "the stream drained after {} kills mid-stream (of {kills}): slow the effects",
+            killed.len()
+        );
+        // Kill only once the consumers have moved the stream on since the
+        // last kill (not while they are all still starting).
+        if done == last {
+            continue;
+        }
+        last = done;
         let i = rng.below(3) as usize;
         if children[i].try_wait().unwrap().is_none() {
             killed.insert(children[i].id());
+            at.push(done);
             children[i].kill().unwrap(); // SIGKILL
         }
         let _ = children[i].wait();
         children[i] = spawn(i);
     }
+    eprintln!(
+        "{} kills mid-stream, at keys done {at:?} of {distinct}",
+        killed.len()
+    );
     for c in &mut children {
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if c.try_wait().unwrap().is_some() {
                 break;
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("a consumer did not drain and exit in 90 s");
+                panic!("a consumer did not drain and exit in 120 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -200,6 +227,34 @@ fn check_file(path: &PathBuf, distinct: u64, killed: &HashSet<u32>) {
     assert_eq!(by_key.len() as u64, distinct, "effects missing");
 }
 
+/// The handler's pause per message: the stream lasts about 4 s of effects
+/// whatever its size (at least 100 µs each), so that the kills land
+/// mid-stream.
+fn effect_delay_us() -> u64 {
+    (3 * 4_000_000 / messages()).max(100)
+}
+
+/// Distinct keys with an effect row so far (0 before the table exists).
+fn pg_progress(pg: &pg_server::PgServer) -> impl FnMut() -> u64 {
+    let mut c = pg.client();
+    move || {
+        c.query_one("SELECT count(DISTINCT key) FROM consumer_effects", &[])
+            .map_or(0, |r| r.get::<_, i64>(0) as u64)
+    }
+}
+
+/// Distinct keys with an effect line so far.
+fn file_progress(path: &std::path::Path) -> impl FnMut() -> u64 + '_ {
+    move || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("E "))
+            .filter_map(|l| l.split(' ').nth(1))
+            .collect::<HashSet<_>>()
+            .len() as u64
+    }
+}
+
 fn common(server: String, effects: String, redis: Option<String>) -> Vec<String> {
     let mut v = vec![
         "--server".into(),
@@ -213,9 +268,9 @@ fn common(server: String, effects: String, redis: Option<String>) -> Vec<String>
         "--dup-window-ms".into(),
         "1000".into(),
         "--batch".into(),
-        "64".into(),
+        "32".into(),
         "--effect-delay-us".into(),
-        "300".into(),
+        effect_delay_us().to_string(),
     ];
     if let Some(r) = redis {
         v.extend(["--redis".into(), r]);
@@ -242,7 +297,7 @@ fn jetstream_postgres_effects_exactly_once_through_kills() {
     let pg = pg_server::PgServer::start();
     let args = common(nats.url(), pg.url(), None);
     let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10);
+    let killed = run_with_kills(&program, &args, 10, distinct, &mut pg_progress(&pg));
     assert!(killed.len() >= 10);
     check_postgres(&pg, distinct);
 }
@@ -255,7 +310,8 @@ fn jetstream_file_effects_with_redis_claims_lose_nothing_through_kills() {
     let file = scratch("js");
     let args = common(nats.url(), file.display().to_string(), Some(redis.url()));
     let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10);
+    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
+    assert!(killed.len() >= 10);
     check_file(&file, distinct, &killed);
     let _ = std::fs::remove_file(&file);
 }
@@ -267,7 +323,7 @@ fn redis_streams_postgres_effects_exactly_once_through_kills() {
     let pg = pg_server::PgServer::start();
     let args = common(redis.url(), pg.url(), None);
     let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10);
+    let killed = run_with_kills(&program, &args, 10, distinct, &mut pg_progress(&pg));
     assert!(killed.len() >= 10);
     check_postgres(&pg, distinct);
 }
@@ -279,7 +335,8 @@ fn redis_streams_file_effects_with_redis_claims_lose_nothing_through_kills() {
     let file = scratch("rs");
     let args = common(redis.url(), file.display().to_string(), Some(redis.url()));
     let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10);
+    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
+    assert!(killed.len() >= 10);
     check_file(&file, distinct, &killed);
     let _ = std::fs::remove_file(&file);
 }
