@@ -1,1 +1,447 @@
-fn main() {}
+//! Messages per second through each broker adapter, in one run, against
+//! local brokers the bench starts (`nats-server -js` and `redis-server` on
+//! free 127.0.0.1 ports): the same consumer loop without dedup, with dedup
+//! on the memory tier, with dedup on a Redis tier (shared keys), and the
+//! hand-written per-message `SET NX EX` consumer. 20% of the messages
+//! repeat an earlier business key (seeded).
+//!
+//! Paired rounds: each round runs every variant once per broker, the order
+//! rotating from round to round; the report is the median rate of each
+//! variant and the median of the per-round ratios.
+//!
+//! ```text
+//! cargo bench -p tiered-dedup-consumers --bench consumers                 # 5 rounds of 50 000 messages
+//! TD_BENCH_MESSAGES=100000 TD_BENCH_ROUNDS=3 cargo bench -p tiered-dedup-consumers --bench consumers
+//! cargo bench -p tiered-dedup-consumers --bench consumers -- --test       # smoke: 2 000 messages, one round
+//! ```
+
+#[path = "../tests/support/nats_server.rs"]
+mod nats_server;
+#[path = "../../../tests/support/redis_server.rs"]
+mod redis_server;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream, Message};
+use tiered_dedup::consumer::{BatchConsumer, Delivery};
+use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
+use tiered_dedup::{Affinity, Deduper, ExactTier};
+use tiered_dedup_consumers::jetstream::{consumer_config, JetStreamConsumer};
+use tiered_dedup_consumers::redis_streams::{RedisStreamConsumer, StreamEntry};
+use tiered_dedup_consumers::{process_blocking, Batching};
+
+/// The consumer variants, measured on each broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// Handler and ack, no dedup: the baseline.
+    NoDedup,
+    /// `BatchConsumer` on the memory tier.
+    Memory,
+    /// `BatchConsumer` on a Redis tier, shared keys.
+    Redis,
+    /// The hand-written peer: `SET key 1 NX EX window` per message, then the
+    /// handler when it was new, then the ack.
+    SetNx,
+}
+
+const VARIANTS: [Variant; 4] = [
+    Variant::NoDedup,
+    Variant::Memory,
+    Variant::Redis,
+    Variant::SetNx,
+];
+
+/// The dedup window (the `SET NX` peer's `EX`).
+const WINDOW: Duration = Duration::from_secs(86_400);
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Business keys: each one with probability 1/5 a repeat of a uniformly
+/// chosen earlier one (seeded xorshift).
+fn keys(n: u64) -> Vec<String> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut out: Vec<String> = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        if i > 0 && s % 5 == 0 {
+            let k = out[(s >> 8) as usize % out.len()].clone();
+            out.push(k);
+        } else {
+            out.push(format!("order-{i}"));
+        }
+    }
+    out
+}
+
+/// The engine of a dedup variant, sized for the run's keys, its records
+/// under a namespace of its own.
+fn engine(variant: Variant, redis_url: &str, run: &str, n: u64) -> Arc<BatchConsumer> {
+    let b = Deduper::builder()
+        .namespace(run)
+        .window(WINDOW)
+        .expected_keys(n.max(10_000));
+    let b = if variant == Variant::Redis {
+        b.exact_tier(ExactTier::Custom(Arc::new(RedisTier::new(
+            RedisConfig::new(redis_url),
+        ))))
+        .affinity(Affinity::Shared)
+        .shards(1)
+    } else {
+        b
+    };
+    Arc::new(BatchConsumer::new(Arc::new(b.build().unwrap())))
+}
+
+type Handler<M> = dyn Fn(&M) -> Result<Vec<u8>, ()> + Send + Sync;
+type OnConflict<M> = dyn Fn(&M) + Send + Sync;
+
+/// The `SET NX EX` peer's claim: true when the key was new.
+async fn set_nx(redis: &mut redis::aio::MultiplexedConnection, key: String) -> bool {
+    let fresh: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(1)
+        .arg("NX")
+        .arg("EX")
+        .arg(WINDOW.as_secs())
+        .query_async(redis)
+        .await
+        .unwrap();
+    fresh.is_some()
+}
+
+/// What one measured pass did: messages/s and handler runs.
+struct Pass {
+    rate: f64,
+    effects: u64,
+}
+
+async fn jetstream_pass(
+    js: &jetstream::Context,
+    variant: Variant,
+    redis_url: &str,
+    n: u64,
+    run: &str,
+) -> Pass {
+    let stream = js.get_stream("bench").await.unwrap();
+    let consumer = stream
+        .create_consumer(consumer_config(run, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let mut source = JetStreamConsumer::new(&consumer, Batching::default())
+        .await
+        .unwrap();
+    let dedup = engine(variant, redis_url, run, n);
+    let effects = Arc::new(AtomicU64::new(0));
+    let e = Arc::clone(&effects);
+    let handler: Arc<Handler<Message>> = Arc::new(move |_m: &Message| {
+        e.fetch_add(1, Ordering::Relaxed);
+        Ok(Vec::new())
+    });
+    let none: Arc<OnConflict<Message>> = Arc::new(|_| {});
+    let mut redis = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(300);
+    let start = Instant::now();
+    let mut done = 0;
+    while done < n {
+        assert!(
+            start.elapsed() < limit,
+            "jetstream {variant:?}: {done} of {n} in {limit:?}"
+        );
+        let batch = source.next_batch().await.unwrap();
+        done += batch.len() as u64;
+        match variant {
+            Variant::NoDedup => {
+                for m in &batch {
+                    handler(m).unwrap();
+                    m.ack().await.unwrap();
+                }
+            }
+            Variant::SetNx => {
+                for m in &batch {
+                    let key = format!("{run}:{}", String::from_utf8_lossy(&m.payload));
+                    if set_nx(&mut redis, key).await {
+                        handler(m).unwrap();
+                    }
+                    m.ack().await.unwrap();
+                }
+            }
+            Variant::Memory | Variant::Redis => {
+                let deliveries = batch
+                    .into_iter()
+                    .map(|m| Delivery::new(m.payload.clone(), m))
+                    .collect();
+                let settled = process_blocking(&dedup, deliveries, &handler, &none)
+                    .await
+                    .unwrap();
+                source.settle(settled).await.unwrap();
+            }
+        }
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    stream.delete_consumer(run).await.unwrap();
+    Pass {
+        rate,
+        effects: effects.load(Ordering::Relaxed),
+    }
+}
+
+async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> Pass {
+    let client = redis::Client::open(redis_url).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut source = RedisStreamConsumer::new(
+        conn,
+        "bench",
+        run,
+        "c1",
+        Batching::default(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let dedup = engine(variant, redis_url, run, n);
+    let effects = Arc::new(AtomicU64::new(0));
+    let e = Arc::clone(&effects);
+    let handler: Arc<Handler<StreamEntry>> = Arc::new(move |_m: &StreamEntry| {
+        e.fetch_add(1, Ordering::Relaxed);
+        Ok(Vec::new())
+    });
+    let none: Arc<OnConflict<StreamEntry>> = Arc::new(|_| {});
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let limit = Duration::from_secs(300);
+    let start = Instant::now();
+    let mut done = 0;
+    while done < n {
+        assert!(
+            start.elapsed() < limit,
+            "redis streams {variant:?}: {done} of {n} in {limit:?}"
+        );
+        let batch = source.next_batch().await.unwrap();
+        done += batch.len() as u64;
+        match variant {
+            Variant::NoDedup => {
+                for m in &batch {
+                    handler(m).unwrap();
+                }
+                source.settle(std::iter::empty(), &batch).await.unwrap();
+            }
+            Variant::SetNx => {
+                for m in &batch {
+                    let key = format!("{run}:{}", String::from_utf8_lossy(m.field("k").unwrap()));
+                    if set_nx(&mut redis, key).await {
+                        handler(m).unwrap();
+                    }
+                }
+                source.settle(std::iter::empty(), &batch).await.unwrap();
+            }
+            Variant::Memory | Variant::Redis => {
+                let deliveries = batch
+                    .into_iter()
+                    .map(|m| {
+                        let key = m.field("k").unwrap().to_vec();
+                        Delivery::new(key, m)
+                    })
+                    .collect();
+                let settled = process_blocking(&dedup, deliveries, &handler, &none)
+                    .await
+                    .unwrap();
+                source
+                    .settle(settled.iter().map(|(m, d)| (m, d)), std::iter::empty())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg("bench")
+        .arg(run)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    Pass {
+        rate,
+        effects: effects.load(Ordering::Relaxed),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Per variant, one rate per round.
+struct Rounds {
+    broker: &'static str,
+    rates: Vec<[f64; 4]>,
+}
+
+impl Rounds {
+    fn index(v: Variant) -> usize {
+        VARIANTS.iter().position(|&w| w == v).unwrap()
+    }
+
+    fn median_rate(&self, v: Variant) -> f64 {
+        median(self.rates.iter().map(|r| r[Self::index(v)]).collect())
+    }
+
+    /// The median over rounds of `a`'s rate over `b`'s.
+    fn ratio(&self, a: Variant, b: Variant) -> f64 {
+        median(
+            self.rates
+                .iter()
+                .map(|r| r[Self::index(a)] / r[Self::index(b)])
+                .collect(),
+        )
+    }
+
+    fn report(&self) {
+        use Variant::*;
+        println!(
+            "{:<14} {:<9} {:>11}  {:>9}  {:>8}",
+            "broker", "variant", "msg/s", "/no-dedup", "/SET NX"
+        );
+        for v in VARIANTS {
+            println!(
+                "{:<14} {:<9} {:>11.0}  {:>8.3}x  {:>7.2}x",
+                self.broker,
+                format!("{v:?}"),
+                self.median_rate(v),
+                self.ratio(v, NoDedup),
+                self.ratio(v, SetNx),
+            );
+        }
+        println!(
+            "{:<14} goals: memory {:.3}x no-dedup (>= 0.85), Redis {:.3}x (>= 0.70), Redis {:.2}x SET NX (>= 5)",
+            self.broker,
+            self.ratio(Memory, NoDedup),
+            self.ratio(Redis, NoDedup),
+            self.ratio(Redis, SetNx),
+        );
+    }
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let smoke = args.iter().any(|a| a == "--test");
+    let n = if smoke {
+        2_000
+    } else {
+        env("TD_BENCH_MESSAGES", 50_000)
+    };
+    let rounds = if smoke {
+        1
+    } else {
+        env("TD_BENCH_ROUNDS", 5).max(1)
+    };
+    let nats = nats_server::NatsServer::start();
+    let redis = redis_server::RedisServer::start();
+    let redis_url = redis.url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let keys = keys(n);
+        let distinct = keys.iter().collect::<std::collections::HashSet<_>>().len() as u64;
+        // JetStream: one stream, a fresh durable consumer per pass.
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = jetstream::new(client);
+        js.create_stream(stream::Config {
+            name: "bench".into(),
+            subjects: vec!["bench".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for chunk in keys.chunks(1000) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for k in chunk {
+                acks.push(js.publish("bench", k.clone().into()).await.unwrap());
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+        }
+        // Redis Streams: one stream, a fresh group per pass.
+        let mut conn = redis::Client::open(redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for chunk in keys.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for k in chunk {
+                pipe.cmd("XADD")
+                    .arg("bench")
+                    .arg("*")
+                    .arg("k")
+                    .arg(k)
+                    .ignore();
+            }
+            let () = pipe.query_async(&mut conn).await.unwrap();
+        }
+        println!(
+            "{n} messages, {distinct} distinct keys; {rounds} paired rounds; load {}",
+            load()
+        );
+        let mut js_rounds = Rounds {
+            broker: "jetstream",
+            rates: Vec::new(),
+        };
+        let mut rs_rounds = Rounds {
+            broker: "redis-streams",
+            rates: Vec::new(),
+        };
+        for round in 0..rounds {
+            let mut js_rates = [0.0; 4];
+            let mut rs_rates = [0.0; 4];
+            for k in 0..VARIANTS.len() {
+                let i = (k + round as usize) % VARIANTS.len();
+                let v = VARIANTS[i];
+                let js_pass =
+                    jetstream_pass(&js, v, &redis_url, n, &format!("js-{v:?}-{round}")).await;
+                let rs_pass = streams_pass(&redis_url, v, n, &format!("rs-{v:?}-{round}")).await;
+                let expected = if v == Variant::NoDedup { n } else { distinct };
+                for p in [&js_pass, &rs_pass] {
+                    assert_eq!(p.effects, expected, "{v:?}: handler runs");
+                }
+                js_rates[i] = js_pass.rate;
+                rs_rates[i] = rs_pass.rate;
+            }
+            println!(
+                "round {round}: jetstream {:?}  redis-streams {:?}  (msg/s, {VARIANTS:?})",
+                js_rates.map(|r| r.round()),
+                rs_rates.map(|r| r.round()),
+            );
+            js_rounds.rates.push(js_rates);
+            rs_rounds.rates.push(rs_rates);
+        }
+        js_rounds.report();
+        rs_rounds.report();
+        println!("load at the end {}", load());
+    });
+}

@@ -134,7 +134,7 @@ pub enum Effects {
         consumer: Arc<BatchConsumer>,
     },
     /// An effect row per message, in the claim's transaction.
-    Postgres(TxConsumer),
+    Postgres(Box<TxConsumer>),
     /// Lent to the blocking task running a batch.
     Taken,
 }
@@ -157,7 +157,7 @@ impl Effects {
                     key text NOT NULL, msg_id text NOT NULL, consumer text NOT NULL,
                     at timestamptz NOT NULL DEFAULT now())",
             )?;
-            return Ok(Effects::Postgres(TxConsumer::new(claims, client)));
+            return Ok(Effects::Postgres(Box::new(TxConsumer::new(claims, client))));
         }
         let file = OpenOptions::new().create(true).append(true).open(&target)?;
         let mut builder = Deduper::builder()
