@@ -1,8 +1,10 @@
 //! Messages per second through each broker adapter, in one run, against
 //! local brokers the bench starts (`nats-server -js` and `redis-server` on
 //! free 127.0.0.1 ports): the same consumer loop without dedup, with dedup
-//! on the memory tier, with dedup on a Redis tier (shared keys), and the
-//! hand-written per-message `SET NX EX` consumer. 20% of the messages
+//! on the memory tier (called on the runtime's worker, and through
+//! `process_blocking`), with dedup on a Redis tier (shared keys, through
+//! `process_blocking`), and the hand-written per-message `SET NX EX`
+//! consumer. 20% of the messages
 //! repeat an earlier business key (seeded).
 //!
 //! Paired rounds: each round runs every variant once per broker, the order
@@ -13,6 +15,8 @@
 //! cargo bench -p tiered-dedup-consumers --bench consumers                 # 5 rounds of 50 000 messages
 //! TD_BENCH_MESSAGES=100000 TD_BENCH_ROUNDS=3 cargo bench -p tiered-dedup-consumers --bench consumers
 //! cargo bench -p tiered-dedup-consumers --bench consumers -- --test       # smoke: 2 000 messages, one round
+//! TD_BENCH_BATCH=1024 cargo bench -p tiered-dedup-consumers --bench consumers   # batches of 1024 (default 256)
+//! TD_BENCH_BROKER=redis-streams TD_BENCH_VARIANTS=NoDedup,Memory cargo bench … # a part, to profile
 //! ```
 
 #[path = "../tests/support/nats_server.rs"]
@@ -37,24 +41,38 @@ use tiered_dedup_consumers::{process_blocking, Batching};
 enum Variant {
     /// Handler and ack, no dedup: the baseline.
     NoDedup,
-    /// `BatchConsumer` on the memory tier.
+    /// `BatchConsumer` on the memory tier, called on the runtime's worker
+    /// (a tier without I/O, a handler that does not block).
     Memory,
-    /// `BatchConsumer` on a Redis tier, shared keys.
+    /// The same through `process_blocking` (a blocking thread per batch).
+    MemoryBlocking,
+    /// `BatchConsumer` on a Redis tier, shared keys, through
+    /// `process_blocking`.
     Redis,
     /// The hand-written peer: `SET key 1 NX EX window` per message, then the
     /// handler when it was new, then the ack.
     SetNx,
 }
 
-const VARIANTS: [Variant; 4] = [
+const VARIANTS: [Variant; 5] = [
     Variant::NoDedup,
     Variant::Memory,
+    Variant::MemoryBlocking,
     Variant::Redis,
     Variant::SetNx,
 ];
 
 /// The dedup window (the `SET NX` peer's `EX`).
 const WINDOW: Duration = Duration::from_secs(86_400);
+
+/// Batches of `TD_BENCH_BATCH` messages at most (default 256, the
+/// adapters' default), 1 ms linger.
+fn batching() -> Batching {
+    Batching {
+        max: env("TD_BENCH_BATCH", 256) as usize,
+        ..Batching::default()
+    }
+}
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -136,9 +154,7 @@ async fn jetstream_pass(
         .create_consumer(consumer_config(run, Duration::from_secs(30)))
         .await
         .unwrap();
-    let mut source = JetStreamConsumer::new(&consumer, Batching::default())
-        .await
-        .unwrap();
+    let mut source = JetStreamConsumer::new(&consumer, batching()).await.unwrap();
     let dedup = engine(variant, redis_url, run, n);
     let effects = Arc::new(AtomicU64::new(0));
     let e = Arc::clone(&effects);
@@ -178,14 +194,18 @@ async fn jetstream_pass(
                     m.ack().await.unwrap();
                 }
             }
-            Variant::Memory | Variant::Redis => {
+            Variant::Memory | Variant::MemoryBlocking | Variant::Redis => {
                 let deliveries = batch
                     .into_iter()
                     .map(|m| Delivery::new(m.payload.clone(), m))
                     .collect();
-                let settled = process_blocking(&dedup, deliveries, &handler, &none)
-                    .await
-                    .unwrap();
+                let settled = if variant == Variant::Memory {
+                    dedup.process(deliveries, |m| handler(m), |m| none(m))
+                } else {
+                    process_blocking(&dedup, deliveries, &handler, &none)
+                        .await
+                        .unwrap()
+                };
                 source.settle(settled).await.unwrap();
             }
         }
@@ -206,7 +226,7 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
         "bench",
         run,
         "c1",
-        Batching::default(),
+        batching(),
         Duration::from_secs(30),
     )
     .await
@@ -246,7 +266,7 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
                 }
                 source.settle(std::iter::empty(), &batch).await.unwrap();
             }
-            Variant::Memory | Variant::Redis => {
+            Variant::Memory | Variant::MemoryBlocking | Variant::Redis => {
                 let deliveries = batch
                     .into_iter()
                     .map(|m| {
@@ -254,9 +274,13 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
                         Delivery::new(key, m)
                     })
                     .collect();
-                let settled = process_blocking(&dedup, deliveries, &handler, &none)
-                    .await
-                    .unwrap();
+                let settled = if variant == Variant::Memory {
+                    dedup.process(deliveries, |m| handler(m), |m| none(m))
+                } else {
+                    process_blocking(&dedup, deliveries, &handler, &none)
+                        .await
+                        .unwrap()
+                };
                 source
                     .settle(settled.iter().map(|(m, d)| (m, d)), std::iter::empty())
                     .await
@@ -286,7 +310,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Per variant, one rate per round.
 struct Rounds {
     broker: &'static str,
-    rates: Vec<[f64; 4]>,
+    rates: Vec<[f64; 5]>,
 }
 
 impl Rounds {
@@ -311,12 +335,12 @@ impl Rounds {
     fn report(&self) {
         use Variant::*;
         println!(
-            "{:<14} {:<9} {:>11}  {:>9}  {:>8}",
+            "{:<14} {:<14} {:>11}  {:>9}  {:>8}",
             "broker", "variant", "msg/s", "/no-dedup", "/SET NX"
         );
         for v in VARIANTS {
             println!(
-                "{:<14} {:<9} {:>11.0}  {:>8.3}x  {:>7.2}x",
+                "{:<14} {:<14} {:>11.0}  {:>8.3}x  {:>7.2}x",
                 self.broker,
                 format!("{v:?}"),
                 self.median_rate(v),
@@ -325,9 +349,10 @@ impl Rounds {
             );
         }
         println!(
-            "{:<14} goals: memory {:.3}x no-dedup (>= 0.85), Redis {:.3}x (>= 0.70), Redis {:.2}x SET NX (>= 5)",
+            "{:<14} goals: memory {:.3}x no-dedup ({:.3}x blocking) (>= 0.85), Redis {:.3}x (>= 0.70), Redis {:.2}x SET NX (>= 5)",
             self.broker,
             self.ratio(Memory, NoDedup),
+            self.ratio(MemoryBlocking, NoDedup),
             self.ratio(Redis, NoDedup),
             self.ratio(Redis, SetNx),
         );
@@ -356,6 +381,12 @@ fn main() {
     } else {
         env("TD_BENCH_ROUNDS", 5).max(1)
     };
+    // Profiling: one broker (`TD_BENCH_BROKER=jetstream|redis-streams`),
+    // some variants (`TD_BENCH_VARIANTS=NoDedup,Memory`).
+    let broker = std::env::var("TD_BENCH_BROKER").unwrap_or_default();
+    let only: Vec<String> = std::env::var("TD_BENCH_VARIANTS")
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     let nats = nats_server::NatsServer::start();
     let redis = redis_server::RedisServer::start();
     let redis_url = redis.url();
@@ -405,7 +436,8 @@ fn main() {
             let () = pipe.query_async(&mut conn).await.unwrap();
         }
         println!(
-            "{n} messages, {distinct} distinct keys; {rounds} paired rounds; load {}",
+            "{n} messages, {distinct} distinct keys, batches of {}; {rounds} paired rounds; load {}",
+            batching().max,
             load()
         );
         let mut js_rounds = Rounds {
@@ -417,20 +449,26 @@ fn main() {
             rates: Vec::new(),
         };
         for round in 0..rounds {
-            let mut js_rates = [0.0; 4];
-            let mut rs_rates = [0.0; 4];
+            let mut js_rates = [0.0; 5];
+            let mut rs_rates = [0.0; 5];
             for k in 0..VARIANTS.len() {
                 let i = (k + round as usize) % VARIANTS.len();
                 let v = VARIANTS[i];
-                let js_pass =
-                    jetstream_pass(&js, v, &redis_url, n, &format!("js-{v:?}-{round}")).await;
-                let rs_pass = streams_pass(&redis_url, v, n, &format!("rs-{v:?}-{round}")).await;
-                let expected = if v == Variant::NoDedup { n } else { distinct };
-                for p in [&js_pass, &rs_pass] {
-                    assert_eq!(p.effects, expected, "{v:?}: handler runs");
+                if !only.is_empty() && !only.contains(&format!("{v:?}")) {
+                    continue;
                 }
-                js_rates[i] = js_pass.rate;
-                rs_rates[i] = rs_pass.rate;
+                let expected = if v == Variant::NoDedup { n } else { distinct };
+                if broker != "redis-streams" {
+                    let p =
+                        jetstream_pass(&js, v, &redis_url, n, &format!("js-{v:?}-{round}")).await;
+                    assert_eq!(p.effects, expected, "{v:?}: handler runs");
+                    js_rates[i] = p.rate;
+                }
+                if broker != "jetstream" {
+                    let p = streams_pass(&redis_url, v, n, &format!("rs-{v:?}-{round}")).await;
+                    assert_eq!(p.effects, expected, "{v:?}: handler runs");
+                    rs_rates[i] = p.rate;
+                }
             }
             println!(
                 "round {round}: jetstream {:?}  redis-streams {:?}  (msg/s, {VARIANTS:?})",
