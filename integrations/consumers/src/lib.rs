@@ -23,8 +23,10 @@
 //! ```
 //!
 //! Claims go to the engine in one call per batch, on a blocking thread
-//! (`spawn_blocking`): a remote exact tier's round trip never blocks a
-//! runtime worker. What each mode survives, and what the engine adds to
+//! ([`process_blocking`]): a remote exact tier's round trip, or a handler
+//! that does I/O, never blocks a runtime worker. With the memory tier and
+//! a handler that does not block, [`BatchConsumer::process`] can be called
+//! on the worker directly (it saves the thread hop). What each mode survives, and what the engine adds to
 //! JetStream's own duplicate window, is in `docs/consumers.md`.
 
 #[cfg(feature = "jetstream")]
@@ -109,3 +111,8 @@ where
         .await
         .map_err(|e| ConsumerError::Task(e.to_string()))
 }
+
+/// `docs/consumers.md`'s examples, compiled and run as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/consumers.md")]
+pub struct ConsumersDocDoctests;
