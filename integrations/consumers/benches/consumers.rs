@@ -122,6 +122,18 @@ fn engine(variant: Variant, redis_url: &str, run: &str, n: u64) -> Arc<BatchCons
 type Handler<M> = dyn Fn(&M) -> Result<Vec<u8>, ()> + Send + Sync;
 type OnConflict<M> = dyn Fn(&M) + Send + Sync;
 
+/// A connection whose commands may wait 10 s for their answer (the
+/// client's default, 500 ms, fails a pass when the shared machine stalls
+/// the server for a moment).
+async fn connect(client: &redis::Client) -> redis::aio::MultiplexedConnection {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
 /// The `SET NX EX` peer's claim: true when the key was new.
 async fn set_nx(redis: &mut redis::aio::MultiplexedConnection, key: String) -> bool {
     let fresh: Option<String> = redis::cmd("SET")
@@ -163,11 +175,7 @@ async fn jetstream_pass(
         Ok(Vec::new())
     });
     let none: Arc<OnConflict<Message>> = Arc::new(|_| {});
-    let mut redis = redis::Client::open(redis_url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = connect(&redis::Client::open(redis_url).unwrap()).await;
     let limit = Duration::from_secs(300);
     let start = Instant::now();
     let mut done = 0;
@@ -220,7 +228,7 @@ async fn jetstream_pass(
 
 async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> Pass {
     let client = redis::Client::open(redis_url).unwrap();
-    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = connect(&client).await;
     let mut source = RedisStreamConsumer::new(
         conn,
         "bench",
@@ -239,7 +247,7 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
         Ok(Vec::new())
     });
     let none: Arc<OnConflict<StreamEntry>> = Arc::new(|_| {});
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let mut redis = connect(&client).await;
     let limit = Duration::from_secs(300);
     let start = Instant::now();
     let mut done = 0;
@@ -418,11 +426,7 @@ fn main() {
             }
         }
         // Redis Streams: one stream, a fresh group per pass.
-        let mut conn = redis::Client::open(redis_url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut conn = connect(&redis::Client::open(redis_url.as_str()).unwrap()).await;
         for chunk in keys.chunks(1000) {
             let mut pipe = redis::pipe();
             for k in chunk {

@@ -166,7 +166,18 @@ impl RedisStreamConsumer {
             cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(&self.stream).arg(">");
-        let reply: Value = cmd.query_async(&mut self.conn).await.map_err(broker)?;
+        let reply: Value = match block {
+            // The server answers a blocking read only after `b`: give it
+            // that long plus a margin (the client's default response
+            // timeout, 500 ms, would cut a longer wait short).
+            Some(b) => {
+                let mut conn = self.conn.clone();
+                conn.set_response_timeout(b + Duration::from_secs(1));
+                cmd.query_async(&mut conn).await
+            }
+            None => cmd.query_async(&mut self.conn).await,
+        }
+        .map_err(broker)?;
         let Value::Array(streams) = reply else {
             return Ok(Vec::new());
         };

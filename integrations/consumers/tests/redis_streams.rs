@@ -192,3 +192,37 @@ async fn a_failed_handler_is_reclaimed_and_done_once_and_bad_entries_are_counted
     assert_eq!((bad, failed, source.acked()), (1, 1, 3));
     assert_eq!(*effects.lock().unwrap(), vec!["tried x", "y", "x"]);
 }
+
+/// An idle stream: a blocking read longer than the client's default
+/// response timeout (500 ms) answers an empty batch, not an error.
+#[tokio::test]
+async fn an_idle_stream_answers_an_empty_batch_after_the_wait() {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let batching = Batching {
+        wait: Duration::from_millis(900),
+        ..Batching::default()
+    };
+    let mut source = RedisStreamConsumer::new(
+        conn,
+        "idle",
+        "dedup",
+        "c1",
+        batching,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let start = std::time::Instant::now();
+    let batch = source
+        .next_batch()
+        .await
+        .expect("an empty batch, not an error");
+    assert!(batch.is_empty());
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
+}
