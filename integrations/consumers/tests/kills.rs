@@ -36,7 +36,8 @@ fn messages() -> u64 {
 
 /// The example program `name`: `cargo test` builds a package's examples
 /// with its tests; when missing (the test binary run alone) it is built
-/// here with the same profile.
+/// here with the same profile; when older than this test (`cargo test
+/// --test kills` does not build examples) a warning says so.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
@@ -56,6 +57,18 @@ fn example(name: &str) -> PathBuf {
         "example {name} not found at {}",
         path.display()
     );
+    let older = |a: &PathBuf, b: &PathBuf| -> Option<bool> {
+        Some(
+            std::fs::metadata(a).ok()?.modified().ok()?
+                < std::fs::metadata(b).ok()?.modified().ok()?,
+        )
+    };
+    if older(&path, &exe) == Some(true) {
+        eprintln!(
+            "warning: example {name} is older than this test; `cargo test -p tiered-dedup-consumers` \
+             without a target filter (or `cargo build -p tiered-dedup-consumers --examples`) rebuilds it"
+        );
+    }
     path
 }
 
@@ -125,7 +138,7 @@ fn run_with_kills(
             start.elapsed() < Duration::from_secs(120),
             "kills took too long"
         );
-        std::thread::sleep(Duration::from_millis(20 + rng.below(150)));
+        std::thread::sleep(Duration::from_millis(20 + rng.below(kill_spread_ms())));
         let done = progress();
         assert!(
             done < distinct,
@@ -232,6 +245,12 @@ fn check_file(path: &PathBuf, distinct: u64, killed: &HashSet<u32>) {
 /// mid-stream.
 fn effect_delay_us() -> u64 {
     (3 * 4_000_000 / messages()).max(100)
+}
+
+/// The longest pause between kills: 150 ms for up to 20 000 messages,
+/// more for longer streams, so the kills spread over more of the stream.
+fn kill_spread_ms() -> u64 {
+    150 * (messages() / 20_000).max(1)
 }
 
 /// Distinct keys with an effect row so far (0 before the table exists).
