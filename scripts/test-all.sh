@@ -22,6 +22,16 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
 
+# Broker consumer tests (integrations/consumers) start their own
+# `nats-server -js` on loopback ports.
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "== installing nats-server from the distribution's packages"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >/dev/null
+fi
+
 echo "== format and lints (every workspace member)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings

@@ -118,6 +118,7 @@
 #![warn(missing_docs)]
 
 pub mod claims;
+pub mod consumer;
 pub mod durability;
 mod engine;
 mod error;

@@ -1,0 +1,228 @@
+//! The Redis Streams adapter against a private `redis-server`: repeats are
+//! deduplicated, a failed handler's entry stays pending and is reclaimed
+//! and done once, entries a dead consumer left pending are taken over with
+//! `XAUTOCLAIM` (replayed when it had committed), bad entries are counted.
+#![cfg(feature = "redis-streams")]
+
+#[path = "../../../tests/support/redis_server.rs"]
+mod redis_server;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis_server::RedisServer;
+use tiered_dedup::consumer::{BatchConsumer, Delivery, Disposition};
+use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
+use tiered_dedup::{Affinity, Deduper, ExactTier};
+use tiered_dedup_consumers::redis_streams::{publish, RedisStreamConsumer, StreamEntry};
+use tiered_dedup_consumers::{process_blocking, Batching};
+
+type Handler = dyn Fn(&StreamEntry) -> Result<Vec<u8>, String> + Send + Sync;
+type OnConflict = dyn Fn(&StreamEntry) + Send + Sync;
+
+fn key_of(e: &StreamEntry) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(e.field("data")?).ok()?;
+    Some(v.get("k")?.as_str()?.to_owned())
+}
+
+async fn member(server: &RedisServer, name: &str) -> RedisStreamConsumer {
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let batching = Batching {
+        max: 64,
+        wait: Duration::from_millis(50),
+        ..Batching::default()
+    };
+    RedisStreamConsumer::new(
+        conn,
+        "orders",
+        "dedup",
+        name,
+        batching,
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap()
+}
+
+async fn publish_keys(server: &RedisServer, keys: &[&str]) {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for k in keys {
+        let data = format!("{{\"k\":\"{k}\"}}");
+        publish(&mut conn, "orders", &[("data", data.as_bytes())])
+            .await
+            .unwrap();
+    }
+}
+
+fn shared_engine(server: &RedisServer) -> Arc<BatchConsumer> {
+    let tier = RedisTier::new(RedisConfig::new(&server.url()));
+    Arc::new(BatchConsumer::new(Arc::new(
+        Deduper::builder()
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .affinity(Affinity::Shared)
+            .shards(1)
+            .lease_duration(Duration::from_millis(250))
+            .build()
+            .unwrap(),
+    )))
+}
+
+fn recorder() -> (Arc<Mutex<Vec<String>>>, Arc<Handler>) {
+    let effects = Arc::new(Mutex::new(Vec::new()));
+    let e = Arc::clone(&effects);
+    let handler: Arc<Handler> = Arc::new(move |m: &StreamEntry| {
+        e.lock().unwrap().push(key_of(m).unwrap());
+        Ok(Vec::new())
+    });
+    (effects, handler)
+}
+
+/// One batch: bad entries acked as rejected, the rest processed and settled
+/// (unless `ack` is false: a crash after the commit).
+async fn step(
+    source: &mut RedisStreamConsumer,
+    dedup: &Arc<BatchConsumer>,
+    handler: &Arc<Handler>,
+    ack: bool,
+) -> (Vec<Disposition>, usize) {
+    let batch = source.next_batch().await.unwrap();
+    let (good, bad): (Vec<_>, Vec<_>) = batch.into_iter().partition(|e| key_of(e).is_some());
+    let deliveries = good
+        .into_iter()
+        .map(|e| Delivery::new(key_of(&e).unwrap(), e))
+        .collect();
+    let none: Arc<OnConflict> = Arc::new(|_| panic!("no conflicts"));
+    let settled = process_blocking(dedup, deliveries, handler, &none)
+        .await
+        .unwrap();
+    let seen = settled.iter().map(|(_, d)| d.clone()).collect();
+    if ack {
+        source
+            .settle(settled.iter().map(|(e, d)| (e, d)), &bad)
+            .await
+            .unwrap();
+    }
+    (seen, bad.len())
+}
+
+#[tokio::test]
+async fn smoke() {
+    let server = RedisServer::start();
+    let mut source = member(&server, "c1").await;
+    publish_keys(&server, &["a", "b", "a"]).await;
+    let dedup = shared_engine(&server);
+    let (effects, handler) = recorder();
+    let (seen, _) = step(&mut source, &dedup, &handler, true).await;
+    assert_eq!(seen.len(), 3);
+    assert_eq!(*effects.lock().unwrap(), vec!["a", "b"]);
+    assert_eq!(source.acked(), 3);
+}
+
+/// Entries a dead consumer left pending: those it committed are replayed,
+/// those it only claimed are acted on once its lease expired; none lost.
+#[tokio::test]
+async fn a_dead_consumers_pending_entries_are_reclaimed() {
+    let server = RedisServer::start();
+    let mut dead = member(&server, "dead").await;
+    let mut live = member(&server, "live").await;
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    publish_keys(
+        &server,
+        &keys.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let dedup_dead = shared_engine(&server);
+    let dedup_live = shared_engine(&server);
+    let (effects, handler) = recorder();
+    // The dead one committed its batch but never acked.
+    let (seen, _) = step(&mut dead, &dedup_dead, &handler, false).await;
+    assert_eq!(seen.len(), 40);
+    let start = Instant::now();
+    let mut replayed = 0;
+    while live.acked() < 40 && start.elapsed() < Duration::from_secs(10) {
+        let (seen, _) = step(&mut live, &dedup_live, &handler, true).await;
+        replayed += seen
+            .iter()
+            .filter(|d| matches!(d, Disposition::Replayed { .. }))
+            .count();
+    }
+    assert_eq!(live.acked(), 40);
+    assert!(live.reclaimed() >= 40, "taken over with XAUTOCLAIM");
+    assert_eq!(replayed, 40, "not acted on again");
+    assert_eq!(effects.lock().unwrap().len(), 40);
+}
+
+/// A failed handler releases the key; the entry stays pending, is reclaimed
+/// after the idle time, and is done once. Bad entries are acked, counted.
+#[tokio::test]
+async fn a_failed_handler_is_reclaimed_and_done_once_and_bad_entries_are_counted() {
+    let server = RedisServer::start();
+    let mut source = member(&server, "c1").await;
+    publish_keys(&server, &["x", "y"]).await;
+    {
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        publish(&mut conn, "orders", &[("data", b"not json")])
+            .await
+            .unwrap();
+    }
+    let dedup = shared_engine(&server);
+    let effects = Arc::new(Mutex::new(Vec::new()));
+    let e = Arc::clone(&effects);
+    let handler: Arc<Handler> = Arc::new(move |m: &StreamEntry| {
+        let k = key_of(m).unwrap();
+        let mut e = e.lock().unwrap();
+        if k == "x" && !e.contains(&"tried x".to_owned()) {
+            e.push("tried x".into());
+            return Err("temporary".into());
+        }
+        e.push(k);
+        Ok(Vec::new())
+    });
+    let mut bad = 0;
+    let mut failed = 0;
+    let start = Instant::now();
+    while source.acked() < 3 && start.elapsed() < Duration::from_secs(10) {
+        let (seen, b) = step(&mut source, &dedup, &handler, true).await;
+        bad += b;
+        failed += seen.iter().filter(|d| **d == Disposition::Failed).count();
+    }
+    assert_eq!((bad, failed, source.acked()), (1, 1, 3));
+    assert_eq!(*effects.lock().unwrap(), vec!["tried x", "y", "x"]);
+}
+
+/// An idle stream: a blocking read longer than the client's default
+/// response timeout (500 ms) answers an empty batch, not an error.
+#[tokio::test]
+async fn an_idle_stream_answers_an_empty_batch_after_the_wait() {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let batching = Batching {
+        wait: Duration::from_millis(900),
+        ..Batching::default()
+    };
+    let mut source = RedisStreamConsumer::new(
+        conn,
+        "idle",
+        "dedup",
+        "c1",
+        batching,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let start = std::time::Instant::now();
+    let batch = source
+        .next_batch()
+        .await
+        .expect("an empty batch, not an error");
+    assert!(batch.is_empty());
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
+}

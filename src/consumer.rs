@@ -1,0 +1,475 @@
+//! A broker-neutral consumer step: claim a batch of delivered messages in
+//! one engine call, act on the ones acquired, commit (or release), and say
+//! what to do with each delivery — ack, redeliver, or dead-letter.
+//!
+//! ```text
+//! deliveries ──claim_batch (one round trip)──┬─ Acquired  → handler → commit → Ack
+//!                                             │                   └ Err → release → Redeliver
+//!                                             ├─ Completed → Ack (not run; result replayed)
+//!                                             ├─ InProgress → Redeliver after the holder's lease
+//!                                             ├─ Conflict → on_conflict (dead letter) → Ack
+//!                                             └─ Unavailable → Redeliver (nothing acked)
+//! ```
+//!
+//! The order matters: the record is committed **after** the handler's
+//! effect and **before** the ack. A crash before the commit leaves the key
+//! unclaimed once its lease expires, so the broker's redelivery acts again
+//! (at least once, never lost); a crash after the commit and before the ack
+//! makes the redelivery `Completed` (acked without acting). The one window
+//! left — a crash between the effect and the commit — repeats the effect;
+//! only an effect committed in the same transaction as the claim (the
+//! PostgreSQL integration) closes it.
+//!
+//! The brokers' own clients live in the `tiered-dedup-consumers` member
+//! crate (NATS JetStream, Redis Streams); this module has no dependency.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tiered_dedup::consumer::{BatchConsumer, Delivery, Disposition};
+//! use tiered_dedup::Deduper;
+//!
+//! let consumer = BatchConsumer::new(Arc::new(Deduper::builder().build()?));
+//! let batch = vec![Delivery::new("order-1", 1u32), Delivery::new("order-1", 2u32)];
+//! let settled = consumer.process(
+//!     batch,
+//!     |msg: &u32| Ok::<_, std::io::Error>(format!("done {msg}").into_bytes()),
+//!     |_msg: &u32| {},
+//! );
+//! assert!(matches!(settled[0].1, Disposition::Processed));
+//! assert!(matches!(settled[1].1, Disposition::Replayed { .. }));
+//! assert!(settled.iter().all(|(_, d)| d.should_ack()));
+//! # Ok::<(), tiered_dedup::ConfigError>(())
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::claims::{Claim, ClaimRequest, PayloadFingerprint};
+use crate::engine::Deduper;
+use crate::time::Timestamp;
+
+/// One delivered message: its dedup key (the business key, not the
+/// broker's message id), an optional payload fingerprint, and the
+/// broker's handle (`M`: the message and whatever acks it).
+#[derive(Debug)]
+pub struct Delivery<M> {
+    /// The dedup key.
+    pub key: Vec<u8>,
+    /// The payload it stands for (a key seen again with another payload is
+    /// a conflict); `None`: never a conflict.
+    pub payload: Option<PayloadFingerprint>,
+    /// The broker's message.
+    pub message: M,
+}
+
+impl<M> Delivery<M> {
+    /// A delivery of `message` under `key`, without a payload fingerprint.
+    pub fn new(key: impl AsRef<[u8]>, message: M) -> Self {
+        Delivery {
+            key: key.as_ref().to_vec(),
+            payload: None,
+            message,
+        }
+    }
+
+    /// With a payload fingerprint (checked for conflicts).
+    #[must_use]
+    pub fn payload(mut self, payload: PayloadFingerprint) -> Self {
+        self.payload = Some(payload);
+        self
+    }
+}
+
+/// What to do with a delivery once its batch is processed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Disposition {
+    /// The handler ran and its result was committed: ack.
+    Processed,
+    /// Completed earlier within the window: ack without running; `result`
+    /// is what the first run stored.
+    Replayed {
+        /// The stored result.
+        result: Arc<[u8]>,
+    },
+    /// Another holder is acting on the key: do not ack; let the broker
+    /// redeliver (after `until`, the holder's lease, where the broker can
+    /// delay a redelivery).
+    InProgress {
+        /// The holder's lease expiry (lease clock).
+        until: Timestamp,
+    },
+    /// The handler failed; the claim was released: do not ack, redeliver.
+    Failed,
+    /// The key was seen with another payload: handed to the conflict
+    /// callback (a dead letter), then ack.
+    Conflict,
+    /// The exact tier could not answer (fail-closed policy): nothing was
+    /// run or recorded; do not ack, redeliver later.
+    Unavailable,
+    /// The handler ran but its commit was not stored (the lease expired, or
+    /// the tier failed at the commit): ack (the effect is done), counted —
+    /// a later repeat of the key may act again.
+    Uncommitted,
+    /// Event time only: behind the allowed lateness; not recorded, ack.
+    Late,
+}
+
+impl Disposition {
+    /// True when the delivery is settled and should be acked; false when
+    /// the broker should deliver it again.
+    #[must_use]
+    pub fn should_ack(&self) -> bool {
+        !matches!(
+            self,
+            Disposition::InProgress { .. } | Disposition::Failed | Disposition::Unavailable
+        )
+    }
+
+    /// How long to ask the broker to wait before redelivering (brokers
+    /// with a negative ack and a delay), for the ones not acked.
+    #[must_use]
+    pub fn redeliver_after(&self, now: Timestamp) -> Option<Duration> {
+        match self {
+            Disposition::InProgress { until } => Some(Duration::from_nanos(
+                until.as_nanos().saturating_sub(now.as_nanos()),
+            )),
+            Disposition::Unavailable => Some(Duration::from_millis(100)),
+            Disposition::Failed => Some(Duration::ZERO),
+            _ => None,
+        }
+    }
+}
+
+/// The consumer's counters (atomics; read with [`BatchConsumer::stats`]).
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    delivered: AtomicU64,
+    processed: AtomicU64,
+    replayed: AtomicU64,
+    in_progress: AtomicU64,
+    failed: AtomicU64,
+    conflicts: AtomicU64,
+    unavailable: AtomicU64,
+    uncommitted: AtomicU64,
+    late: AtomicU64,
+}
+
+/// A snapshot of a consumer's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Batches processed (one engine claim call each).
+    pub batches: u64,
+    /// Deliveries seen.
+    pub delivered: u64,
+    /// Handler runs committed.
+    pub processed: u64,
+    /// Deliveries of completed keys, acked without running.
+    pub replayed: u64,
+    /// Deliveries left for redelivery because another holder had the key.
+    pub in_progress: u64,
+    /// Handler failures (released, redelivered).
+    pub failed: u64,
+    /// Payload conflicts handed to the callback.
+    pub conflicts: u64,
+    /// Deliveries the exact tier could not claim (redelivered).
+    pub unavailable: u64,
+    /// Handler runs whose commit was not stored.
+    pub uncommitted: u64,
+    /// Late deliveries (event time).
+    pub late: u64,
+}
+
+impl ConsumerStats {
+    /// The counter that `disposition` adds to.
+    fn count(c: &Counters, disposition: &Disposition) {
+        let field = match disposition {
+            Disposition::Processed => &c.processed,
+            Disposition::Replayed { .. } => &c.replayed,
+            Disposition::InProgress { .. } => &c.in_progress,
+            Disposition::Failed => &c.failed,
+            Disposition::Conflict => &c.conflicts,
+            Disposition::Unavailable => &c.unavailable,
+            Disposition::Uncommitted => &c.uncommitted,
+            Disposition::Late => &c.late,
+        };
+        field.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Claims, acts, commits and says what to ack, a batch at a time. Cheap to
+/// share (`Arc` it, or clone the engine into several).
+#[derive(Debug)]
+pub struct BatchConsumer {
+    engine: Arc<Deduper>,
+    lease: Option<Duration>,
+    counters: Counters,
+}
+
+impl BatchConsumer {
+    /// A consumer claiming in `engine`, with the engine's lease duration.
+    #[must_use]
+    pub fn new(engine: Arc<Deduper>) -> Self {
+        BatchConsumer {
+            engine,
+            lease: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Leases of `duration` instead of the engine's default: longer than a
+    /// batch's handler runs take, and no longer than the broker's ack
+    /// deadline (a redelivery before the lease ends is `InProgress`).
+    #[must_use]
+    pub fn lease(mut self, duration: Duration) -> Self {
+        self.lease = Some(duration);
+        self
+    }
+
+    /// The engine.
+    #[must_use]
+    pub fn engine(&self) -> &Arc<Deduper> {
+        &self.engine
+    }
+
+    /// The counters so far.
+    #[must_use]
+    pub fn stats(&self) -> ConsumerStats {
+        let c = &self.counters;
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ConsumerStats {
+            batches: r(&c.batches),
+            delivered: r(&c.delivered),
+            processed: r(&c.processed),
+            replayed: r(&c.replayed),
+            in_progress: r(&c.in_progress),
+            failed: r(&c.failed),
+            conflicts: r(&c.conflicts),
+            unavailable: r(&c.unavailable),
+            uncommitted: r(&c.uncommitted),
+            late: r(&c.late),
+        }
+    }
+
+    /// Processes one batch: claims every delivery in one engine call (one
+    /// round trip per shard on a remote tier), runs `handler` on each
+    /// acquired one in order, commits the successes in one call (results
+    /// stored for replays) and releases the failures, and calls
+    /// `on_conflict` for payload conflicts. Returns each message with what
+    /// to do with it, in delivery order; the caller acks the ones whose
+    /// [`Disposition::should_ack`] is true — after this returns, that is
+    /// after the commit.
+    ///
+    /// A key delivered twice in one batch is acted on once (the second is
+    /// `Replayed`, or `Failed` if the first failed; `Conflict` when both
+    /// carry payload fingerprints and they differ).
+    pub fn process<M, E>(
+        &self,
+        batch: Vec<Delivery<M>>,
+        mut handler: impl FnMut(&M) -> Result<Vec<u8>, E>,
+        mut on_conflict: impl FnMut(&M),
+    ) -> Vec<(M, Disposition)> {
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // 1. One claim call for the batch. Repeats of a key within the
+        // batch claim once (the first); the others follow its outcome.
+        let mut first_of: std::collections::HashMap<&[u8], usize> =
+            std::collections::HashMap::with_capacity(batch.len());
+        let mut requests = Vec::with_capacity(batch.len());
+        let mut slot = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            if let Some(&j) = first_of.get(d.key.as_slice()) {
+                slot.push(Err(j));
+                continue;
+            }
+            first_of.insert(d.key.as_slice(), i);
+            let mut r = ClaimRequest::new(d.key.as_slice());
+            r.payload = d.payload;
+            r.lease = self.lease;
+            slot.push(Ok(requests.len()));
+            requests.push(r);
+        }
+        let claims = self.engine.claim_batch_owned(&requests);
+        drop(first_of);
+        // 2. Act on the acquired ones, in delivery order.
+        let mut out: Vec<Option<Disposition>> = (0..batch.len()).map(|_| None).collect();
+        let mut commits = Vec::new();
+        let mut committed_at = Vec::new();
+        let mut claims: Vec<Option<Claim<Arc<Deduper>>>> = claims.into_iter().map(Some).collect();
+        for (i, d) in batch.iter().enumerate() {
+            let Ok(r) = slot[i] else { continue };
+            out[i] = Some(match claims[r].take().expect("each claim once") {
+                Claim::Acquired(lease) => match handler(&d.message) {
+                    Ok(result) => {
+                        commits.push((lease, result));
+                        committed_at.push(i);
+                        continue;
+                    }
+                    Err(_) => {
+                        let _ = lease.release();
+                        Disposition::Failed
+                    }
+                },
+                Claim::Completed { result, .. } => Disposition::Replayed { result },
+                Claim::InProgress { until } => Disposition::InProgress { until },
+                Claim::Conflict => {
+                    on_conflict(&d.message);
+                    Disposition::Conflict
+                }
+                Claim::Unavailable => Disposition::Unavailable,
+                Claim::Late { .. } => Disposition::Late,
+            });
+        }
+        // 3. Commit the successes in one call: the record before the ack.
+        let results: Vec<Arc<[u8]>> = commits.iter().map(|(_, r)| Arc::from(&r[..])).collect();
+        let mut stored: Vec<Option<Arc<[u8]>>> = vec![None; batch.len()];
+        for ((&i, outcome), result) in committed_at
+            .iter()
+            .zip(self.engine.commit_batch(commits))
+            .zip(results)
+        {
+            out[i] = Some(match outcome {
+                Ok(()) => Disposition::Processed,
+                Err(e) => {
+                    // Lost, or handed back (too large, tier down): the
+                    // effect is done but not recorded; give the key up.
+                    if let Some(lease) = e.into_lease() {
+                        let _ = lease.release();
+                    }
+                    Disposition::Uncommitted
+                }
+            });
+            stored[i] = Some(result);
+        }
+        // 4. Repeats within the batch follow their first delivery.
+        for i in 0..batch.len() {
+            if let Err(j) = slot[i] {
+                if let (Some(a), Some(b)) = (batch[j].payload, batch[i].payload) {
+                    if a != b {
+                        on_conflict(&batch[i].message);
+                        out[i] = Some(Disposition::Conflict);
+                        continue;
+                    }
+                }
+                out[i] = Some(match out[j].clone().expect("settled above") {
+                    Disposition::Processed | Disposition::Uncommitted => Disposition::Replayed {
+                        result: stored[j].clone().unwrap_or_else(|| Arc::from(&[][..])),
+                    },
+                    other => other,
+                });
+            }
+        }
+        batch
+            .into_iter()
+            .zip(out)
+            .map(|(d, o)| {
+                let o = o.expect("every delivery settled");
+                ConsumerStats::count(c, &o);
+                (d.message, o)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn consumer() -> BatchConsumer {
+        BatchConsumer::new(Arc::new(Deduper::builder().build().unwrap()))
+    }
+
+    #[test]
+    fn acquired_runs_once_and_repeats_replay_the_result() {
+        let c = consumer();
+        let mut runs = 0;
+        let out = c.process(
+            vec![Delivery::new("a", 1), Delivery::new("b", 2)],
+            |m: &i32| {
+                runs += 1;
+                Ok::<_, ()>(vec![*m as u8])
+            },
+            |_| {},
+        );
+        assert!(out.iter().all(|(_, d)| *d == Disposition::Processed));
+        let out = c.process(vec![Delivery::new("a", 3)], |_| Ok::<_, ()>(vec![]), |_| {});
+        assert_eq!(
+            out[0].1,
+            Disposition::Replayed {
+                result: Arc::from(&[1u8][..])
+            }
+        );
+        assert_eq!(runs, 2);
+        let s = c.stats();
+        assert_eq!(
+            (s.batches, s.delivered, s.processed, s.replayed),
+            (2, 3, 2, 1)
+        );
+    }
+
+    #[test]
+    fn a_failed_handler_releases_and_asks_for_redelivery() {
+        let c = consumer();
+        let out = c.process(
+            vec![Delivery::new("a", 1)],
+            |_| Err::<Vec<u8>, _>("no"),
+            |_| {},
+        );
+        assert_eq!(out[0].1, Disposition::Failed);
+        assert!(!out[0].1.should_ack());
+        let out = c.process(vec![Delivery::new("a", 1)], |_| Ok::<_, ()>(vec![]), |_| {});
+        assert_eq!(out[0].1, Disposition::Processed, "released: acts again");
+    }
+
+    #[test]
+    fn a_held_key_is_in_progress_and_a_different_payload_conflicts() {
+        let c = consumer();
+        let lease = c
+            .engine()
+            .claim_owned(ClaimRequest::new("held").payload(PayloadFingerprint(1)))
+            .into_lease()
+            .unwrap();
+        let mut dead = Vec::new();
+        let out = c.process(
+            vec![
+                Delivery::new("held", 1),
+                Delivery::new("held", 2).payload(PayloadFingerprint(2)),
+            ],
+            |_| Ok::<_, ()>(vec![]),
+            |m: &i32| dead.push(*m),
+        );
+        assert!(matches!(out[0].1, Disposition::InProgress { .. }));
+        assert!(out[0].1.redeliver_after(Timestamp::from_nanos(0)).is_some());
+        // The second delivery of the key in the batch follows the first.
+        assert!(matches!(out[1].1, Disposition::InProgress { .. }));
+        lease.commit(b"").unwrap();
+        let out = c.process(
+            vec![Delivery::new("held", 3).payload(PayloadFingerprint(2))],
+            |_| Ok::<_, ()>(vec![]),
+            |m: &i32| dead.push(*m),
+        );
+        assert_eq!(out[0].1, Disposition::Conflict);
+        assert!(out[0].1.should_ack());
+        assert_eq!(dead, vec![3]);
+    }
+
+    #[test]
+    fn a_key_twice_in_one_batch_runs_once() {
+        let c = consumer();
+        let mut runs = 0;
+        let out = c.process(
+            vec![Delivery::new("k", 1), Delivery::new("k", 2)],
+            |_| {
+                runs += 1;
+                Ok::<_, ()>(vec![])
+            },
+            |_| {},
+        );
+        assert_eq!(runs, 1);
+        assert_eq!(out[0].1, Disposition::Processed);
+        assert!(matches!(out[1].1, Disposition::Replayed { .. }));
+    }
+}
