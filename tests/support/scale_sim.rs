@@ -93,8 +93,14 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
+    /// `keys` checks in router batches of 512, 8 partitions, faults on.
     pub fn new(instances: usize, mode: Mode, keys: usize) -> Self {
-        let batch = 512;
+        Self::with_batch(instances, mode, keys, 512)
+    }
+
+    /// The same with router batches of `batch` keys (the window stays a
+    /// third of the run).
+    pub fn with_batch(instances: usize, mode: Mode, keys: usize, batch: usize) -> Self {
         let batches = keys.div_ceil(batch).max(1) as u32;
         let step = Duration::from_millis(10);
         SimConfig {
