@@ -18,7 +18,8 @@
 //!
 //! `cargo bench --features redis --bench scale_out` (10⁶ keys per run);
 //! `TD_SIM_KEYS=N`, `TD_SIM_INSTANCES=1,2`, `TD_SIM_MODES=owned|shared`,
-//! `TD_SIM_BATCH=N` (router batch, default 4096) change the runs;
+//! `TD_SIM_BATCH=N` (router batch, default 32768: 2048 keys per partition
+//! and command in owned mode) change the runs;
 //! `TD_SIM_NO_AOF=1` runs the masters without persistence (violations
 //! expected: a restarted master comes back empty); `-- --test` (as `cargo
 //! bench -- --test` passes) runs K = 1 and 2 on 2·10⁴ keys.
@@ -67,7 +68,7 @@ fn main() {
     } else {
         env_or("TD_SIM_KEYS", 1_000_000)
     };
-    let batch = env_or("TD_SIM_BATCH", 4_096);
+    let batch = env_or("TD_SIM_BATCH", 32_768);
     let instances: Vec<usize> = std::env::var("TD_SIM_INSTANCES")
         .unwrap_or_else(|_| if smoke { "1,2" } else { "1,2,4,8" }.to_owned())
         .split(',')

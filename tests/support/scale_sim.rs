@@ -415,7 +415,7 @@ impl Router<'_> {
                 "TD_SIM_WINDOW_NS",
                 (self.cfg.window.as_nanos() as u64).to_string(),
             )
-            .env("TD_SIM_EXPECTED", (self.cfg.pool as usize).to_string())
+            .env("TD_SIM_EXPECTED", self.expected_keys().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -429,6 +429,15 @@ impl Router<'_> {
             child,
             stdin,
             answers,
+        }
+    }
+
+    /// Keys per window one namespace expects: owned, a partition's share.
+    fn expected_keys(&self) -> usize {
+        let pool = self.cfg.pool as usize;
+        match self.cfg.mode {
+            Mode::Owned => pool / self.cfg.partitions,
+            Mode::Shared => pool,
         }
     }
 
