@@ -3,7 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Redis-backed tests start their own redis-server on loopback ports.
+# Redis-backed tests start their own redis-server on loopback ports
+# (tests/redis_cluster.rs and tests/scale_out.rs a three-master Cluster,
+# joined with redis-cli, which comes with the package); --all-features
+# below turns on the `redis` feature they need.
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "== installing redis-server from the distribution's packages"
   SUDO=""

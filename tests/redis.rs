@@ -623,3 +623,56 @@ fn a_retention_without_a_window_is_renewed_by_every_write() {
         "{ttls:?}"
     );
 }
+
+/// Write-through marks (`mark_batch(1)`, the builder's default) are filed
+/// under the slice current when their key was accepted, not an older one
+/// sharing its slot: a key accepted most of a window after the first one
+/// is still a duplicate, for a restarted engine (a cold filter asks Redis),
+/// once the first key's slice has expired. (The partition learnt the
+/// current slice from lookups and batches only, so a warm engine's
+/// write-through marks went to the slice of the last lookup.)
+#[test]
+fn write_through_marks_land_in_their_own_slice() {
+    let server = RedisServer::start();
+    let t0 = Timestamp::from_secs(1_000);
+    let clock = ManualClock::new(t0);
+    let window = Duration::from_secs(600);
+    let build = || {
+        engine(&server, &clock, Affinity::Owned, window)
+            .shards(1)
+            .mark_batch(1)
+            .build()
+            .unwrap()
+    };
+    let a = build();
+    // Warm: a window has passed since it started, so a definitely-new
+    // answer of the filter is final and Redis is only written.
+    a.check(&u64::MAX);
+    clock.advance(window + Duration::from_secs(1));
+    a.maintain();
+    let early: Vec<u64> = (0..100).collect();
+    assert!(a.check_batch(&early).iter().all(|v| v.is_new()));
+    // Most of a window later, across several rotations.
+    clock.advance(window * 9 / 10);
+    let late_at = clock.now();
+    let late: Vec<u64> = (1_000..1_100).collect();
+    assert!(a.check_batch(&late).iter().all(|v| v.is_new()));
+    a.flush().expect("a healthy tier stores every mark");
+    drop(a);
+    // The early keys' window is over, the late ones' is not.
+    clock.advance(window / 2);
+    let b = build();
+    let verdicts = b.check_batch(&late);
+    let wrong: Vec<_> = late
+        .iter()
+        .zip(&verdicts)
+        .filter(|(_, v)| v.first_seen() != Some(late_at))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} keys accepted inside their window lost their mark, e.g. {:?}",
+        wrong.len(),
+        late.len(),
+        wrong.first()
+    );
+}

@@ -871,21 +871,31 @@ impl Shard {
         };
         if let Some(exact) = &mut self.exact {
             self.counters.marks_queued += 1;
+            let slice = match &self.filter {
+                ShardFilter::Windowed(f) => f.current(),
+                ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
+            };
+            let mark = Mark {
+                fingerprint: fp,
+                slot,
+                slice,
+                at: t,
+            };
             if self.pending.is_write_through() {
-                match exact.mark(fp, slot, t) {
+                // A remote tier files a mark under its slice, which a slot
+                // alone does not name (`mark` would guess it from the last
+                // slice the tier heard of, an older one once the filter
+                // rotated without a lookup): pass it.
+                let result = if exact.prefers_batches() {
+                    exact.mark_batch(std::slice::from_ref(&mark))
+                } else {
+                    exact.mark(fp, slot, t)
+                };
+                match result {
                     Ok(()) => self.counters.marks_flushed += 1,
                     Err(_) => self.counters.mark_errors += 1,
                 }
             } else {
-                let mark = Mark {
-                    fingerprint: fp,
-                    slot,
-                    slice: match &self.filter {
-                        ShardFilter::Windowed(f) => f.current(),
-                        ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
-                    },
-                    at: t,
-                };
                 if self.pending.push(mark) {
                     self.flush_marks();
                 }

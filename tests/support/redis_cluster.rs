@@ -29,10 +29,16 @@ impl RedisCluster {
     /// Starts `masters` nodes and joins them into one cluster, hash slots
     /// split evenly, no replicas.
     pub fn start(masters: usize) -> Self {
+        Self::start_with(masters, &[])
+    }
+
+    /// [`RedisCluster::start`] with extra `redis-server` arguments on every
+    /// node (persistence, say).
+    pub fn start_with(masters: usize, extra: &[&str]) -> Self {
         let nodes: Vec<RedisServer> = (0..masters)
             .map(|_| {
                 let bus = free_port().to_string();
-                RedisServer::start_with(&[
+                let mut args = vec![
                     "--cluster-enabled",
                     "yes",
                     // Each node has its own directory: one name fits all.
@@ -42,7 +48,9 @@ impl RedisCluster {
                     &bus,
                     "--cluster-node-timeout",
                     "5000",
-                ])
+                ];
+                args.extend_from_slice(extra);
+                RedisServer::start_with(&args)
             })
             .collect();
         let cluster = RedisCluster { nodes };
@@ -70,7 +78,7 @@ impl RedisCluster {
 
     /// Waits until every node says `cluster_state:ok` and knows every
     /// other node (10 s at most).
-    fn wait_ok(&self) {
+    pub fn wait_ok(&self) {
         let start = Instant::now();
         loop {
             let ready = self.nodes.iter().all(|n| {
