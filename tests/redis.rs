@@ -27,7 +27,12 @@ fn engine(
     affinity: Affinity,
     window: Duration,
 ) -> DeduperBuilder {
-    let tier = RedisTier::new(RedisConfig::new(&server.url()));
+    // No fault is injected here: a request slower than the default 500 ms
+    // (a loaded machine) must not turn a verdict into `Unavailable`.
+    let tier = RedisTier::new(RedisConfig {
+        timeout: Duration::from_secs(10),
+        ..RedisConfig::new(&server.url())
+    });
     Deduper::builder()
         .window(window)
         .expected_keys(10_000)

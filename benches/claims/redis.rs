@@ -128,6 +128,8 @@ impl Bench {
     fn ours(&mut self, affinity: Affinity, threads: usize, result: &'static [u8]) -> Pass {
         let (keys, distinct) = stream();
         let clock = manual_clock();
+        let tier = Arc::new(RedisTier::new(RedisConfig::new(&self.server.url())));
+        let tier_stats = tier.stats();
         let d = Deduper::builder()
             .window(WINDOW)
             .expected_keys(*distinct)
@@ -136,9 +138,7 @@ impl Bench {
             .max_result_bytes(RESULT.len())
             .mark_batch(32_768)
             .affinity(affinity)
-            .exact_tier(tiered_dedup::ExactTier::Custom(Arc::new(RedisTier::new(
-                RedisConfig::new(&self.server.url()),
-            ))))
+            .exact_tier(tiered_dedup::ExactTier::Custom(tier))
             .build()
             .expect("bench configuration");
         if affinity == Affinity::Owned {
@@ -165,7 +165,7 @@ impl Bench {
                     Claim::Acquired(lease) => commits.push((lease, result)),
                     Claim::Completed { .. } => answers.completed += 1,
                     Claim::InProgress { .. } => answers.in_progress += 1,
-                    other => panic!("unexpected {other:?}"),
+                    other => panic!("unexpected {other:?}: {:?}", tier_stats.last_error()),
                 }
             }
             for committed in d.commit_batch(commits) {
