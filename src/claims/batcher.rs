@@ -320,55 +320,40 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let mut rest = batch.into_iter().peekable();
-        while let Some(job) = rest.next() {
+        // One call per kind for the whole drained batch (on a remote tier,
+        // one round trip each), not one per run of a kind: requests of
+        // concurrent callers interleave claims and commits. Commits and
+        // releases first: a claim queued behind the commit of its key then
+        // finds it completed; jobs of one kind keep their order.
+        let mut claims = Vec::new();
+        let mut commits = Vec::new();
+        let mut releases = Vec::new();
+        for job in batch {
             match job {
                 Job::Claim {
                     request,
                     deadline,
                     answer,
-                } => {
-                    let mut claims = vec![(request, deadline, answer)];
-                    while let Some(Job::Claim { .. }) = rest.peek() {
-                        let Some(Job::Claim {
-                            request,
-                            deadline,
-                            answer,
-                        }) = rest.next()
-                        else {
-                            unreachable!()
-                        };
-                        claims.push((request, deadline, answer));
-                    }
-                    run_claims(engine, claims, &mut waiting);
-                }
+                } => claims.push((request, deadline, answer)),
                 Job::Commit {
                     lease,
                     result,
                     answer,
-                } => {
-                    let mut commits = vec![(lease, result, answer)];
-                    while let Some(Job::Commit { .. }) = rest.peek() {
-                        let Some(Job::Commit {
-                            lease,
-                            result,
-                            answer,
-                        }) = rest.next()
-                        else {
-                            unreachable!()
-                        };
-                        commits.push((lease, result, answer));
-                    }
-                    let (pairs, answers): (Vec<_>, Vec<_>) = commits
-                        .into_iter()
-                        .map(|(lease, result, answer)| ((lease, result), answer))
-                        .unzip();
-                    for (done, answer) in engine.commit_batch(pairs).into_iter().zip(answers) {
-                        answer.send(done);
-                    }
-                }
-                Job::Release { lease, answer } => answer.send(lease.release()),
+                } => commits.push(((lease, result), answer)),
+                Job::Release { lease, answer } => releases.push((lease, answer)),
             }
+        }
+        if !commits.is_empty() {
+            let (pairs, answers): (Vec<_>, Vec<_>) = commits.into_iter().unzip();
+            for (done, answer) in engine.commit_batch(pairs).into_iter().zip(answers) {
+                answer.send(done);
+            }
+        }
+        for (lease, answer) in releases {
+            answer.send(lease.release());
+        }
+        if !claims.is_empty() {
+            run_claims(engine, claims, &mut waiting);
         }
         if !waiting.is_empty() && last_look.elapsed() >= WAIT_POLL {
             look_again(engine, &mut waiting, false);
