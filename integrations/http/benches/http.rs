@@ -124,6 +124,7 @@ fn engine_for(variant: Variant, redis: Option<&str>) -> Option<Arc<Deduper>> {
             let tier = RedisTier::new(RedisConfig::new(redis.expect("a Redis URL")));
             Some(Arc::new(
                 builder
+                    .shards(env_usize("TD_BENCH_SHARDS", 0).max(1))
                     .affinity(Affinity::Shared)
                     .exact_tier(ExactTier::Custom(Arc::new(tier)))
                     .build()
