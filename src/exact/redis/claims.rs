@@ -2,8 +2,8 @@
 //! and forgets appended to its log in Redis and answered from the replica
 //! that replays it (`log.rs`); what happens when Redis cannot answer.
 //!
-//! One request per call (`LOG_SCRIPT`): the call's entry is appended and
-//! the log read back from where this replica stopped, so the replica
+//! One request per call (a pipeline around `LOG_SCRIPT`): the call's
+//! entry is appended and the log read back from where this replica stopped, so the replica
 //! applies every engine's operations in the log's order, its own among
 //! them, and answers its own from the state they meet. A committed
 //! result lives in the shard's body hash of its acquisition slice
@@ -68,6 +68,7 @@ pub(super) struct SharedLog {
     /// released with the next request.
     orphans: Vec<(Fingerprint, u64, u64)>,
     script: redis::Script,
+    cluster_script: redis::Script,
     snapshot_script: redis::Script,
     scratch: Vec<LogOp>,
 }
@@ -112,6 +113,7 @@ impl SharedLog {
             reclaim: FingerprintMap::default(),
             orphans: Vec::new(),
             script: redis::Script::new(super::scripts::LOG_SCRIPT),
+            cluster_script: redis::Script::new(super::scripts::CLUSTER_LOG_SCRIPT),
             snapshot_script: redis::Script::new(super::scripts::SNAPSHOT_SCRIPT),
             scratch: Vec::new(),
         }
@@ -145,6 +147,23 @@ fn parse_seq(id: &[u8]) -> Option<u64> {
         .strip_prefix("0-")?
         .parse()
         .ok()
+}
+
+/// The pipeline's replies (the bodies' `HSET`s, the script's epoch and
+/// ids, the `XRANGE`) as one: `[epoch, ids, entries]`.
+fn log_reply(mut replies: Vec<Value>) -> Result<Value, String> {
+    if replies.len() < 2 {
+        return Err(format!("a log reply of {} parts", replies.len()));
+    }
+    let entries = replies.pop().expect("two or more");
+    let Value::Array(mut appended) = replies.pop().expect("two or more") else {
+        return Err("a log script reply that is not [epoch, ids]".into());
+    };
+    if appended.len() != 2 {
+        return Err(format!("a log script reply of {} parts", appended.len()));
+    }
+    appended.push(entries);
+    Ok(Value::Array(appended))
 }
 
 fn parse_read(reply: Value) -> Result<Read, String> {
@@ -508,39 +527,117 @@ impl RedisPartition {
                 self.load_snapshot().map_err(|e| (e, sent))?;
             }
             let log = self.log.as_ref().expect("shared");
-            let mut invocation = script.prepare_invoke();
-            invocation.key(&log.log_key).key(&log.epoch_key);
-            if first {
-                for k in &body_keys {
-                    invocation.key(k);
-                }
-            }
-            invocation
-                .arg(format!("{:016x}", new_writer(reads)))
-                .arg(ttl)
-                .arg(format!("(0-{}", log.replica.last_seq))
-                .arg(READ_COUNT);
-            if first {
-                invocation.arg(blobs.len());
-                for b in &blobs {
-                    invocation.arg(&b[..]);
-                }
-                for (k, (_, fields)) in by_slice.iter().enumerate() {
-                    invocation.arg(k + 3).arg(fields.len());
-                    for (f, v) in fields {
-                        invocation.arg(*f).arg(*v);
+            let sent_now = &mut sent;
+            let reply = if self.config.cluster {
+                // One script does it all (the cluster client sends no
+                // pipelines).
+                let script = log.cluster_script.clone();
+                let mut invocation = script.prepare_invoke();
+                invocation.key(&log.log_key).key(&log.epoch_key);
+                if first {
+                    for k in &body_keys {
+                        invocation.key(k);
                     }
                 }
-            } else {
-                invocation.arg(0);
-            }
-            let sent_now = &mut sent;
-            let reply = self
-                .with_conn(|c, _| {
+                invocation
+                    .arg(format!("{:016x}", new_writer(reads)))
+                    .arg(ttl)
+                    .arg(format!("(0-{}", log.replica.last_seq))
+                    .arg(READ_COUNT);
+                if first {
+                    invocation.arg(blobs.len());
+                    for b in &blobs {
+                        invocation.arg(&b[..]);
+                    }
+                    for (k, (_, fields)) in by_slice.iter().enumerate() {
+                        invocation.arg(k + 3).arg(fields.len());
+                        for (f, v) in fields {
+                            invocation.arg(*f).arg(*v);
+                        }
+                    }
+                } else {
+                    invocation.arg(0);
+                }
+                self.with_conn(|c, _| {
                     *sent_now |= first;
                     invocation.invoke::<Value>(c.like())
                 })
-                .map_err(|e| (e, sent))?;
+                .map_err(|e| (e, sent))?
+            } else {
+                // One pipeline: the bodies, the script appending the
+                // entries, the log read back from where this replica
+                // stopped.
+                let mut cmds: Vec<redis::Cmd> = Vec::with_capacity(body_keys.len() + 2);
+                if first {
+                    for (key, (_, fields)) in body_keys.iter().zip(&by_slice) {
+                        let mut hset = redis::cmd("HSET");
+                        hset.arg(key);
+                        for (f, v) in fields {
+                            hset.arg(*f).arg(*v);
+                        }
+                        cmds.push(hset);
+                    }
+                }
+                let mut eval = redis::cmd("EVALSHA");
+                eval.arg(script.get_hash())
+                    .arg(2 + if first { body_keys.len() } else { 0 })
+                    .arg(&log.log_key)
+                    .arg(&log.epoch_key);
+                if first {
+                    for k in &body_keys {
+                        eval.arg(k);
+                    }
+                }
+                eval.arg(format!("{:016x}", new_writer(reads))).arg(ttl);
+                if first {
+                    eval.arg(blobs.len());
+                    for b in &blobs {
+                        eval.arg(&b[..]);
+                    }
+                } else {
+                    eval.arg(0);
+                }
+                cmds.push(eval);
+                let mut xrange = redis::cmd("XRANGE");
+                xrange
+                    .arg(&log.log_key)
+                    .arg(format!("(0-{}", log.replica.last_seq))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(READ_COUNT);
+                cmds.push(xrange);
+                let replies = self
+                    .with_conn(|c, _| {
+                        *sent_now |= first;
+                        // Every reply is read (the connection stays in
+                        // step); the first error reply fails the request.
+                        let first_error = |replies: Vec<Value>| match replies
+                            .iter()
+                            .position(|v| matches!(v, Value::ServerError(_)))
+                        {
+                            Some(i) => match replies.into_iter().nth(i) {
+                                Some(Value::ServerError(e)) => Err(e),
+                                _ => unreachable!("an error reply at {i}"),
+                            },
+                            None => Ok(replies),
+                        };
+                        match first_error(c.pipeline_each(&cmds)?) {
+                            Ok(replies) => Ok(replies),
+                            // A server that lost its scripts (restarted):
+                            // load the script and send the pipeline again
+                            // (bodies are rewritten the same; the script
+                            // did not run).
+                            Err(e) if e.code() == "NOSCRIPT" => {
+                                script.load(c.like())?;
+                                first_error(c.pipeline_each(&cmds)?).map_err(Into::into)
+                            }
+                            Err(e) => Err(e.into()),
+                        }
+                    })
+                    .map_err(|e| (e, sent))?;
+                log_reply(replies)
+                    .map_err(|what| (self.error_of(FailureCause::UnexpectedReply, what), sent))?
+            };
             let read = parse_read(reply)
                 .map_err(|what| (self.error_of(FailureCause::UnexpectedReply, what), sent))?;
             reads += 1;
