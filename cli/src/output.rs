@@ -113,6 +113,66 @@ impl Output {
         }
     }
 
+    /// Writes (into the buffer) every record of a chunk that the mode
+    /// selects, as [`Output::judged`] would one by one: `data` holds the
+    /// records with their newlines, record `i` ends at `ends[i]` (only the
+    /// last may end at `data.len()`, without a newline), `label(i)` is its
+    /// verdict; `wrote(i)` is called for each record written, in order.
+    ///
+    /// Records next to each other in `data` are copied with one
+    /// `extend_from_slice`: consecutive records the mode keeps are
+    /// contiguous there, newlines included.
+    pub fn judged_chunk(
+        &mut self,
+        data: &[u8],
+        ends: &[usize],
+        label: impl Fn(usize) -> Label,
+        mut wrote: impl FnMut(usize),
+    ) {
+        let want = match self.mode {
+            OutputMode::Unique => Label::New,
+            OutputMode::Duplicates => Label::Duplicate,
+            OutputMode::Annotate => {
+                let mut start = 0;
+                for (i, &end) in ends.iter().enumerate() {
+                    self.annotated(&data[start..end], end < data.len(), label(i));
+                    wrote(i);
+                    start = end + 1;
+                }
+                return;
+            }
+        };
+        let n = ends.len();
+        let mut i = 0;
+        while i < n {
+            if label(i) != want {
+                i += 1;
+                continue;
+            }
+            // A run of kept records `i..j`: bytes `start..stop` of `data`.
+            let start = if i == 0 { 0 } else { ends[i - 1] + 1 };
+            self.begin();
+            // Invariant: `data[start + k]` goes to `buf[at + k]`.
+            let at = self.buf.len();
+            let mut j = i;
+            while j < n && label(j) == want {
+                // A record's end in `buf`: past its newline if it has one.
+                self.ends.push(at + (ends[j] + 1).min(data.len()) - start);
+                wrote(j);
+                j += 1;
+            }
+            let last = ends[j - 1];
+            self.buf
+                .extend_from_slice(&data[start..(last + 1).min(data.len())]);
+            if last == data.len() {
+                // The chunk's last record, without a newline: one goes
+                // before the next record written.
+                self.owes_newline = true;
+            }
+            i = j;
+        }
+    }
+
     /// True when standard output is a pipe or socket whose reader has
     /// gone (a write would fail with `EPIPE`).
     pub fn reader_gone(&self) -> bool {
@@ -361,6 +421,8 @@ fn write_nowait(fd: RawFd, buf: &[u8], mut ready: impl FnMut()) -> io::Result<us
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use proptest::prelude::*;
+
     use super::*;
 
     #[derive(Clone, Default)]
@@ -447,5 +509,50 @@ mod tests {
             o.judged(b"x", true, Label::Duplicate);
         });
         assert_eq!(s, "duplicate\tx\n");
+    }
+
+    proptest! {
+        /// A chunk written at once is what writing its records one by one
+        /// gives: the same bytes, record ends and records reported written,
+        /// after a record that owes a newline too.
+        #[test]
+        fn a_chunk_at_once_is_its_records_one_by_one(
+            records in prop::collection::vec(
+                (prop::collection::vec(any::<u8>().prop_filter("a newline", |&b| b != b'\n'), 0..4), any::<bool>()),
+                1..40,
+            ),
+            last_newline in any::<bool>(),
+            owes in any::<bool>(),
+            mode in prop::sample::select(vec![OutputMode::Unique, OutputMode::Duplicates, OutputMode::Annotate]),
+        ) {
+            let mut data = Vec::new();
+            let mut ends = Vec::new();
+            for (i, (r, _)) in records.iter().enumerate() {
+                data.extend_from_slice(r);
+                ends.push(data.len());
+                if i + 1 < records.len() || last_newline {
+                    data.push(b'\n');
+                }
+            }
+            let label = |i: usize| if records[i].1 { Label::New } else { Label::Duplicate };
+            let mut one_by_one = Output::new(Box::new(io::sink()), mode, Format::Lines, "_dedup");
+            let mut at_once = Output::new(Box::new(io::sink()), mode, Format::Lines, "_dedup");
+            one_by_one.owes_newline = owes;
+            at_once.owes_newline = owes;
+            let mut wrote_one_by_one = Vec::new();
+            let mut start = 0;
+            for (i, &end) in ends.iter().enumerate() {
+                if one_by_one.judged(&data[start..end], end < data.len(), label(i)) {
+                    wrote_one_by_one.push(i);
+                }
+                start = end + 1;
+            }
+            let mut wrote_at_once = Vec::new();
+            at_once.judged_chunk(&data, &ends, label, |i| wrote_at_once.push(i));
+            prop_assert_eq!(&one_by_one.buf, &at_once.buf);
+            prop_assert_eq!(&one_by_one.ends, &at_once.ends);
+            prop_assert_eq!(one_by_one.owes_newline, at_once.owes_newline);
+            prop_assert_eq!(wrote_one_by_one, wrote_at_once);
+        }
     }
 }

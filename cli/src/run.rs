@@ -264,7 +264,11 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
 
     let delivering =
         counter.map(|c| Delivering::new(c, out.fd(), durability.survives_power_loss()));
-    let parsed_rx = spawn_reader(reader, has_first.then_some(first), extractor)?;
+    // Judged chunks go back to the reader, which reads into their buffers:
+    // fresh buffers for every chunk cost page faults and zeroing (about 8%
+    // of the CPU time on the benchmark file, docs/cost-model.md).
+    let (recycle_tx, recycle_rx) = mpsc::channel::<Parsed>();
+    let parsed_rx = spawn_reader(reader, has_first.then_some(first), extractor, recycle_rx)?;
     let flusher = redis_stats
         .is_some()
         .then(|| IdleFlusher::start(&engine))
@@ -284,6 +288,8 @@ fn run_inner(args: &RunArgs) -> Result<Status, Refusal> {
         let step = match msg {
             FromReader::Chunk(p) => {
                 let step = job.chunk(&p).map_err(Stop::Chunk);
+                // The reader may be gone (end of input): the chunk is dropped.
+                let _ = recycle_tx.send(p);
                 if let Some(f) = &flusher {
                     f.touch();
                 }
@@ -616,6 +622,7 @@ fn spawn_reader(
     mut reader: RecordReader,
     first: Option<Parsed>,
     extractor: Extractor,
+    recycled: mpsc::Receiver<Parsed>,
 ) -> Result<mpsc::Receiver<FromReader>, Refusal> {
     let parse_threads = thread::available_parallelism().map_or(1, |n| n.get());
     // Detached, not scoped: an early stop must not wait for it.
@@ -628,7 +635,10 @@ fn spawn_reader(
                 let mut p = match next.take() {
                     Some(p) => p,
                     None => {
-                        let mut p = Parsed::default();
+                        // A judged chunk's buffers if one is back (the
+                        // chunk is reset before it is read into and the
+                        // parse clears the rest), else new ones.
+                        let mut p = recycled.try_recv().unwrap_or_default();
                         match reader.next_chunk(&mut p.chunk) {
                             Ok(NextChunk::Records) => p.bytes_read = reader.bytes_read(),
                             Ok(NextChunk::End) => return,
