@@ -66,6 +66,8 @@ pub struct Deduper {
     wakeups: Box<[CachePadded<Condvar>]>,
     /// The log and checkpoints of an engine opened on a directory.
     pub(crate) durable: Option<crate::durability::Durable>,
+    /// The store holds the leases (shared keys on a remote tier).
+    shared_leases: bool,
 }
 
 impl Deduper {
@@ -81,7 +83,12 @@ impl Deduper {
         clock: ClockSource,
         lease_clock: LeaseClock,
     ) -> Self {
+        let shared_leases = shards[0]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shares_leases(plan.trust == shard::Trust::Shared);
         Deduper {
+            shared_leases,
             wakeups: (0..shards.len())
                 .map(|_| CachePadded::new(Condvar::new()))
                 .collect(),

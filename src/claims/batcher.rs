@@ -20,13 +20,23 @@ pub type SharedLease = Lease<Arc<Deduper>>;
 
 /// The most jobs one batch takes.
 const MAX_BATCH: usize = 4096;
+
 /// How often waiting claims look again, at most (they look again sooner
 /// when a batch runs anyway).
 const WAIT_POLL: Duration = Duration::from_millis(20);
 
 struct Slot<T> {
-    value: Mutex<(Option<T>, Option<Waker>)>,
+    value: Mutex<Pending<T>>,
     ready: Condvar,
+}
+
+/// A slot's state: the answer once sent; the task to wake, or whether a
+/// thread sleeps on the condition variable (only then is it notified: a
+/// notification is a system call).
+struct Pending<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+    sleeping: bool,
 }
 
 /// The answer to one call to a [`ClaimBatcher`]: `.await` it, or
@@ -43,7 +53,11 @@ struct Answer<T> {
 
 fn reply<T>() -> (Answer<T>, Reply<T>) {
     let slot = Arc::new(Slot {
-        value: Mutex::new((None, None)),
+        value: Mutex::new(Pending {
+            value: None,
+            waker: None,
+            sleeping: false,
+        }),
         ready: Condvar::new(),
     });
     (
@@ -61,12 +75,16 @@ impl<T> Answer<T> {
             .value
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        guard.0 = Some(value);
-        if let Some(waker) = guard.1.take() {
+        guard.value = Some(value);
+        let waker = guard.waker.take();
+        let sleeping = guard.sleeping;
+        drop(guard);
+        if let Some(waker) = waker {
             waker.wake();
         }
-        drop(guard);
-        self.slot.ready.notify_all();
+        if sleeping {
+            self.slot.ready.notify_all();
+        }
     }
 }
 
@@ -80,9 +98,10 @@ impl<T> Reply<T> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(value) = guard.0.take() {
+            if let Some(value) = guard.value.take() {
                 return value;
             }
+            guard.sleeping = true;
             guard = self
                 .slot
                 .ready
@@ -101,10 +120,13 @@ impl<T> Future for Reply<T> {
             .value
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match guard.0.take() {
+        match guard.value.take() {
             Some(value) => Poll::Ready(value),
             None => {
-                guard.1 = Some(cx.waker().clone());
+                match &mut guard.waker {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    waker => *waker = Some(cx.waker().clone()),
+                }
                 Poll::Pending
             }
         }
@@ -166,26 +188,57 @@ enum Job {
 pub struct ClaimBatcher {
     engine: Arc<Deduper>,
     jobs: Option<Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl ClaimBatcher {
-    /// A batcher for `engine`, with its thread started.
+    /// Threads of [`ClaimBatcher::new`]'s batcher when the engine's leases
+    /// live in a remote store (shared keys on Redis or PostgreSQL): batches
+    /// in flight at once.
+    pub const REMOTE_THREADS: usize = 4;
+
+    /// A batcher for `engine`, with its thread started: one thread for a
+    /// local tier; with shared keys on a remote store, where a batch waits
+    /// on round trips, [`ClaimBatcher::REMOTE_THREADS`].
     ///
     /// # Panics
-    /// When the thread cannot be spawned.
+    /// When a thread cannot be spawned.
     #[must_use]
     pub fn new(engine: Arc<Deduper>) -> Self {
+        let threads = if engine.shares_leases_remotely() {
+            Self::REMOTE_THREADS
+        } else {
+            1
+        };
+        Self::with_threads(engine, threads)
+    }
+
+    /// A batcher for `engine` with `threads` threads (at least one), each
+    /// taking the batch queued while it was busy: more batches in flight
+    /// when a batch waits on a remote tier's round trips. Jobs taken by
+    /// different threads run concurrently, as calls of different callers
+    /// would; a caller's own calls keep their order (it waits for one
+    /// reply before its next call).
+    ///
+    /// # Panics
+    /// When a thread cannot be spawned.
+    #[must_use]
+    pub fn with_threads(engine: Arc<Deduper>, threads: usize) -> Self {
         let (tx, rx) = unbounded();
-        let worker = Arc::clone(&engine);
-        let thread = std::thread::Builder::new()
-            .name("tiered-dedup-claims".to_owned())
-            .spawn(move || run(&worker, &rx))
-            .expect("spawning the claim batcher's thread");
+        let threads = (0..threads.max(1))
+            .map(|_| {
+                let worker = Arc::clone(&engine);
+                let rx = rx.clone();
+                std::thread::Builder::new()
+                    .name("tiered-dedup-claims".to_owned())
+                    .spawn(move || run(&worker, &rx))
+                    .expect("spawning the claim batcher's thread")
+            })
+            .collect();
         ClaimBatcher {
             engine,
             jobs: Some(tx),
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -265,7 +318,7 @@ impl ClaimBatcher {
 impl Drop for ClaimBatcher {
     fn drop(&mut self) {
         drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -290,9 +343,10 @@ struct Waiting {
     answer: Answer<Claim<Arc<Deduper>>>,
 }
 
-/// The batcher's thread: takes what is queued (up to [`MAX_BATCH`]), runs
-/// it in arrival order as runs of one kind (a commit queued before a claim
-/// of the same key is applied first), and looks again for waiting claims.
+/// A batcher's thread: takes what is queued (up to [`MAX_BATCH`]), runs
+/// its releases, then its commits and claims in one engine call (a commit
+/// queued before a claim of the same key is applied first), and looks
+/// again for its waiting claims.
 fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
     let mut waiting: Vec<Waiting> = Vec::new();
     let mut last_look = Instant::now();
@@ -320,10 +374,10 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        // One call per kind for the whole drained batch (on a remote tier,
-        // one round trip each), not one per run of a kind: requests of
-        // concurrent callers interleave claims and commits. Commits and
-        // releases first: a claim queued behind the commit of its key then
+        // One call for the whole drained batch (on a shared remote store,
+        // one round trip per shard), not one per run of a kind: requests of
+        // concurrent callers interleave claims and commits. Releases and
+        // commits first: a claim queued behind the commit of its key then
         // finds it completed; jobs of one kind keep their order.
         let mut claims = Vec::new();
         let mut commits = Vec::new();
@@ -343,17 +397,20 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
                 Job::Release { lease, answer } => releases.push((lease, answer)),
             }
         }
-        if !commits.is_empty() {
-            let (pairs, answers): (Vec<_>, Vec<_>) = commits.into_iter().unzip();
-            for (done, answer) in engine.commit_batch(pairs).into_iter().zip(answers) {
-                answer.send(done);
-            }
-        }
         for (lease, answer) in releases {
             answer.send(lease.release());
         }
-        if !claims.is_empty() {
-            run_claims(engine, claims, &mut waiting);
+        // Commits before claims, in one call: on a shared remote store, one
+        // round trip per shard carries both.
+        let (pairs, commit_answers): (Vec<_>, Vec<_>) = commits.into_iter().unzip();
+        if claims.is_empty() {
+            if !pairs.is_empty() {
+                for (done, answer) in engine.commit_batch(pairs).into_iter().zip(commit_answers) {
+                    answer.send(done);
+                }
+            }
+        } else {
+            run_claims(engine, pairs, commit_answers, claims, &mut waiting);
         }
         if !waiting.is_empty() && last_look.elapsed() >= WAIT_POLL {
             look_again(engine, &mut waiting, false);
@@ -362,13 +419,22 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
     }
 }
 
-/// One batch of claims; those in progress with a deadline ahead wait.
-fn run_claims(engine: &Arc<Deduper>, claims: Vec<QueuedClaim>, waiting: &mut Vec<Waiting>) {
+/// The commits of a batch, then its claims; claims in progress with a
+/// deadline ahead wait.
+fn run_claims(
+    engine: &Arc<Deduper>,
+    commits: Vec<(SharedLease, Vec<u8>)>,
+    commit_answers: Vec<Answer<Result<(), CommitError<Arc<Deduper>>>>>,
+    claims: Vec<QueuedClaim>,
+    waiting: &mut Vec<Waiting>,
+) {
     let requests: Vec<Request> = claims.iter().map(|(r, ..)| *r).collect();
+    let (done, answers) = engine.commit_and_claim_batch(commits, &requests);
+    for (done, answer) in done.into_iter().zip(commit_answers) {
+        answer.send(done);
+    }
     let now = Instant::now();
-    for ((request, deadline, answer), claim) in
-        claims.into_iter().zip(engine.claim_batch_owned(&requests))
-    {
+    for ((request, deadline, answer), claim) in claims.into_iter().zip(answers) {
         match (claim, deadline) {
             (Claim::InProgress { .. }, Some(deadline)) if now < deadline => waiting.push(Waiting {
                 request,
@@ -403,8 +469,14 @@ mod tests {
 
     #[test]
     fn concurrent_callers_share_batches_and_get_their_own_answers() {
+        for threads in [1, 3] {
+            callers_share_batches(threads);
+        }
+    }
+
+    fn callers_share_batches(threads: usize) {
         let dedup = Arc::new(Deduper::builder().shards(4).build().unwrap());
-        let batcher = Arc::new(ClaimBatcher::new(Arc::clone(&dedup)));
+        let batcher = Arc::new(ClaimBatcher::with_threads(Arc::clone(&dedup), threads));
         let threads: Vec<_> = (0..8u64)
             .map(|t| {
                 let batcher = Arc::clone(&batcher);

@@ -24,6 +24,11 @@ type Routed = (
     u64,
 );
 
+/// What [`Deduper::commit_and_claim_batch`] answers: the commits' outcomes
+/// and the claims, each in the order given.
+pub(crate) type CommittedAndClaimed<D> =
+    (Vec<Result<(), CommitError<D>>>, Vec<Claim<Arc<Deduper>>>);
+
 /// A commit of a batch with its position: `(position, (lease, result))`.
 type Indexed<D, R> = (usize, (Lease<D>, R));
 
@@ -249,6 +254,33 @@ impl Deduper {
             .collect()
     }
 
+    /// Commits `commits`, then claims `requests`: what
+    /// [`Deduper::commit_batch`] followed by [`Deduper::claim_batch_owned`]
+    /// does, except that with shared keys on a remote store each shard's
+    /// commits and claims go to the store together, one round trip per
+    /// shard instead of two. It is the batch of a server whose finished
+    /// requests commit while new ones claim, or of a consumer that commits
+    /// one batch as it claims the next. A claim of a key committed in the
+    /// same call finds it completed.
+    pub fn commit_and_claim_batch<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
+        self: &Arc<Self>,
+        commits: Vec<(Lease<D>, R)>,
+        requests: &[ClaimRequest<K>],
+    ) -> CommittedAndClaimed<D> {
+        if commits.is_empty() || requests.is_empty() || !self.shared_leases {
+            let done = self.commit_batch(commits);
+            return (done, claim_in(self, requests));
+        }
+        commit_and_claim_shared(self, commits, requests)
+    }
+
+    /// True when the engine's leases live in a remote store (shared keys
+    /// on Redis or PostgreSQL): every claim and commit is a round trip.
+    #[must_use]
+    pub fn shares_leases_remotely(&self) -> bool {
+        self.shared_leases
+    }
+
     /// Commits `info`'s lease with `result` (a [`Lease::commit`]).
     pub(crate) fn commit_lease(&self, info: &LeaseInfo, result: &[u8]) -> Result<(), LeaseError> {
         let s = self.shard_of(info.fingerprint);
@@ -435,6 +467,89 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
     wrap(handle, out[0].take().unwrap_or(ShardClaim::Unavailable))
 }
 
+/// A batch of claims read before routing: fingerprints, and under event
+/// time each request's time or its lateness.
+struct Prepared {
+    fps: Vec<Fingerprint>,
+    late: Vec<Option<Timestamp>>,
+    event_times: Vec<Option<Timestamp>>,
+    reading: Option<Timestamp>,
+}
+
+impl Prepared {
+    fn new<K: Key>(engine: &Deduper, requests: &[ClaimRequest<K>]) -> Self {
+        let n = requests.len();
+        let fps = requests
+            .iter()
+            .map(|r| engine.fingerprint(&r.key))
+            .collect();
+        let mut late = vec![None; n];
+        // Event time: lateness is decided before routing, as for checks.
+        let reading = engine.clock.read();
+        let mut event_times = vec![None; n];
+        if reading.is_none() {
+            for (i, r) in requests.iter().enumerate() {
+                if let Some(t) = r.at {
+                    match engine.observe(t) {
+                        Some(crate::verdict::Verdict::Late { watermark }) => {
+                            late[i] = Some(watermark);
+                        }
+                        _ => event_times[i] = Some(t),
+                    }
+                }
+            }
+        }
+        Prepared {
+            fps,
+            late,
+            event_times,
+            reading,
+        }
+    }
+
+    /// The claims of `group` (positions in `requests`) that are not late,
+    /// routed to `shard`.
+    fn route<K: Key>(
+        &self,
+        engine: &Deduper,
+        shard: &Shard,
+        group: &[u32],
+        requests: &[ClaimRequest<K>],
+    ) -> Vec<Routed> {
+        group
+            .iter()
+            .map(|&i| i as usize)
+            .filter(|&i| self.late[i].is_none())
+            .map(|i| {
+                let r = &requests[i];
+                let t = match (self.reading, self.event_times[i]) {
+                    (Some(reading), _) => shard.processing_time(reading),
+                    (None, Some(t)) => t,
+                    (None, None) => engine.watermark(),
+                };
+                let ttl = r.lease.map_or(engine.plan.lease_nanos, duration_nanos);
+                (i, self.fps[i], r.payload, t, ttl)
+            })
+            .collect()
+    }
+
+    /// The answers in request order, late ones as `Late`.
+    fn answer<D: AsRef<Deduper> + Clone>(
+        self,
+        handle: &D,
+        answers: Vec<Option<ShardClaim>>,
+    ) -> Vec<Claim<D>> {
+        answers
+            .into_iter()
+            .zip(self.late)
+            .map(|(answer, late)| match late {
+                Some(watermark) => Claim::Late { watermark },
+                None => wrap(handle, answer.unwrap_or(ShardClaim::Unavailable)),
+            })
+            .collect()
+    }
+}
+
 /// Claims `requests` against the engine behind `handle`, in order.
 fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
     handle: &D,
@@ -443,28 +558,11 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
     let engine = handle.as_ref();
     let n = requests.len();
     let mut answers: Vec<Option<ShardClaim>> = vec![None; n];
-    let mut late: Vec<Option<Timestamp>> = vec![None; n];
-    let fps: Vec<Fingerprint> = requests
-        .iter()
-        .map(|r| engine.fingerprint(&r.key))
-        .collect();
-    // Event time: lateness is decided before routing, as for checks.
-    let reading = engine.clock.read();
-    let mut event_times = vec![None; n];
-    if reading.is_none() {
-        for (i, r) in requests.iter().enumerate() {
-            if let Some(t) = r.at {
-                match engine.observe(t) {
-                    Some(crate::verdict::Verdict::Late { watermark }) => late[i] = Some(watermark),
-                    _ => event_times[i] = Some(t),
-                }
-            }
-        }
-    }
+    let prepared = Prepared::new(engine, requests);
     if engine.durability_failed() {
         return (0..n).map(|_| Claim::Unavailable).collect();
     }
-    let (starts, order) = group_by(n, engine.shards.len(), |i| engine.shard_of(fps[i]));
+    let (starts, order) = group_by(n, engine.shards.len(), |i| engine.shard_of(prepared.fps[i]));
     let mut need = 0;
     for s in 0..engine.shards.len() {
         let group = &order[starts[s] as usize..starts[s + 1] as usize];
@@ -474,21 +572,7 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
         let mut shard = engine.lock(s);
         shard.counters.batches += 1;
         shard.counters.batch_keys += group.len() as u64;
-        let items: Vec<Routed> = group
-            .iter()
-            .map(|&i| i as usize)
-            .filter(|&i| late[i].is_none())
-            .map(|i| {
-                let r = &requests[i];
-                let t = match (reading, event_times[i]) {
-                    (Some(reading), _) => shard.processing_time(reading),
-                    (None, Some(t)) => t,
-                    (None, None) => engine.watermark(),
-                };
-                let ttl = r.lease.map_or(engine.plan.lease_nanos, duration_nanos);
-                (i, fps[i], r.payload, t, ttl)
-            })
-            .collect();
+        let items = prepared.route(engine, &shard, group, requests);
         engine.claim_locked(&mut shard, &items, &mut answers);
         need = need.max(engine.seal(s, &mut shard));
     }
@@ -496,14 +580,89 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
         // Not durable: no answer of this batch may be acted on.
         answers.fill(Some(ShardClaim::Unavailable));
     }
-    answers
+    prepared.answer(handle, answers)
+}
+
+/// Commits, then claims, with one batch to the store per shard (shared
+/// keys on a remote store: see [`Deduper::commit_and_claim_batch`]).
+fn commit_and_claim_shared<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
+    handle: &Arc<Deduper>,
+    commits: Vec<(Lease<D>, R)>,
+    requests: &[ClaimRequest<K>],
+) -> CommittedAndClaimed<D> {
+    let engine: &Deduper = handle;
+    let shards = engine.shards.len();
+    let n = requests.len();
+    let m = commits.len();
+    let mut answers: Vec<Option<ShardClaim>> = vec![None; n];
+    let prepared = Prepared::new(engine, requests);
+    let (claim_starts, claim_order) = group_by(n, shards, |i| engine.shard_of(prepared.fps[i]));
+    let mut done: Vec<Option<Result<(), CommitError<D>>>> = (0..m).map(|_| None).collect();
+    let mut items: Vec<Option<(Lease<D>, R)>> = commits.into_iter().map(Some).collect();
+    // Leases of another engine go to one more group, committed on their
+    // own after ours.
+    let (starts, order) = group_by(m, shards + 1, |i| {
+        let (lease, _) = items[i].as_ref().expect("not taken yet");
+        if lease.is_of(engine) {
+            engine.shard_of(lease.fingerprint())
+        } else {
+            shards
+        }
+    });
+    let cap = engine.plan.max_result_bytes;
+    for s in 0..shards {
+        let group = &order[starts[s] as usize..starts[s + 1] as usize];
+        let claims = &claim_order[claim_starts[s] as usize..claim_starts[s + 1] as usize];
+        if group.is_empty() && claims.is_empty() {
+            continue;
+        }
+        let mut shard = engine.lock(s);
+        let now = engine.lease_clock.now();
+        let taken: Vec<Indexed<D, R>> = group
+            .iter()
+            .map(|&i| {
+                (
+                    i as usize,
+                    items[i as usize].take().expect("each commit once"),
+                )
+            })
+            .collect();
+        // Results over the cap are refused before anything is sent.
+        let ops: Vec<SharedOp<'_>> = taken
+            .iter()
+            .filter(|(_, (_, r))| r.as_ref().len() <= cap)
+            .map(|(_, (lease, result))| SharedOp::Commit {
+                fingerprint: lease.fingerprint(),
+                token: lease.token(),
+                now,
+                result: result.as_ref(),
+            })
+            .collect();
+        if !claims.is_empty() {
+            shard.counters.batches += 1;
+            shard.counters.batch_keys += claims.len() as u64;
+        }
+        let routed = prepared.route(engine, &shard, claims, requests);
+        let mut lease_answers = shard
+            .commit_and_claim_shared(&ops, &routed, now, &engine.plan.rules, &mut answers)
+            .into_iter();
+        drop(ops);
+        for (i, (lease, result)) in taken {
+            done[i] = Some(lease.settle_commit(result.as_ref(), |_, _| {
+                lease_answers.next().expect("one answer per sent commit")
+            }));
+        }
+        engine.wake(s, &shard);
+    }
+    for &i in &order[starts[shards] as usize..] {
+        let (lease, result) = items[i as usize].take().expect("each commit once");
+        done[i as usize] = Some(lease.commit(result.as_ref()));
+    }
+    let done = done
         .into_iter()
-        .zip(late)
-        .map(|(answer, late)| match late {
-            Some(watermark) => Claim::Late { watermark },
-            None => wrap(handle, answer.unwrap_or(ShardClaim::Unavailable)),
-        })
-        .collect()
+        .map(|r| r.expect("every commit answered"))
+        .collect();
+    (done, prepared.answer(handle, answers))
 }
 
 /// A claim that waits for an in-flight holder (see [`Deduper::claim_wait`]).

@@ -15,6 +15,16 @@ use crate::verdict::Verdict;
 use super::claim::ShardClaim;
 use super::shard::{Shard, ShardFilter, ShardRules};
 
+/// A claim routed to a shard: `(position, fingerprint, payload, time,
+/// lease nanoseconds)`.
+pub(crate) type ClaimItem = (
+    usize,
+    Fingerprint,
+    Option<PayloadFingerprint>,
+    Timestamp,
+    u64,
+);
+
 /// True when the error says the store offers no shared claims (the engine
 /// then checks through `ExactPartition::claim_batch`).
 fn unsupported(e: &ExactTierError) -> bool {
@@ -63,7 +73,7 @@ impl Shard {
         Ok(out.split_off(queued.len()))
     }
 
-    fn shared_slice(&self) -> u64 {
+    pub(super) fn shared_slice(&self) -> u64 {
         match &self.filter {
             ShardFilter::Windowed(f) => f.current(),
             ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
@@ -74,34 +84,45 @@ impl Shard {
     /// lease nanoseconds)`), in one batch.
     pub(crate) fn claim_shared(
         &mut self,
-        items: &[(
-            usize,
-            Fingerprint,
-            Option<PayloadFingerprint>,
-            Timestamp,
-            u64,
-        )],
+        items: &[ClaimItem],
         now: u64,
         rules: &ShardRules,
         out: &mut [Option<ShardClaim>],
     ) {
-        let ops: Vec<SharedOp<'_>> = items
-            .iter()
-            .map(|&(_, fingerprint, payload, at, ttl)| {
-                self.advance(at);
-                self.counters.claims += 1;
-                SharedOp::Claim {
-                    fingerprint,
-                    at,
-                    now,
-                    until: now.saturating_add(ttl),
-                    payload,
-                }
-            })
-            .collect();
-        let answers = self.send_shared(&ops, rules);
+        self.commit_and_claim_shared(&[], items, now, rules, out);
+    }
+
+    /// Lease operations `first` (commits, releases), then the shared claims
+    /// of `items`, in one batch to the store (one round trip): the answers
+    /// of `first` in order; the claims' answers go to `out`.
+    pub(crate) fn commit_and_claim_shared(
+        &mut self,
+        first: &[SharedOp<'_>],
+        items: &[ClaimItem],
+        now: u64,
+        rules: &ShardRules,
+        out: &mut [Option<ShardClaim>],
+    ) -> Vec<Result<(), LeaseError>> {
+        let claims = items.iter().map(|&(_, fingerprint, payload, at, ttl)| {
+            self.advance(at);
+            self.counters.claims += 1;
+            SharedOp::Claim {
+                fingerprint,
+                at,
+                now,
+                until: now.saturating_add(ttl),
+                payload,
+            }
+        });
+        let ops: Vec<SharedOp<'_>> = first.iter().copied().chain(claims).collect();
+        let mut answers = self.send_shared(&ops, rules);
+        let claim_answers = match &mut answers {
+            Ok(a) => Ok(a.split_off(first.len())),
+            Err(e) => Err(e.clone()),
+        };
+        let leases = self.lease_answers(first, answers);
         for (i, &(pos, fingerprint, payload, at, ttl)) in items.iter().enumerate() {
-            let answer = match &answers {
+            let answer = match &claim_answers {
                 Err(_) => {
                     self.counters.unavailable += 1;
                     ShardClaim::Unavailable
@@ -147,6 +168,7 @@ impl Shard {
             };
             out[pos] = Some(answer);
         }
+        leases
     }
 
     /// Shared checks of `items` (`(position, fingerprint, time)`) as
@@ -208,7 +230,17 @@ impl Shard {
         ops: &[SharedOp<'_>],
         rules: &ShardRules,
     ) -> Vec<Result<(), LeaseError>> {
-        match self.send_shared(ops, rules) {
+        let answers = self.send_shared(ops, rules);
+        self.lease_answers(ops, answers)
+    }
+
+    /// What the store's `answers` to lease operations `ops` mean, counted.
+    fn lease_answers(
+        &mut self,
+        ops: &[SharedOp<'_>],
+        answers: Result<Vec<SharedAnswer>, ExactTierError>,
+    ) -> Vec<Result<(), LeaseError>> {
+        match answers {
             Err(e) => ops
                 .iter()
                 .map(|_| {
