@@ -382,6 +382,12 @@ pub trait ExactPartition: Send {
         Vec::new()
     }
 
+    /// The engine's current slice, named before a call that carries none
+    /// ([`ExactPartition::forget`]): a tier that files records by slice
+    /// then looks for them in the slices live now, even on an engine that
+    /// has made no other call yet. The default does nothing.
+    fn name_slice(&mut self, _current: u64) {}
+
     /// Removes whatever is recorded for `fp` in every slot (its marks and
     /// body): the next claim or check of it is new. True if something was.
     /// Default: unsupported.

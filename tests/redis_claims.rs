@@ -354,8 +354,39 @@ fn run(s: &Setting, store: &Store, seed: u64) {
                         r
                     })
                     .collect();
+                // Some batches commit leases in the same call (one round
+                // trip per shard with shared keys): commits apply first.
+                let committing = if n > 1 && !leases.is_empty() && rng.chance(0.4) {
+                    (1 + rng.below(4) as usize).min(leases.len())
+                } else {
+                    0
+                };
+                let mut commits = Vec::new();
+                let mut expected = Vec::new();
+                for _ in 0..committing {
+                    let (key, lease) = leases.swap_remove(rng.below(leases.len() as u64) as usize);
+                    let result: Vec<u8> = (0..rng.below(120))
+                        .map(|i| (i as u8) ^ (op as u8) ^ 0x5a)
+                        .collect();
+                    expected.push(reference.commit(key, lease.token(), &result, now));
+                    commits.push((lease, result));
+                }
                 let answers = if n == 1 {
                     vec![dedup.claim_owned(requests[0])]
+                } else if committing > 0 {
+                    let (done, answers) = dedup.commit_and_claim_batch(commits, &requests);
+                    assert_eq!(done.len(), committing, "{}", ctx("one answer per commit"));
+                    for (ok, answer) in expected.into_iter().zip(done) {
+                        match answer {
+                            Ok(()) => assert!(ok, "{}", ctx("commit accepted a lost lease")),
+                            Err(e) => {
+                                assert!(e.is_lease_lost(), "{}", ctx(&format!("{e}")));
+                                assert!(!ok, "{}", ctx("commit refused a live lease"));
+                                lost += 1;
+                            }
+                        }
+                    }
+                    answers
                 } else {
                     dedup.claim_batch_owned(&requests)
                 };
@@ -486,11 +517,14 @@ fn run(s: &Setting, store: &Store, seed: u64) {
             85..=86 => {
                 let key = rng.below(key_space);
                 let live = reference.live(key, now).is_some();
+                let had = reference.keys.get(&key).cloned();
                 let removed = dedup.forget(&key).unwrap();
                 assert!(
                     !live || removed,
                     "{}",
-                    ctx("forget of a live key found nothing")
+                    ctx(&format!(
+                        "forget of live key {key} at {now} found nothing; reference had {had:?}"
+                    ))
                 );
                 forgotten += usize::from(live);
                 reference.keys.remove(&key);
@@ -1133,5 +1167,140 @@ fn an_engine_that_only_claims_warms_its_filter() {
             Claim::Completed { result, .. } => assert_eq!(&result[..], b"done"),
             other => panic!("{other:?}"),
         }
+    }
+}
+
+/// With shared keys, `commit_and_claim_batch` sends each shard's commits
+/// and claims in one request to Redis (half the round trips of a commit
+/// batch and a claim batch), and a claim of a key committed in the same
+/// call finds it completed with its result; a multi-threaded
+/// `ClaimBatcher` on such an engine gives every key to one caller.
+#[test]
+fn shared_commits_and_claims_share_a_round_trip() {
+    let server = RedisServer::start();
+    let tier = RedisTier::new(RedisConfig::new(&server.url()));
+    let stats = tier.stats();
+    let d = Arc::new(
+        Deduper::builder()
+            .window(Duration::from_secs(600))
+            .expected_keys(10_000)
+            .shards(2)
+            .affinity(Affinity::Shared)
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap(),
+    );
+    assert!(d.shares_leases_remotely());
+    let requests = || stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let acquire =
+        |keys: std::ops::Range<u64>| -> Vec<(tiered_dedup::Lease<Arc<Deduper>>, Vec<u8>)> {
+            let batch: Vec<ClaimRequest<u64>> = keys.map(ClaimRequest::new).collect();
+            d.claim_batch_owned(&batch)
+                .into_iter()
+                .map(|c| {
+                    let lease = c.into_lease().expect("a fresh key is acquired");
+                    let result = lease.token().to_le_bytes().to_vec();
+                    (lease, result)
+                })
+                .collect()
+        };
+    let fresh = |keys: std::ops::Range<u64>| -> Vec<ClaimRequest<u64>> {
+        keys.map(ClaimRequest::new).collect()
+    };
+    // Separate calls: a request per shard each.
+    let commits = acquire(0..64);
+    let before = requests();
+    assert!(d.commit_batch(commits).iter().all(Result::is_ok));
+    let claims = d.claim_batch_owned(&fresh(100..164));
+    let separate = requests() - before;
+    assert!(claims.iter().all(|c| c.is_acquired()));
+    drop(claims);
+    // One call: a request per shard for both.
+    let commits = acquire(200..264);
+    let before = requests();
+    let (done, claims) = d.commit_and_claim_batch(commits, &fresh(300..364));
+    let together = requests() - before;
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    assert!(claims.iter().all(|c| c.is_acquired()));
+    drop(claims);
+    assert_eq!(
+        (separate, together),
+        (4, 2),
+        "requests to Redis: separate calls, then one call"
+    );
+    // Claims of the keys being committed in the same call: completed,
+    // with the results just stored.
+    let commits = acquire(400..464);
+    let tokens: Vec<u64> = commits.iter().map(|(l, _)| l.token()).collect();
+    let (done, claims) = d.commit_and_claim_batch(commits, &fresh(400..464));
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    for (k, claim) in claims.into_iter().enumerate() {
+        match claim {
+            Claim::Completed { result, .. } => {
+                assert_eq!(&result[..], &tokens[k].to_le_bytes()[..], "key {k}");
+            }
+            other => panic!("key {k}: {other:?}"),
+        }
+    }
+
+    // Threads of a multi-threaded batcher race for the same keys.
+    let batcher = Arc::new(tiered_dedup::ClaimBatcher::with_threads(Arc::clone(&d), 3));
+    let handles: Vec<_> = (0..6u64)
+        .map(|t| {
+            let batcher = Arc::clone(&batcher);
+            std::thread::spawn(move || {
+                let mut acquired = 0;
+                for i in 0..200u64 {
+                    let key = 10_000 + (t / 3) * 1_000 + i;
+                    match batcher.claim(ClaimRequest::new(key)).wait() {
+                        Claim::Acquired(lease) => {
+                            batcher.commit(lease, b"ok".to_vec()).wait().unwrap();
+                            acquired += 1;
+                        }
+                        Claim::InProgress { .. } | Claim::Completed { .. } => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                acquired
+            })
+        })
+        .collect();
+    let acquired: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(acquired, 400, "each key acquired once");
+}
+
+/// `forget` on an engine that has made no other call yet (just restarted)
+/// finds what an earlier engine recorded: it names the current slice to
+/// the tier first. It used to look in the slices of time zero and answer
+/// `false`, leaving the record in place.
+#[test]
+fn a_restarted_engine_forgets_what_the_last_one_recorded() {
+    let server = RedisServer::start();
+    let clock = tiered_dedup::ManualClock::new(tiered_dedup::Timestamp::from_secs(1_000_000));
+    let engine = || {
+        Deduper::builder()
+            .window(Duration::from_secs(60))
+            .expected_keys(10_000)
+            .shards(2)
+            .clock(tiered_dedup::Clock::Manual(clock.clone()))
+            .exact_tier(ExactTier::Custom(Arc::new(RedisTier::new(
+                RedisConfig::new(&server.url()),
+            ))))
+            .build()
+            .unwrap()
+    };
+    let first = engine();
+    for key in 0..20u64 {
+        assert!(first.check(&key).is_new());
+    }
+    first.flush().unwrap();
+    drop(first);
+    clock.advance(Duration::from_secs(1));
+    let second = engine();
+    for key in 0..20u64 {
+        assert!(second.forget(&key).unwrap(), "key {key} was recorded");
+    }
+    for key in 0..20u64 {
+        assert!(second.check(&key).is_new(), "key {key} was forgotten");
     }
 }

@@ -568,6 +568,10 @@ impl Shard {
         // swept yet (the answer must not depend on when sweeps run, nor on
         // a restart's replay, which sweeps at other moments).
         let now = self.lease_clock.now();
+        // Time first, as a check or claim does: a remote tier looks for the
+        // key in the slices live at `t` (an engine just started has named
+        // none yet).
+        self.advance(t);
         let held = self.leases.remove(fp).is_some_and(|h| now < h.until);
         if self.pending.get(fp).is_some() {
             // Its mark is queued: write the queue, then remove it there.
@@ -583,8 +587,12 @@ impl Shard {
             },
             _ => None,
         };
+        let current = self.shared_slice();
         let recorded = match &mut self.exact {
-            Some(exact) => exact.forget(fp)?,
+            Some(exact) => {
+                exact.name_slice(current);
+                exact.forget(fp)?
+            }
             None => false,
         };
         let recorded = live.map_or(recorded, |live| live && recorded);

@@ -378,6 +378,10 @@ impl ExactPartition for RedisPartition {
     /// not be overtaken by them), the unsent ones dropped, then every
     /// record of `fp` is removed from the buckets of the live slices
     /// (`FORGET_SCRIPT`, one request).
+    fn name_slice(&mut self, current: u64) {
+        self.advance(current);
+    }
+
     fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
         if self.log.is_some() {
             return Err(ExactTierError::Unsupported(
