@@ -61,6 +61,17 @@ enum Variant {
 }
 
 impl Variant {
+    /// The variant's name in `TD_BENCH_VARIANTS`.
+    fn flag(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::MemoryDirect => "memory-direct",
+            Variant::MemoryBatched => "memory-batched",
+            Variant::RedisOurs => "redis-ours",
+            Variant::RedisPeer => "redis-peer",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Variant::Plain => "no layer",
@@ -105,6 +116,49 @@ struct Pass {
     per_second: f64,
     /// Answers other than the first-run `201`.
     other: usize,
+    /// CPU time per request of this process (server and load generator)
+    /// and of `redis-server`, in µs.
+    cpu_us: f64,
+    redis_us: f64,
+}
+
+/// The bench's `redis-server`, once started: its CPU is read per pass.
+static REDIS_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// CPU time (user + system) a process has used, in seconds, from
+/// `/proc/<pid>/stat` (0 where that cannot be read).
+fn cpu_seconds(pid: &str) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let hz = *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name: utime and stime are the 12th and 13th.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn redis_seconds() -> f64 {
+    REDIS_PID
+        .get()
+        .map_or(0.0, |pid| cpu_seconds(&pid.to_string()))
 }
 
 /// The engine a variant claims in: built once per variant and kept over its
@@ -190,6 +244,7 @@ async fn pass(
         senders.push(sender);
     }
     let per = s.requests / s.connections;
+    let cpu_before = (cpu_seconds("self"), redis_seconds());
     let started = Instant::now();
     let tasks: Vec<_> = senders
         .into_iter()
@@ -225,10 +280,15 @@ async fn pass(
         other += t.await.unwrap();
     }
     let elapsed = started.elapsed();
+    let done = (per * s.connections) as f64;
+    let cpu_us = (cpu_seconds("self") - cpu_before.0) * 1e6 / done;
+    let redis_us = (redis_seconds() - cpu_before.1) * 1e6 / done;
     server.abort();
     Pass {
-        per_second: (per * s.connections) as f64 / elapsed.as_secs_f64(),
+        per_second: done / elapsed.as_secs_f64(),
         other,
+        cpu_us,
+        redis_us,
     }
 }
 
@@ -251,8 +311,31 @@ async fn rounds(
     s: &Settings,
     redis: Option<&str>,
 ) {
+    // `TD_BENCH_VARIANTS=memory-batched,…` runs only those (for a
+    // profile of one variant); the baseline is then the first of them.
+    let only: Option<Vec<Variant>> = std::env::var("TD_BENCH_VARIANTS").ok().map(|list| {
+        variants
+            .iter()
+            .copied()
+            .filter(|v| list.split(',').any(|name| name.trim() == v.flag()))
+            .collect()
+    });
+    let (variants, baseline) = match &only {
+        Some(kept) if kept.is_empty() => return,
+        Some(kept) => (
+            &kept[..],
+            if kept.contains(&baseline) {
+                baseline
+            } else {
+                kept[0]
+            },
+        ),
+        None => (variants, baseline),
+    };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut others = vec![0usize; variants.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut redis_cpu: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let engines: Vec<_> = variants.iter().map(|&v| engine_for(v, redis)).collect();
     // Warm-up (connections, allocator, Redis scripts), not counted.
     for (&v, engine) in variants.iter().zip(&engines) {
@@ -270,6 +353,8 @@ async fn rounds(
             let p = pass(variants[i], engines[i].as_ref(), s, redis, &tag).await;
             rates[i].push(p.per_second);
             others[i] += p.other;
+            cpu[i].push(p.cpu_us);
+            redis_cpu[i].push(p.redis_us);
         }
     }
     let b = variants.iter().position(|&v| v == baseline).unwrap();
@@ -278,17 +363,19 @@ async fn rounds(
         s.requests, s.connections, s.rounds
     );
     println!(
-        "{:<40} {:>12} {:>14} {:>10}",
-        "variant", "requests/s", "vs baseline", "non-201"
+        "{:<40} {:>12} {:>14} {:>10} {:>14} {:>14}",
+        "variant", "requests/s", "vs baseline", "non-201", "CPU µs/req", "Redis µs/req"
     );
     for (i, &v) in variants.iter().enumerate() {
         let ratios: Vec<f64> = rates[i].iter().zip(&rates[b]).map(|(x, y)| x / y).collect();
         println!(
-            "{:<40} {:>12.0} {:>13.3}x {:>10}",
+            "{:<40} {:>12.0} {:>13.3}x {:>10} {:>14.2} {:>14.2}",
             v.name(),
             median(rates[i].clone()),
             median(ratios),
-            others[i]
+            others[i],
+            median(cpu[i].clone()),
+            median(redis_cpu[i].clone()),
         );
     }
     if others.iter().any(|&o| o > 0) {
@@ -364,23 +451,26 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        in_process(s.rounds, s.requests).await;
-        rounds(
-            "memory tier",
-            &[
+        if std::env::var("TD_BENCH_SKIP_MEMORY").is_err() {
+            in_process(s.rounds, s.requests).await;
+            rounds(
+                "memory tier",
+                &[
+                    Variant::Plain,
+                    Variant::MemoryDirect,
+                    Variant::MemoryBatched,
+                ],
                 Variant::Plain,
-                Variant::MemoryDirect,
-                Variant::MemoryBatched,
-            ],
-            Variant::Plain,
-            &s,
-            None,
-        )
-        .await;
+                &s,
+                None,
+            )
+            .await;
+        }
         if std::env::var("TD_BENCH_SKIP_REDIS").is_ok() {
             return;
         }
         let server = redis_server::RedisServer::start();
+        let _ = REDIS_PID.set(server.pid());
         let url = server.url();
         let redis = Settings {
             requests: env_usize("TD_BENCH_REDIS_REQUESTS", s.requests / 2),
@@ -388,7 +478,9 @@ fn main() {
         };
         rounds(
             "Redis tier",
-            &[Variant::RedisOurs, Variant::RedisPeer],
+            // The service without the layer, in the same rounds: the
+            // ceiling of any layer's ratio to the peer on this machine.
+            &[Variant::Plain, Variant::RedisOurs, Variant::RedisPeer],
             Variant::RedisPeer,
             &redis,
             Some(&url),
