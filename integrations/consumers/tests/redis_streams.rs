@@ -226,3 +226,89 @@ async fn an_idle_stream_answers_an_empty_batch_after_the_wait() {
         start.elapsed()
     );
 }
+
+/// The exact tier (a second Redis, the claims') killed mid-stream, fail
+/// closed: its batches answer `Unavailable` and stay pending, nothing is
+/// acked that was not processed; once it is back the pending entries are
+/// reclaimed and every message is processed, once.
+#[tokio::test]
+async fn a_dead_exact_tier_acks_nothing_unprocessed() {
+    let broker = RedisServer::start();
+    let mut claims = RedisServer::start();
+    let mut source = member(&broker, "c1").await;
+    let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    publish_keys(&broker, &refs).await;
+    let tier = RedisTier::new(RedisConfig {
+        timeout: Duration::from_millis(500),
+        ..RedisConfig::new(&claims.url())
+    });
+    let dedup = Arc::new(BatchConsumer::new(Arc::new(
+        Deduper::builder()
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .affinity(Affinity::Shared)
+            .shards(1)
+            .lease_duration(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    )));
+    let (effects, handler) = recorder();
+    let none: Arc<OnConflict> = Arc::new(|_| panic!("no conflicts"));
+    let mut acked: Vec<String> = Vec::new();
+    let mut unavailable = 0;
+    let mut batches = 0;
+    let start = Instant::now();
+    while acked.len() < keys.len() && start.elapsed() < Duration::from_secs(60) {
+        if batches == 1 {
+            claims.kill();
+        }
+        if batches == 4 {
+            claims.restart();
+        }
+        batches += 1;
+        let batch = source.next_batch().await.unwrap();
+        let deliveries = batch
+            .into_iter()
+            .map(|e| Delivery::new(key_of(&e).unwrap(), e))
+            .collect();
+        let settled = process_blocking(&dedup, deliveries, &handler, &none)
+            .await
+            .unwrap();
+        for (e, d) in &settled {
+            if d.should_ack() {
+                acked.push(key_of(e).unwrap());
+            }
+            if *d == Disposition::Unavailable {
+                unavailable += 1;
+            }
+        }
+        source
+            .settle(settled.iter().map(|(e, d)| (e, d)), std::iter::empty())
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "{batches} batches, {unavailable} unavailable, {} acked in {:?}",
+        acked.len(),
+        start.elapsed()
+    );
+    assert!(unavailable > 0, "the tier was down for some batches");
+    let done = effects.lock().unwrap().clone();
+    for k in &acked {
+        assert!(done.contains(k), "{k} acked without its effect");
+    }
+    let mut distinct = done.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        keys.len(),
+        "every message processed once the tier was back"
+    );
+    assert_eq!(done.len(), keys.len(), "none processed twice");
+    assert_eq!(
+        source.acked(),
+        keys.len() as u64,
+        "every entry acked in the end"
+    );
+}
