@@ -7,6 +7,8 @@
 //! `CONFIG` is disabled is not refused: the tier says it could not check.
 #![cfg(feature = "redis")]
 
+#[path = "support/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -63,6 +65,32 @@ fn smoke() {
     assert_eq!(node.maxmemory_policy.as_deref(), Some("noeviction"));
     assert_eq!(node.role.as_deref(), Some("master"));
     assert!(info.problems().is_empty() && info.unchecked().is_empty());
+}
+
+/// A server without an append-only file (the test servers run with
+/// `--appendonly no --save ""`) is a warning, counted, never a refusal;
+/// one with it is not.
+#[test]
+fn a_server_without_an_append_only_file_is_a_warning() {
+    let volatile = RedisServer::start();
+    let t = tier(&volatile.url(), UnsafeServer::Refuse);
+    let stats = t.stats();
+    let info = t.check().expect("a warning, not a refusal");
+    assert_eq!(info.nodes[0].appendonly, Some(false));
+    assert_eq!(info.nodes[0].save.as_deref(), Some(""));
+    let warnings = info.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("keeps nothing on disk") && warnings[0].contains("appendonly yes"),
+        "{warnings:?}"
+    );
+    assert_eq!(stats.server_volatile.load(Ordering::Relaxed), 1);
+    let durable = RedisServer::start_with(&["--appendonly", "yes"]);
+    let t = tier(&durable.url(), UnsafeServer::Refuse);
+    let info = t.check().unwrap();
+    assert_eq!(info.nodes[0].appendonly, Some(true));
+    assert!(info.warnings().is_empty(), "{:?}", info.warnings());
+    assert_eq!(t.stats().server_volatile.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -157,4 +185,29 @@ fn a_server_without_config_is_run_but_not_checked() {
     assert!(d.check("k").is_new());
     d.flush().expect("stored");
     assert!(stats.server_unchecked.load(Ordering::Relaxed) >= 2);
+}
+
+/// On a Cluster every master is asked: three masters without an
+/// append-only file are three warnings; with it, none.
+#[test]
+fn every_cluster_master_is_checked_for_its_append_only_file() {
+    for (extra, warned) in [(&[][..], 3), (&["--appendonly", "yes"][..], 0)] {
+        let cluster = redis_cluster::RedisCluster::start_with(3, extra);
+        let urls = cluster.urls();
+        let seeds: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let info = RedisTier::new(RedisConfig::cluster(&seeds))
+            .check()
+            .unwrap();
+        assert_eq!(info.nodes.len(), 3, "{info:?}");
+        assert!(info
+            .nodes
+            .iter()
+            .all(|n| n.maxmemory_policy.as_deref() == Some("noeviction")));
+        assert_eq!(
+            info.warnings().len(),
+            warned,
+            "{extra:?}: {:?}",
+            info.warnings()
+        );
+    }
 }

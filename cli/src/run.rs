@@ -591,7 +591,7 @@ fn build(
 /// Asks the Redis server, before any input is read, whether it keeps what
 /// is written to it: a server that evicts keys (`maxmemory-policy` other
 /// than `noeviction`) or a read-only replica is refused with the library's
-/// message. A server that cannot be reached now is not refused here: the
+/// message; one without an append-only file is a warning. A server that cannot be reached now is not refused here: the
 /// run's records are then judged under the tier's failure policy, and the
 /// run says why at the end.
 fn check_redis(url: &str) -> Result<(), Refusal> {
@@ -599,7 +599,7 @@ fn check_redis(url: &str) -> Result<(), Refusal> {
     use tiered_dedup::FailureCause;
     match RedisTier::new(RedisConfig::new(url)).check() {
         Ok(info) => {
-            for warning in info.unchecked() {
+            for warning in info.warnings().into_iter().chain(info.unchecked()) {
                 say!("dedup: warning: {warning}");
             }
             Ok(())

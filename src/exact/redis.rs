@@ -185,7 +185,8 @@ impl RedisTier {
     /// cause says why), or would lose accepted keys and the configuration
     /// refuses such a server ([`crate::FailureCause::UnsafeServer`], with
     /// the setting and what to change). What could not be checked (`CONFIG`
-    /// disabled) is not an error: [`ServerInfo::unchecked`] says it.
+    /// disabled) is not an error: [`ServerInfo::unchecked`] says it; nor is
+    /// a server without an append-only file: [`ServerInfo::warnings`].
     pub fn check(&self) -> Result<ServerInfo, ExactTierError> {
         let remote = |e: &redis::RedisError| {
             let err = error::remote(&self.server, e);
@@ -228,6 +229,10 @@ impl ExactBackend for RedisTier {
             (
                 "tiered_dedup_redis_server_unchecked_total",
                 &s.server_unchecked,
+            ),
+            (
+                "tiered_dedup_redis_server_volatile_total",
+                &s.server_volatile,
             ),
             ("tiered_dedup_redis_snapshots_total", &s.snapshots),
             ("tiered_dedup_redis_rebuilds_total", &s.rebuilds),

@@ -1,6 +1,8 @@
 //! What the tier checks of a server before it trusts it with accepted
 //! keys: that it never evicts them (`maxmemory-policy noeviction`) and
-//! that it is not a replica (read-only, its data replaced by its master's).
+//! that it is not a replica (read-only, its data replaced by its master's);
+//! and, as a warning, whether it keeps them across its own restart (the
+//! append-only file).
 //! [`super::RedisTier::check`] runs it for the host at start; every
 //! connection a partition opens runs it again, with the same rule
 //! ([`UnsafeServer`]).
@@ -35,6 +37,11 @@ pub struct NodeInfo {
     /// Its role (`master`, `slave`, …) from `ROLE` or `INFO replication`;
     /// `None` when neither is allowed: not checked.
     pub role: Option<String>,
+    /// Its `appendonly` setting; `None` when `CONFIG GET` is not allowed.
+    pub appendonly: Option<bool>,
+    /// Its `save` points (`""`: no snapshots); `None` when `CONFIG GET`
+    /// is not allowed.
+    pub save: Option<String>,
 }
 
 impl NodeInfo {
@@ -54,6 +61,14 @@ impl NodeInfo {
     #[must_use]
     pub fn is_replica(&self) -> bool {
         matches!(self.role.as_deref(), Some("slave" | "replica"))
+    }
+
+    /// True when a restart of the server forgets accepted keys: no
+    /// append-only file (with only `save` snapshots, those written since
+    /// the last one; with neither, all of them).
+    #[must_use]
+    pub fn forgets_on_restart(&self) -> bool {
+        self.appendonly == Some(false)
     }
 }
 
@@ -86,6 +101,31 @@ impl ServerInfo {
         problems
     }
 
+    /// What would make these servers lose accepted keys when they restart
+    /// (no append-only file), one sentence each: a warning, not a refusal —
+    /// a server kept up by replicas and failover, or a run that may repeat
+    /// keys after a Redis restart, can do without it.
+    #[must_use]
+    pub fn warnings(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.forgets_on_restart())
+            .map(|n| {
+                let kept = match n.save.as_deref() {
+                    Some("") => "keeps nothing on disk (appendonly no, no save points)".to_owned(),
+                    Some(points) => format!(
+                        "keeps only periodic snapshots (appendonly no, save {points})"
+                    ),
+                    None => "has no append-only file (appendonly no)".to_owned(),
+                };
+                format!(
+                    "{} {kept}: if it restarts, the keys accepted since its last snapshot are                      forgotten and accepted again; set appendonly yes (appendfsync always                      loses none, everysec up to a second)",
+                    n.address
+                )
+            })
+            .collect()
+    }
+
     /// What could not be checked (a command disabled, renamed or not
     /// allowed), one sentence each.
     #[must_use]
@@ -115,10 +155,16 @@ impl ServerInfo {
 pub(super) fn inspect(conn: &mut Conn, address: &str) -> redis::RedisResult<ServerInfo> {
     let mut config = redis::cmd("CONFIG");
     config.arg("GET").arg("maxmemory-policy");
+    let mut appendonly = redis::cmd("CONFIG");
+    appendonly.arg("GET").arg("appendonly");
+    let mut save = redis::cmd("CONFIG");
+    save.arg("GET").arg("save");
     match conn {
         Conn::Single(_) => {
-            let replies = conn.pipeline_each(&[config, redis::cmd("ROLE")])?;
+            let replies = conn.pipeline_each(&[config, redis::cmd("ROLE"), appendonly, save])?;
             let maxmemory_policy = replies.first().and_then(config_value);
+            let appendonly = replies.get(2).and_then(config_value).map(|v| v == "yes");
+            let save = replies.get(3).and_then(config_value);
             let role = match replies.get(1) {
                 Some(Value::Array(items)) => items.first().and_then(text),
                 _ => {
@@ -140,26 +186,52 @@ pub(super) fn inspect(conn: &mut Conn, address: &str) -> redis::RedisResult<Serv
                     address: address.to_owned(),
                     maxmemory_policy,
                     role,
+                    appendonly,
+                    save,
                 }],
             })
         }
         Conn::Cluster(c) => {
             // Every master (the cluster client writes to masters only).
-            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-            let nodes = match c.route_command(&config, routing) {
-                Ok(Value::Map(per_node)) => per_node
+            let routing = || RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            // Per master, the value of a `CONFIG GET` asked of every master.
+            let mut per_master = |cmd: &redis::Cmd| -> Option<Vec<(String, Option<String>)>> {
+                match c.route_command(cmd, routing()) {
+                    Ok(Value::Map(per_node)) => Some(
+                        per_node
+                            .iter()
+                            .map(|(addr, v)| (text(addr).unwrap_or_default(), config_value(v)))
+                            .collect(),
+                    ),
+                    _ => None,
+                }
+            };
+            let policies = per_master(&config);
+            let appendonly = per_master(&appendonly);
+            let save = per_master(&save);
+            let of = |list: &Option<Vec<(String, Option<String>)>>, addr: &str| {
+                list.as_ref()
+                    .and_then(|l| l.iter().find(|(a, _)| a == addr))
+                    .and_then(|(_, v)| v.clone())
+            };
+            let nodes = match &policies {
+                Some(per_node) => per_node
                     .iter()
-                    .map(|(addr, v)| NodeInfo {
-                        address: text(addr).unwrap_or_default(),
-                        maxmemory_policy: config_value(v),
+                    .map(|(addr, policy)| NodeInfo {
+                        address: addr.clone(),
+                        maxmemory_policy: policy.clone(),
                         role: Some("master".to_owned()),
+                        appendonly: of(&appendonly, addr).map(|v| v == "yes"),
+                        save: of(&save, addr),
                     })
                     .collect(),
                 // CONFIG refused somewhere: not checked.
-                Ok(_) | Err(_) => vec![NodeInfo {
+                None => vec![NodeInfo {
                     address: address.to_owned(),
                     maxmemory_policy: None,
                     role: Some("master".to_owned()),
+                    appendonly: None,
+                    save: None,
                 }],
             };
             Ok(ServerInfo { nodes })
@@ -193,6 +265,13 @@ pub(super) fn judge(
                     crate::trace::event!(warn, problems = %problems.join("; "), "running on a Redis that may lose accepted keys (UnsafeServer::Warn)");
                 }
             }
+        }
+    }
+    let warnings = info.warnings();
+    if !warnings.is_empty() {
+        let before = stats.server_volatile.fetch_add(1, Ordering::Relaxed);
+        if before == 0 {
+            crate::trace::event!(warn, warnings = %warnings.join("; "), "running on a Redis that forgets accepted keys when it restarts");
         }
     }
     let unchecked = info.unchecked();
@@ -231,7 +310,34 @@ mod tests {
             address: "redis://h:1".to_owned(),
             maxmemory_policy: policy.map(str::to_owned),
             role: role.map(str::to_owned),
+            appendonly: Some(true),
+            save: Some(String::new()),
         }
+    }
+
+    #[test]
+    fn a_server_without_an_append_only_file_is_a_warning() {
+        let with = |appendonly: Option<bool>, save: Option<&str>| ServerInfo {
+            nodes: vec![NodeInfo {
+                appendonly,
+                save: save.map(str::to_owned),
+                ..node(Some("noeviction"), Some("master"))
+            }],
+        };
+        assert!(with(Some(true), Some("")).warnings().is_empty());
+        assert!(with(None, None).warnings().is_empty());
+        let nothing = with(Some(false), Some("")).warnings();
+        assert_eq!(nothing.len(), 1);
+        assert!(nothing[0].contains("keeps nothing on disk"), "{nothing:?}");
+        let snapshots = with(Some(false), Some("3600 1 300 100")).warnings();
+        assert!(
+            snapshots[0].contains("save 3600 1 300 100"),
+            "{snapshots:?}"
+        );
+        assert!(
+            with(Some(false), Some("")).problems().is_empty(),
+            "not a refusal"
+        );
     }
 
     #[test]

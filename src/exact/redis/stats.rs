@@ -35,6 +35,9 @@ pub struct RedisStats {
     /// not be checked (`CONFIG` or `ROLE` disabled, renamed or not
     /// allowed).
     pub server_unchecked: AtomicU64,
+    /// Connections made to a server without an append-only file: a
+    /// restart of it forgets accepted keys ([`super::ServerInfo::warnings`]).
+    pub server_volatile: AtomicU64,
     /// Shared mode: snapshots of a shard's state this tier stored (the
     /// log is trimmed behind them; see the module docs).
     pub snapshots: AtomicU64,
