@@ -385,7 +385,9 @@ pub trait ExactPartition: Send {
     /// The engine's current slice, named before a call that carries none
     /// ([`ExactPartition::forget`]): a tier that files records by slice
     /// then looks for them in the slices live now, even on an engine that
-    /// has made no other call yet. The default does nothing.
+    /// has made no other call yet (under event time, the slice of the
+    /// watermark, which is zero before any event). The default does
+    /// nothing; a partition that wraps another must forward it.
     fn name_slice(&mut self, _current: u64) {}
 
     /// Removes whatever is recorded for `fp` in every slot (its marks and

@@ -1243,6 +1243,32 @@ fn shared_commits_and_claims_share_a_round_trip() {
         }
     }
 
+    // A lease of another engine on the same Redis commits before the
+    // call's claims too.
+    let other = Arc::new(
+        Deduper::builder()
+            .window(Duration::from_secs(600))
+            .expected_keys(10_000)
+            .shards(2)
+            .affinity(Affinity::Shared)
+            .exact_tier(ExactTier::Custom(Arc::new(RedisTier::new(
+                RedisConfig::new(&server.url()),
+            ))))
+            .build()
+            .unwrap(),
+    );
+    let foreign = other
+        .claim_owned(ClaimRequest::new(500u64))
+        .into_lease()
+        .unwrap();
+    let (done, claims) =
+        d.commit_and_claim_batch(vec![(foreign, b"theirs".to_vec())], &fresh(500..501));
+    assert!(done[0].is_ok(), "{done:?}");
+    match &claims[0] {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"theirs"),
+        other => panic!("{other:?}"),
+    }
+
     // Threads of a multi-threaded batcher race for the same keys.
     let batcher = Arc::new(tiered_dedup::ClaimBatcher::with_threads(Arc::clone(&d), 3));
     let handles: Vec<_> = (0..6u64)

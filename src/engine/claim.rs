@@ -567,11 +567,11 @@ impl Shard {
         // An expired lease counts as nothing held, whether or not it was
         // swept yet (the answer must not depend on when sweeps run, nor on
         // a restart's replay, which sweeps at other moments).
-        let now = self.lease_clock.now();
         // Time first, as a check or claim does: a remote tier looks for the
         // key in the slices live at `t` (an engine just started has named
         // none yet).
         self.advance(t);
+        let now = self.lease_clock.now();
         let held = self.leases.remove(fp).is_some_and(|h| now < h.until);
         if self.pending.get(fp).is_some() {
             // Its mark is queued: write the queue, then remove it there.

@@ -600,7 +600,7 @@ fn commit_and_claim_shared<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
     let mut done: Vec<Option<Result<(), CommitError<D>>>> = (0..m).map(|_| None).collect();
     let mut items: Vec<Option<(Lease<D>, R)>> = commits.into_iter().map(Some).collect();
     // Leases of another engine go to one more group, committed on their
-    // own after ours.
+    // own before ours.
     let (starts, order) = group_by(m, shards + 1, |i| {
         let (lease, _) = items[i].as_ref().expect("not taken yet");
         if lease.is_of(engine) {
@@ -609,6 +609,12 @@ fn commit_and_claim_shared<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
             shards
         }
     });
+    // Leases of another engine first (no lock of ours held), so that every
+    // commit goes before every claim, as in `commit_batch` then `claim_batch`.
+    for &i in &order[starts[shards] as usize..] {
+        let (lease, result) = items[i as usize].take().expect("each commit once");
+        done[i as usize] = Some(lease.commit(result.as_ref()));
+    }
     let cap = engine.plan.max_result_bytes;
     for s in 0..shards {
         let group = &order[starts[s] as usize..starts[s + 1] as usize];
@@ -653,10 +659,6 @@ fn commit_and_claim_shared<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
             }));
         }
         engine.wake(s, &shard);
-    }
-    for &i in &order[starts[shards] as usize..] {
-        let (lease, result) = items[i as usize].take().expect("each commit once");
-        done[i as usize] = Some(lease.commit(result.as_ref()));
     }
     let done = done
         .into_iter()

@@ -374,14 +374,15 @@ impl ExactPartition for RedisPartition {
         Ok(())
     }
 
-    /// Owned keys: the marks in flight are settled first (a delete must
-    /// not be overtaken by them), the unsent ones dropped, then every
-    /// record of `fp` is removed from the buckets of the live slices
-    /// (`FORGET_SCRIPT`, one request).
+    /// The slices live at `current` are where `forget` looks.
     fn name_slice(&mut self, current: u64) {
         self.advance(current);
     }
 
+    /// Owned keys: the marks in flight are settled first (a delete must
+    /// not be overtaken by them), the unsent ones dropped, then every
+    /// record of `fp` is removed from the buckets of the live slices
+    /// (`FORGET_SCRIPT`, one request).
     fn forget(&mut self, fp: Fingerprint) -> Result<bool, ExactTierError> {
         if self.log.is_some() {
             return Err(ExactTierError::Unsupported(

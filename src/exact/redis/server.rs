@@ -113,13 +113,19 @@ impl ServerInfo {
             .map(|n| {
                 let kept = match n.save.as_deref() {
                     Some("") => "keeps nothing on disk (appendonly no, no save points)".to_owned(),
-                    Some(points) => format!(
-                        "keeps only periodic snapshots (appendonly no, save {points})"
-                    ),
+                    Some(points) => {
+                        format!("keeps only periodic snapshots (appendonly no, save {points})")
+                    }
                     None => "has no append-only file (appendonly no)".to_owned(),
                 };
+                let lost = if n.save.as_deref() == Some("") {
+                    "every accepted key is forgotten"
+                } else {
+                    "the keys accepted since its last snapshot are forgotten"
+                };
                 format!(
-                    "{} {kept}: if it restarts, the keys accepted since its last snapshot are                      forgotten and accepted again; set appendonly yes (appendfsync always                      loses none, everysec up to a second)",
+                    "{} {kept}: if it restarts, {lost} and accepted again; set appendonly yes \
+                     (appendfsync always loses none, everysec up to a second)",
                     n.address
                 )
             })
