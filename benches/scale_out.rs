@@ -92,7 +92,7 @@ fn main() {
             let mut cluster = scale_sim::start_cluster();
             let report = scale_sim::run(&cfg, &mut cluster, &cmd);
             drop(cluster);
-            let violations = check(&report.records, cfg.window);
+            let violations = check(&report.records, &report.hidden, cfg.window);
             println!("{}", scale_sim::summary(&cfg, &report, &violations));
             for e in &report.events {
                 println!("  {e}");
