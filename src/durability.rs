@@ -151,7 +151,9 @@ pub enum DurabilityError {
         /// What failed.
         error: io::Error,
     },
-    /// Another engine (in this process or another) has the directory open.
+    /// Another engine (in this process or another) has the directory open
+    /// (after waiting up to 250 ms: a lock may outlive its engine by a
+    /// moment while the process spawns a child).
     #[error("{}: in use by another engine (one engine per directory)", dir.display())]
     Busy {
         /// The directory.

@@ -480,6 +480,15 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, DurabilityError> {
     Ok(out)
 }
 
+/// How long a held lock is waited for before the directory is called busy.
+/// A lock can outlive its engine by a moment: a child process this process
+/// spawns holds a copy of every descriptor until its `exec` closes it, and
+/// the lock belongs to the lock file's open description, not to the
+/// descriptor (an engine reopened right after a drop, while another thread
+/// spawns a process, found it held).
+#[cfg(target_os = "linux")]
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Takes `DIR/engine.lock` for the engine's life (Linux: `flock`, released
 /// by the kernel however the process ends; elsewhere no lock is taken).
 fn lock_dir(dir: &Path) -> Result<Option<File>, DurabilityError> {
@@ -494,15 +503,22 @@ fn lock_dir(dir: &Path) -> Result<Option<File>, DurabilityError> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let started = std::time::Instant::now();
+        loop {
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
             let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::WouldBlock {
+            if error.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(DurabilityError::Io { path, error });
+            }
+            if started.elapsed() >= LOCK_WAIT {
                 return Err(DurabilityError::Busy {
                     dir: dir.to_owned(),
                 });
             }
-            return Err(DurabilityError::Io { path, error });
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
     Ok(Some(file))
