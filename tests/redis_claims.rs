@@ -311,6 +311,27 @@ fn engine_answer(claim: &Claim<Arc<Deduper>>) -> Expect {
     }
 }
 
+/// Checks commit answers against the reference's (true: the lease was
+/// live); the number lost.
+fn commits_as_expected(
+    expected: Vec<bool>,
+    answers: Vec<Result<(), CommitError<Arc<Deduper>>>>,
+    ctx: &dyn Fn(&str) -> String,
+) -> usize {
+    let mut lost = 0;
+    for (ok, answer) in expected.into_iter().zip(answers) {
+        match answer {
+            Ok(()) => assert!(ok, "{}", ctx("commit accepted a lost lease")),
+            Err(e) => {
+                assert!(e.is_lease_lost(), "{}", ctx(&format!("{e}")));
+                assert!(!ok, "{}", ctx("commit refused a live lease"));
+                lost += 1;
+            }
+        }
+    }
+    lost
+}
+
 fn run(s: &Setting, store: &Store, seed: u64) {
     let mut rng = Rng::new(seed);
     let start = Timestamp::from_secs(1_700_000_000);
@@ -376,16 +397,7 @@ fn run(s: &Setting, store: &Store, seed: u64) {
                 } else if committing > 0 {
                     let (done, answers) = dedup.commit_and_claim_batch(commits, &requests);
                     assert_eq!(done.len(), committing, "{}", ctx("one answer per commit"));
-                    for (ok, answer) in expected.into_iter().zip(done) {
-                        match answer {
-                            Ok(()) => assert!(ok, "{}", ctx("commit accepted a lost lease")),
-                            Err(e) => {
-                                assert!(e.is_lease_lost(), "{}", ctx(&format!("{e}")));
-                                assert!(!ok, "{}", ctx("commit refused a live lease"));
-                                lost += 1;
-                            }
-                        }
-                    }
+                    lost += commits_as_expected(expected, done, &ctx);
                     answers
                 } else {
                     dedup.claim_batch_owned(&requests)
@@ -441,16 +453,7 @@ fn run(s: &Setting, store: &Store, seed: u64) {
                 } else {
                     dedup.commit_batch(batch.into_iter().map(|(_, l, r)| (l, r)).collect())
                 };
-                for (ok, answer) in expected.into_iter().zip(answers) {
-                    match answer {
-                        Ok(()) => assert!(ok, "{}", ctx("commit accepted a lost lease")),
-                        Err(e) => {
-                            assert!(e.is_lease_lost(), "{}", ctx(&format!("{e}")));
-                            assert!(!ok, "{}", ctx("commit refused a live lease"));
-                            lost += 1;
-                        }
-                    }
-                }
+                lost += commits_as_expected(expected, answers, &ctx);
             }
             // Release, drop or extend a lease.
             45..=54 if !leases.is_empty() => {

@@ -413,18 +413,8 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
         for (lease, answer) in releases {
             answer.send(lease.release());
         }
-        // Commits before claims, in one call: on a shared remote store, one
-        // round trip per shard carries both.
         let (pairs, commit_answers): (Vec<_>, Vec<_>) = commits.into_iter().unzip();
-        if claims.is_empty() {
-            if !pairs.is_empty() {
-                for (done, answer) in engine.commit_batch(pairs).into_iter().zip(commit_answers) {
-                    answer.send(done);
-                }
-            }
-        } else {
-            run_claims(engine, pairs, commit_answers, claims, &mut waiting);
-        }
+        run_batch(engine, pairs, commit_answers, claims, &mut waiting);
         if !waiting.is_empty() && last_look.elapsed() >= WAIT_POLL {
             look_again(engine, &mut waiting, false);
             last_look = Instant::now();
@@ -432,9 +422,10 @@ fn run(engine: &Arc<Deduper>, jobs: &Receiver<Job>) {
     }
 }
 
-/// The commits of a batch, then its claims; claims in progress with a
-/// deadline ahead wait.
-fn run_claims(
+/// The commits of a batch, then its claims (on a shared remote store in
+/// one call: one round trip per shard carries both); claims in progress
+/// with a deadline ahead wait.
+fn run_batch(
     engine: &Arc<Deduper>,
     commits: Vec<(SharedLease, Vec<u8>)>,
     commit_answers: Vec<Answer<Result<(), CommitError<Arc<Deduper>>>>>,
@@ -456,7 +447,11 @@ fn run_claims(
                 answer.send(done);
             }
         }
-        engine.claim_batch_owned(&requests)
+        if requests.is_empty() {
+            Vec::new()
+        } else {
+            engine.claim_batch_owned(&requests)
+        }
     };
     let now = Instant::now();
     for ((request, deadline, answer), claim) in claims.into_iter().zip(answers) {

@@ -390,7 +390,7 @@ impl Shard {
         }
     }
 
-    fn current_claim_slice(&self) -> u64 {
+    pub(super) fn current_claim_slice(&self) -> u64 {
         match &self.filter {
             ShardFilter::Windowed(f) => f.current(),
             ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
@@ -587,7 +587,7 @@ impl Shard {
             },
             _ => None,
         };
-        let current = self.shared_slice();
+        let current = self.current_claim_slice();
         let recorded = match &mut self.exact {
             Some(exact) => {
                 exact.name_slice(current);

@@ -167,34 +167,12 @@ impl Deduper {
             let t = self.now_in(&shard);
             let now = self.lease_clock.now();
             if self.shares_leases(&shard) {
-                // One batch of commits to the store; results over the cap
-                // are refused before anything is sent.
-                let cap = self.plan.max_result_bytes;
-                let taken: Vec<Indexed<D, R>> = group
-                    .iter()
-                    .map(|&i| {
-                        (
-                            i as usize,
-                            items[i as usize].take().expect("each commit once"),
-                        )
-                    })
-                    .collect();
-                let ops: Vec<SharedOp<'_>> = taken
-                    .iter()
-                    .filter(|(_, (_, r))| r.as_ref().len() <= cap)
-                    .map(|(_, (lease, result))| SharedOp::Commit {
-                        fingerprint: lease.fingerprint(),
-                        token: lease.token(),
-                        now,
-                        result: result.as_ref(),
-                    })
-                    .collect();
-                let mut answers = shard.lease_ops_shared(&ops, &self.plan.rules).into_iter();
-                for (i, (lease, result)) in taken {
-                    out[i] = Some(lease.settle_commit(result.as_ref(), |_, _| {
-                        answers.next().expect("one answer per sent commit")
-                    }));
-                }
+                // One batch of commits to the store.
+                let taken = take_group(&mut items, group);
+                let ops = commit_ops(&taken, self.plan.max_result_bytes, now);
+                let answers = shard.lease_ops_shared(&ops, &self.plan.rules);
+                drop(ops);
+                settle_taken(taken, answers, &mut out);
                 self.wake(s, &shard);
                 continue;
             }
@@ -624,40 +602,17 @@ fn commit_and_claim_shared<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
         }
         let mut shard = engine.lock(s);
         let now = engine.lease_clock.now();
-        let taken: Vec<Indexed<D, R>> = group
-            .iter()
-            .map(|&i| {
-                (
-                    i as usize,
-                    items[i as usize].take().expect("each commit once"),
-                )
-            })
-            .collect();
-        // Results over the cap are refused before anything is sent.
-        let ops: Vec<SharedOp<'_>> = taken
-            .iter()
-            .filter(|(_, (_, r))| r.as_ref().len() <= cap)
-            .map(|(_, (lease, result))| SharedOp::Commit {
-                fingerprint: lease.fingerprint(),
-                token: lease.token(),
-                now,
-                result: result.as_ref(),
-            })
-            .collect();
+        let taken = take_group(&mut items, group);
+        let ops = commit_ops(&taken, cap, now);
         if !claims.is_empty() {
             shard.counters.batches += 1;
             shard.counters.batch_keys += claims.len() as u64;
         }
         let routed = prepared.route(engine, &shard, claims, requests);
-        let mut lease_answers = shard
-            .commit_and_claim_shared(&ops, &routed, now, &engine.plan.rules, &mut answers)
-            .into_iter();
+        let lease_answers =
+            shard.commit_and_claim_shared(&ops, &routed, now, &engine.plan.rules, &mut answers);
         drop(ops);
-        for (i, (lease, result)) in taken {
-            done[i] = Some(lease.settle_commit(result.as_ref(), |_, _| {
-                lease_answers.next().expect("one answer per sent commit")
-            }));
-        }
+        settle_taken(taken, lease_answers, &mut done);
         engine.wake(s, &shard);
     }
     let done = done
@@ -665,6 +620,56 @@ fn commit_and_claim_shared<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
         .map(|r| r.expect("every commit answered"))
         .collect();
     (done, prepared.answer(handle, answers))
+}
+
+/// Takes the commits of `group` (positions) out of `items`.
+fn take_group<D: AsRef<Deduper>, R>(
+    items: &mut [Option<(Lease<D>, R)>],
+    group: &[u32],
+) -> Vec<Indexed<D, R>> {
+    group
+        .iter()
+        .map(|&i| {
+            (
+                i as usize,
+                items[i as usize].take().expect("each commit once"),
+            )
+        })
+        .collect()
+}
+
+/// The store operations of `taken`'s commits; results over `cap` are left
+/// out (refused by `settle_commit` before anything is sent).
+fn commit_ops<D: AsRef<Deduper>, R: AsRef<[u8]>>(
+    taken: &[Indexed<D, R>],
+    cap: usize,
+    now: u64,
+) -> Vec<SharedOp<'_>> {
+    taken
+        .iter()
+        .filter(|(_, (_, r))| r.as_ref().len() <= cap)
+        .map(|(_, (lease, result))| SharedOp::Commit {
+            fingerprint: lease.fingerprint(),
+            token: lease.token(),
+            now,
+            result: result.as_ref(),
+        })
+        .collect()
+}
+
+/// Settles `taken`'s leases with the store's answers to the commits
+/// [`commit_ops`] sent for them, into `out` by position.
+fn settle_taken<D: AsRef<Deduper>, R: AsRef<[u8]>>(
+    taken: Vec<Indexed<D, R>>,
+    answers: Vec<Result<(), LeaseError>>,
+    out: &mut [Option<Result<(), CommitError<D>>>],
+) {
+    let mut answers = answers.into_iter();
+    for (i, (lease, result)) in taken {
+        out[i] = Some(lease.settle_commit(result.as_ref(), |_, _| {
+            answers.next().expect("one answer per sent commit")
+        }));
+    }
 }
 
 /// A claim that waits for an in-flight holder (see [`Deduper::claim_wait`]).

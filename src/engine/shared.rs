@@ -13,7 +13,7 @@ use crate::time::Timestamp;
 use crate::verdict::Verdict;
 
 use super::claim::ShardClaim;
-use super::shard::{Shard, ShardFilter, ShardRules};
+use super::shard::{Shard, ShardRules};
 
 /// A claim routed to a shard: `(position, fingerprint, payload, time,
 /// lease nanoseconds)`.
@@ -39,7 +39,7 @@ impl Shard {
         ops: &[SharedOp<'_>],
         rules: &ShardRules,
     ) -> Result<Vec<SharedAnswer>, ExactTierError> {
-        let current = self.shared_slice();
+        let current = self.current_claim_slice();
         let exact = self
             .exact
             .as_mut()
@@ -71,13 +71,6 @@ impl Shard {
         self.counters.releases += queued.len() as u64;
         self.queued_releases.clear();
         Ok(out.split_off(queued.len()))
-    }
-
-    pub(super) fn shared_slice(&self) -> u64 {
-        match &self.filter {
-            ShardFilter::Windowed(f) => f.current(),
-            ShardFilter::Unbounded(_) | ShardFilter::Direct => 0,
-        }
     }
 
     /// Shared claims of `items` (`(position, fingerprint, payload, time,
