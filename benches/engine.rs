@@ -45,7 +45,7 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput,
 };
 use crossbeam_utils::CachePadded;
-use dashmap::DashSet;
+use dashmap::{DashMap, DashSet};
 use tiered_dedup::{
     Deduper, DeduperBuilder, ExactTier, Key, ManualClock, Namespace, Pipeline, Stats,
 };
@@ -505,10 +505,40 @@ fn one_pass<S: Sync>(
     elapsed
 }
 
-fn pass_ours(threads: usize) -> Duration {
+/// Whether a paired pass's table is touched before the timed part: `Warm`
+/// builds ours with `prefault_tables(true)` and fills each peer with as
+/// many other keys as the pass will insert, then clears it (the sets keep
+/// their memory). `Cold` leaves every table lazy, so each pass also pays
+/// the first touch of its pages — on this VM 0.084 ms/MB when the guest
+/// used the memory recently and 2.1–2.4 ms/MB when the host had taken it
+/// back, whichever a pass happens to get (`docs/cost-model.md`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Memory {
+    Warm,
+    Cold,
+}
+
+/// Keys that are not in the stream (the stream's are SplitMix64 outputs;
+/// these count down from the top), as many as it has distinct.
+fn touch_keys() -> impl Iterator<Item = u128> {
+    (0..workload().distinct).map(|i| fingerprint(u64::MAX - i))
+}
+
+fn pass_ours(threads: usize, memory: Memory) -> Duration {
     one_pass(
         threads,
-        || engine(&ExactTier::Memory, 1),
+        || {
+            let clock = manual_clock();
+            let dedup = engine_builder(&clock, &ExactTier::Memory, 1)
+                .prefault_tables(memory == Memory::Warm)
+                .build()
+                .expect("valid engine");
+            Engine {
+                dedup,
+                clock,
+                step_nanos: step_nanos(),
+            }
+        },
         |e, batch| {
             let mut out = Vec::with_capacity(batch.len());
             e.dedup.check_batch_into(batch, &mut out);
@@ -519,28 +549,54 @@ fn pass_ours(threads: usize) -> Duration {
     )
 }
 
-fn pass_dashset(threads: usize) -> Duration {
+/// The paired passes' `DashSet` peer, as the map it wraps
+/// (`DashSet<K>` is a `DashMap<K, ()>`; the map's shards can be cleared
+/// without tombstones).
+fn pass_dashset(threads: usize, memory: Memory) -> Duration {
     one_pass(
         threads,
         || {
-            DashSet::<u128, FpBuild>::with_capacity_and_hasher(
+            let mut set = DashMap::<u128, (), FpBuild>::with_capacity_and_hasher(
                 workload().distinct as usize,
                 FpBuild::default(),
-            )
+            );
+            if memory == Memory::Warm {
+                let capacity = set.capacity();
+                touch_keys().for_each(|fp| {
+                    set.insert(fp, ());
+                });
+                // `DashMap::clear` erases entry by entry and leaves
+                // tombstones that a later insert rehashes away; a shard's
+                // own `clear` marks every bucket empty and keeps the memory.
+                for shard in set.shards_mut() {
+                    shard.get_mut().clear();
+                }
+                assert_eq!(set.capacity(), capacity, "the touch changed the set");
+            }
+            set
         },
         |set, batch| {
             batch
                 .iter()
-                .filter(|&&k| set.insert(fingerprint(k)))
+                .filter(|&&k| set.insert(fingerprint(k), ()).is_none())
                 .count() as u64
         },
     )
 }
 
-fn pass_hashbrown() -> Duration {
+fn pass_hashbrown(memory: Memory) -> Duration {
     one_pass(
         1,
-        || Mutex::new(hashbrown_set(workload().distinct as usize)),
+        || {
+            let mut set = hashbrown_set(workload().distinct as usize);
+            if memory == Memory::Warm {
+                let capacity = set.capacity();
+                set.extend(touch_keys());
+                set.clear();
+                assert_eq!(set.capacity(), capacity, "the touch grew the set");
+            }
+            Mutex::new(set)
+        },
         |set, batch| {
             let mut set = set.lock().expect("unpoisoned");
             batch
@@ -560,35 +616,41 @@ fn paired(_c: &mut Criterion) {
     let Some(rounds) = env_number::<usize>("TD_BENCH_PAIRED").filter(|&n| n > 0) else {
         return;
     };
-    let w = workload();
-    let keys = w.stream.len() as f64;
-    let peers: [(&str, usize, &dyn Fn() -> Duration); 3] = [
-        ("hashbrown_u128 t1", 1, &pass_hashbrown),
-        ("dashset_u128 t1", 1, &|| pass_dashset(1)),
-        ("dashset_u128 t2", 2, &|| pass_dashset(2)),
-    ];
-    for (peer, threads, run_peer) in peers {
-        let mut ratios = Vec::new();
-        paired_rounds(
-            rounds,
-            Order::Alternate,
-            &mut [&mut || pass_ours(threads), &mut || run_peer()],
-            |round, times| {
-                let (o, p) = (keys / times[0].as_secs_f64(), keys / times[1].as_secs_f64());
-                eprintln!(
-                    "[paired] round {round}: ours_memory/check_batch t{threads} {:.2} Melem/s, {peer} {:.2} Melem/s, ratio {:.2}",
-                    o / 1e6,
-                    p / 1e6,
-                    o / p
-                );
-                ratios.push(o / p);
-            },
-        );
-        let r = spread(ratios);
-        eprintln!(
-            "[paired] ours_memory/check_batch t{threads} / {peer}: median {:.2}x (min {:.2}, max {:.2}, {rounds} rounds)",
-            r.median, r.min, r.max
-        );
+    let memories: &[Memory] = match std::env::var("TD_BENCH_MEMORY").as_deref() {
+        Ok("warm") => &[Memory::Warm],
+        Ok("cold") => &[Memory::Cold],
+        _ => &[Memory::Warm, Memory::Cold],
+    };
+    let keys = workload().stream.len() as f64;
+    for &memory in memories {
+        let peers: [(&str, usize, &dyn Fn() -> Duration); 3] = [
+            ("hashbrown_u128 t1", 1, &|| pass_hashbrown(memory)),
+            ("dashset_u128 t1", 1, &|| pass_dashset(1, memory)),
+            ("dashset_u128 t2", 2, &|| pass_dashset(2, memory)),
+        ];
+        for (peer, threads, run_peer) in peers {
+            let mut ratios = Vec::new();
+            paired_rounds(
+                rounds,
+                Order::Alternate,
+                &mut [&mut || pass_ours(threads, memory), &mut || run_peer()],
+                |round, times| {
+                    let (o, p) = (keys / times[0].as_secs_f64(), keys / times[1].as_secs_f64());
+                    eprintln!(
+                        "[paired {memory:?}] round {round}: ours_memory/check_batch t{threads} {:.2} Melem/s, {peer} {:.2} Melem/s, ratio {:.2}",
+                        o / 1e6,
+                        p / 1e6,
+                        o / p
+                    );
+                    ratios.push(o / p);
+                },
+            );
+            let r = spread(ratios);
+            eprintln!(
+                "[paired {memory:?}] ours_memory/check_batch t{threads} / {peer}: median {:.2}x (min {:.2}, max {:.2}, {rounds} rounds)",
+                r.median, r.min, r.max
+            );
+        }
     }
 }
 

@@ -184,6 +184,27 @@ impl Deduper {
         (fp.low() & self.shard_mask) as usize
     }
 
+    /// Faults every shard's memory-tier table in
+    /// ([`crate::DeduperBuilder::prefault_tables`]), one thread per core,
+    /// each taking every so-manyth shard.
+    pub(crate) fn prefault_tables(&self) {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(self.shards.len());
+        std::thread::scope(|scope| {
+            for first in 1..threads {
+                scope.spawn(move || self.prefault_every(first, threads));
+            }
+            self.prefault_every(0, threads);
+        });
+    }
+
+    fn prefault_every(&self, first: usize, step: usize) {
+        for s in (first..self.shards.len()).step_by(step) {
+            self.lock(s).prefault_tables();
+        }
+    }
+
     /// Shard `s`, locked.
     pub(crate) fn lock_shard(&self, s: usize) -> MutexGuard<'_, Shard> {
         self.lock(s)

@@ -122,6 +122,40 @@ impl<T> ZeroedArray<T> {
         })
     }
 
+    /// Faults every page of the array in for writing now, so that no later
+    /// access pays for the page's first touch (the kernel zeroing it, and
+    /// on a virtual machine whose host took the memory back, the host
+    /// backing it again: 2.1–2.4 ms/MB measured, against 0.084 ms/MB for
+    /// memory the guest used recently). Contents are unchanged. Mapped
+    /// arrays ask the kernel (`MADV_POPULATE_WRITE`, Linux 5.14 and
+    /// later); elsewhere, or where the kernel refuses, each page is read
+    /// and written back.
+    pub(crate) fn populate(&mut self) {
+        let bytes = Self::layout(self.len).size();
+        if bytes == 0 {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        if self.mapped {
+            // SAFETY: the range is this array's own mapping.
+            let done = unsafe {
+                libc::madvise(self.ptr.as_ptr().cast(), bytes, libc::MADV_POPULATE_WRITE)
+            } == 0;
+            if done {
+                return;
+            }
+        }
+        let base = self.ptr.as_ptr().cast::<u8>();
+        for offset in (0..bytes).step_by(4096) {
+            // SAFETY: `offset < bytes`, inside the array, which `&mut self`
+            // holds alone; the byte is written back unchanged.
+            unsafe {
+                let p = base.add(offset);
+                p.write_volatile(p.read_volatile());
+            }
+        }
+    }
+
     fn layout(len: usize) -> Layout {
         Layout::array::<T>(len).expect("array size overflows the address space")
     }
@@ -410,6 +444,57 @@ mod tests {
         );
     }
 
+    /// Minor page faults this thread has taken so far.
+    #[cfg(target_os = "linux")]
+    fn faults() -> i64 {
+        // SAFETY: getrusage writes the struct it is given.
+        unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+            usage.ru_minflt
+        }
+    }
+
+    /// Faults taken reading and then writing one element per 4 KiB page.
+    #[cfg(target_os = "linux")]
+    fn probe(a: &mut ZeroedArray<u64>) -> i64 {
+        let before = faults();
+        for i in (0..a.len()).step_by(512) {
+            let read = std::hint::black_box(a[i]);
+            a[i] = read + 1;
+        }
+        faults() - before
+    }
+
+    /// A populated array, mapped or from the allocator, takes no faults
+    /// when it is used afterwards, and keeps what it held.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_populated_array_takes_no_faults_and_keeps_its_contents() {
+        // 1 MiB comes from the allocator (a fresh mapping of the C library's,
+        // in 4 KiB pages); 6 MiB and 400 KiB from a mapping of ours: three
+        // huge pages and a 4 KiB tail.
+        for len in [(1 << 20) / 8, (6 << 20) / 8 + 100 * 512] {
+            // SAFETY: zero is a valid u64.
+            let lazy = probe(&mut unsafe { ZeroedArray::<u64>::new(len) });
+            // The allocator may hand out memory it had faulted in already.
+            assert!(
+                lazy >= 64 || len < HUGE / 8,
+                "only {lazy} faults in a lazy array of {len}"
+            );
+            // SAFETY: zero is a valid u64.
+            let mut a = unsafe { ZeroedArray::<u64>::new(len) };
+            a[0] = 41;
+            a[len - 1] = 43;
+            a.populate();
+            assert_eq!((a[0], a[len - 1]), (41, 43));
+            assert!(a[1..len - 1].iter().all(|&x| x == 0));
+            let taken = probe(&mut a);
+            assert!(taken < 4, "{taken} faults in a populated array of {len}");
+            assert_eq!(a[0], 42);
+        }
+    }
+
     /// An array made for probing has its 4 KiB tail (here the 1 MiB past
     /// 2 MiB) faulted in: probing it, each page read and then written,
     /// takes a fault or two for the huge page. Lazily, each 4 KiB page of
@@ -432,22 +517,6 @@ mod tests {
                 release.trim()
             );
             return;
-        }
-        fn faults() -> i64 {
-            // SAFETY: getrusage writes the struct it is given.
-            unsafe {
-                let mut usage: libc::rusage = std::mem::zeroed();
-                libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
-                usage.ru_minflt
-            }
-        }
-        fn probe(a: &mut ZeroedArray<u64>) -> i64 {
-            let before = faults();
-            for i in (0..a.len()).step_by(512) {
-                let read = std::hint::black_box(a[i]);
-                a[i] = read + 1;
-            }
-            faults() - before
         }
         let len = (3 << 20) / 8;
         // SAFETY: zero is a valid u64.

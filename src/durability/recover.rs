@@ -198,6 +198,9 @@ fn open(
     recovery.elapsed = started.elapsed();
     let checkpoint_bytes = fs::metadata(&checkpoint_path).map_or(0, |m| m.len());
     let note = recovery.note.clone();
+    if builder.prefaults() {
+        engine.prefault_tables();
+    }
     let mut engine = engine;
     engine.attach_durable(Durable {
         log,

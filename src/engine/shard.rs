@@ -124,6 +124,15 @@ pub(crate) enum Trust {
 }
 
 impl Shard {
+    /// Faults the memory tier's table in now (see
+    /// [`crate::DeduperBuilder::prefault_tables`]); other tiers hold
+    /// nothing to fault in.
+    pub(crate) fn prefault_tables(&mut self) {
+        if let Some(Partition::Memory(m)) = &mut self.exact {
+            m.prefault();
+        }
+    }
+
     pub(crate) fn new(
         filter: ShardFilter,
         exact: Option<Partition>,

@@ -115,6 +115,26 @@ impl MemoryPartition {
         });
     }
 
+    /// Allocates now the table that the first key would (without a
+    /// window, or one table for the window) and faults its pages in, so
+    /// that no check pays for the memory's first touch. Slot tables (a
+    /// filter in front) come and go with their slices and are left lazy.
+    pub(crate) fn prefault(&mut self) {
+        if let Some(set) = &mut self.untimed {
+            if !set.is_allocated() {
+                self.allocate_untimed();
+            }
+            if let Some(set) = &mut self.untimed {
+                set.populate();
+            }
+        } else if self.one_slot || self.expiry.is_some() {
+            if !self.slots[0].is_allocated() {
+                self.allocate(0);
+            }
+            self.slots[0].populate();
+        }
+    }
+
     /// One-table mode: moves to shard time `now`. True when `now` entered
     /// a new slice (the shard counts a rotation); a sweep is then due if
     /// some entry may have expired.

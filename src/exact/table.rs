@@ -215,6 +215,12 @@ impl<E: Entry> FingerprintTable<E> {
         self.buckets.len() * std::mem::size_of::<E>()
     }
 
+    /// Faults the buckets' pages in now (see
+    /// [`crate::hugealloc::ZeroedArray::populate`]).
+    pub(crate) fn populate(&mut self) {
+        self.buckets.populate();
+    }
+
     pub(crate) fn is_allocated(&self) -> bool {
         !self.buckets.is_empty()
     }
