@@ -553,6 +553,10 @@ impl Deduper {
         time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
         out: &mut [Verdict],
     ) {
+        if matches!(shard.filter, ShardFilter::Direct) && shard.leases.is_empty() {
+            shard.check_direct_group(fps, group, time, &self.plan.rules, PREFETCH_AHEAD, out);
+            return;
+        }
         let fp_at = |j: usize| fps[group[j] as usize];
         let n = group.len();
         // Without a filter, stage one has loaded the bucket already.

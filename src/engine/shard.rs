@@ -511,6 +511,117 @@ impl Shard {
         verdict
     }
 
+    /// [`Shard::check`] of the keys `group` (indices into `fps`, in input
+    /// order) on a shard without a filter and without live leases: the
+    /// same verdicts, counters and log records as one `check` per key, in
+    /// one loop that reads the table's buckets `ahead` keys early and
+    /// moves the shard's time only when a key's time differs from the
+    /// previous key's (a batch at one clock reading moves it once).
+    /// `time(shard, i)` is key `i`'s time, `None` to leave `out[i]`.
+    ///
+    /// Checks never create leases, so a shard with none at the start has
+    /// none throughout (`held_verdict` would answer `None` for every key).
+    pub(crate) fn check_direct_group(
+        &mut self,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        rules: &ShardRules,
+        ahead: usize,
+        out: &mut [Verdict],
+    ) {
+        debug_assert!(matches!(self.filter, ShardFilter::Direct));
+        debug_assert!(self.leases.is_empty());
+        if rules.window.is_some() {
+            self.check_direct_group_as::<true>(fps, group, time, ahead, out);
+        } else {
+            self.check_direct_group_as::<false>(fps, group, time, ahead, out);
+        }
+    }
+
+    #[inline(always)]
+    fn check_direct_group_as<const WINDOW: bool>(
+        &mut self,
+        fps: &[Fingerprint],
+        group: &[u32],
+        time: &impl Fn(&Shard, usize) -> Option<Timestamp>,
+        ahead: usize,
+        out: &mut [Verdict],
+    ) {
+        let fp_at = |j: usize| fps[group[j] as usize];
+        let n = group.len();
+        for j in 0..n.min(ahead) {
+            self.prefetch_exact_unbounded(fp_at(j));
+        }
+        let (mut checked, mut new, mut duplicates, mut reaccepted) = (0u64, 0u64, 0u64, 0u64);
+        // The time the shard was last moved to by this loop, and whether a
+        // sweep of expired entries is running or due since.
+        let mut moved_to = None;
+        let mut sweeping = false;
+        for (j, &i) in group.iter().enumerate() {
+            if j + ahead < n {
+                self.prefetch_exact_unbounded(fp_at(j + ahead));
+            }
+            let i = i as usize;
+            let Some(t) = time(self, i) else { continue };
+            if moved_to != Some(t) {
+                self.advance(t);
+                moved_to = Some(t);
+                sweeping = WINDOW && self.wants_sweep();
+            }
+            if WINDOW && sweeping {
+                // As `check_direct`: 16 buckets of a running sweep per key.
+                self.sweep_expired(16);
+                sweeping = self.wants_sweep();
+            }
+            let fp = fps[i];
+            let Some(Partition::Memory(table)) = &mut self.exact else {
+                unreachable!("a shard without a filter has the memory tier");
+            };
+            checked += 1;
+            let verdict = if WINDOW {
+                match table.check_within(fp, t) {
+                    Within::Inside(first_seen) => Verdict::Duplicate {
+                        first_seen: Timestamp::from_nanos(first_seen),
+                    },
+                    Within::Expired => {
+                        reaccepted += 1;
+                        Verdict::New
+                    }
+                    Within::Absent => Verdict::New,
+                }
+            } else {
+                match table.first_seen_or_mark(fp, t) {
+                    Seen::At(first_seen) => Verdict::Duplicate { first_seen },
+                    Seen::Untimed => Verdict::DuplicateUntimed,
+                    Seen::No => Verdict::New,
+                }
+            };
+            if verdict == Verdict::New {
+                new += 1;
+                if let Some(log) = &mut self.log {
+                    log.accept(fp, t.as_nanos());
+                }
+            } else {
+                duplicates += 1;
+            }
+            out[i] = verdict;
+        }
+        let c = &mut self.counters;
+        c.checks += checked;
+        c.new += new;
+        c.duplicates += duplicates;
+        c.marks_queued += new;
+        c.marks_flushed += new;
+        c.reaccepted_after_window += reaccepted;
+    }
+
+    /// True while the memory tier's one table has a sweep running or due.
+    #[inline]
+    fn wants_sweep(&self) -> bool {
+        matches!(&self.exact, Some(Partition::Memory(table)) if table.wants_sweep())
+    }
+
     /// Without a filter but with a window: advances a due or running sweep
     /// of the memory tier's expired entries by up to `buckets`.
     pub(crate) fn sweep_expired(&mut self, buckets: usize) {
