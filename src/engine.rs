@@ -45,6 +45,11 @@ const PREFETCH_EXACT_AHEAD: usize = 8;
 /// Keys in flight between the stages (a power of two above
 /// `PREFETCH_AHEAD`).
 const RING: usize = 32;
+/// How far ahead a shard without a filter starts loading a key's table
+/// bucket (one stage, two cache lines: see `FingerprintTable::prefetch`).
+/// Measured on 10⁷ keys with a window, one thread: 8 → 22.9 M keys/s,
+/// 16 → 24.8, 32 → 25.5, 48 → 24.8, 64 → 22.9.
+const DIRECT_AHEAD: usize = 32;
 
 /// The deduplication engine: "was this key accepted within the window?"
 ///
@@ -554,7 +559,7 @@ impl Deduper {
         out: &mut [Verdict],
     ) {
         if matches!(shard.filter, ShardFilter::Direct) && shard.leases.is_empty() {
-            shard.check_direct_group(fps, group, time, &self.plan.rules, PREFETCH_AHEAD, out);
+            shard.check_direct_group(fps, group, time, &self.plan.rules, DIRECT_AHEAD, out);
             return;
         }
         let fp_at = |j: usize| fps[group[j] as usize];
