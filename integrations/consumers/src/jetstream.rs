@@ -28,6 +28,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::context::Context;
 use async_nats::jetstream::message::AckKind;
@@ -101,18 +102,36 @@ pub struct JetStreamConsumer {
     acked: AtomicU64,
     naked: AtomicU64,
     terminated: AtomicU64,
+    missed_heartbeats: AtomicU64,
 }
 
 impl JetStreamConsumer {
-    /// Starts pulling from `consumer` in batches of `batching.max`.
+    /// Starts pulling from `consumer` in batches of `batching.max`, with
+    /// the server's idle heartbeat every 5 s.
     ///
     /// # Errors
     /// [`ConsumerError::Broker`] when the pull cannot start.
     pub async fn new(consumer: &PullConsumer, batching: Batching) -> Result<Self, ConsumerError> {
+        Self::with_heartbeat(consumer, batching, Duration::from_secs(5)).await
+    }
+
+    /// As [`JetStreamConsumer::new`], with the server's idle heartbeat
+    /// every `heartbeat` (at most 15 s: half the pull's 30 s expiry). Two
+    /// heartbeats missed in a row (a stalled server or network) make
+    /// [`JetStreamConsumer::next_batch`] answer an empty batch and count it
+    /// in [`JetStreamConsumer::missed_heartbeats`]; the pull goes on.
+    ///
+    /// # Errors
+    /// [`ConsumerError::Broker`] when the pull cannot start.
+    pub async fn with_heartbeat(
+        consumer: &PullConsumer,
+        batching: Batching,
+        heartbeat: Duration,
+    ) -> Result<Self, ConsumerError> {
         let messages = consumer
             .stream()
             .max_messages_per_batch(batching.max.max(1))
-            .heartbeat(Duration::from_secs(5))
+            .heartbeat(heartbeat.min(Duration::from_secs(15)))
             .expires(Duration::from_secs(30))
             .messages()
             .await
@@ -124,6 +143,7 @@ impl JetStreamConsumer {
             acked: AtomicU64::new(0),
             naked: AtomicU64::new(0),
             terminated: AtomicU64::new(0),
+            missed_heartbeats: AtomicU64::new(0),
         })
     }
 
@@ -145,9 +165,17 @@ impl JetStreamConsumer {
         }
     }
 
+    /// How many times the server's idle heartbeat was missed (the pull
+    /// went on each time).
+    #[must_use]
+    pub fn missed_heartbeats(&self) -> u64 {
+        self.missed_heartbeats.load(Ordering::Relaxed)
+    }
+
     /// The next batch: waits up to `batching.wait` for a first message,
     /// then `batching.linger` for more, up to `batching.max`. Empty when
-    /// nothing came.
+    /// nothing came, or when the server's idle heartbeat was missed (the
+    /// pull stream recovers by itself: counted, not an error).
     ///
     /// # Errors
     /// [`ConsumerError::Broker`] when the pull failed before any message
@@ -156,6 +184,10 @@ impl JetStreamConsumer {
         let mut batch = Vec::new();
         match tokio::time::timeout(self.batching.wait, self.messages.next()).await {
             Err(_) | Ok(None) => return Ok(batch),
+            Ok(Some(Err(e))) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                self.missed_heartbeats.fetch_add(1, Ordering::Relaxed);
+                return Ok(batch);
+            }
             Ok(Some(Err(e))) => return Err(broker(e)),
             Ok(Some(Ok(m))) => batch.push(m),
         }

@@ -257,6 +257,52 @@ async fn a_failed_handler_is_redelivered_and_done_once() {
     assert!(counts(&done).values().all(|&n| n == 1));
 }
 
+/// A stalled server (SIGSTOP, past two idle heartbeats) is a missed
+/// heartbeat: an empty batch, counted, and the pull goes on: what is
+/// published once the server runs again is consumed, each key once.
+#[tokio::test]
+async fn a_missed_heartbeat_is_an_empty_batch_and_the_pull_goes_on() {
+    let server = NatsServer::start();
+    let (js, consumer) = setup(&server, Duration::from_secs(60), Duration::from_secs(5)).await;
+    let mut source = JetStreamConsumer::with_heartbeat(
+        &consumer,
+        Batching {
+            wait: Duration::from_secs(5),
+            ..batching()
+        },
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap();
+    server.pause();
+    let stalled = tokio::time::timeout(Duration::from_secs(10), source.next_batch()).await;
+    server.resume();
+    let batch = stalled
+        .expect("next_batch answers within its wait")
+        .expect("a missed heartbeat is not an error");
+    assert!(batch.is_empty());
+    assert!(source.missed_heartbeats() >= 1);
+    for (i, k) in ["a", "b", "a", "c"].iter().enumerate() {
+        publish(&js, SUBJECT, &format!("m{i}"), json(k, i as u64))
+            .await
+            .unwrap();
+    }
+    let dedup = engine(Duration::from_secs(5));
+    let (effects, handler) = recorder();
+    let seen = drain(
+        &mut source,
+        &dedup,
+        handler,
+        no_conflicts(),
+        Duration::from_secs(20),
+        |s| s.len() >= 4,
+    )
+    .await;
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(*effects.lock().unwrap(), vec!["a", "b", "c"]);
+    assert_eq!(source.ack_stats().acked, 4);
+}
+
 /// A key held by another consumer's lease is `InProgress`: nakked with the
 /// lease's remaining time, redelivered, and processed once the holder let go.
 #[tokio::test]
