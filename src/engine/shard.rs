@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::error::ExactTierError;
 use crate::exact::table::Within;
-use crate::exact::{Claim, Lookup, Mark, Partition, Seen};
+use crate::exact::{Claim, Lookup, Mark, MemoryPartition, Partition, Seen};
 use crate::filter::{GrowingBloom, Placement, Probe, WindowedFilter};
 use crate::fingerprint::Fingerprint;
 use crate::time::{newest_slot, slot_of, Timestamp, GENERATIONS};
@@ -482,24 +482,10 @@ impl Shard {
         let Some(Partition::Memory(table)) = &mut self.exact else {
             unreachable!("a shard without a filter has the memory tier");
         };
-        let verdict = if rules.window.is_some() {
-            match table.check_within(fp, t) {
-                Within::Inside(first_seen) => Verdict::Duplicate {
-                    first_seen: Timestamp::from_nanos(first_seen),
-                },
-                Within::Expired => {
-                    self.counters.reaccepted_after_window += 1;
-                    Verdict::New
-                }
-                Within::Absent => Verdict::New,
-            }
-        } else {
-            match table.first_seen_or_mark(fp, t) {
-                Seen::At(first_seen) => Verdict::Duplicate { first_seen },
-                Seen::Untimed => Verdict::DuplicateUntimed,
-                Seen::No => Verdict::New,
-            }
-        };
+        let (verdict, reaccepted) = probe_direct(table, fp, t, rules.window.is_some());
+        if reaccepted {
+            self.counters.reaccepted_after_window += 1;
+        }
         if verdict == Verdict::New {
             self.counters.marks_queued += 1;
             self.counters.marks_flushed += 1;
@@ -579,24 +565,8 @@ impl Shard {
                 unreachable!("a shard without a filter has the memory tier");
             };
             checked += 1;
-            let verdict = if WINDOW {
-                match table.check_within(fp, t) {
-                    Within::Inside(first_seen) => Verdict::Duplicate {
-                        first_seen: Timestamp::from_nanos(first_seen),
-                    },
-                    Within::Expired => {
-                        reaccepted += 1;
-                        Verdict::New
-                    }
-                    Within::Absent => Verdict::New,
-                }
-            } else {
-                match table.first_seen_or_mark(fp, t) {
-                    Seen::At(first_seen) => Verdict::Duplicate { first_seen },
-                    Seen::Untimed => Verdict::DuplicateUntimed,
-                    Seen::No => Verdict::New,
-                }
-            };
+            let (verdict, again) = probe_direct(table, fp, t, WINDOW);
+            reaccepted += u64::from(again);
             if verdict == Verdict::New {
                 new += 1;
                 if let Some(log) = &mut self.log {
@@ -1060,5 +1030,37 @@ impl Shard {
             ShardFilter::Unbounded(g) => (g.estimated_fpr(), None),
             ShardFilter::Direct => (0.0, None),
         }
+    }
+}
+
+/// The memory tier's one probe of `fp` at `t` as a verdict — within the
+/// window (`window`) or untimed — and whether it re-accepted a key whose
+/// window had passed. Shared by [`Shard::check_direct`] and
+/// [`Shard::check_direct_group`], so both answer alike.
+#[inline(always)]
+fn probe_direct(
+    table: &mut MemoryPartition,
+    fp: Fingerprint,
+    t: Timestamp,
+    window: bool,
+) -> (Verdict, bool) {
+    if window {
+        match table.check_within(fp, t) {
+            Within::Inside(first_seen) => (
+                Verdict::Duplicate {
+                    first_seen: Timestamp::from_nanos(first_seen),
+                },
+                false,
+            ),
+            Within::Expired => (Verdict::New, true),
+            Within::Absent => (Verdict::New, false),
+        }
+    } else {
+        let verdict = match table.first_seen_or_mark(fp, t) {
+            Seen::At(first_seen) => Verdict::Duplicate { first_seen },
+            Seen::Untimed => Verdict::DuplicateUntimed,
+            Seen::No => Verdict::New,
+        };
+        (verdict, false)
     }
 }
