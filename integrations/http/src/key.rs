@@ -141,7 +141,8 @@ impl Parser<'_> {
     /// `\\` the only escapes.
     fn string(&mut self) -> Result<Vec<u8>, KeyError> {
         self.i += 1;
-        let mut out = Vec::new();
+        // At most the rest of the value: one allocation, no regrowth.
+        let mut out = Vec::with_capacity(self.s.len() - self.i);
         loop {
             let Some(c) = self.peek() else {
                 return Err(KeyError::Unterminated);

@@ -25,16 +25,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderValue, Request, Response};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use tiered_dedup::claims::SharedLease;
-use tiered_dedup::{Claim, ClaimRequest, CommitError};
+use tiered_dedup::{Claim, ClaimRequest, CommitError, Fingerprint};
 use tower_service::Service;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
-use crate::fingerprint::{claim_key, Scope};
+use crate::fingerprint::{with_claim_key, Scope};
 use crate::key::{parse_key, KeyError};
 use crate::layer::{InFlight, MissingKey, OnUnavailable, Shared, IDEMPOTENT_REPLAYED};
 use crate::problem::{Problem, ProblemKind};
@@ -195,13 +195,22 @@ where
                 }
             }
             Ok(key) => {
+                // The key's fingerprint in its scope, here rather than in the
+                // request's future: the key is not kept.
+                let (parts, body) = request.into_parts();
+                let scope = config
+                    .scope
+                    .as_ref()
+                    .map_or_else(Scope::global, |f| f(&parts));
+                let fp = with_claim_key(&scope, &key, |k| shared.store.fingerprint(k));
+                let request = Request::from_parts(parts, body);
                 // The service polled ready is the one that must be called:
                 // take it, leave a clone for the next request.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
                 ResponseFuture {
                     kind: FutureKind::Claimed {
-                        future: Box::pin(claimed(Arc::clone(shared), inner, request, key)),
+                        future: Box::pin(claimed(Arc::clone(shared), inner, request, fp)),
                     },
                 }
             }
@@ -296,12 +305,13 @@ impl Gathered {
     }
 }
 
-/// A request with a key: read, claim, then act or answer.
+/// A request whose key's fingerprint (in its scope) is `fp`: read, claim,
+/// then act or answer.
 async fn claimed<S, ReqB, ResB>(
     shared: Arc<Shared>,
     inner: S,
     request: Request<ReqB>,
-    key: Vec<u8>,
+    fp: Fingerprint,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -341,12 +351,7 @@ where
             return Ok(answer(&shared, Outcome::UnreadableBody, problem));
         }
     };
-    let scope = config
-        .scope
-        .as_ref()
-        .map_or_else(Scope::global, |f| f(&parts));
-    let mut claim = ClaimRequest::new(shared.store.fingerprint(&claim_key(&scope, &key)))
-        .payload((config.fingerprint)(&parts, &body));
+    let mut claim = ClaimRequest::new(fp).payload((config.fingerprint)(&parts, &body));
     if let Some(lease) = config.lease {
         claim = claim.lease(lease);
     }
@@ -447,16 +452,7 @@ where
         return Ok(response.map(ResponseBody::inner));
     }
     let (head, body) = response.into_parts();
-    let replayed: Vec<_> = config
-        .replay_headers
-        .iter()
-        .flat_map(|name| {
-            head.headers
-                .get_all(name)
-                .iter()
-                .map(move |v| (name.clone(), v.clone()))
-        })
-        .collect();
+    let replayed = replayable(&config.replay_headers, &head.headers);
     let mut record = StoredResponse {
         status: head.status,
         headers: replayed,
@@ -529,6 +525,21 @@ where
     ))
 }
 
+/// The response's headers named in `names`, in the order of `names` (the
+/// values of one name in the response's order). One pass over the
+/// response's headers (a handful) instead of a hashed lookup per name.
+fn replayable(names: &[HeaderName], headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let rank = |name: &HeaderName| names.iter().position(|n| n == name);
+    let mut found: Vec<(HeaderName, HeaderValue)> = headers
+        .iter()
+        .filter(|(name, _)| rank(name).is_some())
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    // Stable: the values of one name keep their order.
+    found.sort_by_key(|(name, _)| rank(name));
+    found
+}
+
 /// Completes the key with `record`'s status and headers but no body.
 async fn commit_omitted(shared: &Shared, lease: SharedLease, record: &StoredResponse) -> Outcome {
     let omitted = StoredResponse {
@@ -595,5 +606,36 @@ fn replay<B>(shared: &Shared, result: Arc<[u8]>) -> Response<ResponseBody<B>> {
             );
             answer(shared, Outcome::NotReplayable, problem)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replayable_headers_follow_the_configured_order_and_keep_repeats() {
+        let names = [header::CONTENT_TYPE, header::ETAG, header::LINK];
+        let mut headers = HeaderMap::new();
+        headers.append(header::LINK, HeaderValue::from_static("<a>"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("s=1"));
+        headers.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.append(header::LINK, HeaderValue::from_static("<b>"));
+        headers.append(header::ETAG, HeaderValue::from_static("\"e\""));
+        let got: Vec<(String, String)> = replayable(&names, &headers)
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        let want = [
+            ("content-type", "text/plain"),
+            ("etag", "\"e\""),
+            ("link", "<a>"),
+            ("link", "<b>"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(n, v)| (n.to_owned(), v.to_owned())).to_vec()
+        );
+        assert!(replayable(&[], &headers).is_empty());
     }
 }
