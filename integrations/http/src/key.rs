@@ -141,8 +141,20 @@ impl Parser<'_> {
     /// `\\` the only escapes.
     fn string(&mut self) -> Result<Vec<u8>, KeyError> {
         self.i += 1;
+        // The usual key: printable, no escape, then the closing quote —
+        // copied whole.
+        let rest = &self.s[self.i..];
+        if let Some(end) = rest
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || !(0x20..=0x7e).contains(&c))
+        {
+            if rest[end] == b'"' {
+                self.i += end + 1;
+                return Ok(rest[..end].to_vec());
+            }
+        }
         // At most the rest of the value: one allocation, no regrowth.
-        let mut out = Vec::with_capacity(self.s.len() - self.i);
+        let mut out = Vec::with_capacity(rest.len());
         loop {
             let Some(c) = self.peek() else {
                 return Err(KeyError::Unterminated);
@@ -324,5 +336,51 @@ mod tests {
         assert!(lenient("a b").is_err());
         assert!(lenient("a,b").is_err());
         assert_eq!(strict("8e03978e-40d5"), Err(KeyError::NotAString));
+    }
+
+    /// The sf-string grammar, one byte at a time: what `Parser::string`
+    /// must answer (with where it stopped) for any input after a `"`.
+    fn reference_string(s: &[u8]) -> (Result<Vec<u8>, KeyError>, usize) {
+        let mut i = 1;
+        let mut out = Vec::new();
+        loop {
+            match s.get(i).copied() {
+                None => return (Err(KeyError::Unterminated), i),
+                Some(b'"') => return (Ok(out), i + 1),
+                Some(b'\\') => match s.get(i + 1) {
+                    Some(&e @ (b'"' | b'\\')) => {
+                        out.push(e);
+                        i += 2;
+                    }
+                    None => return (Err(KeyError::Unterminated), i),
+                    Some(_) => return (Err(KeyError::BadCharacter { at: i }), i),
+                },
+                Some(c @ 0x20..=0x7e) => {
+                    out.push(c);
+                    i += 1;
+                }
+                Some(_) => return (Err(KeyError::BadCharacter { at: i }), i),
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn strings_parse_as_the_grammar_says(
+            tail in proptest::collection::vec(
+                proptest::sample::select(vec![b'a', b'"', b'\\', b' ', b'~', 0x7f, 0x1f, b';', 0xc3]),
+                0..16,
+            )
+        ) {
+            let mut s = vec![b'"'];
+            s.extend_from_slice(&tail);
+            let mut p = Parser { s: &s, i: 0 };
+            let got = p.string();
+            let (want, stop) = reference_string(&s);
+            proptest::prop_assert_eq!(&got, &want);
+            if want.is_ok() {
+                proptest::prop_assert_eq!(p.i, stop);
+            }
+        }
     }
 }

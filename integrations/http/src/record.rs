@@ -108,14 +108,15 @@ impl StoredResponse {
         };
         out.push(kind);
         out.extend_from_slice(&self.status.as_u16().to_be_bytes());
-        let headers: Vec<_> = self
-            .headers
-            .iter()
-            .filter(|(n, v)| n.as_str().len() <= 0xffff && v.len() <= 0xffff)
-            .take(0xffff)
-            .collect();
-        out.extend_from_slice(&(headers.len() as u16).to_be_bytes());
-        for (name, value) in headers {
+        // Counted, then written: no list of them is built.
+        let headers = || {
+            self.headers
+                .iter()
+                .filter(|(n, v)| n.as_str().len() <= 0xffff && v.len() <= 0xffff)
+                .take(0xffff)
+        };
+        out.extend_from_slice(&(headers().count() as u16).to_be_bytes());
+        for (name, value) in headers() {
             let name = name.as_str().as_bytes();
             out.extend_from_slice(&(name.len() as u16).to_be_bytes());
             out.extend_from_slice(name);
