@@ -62,11 +62,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // The PostgreSQL client is synchronous: connect off the runtime's workers.
     let mut effects = tokio::task::block_in_place(|| Effects::open(&args))?;
+    let config = consumer_config(&args.group, Duration::from_millis(args.ack_wait_ms));
     let consumer = stream
-        .get_or_create_consumer(
-            &args.group,
-            consumer_config(&args.group, Duration::from_millis(args.ack_wait_ms)),
-        )
+        .get_or_create_consumer(&args.group, config.clone())
         .await?;
     let batching = Batching {
         max: args.batch,
@@ -82,6 +80,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => {
                 eprintln!("pull failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                if source.has_ended() {
+                    // The durable consumer was deleted (or the connection
+                    // is gone): pull again from a (re)created one; what it
+                    // redelivers is answered from the claims.
+                    if let Ok(consumer) = stream
+                        .get_or_create_consumer(&args.group, config.clone())
+                        .await
+                    {
+                        if let Ok(fresh) = JetStreamConsumer::new(&consumer, batching).await {
+                            source = fresh;
+                        }
+                    }
+                }
                 Vec::new()
             }
         };

@@ -43,6 +43,13 @@ fn broker(e: impl std::fmt::Display) -> ConsumerError {
     ConsumerError::Broker(e.to_string())
 }
 
+fn ended() -> ConsumerError {
+    ConsumerError::Broker(
+        "the pull stream ended (its consumer was deleted, or the connection closed for good)"
+            .to_owned(),
+    )
+}
+
 /// A durable pull consumer's configuration for deduplicated consumption:
 /// explicit acks, `ack_wait` before a redelivery (longer than a batch's
 /// handler runs, and at least the claims' lease), unlimited deliveries.
@@ -103,6 +110,8 @@ pub struct JetStreamConsumer {
     naked: AtomicU64,
     terminated: AtomicU64,
     missed_heartbeats: AtomicU64,
+    /// Set once the pull stream ended: every later call fails.
+    ended: bool,
 }
 
 impl JetStreamConsumer {
@@ -144,6 +153,7 @@ impl JetStreamConsumer {
             naked: AtomicU64::new(0),
             terminated: AtomicU64::new(0),
             missed_heartbeats: AtomicU64::new(0),
+            ended: false,
         })
     }
 
@@ -165,6 +175,13 @@ impl JetStreamConsumer {
         }
     }
 
+    /// True once the pull stream has ended (see
+    /// [`JetStreamConsumer::next_batch`]): make a new consumer to go on.
+    #[must_use]
+    pub fn has_ended(&self) -> bool {
+        self.ended
+    }
+
     /// How many times the server's idle heartbeat was missed (the pull
     /// went on each time).
     #[must_use]
@@ -179,11 +196,21 @@ impl JetStreamConsumer {
     ///
     /// # Errors
     /// [`ConsumerError::Broker`] when the pull failed before any message
-    /// came (an error after some is left for the next call).
+    /// came (an error after some is left for the next call), and on every
+    /// call once the pull stream has ended (the consumer was deleted, or
+    /// the connection closed for good): a consumer loop must not mistake a
+    /// dead pull for an idle stream. Start a new `JetStreamConsumer` then.
     pub async fn next_batch(&mut self) -> Result<Vec<Message>, ConsumerError> {
+        if self.ended {
+            return Err(ended());
+        }
         let mut batch = Vec::new();
         match tokio::time::timeout(self.batching.wait, self.messages.next()).await {
-            Err(_) | Ok(None) => return Ok(batch),
+            Err(_) => return Ok(batch),
+            Ok(None) => {
+                self.ended = true;
+                return Err(ended());
+            }
             Ok(Some(Err(e))) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
                 self.missed_heartbeats.fetch_add(1, Ordering::Relaxed);
                 return Ok(batch);
@@ -195,6 +222,11 @@ impl JetStreamConsumer {
         while batch.len() < self.batching.max {
             match tokio::time::timeout_at(deadline, self.messages.next()).await {
                 Ok(Some(Ok(m))) => batch.push(m),
+                Ok(None) => {
+                    // Answered next time: these messages are processed first.
+                    self.ended = true;
+                    break;
+                }
                 _ => break,
             }
         }

@@ -303,6 +303,38 @@ async fn a_missed_heartbeat_is_an_empty_batch_and_the_pull_goes_on() {
     assert_eq!(source.ack_stats().acked, 4);
 }
 
+/// A pull whose consumer is deleted fails, and keeps failing, instead of
+/// answering empty batches for ever (a dead pull is not an idle stream).
+#[tokio::test]
+async fn a_deleted_consumer_ends_the_pull_with_an_error() {
+    let server = NatsServer::start();
+    let (js, consumer) = setup(&server, Duration::from_secs(60), Duration::from_secs(5)).await;
+    let mut source = JetStreamConsumer::new(&consumer, batching()).await.unwrap();
+    assert!(source.next_batch().await.unwrap().is_empty());
+    js.get_stream("orders")
+        .await
+        .unwrap()
+        .delete_consumer("dedup")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut failed = 0;
+    while failed < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the deleted consumer's pull still answers batches"
+        );
+        if source.next_batch().await.is_err() {
+            failed += 1;
+        }
+    }
+    assert!(source.has_ended());
+    assert!(
+        source.next_batch().await.is_err(),
+        "an ended pull stays ended"
+    );
+}
+
 /// A key held by another consumer's lease is `InProgress`: nakked with the
 /// lease's remaining time, redelivered, and processed once the holder let go.
 #[tokio::test]
