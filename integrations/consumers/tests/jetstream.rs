@@ -335,6 +335,73 @@ async fn a_deleted_consumer_ends_the_pull_with_an_error() {
     );
 }
 
+/// A broker killed and restarted mid-stream (same port and store): the
+/// pull goes on once the client has reconnected, and what was published
+/// before and after is each done once.
+#[tokio::test]
+async fn the_pull_goes_on_after_the_broker_restarts() {
+    let mut server = NatsServer::start();
+    let (js, consumer) = setup(&server, Duration::from_secs(60), Duration::from_secs(5)).await;
+    for (i, k) in ["a", "b"].iter().enumerate() {
+        publish(&js, SUBJECT, &format!("m{i}"), json(k, i as u64))
+            .await
+            .unwrap();
+    }
+    let mut source =
+        JetStreamConsumer::with_heartbeat(&consumer, batching(), Duration::from_millis(500))
+            .await
+            .unwrap();
+    let dedup = engine(Duration::from_secs(5));
+    let (effects, handler) = recorder();
+    drain(
+        &mut source,
+        &dedup,
+        Arc::clone(&handler),
+        no_conflicts(),
+        Duration::from_secs(10),
+        |s| s.len() >= 2,
+    )
+    .await;
+    server.restart();
+    let start = Instant::now();
+    let mut published = 0;
+    while published < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "republish after the restart"
+        );
+        let k = ["c", "a", "d"][published];
+        match publish(&js, SUBJECT, &format!("n{published}"), json(k, 9)).await {
+            Ok(_) => published += 1,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let start = Instant::now();
+    while effects.lock().unwrap().len() < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "after the restart: {:?}, ended {}",
+            effects.lock().unwrap(),
+            source.has_ended()
+        );
+        let batch = match source.next_batch().await {
+            Ok(batch) => batch,
+            Err(_) => Vec::new(),
+        };
+        let deliveries = batch
+            .into_iter()
+            .map(|m| Delivery::new(key_of(&m), m))
+            .collect();
+        let settled = process_blocking(&dedup, deliveries, &handler, &no_conflicts())
+            .await
+            .unwrap();
+        source.settle(settled).await.unwrap();
+    }
+    let mut done = effects.lock().unwrap().clone();
+    done.sort();
+    assert_eq!(done, vec!["a", "b", "c", "d"]);
+}
+
 /// A key held by another consumer's lease is `InProgress`: nakked with the
 /// lease's remaining time, redelivered, and processed once the holder let go.
 #[tokio::test]

@@ -71,6 +71,16 @@ impl NatsServer {
         }
     }
 
+    /// Kills the server (SIGKILL) and starts it again on the same port and
+    /// store: a crashed broker coming back.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
     /// Stops the server's process (SIGSTOP) without closing its sockets:
     /// a stalled server, as a client sees one.
     pub fn pause(&self) {
