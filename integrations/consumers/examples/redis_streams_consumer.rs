@@ -61,7 +61,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         batching,
         Duration::from_millis(args.ack_wait_ms),
     )
-    .await?;
+    .await?
+    // A restarted broker: reconnect, and create the group again if lost.
+    .reconnect_with(client);
     let mut bad = 0u64;
     let mut last = Instant::now();
     loop {

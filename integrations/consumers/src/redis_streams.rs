@@ -93,6 +93,33 @@ pub struct RedisStreamConsumer {
     cursor: String,
     acked: u64,
     reclaimed: u64,
+    /// Where a new connection comes from when this one is lost
+    /// ([`RedisStreamConsumer::reconnect_with`]).
+    client: Option<redis::Client>,
+    /// The connection failed, or the group is gone (a restarted server
+    /// without persistence): repaired before the next command.
+    broken: bool,
+    repairs: u64,
+}
+
+/// `XGROUP CREATE stream group 0 MKSTREAM`; an existing group is fine.
+async fn create_group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> Result<(), ConsumerError> {
+    let created: Result<Value, _> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(broker(e)),
+        _ => Ok(()),
+    }
 }
 
 impl RedisStreamConsumer {
@@ -112,19 +139,7 @@ impl RedisStreamConsumer {
         batching: Batching,
         reclaim_idle: Duration,
     ) -> Result<Self, ConsumerError> {
-        let created: Result<Value, _> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(stream)
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = created {
-            if e.code() != Some("BUSYGROUP") {
-                return Err(broker(e));
-            }
-        }
+        create_group(&mut conn, stream, group).await?;
         Ok(RedisStreamConsumer {
             conn,
             stream: stream.to_owned(),
@@ -136,7 +151,54 @@ impl RedisStreamConsumer {
             cursor: "0-0".to_owned(),
             acked: 0,
             reclaimed: 0,
+            client: None,
+            broken: false,
+            repairs: 0,
         })
+    }
+
+    /// Opens a new connection from `client` when this one is lost (the
+    /// server restarted, the network dropped it): the call that met the
+    /// failure returns its error, the next one reconnects. Without it, a
+    /// lost connection fails every later call. Either way a group that is
+    /// gone (a server restarted without persistence) is created again.
+    #[must_use]
+    pub fn reconnect_with(mut self, client: redis::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Reconnections and group re-creations made so far.
+    #[must_use]
+    pub fn repairs(&self) -> u64 {
+        self.repairs
+    }
+
+    /// `e` as the consumer's error; a lost connection or a missing group
+    /// marks the consumer for repair before its next command.
+    fn failed(&mut self, e: &redis::RedisError) -> ConsumerError {
+        if e.is_unrecoverable_error() || e.is_connection_dropped() || e.code() == Some("NOGROUP") {
+            self.broken = true;
+        }
+        broker(e)
+    }
+
+    /// Reconnects (when a client was given and the connection was lost)
+    /// and re-creates the group, if the last command found either broken.
+    async fn repair(&mut self) -> Result<(), ConsumerError> {
+        if !self.broken {
+            return Ok(());
+        }
+        if let Some(client) = &self.client {
+            self.conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(broker)?;
+        }
+        create_group(&mut self.conn, &self.stream, &self.group).await?;
+        self.broken = false;
+        self.repairs += 1;
+        Ok(())
     }
 
     /// Entries acked so far.
@@ -166,7 +228,7 @@ impl RedisStreamConsumer {
             cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(&self.stream).arg(">");
-        let reply: Value = match block {
+        let reply: redis::RedisResult<Value> = match block {
             // The server answers a blocking read only after `b`: give it
             // that long plus a margin (the client's default response
             // timeout, 500 ms, would cut a longer wait short).
@@ -176,8 +238,8 @@ impl RedisStreamConsumer {
                 cmd.query_async(&mut conn).await
             }
             None => cmd.query_async(&mut self.conn).await,
-        }
-        .map_err(broker)?;
+        };
+        let reply: Value = reply.map_err(|e| self.failed(&e))?;
         let Value::Array(streams) = reply else {
             return Ok(Vec::new());
         };
@@ -201,7 +263,7 @@ impl RedisStreamConsumer {
             .arg(self.batching.max)
             .query_async(&mut self.conn)
             .await
-            .map_err(broker)?;
+            .map_err(|e| self.failed(&e))?;
         let Value::Array(parts) = reply else {
             return Ok(Vec::new());
         };
@@ -224,6 +286,7 @@ impl RedisStreamConsumer {
     /// # Errors
     /// [`ConsumerError::Broker`] when Redis failed.
     pub async fn next_batch(&mut self) -> Result<Vec<StreamEntry>, ConsumerError> {
+        self.repair().await?;
         if Instant::now() >= self.next_reclaim {
             let found = self.reclaim().await?;
             if !found.is_empty() {
@@ -266,13 +329,14 @@ impl RedisStreamConsumer {
         if ids.is_empty() {
             return Ok(());
         }
+        self.repair().await?;
         let n: u64 = redis::cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
             .arg(&ids)
             .query_async(&mut self.conn)
             .await
-            .map_err(broker)?;
+            .map_err(|e| self.failed(&e))?;
         self.acked += n;
         Ok(())
     }

@@ -384,10 +384,7 @@ async fn the_pull_goes_on_after_the_broker_restarts() {
             effects.lock().unwrap(),
             source.has_ended()
         );
-        let batch = match source.next_batch().await {
-            Ok(batch) => batch,
-            Err(_) => Vec::new(),
-        };
+        let batch: Vec<Message> = source.next_batch().await.unwrap_or_default();
         let deliveries = batch
             .into_iter()
             .map(|m| Delivery::new(key_of(&m), m))

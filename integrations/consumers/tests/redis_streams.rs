@@ -312,3 +312,105 @@ async fn a_dead_exact_tier_acks_nothing_unprocessed() {
         "every entry acked in the end"
     );
 }
+
+/// Consumes through `source` (errors while the broker is away tolerated)
+/// until `done` keys have effects, or fails after 30 s.
+async fn consume_until(
+    source: &mut RedisStreamConsumer,
+    dedup: &Arc<BatchConsumer>,
+    handler: &Arc<Handler>,
+    effects: &Mutex<Vec<String>>,
+    done: usize,
+) {
+    let none: Arc<OnConflict> = Arc::new(|_| panic!("no conflicts"));
+    let start = Instant::now();
+    while effects.lock().unwrap().len() < done {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} of {done} effects, {} repairs",
+            effects.lock().unwrap().len(),
+            source.repairs()
+        );
+        let Ok(batch) = source.next_batch().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let deliveries = batch
+            .into_iter()
+            .map(|e| Delivery::new(key_of(&e).unwrap(), e))
+            .collect();
+        let settled = process_blocking(dedup, deliveries, handler, &none)
+            .await
+            .unwrap();
+        let _ = source
+            .settle(settled.iter().map(|(e, d)| (e, d)), std::iter::empty())
+            .await;
+    }
+}
+
+/// A consumer that reconnects through its client.
+async fn reconnecting_member(server: &RedisServer) -> RedisStreamConsumer {
+    let client = redis::Client::open(server.url()).unwrap();
+    member(server, "c1").await.reconnect_with(client)
+}
+
+fn keys(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("k{i}")).collect()
+}
+
+/// The broker killed and restarted (with its append-only file): the
+/// consumer reconnects, and what was published before and after is done
+/// once each — a repeat published after the restart too.
+#[tokio::test]
+async fn the_consumer_reconnects_after_the_broker_restarts() {
+    let mut broker = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut source = reconnecting_member(&broker).await;
+    let dedup = Arc::new(BatchConsumer::new(Arc::new(
+        Deduper::builder().build().unwrap(),
+    )));
+    let (effects, handler) = recorder();
+    let before = keys(0..10);
+    publish_keys(
+        &broker,
+        &before.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    consume_until(&mut source, &dedup, &handler, &effects, 10).await;
+    broker.restart();
+    let mut after = keys(10..20);
+    after.push("k3".to_owned());
+    publish_keys(
+        &broker,
+        &after.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    consume_until(&mut source, &dedup, &handler, &effects, 20).await;
+    assert!(source.repairs() >= 1, "reconnected");
+    let mut done = effects.lock().unwrap().clone();
+    done.sort();
+    let mut want = keys(0..20);
+    want.sort();
+    assert_eq!(done, want, "each key once");
+}
+
+/// A broker restarted without persistence has lost the stream and the
+/// group: the consumer creates the group again and reads what comes next.
+#[tokio::test]
+async fn a_lost_group_is_created_again() {
+    let mut broker = RedisServer::start();
+    let mut source = reconnecting_member(&broker).await;
+    let dedup = Arc::new(BatchConsumer::new(Arc::new(
+        Deduper::builder().build().unwrap(),
+    )));
+    let (effects, handler) = recorder();
+    publish_keys(&broker, &["a", "b"]).await;
+    consume_until(&mut source, &dedup, &handler, &effects, 2).await;
+    broker.restart();
+    publish_keys(&broker, &["c", "a", "d"]).await;
+    consume_until(&mut source, &dedup, &handler, &effects, 4).await;
+    assert!(
+        source.repairs() >= 1,
+        "reconnected and re-created the group"
+    );
+    assert_eq!(*effects.lock().unwrap(), vec!["a", "b", "c", "d"]);
+}
