@@ -73,6 +73,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut source = JetStreamConsumer::new(&consumer, batching).await?;
     let mut bad = 0u64;
+    // Acks of pulls replaced after they ended.
+    let mut acked_before = 0u64;
     let mut last = Instant::now();
     loop {
         let batch = match source.next_batch().await {
@@ -89,6 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .await
                     {
                         if let Ok(fresh) = JetStreamConsumer::new(&consumer, batching).await {
+                            acked_before += source.ack_stats().acked;
                             source = fresh;
                         }
                     }
@@ -131,10 +134,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .run_batch(keyed, &args.consumer, args.effect_delay_us)
             .await
         {
+            // An ack that could not be sent: redelivered after AckWait,
+            // answered `Completed`.
             Ok(settled) => {
-                source
+                if let Err(e) = source
                     .settle(settled.into_iter().map(|(k, d)| (k.message, d)))
-                    .await?;
+                    .await
+                {
+                    eprintln!("ack failed, left for redelivery: {e}");
+                }
             }
             // Nothing committed and nothing acked: redelivered after AckWait.
             Err(e) => eprintln!("batch failed, left for redelivery: {e}"),
@@ -143,7 +151,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     client.flush().await?;
     println!(
         "{}",
-        app::summary(effects.stats(), bad, source.ack_stats().acked)
+        app::summary(
+            effects.stats(),
+            bad,
+            acked_before + source.ack_stats().acked
+        )
     );
     tokio::task::block_in_place(move || drop(effects));
     Ok(())

@@ -112,15 +112,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .run_batch(keyed, &args.consumer, args.effect_delay_us)
             .await
         {
+            // A failed XACK (the broker went away) leaves the entries
+            // pending: reclaimed after the idle time, answered `Completed`.
             Ok(settled) => {
-                source
+                if let Err(e) = source
                     .settle(settled.iter().map(|(k, d)| (&k.message, d)), &rejected)
-                    .await?;
+                    .await
+                {
+                    eprintln!("ack failed, left pending: {e}");
+                }
             }
             // Nothing committed and nothing acked: reclaimed after the idle time.
             Err(e) => {
                 eprintln!("batch failed, left pending: {e}");
-                source.settle(std::iter::empty(), &rejected).await?;
+                if let Err(e) = source.settle(std::iter::empty(), &rejected).await {
+                    eprintln!("ack failed, left pending: {e}");
+                }
             }
         }
     }

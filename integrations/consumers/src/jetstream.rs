@@ -215,7 +215,19 @@ impl JetStreamConsumer {
                 self.missed_heartbeats.fetch_add(1, Ordering::Relaxed);
                 return Ok(batch);
             }
-            Ok(Some(Err(e))) => return Err(broker(e)),
+            Ok(Some(Err(e))) => {
+                // These end the pull stream (async-nats terminates it):
+                // say so now, not one call later.
+                if matches!(
+                    e.kind(),
+                    MessagesErrorKind::ConsumerDeleted
+                        | MessagesErrorKind::PushBasedConsumer
+                        | MessagesErrorKind::RequestLimitExceeded
+                ) {
+                    self.ended = true;
+                }
+                return Err(broker(e));
+            }
             Ok(Some(Ok(m))) => batch.push(m),
         }
         let deadline = tokio::time::Instant::now() + self.batching.linger;

@@ -100,7 +100,16 @@ pub struct RedisStreamConsumer {
     /// without persistence): repaired before the next command.
     broken: bool,
     repairs: u64,
+    /// Commands timed out in a row: a connection that only times out
+    /// (half-open: the peer vanished without a reset) is repaired too.
+    timeouts: u32,
 }
+
+/// Timeouts in a row after which the connection is taken for lost.
+const TIMEOUTS_BEFORE_REPAIR: u32 = 3;
+
+/// The longest a reconnection may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `XGROUP CREATE stream group 0 MKSTREAM`; an existing group is fine.
 async fn create_group(
@@ -154,6 +163,7 @@ impl RedisStreamConsumer {
             client: None,
             broken: false,
             repairs: 0,
+            timeouts: 0,
         })
     }
 
@@ -177,10 +187,23 @@ impl RedisStreamConsumer {
     /// `e` as the consumer's error; a lost connection or a missing group
     /// marks the consumer for repair before its next command.
     fn failed(&mut self, e: &redis::RedisError) -> ConsumerError {
-        if e.is_unrecoverable_error() || e.is_connection_dropped() || e.code() == Some("NOGROUP") {
+        if e.is_timeout() {
+            self.timeouts += 1;
+        }
+        if e.is_unrecoverable_error()
+            || e.is_connection_dropped()
+            || e.code() == Some("NOGROUP")
+            || self.timeouts >= TIMEOUTS_BEFORE_REPAIR
+        {
             self.broken = true;
         }
         broker(e)
+    }
+
+    /// A command answered: the connection is alive.
+    fn answered<T>(&mut self, reply: T) -> T {
+        self.timeouts = 0;
+        reply
     }
 
     /// Reconnects (when a client was given and the connection was lost)
@@ -190,13 +213,18 @@ impl RedisStreamConsumer {
             return Ok(());
         }
         if let Some(client) = &self.client {
-            self.conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(broker)?;
+            // Bounded: a stalled server accepts the socket and never answers.
+            self.conn =
+                tokio::time::timeout(RECONNECT_TIMEOUT, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| ConsumerError::Broker("reconnecting timed out".to_owned()))?
+                    .map_err(broker)?;
         }
         create_group(&mut self.conn, &self.stream, &self.group).await?;
         self.broken = false;
+        self.timeouts = 0;
+        // A re-created group's pending list starts over.
+        self.cursor = "0-0".to_owned();
         self.repairs += 1;
         Ok(())
     }
@@ -240,6 +268,7 @@ impl RedisStreamConsumer {
             None => cmd.query_async(&mut self.conn).await,
         };
         let reply: Value = reply.map_err(|e| self.failed(&e))?;
+        let reply = self.answered(reply);
         let Value::Array(streams) = reply else {
             return Ok(Vec::new());
         };
@@ -264,6 +293,7 @@ impl RedisStreamConsumer {
             .query_async(&mut self.conn)
             .await
             .map_err(|e| self.failed(&e))?;
+        let reply = self.answered(reply);
         let Value::Array(parts) = reply else {
             return Ok(Vec::new());
         };
@@ -302,8 +332,11 @@ impl RedisStreamConsumer {
         let mut batch = self.read(max, Some(wait)).await?;
         if !batch.is_empty() && batch.len() < max && !self.batching.linger.is_zero() {
             tokio::time::sleep(self.batching.linger).await;
-            let more = self.read(max - batch.len(), None).await?;
-            batch.extend(more);
+            // A failed read for more keeps what was read: those entries
+            // are already this consumer's (the failure is noted for repair).
+            if let Ok(more) = self.read(max - batch.len(), None).await {
+                batch.extend(more);
+            }
         }
         Ok(batch)
     }
@@ -337,7 +370,7 @@ impl RedisStreamConsumer {
             .query_async(&mut self.conn)
             .await
             .map_err(|e| self.failed(&e))?;
-        self.acked += n;
+        self.acked += self.answered(n);
         Ok(())
     }
 }
