@@ -348,6 +348,14 @@ async fn consume_until(
     }
 }
 
+/// Claims on the memory tier: repeats across a broker restart are caught
+/// in this process.
+fn memory_engine() -> Arc<BatchConsumer> {
+    Arc::new(BatchConsumer::new(Arc::new(
+        Deduper::builder().build().unwrap(),
+    )))
+}
+
 /// A consumer that reconnects through its client.
 async fn reconnecting_member(server: &RedisServer) -> RedisStreamConsumer {
     let client = redis::Client::open(server.url()).unwrap();
@@ -365,9 +373,7 @@ fn keys(range: std::ops::Range<usize>) -> Vec<String> {
 async fn the_consumer_reconnects_after_the_broker_restarts() {
     let mut broker = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let mut source = reconnecting_member(&broker).await;
-    let dedup = Arc::new(BatchConsumer::new(Arc::new(
-        Deduper::builder().build().unwrap(),
-    )));
+    let dedup = memory_engine();
     let (effects, handler) = recorder();
     let before = keys(0..10);
     publish_keys(
@@ -399,9 +405,7 @@ async fn the_consumer_reconnects_after_the_broker_restarts() {
 async fn a_lost_group_is_created_again() {
     let mut broker = RedisServer::start();
     let mut source = reconnecting_member(&broker).await;
-    let dedup = Arc::new(BatchConsumer::new(Arc::new(
-        Deduper::builder().build().unwrap(),
-    )));
+    let dedup = memory_engine();
     let (effects, handler) = recorder();
     publish_keys(&broker, &["a", "b"]).await;
     consume_until(&mut source, &dedup, &handler, &effects, 2).await;
@@ -423,9 +427,7 @@ async fn a_lost_group_is_created_again() {
 async fn a_connection_that_only_times_out_is_replaced() {
     let broker = RedisServer::start();
     let mut source = reconnecting_member(&broker).await;
-    let dedup = Arc::new(BatchConsumer::new(Arc::new(
-        Deduper::builder().build().unwrap(),
-    )));
+    let dedup = memory_engine();
     let (effects, handler) = recorder();
     publish_keys(&broker, &["a"]).await;
     consume_until(&mut source, &dedup, &handler, &effects, 1).await;
