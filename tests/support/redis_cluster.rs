@@ -5,24 +5,13 @@
 //! node reports `cluster_state:ok`. Needs `super::redis_server`.
 #![allow(dead_code)] // each test crate uses a different part
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::redis_server::RedisServer;
+use super::redis_server::{free_port, RedisServer};
 
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
-}
-
-/// A port nobody listens on now, for a node's cluster bus: the default bus
-/// port (`port + 10000`) may be taken, or above 65535.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl RedisCluster {
@@ -37,6 +26,8 @@ impl RedisCluster {
     pub fn start_with(masters: usize, extra: &[&str]) -> Self {
         let nodes: Vec<RedisServer> = (0..masters)
             .map(|_| {
+                // The default bus port (`port + 10000`) may be taken, or
+                // above 65535.
                 let bus = free_port().to_string();
                 let mut args = vec![
                     "--cluster-enabled",

@@ -2,7 +2,6 @@
 //! stops it on drop. Never touches a server it did not start.
 #![allow(dead_code)] // each test crate uses a different part
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,13 +13,14 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// A test crate with several server helpers loads this file once per helper.
+#[allow(clippy::duplicate_mod)]
+#[path = "ports.rs"]
+mod ports;
+pub use ports::free_port;
+
+/// Fresh starts tried, each on a new port, before a test fails.
+const START_ATTEMPTS: usize = 5;
 
 fn require_redis() {
     let found = Command::new("redis-server")
@@ -40,25 +40,39 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
-    /// A fresh server with extra `redis-server` arguments.
+    /// A fresh server with extra `redis-server` arguments. A server that
+    /// exits at once (its port was taken after the probe) is started
+    /// again on another port.
     pub fn start_with(extra: &[&str]) -> Self {
         require_redis();
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("td-redis-{port}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut s = RedisServer {
-            port,
-            child: None,
-            dir,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        s.spawn();
-        s
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("td-redis-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut s = RedisServer {
+                port,
+                child: None,
+                dir,
+                extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            };
+            s.spawn_process();
+            if s.wait_ready() {
+                return s;
+            }
+            // Dropped: killed, its directory removed.
+        }
+        panic!("redis-server exited at start on {START_ATTEMPTS} ports in a row");
     }
 
+    /// Starts the server on its port; fails the test when it does not
+    /// come up.
     fn spawn(&mut self) {
         self.spawn_process();
-        self.wait_ready();
+        assert!(
+            self.wait_ready(),
+            "redis-server on port {} exited at start (port taken?)",
+            self.port
+        );
     }
 
     fn spawn_process(&mut self) {
@@ -81,13 +95,19 @@ impl RedisServer {
         self.child = Some(cmd.spawn().expect("starting redis-server"));
     }
 
-    fn wait_ready(&self) {
+    /// True once the server answers `PING`; false if it exited first.
+    fn wait_ready(&mut self) -> bool {
         let start = Instant::now();
         loop {
+            let child = self.child.as_mut().expect("spawned");
+            if child.try_wait().ok().flatten().is_some() {
+                self.child = None; // reaped: nothing to signal or kill
+                return false;
+            }
             if let Ok(client) = redis::Client::open(self.url()) {
                 if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
                     if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                        return;
+                        return true;
                     }
                 }
             }

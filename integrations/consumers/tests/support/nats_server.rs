@@ -3,7 +3,7 @@
 //! touches a server it did not start.
 #![allow(dead_code)] // each test crate uses a different part
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,13 +14,14 @@ pub struct NatsServer {
     dir: PathBuf,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// A test crate with several server helpers loads this file once per helper.
+#[allow(clippy::duplicate_mod)]
+#[path = "../../../../tests/support/ports.rs"]
+mod ports;
+use ports::free_port;
+
+/// Fresh starts tried, each on a new port, before a test fails.
+const START_ATTEMPTS: usize = 5;
 
 fn require_nats() {
     let found = Command::new("nats-server")
@@ -35,22 +36,39 @@ fn require_nats() {
 }
 
 impl NatsServer {
+    /// A fresh server; one that exits at once (its port was taken after
+    /// the probe) is started again on another port.
     pub fn start() -> Self {
         require_nats();
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("td-nats-{port}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut s = NatsServer {
-            port,
-            child: None,
-            dir,
-        };
-        s.spawn();
-        s
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("td-nats-{port}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut s = NatsServer {
+                port,
+                child: None,
+                dir,
+            };
+            if s.try_spawn() {
+                return s;
+            }
+            // Dropped: its directory removed.
+        }
+        panic!("nats-server exited at start on {START_ATTEMPTS} ports in a row");
     }
 
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "nats-server on port {} exited at start (port taken?)",
+            self.port
+        );
+    }
+
+    /// Starts the server; true once it accepts connections, false if it
+    /// exited first.
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
@@ -62,6 +80,11 @@ impl NatsServer {
         self.child = Some(child);
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let child = self.child.as_mut().expect("spawned");
+            if child.try_wait().ok().flatten().is_some() {
+                self.child = None;
+                return false;
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "nats-server on port {} did not start",
@@ -69,6 +92,7 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Kills the server (SIGKILL) and starts it again on the same port and

@@ -7,7 +7,6 @@
 //! 127.0.0.0/8.
 #![allow(dead_code)] // each test crate uses a different part
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,13 +24,11 @@ pub struct PgServer {
     settings: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// A test crate with several server helpers loads this file once per helper.
+#[allow(clippy::duplicate_mod)]
+#[path = "../../../../tests/support/ports.rs"]
+mod ports;
+use ports::free_port;
 
 /// The directory of `initdb`, `pg_ctl` and `postgres`.
 fn bin_dir() -> PathBuf {
