@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
-use async_nats::jetstream::context::Context;
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, Context};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::Message;
 use futures_util::StreamExt;
@@ -104,6 +104,9 @@ pub struct AckStats {
 /// Batches from a JetStream pull consumer, settled after processing.
 pub struct JetStreamConsumer {
     messages: pull::Stream,
+    /// The consumer pulled from, asked whether it still exists when the
+    /// pull goes quiet with an error (see [`JetStreamConsumer::next_batch`]).
+    consumer: PullConsumer,
     batching: Batching,
     confirm_acks: bool,
     acked: AtomicU64,
@@ -147,6 +150,7 @@ impl JetStreamConsumer {
             .map_err(broker)?;
         Ok(JetStreamConsumer {
             messages,
+            consumer: consumer.clone(),
             batching,
             confirm_acks: false,
             acked: AtomicU64::new(0),
@@ -192,7 +196,10 @@ impl JetStreamConsumer {
     /// The next batch: waits up to `batching.wait` for a first message,
     /// then `batching.linger` for more, up to `batching.max`. Empty when
     /// nothing came, or when the server's idle heartbeat was missed (the
-    /// pull stream recovers by itself: counted, not an error).
+    /// pull stream recovers by itself: counted, not an error); a missed
+    /// heartbeat also asks the server, for at most 2 s more, whether the
+    /// consumer still exists (deleted while this client was disconnected,
+    /// the pull has ended).
     ///
     /// # Errors
     /// [`ConsumerError::Broker`] when the pull failed before any message
@@ -213,6 +220,10 @@ impl JetStreamConsumer {
             }
             Ok(Some(Err(e))) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
                 self.missed_heartbeats.fetch_add(1, Ordering::Relaxed);
+                if self.consumer_is_gone().await {
+                    self.ended = true;
+                    return Err(ended());
+                }
                 return Ok(batch);
             }
             Ok(Some(Err(e))) => {
@@ -223,7 +234,8 @@ impl JetStreamConsumer {
                     MessagesErrorKind::ConsumerDeleted
                         | MessagesErrorKind::PushBasedConsumer
                         | MessagesErrorKind::RequestLimitExceeded
-                ) {
+                ) || self.consumer_is_gone().await
+                {
                     self.ended = true;
                 }
                 return Err(broker(e));
@@ -243,6 +255,22 @@ impl JetStreamConsumer {
             }
         }
         Ok(batch)
+    }
+
+    /// True when the server says the consumer (or its stream) no longer
+    /// exists. A consumer deleted while this client was disconnected sends
+    /// no `ConsumerDeleted` to the pull: the pull only misses heartbeats or
+    /// finds no responder, which a stalled server does too, so the server
+    /// is asked (one request, at most 2 s). No answer is not an answer: the
+    /// pull goes on.
+    async fn consumer_is_gone(&self) -> bool {
+        match tokio::time::timeout(Duration::from_secs(2), self.consumer.get_info()).await {
+            Ok(Err(e)) => matches!(
+                e.kind(),
+                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+            ),
+            Ok(Ok(_)) | Err(_) => false,
+        }
     }
 
     /// Acks, naks (with a delay where a holder's lease is known) or leaves

@@ -336,6 +336,48 @@ async fn a_deleted_consumer_ends_the_pull_with_an_error() {
     );
 }
 
+/// A consumer deleted while this client was disconnected (the broker
+/// restarted, and another client deleted it before this one was back):
+/// no `ConsumerDeleted` reaches the pull, only missed heartbeats or no
+/// responder, and the pull still ends with an error instead of answering
+/// empty batches for ever.
+#[tokio::test]
+async fn a_consumer_deleted_while_disconnected_ends_the_pull() {
+    let mut server = NatsServer::start();
+    let (_js, consumer) = setup(&server, Duration::from_secs(60), Duration::from_secs(5)).await;
+    let mut source =
+        JetStreamConsumer::with_heartbeat(&consumer, batching(), Duration::from_millis(300))
+            .await
+            .unwrap();
+    assert!(source.next_batch().await.unwrap().is_empty());
+    server.stop();
+    // The client's reconnection attempts fail meanwhile: its back-off grows.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.start_again();
+    let admin = jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    admin
+        .get_stream("orders")
+        .await
+        .unwrap()
+        .delete_consumer("dedup")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while !source.has_ended() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the pull of a consumer deleted while disconnected has not ended \
+             ({} missed heartbeats)",
+            source.missed_heartbeats()
+        );
+        let _ = source.next_batch().await;
+    }
+    assert!(
+        source.next_batch().await.is_err(),
+        "an ended pull stays ended"
+    );
+}
+
 /// A broker killed and restarted mid-stream (same port and store): the
 /// pull goes on once the client has reconnected, and what was published
 /// before and after is each done once.

@@ -98,10 +98,21 @@ impl NatsServer {
     /// Kills the server (SIGKILL) and starts it again on the same port and
     /// store: a crashed broker coming back.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Kills the server (SIGKILL): its clients see the connection drop.
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts a stopped server again on the same port and store.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "nats-server is running");
         self.spawn();
     }
 
