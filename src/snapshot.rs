@@ -580,6 +580,8 @@ pub(crate) fn read_into<R: Read>(engine: Deduper, r: R) -> Result<Deduper, Snaps
         let mut shards = engine.lock_all();
         for shard in shards.iter_mut() {
             shard.time = r.u64()?;
+            // The generations are replaced: the next advance runs in full.
+            shard.advanced_to = None;
             let mut c = [0u64; COUNTERS];
             for n in &mut c {
                 *n = r.u64()?;

@@ -154,10 +154,14 @@ impl BodyStore {
         let len = u32::try_from(result.len()).expect("results are capped far below 4 GiB");
         let position = slot.reserve(HEADER + result.len());
         let chunk = slot.chunks.last_mut().expect("reserved");
-        chunk.extend_from_slice(&at.to_le_bytes());
-        chunk.push(u8::from(payload.is_some()));
-        chunk.extend_from_slice(&payload.map_or(0, |p| p.0).to_le_bytes());
-        chunk.extend_from_slice(&len.to_le_bytes());
+        // The header in one write (five appends cost a capacity check and
+        // a length update each).
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(&at.to_le_bytes());
+        header[8] = u8::from(payload.is_some());
+        header[9..17].copy_from_slice(&payload.map_or(0, |p| p.0).to_le_bytes());
+        header[17..].copy_from_slice(&len.to_le_bytes());
+        chunk.extend_from_slice(&header);
         chunk.extend_from_slice(result);
         let before = slot.index.len();
         slot.index.insert(fp, position);
