@@ -276,16 +276,25 @@ impl BatchConsumer {
         c.delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
         // 1. One claim call for the batch. Repeats of a key within the
         // batch claim once (the first); the others follow its outcome.
-        let mut first_of: std::collections::HashMap<&[u8], usize> =
-            std::collections::HashMap::with_capacity(batch.len());
+        let mut first_of: crate::fingerprint::BytesMap<'_, usize> =
+            crate::fingerprint::BytesMap::with_capacity_and_hasher(batch.len(), Default::default());
+        // The first deliveries that a later one in the batch repeats: only
+        // their results are kept for the repeats' replays.
+        let mut repeated = vec![false; batch.len()];
         let mut requests = Vec::with_capacity(batch.len());
         let mut slot = Vec::with_capacity(batch.len());
         for (i, d) in batch.iter().enumerate() {
-            if let Some(&j) = first_of.get(d.key.as_slice()) {
-                slot.push(Err(j));
-                continue;
+            match first_of.entry(d.key.as_slice()) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    let j = *first.get();
+                    repeated[j] = true;
+                    slot.push(Err(j));
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
             }
-            first_of.insert(d.key.as_slice(), i);
             let mut r = ClaimRequest::new(d.key.as_slice());
             r.payload = d.payload;
             r.lease = self.lease;
@@ -296,8 +305,8 @@ impl BatchConsumer {
         drop(first_of);
         // 2. Act on the acquired ones, in delivery order.
         let mut out: Vec<Option<Disposition>> = (0..batch.len()).map(|_| None).collect();
-        let mut commits = Vec::new();
-        let mut committed_at = Vec::new();
+        let mut commits = Vec::with_capacity(batch.len());
+        let mut committed_at = Vec::with_capacity(batch.len());
         let mut claims: Vec<Option<Claim<Arc<Deduper>>>> = claims.into_iter().map(Some).collect();
         for (i, d) in batch.iter().enumerate() {
             let Ok(r) = slot[i] else { continue };
@@ -324,7 +333,12 @@ impl BatchConsumer {
             });
         }
         // 3. Commit the successes in one call: the record before the ack.
-        let results: Vec<Arc<[u8]>> = commits.iter().map(|(_, r)| Arc::from(&r[..])).collect();
+        // The results a repeat in this batch replays are kept (copied once).
+        let results: Vec<Option<Arc<[u8]>>> = committed_at
+            .iter()
+            .zip(&commits)
+            .map(|(&i, (_, r))| repeated[i].then(|| Arc::from(&r[..])))
+            .collect();
         let mut stored: Vec<Option<Arc<[u8]>>> = vec![None; batch.len()];
         for ((&i, outcome), result) in committed_at
             .iter()
@@ -342,7 +356,7 @@ impl BatchConsumer {
                     Disposition::Uncommitted
                 }
             });
-            stored[i] = Some(result);
+            stored[i] = result;
         }
         // 4. Repeats within the batch follow their first delivery.
         for i in 0..batch.len() {
