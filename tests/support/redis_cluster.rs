@@ -24,26 +24,29 @@ impl RedisCluster {
     /// [`RedisCluster::start`] with extra `redis-server` arguments on every
     /// node (persistence, say).
     pub fn start_with(masters: usize, extra: &[&str]) -> Self {
-        let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| {
-                // The default bus port (`port + 10000`) may be taken, or
-                // above 65535.
-                let bus = free_port().to_string();
-                let mut args = vec![
-                    "--cluster-enabled",
-                    "yes",
-                    // Each node has its own directory: one name fits all.
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-port",
-                    &bus,
-                    "--cluster-node-timeout",
-                    "5000",
-                ];
-                args.extend_from_slice(extra);
-                RedisServer::start_with(&args)
-            })
-            .collect();
+        let node = || {
+            // The default bus port (`port + 10000`) may be taken, or above
+            // 65535; a node that exits at start gets a new bus port too.
+            (0..5)
+                .find_map(|_| {
+                    let bus = free_port().to_string();
+                    let mut args = vec![
+                        "--cluster-enabled",
+                        "yes",
+                        // Each node has its own directory: one name fits all.
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-port",
+                        &bus,
+                        "--cluster-node-timeout",
+                        "5000",
+                    ];
+                    args.extend_from_slice(extra);
+                    RedisServer::try_start_with(&args)
+                })
+                .expect("a cluster node exited at start on 5 ports in a row")
+        };
+        let nodes: Vec<RedisServer> = (0..masters).map(|_| node()).collect();
         let cluster = RedisCluster { nodes };
         let mut create = Command::new("redis-cli");
         create.args(["--cluster", "create"]);

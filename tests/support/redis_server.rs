@@ -22,6 +22,19 @@ pub use ports::free_port;
 /// Fresh starts tried, each on a new port, before a test fails.
 const START_ATTEMPTS: usize = 5;
 
+/// A new, empty directory for a server on `port`: unique within the
+/// process too, since two servers of one test binary may draw one port
+/// (the loser exits at start, and its cleanup must not remove the
+/// winner's files).
+fn fresh_dir(kind: &str, port: u16) -> PathBuf {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("td-{kind}-{port}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn require_redis() {
     let found = Command::new("redis-server")
         .arg("--version")
@@ -44,24 +57,27 @@ impl RedisServer {
     /// exits at once (its port was taken after the probe) is started
     /// again on another port.
     pub fn start_with(extra: &[&str]) -> Self {
+        (0..START_ATTEMPTS)
+            .find_map(|_| Self::try_start_with(extra))
+            .unwrap_or_else(|| {
+                panic!("redis-server exited at start on {START_ATTEMPTS} ports in a row")
+            })
+    }
+
+    /// One attempt of [`RedisServer::start_with`] on a fresh port: `None`
+    /// when the server exits at start.
+    pub fn try_start_with(extra: &[&str]) -> Option<Self> {
         require_redis();
-        for _ in 0..START_ATTEMPTS {
-            let port = free_port();
-            let dir = std::env::temp_dir().join(format!("td-redis-{port}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let mut s = RedisServer {
-                port,
-                child: None,
-                dir,
-                extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            };
-            s.spawn_process();
-            if s.wait_ready() {
-                return s;
-            }
-            // Dropped: killed, its directory removed.
-        }
-        panic!("redis-server exited at start on {START_ATTEMPTS} ports in a row");
+        let port = free_port();
+        let mut s = RedisServer {
+            port,
+            child: None,
+            dir: fresh_dir("redis", port),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        s.spawn_process();
+        // Else dropped: killed, its directory removed.
+        s.wait_ready().then_some(s)
     }
 
     /// Starts the server on its port; fails the test when it does not
@@ -95,7 +111,9 @@ impl RedisServer {
         self.child = Some(cmd.spawn().expect("starting redis-server"));
     }
 
-    /// True once the server answers `PING`; false if it exited first.
+    /// True once the server answers `PING` and is ours (its `process_id`
+    /// is our child's: another test's server may hold the port ours lost);
+    /// false if ours exited first.
     fn wait_ready(&mut self) -> bool {
         let start = Instant::now();
         loop {
@@ -107,7 +125,14 @@ impl RedisServer {
             if let Ok(client) = redis::Client::open(self.url()) {
                 if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
                     if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                        return true;
+                        let info: String = redis::cmd("INFO")
+                            .arg("server")
+                            .query(&mut c)
+                            .unwrap_or_default();
+                        let pid = self.child.as_ref().map(Child::id);
+                        if info_pid(&info) == pid {
+                            return true;
+                        }
                     }
                 }
             }
@@ -191,6 +216,13 @@ impl RedisServer {
             .get_connection()
             .unwrap()
     }
+}
+
+/// The `process_id` an `INFO server` answer names.
+fn info_pid(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn signal(pid: u32, sig: &str) {

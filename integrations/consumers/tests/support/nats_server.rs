@@ -6,6 +6,7 @@
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct NatsServer {
@@ -22,6 +23,9 @@ use ports::free_port;
 
 /// Fresh starts tried, each on a new port, before a test fails.
 const START_ATTEMPTS: usize = 5;
+
+/// Numbers the directories and logs of this process's servers.
+static SERIAL: AtomicU64 = AtomicU64::new(0);
 
 fn require_nats() {
     let found = Command::new("nats-server")
@@ -42,7 +46,14 @@ impl NatsServer {
         require_nats();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            let dir = std::env::temp_dir().join(format!("td-nats-{port}-{}", std::process::id()));
+            // Unique within the process too: two servers of one test binary
+            // may draw one port, and the loser's cleanup must not remove
+            // the winner's store.
+            let dir = std::env::temp_dir().join(format!(
+                "td-nats-{port}-{}-{}",
+                std::process::id(),
+                SERIAL.fetch_add(1, Ordering::Relaxed)
+            ));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let mut s = NatsServer {
@@ -66,24 +77,36 @@ impl NatsServer {
         );
     }
 
-    /// Starts the server; true once it accepts connections, false if it
-    /// exited first.
+    /// Starts the server; true once it says it is ready (in its own log:
+    /// a connection could reach another test's server on a port ours
+    /// lost), false if it exited first.
     fn try_spawn(&mut self) -> bool {
+        let log = self.dir.join(format!(
+            "server-{}.log",
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
         let child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(&self.dir)
+            .arg("-l")
+            .arg(&log)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting nats-server");
         self.child = Some(child);
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
             let child = self.child.as_mut().expect("spawned");
             if child.try_wait().ok().flatten().is_some() {
                 self.child = None;
                 return false;
+            }
+            let ready =
+                std::fs::read_to_string(&log).is_ok_and(|text| text.contains("Server is ready"));
+            if ready && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
@@ -92,7 +115,6 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        true
     }
 
     /// Kills the server (SIGKILL) and starts it again on the same port and

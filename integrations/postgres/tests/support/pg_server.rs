@@ -81,7 +81,11 @@ fn run(mut cmd: Command, what: &str) {
 }
 
 fn make_dir(tag: &str, port: u16) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("td-pg-{tag}-{port}-{}", std::process::id()));
+    // Unique within the process too (two servers of one test binary may
+    // draw one port).
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("td-pg-{tag}-{port}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     if is_root() {
