@@ -373,7 +373,8 @@ impl DeduperBuilder {
     /// attached by [`DeduperBuilder::open`]).
     pub(crate) fn build_engine(&self) -> Result<Deduper, ConfigError> {
         let plan = self.plan()?;
-        let lease_clock = LeaseClock::new(&self.clock);
+        let source = ClockSource::new(&self.clock);
+        let lease_clock = LeaseClock::for_source(&source);
         let shards = (0..plan.shards)
             .map(|i| {
                 plan.make_shard(i, &self.exact, lease_clock.clone())
@@ -383,7 +384,7 @@ impl DeduperBuilder {
         Ok(Deduper::from_parts(
             plan,
             shards.into_boxed_slice(),
-            ClockSource::new(&self.clock),
+            source,
             lease_clock,
         ))
     }

@@ -167,8 +167,7 @@ impl Deduper {
                 continue;
             }
             let mut shard = self.lock(s);
-            let t = self.now_in(&shard);
-            let now = self.lease_clock.now();
+            let (t, now) = self.times_in(&shard);
             for &i in group.iter().take(PREFETCH_AHEAD) {
                 shard.prefetch_commit(commits[i as usize].0.info_ref());
             }
@@ -292,8 +291,7 @@ impl Deduper {
     pub(crate) fn commit_lease(&self, info: &LeaseInfo, result: &[u8]) -> Result<(), LeaseError> {
         let s = self.shard_of(info.fingerprint);
         let mut shard = self.lock(s);
-        let t = self.now_in(&shard);
-        let now = self.lease_clock.now();
+        let (t, now) = self.times_in(&shard);
         let answer = if self.shares_leases(&shard) {
             shard.lease_op_shared(
                 SharedOp::Commit {
@@ -392,6 +390,18 @@ impl Deduper {
         self.plan.max_result_bytes
     }
 
+    /// The engine time and the lease-clock time now for a shard, from one
+    /// clock reading: its processing time (the watermark under event
+    /// time) and [`LeaseClock::now_at`](super::leases::LeaseClock::now_at).
+    fn times_in(&self, shard: &Shard) -> (Timestamp, u64) {
+        let reading = self.clock.read();
+        let t = match reading {
+            Some(reading) => shard.processing_time(reading),
+            None => self.watermark(),
+        };
+        (t, self.lease_clock.now_at(reading))
+    }
+
     /// The engine time now for a shard: its processing time, or the
     /// watermark under event time.
     fn now_in(&self, shard: &Shard) -> Timestamp {
@@ -410,7 +420,17 @@ impl Deduper {
 
     /// One claim against shard `s`, under its lock.
     fn claim_locked(&self, shard: &mut Shard, items: &[Routed], out: &mut [Option<ShardClaim>]) {
-        let now = self.lease_clock.now();
+        self.claim_locked_at(shard, items, self.lease_clock.now(), out);
+    }
+
+    /// [`Deduper::claim_locked`] at lease-clock time `now`.
+    fn claim_locked_at(
+        &self,
+        shard: &mut Shard,
+        items: &[Routed],
+        now: u64,
+        out: &mut [Option<ShardClaim>],
+    ) {
         if shard.shares_leases(self.plan.trust == Trust::Shared) {
             // Shared keys on a remote store: the store holds the leases.
             shard.claim_shared(items, now, &self.plan.rules, out);
@@ -464,7 +484,13 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
         .lease
         .map_or(engine.plan.lease_nanos, duration_nanos);
     let mut out = [None];
-    engine.claim_locked(&mut shard, &[(0, fp, request.payload, t, ttl)], &mut out);
+    let now = engine.lease_clock.now_at(reading);
+    engine.claim_locked_at(
+        &mut shard,
+        &[(0, fp, request.payload, t, ttl)],
+        now,
+        &mut out,
+    );
     // A durable engine answers once the acquisition is logged.
     let need = engine.seal(s, &mut shard);
     drop(shard);
@@ -582,7 +608,8 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
         shard.counters.batches += 1;
         shard.counters.batch_keys += group.len() as u64;
         let items = prepared.route(engine, &shard, group, requests);
-        engine.claim_locked(&mut shard, &items, &mut answers);
+        let now = engine.lease_clock.now_at(prepared.reading);
+        engine.claim_locked_at(&mut shard, &items, now, &mut answers);
         need = need.max(engine.seal(s, &mut shard));
     }
     if engine.settle(need).is_err() {
