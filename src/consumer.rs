@@ -475,15 +475,26 @@ mod tests {
         let c = consumer();
         let mut runs = 0;
         let out = c.process(
-            vec![Delivery::new("k", 1), Delivery::new("k", 2)],
-            |_| {
+            vec![
+                Delivery::new("k", 1),
+                Delivery::new("j", 3),
+                Delivery::new("k", 2),
+            ],
+            |m: &i32| {
                 runs += 1;
-                Ok::<_, ()>(vec![])
+                Ok::<_, ()>(vec![*m as u8; 3])
             },
             |_| {},
         );
-        assert_eq!(runs, 1);
+        assert_eq!(runs, 2);
         assert_eq!(out[0].1, Disposition::Processed);
-        assert!(matches!(out[1].1, Disposition::Replayed { .. }));
+        assert_eq!(out[1].1, Disposition::Processed);
+        // The repeat replays the first delivery's result, byte for byte.
+        assert_eq!(
+            out[2].1,
+            Disposition::Replayed {
+                result: Arc::from(&[1u8, 1, 1][..])
+            }
+        );
     }
 }
