@@ -224,6 +224,29 @@ impl Deduper {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Calls `f(s, guard)` for each shard `s` for which `wanted(s)`, under
+    /// its lock: the shards that are free first, in order, then the others,
+    /// waiting for each. Threads batching at once would otherwise queue
+    /// behind each other shard after shard (a convoy). `f` may drop the
+    /// guard early (to wait for durability without the lock).
+    pub(crate) fn for_wanted_shards_free_first(
+        &self,
+        wanted: impl Fn(usize) -> bool,
+        mut f: impl FnMut(usize, MutexGuard<'_, Shard>),
+    ) {
+        let mut busy = Vec::new();
+        for s in (0..self.shards.len()).filter(|&s| wanted(s)) {
+            match self.shards[s].try_lock() {
+                Ok(shard) => f(s, shard),
+                Err(TryLockError::Poisoned(e)) => f(s, e.into_inner()),
+                Err(TryLockError::WouldBlock) => busy.push(s),
+            }
+        }
+        for s in busy {
+            f(s, self.lock(s));
+        }
+    }
+
     /// The verdict for `key` now: [`Verdict::New`] (accepted now) or
     /// [`Verdict::Duplicate`] (accepted less than the window ago). Under
     /// [`crate::Clock::EventTime`], "now" is the watermark.

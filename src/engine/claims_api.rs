@@ -161,52 +161,52 @@ impl Deduper {
         // is moved before then.
         let mut outcomes: Vec<Option<Result<(), LeaseError>>> = (0..n).map(|_| None).collect();
         let cap = self.plan.max_result_bytes;
-        for s in 0..shards {
-            let group = &order[starts[s] as usize..starts[s + 1] as usize];
-            if group.is_empty() {
-                continue;
-            }
-            let mut shard = self.lock(s);
-            let (t, now) = self.times_in(&shard);
-            for &i in group.iter().take(PREFETCH_AHEAD) {
-                shard.prefetch_commit(commits[i as usize].0.info_ref());
-            }
-            // Committed under the lock; answered once durable.
-            let failed = self.durability_failed();
-            for (k, &i) in group.iter().enumerate() {
-                if let Some(&ahead) = group.get(k + PREFETCH_AHEAD) {
-                    shard.prefetch_commit(commits[ahead as usize].0.info_ref());
+        let group_of = |s: usize| &order[starts[s] as usize..starts[s + 1] as usize];
+        self.for_wanted_shards_free_first(
+            |s| !group_of(s).is_empty(),
+            |s, mut shard| {
+                let group = group_of(s);
+                let (t, now) = self.times_in(&shard);
+                for &i in group.iter().take(PREFETCH_AHEAD) {
+                    shard.prefetch_commit(commits[i as usize].0.info_ref());
                 }
-                let (lease, result) = &commits[i as usize];
-                let result = result.as_ref();
-                outcomes[i as usize] = Some(if result.len() > cap {
-                    // Refused by `settle_commit` before anything is stored.
-                    Ok(())
-                } else if failed {
-                    Err(LeaseError::Unavailable(failed_tier(self)))
-                } else {
-                    shard.commit(
-                        lease.info_ref(),
-                        result,
-                        t,
-                        now,
-                        &self.plan.rules,
-                        self.plan.trust,
-                    )
-                });
-            }
-            let need = self.seal(s, &mut shard);
-            self.wake(s, &shard);
-            drop(shard);
-            if let Err(e) = self.settle(need) {
-                for &i in group {
-                    let outcome = &mut outcomes[i as usize];
-                    if matches!(outcome, Some(Ok(()))) {
-                        *outcome = Some(Err(LeaseError::Unavailable(unavailable(&e))));
+                // Committed under the lock; answered once durable.
+                let failed = self.durability_failed();
+                for (k, &i) in group.iter().enumerate() {
+                    if let Some(&ahead) = group.get(k + PREFETCH_AHEAD) {
+                        shard.prefetch_commit(commits[ahead as usize].0.info_ref());
+                    }
+                    let (lease, result) = &commits[i as usize];
+                    let result = result.as_ref();
+                    outcomes[i as usize] = Some(if result.len() > cap {
+                        // Refused by `settle_commit` before anything is stored.
+                        Ok(())
+                    } else if failed {
+                        Err(LeaseError::Unavailable(failed_tier(self)))
+                    } else {
+                        shard.commit(
+                            lease.info_ref(),
+                            result,
+                            t,
+                            now,
+                            &self.plan.rules,
+                            self.plan.trust,
+                        )
+                    });
+                }
+                let need = self.seal(s, &mut shard);
+                self.wake(s, &shard);
+                drop(shard);
+                if let Err(e) = self.settle(need) {
+                    for &i in group {
+                        let outcome = &mut outcomes[i as usize];
+                        if matches!(outcome, Some(Ok(()))) {
+                            *outcome = Some(Err(LeaseError::Unavailable(unavailable(&e))));
+                        }
                     }
                 }
-            }
-        }
+            },
+        );
         commits
             .into_iter()
             .zip(outcomes)
@@ -599,19 +599,19 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
     }
     let (starts, order) = group_by(n, engine.shards.len(), |i| engine.shard_of(prepared.fps[i]));
     let mut need = 0;
-    for s in 0..engine.shards.len() {
-        let group = &order[starts[s] as usize..starts[s + 1] as usize];
-        if group.is_empty() {
-            continue;
-        }
-        let mut shard = engine.lock(s);
-        shard.counters.batches += 1;
-        shard.counters.batch_keys += group.len() as u64;
-        let items = prepared.route(engine, &shard, group, requests);
-        let now = engine.lease_clock.now_at(prepared.reading);
-        engine.claim_locked_at(&mut shard, &items, now, &mut answers);
-        need = need.max(engine.seal(s, &mut shard));
-    }
+    let group = |s: usize| &order[starts[s] as usize..starts[s + 1] as usize];
+    engine.for_wanted_shards_free_first(
+        |s| !group(s).is_empty(),
+        |s, mut shard| {
+            let group = group(s);
+            shard.counters.batches += 1;
+            shard.counters.batch_keys += group.len() as u64;
+            let items = prepared.route(engine, &shard, group, requests);
+            let now = engine.lease_clock.now_at(prepared.reading);
+            engine.claim_locked_at(&mut shard, &items, now, &mut answers);
+            need = need.max(engine.seal(s, &mut shard));
+        },
+    );
     if engine.settle(need).is_err() {
         // Not durable: no answer of this batch may be acted on.
         answers.fill(Some(ShardClaim::Unavailable));
