@@ -142,6 +142,12 @@ impl ClockSource {
         }
     }
 
+    /// True under event time (no reading: [`ClockSource::read`] is `None`).
+    #[inline]
+    pub(crate) fn is_event_time(&self) -> bool {
+        matches!(self, ClockSource::EventTime)
+    }
+
     /// The processing time now, or `None` under event time.
     #[inline]
     pub(crate) fn read(&self) -> Option<Timestamp> {

@@ -460,9 +460,8 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
 ) -> Claim<D> {
     let engine = handle.as_ref();
     let fp = engine.fingerprint(&request.key);
-    let reading = engine.clock.read();
-    let event_time = match (reading, request.at) {
-        (None, Some(t)) => match engine.observe(t) {
+    let event_time = match (engine.clock.is_event_time(), request.at) {
+        (true, Some(t)) => match engine.observe(t) {
             Some(crate::verdict::Verdict::Late { watermark }) => {
                 return Claim::Late { watermark };
             }
@@ -475,6 +474,9 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
     }
     let s = engine.shard_of(fp);
     let mut shard = engine.lock(s);
+    // Read under the lock: a lease runs from when it is granted, not from
+    // before a wait for the shard (which can outlast the lease).
+    let reading = engine.clock.read();
     let t = match (reading, event_time) {
         (Some(reading), _) => shard.processing_time(reading),
         (None, Some(t)) => t,
@@ -607,8 +609,9 @@ fn claim_in<D: AsRef<Deduper> + Clone, K: Key>(
             shard.counters.batches += 1;
             shard.counters.batch_keys += group.len() as u64;
             let items = prepared.route(engine, &shard, group, requests);
-            let now = engine.lease_clock.now_at(prepared.reading);
-            engine.claim_locked_at(&mut shard, &items, now, &mut answers);
+            // The batch's reading may predate a wait for this shard: the
+            // leases run from now, under the lock.
+            engine.claim_locked(&mut shard, &items, &mut answers);
             need = need.max(engine.seal(s, &mut shard));
         },
     );
@@ -869,4 +872,52 @@ fn failed_tier(engine: &Deduper) -> ExactTierError {
     unavailable(&crate::durability::DurabilityError::Failed(
         engine.durability_failure().unwrap_or_default(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Claim, ClaimRequest, Clock, Deduper, ManualClock, Timestamp};
+    use std::time::Duration;
+
+    /// A claim that waited for its shard's lock longer than a lease gets a
+    /// lease that runs from when it was granted, not one already expired
+    /// (found by review: the lease time was read before the wait), alone
+    /// and in a batch.
+    #[test]
+    fn a_lease_runs_from_when_it_is_granted_not_from_before_a_wait() {
+        for batch in [false, true] {
+            let clock = ManualClock::new(Timestamp::from_nanos(1_000_000_000));
+            let engine = Deduper::builder()
+                .clock(Clock::Manual(clock.clone()))
+                .lease_duration(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let s = engine.shard_index(engine.fingerprint("k"));
+            let guard = engine.lock_shard(s);
+            std::thread::scope(|scope| {
+                let claimer = scope.spawn(|| {
+                    let claim = if batch {
+                        engine.claim_batch(&[ClaimRequest::new("k")]).pop().unwrap()
+                    } else {
+                        engine.claim("k")
+                    };
+                    match claim {
+                        Claim::Acquired(lease) => lease.expires_at(),
+                        other => panic!("{other:?}"),
+                    }
+                });
+                // Give the claimer time to block on the lock (if it has not
+                // by then, the test passes without testing anything).
+                std::thread::sleep(Duration::from_millis(200));
+                clock.advance(Duration::from_secs(20));
+                drop(guard);
+                let until = claimer.join().unwrap();
+                assert!(
+                    until > clock.now(),
+                    "batch {batch}: acquired a lease already expired: until {until:?}, now {:?}",
+                    clock.now()
+                );
+            });
+        }
+    }
 }
