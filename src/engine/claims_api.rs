@@ -145,17 +145,7 @@ impl Deduper {
             return self.commit_batch_shared(commits);
         }
         let n = commits.len();
-        let shards = self.shards.len();
-        // Leases of another engine go to one more group, committed on their
-        // own after ours (one engine's locks at a time).
-        let (starts, order) = group_by(n, shards + 1, |i| {
-            let lease = &commits[i].0;
-            if lease.is_of(self) {
-                self.shard_of(lease.fingerprint())
-            } else {
-                shards
-            }
-        });
+        let (starts, order) = self.group_commits(n, |i| &commits[i].0);
         // The engine's answer to each of our commits, by position; the
         // leases are settled with them in one pass at the end, so no lease
         // is moved before then.
@@ -217,6 +207,26 @@ impl Deduper {
             .collect()
     }
 
+    /// The positions `0..n` of a batch of commits grouped by shard
+    /// ([`group_by`]), with the leases of another engine in one more group
+    /// (index `shards.len()`), committed on their own, with no lock of ours
+    /// held (one engine's locks at a time).
+    fn group_commits<'a, D: AsRef<Deduper> + 'a>(
+        &self,
+        n: usize,
+        lease: impl Fn(usize) -> &'a Lease<D>,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let shards = self.shards.len();
+        group_by(n, shards + 1, |i| {
+            let lease = lease(i);
+            if lease.is_of(self) {
+                self.shard_of(lease.fingerprint())
+            } else {
+                shards
+            }
+        })
+    }
+
     /// [`Deduper::commit_batch`] when the store holds the leases: one batch
     /// of commits to the store per shard.
     fn commit_batch_shared<D: AsRef<Deduper>, R: AsRef<[u8]>>(
@@ -227,16 +237,8 @@ impl Deduper {
         let shards = self.shards.len();
         let mut out: Vec<Option<Result<(), CommitError<D>>>> = (0..n).map(|_| None).collect();
         let mut items: Vec<Option<(Lease<D>, R)>> = commits.into_iter().map(Some).collect();
-        // Leases of another engine go to one more group, committed on their
-        // own after ours.
-        let (starts, order) = group_by(n, shards + 1, |i| {
-            let (lease, _) = items[i].as_ref().expect("not taken yet");
-            if lease.is_of(self) {
-                self.shard_of(lease.fingerprint())
-            } else {
-                shards
-            }
-        });
+        let (starts, order) =
+            self.group_commits(n, |i| &items[i].as_ref().expect("not taken yet").0);
         for s in 0..shards {
             let group = &order[starts[s] as usize..starts[s + 1] as usize];
             if group.is_empty() {
@@ -395,17 +397,22 @@ impl Deduper {
     /// time) and [`LeaseClock::now_at`](super::leases::LeaseClock::now_at).
     fn times_in(&self, shard: &Shard) -> (Timestamp, u64) {
         let reading = self.clock.read();
-        let t = match reading {
-            Some(reading) => shard.processing_time(reading),
-            None => self.watermark(),
-        };
-        (t, self.lease_clock.now_at(reading))
+        (
+            self.time_at(shard, reading),
+            self.lease_clock.now_at(reading),
+        )
     }
 
     /// The engine time now for a shard: its processing time, or the
     /// watermark under event time.
     fn now_in(&self, shard: &Shard) -> Timestamp {
-        match self.clock.read() {
+        self.time_at(shard, self.clock.read())
+    }
+
+    /// A shard's engine time at clock `reading`: its processing time, or
+    /// the watermark under event time (no reading).
+    fn time_at(&self, shard: &Shard, reading: Option<Timestamp>) -> Timestamp {
+        match reading {
             Some(reading) => shard.processing_time(reading),
             None => self.watermark(),
         }
@@ -640,14 +647,7 @@ fn commit_and_claim_shared<D: AsRef<Deduper>, R: AsRef<[u8]>, K: Key>(
     let mut items: Vec<Option<(Lease<D>, R)>> = commits.into_iter().map(Some).collect();
     // Leases of another engine go to one more group, committed on their
     // own before ours.
-    let (starts, order) = group_by(m, shards + 1, |i| {
-        let (lease, _) = items[i].as_ref().expect("not taken yet");
-        if lease.is_of(engine) {
-            engine.shard_of(lease.fingerprint())
-        } else {
-            shards
-        }
-    });
+    let (starts, order) = engine.group_commits(m, |i| &items[i].as_ref().expect("not taken yet").0);
     // Leases of another engine first (no lock of ours held), so that every
     // commit goes before every claim, as in `commit_batch` then `claim_batch`.
     for &i in &order[starts[shards] as usize..] {
