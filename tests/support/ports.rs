@@ -1,4 +1,4 @@
-//! Free loopback ports for the test servers.
+//! Free loopback ports, and fresh directories, for the test servers.
 //!
 //! A port taken from the system with `bind(127.0.0.1:0)` lies in the
 //! kernel's ephemeral range, the same range every outgoing connection
@@ -12,6 +12,7 @@
 #![allow(dead_code)] // each test crate uses a different part
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -63,4 +64,17 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// A new, empty directory for a `kind` server on `port`: unique within the
+/// process too, since two servers of one test binary may draw one port
+/// (the loser exits at start, and its cleanup must not remove the
+/// winner's files).
+pub fn fresh_dir(kind: &str, port: u16) -> PathBuf {
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("td-{kind}-{port}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

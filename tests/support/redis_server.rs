@@ -18,22 +18,10 @@ pub struct RedisServer {
 #[path = "ports.rs"]
 mod ports;
 pub use ports::free_port;
+use ports::fresh_dir;
 
 /// Fresh starts tried, each on a new port, before a test fails.
 const START_ATTEMPTS: usize = 5;
-
-/// A new, empty directory for a server on `port`: unique within the
-/// process too, since two servers of one test binary may draw one port
-/// (the loser exits at start, and its cleanup must not remove the
-/// winner's files).
-fn fresh_dir(kind: &str, port: u16) -> PathBuf {
-    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("td-{kind}-{port}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn require_redis() {
     let found = Command::new("redis-server")

@@ -54,6 +54,16 @@ async fn setup(
     (js, consumer)
 }
 
+/// Deletes the durable consumer `setup` made, as an operator would.
+async fn delete_consumer(js: &Context) {
+    js.get_stream("orders")
+        .await
+        .unwrap()
+        .delete_consumer("dedup")
+        .await
+        .unwrap();
+}
+
 fn json(key: &str, v: u64) -> Vec<u8> {
     format!("{{\"k\":\"{key}\",\"v\":{v}}}").into_bytes()
 }
@@ -311,12 +321,7 @@ async fn a_deleted_consumer_ends_the_pull_with_an_error() {
     let (js, consumer) = setup(&server, Duration::from_secs(60), Duration::from_secs(5)).await;
     let mut source = JetStreamConsumer::new(&consumer, batching()).await.unwrap();
     assert!(source.next_batch().await.unwrap().is_empty());
-    js.get_stream("orders")
-        .await
-        .unwrap()
-        .delete_consumer("dedup")
-        .await
-        .unwrap();
+    delete_consumer(&js).await;
     let start = Instant::now();
     let mut failed = 0;
     while failed < 3 {
@@ -355,13 +360,7 @@ async fn a_consumer_deleted_while_disconnected_ends_the_pull() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.start_again();
     let admin = jetstream::new(async_nats::connect(server.url()).await.unwrap());
-    admin
-        .get_stream("orders")
-        .await
-        .unwrap()
-        .delete_consumer("dedup")
-        .await
-        .unwrap();
+    delete_consumer(&admin).await;
     let start = Instant::now();
     while !source.has_ended() {
         assert!(

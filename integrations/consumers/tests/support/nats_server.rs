@@ -19,12 +19,12 @@ pub struct NatsServer {
 #[allow(clippy::duplicate_mod)]
 #[path = "../../../../tests/support/ports.rs"]
 mod ports;
-use ports::free_port;
+use ports::{free_port, fresh_dir};
 
 /// Fresh starts tried, each on a new port, before a test fails.
 const START_ATTEMPTS: usize = 5;
 
-/// Numbers the directories and logs of this process's servers.
+/// Numbers the logs of this process's servers.
 static SERIAL: AtomicU64 = AtomicU64::new(0);
 
 fn require_nats() {
@@ -46,16 +46,7 @@ impl NatsServer {
         require_nats();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            // Unique within the process too: two servers of one test binary
-            // may draw one port, and the loser's cleanup must not remove
-            // the winner's store.
-            let dir = std::env::temp_dir().join(format!(
-                "td-nats-{port}-{}-{}",
-                std::process::id(),
-                SERIAL.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = fresh_dir("nats", port);
             let mut s = NatsServer {
                 port,
                 child: None,

@@ -28,7 +28,7 @@ pub struct PgServer {
 #[allow(clippy::duplicate_mod)]
 #[path = "../../../../tests/support/ports.rs"]
 mod ports;
-use ports::free_port;
+use ports::{free_port, fresh_dir};
 
 /// The directory of `initdb`, `pg_ctl` and `postgres`.
 fn bin_dir() -> PathBuf {
@@ -81,13 +81,7 @@ fn run(mut cmd: Command, what: &str) {
 }
 
 fn make_dir(tag: &str, port: u16) -> PathBuf {
-    // Unique within the process too (two servers of one test binary may
-    // draw one port).
-    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("td-pg-{tag}-{port}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(&format!("pg-{tag}"), port);
     if is_root() {
         run(
             {
