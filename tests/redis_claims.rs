@@ -1178,6 +1178,62 @@ fn an_engine_that_only_claims_warms_its_filter() {
 /// batch and a claim batch), and a claim of a key committed in the same
 /// call finds it completed with its result; a multi-threaded
 /// `ClaimBatcher` on such an engine gives every key to one caller.
+/// An engine whose replica is more than one read behind (another engine
+/// appended 300 entries since it last read) reads the others' entries,
+/// then its own, and answers from both: what the other committed is
+/// completed with its result, a fresh key is acquired, a key it claimed
+/// itself is in progress.
+#[test]
+fn a_replica_far_behind_reads_on_past_its_own_entries() {
+    let server = RedisServer::start();
+    let store = Store::Server(server);
+    let lease = Duration::from_secs(60);
+    let timeout = Duration::from_secs(5);
+    let behind = live_engine(&store, Affinity::Shared, lease, timeout);
+    let ahead = live_engine(&store, Affinity::Shared, lease, timeout);
+    match behind.claim_owned(ClaimRequest::new(u64::MAX)) {
+        Claim::Acquired(l) => l.commit(b"first").unwrap(),
+        other => panic!("unexpected {other:?}"),
+    }
+    // One entry per call on the log of the key's shard: 4 shards, 1 200
+    // calls, about 300 entries on each log (more than one read's 256).
+    for k in 0..1_200u64 {
+        match ahead.claim_owned(ClaimRequest::new(k)) {
+            Claim::Acquired(l) => l.commit(&k.to_le_bytes()).unwrap(),
+            other => panic!("key {k}: unexpected {other:?}"),
+        }
+    }
+    let requests: Vec<ClaimRequest<u64>> = (1_000..1_200u64)
+        .chain(10_000..10_200)
+        .map(ClaimRequest::new)
+        .collect();
+    let claims = behind.claim_batch_owned(&requests);
+    let mut held = Vec::new();
+    for (r, claim) in requests.iter().zip(claims) {
+        let k = r.key;
+        match claim {
+            Claim::Completed { result, .. } if k < 10_000 => {
+                assert_eq!(&result[..], &k.to_le_bytes(), "key {k}");
+            }
+            Claim::Acquired(l) if k >= 10_000 => held.push(l),
+            other => panic!("key {k}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(held.len(), 200);
+    // Its own claims, read as the log has them: held by it.
+    let again: Vec<ClaimRequest<u64>> = (10_000..10_200).map(ClaimRequest::new).collect();
+    for claim in ahead.claim_batch_owned(&again) {
+        assert!(matches!(claim, Claim::InProgress { .. }), "{claim:?}");
+    }
+    for claim in behind.claim_batch_owned(&again) {
+        assert!(matches!(claim, Claim::InProgress { .. }), "{claim:?}");
+    }
+    match ahead.claim_owned(ClaimRequest::new(u64::MAX)) {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"first"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 #[test]
 fn shared_commits_and_claims_share_a_round_trip() {
     let server = RedisServer::start();

@@ -176,19 +176,47 @@ fn a_loading_server_says_so() {
     }
 }
 
-/// The shared-mode claim script meets a key of the wrong type.
+/// The shared-mode log script meets a key of the wrong type (the log's
+/// epoch, which only the script reads).
 #[test]
 fn a_failing_script_is_a_script_error() {
     let server = RedisServer::start();
     let mut admin = server.connection();
     let (d, stats) = engine(&server.url(), Affinity::Shared);
     assert!(d.check("k").is_new());
-    // Replace the slice's hash with a string.
-    let hashes = redis_server::mark_hashes(&mut admin);
-    assert!(!hashes.is_empty());
-    for h in &hashes {
-        let _: () = redis::cmd("SET").arg(h).arg("x").query(&mut admin).unwrap();
+    let epochs: Vec<String> = redis::cmd("KEYS")
+        .arg("td:*:log:epoch")
+        .query(&mut admin)
+        .unwrap();
+    assert!(!epochs.is_empty());
+    for k in &epochs {
+        let _: () = redis::cmd("DEL").arg(k).query(&mut admin).unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(k)
+            .arg("f")
+            .arg("v")
+            .query(&mut admin)
+            .unwrap();
     }
     let e = failure_of_a_check(&d, &stats, &server.url());
     assert_eq!(e.cause(), Some(FailureCause::Script), "{e}");
+}
+
+/// A shared-mode log replaced by a key of another type: the tier meets
+/// data it did not write.
+#[test]
+fn a_log_of_the_wrong_type_is_an_unexpected_reply() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let (d, stats) = engine(&server.url(), Affinity::Shared);
+    assert!(d.check("k").is_new());
+    // Replace the log (a stream) with a string.
+    let logs = redis_server::mark_hashes(&mut admin);
+    assert!(!logs.is_empty());
+    for h in &logs {
+        let _: () = redis::cmd("SET").arg(h).arg("x").query(&mut admin).unwrap();
+    }
+    let e = failure_of_a_check(&d, &stats, &server.url());
+    assert_eq!(e.cause(), Some(FailureCause::UnexpectedReply), "{e}");
+    assert!(e.to_string().contains("WRONGTYPE"), "{e}");
 }

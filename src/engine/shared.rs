@@ -44,33 +44,45 @@ impl Shard {
             .exact
             .as_mut()
             .expect("shared claims need the exact tier");
-        let queued: Vec<SharedOp<'_>> = self
-            .queued_releases
-            .iter()
-            .map(|&(fingerprint, token, now)| SharedOp::Release {
-                fingerprint,
-                token,
-                now,
-            })
-            .collect();
-        let all: Vec<SharedOp<'_>> = queued.iter().chain(ops).copied().collect();
-        let mut out = Vec::with_capacity(all.len());
+        // The queued releases first; without any (the usual case), the
+        // caller's operations as they are, not copied.
+        let all: Vec<SharedOp<'_>>;
+        let sent: &[SharedOp<'_>] = if self.queued_releases.is_empty() {
+            ops
+        } else {
+            all = self
+                .queued_releases
+                .iter()
+                .map(|&(fingerprint, token, now)| SharedOp::Release {
+                    fingerprint,
+                    token,
+                    now,
+                })
+                .chain(ops.iter().copied())
+                .collect();
+            &all
+        };
+        let queued = self.queued_releases.len();
+        let mut out = Vec::with_capacity(sent.len());
         let started = std::time::Instant::now();
-        let result = exact.shared_claims(current, rules.window, &all, &mut out);
+        let result = exact.shared_claims(current, rules.window, sent, &mut out);
         self.counters
             .exact_call(started.elapsed().as_nanos() as u64);
         result?;
-        if out.len() != all.len() {
+        if out.len() != sent.len() {
             return Err(ExactTierError::Unavailable(format!(
                 "the store answered {} of {} claim operations",
                 out.len(),
-                all.len()
+                sent.len()
             )));
         }
         // The queued releases are applied (or were lost already).
-        self.counters.releases += queued.len() as u64;
+        self.counters.releases += queued as u64;
         self.queued_releases.clear();
-        Ok(out.split_off(queued.len()))
+        if queued > 0 {
+            out.drain(..queued);
+        }
+        Ok(out)
     }
 
     /// Shared claims of `items` (`(position, fingerprint, payload, time,

@@ -149,16 +149,16 @@ fn parse_seq(id: &[u8]) -> Option<u64> {
         .ok()
 }
 
-/// The pipeline's replies (the bodies' `HSET`s, the script's epoch and
-/// ids, the `XRANGE`) as one: `[epoch, ids, entries]`.
+/// The pipeline's replies (the bodies' `HSET`s, the `XRANGE`, the
+/// script's epoch and ids) as one: `[epoch, ids, entries]`.
 fn log_reply(mut replies: Vec<Value>) -> Result<Value, String> {
     if replies.len() < 2 {
         return Err(format!("a log reply of {} parts", replies.len()));
     }
-    let entries = replies.pop().expect("two or more");
     let Value::Array(mut appended) = replies.pop().expect("two or more") else {
         return Err("a log script reply that is not [epoch, ids]".into());
     };
+    let entries = replies.pop().expect("two or more");
     if appended.len() != 2 {
         return Err(format!("a log script reply of {} parts", appended.len()));
     }
@@ -313,8 +313,10 @@ impl RedisPartition {
         let mut outgoing: Vec<Outgoing> = Vec::new();
         let (own, own_checks) = self.take_own_ops();
         let writer = self.log().writer;
+        let mut left = own.len() + ops.len();
         for &(now, op) in &own {
-            push(&mut outgoing, writer, window, now, op, None);
+            push(&mut outgoing, writer, window, now, op, None, left);
+            left -= 1;
         }
         // Results go to the body hash of their lease's acquisition slice.
         let mut bodies: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
@@ -344,7 +346,9 @@ impl RedisPartition {
                 now.unwrap_or(0),
                 log_op,
                 Some(i),
+                left,
             );
+            left -= 1;
         }
         let answers = match self.exchange(&mut outgoing, &bodies) {
             Ok(answers) => answers,
@@ -564,10 +568,23 @@ impl RedisPartition {
                 })
                 .map_err(|e| (e, sent))?
             } else {
-                // One pipeline: the bodies, the script appending the
-                // entries, the log read back from where this replica
-                // stopped.
+                // One pipeline: the bodies, the log read from where this
+                // replica stopped, then the script appending the entries.
+                // The read comes first so that it returns other engines'
+                // entries only: this call's own are applied from what it
+                // sent ([`own_entries_follow`]), not read back and decoded
+                // (about 400 instructions per operation in the client, and
+                // their bytes sent back by Redis). An entry another engine
+                // appends between the two commands leaves a gap, and the
+                // next read fetches both.
                 let mut cmds: Vec<redis::Cmd> = Vec::with_capacity(body_keys.len() + 2);
+                let mut xrange = redis::cmd("XRANGE");
+                xrange
+                    .arg(&log.log_key)
+                    .arg(format!("(0-{}", log.replica.last_seq))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(READ_COUNT);
                 if first {
                     for (key, (_, fields)) in body_keys.iter().zip(&by_slice) {
                         let mut hset = redis::cmd("HSET");
@@ -578,7 +595,19 @@ impl RedisPartition {
                         cmds.push(hset);
                     }
                 }
-                let mut eval = redis::cmd("EVALSHA");
+                cmds.push(xrange);
+                // Sized for the entries: growing the command's buffer
+                // copied every blob about twice.
+                let blob_bytes: usize = if first {
+                    blobs.iter().map(Vec::len).sum()
+                } else {
+                    0
+                };
+                let mut eval = redis::Cmd::with_capacity(
+                    6 + body_keys.len() + blobs.len(),
+                    blob_bytes + 256 + 64 * body_keys.len(),
+                );
+                eval.arg("EVALSHA");
                 eval.arg(script.get_hash())
                     .arg(2 + if first { body_keys.len() } else { 0 })
                     .arg(&log.log_key)
@@ -598,14 +627,6 @@ impl RedisPartition {
                     eval.arg(0);
                 }
                 cmds.push(eval);
-                let mut xrange = redis::cmd("XRANGE");
-                xrange
-                    .arg(&log.log_key)
-                    .arg(format!("(0-{}", log.replica.last_seq))
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(READ_COUNT);
-                cmds.push(xrange);
                 let replies = self
                     .with_conn(|c, _| {
                         *sent_now |= first;
@@ -673,10 +694,21 @@ impl RedisPartition {
             self.apply_entries(read.entries, first_batch, &mut waiting, &mut outcomes)
                 .map_err(|e| (e, sent))?;
             let caught_up = got < READ_COUNT;
+            // On a single server the first read ran before the append.
+            let read_before_append = first && !self.config.cluster;
+            if read_before_append && caught_up && !waiting.is_empty() {
+                self.own_entries_follow(
+                    outgoing,
+                    &read.appended,
+                    first_batch,
+                    &mut waiting,
+                    &mut outcomes,
+                );
+            }
             if waiting.is_empty() && (caught_up || !outgoing.is_empty()) {
                 break;
             }
-            if caught_up && !waiting.is_empty() {
+            if caught_up && !waiting.is_empty() && !read_before_append {
                 return Err((
                     self.error_of(
                         FailureCause::UnexpectedReply,
@@ -857,6 +889,35 @@ impl RedisPartition {
         });
         if let Ok(1) = switched {
             self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies this call's own entries, as sent, when the log holds
+    /// nothing between what the replica has read and them (`appended`,
+    /// their sequence numbers, follow `last_seq` without a gap): the log
+    /// then reads exactly as the replica would have read it back. With a
+    /// gap (another engine appended in between) nothing is applied, and
+    /// the caller reads the log on.
+    fn own_entries_follow(
+        &mut self,
+        outgoing: &[Outgoing],
+        appended: &[u64],
+        first_batch: u64,
+        waiting: &mut Vec<u64>,
+        outcomes: &mut [Vec<Outcome>],
+    ) {
+        let log = self.log.as_mut().expect("shared");
+        if !follows(log.replica.last_seq, appended, outgoing.len()) {
+            return;
+        }
+        for (o, &seq) in outgoing.iter().zip(appended) {
+            let k = (o.header.batch - first_batch) as usize;
+            let slot = &mut outcomes[k];
+            log.since_snapshot += o.ops.len() as u64;
+            let header = o.header.as_read();
+            log.replica
+                .apply(seq, &header, &o.ops, |_, out| slot.push(out));
+            waiting.retain(|&b| b != o.header.batch);
         }
     }
 
@@ -1088,6 +1149,12 @@ fn slice_of(slice_nanos: Option<u64>, at: u64) -> u64 {
     slice_nanos.map_or(0, |d| at / d.max(1))
 }
 
+/// True when the `sent` entries appended as `appended` (their sequence
+/// numbers) come right after entry `last`, without a gap.
+fn follows(last: u64, appended: &[u64], sent: usize) -> bool {
+    appended.len() == sent && appended.iter().zip(1..).all(|(&seq, k)| seq == last + k)
+}
+
 /// A result's field in its body hash: the fingerprint and the token of the
 /// lease that committed it.
 fn body_field(fp: Fingerprint, token: u64) -> Vec<u8> {
@@ -1098,7 +1165,8 @@ fn body_field(fp: Fingerprint, token: u64) -> Vec<u8> {
 
 /// Appends `op` (whose answer goes to `to`) to the last entry, or to a new
 /// one where the lease clock of checks and claims changes or the entry is
-/// full.
+/// full; `left` operations, this one included, are still to be pushed (a
+/// new entry is sized for them).
 fn push(
     outgoing: &mut Vec<Outgoing>,
     writer: u64,
@@ -1106,6 +1174,7 @@ fn push(
     now: u64,
     op: LogOp,
     to: Option<usize>,
+    left: usize,
 ) {
     let needs_now = matches!(op, LogOp::Check { .. } | LogOp::Claim { .. });
     let fits = outgoing.last().is_some_and(|o| {
@@ -1120,8 +1189,8 @@ fn push(
                 now: 0,
             },
             now_set: false,
-            ops: Vec::new(),
-            answer_to: Vec::new(),
+            ops: Vec::with_capacity(left.min(MAX_OPS)),
+            answer_to: Vec::with_capacity(left.min(MAX_OPS)),
         });
     }
     let o = outgoing.last_mut().expect("pushed");
@@ -1131,4 +1200,24 @@ fn push(
     }
     o.ops.push(op);
     o.answer_to.push(to);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::follows;
+
+    #[test]
+    fn own_entries_apply_only_right_after_what_was_read() {
+        assert!(follows(10, &[11, 12, 13], 3));
+        assert!(follows(0, &[1], 1));
+        // Nothing sent, nothing appended.
+        assert!(follows(7, &[], 0));
+        // Another engine's entry (11) came between the read and the append.
+        assert!(!follows(10, &[12, 13], 2));
+        // Fewer ids than entries sent, or not consecutive.
+        assert!(!follows(10, &[11], 2));
+        assert!(!follows(10, &[11, 13], 2));
+        // A log behind the replica (lost and rebuilt).
+        assert!(!follows(10, &[5, 6], 2));
+    }
 }

@@ -38,6 +38,8 @@ pub(super) fn cause_of(e: &RedisError) -> FailureCause {
         (ErrorKind::Io, _) => FailureCause::ConnectionLost,
         // A script's own error names the script ("... script: ...").
         _ if e.detail().is_some_and(|d| d.contains("script")) => FailureCause::Script,
+        // A key the tier uses holds another type: data it did not write.
+        (_, Some("WRONGTYPE")) => FailureCause::UnexpectedReply,
         _ => FailureCause::Other,
     }
 }

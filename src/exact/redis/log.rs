@@ -278,6 +278,18 @@ pub(super) struct Header {
     pub(super) now: u64,
 }
 
+impl Header {
+    /// The header as every reader decodes it from the log (a window of
+    /// `u64::MAX` reads as none): what the writer applies its own entry
+    /// with, so that its replica and every other one judge alike.
+    pub(super) fn as_read(&self) -> Header {
+        Header {
+            window: self.window.filter(|&w| w != u64::MAX),
+            ..*self
+        }
+    }
+}
+
 /// Encodes one entry.
 pub(super) fn encode_entry(header: &Header, ops: &[LogOp], out: &mut Vec<u8>) {
     debug_assert!(ops.len() <= MAX_OPS);
@@ -972,6 +984,12 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(decode_entry(&longer, &mut back).is_err());
+        // A writer applies its own entries as every reader decodes them.
+        for window in [None, Some(0), Some(7), Some(u64::MAX)] {
+            let h = Header { window, ..h };
+            encode_entry(&h, &ops, &mut bytes);
+            assert_eq!(decode_entry(&bytes, &mut back).unwrap(), h.as_read());
+        }
     }
 
     #[test]
