@@ -8,8 +8,16 @@
 //! every replica that applied the same prefix of the stream holds the same
 //! state and gives an operation the same answer: the stream's order is the
 //! atomicity. Redis does no work per key beyond storing the bytes (`XADD`)
-//! and sending them back (`XRANGE`); the lookups are the engines', in
-//! their own memory.
+//! and sending them to the other engines (`XRANGE`); the lookups are the
+//! engines', in their own memory.
+//!
+//! On a single server one request reads the log from where the replica
+//! stopped, then appends (a script): the read returns the other engines'
+//! entries, and when the appended entries' sequence numbers follow the
+//! last one read without a gap, the writer applies its own entries as it
+//! sent them (with the header as readers decode it, [`Header::as_read`]),
+//! not read back. With a gap it reads on, its own entries included. On a
+//! cluster one script appends, then reads.
 //!
 //! **Entry** (one `XADD` field `o`, little-endian): magic `0x54`, version
 //! 1, writer (u64, random per partition), batch (u64, the writer's
