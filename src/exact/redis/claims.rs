@@ -518,7 +518,10 @@ impl RedisPartition {
         }
         let body_keys: Vec<String> = by_slice.iter().map(|(s, _)| self.body_key(*s)).collect();
         let ttl = self.ttl_ms.unwrap_or(0);
-        let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); outgoing.len()];
+        let mut outcomes: Vec<Vec<Outcome>> = outgoing
+            .iter()
+            .map(|o| Vec::with_capacity(o.ops.len()))
+            .collect();
         let first_batch = outgoing.first().map_or(0, |o| o.header.batch);
         let script = self.log().script.clone();
         let mut waiting: Vec<u64> = outgoing.iter().map(|o| o.header.batch).collect();
