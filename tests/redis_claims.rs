@@ -1173,11 +1173,6 @@ fn an_engine_that_only_claims_warms_its_filter() {
     }
 }
 
-/// With shared keys, `commit_and_claim_batch` sends each shard's commits
-/// and claims in one request to Redis (half the round trips of a commit
-/// batch and a claim batch), and a claim of a key committed in the same
-/// call finds it completed with its result; a multi-threaded
-/// `ClaimBatcher` on such an engine gives every key to one caller.
 /// An engine whose replica is more than one read behind (another engine
 /// appended 300 entries since it last read) reads the others' entries,
 /// then its own, and answers from both: what the other committed is
@@ -1196,7 +1191,8 @@ fn a_replica_far_behind_reads_on_past_its_own_entries() {
         other => panic!("unexpected {other:?}"),
     }
     // One entry per call on the log of the key's shard: 4 shards, 1 200
-    // calls, about 300 entries on each log (more than one read's 256).
+    // claims and 1 200 commits, about 600 entries on each log (more than
+    // one read's 256).
     for k in 0..1_200u64 {
         match ahead.claim_owned(ClaimRequest::new(k)) {
             Claim::Acquired(l) => l.commit(&k.to_le_bytes()).unwrap(),
@@ -1234,6 +1230,100 @@ fn a_replica_far_behind_reads_on_past_its_own_entries() {
     }
 }
 
+/// Another engine's entry lands between a request's read and its append
+/// (forced: writes are paused while both engines send, so both reads run
+/// first and the appends wait in order): the second engine sees the gap,
+/// reads its own entry back after the other's, and both answer as the
+/// log's order says. The first engine applies its own entry as sent.
+#[test]
+fn an_entry_between_the_read_and_the_append_is_read_in_order() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let engine = || {
+        let tier = RedisTier::new(RedisConfig {
+            timeout: Duration::from_secs(10),
+            ..RedisConfig::new(&server.url())
+        });
+        let stats = tier.stats();
+        let d = Arc::new(
+            Deduper::builder()
+                .window(Duration::from_secs(600))
+                .expected_keys(10_000)
+                .shards(1)
+                .affinity(Affinity::Shared)
+                .lease_duration(Duration::from_secs(60))
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .build()
+                .unwrap(),
+        );
+        (d, stats)
+    };
+    let (first, first_stats) = engine();
+    let (second, second_stats) = engine();
+    // Both replicas start from the same point of the log.
+    for d in [&first, &second] {
+        let k = if Arc::ptr_eq(d, &first) { 1u64 } else { 2 };
+        match d.claim_owned(ClaimRequest::new(k)) {
+            Claim::Acquired(l) => l.commit(b"").unwrap(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let read_back = |s: &tiered_dedup::exact::redis::RedisStats| {
+        s.own_entries_read_back
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (first_before, second_before) = (read_back(&first_stats), read_back(&second_stats));
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5_000)
+        .arg("WRITE")
+        .query(&mut admin)
+        .unwrap();
+    let claim_in = |d: &Arc<Deduper>, key: u64| {
+        let d = Arc::clone(d);
+        std::thread::spawn(move || d.claim_owned(ClaimRequest::new(key)))
+    };
+    let held =
+        |claim: Claim<Arc<Deduper>>, stats: &tiered_dedup::exact::redis::RedisStats| match claim {
+            Claim::Acquired(l) => l,
+            other => panic!("unexpected {other:?} ({:?})", stats.last_error()),
+        };
+    // Reads run at once; each script waits for the pause, in order.
+    let a = claim_in(&first, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = claim_in(&second, 20);
+    std::thread::sleep(Duration::from_millis(300));
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .unwrap();
+    // The leases stay held (dropped, they would be released).
+    let held_a = held(a.join().unwrap(), &first_stats);
+    let held_b = held(b.join().unwrap(), &second_stats);
+    let (a, b) = (held_a.info(), held_b.info());
+    // The log's order: the first engine's claim, then the second's.
+    assert!(a.token < b.token, "{a:?} {b:?}");
+    assert_eq!(read_back(&first_stats) - first_before, 0);
+    assert_eq!(read_back(&second_stats) - second_before, 1);
+    // Both replicas hold both leases.
+    for d in [&first, &second] {
+        for key in [10u64, 20] {
+            let claim = d.claim_owned(ClaimRequest::new(key));
+            assert!(
+                matches!(claim, Claim::InProgress { .. }),
+                "{key}: {claim:?}"
+            );
+        }
+    }
+    held_a.commit(b"a").unwrap();
+    held_b.commit(b"b").unwrap();
+}
+
+/// With shared keys, `commit_and_claim_batch` sends each shard's commits
+/// and claims in one request to Redis (half the round trips of a commit
+/// batch and a claim batch), and a claim of a key committed in the same
+/// call finds it completed with its result; a multi-threaded
+/// `ClaimBatcher` on such an engine gives every key to one caller.
 #[test]
 fn shared_commits_and_claims_share_a_round_trip() {
     let server = RedisServer::start();

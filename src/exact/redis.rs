@@ -236,6 +236,10 @@ impl ExactBackend for RedisTier {
             ),
             ("tiered_dedup_redis_snapshots_total", &s.snapshots),
             ("tiered_dedup_redis_rebuilds_total", &s.rebuilds),
+            (
+                "tiered_dedup_redis_own_entries_read_back_total",
+                &s.own_entries_read_back,
+            ),
         ];
         for (name, value) in counters {
             report(TierMetric::Counter {

@@ -2,10 +2,12 @@
 //! and forgets appended to its log in Redis and answered from the replica
 //! that replays it (`log.rs`); what happens when Redis cannot answer.
 //!
-//! One request per call (a pipeline around `LOG_SCRIPT`): the call's
-//! entry is appended and the log read back from where this replica stopped, so the replica
-//! applies every engine's operations in the log's order, its own among
-//! them, and answers its own from the state they meet. A committed
+//! One request per call (a pipeline around `LOG_SCRIPT`): the log is read
+//! from where this replica stopped, then the call's entries are appended,
+//! so the replica applies every engine's operations in the log's order,
+//! its own among them (as sent, when nothing came between the read and
+//! the append; else read back), and answers its own from the state they
+//! meet. A committed
 //! result lives in the shard's body hash of its acquisition slice
 //! (`…:b:<slice>`, field fingerprint and token), written by the same
 //! request before the commit that names it; answers that replay one read
@@ -310,18 +312,11 @@ impl RedisPartition {
         // releases, the orphans' releases), then the caller's, split where
         // the lease clock of checks and claims changes (one `now` per
         // entry) and at `MAX_OPS`.
-        let mut outgoing: Vec<Outgoing> = Vec::new();
         let (own, own_checks) = self.take_own_ops();
         let writer = self.log().writer;
-        let mut left = own.len() + ops.len();
-        for &(now, op) in &own {
-            push(&mut outgoing, writer, window, now, op, None, left);
-            left -= 1;
-        }
         // Results go to the body hash of their lease's acquisition slice.
         let mut bodies: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            let (log_op, now) = LogOp::of(op);
+        for op in ops {
             if let SharedOp::Commit {
                 fingerprint,
                 token,
@@ -339,16 +334,20 @@ impl RedisPartition {
                     }
                 }
             }
-            push(
-                &mut outgoing,
-                writer,
-                window,
-                now.unwrap_or(0),
-                log_op,
-                Some(i),
-                left,
-            );
-            left -= 1;
+        }
+        let items: Vec<Item> = own
+            .iter()
+            .map(|&(now, op)| (now, op, None))
+            .chain(ops.iter().enumerate().map(|(i, op)| {
+                let (log_op, now) = LogOp::of(op);
+                (now.unwrap_or(0), log_op, Some(i))
+            }))
+            .collect();
+        let mut outgoing: Vec<Outgoing> = Vec::new();
+        for (k, &(now, op, to)) in items.iter().enumerate() {
+            push(&mut outgoing, writer, window, now, op, to, || {
+                entry_len(&items[k..])
+            });
         }
         let answers = match self.exchange(&mut outgoing, &bodies) {
             Ok(answers) => answers,
@@ -953,6 +952,9 @@ impl RedisPartition {
             log.since_snapshot += ops.len() as u64;
             let mine = header.writer == log.writer;
             if mine && waiting.contains(&header.batch) {
+                self.stats
+                    .own_entries_read_back
+                    .fetch_add(1, Ordering::Relaxed);
                 let k = (header.batch - first_batch) as usize;
                 let slot = &mut outcomes[k];
                 log.replica.apply(seq, &header, &ops, |_, o| slot.push(o));
@@ -1166,10 +1168,35 @@ fn body_field(fp: Fingerprint, token: u64) -> Vec<u8> {
     field
 }
 
+/// An operation to append: its lease clock reading, the operation, and
+/// the position of the caller's operation it answers (`None`: the tier's
+/// own).
+type Item = (u64, LogOp, Option<usize>);
+
+/// True for the operations whose entry carries their lease clock reading
+/// (an entry holds one).
+fn needs_now(op: &LogOp) -> bool {
+    matches!(op, LogOp::Check { .. } | LogOp::Claim { .. })
+}
+
+/// How many of `items` go into the entry the first of them starts: as
+/// [`push`] fills it, up to `MAX_OPS`, until a check or claim with another
+/// lease clock reading than the entry's.
+fn entry_len(items: &[Item]) -> usize {
+    let mut now = None;
+    items
+        .iter()
+        .take(MAX_OPS)
+        .take_while(|(t, op, _)| !needs_now(op) || *now.get_or_insert(*t) == *t)
+        .count()
+}
+
 /// Appends `op` (whose answer goes to `to`) to the last entry, or to a new
 /// one where the lease clock of checks and claims changes or the entry is
-/// full; `left` operations, this one included, are still to be pushed (a
-/// new entry is sized for them).
+/// full; a new entry is sized for `len()` operations (its exact count:
+/// sizing each for every operation still to come made a tier that kept
+/// K checks through an outage, each with its own reading, reserve K²/2
+/// operations).
 fn push(
     outgoing: &mut Vec<Outgoing>,
     writer: u64,
@@ -1177,13 +1204,14 @@ fn push(
     now: u64,
     op: LogOp,
     to: Option<usize>,
-    left: usize,
+    len: impl FnOnce() -> usize,
 ) {
-    let needs_now = matches!(op, LogOp::Check { .. } | LogOp::Claim { .. });
+    let needs_now = needs_now(&op);
     let fits = outgoing.last().is_some_and(|o| {
         o.ops.len() < MAX_OPS && (!needs_now || !o.now_set || o.header.now == now)
     });
     if !fits {
+        let len = len();
         outgoing.push(Outgoing {
             header: Header {
                 writer,
@@ -1192,8 +1220,8 @@ fn push(
                 now: 0,
             },
             now_set: false,
-            ops: Vec::with_capacity(left.min(MAX_OPS)),
-            answer_to: Vec::with_capacity(left.min(MAX_OPS)),
+            ops: Vec::with_capacity(len),
+            answer_to: Vec::with_capacity(len),
         });
     }
     let o = outgoing.last_mut().expect("pushed");
@@ -1207,7 +1235,103 @@ fn push(
 
 #[cfg(test)]
 mod tests {
-    use super::follows;
+    use super::{entry_len, follows, push, Item, Outgoing, MAX_OPS};
+    use crate::exact::redis::log::LogOp;
+    use crate::fingerprint::Fingerprint;
+
+    /// Entries made of `items` by `push`, each with the index of its first
+    /// item.
+    fn entries(items: &[Item]) -> Vec<(usize, Outgoing)> {
+        let mut outgoing: Vec<Outgoing> = Vec::new();
+        let mut starts = Vec::new();
+        for (k, &(now, op, to)) in items.iter().enumerate() {
+            let before = outgoing.len();
+            push(&mut outgoing, 1, None, now, op, to, || {
+                entry_len(&items[k..])
+            });
+            if outgoing.len() > before {
+                starts.push(k);
+            }
+        }
+        starts.into_iter().zip(outgoing).collect()
+    }
+
+    #[test]
+    fn entries_are_sized_exactly_for_their_operations() {
+        // Checks and commits mixed, the lease clock changing now and then.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut items: Vec<Item> = Vec::new();
+        let mut now = 1;
+        for i in 0..5_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 7 == 0 {
+                now += 1;
+            }
+            let fp = Fingerprint(u128::from(i));
+            let op = if x % 3 == 0 {
+                LogOp::Commit {
+                    fp,
+                    token: i,
+                    now: i,
+                    body: false,
+                }
+            } else {
+                LogOp::Check { fp, at: i }
+            };
+            items.push((now, op, Some(i as usize)));
+        }
+        let made = entries(&items);
+        assert!(made.len() > 100);
+        let mut total = 0;
+        for (start, o) in &made {
+            assert_eq!(entry_len(&items[*start..]), o.ops.len());
+            assert_eq!(o.ops.capacity(), o.ops.len());
+            assert_eq!(o.answer_to.len(), o.ops.len());
+            total += o.ops.len();
+        }
+        assert_eq!(total, items.len());
+        // One long run: split at `MAX_OPS`.
+        let long: Vec<Item> = (0..MAX_OPS as u64 + 10)
+            .map(|i| {
+                (
+                    5,
+                    LogOp::Check {
+                        fp: Fingerprint(u128::from(i)),
+                        at: i,
+                    },
+                    None,
+                )
+            })
+            .collect();
+        let made = entries(&long);
+        assert_eq!(made.len(), 2);
+        assert_eq!(made[0].1.ops.len(), MAX_OPS);
+        assert_eq!(made[1].1.ops.len(), 10);
+    }
+
+    #[test]
+    fn checks_kept_through_an_outage_reserve_what_they_hold() {
+        // Each kept check has the reading of its own call: one entry each,
+        // and no entry sized for the ones after it.
+        let items: Vec<Item> = (0..20_000u64)
+            .map(|i| {
+                (
+                    i,
+                    LogOp::Check {
+                        fp: Fingerprint(u128::from(i)),
+                        at: i,
+                    },
+                    None,
+                )
+            })
+            .collect();
+        let made = entries(&items);
+        assert_eq!(made.len(), items.len());
+        let reserved: usize = made.iter().map(|(_, o)| o.ops.capacity()).sum();
+        assert_eq!(reserved, items.len());
+    }
 
     #[test]
     fn own_entries_apply_only_right_after_what_was_read() {

@@ -193,6 +193,10 @@ impl RedisPartition {
         let code = text.split_whitespace().next().unwrap_or("");
         let cause = error::cause_of_code(code).unwrap_or(if text.contains("script") {
             FailureCause::Script
+        } else if code == "WRONGTYPE" {
+            // A key the tier uses holds another type: data it did not
+            // write (as `error::cause_of` says of the same reply).
+            FailureCause::UnexpectedReply
         } else {
             FailureCause::Other
         });

@@ -45,6 +45,12 @@ pub struct RedisStats {
     /// (a server that restarted without its data), or trimmed past what
     /// the replica had read (it fell a snapshot behind).
     pub rebuilds: AtomicU64,
+    /// Shared mode: entries this tier appended and then read back from the
+    /// log to answer them, because another engine appended between the
+    /// request's read and its append (or the read had not caught up), or
+    /// on a cluster, whose script appends before it reads. On one server
+    /// with no such race an entry is applied as sent, not read back.
+    pub own_entries_read_back: AtomicU64,
     /// The last failure of any partition (see [`RedisStats::last_error`]).
     last_error: Mutex<Option<ExactTierError>>,
 }
