@@ -1239,6 +1239,12 @@ mod tests {
     use crate::exact::redis::log::LogOp;
     use crate::fingerprint::Fingerprint;
 
+    /// A kept check of key `i` with lease-clock reading `now`.
+    fn check(now: u64, i: u64) -> Item {
+        let fp = Fingerprint(u128::from(i));
+        (now, LogOp::Check { fp, at: i }, None)
+    }
+
     /// Entries made of `items` by `push`, each with the index of its first
     /// item.
     fn entries(items: &[Item]) -> Vec<(usize, Outgoing)> {
@@ -1293,18 +1299,7 @@ mod tests {
         }
         assert_eq!(total, items.len());
         // One long run: split at `MAX_OPS`.
-        let long: Vec<Item> = (0..MAX_OPS as u64 + 10)
-            .map(|i| {
-                (
-                    5,
-                    LogOp::Check {
-                        fp: Fingerprint(u128::from(i)),
-                        at: i,
-                    },
-                    None,
-                )
-            })
-            .collect();
+        let long: Vec<Item> = (0..MAX_OPS as u64 + 10).map(|i| check(5, i)).collect();
         let made = entries(&long);
         assert_eq!(made.len(), 2);
         assert_eq!(made[0].1.ops.len(), MAX_OPS);
@@ -1315,18 +1310,7 @@ mod tests {
     fn checks_kept_through_an_outage_reserve_what_they_hold() {
         // Each kept check has the reading of its own call: one entry each,
         // and no entry sized for the ones after it.
-        let items: Vec<Item> = (0..20_000u64)
-            .map(|i| {
-                (
-                    i,
-                    LogOp::Check {
-                        fp: Fingerprint(u128::from(i)),
-                        at: i,
-                    },
-                    None,
-                )
-            })
-            .collect();
+        let items: Vec<Item> = (0..20_000u64).map(|i| check(i, i)).collect();
         let made = entries(&items);
         assert_eq!(made.len(), items.len());
         let reserved: usize = made.iter().map(|(_, o)| o.ops.capacity()).sum();
