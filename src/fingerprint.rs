@@ -40,6 +40,13 @@ impl Fingerprint {
         (self.0 >> 64) as u64
     }
 
+    /// The fingerprint whose [`Fingerprint::low`] and [`Fingerprint::high`]
+    /// are `low` and `high`.
+    #[inline]
+    pub(crate) fn from_words(low: u64, high: u64) -> Self {
+        Fingerprint(u128::from(low) | (u128::from(high) << 64))
+    }
+
     /// The 16 bytes in little-endian order (the form stored in snapshots and
     /// in remote tiers).
     #[must_use]
@@ -235,6 +242,7 @@ mod tests {
 /// hash (the low half chose the shard, so its low bits repeat within one):
 /// the maps the engine keys by fingerprint skip SipHash.
 #[derive(Default)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) struct FingerprintHasher(u64);
 
 impl Hasher for FingerprintHasher {
@@ -253,6 +261,7 @@ impl Hasher for FingerprintHasher {
 }
 
 /// A map keyed by fingerprint, hashed by [`FingerprintHasher`].
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) type FingerprintMap<V> = HashMap<Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;
 
 /// Hashes a byte string with one seeded xxh3 call: std's SipHash took
