@@ -326,6 +326,12 @@ impl<D: AsRef<Deduper>> Lease<D> {
         self.engine.take().expect("a lease is settled once")
     }
 
+    /// Settles a lease its engine has just committed (no further call).
+    #[inline]
+    pub(crate) fn committed(mut self) {
+        self.settle();
+    }
+
     /// True when this lease was issued by `engine`.
     pub(crate) fn is_of(&self, engine: &Deduper) -> bool {
         std::ptr::eq(self.engine(), engine)

@@ -197,14 +197,21 @@ impl Deduper {
                 }
             },
         );
-        commits
-            .into_iter()
-            .zip(outcomes)
-            .map(|((lease, result), outcome)| match outcome {
-                Some(outcome) => lease.settle_commit(result.as_ref(), |_, _| outcome),
-                None => lease.commit(result.as_ref()),
-            })
-            .collect()
+        let mut answers = Vec::with_capacity(n);
+        for ((lease, result), outcome) in commits.into_iter().zip(outcomes) {
+            let result = result.as_ref();
+            answers.push(match outcome {
+                // Committed (and within the cap): the common case, settled
+                // without the error paths' moves.
+                Some(Ok(())) if result.len() <= cap => {
+                    lease.committed();
+                    Ok(())
+                }
+                Some(outcome) => lease.settle_commit(result, |_, _| outcome),
+                None => lease.commit(result),
+            });
+        }
+        answers
     }
 
     /// The positions `0..n` of a batch of commits grouped by shard
@@ -510,7 +517,8 @@ fn claim_one_in<D: AsRef<Deduper> + Clone, K: Key>(
 }
 
 /// A batch of claims read before routing: fingerprints, and under event
-/// time each request's time or its lateness.
+/// time each request's time or its lateness (empty on a processing clock,
+/// where no request is late and none has a time of its own).
 struct Prepared {
     fps: Vec<Fingerprint>,
     late: Vec<Option<Timestamp>>,
@@ -525,11 +533,12 @@ impl Prepared {
             .iter()
             .map(|r| engine.fingerprint(&r.key))
             .collect();
-        let mut late = vec![None; n];
-        // Event time: lateness is decided before routing, as for checks.
         let reading = engine.clock.read();
-        let mut event_times = vec![None; n];
+        let (mut late, mut event_times) = (Vec::new(), Vec::new());
         if reading.is_none() {
+            // Event time: lateness is decided before routing, as for checks.
+            late = vec![None; n];
+            event_times = vec![None; n];
             for (i, r) in requests.iter().enumerate() {
                 if let Some(t) = r.at {
                     match engine.observe(t) {
@@ -549,6 +558,12 @@ impl Prepared {
         }
     }
 
+    /// The watermark request `i` is late behind, if it is.
+    #[inline]
+    fn late(&self, i: usize) -> Option<Timestamp> {
+        self.late.get(i).copied().flatten()
+    }
+
     /// The claims of `group` (positions in `requests`) that are not late,
     /// routed to `shard`.
     fn route<K: Key>(
@@ -561,15 +576,14 @@ impl Prepared {
         // Sized up front: a filtered iterator's collect grows the vector
         // (about 55 instructions per claim, measured).
         let mut routed = Vec::with_capacity(group.len());
+        // On a processing clock every claim of the shard has its time.
+        let processing = self.reading.map(|r| shard.processing_time(r));
         for i in group.iter().map(|&i| i as usize) {
-            if self.late[i].is_some() {
-                continue;
-            }
             let r = &requests[i];
-            let t = match (self.reading, self.event_times[i]) {
-                (Some(reading), _) => shard.processing_time(reading),
-                (None, Some(t)) => t,
-                (None, None) => engine.watermark(),
+            let t = match processing {
+                Some(t) => t,
+                None if self.late(i).is_some() => continue,
+                None => self.event_times[i].unwrap_or_else(|| engine.watermark()),
             };
             let ttl = r.lease.map_or(engine.plan.lease_nanos, duration_nanos);
             routed.push((i, self.fps[i], r.payload, t, ttl));
@@ -585,8 +599,8 @@ impl Prepared {
     ) -> Vec<Claim<D>> {
         answers
             .into_iter()
-            .zip(self.late)
-            .map(|(answer, late)| match late {
+            .enumerate()
+            .map(|(i, answer)| match self.late(i) {
                 Some(watermark) => Claim::Late { watermark },
                 None => wrap(handle, answer.unwrap_or(ShardClaim::Unavailable)),
             })
