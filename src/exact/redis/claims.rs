@@ -11,7 +11,9 @@
 //! result lives in the shard's body hash of its acquisition slice
 //! (`…:b:<slice>`, field fingerprint and token), written by the same
 //! request before the commit that names it; answers that replay one read
-//! them in one more request.
+//! them in one more request. A claim whose result an engine with a later
+//! clock has deleted meanwhile (its slice retired) is decided again
+//! through the log, past the record's window (`exchange_ops`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -302,12 +304,83 @@ impl RedisPartition {
         self.log.as_ref().map_or(0, |l| l.kept_checks as u64)
     }
 
+    /// `ops` appended and answered in `out`. A claim answered completed
+    /// whose result is missing from Redis (its body hash deleted: an
+    /// engine whose clock passed the record's window retired its slice,
+    /// while this claim's earlier reading still found the record inside)
+    /// is decided again, through the log: as a claim at the time the
+    /// record leaves the window, which every replica applies in the log's
+    /// order (acquired, unless another engine took the key meanwhile).
     fn exchange_ops(
         &mut self,
         window: Option<u64>,
         ops: &[SharedOp<'_>],
         out: &mut Vec<SharedAnswer>,
     ) -> Result<(), ExactTierError> {
+        let missing = self.exchange_ops_once(window, ops, out)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut again: Vec<SharedOp<'_>> = Vec::with_capacity(missing.len());
+        for &i in &missing {
+            match (ops[i], &out[i], window) {
+                (
+                    SharedOp::Claim {
+                        fingerprint,
+                        at,
+                        now,
+                        until,
+                        payload,
+                    },
+                    SharedAnswer::Completed { first_seen, .. },
+                    Some(w),
+                ) => again.push(SharedOp::Claim {
+                    fingerprint,
+                    at: Timestamp::from_nanos(past_window(at.as_nanos(), first_seen.as_nanos(), w)),
+                    now,
+                    until,
+                    payload,
+                }),
+                // Without a window nothing expires: the server lost it.
+                _ => return Err(self.missing_result()),
+            }
+        }
+        crate::trace::event!(
+            debug,
+            claims = again.len(),
+            "committed results of expired slices are gone: claimed again past their window"
+        );
+        let mut answers = Vec::with_capacity(again.len());
+        if !self
+            .exchange_ops_once(window, &again, &mut answers)?
+            .is_empty()
+        {
+            // A newer record of the key lost its result too.
+            return Err(self.missing_result());
+        }
+        for (&i, answer) in missing.iter().zip(answers) {
+            out[i] = answer;
+        }
+        Ok(())
+    }
+
+    fn missing_result(&self) -> ExactTierError {
+        self.error_of(
+            FailureCause::Other,
+            "a committed result is missing from Redis (its slice was deleted, or the server \
+             lost it)",
+        )
+    }
+
+    /// [`Self::exchange_ops`] without the second decision: returns the
+    /// positions of the claims answered completed whose result is missing
+    /// (their answers in `out` carry an empty result).
+    fn exchange_ops_once(
+        &mut self,
+        window: Option<u64>,
+        ops: &[SharedOp<'_>],
+        out: &mut Vec<SharedAnswer>,
+    ) -> Result<Vec<usize>, ExactTierError> {
         // Entries: the tier's own operations first (kept checks and
         // releases, the orphans' releases), then the caller's, split where
         // the lease clock of checks and claims changes (one `now` per
@@ -426,6 +499,9 @@ impl RedisPartition {
                                 continue;
                             }
                         }
+                        // A check answers without the result (a
+                        // duplicate): only claims read it.
+                        let body = body.filter(|_| matches!(op, LogOp::Claim { .. }));
                         if let Some(token) = body {
                             wanted.push((
                                 i,
@@ -454,9 +530,14 @@ impl RedisPartition {
             self.keep_ops(reanchors);
             let _ = self.catch_up();
         }
+        let mut missing = Vec::new();
         if !wanted.is_empty() {
             let results = self.read_bodies(&wanted)?;
             for ((i, ..), result) in wanted.iter().zip(results) {
+                let Some(result) = result else {
+                    missing.push(*i);
+                    continue;
+                };
                 if let SharedAnswer::Completed {
                     body: Some(body), ..
                 } = &mut out[*i]
@@ -465,7 +546,7 @@ impl RedisPartition {
                 }
             }
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// The operations the tier itself has to append (kept while Redis was
@@ -1090,11 +1171,11 @@ impl RedisPartition {
     }
 
     /// The results named by `wanted` (`(answer, slice, field)`), read in
-    /// one request.
+    /// one request (`None`: not in Redis).
     fn read_bodies(
         &mut self,
         wanted: &[(usize, u64, Vec<u8>)],
-    ) -> Result<Vec<Vec<u8>>, ExactTierError> {
+    ) -> Result<Vec<Option<Vec<u8>>>, ExactTierError> {
         let mut slices: Vec<u64> = wanted.iter().map(|w| w.1).collect();
         slices.sort_unstable();
         slices.dedup();
@@ -1118,15 +1199,15 @@ impl RedisPartition {
                 format!("{} results for {} asked", values.len(), order.len()),
             ));
         }
-        let mut results = vec![Vec::new(); wanted.len()];
+        let mut results = vec![None; wanted.len()];
         for (i, v) in order.into_iter().zip(values) {
             match v {
-                Value::BulkString(b) => results[i] = b,
-                _ => {
+                Value::BulkString(b) => results[i] = Some(b),
+                Value::Nil | Value::Boolean(false) => {}
+                other => {
                     return Err(self.error_of(
-                        FailureCause::Other,
-                        "a committed result is missing from Redis (its slice was deleted, or \
-                         the server lost it)",
+                        FailureCause::UnexpectedReply,
+                        format!("a committed result read as {other:?}"),
                     ))
                 }
             }
@@ -1152,6 +1233,17 @@ fn self_generation(slice_nanos: Option<u64>, newest_at: u64, last_seq: u64) -> u
 /// The slice of record time `at` (0 without a window).
 fn slice_of(slice_nanos: Option<u64>, at: u64) -> u64 {
     slice_nanos.map_or(0, |d| at / d.max(1))
+}
+
+/// The record time of a claim decided again because the result of the
+/// record it found (at `first_seen`) is gone: the first time outside that
+/// record's window, or the claim's own time `at` if later. No later than
+/// the clock that deleted the result: a slice's results are deleted once
+/// an engine's clock passes the slice's end plus the span (at least the
+/// window), so this claim's window is anchored at a time some engine has
+/// already read.
+fn past_window(at: u64, first_seen: u64, window: u64) -> u64 {
+    at.max(first_seen.saturating_add(window))
 }
 
 /// True when the `sent` entries appended as `appended` (their sequence
@@ -1235,8 +1327,8 @@ fn push(
 
 #[cfg(test)]
 mod tests {
-    use super::{entry_len, follows, push, Item, Outgoing, MAX_OPS};
-    use crate::exact::redis::log::LogOp;
+    use super::{entry_len, follows, past_window, push, Item, Outgoing, MAX_OPS};
+    use crate::exact::redis::log::{token, Header, LogOp, Outcome, Replica};
     use crate::fingerprint::Fingerprint;
 
     /// A kept check of key `i` with lease-clock reading `now`.
@@ -1315,6 +1407,67 @@ mod tests {
         assert_eq!(made.len(), items.len());
         let reserved: usize = made.iter().map(|(_, o)| o.ops.capacity()).sum();
         assert_eq!(reserved, items.len());
+    }
+
+    #[test]
+    fn a_claim_decided_again_past_the_window_is_acquired_once() {
+        // Window 100, slices of 20: a record committed at 39 (the end of
+        // slice 1), whose slice another engine retired (its clock passed
+        // 160); two engines whose clocks read 138 claim the key.
+        let window = 100;
+        let mut r = Replica::new(Some(window), Some(20));
+        let fp = Fingerprint(3);
+        let header = |writer: u64, now: u64| Header {
+            writer,
+            batch: 1,
+            window: Some(window),
+            now,
+        };
+        let apply = |r: &mut Replica, seq: u64, writer: u64, op: LogOp| {
+            let mut out = Vec::new();
+            r.apply(seq, &header(writer, 40), &[op], |_, o| out.push(o));
+            out[0]
+        };
+        let claim = |at: u64| LogOp::Claim {
+            fp,
+            at,
+            until: 1_000,
+            payload: None,
+        };
+        assert_eq!(
+            apply(&mut r, 1, 1, claim(39)),
+            Outcome::Acquired { token: token(1, 0) }
+        );
+        let commit = LogOp::Commit {
+            fp,
+            token: token(1, 0),
+            now: 40,
+            body: true,
+        };
+        assert_eq!(apply(&mut r, 2, 1, commit), Outcome::Done);
+        // Both find it inside the window by their reading.
+        let found = Outcome::Completed {
+            first_seen: 39,
+            payload: None,
+            body: Some(token(1, 0)),
+        };
+        assert_eq!(apply(&mut r, 3, 2, claim(138)), found);
+        assert_eq!(apply(&mut r, 4, 3, claim(138)), found);
+        // Its result is gone: each claims again past the window, and the
+        // log's order decides: the first acquires, the second finds it
+        // held.
+        let again = past_window(138, 39, window);
+        assert_eq!(again, 139);
+        assert_eq!(
+            apply(&mut r, 5, 2, claim(again)),
+            Outcome::Acquired { token: token(5, 0) }
+        );
+        assert_eq!(
+            apply(&mut r, 6, 3, claim(again)),
+            Outcome::InProgress { until: 1_000 }
+        );
+        // A claim already past the window keeps its own time.
+        assert_eq!(past_window(150, 39, window), 150);
     }
 
     #[test]
