@@ -1479,3 +1479,185 @@ fn a_restarted_engine_forgets_what_the_last_one_recorded() {
         assert!(second.check(&key).is_new(), "key {key} was forgotten");
     }
 }
+
+/// Three engines sharing keys on one server, their clocks 0, 2 and 4 ms
+/// apart (hosts kept in step by NTP), a 300 ms window (50 ms slices: each
+/// engine retires a slice's results every 50 ms by its own clock), four
+/// threads each claiming and committing 256 overlapping keys for two
+/// seconds: every claim is answered (acquired, in progress, or completed
+/// with the result committed), none `Unavailable`.
+#[test]
+fn racing_engines_on_skewed_clocks_are_answered() {
+    let server = RedisServer::start();
+    let window = Duration::from_millis(300);
+    let skews = [0u64, 2, 4];
+    let real = || Timestamp::now().as_nanos();
+    let clocks: Vec<ManualClock> = skews
+        .iter()
+        .map(|ms| ManualClock::new(Timestamp::from_nanos(real() - ms * 1_000_000)))
+        .collect();
+    let engines: Vec<(Arc<Deduper>, Arc<tiered_dedup::exact::redis::RedisStats>)> = clocks
+        .iter()
+        .map(|clock| {
+            let tier = RedisTier::new(RedisConfig {
+                timeout: Duration::from_secs(2),
+                policy: FailurePolicy::FailClosed,
+                ..RedisConfig::new(&server.url())
+            });
+            let stats = tier.stats();
+            let d = Deduper::builder()
+                .window(window)
+                .expected_keys(10_000)
+                .shards(2)
+                .affinity(Affinity::Shared)
+                .lease_duration(Duration::from_secs(5))
+                .clock(Clock::Manual(clock.clone()))
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .build()
+                .unwrap();
+            (Arc::new(d), stats)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    // The clocks follow the system clock, each behind by its skew.
+    let ticker = {
+        let clocks = clocks.clone();
+        std::thread::spawn(move || {
+            while Instant::now() < deadline {
+                for (clock, ms) in clocks.iter().zip(skews) {
+                    let t = Timestamp::from_nanos(real() - ms * 1_000_000);
+                    if t > clock.now() {
+                        clock.set(t);
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let handles: Vec<_> = (0..12)
+        .map(|t| {
+            let (d, stats) = engines[t % 3].clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(0x5EED_0000 + t as u64);
+                let mut unavailable = Vec::new();
+                let mut calls = 0u64;
+                while Instant::now() < deadline && calls < 200_000 {
+                    calls += 1;
+                    let key = rng.below(256);
+                    match d.claim_owned(ClaimRequest::new(key)) {
+                        Claim::Acquired(lease) => {
+                            lease.commit(format!("r{key}").as_bytes()).unwrap();
+                        }
+                        Claim::Completed { result, .. } => {
+                            assert_eq!(&result[..], format!("r{key}").as_bytes());
+                        }
+                        Claim::InProgress { .. } => {}
+                        other => unavailable.push(format!("{other:?}: {:?}", stats.last_error())),
+                    }
+                }
+                (calls, unavailable)
+            })
+        })
+        .collect();
+    let mut calls = 0;
+    let mut failed = Vec::new();
+    for h in handles {
+        let (n, u) = h.join().unwrap();
+        calls += n;
+        failed.extend(u);
+    }
+    ticker.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {calls} claims: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+}
+
+/// Shared keys, engines on clocks a few milliseconds apart: keys
+/// committed in the last millisecond of a slice, then claimed and checked
+/// by the engines whose clocks are behind just after the one ahead
+/// rotated and deleted that slice's results (its clock passed the
+/// slice's end plus the window), a millisecond before the window closes
+/// by their own readings. The replica finds the record inside the window
+/// but its result is gone: the claim used to answer `Unavailable` ("a
+/// committed result is missing from Redis"). The record has left the
+/// window by the clock that deleted it: the key is acquired once, through
+/// the log (the other engine behind finds it in progress), and a check
+/// answers a duplicate (it needs no result).
+#[test]
+fn a_claim_at_the_window_edge_after_another_engine_rotated() {
+    let server = RedisServer::start();
+    let window = Duration::from_millis(300);
+    // 50 ms slices; slice 20 000 starts at 1 000 s.
+    let start = Timestamp::from_secs(1_000);
+    let behind = ManualClock::new(start);
+    let ahead = ManualClock::new(start);
+    let engine = |clock: &ManualClock| {
+        let tier = RedisTier::new(RedisConfig {
+            policy: FailurePolicy::FailClosed,
+            ..RedisConfig::new(&server.url())
+        });
+        let stats = tier.stats();
+        let d = Deduper::builder()
+            .window(window)
+            .expected_keys(1_000)
+            .shards(1)
+            .affinity(Affinity::Shared)
+            .lease_duration(Duration::from_secs(60))
+            .clock(Clock::Manual(clock.clone()))
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap();
+        (d, stats)
+    };
+    let (a, a_stats) = engine(&behind);
+    let (c, c_stats) = engine(&behind);
+    let (b, _) = engine(&ahead);
+    // Committed at 1 000.049 s, the last millisecond of slice 20 000 (B
+    // names that slice to its tier too).
+    behind.advance(Duration::from_millis(49));
+    ahead.advance(Duration::from_millis(49));
+    for (d, key) in [(&a, 1u64), (&a, 2), (&b, 3)] {
+        match d.claim(&key) {
+            Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+            other => panic!("{other:?}"),
+        };
+    }
+    // B at 1 000.350 s, slice 20 007: its rotation deletes slice 20 000's
+    // results.
+    ahead.advance(Duration::from_millis(301));
+    match b.claim(&4u64) {
+        Claim::Acquired(lease) => lease.commit(b"other").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    // A and C at 1 000.348 s: 299 ms after the commits.
+    behind.advance(Duration::from_millis(299));
+    let lease = match a.claim(&1u64) {
+        Claim::Acquired(lease) => lease,
+        other => panic!("{other:?} ({:?})", a_stats.last_error()),
+    };
+    match c.claim(&1u64) {
+        Claim::InProgress { .. } => {}
+        other => panic!("acquired twice? {other:?} ({:?})", c_stats.last_error()),
+    };
+    assert!(
+        matches!(c.check(&2u64), Verdict::Duplicate { .. }),
+        "{:?}",
+        c_stats.last_error()
+    );
+    lease.commit(b"second").unwrap();
+    // The new record is anchored where the old one left the window
+    // (1 000.349 s): B finds it, with its result.
+    match b.claim(&1u64) {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"second"),
+        other => panic!("{other:?}"),
+    };
+    match c.claim(&1u64) {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"second"),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(a_stats.last_error(), None);
+    assert_eq!(c_stats.last_error(), None);
+}
