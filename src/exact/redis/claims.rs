@@ -26,7 +26,7 @@ use crate::error::{ExactTierError, FailureCause};
 use crate::exact::table::FingerprintTable;
 use crate::exact::{RecordBody, SharedAnswer, SharedOp};
 use crate::fingerprint::{Fingerprint, FingerprintMap};
-use crate::time::{slot_of, Timestamp};
+use crate::time::{slot_of, Timestamp, GENERATIONS};
 
 /// Entries one read returns at most.
 const READ_COUNT: usize = 256;
@@ -334,14 +334,28 @@ impl RedisPartition {
                     },
                     SharedAnswer::Completed { first_seen, .. },
                     Some(w),
-                ) => again.push(SharedOp::Claim {
-                    fingerprint,
-                    at: Timestamp::from_nanos(past_window(at.as_nanos(), first_seen.as_nanos(), w)),
-                    now,
-                    until,
-                    payload,
-                }),
-                // Without a window nothing expires: the server lost it.
+                ) if retired_within_a_slice(
+                    self.slice_nanos,
+                    at.as_nanos(),
+                    first_seen.as_nanos(),
+                ) =>
+                {
+                    again.push(SharedOp::Claim {
+                        fingerprint,
+                        at: Timestamp::from_nanos(past_window(
+                            at.as_nanos(),
+                            first_seen.as_nanos(),
+                            w,
+                        )),
+                        now,
+                        until,
+                        payload,
+                    });
+                }
+                // Without a window nothing expires; a slice retired by a
+                // clock more than a slice ahead of this claim's is not
+                // taken for granted (evicted, a TTL shorter than the
+                // span, lost): the error, as it was.
                 _ => return Err(self.missing_result()),
             }
         }
@@ -1246,6 +1260,18 @@ fn past_window(at: u64, first_seen: u64, window: u64) -> u64 {
     at.max(first_seen.saturating_add(window))
 }
 
+/// True when the slice of a record at `first_seen` is one an engine whose
+/// clock is at most a slice ahead of this claim's reading `at` may have
+/// retired: a shard entering slice `c` deletes the results of slice
+/// `c − 7` (`clear_slots`), so `at` is in the slice just before that, or
+/// later. The replica keeps the same one-slice margin for clocks that
+/// differ.
+fn retired_within_a_slice(slice_nanos: Option<u64>, at: u64, first_seen: u64) -> bool {
+    slice_nanos.is_some_and(|_| {
+        slice_of(slice_nanos, at) + 2 >= slice_of(slice_nanos, first_seen) + GENERATIONS as u64
+    })
+}
+
 /// True when the `sent` entries appended as `appended` (their sequence
 /// numbers) come right after entry `last`, without a gap.
 fn follows(last: u64, appended: &[u64], sent: usize) -> bool {
@@ -1327,7 +1353,9 @@ fn push(
 
 #[cfg(test)]
 mod tests {
-    use super::{entry_len, follows, past_window, push, Item, Outgoing, MAX_OPS};
+    use super::{
+        entry_len, follows, past_window, push, retired_within_a_slice, Item, Outgoing, MAX_OPS,
+    };
     use crate::exact::redis::log::{token, Header, LogOp, Outcome, Replica};
     use crate::fingerprint::Fingerprint;
 
@@ -1411,10 +1439,10 @@ mod tests {
 
     #[test]
     fn a_claim_decided_again_past_the_window_is_acquired_once() {
-        // Window 100, slices of 20: a record committed at 39 (the end of
+        // Window 120, slices of 20: a record committed at 39 (the end of
         // slice 1), whose slice another engine retired (its clock passed
-        // 160); two engines whose clocks read 138 claim the key.
-        let window = 100;
+        // 160); two engines whose clocks read 158 claim the key.
+        let window = 120;
         let mut r = Replica::new(Some(window), Some(20));
         let fp = Fingerprint(3);
         let header = |writer: u64, now: u64| Header {
@@ -1451,13 +1479,14 @@ mod tests {
             payload: None,
             body: Some(token(1, 0)),
         };
-        assert_eq!(apply(&mut r, 3, 2, claim(138)), found);
-        assert_eq!(apply(&mut r, 4, 3, claim(138)), found);
+        assert_eq!(apply(&mut r, 3, 2, claim(158)), found);
+        assert_eq!(apply(&mut r, 4, 3, claim(158)), found);
+        assert!(retired_within_a_slice(Some(20), 158, 39));
         // Its result is gone: each claims again past the window, and the
         // log's order decides: the first acquires, the second finds it
         // held.
-        let again = past_window(138, 39, window);
-        assert_eq!(again, 139);
+        let again = past_window(158, 39, window);
+        assert_eq!(again, 159);
         assert_eq!(
             apply(&mut r, 5, 2, claim(again)),
             Outcome::Acquired { token: token(5, 0) }
@@ -1467,7 +1496,21 @@ mod tests {
             Outcome::InProgress { until: 1_000 }
         );
         // A claim already past the window keeps its own time.
-        assert_eq!(past_window(150, 39, window), 150);
+        assert_eq!(past_window(170, 39, window), 170);
+    }
+
+    #[test]
+    fn only_a_clock_a_slice_ahead_explains_a_missing_result() {
+        // Slices of 20: a record of slice 1 is retired when a shard
+        // enters slice 8 (time 160); a claim of slice 7 (140..160) is at
+        // most a slice behind that clock.
+        let d = Some(20);
+        assert!(retired_within_a_slice(d, 140, 39));
+        assert!(retired_within_a_slice(d, 159, 20));
+        assert!(!retired_within_a_slice(d, 139, 39));
+        assert!(!retired_within_a_slice(d, 60, 39));
+        // Without a window, nothing is retired.
+        assert!(!retired_within_a_slice(None, 1_000, 39));
     }
 
     #[test]
