@@ -1661,3 +1661,43 @@ fn a_claim_at_the_window_edge_after_another_engine_rotated() {
     assert_eq!(a_stats.last_error(), None);
     assert_eq!(c_stats.last_error(), None);
 }
+
+/// Shared keys: a result missing from Redis that no engine's rotation
+/// explains (its hash deleted behind the engines' backs, well inside the
+/// window by every clock) is still an error: the claim answers
+/// `Unavailable`, never acquires a key whose record is live in the log.
+#[test]
+fn a_result_lost_inside_the_window_is_not_taken_for_expired() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let tier = RedisTier::new(RedisConfig {
+        policy: FailurePolicy::FailClosed,
+        ..RedisConfig::new(&server.url())
+    });
+    let stats = tier.stats();
+    let d = Deduper::builder()
+        .window(Duration::from_millis(300))
+        .expected_keys(1_000)
+        .shards(1)
+        .affinity(Affinity::Shared)
+        .lease_duration(Duration::from_secs(60))
+        .clock(Clock::Manual(clock.clone()))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    match d.claim(&1u64) {
+        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("DEL").arg(&keys).query(&mut admin).unwrap();
+    clock.advance(Duration::from_millis(100));
+    match d.claim(&1u64) {
+        Claim::Unavailable => {}
+        other => panic!("{other:?}"),
+    };
+    let e = stats.last_error().expect("remembered");
+    assert!(e.to_string().contains("missing from Redis"), "{e}");
+}
