@@ -146,6 +146,16 @@ pub enum SharedAnswer {
         /// The lease's token.
         token: u64,
     },
+    /// A claim holds the key with this fencing token, its record anchored
+    /// at `at` rather than at the claim's time: a claim decided again past
+    /// the window of a record whose result another engine's rotation had
+    /// deleted (the Redis tier's shared claims).
+    AcquiredAt {
+        /// The lease's token.
+        token: u64,
+        /// The record time the store keeps for the key.
+        at: Timestamp,
+    },
     /// Another live lease holds the key until `until`.
     InProgress {
         /// The holder's expiry.

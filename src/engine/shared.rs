@@ -133,12 +133,19 @@ impl Shard {
                     ShardClaim::Unavailable
                 }
                 Ok(a) => match a[i].clone() {
-                    SharedAnswer::Acquired { token } => {
+                    answer @ (SharedAnswer::Acquired { .. } | SharedAnswer::AcquiredAt { .. }) => {
                         self.counters.acquired += 1;
+                        // The record time the store keeps: the window's
+                        // anchor once committed.
+                        let (token, acquired_at) = match answer {
+                            SharedAnswer::AcquiredAt { token, at } => (token, at),
+                            SharedAnswer::Acquired { token } => (token, at),
+                            _ => unreachable!("matched above"),
+                        };
                         ShardClaim::Acquired(LeaseInfo {
                             fingerprint,
                             token,
-                            acquired_at: at,
+                            acquired_at,
                             expires_at: Timestamp::from_nanos(now.saturating_add(ttl)),
                             payload,
                         })
@@ -203,7 +210,7 @@ impl Shard {
             out[pos] = match &answers {
                 Err(_) => Verdict::Unavailable,
                 Ok(a) => match &a[i] {
-                    SharedAnswer::Acquired { .. } => Verdict::New,
+                    SharedAnswer::Acquired { .. } | SharedAnswer::AcquiredAt { .. } => Verdict::New,
                     SharedAnswer::InProgress { until } => Verdict::InProgress {
                         until: Timestamp::from_nanos(*until),
                     },

@@ -338,7 +338,7 @@ impl RedisPartition {
                     self.slice_nanos,
                     at.as_nanos(),
                     first_seen.as_nanos(),
-                ) =>
+                ) && self.retired_by_the_log(first_seen.as_nanos())? =>
                 {
                     again.push(SharedOp::Claim {
                         fingerprint,
@@ -372,10 +372,37 @@ impl RedisPartition {
             // A newer record of the key lost its result too.
             return Err(self.missing_result());
         }
-        for (&i, answer) in missing.iter().zip(answers) {
-            out[i] = answer;
+        for ((&i, answer), op) in missing.iter().zip(answers).zip(&again) {
+            out[i] = match (answer, op) {
+                // The lease reports the record time the store keeps.
+                (SharedAnswer::Acquired { token }, SharedOp::Claim { at, .. }) => {
+                    SharedAnswer::AcquiredAt { token, at: *at }
+                }
+                (answer, _) => answer,
+            };
         }
         Ok(())
+    }
+
+    /// True when the log shows that some engine's clock reached the slice
+    /// whose rotation deletes the results of a record at `first_seen` (an
+    /// entry with a record time in it or later): the proof that a missing
+    /// result was retired, not lost. Read again once if the log does not
+    /// show it yet (the retiring engine deletes the slice before it appends
+    /// the entry of the call that moved its clock). An engine that rotated
+    /// without appending anything (idle upkeep) leaves no proof: the
+    /// missing result is then the error.
+    fn retired_by_the_log(&mut self, first_seen: u64) -> Result<bool, ExactTierError> {
+        let Some(d) = self.slice_nanos else {
+            return Ok(false);
+        };
+        let retiring = (slice_of(Some(d), first_seen) + GENERATIONS as u64 - 1).saturating_mul(d);
+        let newest = |p: &Self| p.log.as_ref().map_or(0, |l| l.replica.newest_at());
+        if newest(self) >= retiring {
+            return Ok(true);
+        }
+        self.catch_up()?;
+        Ok(newest(self) >= retiring)
     }
 
     fn missing_result(&self) -> ExactTierError {
