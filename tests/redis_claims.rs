@@ -1482,25 +1482,30 @@ fn a_restarted_engine_forgets_what_the_last_one_recorded() {
 
 /// Three engines sharing keys on one server, their clocks 0, 2 and 4 ms
 /// apart (hosts kept in step by NTP), a 300 ms window (50 ms slices: each
-/// engine retires a slice's results every 50 ms by its own clock), four
-/// threads each claiming and committing 256 overlapping keys for two
-/// seconds: every claim is answered (acquired, in progress, or completed
-/// with the result committed), none `Unavailable`.
+/// engine retires a slice's results every 50 ms by its own clock), twelve
+/// threads (four per engine) claiming and committing 256 overlapping keys
+/// in rounds: between rounds the three clocks move 2 ms together, so the
+/// skews hold whatever the machine's load (a thread stalled for longer
+/// than a slice on real clocks would fall outside the one-slice margin
+/// and rightly get the error). Four windows of rounds: every claim is
+/// answered (acquired, in progress, or completed with the result
+/// committed), none `Unavailable`, and no key is acquired twice within a
+/// window.
 #[test]
 fn racing_engines_on_skewed_clocks_are_answered() {
     let server = RedisServer::start();
     let window = Duration::from_millis(300);
     let skews = [0u64, 2, 4];
-    let real = || Timestamp::now().as_nanos();
+    let start = Timestamp::from_secs(1_000);
     let clocks: Vec<ManualClock> = skews
         .iter()
-        .map(|ms| ManualClock::new(Timestamp::from_nanos(real() - ms * 1_000_000)))
+        .map(|ms| ManualClock::new(Timestamp::from_nanos(start.as_nanos() - ms * 1_000_000)))
         .collect();
     let engines: Vec<(Arc<Deduper>, Arc<tiered_dedup::exact::redis::RedisStats>)> = clocks
         .iter()
         .map(|clock| {
             let tier = RedisTier::new(RedisConfig {
-                timeout: Duration::from_secs(2),
+                timeout: Duration::from_secs(5),
                 policy: FailurePolicy::FailClosed,
                 ..RedisConfig::new(&server.url())
             });
@@ -1510,7 +1515,7 @@ fn racing_engines_on_skewed_clocks_are_answered() {
                 .expected_keys(10_000)
                 .shards(2)
                 .affinity(Affinity::Shared)
-                .lease_duration(Duration::from_secs(5))
+                .lease_duration(Duration::from_secs(60))
                 .clock(Clock::Manual(clock.clone()))
                 .exact_tier(ExactTier::Custom(Arc::new(tier)))
                 .build()
@@ -1518,61 +1523,79 @@ fn racing_engines_on_skewed_clocks_are_answered() {
             (Arc::new(d), stats)
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    // The clocks follow the system clock, each behind by its skew.
-    let ticker = {
-        let clocks = clocks.clone();
-        std::thread::spawn(move || {
-            while Instant::now() < deadline {
-                for (clock, ms) in clocks.iter().zip(skews) {
-                    let t = Timestamp::from_nanos(real() - ms * 1_000_000);
-                    if t > clock.now() {
-                        clock.set(t);
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
-    let handles: Vec<_> = (0..12)
+    const THREADS: usize = 12;
+    const ROUNDS: u64 = 600; // 2 ms each: four windows
+    const PER_ROUND: u64 = 8;
+    let barrier = Arc::new(Barrier::new(THREADS + 1));
+    let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let (d, stats) = engines[t % 3].clone();
+            let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
                 let mut rng = Rng::new(0x5EED_0000 + t as u64);
                 let mut unavailable = Vec::new();
-                let mut calls = 0u64;
-                while Instant::now() < deadline && calls < 200_000 {
-                    calls += 1;
-                    let key = rng.below(256);
-                    match d.claim_owned(ClaimRequest::new(key)) {
-                        Claim::Acquired(lease) => {
-                            lease.commit(format!("r{key}").as_bytes()).unwrap();
+                // (key, acquired at) of every acquisition.
+                let mut acquired = Vec::new();
+                for _ in 0..ROUNDS {
+                    barrier.wait();
+                    for _ in 0..PER_ROUND {
+                        let key = rng.below(256);
+                        match d.claim_owned(ClaimRequest::new(key)) {
+                            Claim::Acquired(lease) => {
+                                acquired.push((key, lease.info().acquired_at));
+                                lease.commit(format!("r{key}").as_bytes()).unwrap();
+                            }
+                            Claim::Completed { result, .. } => {
+                                assert_eq!(&result[..], format!("r{key}").as_bytes());
+                            }
+                            Claim::InProgress { .. } => {}
+                            other => {
+                                unavailable.push(format!("{other:?}: {:?}", stats.last_error()))
+                            }
                         }
-                        Claim::Completed { result, .. } => {
-                            assert_eq!(&result[..], format!("r{key}").as_bytes());
-                        }
-                        Claim::InProgress { .. } => {}
-                        other => unavailable.push(format!("{other:?}: {:?}", stats.last_error())),
                     }
+                    barrier.wait();
                 }
-                (calls, unavailable)
+                (unavailable, acquired)
             })
         })
         .collect();
-    let mut calls = 0;
-    let mut failed = Vec::new();
-    for h in handles {
-        let (n, u) = h.join().unwrap();
-        calls += n;
-        failed.extend(u);
+    for _ in 0..ROUNDS {
+        barrier.wait();
+        barrier.wait();
+        for clock in &clocks {
+            clock.advance(Duration::from_millis(2));
+        }
     }
-    ticker.join().unwrap();
+    let mut failed = Vec::new();
+    let mut acquired: Vec<(u64, Timestamp)> = Vec::new();
+    for h in handles {
+        let (u, a) = h.join().unwrap();
+        failed.extend(u);
+        acquired.extend(a);
+    }
     assert!(
         failed.is_empty(),
-        "{} of {calls} claims: {:?}",
+        "{} claims unanswered: {:?}",
         failed.len(),
         &failed[..failed.len().min(3)]
     );
+    // Acquisitions of one key lie a window apart (the anchors the leases
+    // report are the ones the store keeps).
+    acquired.sort();
+    for pair in acquired.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            let gap = pair[1].1.as_nanos() - pair[0].1.as_nanos();
+            assert!(
+                gap >= window.as_nanos() as u64,
+                "key {} acquired at {:?} and {:?}",
+                pair[0].0,
+                pair[0].1,
+                pair[1].1
+            );
+        }
+    }
+    assert!(acquired.len() > 256, "{} acquisitions", acquired.len());
 }
 
 /// Shared keys, engines on clocks a few milliseconds apart: keys
@@ -1647,11 +1670,17 @@ fn a_claim_at_the_window_edge_after_another_engine_rotated() {
         "{:?}",
         c_stats.last_error()
     );
-    lease.commit(b"second").unwrap();
     // The new record is anchored where the old one left the window
-    // (1 000.349 s): B finds it, with its result.
+    // (1 000.349 s), and the lease says so: its window's anchor.
+    let anchor = start.saturating_add(Duration::from_millis(349));
+    assert_eq!(lease.info().acquired_at, anchor);
+    lease.commit(b"second").unwrap();
+    // B finds it, with its result and that anchor.
     match b.claim(&1u64) {
-        Claim::Completed { result, .. } => assert_eq!(&result[..], b"second"),
+        Claim::Completed { result, first_seen } => {
+            assert_eq!(&result[..], b"second");
+            assert_eq!(first_seen, anchor);
+        }
         other => panic!("{other:?}"),
     };
     match c.claim(&1u64) {
@@ -1660,6 +1689,15 @@ fn a_claim_at_the_window_edge_after_another_engine_rotated() {
     };
     assert_eq!(a_stats.last_error(), None);
     assert_eq!(c_stats.last_error(), None);
+    // One window after that anchor the key is new again, not before.
+    behind.set(anchor.saturating_add(window - Duration::from_millis(1)));
+    assert!(matches!(a.claim(&1u64), Claim::Completed { .. }));
+    behind.set(anchor.saturating_add(window));
+    ahead.set(anchor.saturating_add(window));
+    match a.claim(&1u64) {
+        Claim::Acquired(lease) => lease.release().unwrap(),
+        other => panic!("one window after the anchor: {other:?}"),
+    };
 }
 
 /// Shared keys: a result missing from Redis that no engine's rotation
@@ -1697,6 +1735,52 @@ fn a_result_lost_inside_the_window_is_not_taken_for_expired() {
     match d.claim(&1u64) {
         Claim::Unavailable => {}
         other => panic!("{other:?}"),
+    };
+    let e = stats.last_error().expect("remembered");
+    assert!(e.to_string().contains("missing from Redis"), "{e}");
+}
+
+/// The same in the last slice of the record's window, where a clock a
+/// slice ahead could have retired it: no entry in the log shows a clock
+/// that far, so the result was lost, not retired, and the claim answers
+/// `Unavailable` (found by review: this claim used to acquire the key).
+#[test]
+fn a_result_lost_in_the_last_slice_is_not_taken_for_expired() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let tier = RedisTier::new(RedisConfig {
+        policy: FailurePolicy::FailClosed,
+        ..RedisConfig::new(&server.url())
+    });
+    let stats = tier.stats();
+    let d = Deduper::builder()
+        .window(Duration::from_millis(300))
+        .expected_keys(1_000)
+        .shards(1)
+        .affinity(Affinity::Shared)
+        .lease_duration(Duration::from_secs(60))
+        .clock(Clock::Manual(clock.clone()))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    // Committed at 1 000.049 s, the last millisecond of slice 20 000.
+    clock.advance(Duration::from_millis(49));
+    match d.claim(&1u64) {
+        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("DEL").arg(&keys).query(&mut admin).unwrap();
+    // 1 000.320 s, slice 20 006: before any clock reaches 1 000.350 s.
+    clock.advance(Duration::from_millis(271));
+    match d.claim(&1u64) {
+        Claim::Unavailable => {}
+        other => panic!(
+            "a record live by every clock: {other:?} ({:?})",
+            stats.last_error()
+        ),
     };
     let e = stats.last_error().expect("remembered");
     assert!(e.to_string().contains("missing from Redis"), "{e}");
