@@ -307,10 +307,14 @@ impl BatchConsumer {
         let mut out: Vec<Option<Disposition>> = (0..batch.len()).map(|_| None).collect();
         let mut commits = Vec::with_capacity(batch.len());
         let mut committed_at = Vec::with_capacity(batch.len());
-        let mut claims: Vec<Option<Claim<Arc<Deduper>>>> = claims.into_iter().map(Some).collect();
+        // The claims answer the requests in order, and the requests were
+        // made in delivery order: the next claim is the next first delivery's.
+        let mut claims = claims.into_iter();
         for (i, d) in batch.iter().enumerate() {
             let Ok(r) = slot[i] else { continue };
-            out[i] = Some(match claims[r].take().expect("each claim once") {
+            let claim: Claim<Arc<Deduper>> = claims.next().expect("a claim per request");
+            debug_assert_eq!(r + claims.len() + 1, requests.len());
+            out[i] = Some(match claim {
                 Claim::Acquired(lease) => match handler(&d.message) {
                     Ok(result) => {
                         commits.push((lease, result));
