@@ -1785,3 +1785,48 @@ fn a_result_lost_in_the_last_slice_is_not_taken_for_expired() {
     let e = stats.last_error().expect("remembered");
     assert!(e.to_string().contains("missing from Redis"), "{e}");
 }
+
+/// Shared keys: a batch whose call fails after its entries reached the
+/// log (here: one key's result lost, which is an error) answers
+/// `Unavailable` for every claim, also for the ones the log acquired:
+/// nobody holds those leases, so the next request releases them, and the
+/// key is acquirable again at once instead of in progress for the
+/// lease's 60 s (found by review).
+#[test]
+fn a_failed_batch_leaves_no_lease_held_by_nobody() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let tier = RedisTier::new(RedisConfig {
+        policy: FailurePolicy::FailClosed,
+        ..RedisConfig::new(&server.url())
+    });
+    let d = Deduper::builder()
+        .window(Duration::from_millis(300))
+        .expected_keys(1_000)
+        .shards(1)
+        .affinity(Affinity::Shared)
+        .lease_duration(Duration::from_secs(60))
+        .clock(Clock::Manual(clock.clone()))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    match d.claim(&1u64) {
+        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
+    let _: () = redis::cmd("DEL").arg(&keys).query(&mut admin).unwrap();
+    clock.advance(Duration::from_millis(100));
+    let answers = d.claim_batch(&[ClaimRequest::new(1u64), ClaimRequest::new(2u64)]);
+    assert!(
+        answers.iter().all(|c| matches!(c, Claim::Unavailable)),
+        "{answers:?}"
+    );
+    drop(answers);
+    clock.advance(Duration::from_millis(1));
+    match d.claim(&2u64) {
+        Claim::Acquired(lease) => lease.release().unwrap(),
+        other => panic!("key 2, told Unavailable, is held by nobody: {other:?}"),
+    };
+}

@@ -321,8 +321,27 @@ impl RedisPartition {
         if missing.is_empty() {
             return Ok(());
         }
+        let decided = self.decide_again(window, ops, out, &missing);
+        if decided.is_err() {
+            // The call's entries are in the log, but its caller hears
+            // `Unavailable` for all of them.
+            self.orphan_acquired(ops, out);
+        }
+        decided
+    }
+
+    /// The second decision of [`Self::exchange_ops`]: the claims at
+    /// `missing` (answered completed, their results gone) claimed again
+    /// past their records' windows.
+    fn decide_again(
+        &mut self,
+        window: Option<u64>,
+        ops: &[SharedOp<'_>],
+        out: &mut [SharedAnswer],
+        missing: &[usize],
+    ) -> Result<(), ExactTierError> {
         let mut again: Vec<SharedOp<'_>> = Vec::with_capacity(missing.len());
-        for &i in &missing {
+        for &i in missing {
             match (ops[i], &out[i], window) {
                 (
                     SharedOp::Claim {
@@ -370,6 +389,7 @@ impl RedisPartition {
             .is_empty()
         {
             // A newer record of the key lost its result too.
+            self.orphan_acquired(&again, &answers);
             return Err(self.missing_result());
         }
         for ((&i, answer), op) in missing.iter().zip(answers).zip(&again) {
@@ -403,6 +423,33 @@ impl RedisPartition {
         }
         self.catch_up()?;
         Ok(newest(self) >= retiring)
+    }
+
+    /// What `ops` acquired (answers `out`, in the log) while the call
+    /// fails after all: nobody holds those leases, so they are released
+    /// with the next request, and a check's recorded key is accepted by
+    /// the caller's retry (as for a batch whose answer was lost).
+    fn orphan_acquired(&mut self, ops: &[SharedOp<'_>], out: &[SharedAnswer]) {
+        let log = self.log();
+        for (op, answer) in ops.iter().zip(out) {
+            match (op, answer) {
+                (
+                    SharedOp::Claim {
+                        fingerprint, now, ..
+                    },
+                    SharedAnswer::Acquired { token } | SharedAnswer::AcquiredAt { token, .. },
+                ) => log.orphans.push((*fingerprint, *token, *now)),
+                (
+                    SharedOp::Check {
+                        fingerprint, at, ..
+                    },
+                    SharedAnswer::Acquired { .. },
+                ) => {
+                    log.reclaim.insert(*fingerprint, at.as_nanos());
+                }
+                _ => {}
+            }
+        }
     }
 
     fn missing_result(&self) -> ExactTierError {
@@ -573,7 +620,13 @@ impl RedisPartition {
         }
         let mut missing = Vec::new();
         if !wanted.is_empty() {
-            let results = self.read_bodies(&wanted)?;
+            let results = match self.read_bodies(&wanted) {
+                Ok(results) => results,
+                Err(e) => {
+                    self.orphan_acquired(ops, out);
+                    return Err(e);
+                }
+            };
             for ((i, ..), result) in wanted.iter().zip(results) {
                 let Some(result) = result else {
                     missing.push(*i);
