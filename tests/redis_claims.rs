@@ -1598,6 +1598,31 @@ fn racing_engines_on_skewed_clocks_are_answered() {
     assert!(acquired.len() > 256, "{} acquisitions", acquired.len());
 }
 
+/// An engine of the window-edge tests: shared keys on `server`, a
+/// 300 ms window (50 ms slices), one shard, 60 s leases, fail-closed,
+/// on `clock`; with its Redis tier's stats.
+fn edge_engine(
+    server: &RedisServer,
+    clock: &ManualClock,
+) -> (Deduper, Arc<tiered_dedup::exact::redis::RedisStats>) {
+    let tier = RedisTier::new(RedisConfig {
+        policy: FailurePolicy::FailClosed,
+        ..RedisConfig::new(&server.url())
+    });
+    let stats = tier.stats();
+    let d = Deduper::builder()
+        .window(Duration::from_millis(300))
+        .expected_keys(1_000)
+        .shards(1)
+        .affinity(Affinity::Shared)
+        .lease_duration(Duration::from_secs(60))
+        .clock(Clock::Manual(clock.clone()))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    (d, stats)
+}
+
 /// Shared keys, engines on clocks a few milliseconds apart: keys
 /// committed in the last millisecond of a slice, then claimed and checked
 /// by the engines whose clocks are behind just after the one ahead
@@ -1617,24 +1642,7 @@ fn a_claim_at_the_window_edge_after_another_engine_rotated() {
     let start = Timestamp::from_secs(1_000);
     let behind = ManualClock::new(start);
     let ahead = ManualClock::new(start);
-    let engine = |clock: &ManualClock| {
-        let tier = RedisTier::new(RedisConfig {
-            policy: FailurePolicy::FailClosed,
-            ..RedisConfig::new(&server.url())
-        });
-        let stats = tier.stats();
-        let d = Deduper::builder()
-            .window(window)
-            .expected_keys(1_000)
-            .shards(1)
-            .affinity(Affinity::Shared)
-            .lease_duration(Duration::from_secs(60))
-            .clock(Clock::Manual(clock.clone()))
-            .exact_tier(ExactTier::Custom(Arc::new(tier)))
-            .build()
-            .unwrap();
-        (d, stats)
-    };
+    let engine = |clock: &ManualClock| edge_engine(&server, clock);
     let (a, a_stats) = engine(&behind);
     let (c, c_stats) = engine(&behind);
     let (b, _) = engine(&ahead);
@@ -1709,21 +1717,7 @@ fn a_result_lost_inside_the_window_is_not_taken_for_expired() {
     let server = RedisServer::start();
     let mut admin = server.connection();
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
-    let tier = RedisTier::new(RedisConfig {
-        policy: FailurePolicy::FailClosed,
-        ..RedisConfig::new(&server.url())
-    });
-    let stats = tier.stats();
-    let d = Deduper::builder()
-        .window(Duration::from_millis(300))
-        .expected_keys(1_000)
-        .shards(1)
-        .affinity(Affinity::Shared)
-        .lease_duration(Duration::from_secs(60))
-        .clock(Clock::Manual(clock.clone()))
-        .exact_tier(ExactTier::Custom(Arc::new(tier)))
-        .build()
-        .unwrap();
+    let (d, stats) = edge_engine(&server, &clock);
     match d.claim(&1u64) {
         Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
         other => panic!("{other:?}"),
@@ -1749,21 +1743,7 @@ fn a_result_lost_in_the_last_slice_is_not_taken_for_expired() {
     let server = RedisServer::start();
     let mut admin = server.connection();
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
-    let tier = RedisTier::new(RedisConfig {
-        policy: FailurePolicy::FailClosed,
-        ..RedisConfig::new(&server.url())
-    });
-    let stats = tier.stats();
-    let d = Deduper::builder()
-        .window(Duration::from_millis(300))
-        .expected_keys(1_000)
-        .shards(1)
-        .affinity(Affinity::Shared)
-        .lease_duration(Duration::from_secs(60))
-        .clock(Clock::Manual(clock.clone()))
-        .exact_tier(ExactTier::Custom(Arc::new(tier)))
-        .build()
-        .unwrap();
+    let (d, stats) = edge_engine(&server, &clock);
     // Committed at 1 000.049 s, the last millisecond of slice 20 000.
     clock.advance(Duration::from_millis(49));
     match d.claim(&1u64) {
@@ -1797,20 +1777,7 @@ fn a_failed_batch_leaves_no_lease_held_by_nobody() {
     let server = RedisServer::start();
     let mut admin = server.connection();
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
-    let tier = RedisTier::new(RedisConfig {
-        policy: FailurePolicy::FailClosed,
-        ..RedisConfig::new(&server.url())
-    });
-    let d = Deduper::builder()
-        .window(Duration::from_millis(300))
-        .expected_keys(1_000)
-        .shards(1)
-        .affinity(Affinity::Shared)
-        .lease_duration(Duration::from_secs(60))
-        .clock(Clock::Manual(clock.clone()))
-        .exact_tier(ExactTier::Custom(Arc::new(tier)))
-        .build()
-        .unwrap();
+    let (d, _) = edge_engine(&server, &clock);
     match d.claim(&1u64) {
         Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
         other => panic!("{other:?}"),

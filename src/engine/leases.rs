@@ -32,8 +32,8 @@ pub(crate) struct Held {
 /// three operations are on every claim's path: a general-purpose map took
 /// about 80 instructions per insert and 35 per removal (callgrind), this
 /// one a third of that. The book stays small (the keys being acted on
-/// now): at most half full, grown by doubling, shrunk when a sweep of
-/// expired leases leaves it an eighth full.
+/// now): at most half full, grown by doubling, and rebuilt for what is
+/// left (a quarter full) when a sweep drops expired leases.
 #[derive(Default)]
 pub(crate) struct LeaseBook {
     slots: Vec<Slot>,

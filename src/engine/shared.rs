@@ -133,15 +133,14 @@ impl Shard {
                     ShardClaim::Unavailable
                 }
                 Ok(a) => match a[i].clone() {
-                    answer @ (SharedAnswer::Acquired { .. } | SharedAnswer::AcquiredAt { .. }) => {
-                        self.counters.acquired += 1;
-                        // The record time the store keeps: the window's
-                        // anchor once committed.
-                        let (token, acquired_at) = match answer {
-                            SharedAnswer::AcquiredAt { token, at } => (token, at),
-                            SharedAnswer::Acquired { token } => (token, at),
-                            _ => unreachable!("matched above"),
+                    // The lease's anchor is the record time the store
+                    // keeps: the claim's, unless the store moved it.
+                    SharedAnswer::Acquired { token } | SharedAnswer::AcquiredAt { token, .. } => {
+                        let acquired_at = match a[i] {
+                            SharedAnswer::AcquiredAt { at: kept, .. } => kept,
+                            _ => at,
                         };
+                        self.counters.acquired += 1;
                         ShardClaim::Acquired(LeaseInfo {
                             fingerprint,
                             token,

@@ -416,7 +416,7 @@ impl RedisPartition {
         let Some(d) = self.slice_nanos else {
             return Ok(false);
         };
-        let retiring = (slice_of(Some(d), first_seen) + GENERATIONS as u64 - 1).saturating_mul(d);
+        let retiring = retiring_slice(d, first_seen).saturating_mul(d);
         let newest = |p: &Self| p.log.as_ref().map_or(0, |l| l.replica.newest_at());
         if newest(self) >= retiring {
             return Ok(true);
@@ -1347,9 +1347,14 @@ fn past_window(at: u64, first_seen: u64, window: u64) -> u64 {
 /// later. The replica keeps the same one-slice margin for clocks that
 /// differ.
 fn retired_within_a_slice(slice_nanos: Option<u64>, at: u64, first_seen: u64) -> bool {
-    slice_nanos.is_some_and(|_| {
-        slice_of(slice_nanos, at) + 2 >= slice_of(slice_nanos, first_seen) + GENERATIONS as u64
-    })
+    slice_nanos.is_some_and(|d| slice_of(slice_nanos, at) + 1 >= retiring_slice(d, first_seen))
+}
+
+/// The slice whose rotation deletes the results of a record at
+/// `first_seen` (slices of `d` nanoseconds): a shard entering slice `c`
+/// clears slice `c − 7` (`clear_slots`).
+fn retiring_slice(d: u64, first_seen: u64) -> u64 {
+    slice_of(Some(d), first_seen) + GENERATIONS as u64 - 1
 }
 
 /// True when the `sent` entries appended as `appended` (their sequence
