@@ -1797,3 +1797,71 @@ fn a_failed_batch_leaves_no_lease_held_by_nobody() {
         other => panic!("key 2, told Unavailable, is held by nobody: {other:?}"),
     };
 }
+
+/// The same when reading the stored results fails after the batch's
+/// entries reached the log (each results hash replaced by a string, so the
+/// read answers `WRONGTYPE`): every claim of the call answers
+/// `Unavailable`, and the one the log acquired is released by the next
+/// request, not left held by nobody for the whole lease.
+#[test]
+fn a_failed_result_read_leaves_no_lease_held_by_nobody() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let (d, _) = edge_engine(&server, &clock);
+    match d.claim(&1u64) {
+        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
+    assert!(!keys.is_empty(), "the result is stored in a hash");
+    for key in &keys {
+        let _: () = redis::cmd("DEL").arg(key).query(&mut admin).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("x")
+            .query(&mut admin)
+            .unwrap();
+    }
+    let log_before: u64 = log_entries(&mut admin);
+    clock.advance(Duration::from_millis(1));
+    let answers = d.claim_batch(&[ClaimRequest::new(1u64), ClaimRequest::new(2u64)]);
+    assert!(
+        answers.iter().all(|c| matches!(c, Claim::Unavailable)),
+        "{answers:?}"
+    );
+    assert!(
+        log_entries(&mut admin) > log_before,
+        "the batch reached the log before its results were read"
+    );
+    drop(answers);
+    // The failed call dropped the connection, which reconnects after a
+    // backoff (10 ms for a first failure): until then, `Unavailable`.
+    clock.advance(Duration::from_millis(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let again = loop {
+        match d.claim(&2u64) {
+            Claim::Unavailable if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => break other,
+        }
+    };
+    match again {
+        Claim::Acquired(lease) => lease.release().unwrap(),
+        other => panic!("key 2, told Unavailable, is held by nobody: {other:?}"),
+    };
+}
+
+/// Entries in every claims log stream on the server.
+fn log_entries(admin: &mut redis::Connection) -> u64 {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(admin).unwrap();
+    let mut entries = 0;
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query(admin).unwrap();
+        if kind == "stream" {
+            entries += redis::cmd("XLEN").arg(&key).query::<u64>(admin).unwrap();
+        }
+    }
+    entries
+}
