@@ -640,7 +640,9 @@ impl Replica {
                         }
                     }
                     None => {
-                        self.plain.remove(fp);
+                        if self.plain.len() > 0 {
+                            self.plain.remove(fp);
+                        }
                         self.rich.insert(
                             fp,
                             Rich::Held {
@@ -659,27 +661,28 @@ impl Replica {
                 token: t,
                 now,
                 body,
-            } => match self.rich.get(&fp).copied() {
-                Some(Rich::Held {
-                    token,
-                    at,
-                    until,
-                    payload,
-                }) if token == t && now < until => {
-                    self.rich.insert(
-                        fp,
-                        Rich::Done {
+            } => match self.rich.get_mut(&fp) {
+                Some(held) => match *held {
+                    Rich::Held {
+                        token,
+                        at,
+                        until,
+                        payload,
+                    } if token == t && now < until => {
+                        // In place: one probe.
+                        *held = Rich::Done {
                             at,
                             token,
                             payload,
                             body,
-                        },
-                    );
-                    Outcome::Done
-                }
-                // A retry of a commit that was applied (its answer lost).
-                Some(Rich::Done { token, .. }) if token == t => Outcome::Done,
-                _ => Outcome::Lost,
+                        };
+                        Outcome::Done
+                    }
+                    // A retry of a commit that was applied (its answer lost).
+                    Rich::Done { token, .. } if token == t => Outcome::Done,
+                    _ => Outcome::Lost,
+                },
+                None => Outcome::Lost,
             },
             LogOp::Release { fp, token: t, now } => match self.rich.get(&fp) {
                 Some(&Rich::Held { token, until, .. }) if token == t && now < until => {
@@ -733,6 +736,9 @@ impl Replica {
                 None
             }
             Some(done @ Rich::Done { at: t0, .. }) => inside(at, t0, window).then_some(done),
+            // An engine that only claims records nothing plain: no probe
+            // of a table that cannot hold the key.
+            None if self.plain.len() == 0 => None,
             None => self
                 .plain
                 .get(fp)
