@@ -1140,4 +1140,101 @@ mod tests {
         assert!(matches!(a[1], Outcome::InProgress { until: 90 }));
         assert!(back.load_part(&parts[0][..parts[0].len() - 1]).is_err());
     }
+
+    /// Entries and snapshot parts come from Redis, where anything may have
+    /// written them: every truncation is refused, and every flipped byte
+    /// is refused or read (a flipped value is a value) without a panic,
+    /// and what is read applies without one.
+    #[test]
+    fn damaged_entries_and_snapshot_parts_are_refused_or_read_never_panicking() {
+        let ops = [
+            LogOp::Check {
+                fp: Fingerprint(1),
+                at: 5,
+            },
+            LogOp::Claim {
+                fp: Fingerprint(2),
+                at: 6,
+                until: 9,
+                payload: Some(PayloadFingerprint(3)),
+            },
+            LogOp::Commit {
+                fp: Fingerprint(2),
+                token: 11,
+                now: 7,
+                body: true,
+            },
+            LogOp::Release {
+                fp: Fingerprint(3),
+                token: 1,
+                now: 2,
+            },
+            LogOp::Extend {
+                fp: Fingerprint(2),
+                token: 1,
+                now: 2,
+                until: 3,
+            },
+            LogOp::Forget { fp: Fingerprint(4) },
+            LogOp::Reanchor {
+                fp: Fingerprint(1),
+                from: 5,
+                to: 6,
+            },
+        ];
+        let mut entry = Vec::new();
+        encode_entry(&header(3), &ops, &mut entry);
+        let mut source = Replica::new(Some(100), Some(20));
+        source.apply(1, &header(3), &ops[..3], |_, _| {});
+        source.apply(
+            2,
+            &header(4),
+            &[LogOp::Claim {
+                fp: Fingerprint(9),
+                at: 8,
+                until: 50,
+                payload: None,
+            }],
+            |_, _| {},
+        );
+        let parts = source.snapshot(1 << 20);
+        assert_eq!(parts.len(), 1);
+        let part = &parts[0];
+
+        let mut decoded = Vec::new();
+        for cut in 0..entry.len() {
+            assert!(decode_entry(&entry[..cut], &mut decoded).is_err(), "{cut}");
+        }
+        for cut in 0..part.len() {
+            let mut r = Replica::new(Some(100), Some(20));
+            assert!(r.load_part(&part[..cut]).is_err(), "{cut}");
+        }
+        let mut read = 0;
+        for i in 0..entry.len() {
+            for flip in [0x01, 0x80, 0xFF] {
+                let mut bytes = entry.clone();
+                bytes[i] ^= flip;
+                if let Ok(h) = decode_entry(&bytes, &mut decoded) {
+                    read += 1;
+                    let mut r = Replica::new(Some(100), Some(20));
+                    r.apply(1, &h, &decoded, |_, _| {});
+                    r.upkeep(decoded.len());
+                }
+            }
+        }
+        for i in 0..part.len() {
+            for flip in [0x01, 0x80, 0xFF] {
+                let mut bytes = part.clone();
+                bytes[i] ^= flip;
+                let mut r = Replica::new(Some(100), Some(20));
+                if r.load_part(&bytes).is_ok() {
+                    read += 1;
+                    r.apply(3, &header(5), &ops, |_, _| {});
+                    r.upkeep(ops.len());
+                }
+            }
+        }
+        // Most flips land in values: read, not refused.
+        assert!(read > entry.len(), "{read} damaged copies read");
+    }
 }
