@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use redis_server::RedisServer;
 use tiered_dedup::exact::redis::{FailurePolicy, RedisConfig, RedisStats, RedisTier};
 use tiered_dedup::{
-    Affinity, Clock, Deduper, ExactTier, ExactTierError, FailureCause, ManualClock, Timestamp,
+    Affinity, Claim, Clock, Deduper, ExactTier, ExactTierError, FailureCause, ManualClock,
+    Timestamp,
 };
 
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -176,10 +177,37 @@ fn a_loading_server_says_so() {
     }
 }
 
-/// The shared-mode log script meets a key of the wrong type (the log's
-/// epoch, which only the script reads).
+/// A shared-mode script — the read of committed results, when a claim
+/// replays one — meets a key of the wrong type (the slice's results hash
+/// replaced by a string).
 #[test]
 fn a_failing_script_is_a_script_error() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let (d, stats) = engine(&server.url(), Affinity::Shared);
+    match d.claim("k") {
+        Claim::Acquired(lease) => lease.commit(b"result").unwrap(),
+        other => panic!("{other:?}"),
+    }
+    let hashes: Vec<String> = redis::cmd("KEYS")
+        .arg("td:*:b:*")
+        .query(&mut admin)
+        .unwrap();
+    assert!(!hashes.is_empty());
+    for k in &hashes {
+        let _: () = redis::cmd("DEL").arg(k).query(&mut admin).unwrap();
+        let _: () = redis::cmd("SET").arg(k).arg("x").query(&mut admin).unwrap();
+    }
+    assert!(matches!(d.claim("k"), Claim::Unavailable), "fail closed");
+    let e = stats.last_error().expect("a failure is remembered");
+    assert_eq!(e.server(), Some(server.url().as_str()), "{e}");
+    assert_eq!(e.cause(), Some(FailureCause::Script), "{e}");
+}
+
+/// The shared-mode log's epoch replaced by a key of another type: the
+/// append (a transaction) meets data it did not write.
+#[test]
+fn an_epoch_of_the_wrong_type_is_an_unexpected_reply() {
     let server = RedisServer::start();
     let mut admin = server.connection();
     let (d, stats) = engine(&server.url(), Affinity::Shared);
@@ -199,7 +227,8 @@ fn a_failing_script_is_a_script_error() {
             .unwrap();
     }
     let e = failure_of_a_check(&d, &stats, &server.url());
-    assert_eq!(e.cause(), Some(FailureCause::Script), "{e}");
+    assert_eq!(e.cause(), Some(FailureCause::UnexpectedReply), "{e}");
+    assert!(e.to_string().contains("WRONGTYPE"), "{e}");
 }
 
 /// A shared-mode log replaced by a key of another type: the tier meets

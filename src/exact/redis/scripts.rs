@@ -149,41 +149,6 @@ end
 return out
 ";
 
-/// Shared keys on a single server: one batch of a shard's operations
-/// appended to its log.
-/// KEYS: the log (a stream), its epoch (a string naming this stream's
-/// life: a log lost with its server gets a new one, and every replica
-/// rebuilds), then the body hashes this batch wrote. ARGV: the epoch to
-/// set if there is none, ttl ms (`0`: none), the number of entries `n`,
-/// then the `n` entries. Returns the epoch and the ids of the entries
-/// appended (`0-*`: the sequence counts entries). The request that runs it
-/// writes the batch's bodies (`HSET`) and reads the log from where the
-/// replica stopped (`XRANGE`) before it, as plain commands of one
-/// pipeline: Redis runs one connection's commands in order, so a reader
-/// that sees a commit finds its result, and the script converts no result
-/// and no entry read
-/// (in the script, those conversions cost Redis about 1.2 µs per claimed
-/// key; `benches/claims.rs`).
-pub(super) const LOG_SCRIPT: &str = r"
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[2], epoch)
-end
-local ttl = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local ids = {}
-for b = 1, n do
-  ids[b] = redis.call('XADD', KEYS[1], '0-*', 'o', ARGV[3 + b])
-end
-if ttl > 0 and n > 0 then
-  for k = 1, #KEYS do
-    redis.call('PEXPIRE', KEYS[k], ttl)
-  end
-end
-return {epoch, ids}
-";
-
 /// Shared keys on a cluster: one batch of a shard's operations appended
 /// to its log, and the log read back from where the caller stopped (see
 /// `log.rs`), in one script (one reply: the cluster client sends no
