@@ -205,7 +205,8 @@ fn marks_dropped_past_the_retry_buffer_are_reported() {
 /// An ACL user that may write only shard 0's keys (and the shards'
 /// layouts), and may not run scripts: shard 0's marks are stored, the
 /// others refused (`NOPERM`), exactly counted; a shared-mode engine, whose
-/// claims are a script, is refused and says why.
+/// log keys for the key checked it may not write, is refused and says
+/// why.
 #[test]
 fn an_acl_that_forbids_marks_is_counted_exactly() {
     let server = RedisServer::start();
@@ -232,8 +233,9 @@ fn an_acl_that_forbids_marks_is_counted_exactly() {
     assert!(!err.to_string().contains("marker-pw"), "{err}");
     assert!(stats.marks_refused.load(Ordering::Relaxed) > 0);
     assert_exact(&server, &d, &keys, &err);
-    // Claims are a script (EVALSHA): refused, and the cause says so. (In
-    // a namespace of their own: the layout is agreed, and may be written.)
+    // Shared keys append to a shard's log, a key this user may not write
+    // (but for shard 0's): refused, and the cause says so. (In a namespace
+    // of their own: the layout is agreed, and may be written.)
     let tier = RedisTier::new(RedisConfig::new(&url));
     let stats = tier.stats();
     let shared = Deduper::builder()
@@ -247,7 +249,7 @@ fn an_acl_that_forbids_marks_is_counted_exactly() {
     assert!(shared.check("k").is_unavailable(), "fail closed");
     let e = stats.last_error().expect("the refusal is remembered");
     assert_eq!(e.cause(), Some(FailureCause::PermissionDenied), "{e}");
-    assert!(e.to_string().contains("evalsha"), "{e}");
+    assert!(e.to_string().contains("keys"), "{e}");
 }
 
 /// While Redis refuses marks (out of memory), lookups go on: the mark
