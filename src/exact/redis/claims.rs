@@ -486,8 +486,9 @@ impl RedisPartition {
         // entry) and at `MAX_OPS`.
         let (own, own_checks) = self.take_own_ops();
         let writer = self.log().writer;
-        // Results go to the body hash of their lease's acquisition slice.
-        let mut bodies: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
+        // Results go to the body hash of their lease's acquisition slice
+        // (borrowed from the caller's operations, not copied).
+        let mut bodies: Vec<(u64, BodyField, &[u8])> = Vec::new();
         for op in ops {
             if let SharedOp::Commit {
                 fingerprint,
@@ -501,7 +502,7 @@ impl RedisPartition {
                         bodies.push((
                             slice_of(self.slice_nanos, at),
                             body_field(fingerprint, token),
-                            result.to_vec(),
+                            result,
                         ));
                     }
                 }
@@ -553,7 +554,7 @@ impl RedisPartition {
             .fetch_add(own_checks as u64, Ordering::Relaxed);
         // The caller's answers, in order; results read in one request.
         out.resize(ops.len(), SharedAnswer::Lost);
-        let mut wanted: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+        let mut wanted: Vec<(usize, u64, BodyField)> = Vec::new();
         let mut reanchors: Vec<(u64, LogOp)> = Vec::new();
         for (o, outcomes) in outgoing.iter().zip(answers) {
             for ((op, to), outcome) in o.ops.iter().zip(&o.answer_to).zip(outcomes) {
@@ -680,7 +681,7 @@ impl RedisPartition {
     fn exchange(
         &mut self,
         outgoing: &mut [Outgoing],
-        bodies: &[(u64, Vec<u8>, Vec<u8>)],
+        bodies: &[(u64, BodyField, &[u8])],
     ) -> Result<Vec<Vec<Outcome>>, (ExactTierError, bool)> {
         let log = self.log();
         for o in outgoing.iter_mut() {
@@ -697,8 +698,8 @@ impl RedisPartition {
         let mut by_slice: Vec<(u64, Vec<FieldValue<'_>>)> = Vec::new();
         for (slice, field, value) in bodies {
             match by_slice.iter_mut().find(|(s, _)| s == slice) {
-                Some((_, fields)) => fields.push((field, value)),
-                None => by_slice.push((*slice, vec![(field, value)])),
+                Some((_, fields)) => fields.push((&field[..], value)),
+                None => by_slice.push((*slice, vec![(&field[..], value)])),
             }
         }
         let body_keys: Vec<String> = by_slice.iter().map(|(s, _)| self.body_key(*s)).collect();
@@ -1276,7 +1277,7 @@ impl RedisPartition {
     /// one request (`None`: not in Redis).
     fn read_bodies(
         &mut self,
-        wanted: &[(usize, u64, Vec<u8>)],
+        wanted: &[(usize, u64, BodyField)],
     ) -> Result<Vec<Option<Vec<u8>>>, ExactTierError> {
         let mut slices: Vec<u64> = wanted.iter().map(|w| w.1).collect();
         slices.sort_unstable();
@@ -1373,11 +1374,18 @@ fn follows(last: u64, appended: &[u64], sent: usize) -> bool {
 
 /// A result's field in its body hash: the fingerprint and the token of the
 /// lease that committed it.
-fn body_field(fp: Fingerprint, token: u64) -> Vec<u8> {
-    let mut field = fp.to_bytes().to_vec();
-    field.extend_from_slice(&token.to_le_bytes());
+/// An array, not a `Vec`: built as a 16-byte `Vec` grown to 24, it cost a
+/// reallocation per commit (about 600 of 4 000 client instructions per
+/// shared claim and commit, callgrind).
+fn body_field(fp: Fingerprint, token: u64) -> BodyField {
+    let mut field = [0u8; 24];
+    field[..16].copy_from_slice(&fp.to_bytes());
+    field[16..].copy_from_slice(&token.to_le_bytes());
     field
 }
+
+/// A result's field in its body hash ([`body_field`]).
+type BodyField = [u8; 24];
 
 /// An operation to append: its lease clock reading, the operation, and
 /// the position of the caller's operation it answers (`None`: the tier's
