@@ -33,8 +33,8 @@
 //! stream), its layout `log:<window>:<span>`: every claim, check, commit,
 //! release, extension and forget of a shard's batch is appended as one
 //! entry, and the same request reads the log back from where this engine
-//! stopped (one pipeline around `LOG_SCRIPT`; on a cluster one script,
-//! `CLUSTER_LOG_SCRIPT`); each engine replays the log into a replica of
+//! stopped (one pipeline: the read, then a `MULTI`/`EXEC` transaction that
+//! appends; on a cluster one script, `CLUSTER_LOG_SCRIPT`); each engine replays the log into a replica of
 //! the shard's state in its own memory and answers its operations from
 //! what they meet there. The log's order is the atomicity — every replica
 //! that applied the same entries holds the same state — and Redis does no

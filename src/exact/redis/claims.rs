@@ -181,6 +181,51 @@ fn log_reply(mut replies: Vec<Value>, appended: usize, expiring: usize) -> Resul
     Ok(Value::Array(vec![epoch, Value::Array(ids), entries]))
 }
 
+/// The replies of a single server's log request that appends nothing —
+/// the `XRANGE`, then the epoch's `GET` — as [`log_reply`] answers.
+fn read_reply(mut replies: Vec<Value>) -> Result<Value, String> {
+    if replies.len() < 2 {
+        return Err(format!("a log reply of {} parts", replies.len()));
+    }
+    let epoch = replies.pop().expect("two or more");
+    let entries = replies.pop().expect("two or more");
+    Ok(Value::Array(vec![epoch, Value::Array(Vec::new()), entries]))
+}
+
+/// `SET epoch <a new writer's name> NX` and `GET epoch`, for a
+/// transaction: the log's epoch, set if it has none.
+fn set_and_get_epoch(epoch_key: &str, reads: usize) -> [redis::Cmd; 2] {
+    let mut set = redis::cmd("SET");
+    set.arg(epoch_key)
+        .arg(format!("{:016x}", new_writer(reads)))
+        .arg("NX");
+    let mut get = redis::cmd("GET");
+    get.arg(epoch_key);
+    [set, get]
+}
+
+/// Runs `cmds` as one pipeline and reads every reply (the connection stays
+/// in step); the first error reply, a transaction's included, fails the
+/// request.
+fn pipeline_replies(
+    c: &mut super::conn::Conn,
+    cmds: &[redis::Cmd],
+) -> redis::RedisResult<Vec<Value>> {
+    let replies = c.pipeline_each(cmds)?;
+    let error = replies.iter().find_map(|v| match v {
+        Value::ServerError(e) => Some(e.clone()),
+        Value::Array(inner) => inner.iter().find_map(|v| match v {
+            Value::ServerError(e) => Some(e.clone()),
+            _ => None,
+        }),
+        _ => None,
+    });
+    match error {
+        Some(e) => Err(e.into()),
+        None => Ok(replies),
+    }
+}
+
 fn parse_read(reply: Value) -> Result<Read, String> {
     let Value::Array(mut parts) = reply else {
         return Err(format!("a log reply of {reply:?}"));
@@ -768,11 +813,21 @@ impl RedisPartition {
                 //
                 // The append is `MULTI`, the epoch set if there is none
                 // and read, the entries' `XADD`s and the keys' `PEXPIRE`s,
-                // `EXEC`: atomic as a script, without the script's cost
-                // (Redis spent 13 µs on a script call appending one small
-                // entry, 9 of them in Lua, and 38 µs on one of 10 kB, 23 of
-                // them copying the argument into Lua and back).
-                let mut cmds: Vec<redis::Cmd> = Vec::with_capacity(body_keys.len() + 7);
+                // `EXEC`: isolated as a script was, without the script's
+                // cost (Redis spent 13 µs on a script call appending one
+                // small entry, 9 of them in Lua, and 38 µs on one of
+                // 10 kB, 23 of them copying the argument into Lua and
+                // back). Unlike a script, a transaction does not stop at a
+                // command that fails as it runs (a key of another type):
+                // the rest still run, and the call fails — `sent` is set,
+                // so its entries count as possibly appended. A call that
+                // appends nothing writes nothing: the epoch is read alone,
+                // and set (in a transaction of its own) only if there is
+                // none, so reads go on while Redis refuses writes (out of
+                // memory, a replica).
+                let appending = if first { blobs.len() } else { 0 };
+                let mut cmds: Vec<redis::Cmd> =
+                    Vec::with_capacity(body_keys.len() + appending + body_keys.len() + 8);
                 let mut xrange = redis::cmd("XRANGE");
                 xrange
                     .arg(&log.log_key)
@@ -796,59 +851,60 @@ impl RedisPartition {
                     }
                 }
                 cmds.push(xrange);
-                cmds.push(redis::cmd("MULTI"));
-                let mut set_epoch = redis::cmd("SET");
-                set_epoch
-                    .arg(&log.epoch_key)
-                    .arg(format!("{:016x}", new_writer(reads)))
-                    .arg("NX");
-                cmds.push(set_epoch);
-                let mut get_epoch = redis::cmd("GET");
-                get_epoch.arg(&log.epoch_key);
-                cmds.push(get_epoch);
-                let appending = if first { blobs.len() } else { 0 };
-                for b in blobs.iter().take(appending) {
-                    let mut xadd = redis::Cmd::with_capacity(5, b.len() + 64);
-                    xadd.arg("XADD")
-                        .arg(&log.log_key)
-                        .arg("0-*")
-                        .arg("o")
-                        .arg(&b[..]);
-                    cmds.push(xadd);
-                }
                 let mut expiring = 0;
-                if ttl > 0 && appending > 0 {
-                    for key in [&log.log_key, &log.epoch_key].into_iter().chain(&body_keys) {
-                        let mut pexpire = redis::cmd("PEXPIRE");
-                        pexpire.arg(key).arg(ttl);
-                        cmds.push(pexpire);
-                        expiring += 1;
+                if appending == 0 {
+                    let mut get_epoch = redis::cmd("GET");
+                    get_epoch.arg(&log.epoch_key);
+                    cmds.push(get_epoch);
+                } else {
+                    cmds.push(redis::cmd("MULTI"));
+                    cmds.extend(set_and_get_epoch(&log.epoch_key, reads));
+                    for b in blobs.iter().take(appending) {
+                        let mut xadd = redis::Cmd::with_capacity(5, b.len() + 64);
+                        xadd.arg("XADD")
+                            .arg(&log.log_key)
+                            .arg("0-*")
+                            .arg("o")
+                            .arg(&b[..]);
+                        cmds.push(xadd);
                     }
+                    if ttl > 0 {
+                        for key in [&log.log_key, &log.epoch_key].into_iter().chain(&body_keys) {
+                            let mut pexpire = redis::cmd("PEXPIRE");
+                            pexpire.arg(key).arg(ttl);
+                            cmds.push(pexpire);
+                            expiring += 1;
+                        }
+                    }
+                    cmds.push(redis::cmd("EXEC"));
                 }
-                cmds.push(redis::cmd("EXEC"));
+                let epoch_key = log.epoch_key.clone();
                 let replies = self
                     .with_conn(|c, _| {
                         *sent_now |= first;
-                        // Every reply is read (the connection stays in
-                        // step); the first error reply fails the request,
-                        // in the transaction's too.
-                        let replies = c.pipeline_each(&cmds)?;
-                        let error = replies.iter().find_map(|v| match v {
-                            Value::ServerError(e) => Some(e.clone()),
-                            Value::Array(inner) => inner.iter().find_map(|v| match v {
-                                Value::ServerError(e) => Some(e.clone()),
-                                _ => None,
-                            }),
-                            _ => None,
-                        });
-                        match error {
-                            Some(e) => Err(e.into()),
-                            None => Ok(replies),
+                        let mut replies = pipeline_replies(c, &cmds)?;
+                        if appending == 0 && matches!(replies.last(), Some(Value::Nil)) {
+                            // No epoch yet: set one, as an append would.
+                            let mut set: Vec<redis::Cmd> = vec![redis::cmd("MULTI")];
+                            set.extend(set_and_get_epoch(&epoch_key, reads));
+                            set.push(redis::cmd("EXEC"));
+                            let mut done = pipeline_replies(c, &set)?;
+                            if let Some(Value::Array(mut exec)) = done.pop() {
+                                if let (Some(last), Some(epoch)) = (replies.last_mut(), exec.pop())
+                                {
+                                    *last = epoch;
+                                }
+                            }
                         }
+                        Ok(replies)
                     })
                     .map_err(|e| (e, sent))?;
-                log_reply(replies, appending, expiring)
-                    .map_err(|what| (self.error_of(FailureCause::UnexpectedReply, what), sent))?
+                if appending == 0 {
+                    read_reply(replies)
+                } else {
+                    log_reply(replies, appending, expiring)
+                }
+                .map_err(|what| (self.error_of(FailureCause::UnexpectedReply, what), sent))?
             };
             let read = parse_read(reply)
                 .map_err(|what| (self.error_of(FailureCause::UnexpectedReply, what), sent))?;

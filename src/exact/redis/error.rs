@@ -19,9 +19,15 @@ pub(super) fn cause_of(e: &RedisError) -> FailureCause {
     }
     match (e.kind(), e.code()) {
         (ErrorKind::AuthenticationFailed, _) => FailureCause::AuthenticationFailed,
-        (ErrorKind::Server(ServerErrorKind::NoScript | ServerErrorKind::ExecAbort), _) => {
-            FailureCause::Script
-        }
+        (ErrorKind::Server(ServerErrorKind::NoScript), _) => FailureCause::Script,
+        // A transaction discarded: the reason is the refused command's
+        // code ("EXECABORT Transaction discarded because of: OOM …").
+        (ErrorKind::Server(ServerErrorKind::ExecAbort), _) => e
+            .detail()
+            .and_then(|d| d.split("because of: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(cause_of_code)
+            .unwrap_or(FailureCause::Other),
         (
             ErrorKind::Server(
                 ServerErrorKind::Moved
@@ -129,6 +135,33 @@ pub(super) fn failure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_discarded_transaction_names_the_refusal_that_discarded_it() {
+        let abort = |detail: &str| {
+            RedisError::from((
+                ErrorKind::Server(ServerErrorKind::ExecAbort),
+                "EXECABORT",
+                detail.to_owned(),
+            ))
+        };
+        assert_eq!(
+            cause_of(&abort(
+                "Transaction discarded because of: OOM command not allowed when used memory > 'maxmemory'."
+            )),
+            FailureCause::OutOfMemory
+        );
+        assert_eq!(
+            cause_of(&abort(
+                "Transaction discarded because of: READONLY You can't write against a read only replica."
+            )),
+            FailureCause::ReadOnly
+        );
+        assert_eq!(
+            cause_of(&abort("Transaction discarded because of previous errors.")),
+            FailureCause::Other
+        );
+    }
 
     #[test]
     fn passwords_are_redacted() {

@@ -1,7 +1,8 @@
 //! The Lua scripts the tier runs: on a cluster, marks and lookups as one
 //! request per batch (one reply: the cluster client's pipelines wait out a
-//! timeout per command when a server stalls); everywhere, the shared-mode
-//! log and the compaction of record strings.
+//! timeout per command when a server stalls), and the shared-mode log;
+//! everywhere, the shared mode's read of committed results and its
+//! snapshots, and the compaction of record strings.
 
 /// On a cluster, writes marks into many hashes in one request (one reply:
 /// the cluster client's pipeline of one command per hash would wait out a
