@@ -12,11 +12,11 @@
 //! engines', in their own memory.
 //!
 //! On a single server one request reads the log from where the replica
-//! stopped, then appends (a `MULTI`/`EXEC` transaction): the read returns the other engines'
-//! entries, and when the appended entries' sequence numbers follow the
-//! last one read without a gap, the writer applies its own entries as it
-//! sent them (with the header as readers decode it, [`Header::as_read`]),
-//! not read back. With a gap it reads on, its own entries included. On a
+//! stopped, then appends (a `MULTI`/`EXEC` transaction): the read returns
+//! the other engines' entries, and when the appended entries' sequence
+//! numbers follow the last one read without a gap, the writer applies its
+//! own entries as it sent them (with the header as readers decode it,
+//! [`Header::as_read`]), not read back. With a gap it reads on, its own entries included. On a
 //! cluster one script appends, then reads.
 //!
 //! **Entry** (one `XADD` field `o`, little-endian): magic `0x54`, version
