@@ -1774,37 +1774,27 @@ fn a_result_lost_in_the_last_slice_is_not_taken_for_expired() {
 /// lease's 60 s (found by review).
 #[test]
 fn a_failed_batch_leaves_no_lease_held_by_nobody() {
-    let server = RedisServer::start();
-    let mut admin = server.connection();
-    let clock = ManualClock::new(Timestamp::from_secs(1_000));
-    let (d, _) = edge_engine(&server, &clock);
-    match d.claim(&1u64) {
-        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-        other => panic!("{other:?}"),
-    };
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
-    let _: () = redis::cmd("DEL").arg(&keys).query(&mut admin).unwrap();
-    clock.advance(Duration::from_millis(100));
-    let answers = d.claim_batch(&[ClaimRequest::new(1u64), ClaimRequest::new(2u64)]);
-    assert!(
-        answers.iter().all(|c| matches!(c, Claim::Unavailable)),
-        "{answers:?}"
-    );
-    drop(answers);
-    clock.advance(Duration::from_millis(1));
-    match d.claim(&2u64) {
-        Claim::Acquired(lease) => lease.release().unwrap(),
-        other => panic!("key 2, told Unavailable, is held by nobody: {other:?}"),
-    };
+    a_failing_batch_leaves_no_lease_held_by_nobody(|admin, hash| {
+        let _: () = redis::cmd("DEL").arg(hash).query(admin).unwrap();
+    });
 }
 
 /// The same when reading the stored results fails after the batch's
 /// entries reached the log (each results hash replaced by a string, so the
-/// read answers `WRONGTYPE`): every claim of the call answers
-/// `Unavailable`, and the one the log acquired is released by the next
-/// request, not left held by nobody for the whole lease.
+/// read answers `WRONGTYPE`).
 #[test]
 fn a_failed_result_read_leaves_no_lease_held_by_nobody() {
+    a_failing_batch_leaves_no_lease_held_by_nobody(|admin, hash| {
+        let _: () = redis::cmd("DEL").arg(hash).query(admin).unwrap();
+        let _: () = redis::cmd("SET").arg(hash).arg("x").query(admin).unwrap();
+    });
+}
+
+/// Key 1 committed with a result, its results hash spoiled by `spoil`,
+/// then keys 1 and 2 claimed in one batch: every claim answers
+/// `Unavailable` although the batch reached the log, and key 2, which the
+/// log acquired, is acquirable by the next request.
+fn a_failing_batch_leaves_no_lease_held_by_nobody(spoil: impl Fn(&mut redis::Connection, &str)) {
     let server = RedisServer::start();
     let mut admin = server.connection();
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
@@ -1813,18 +1803,13 @@ fn a_failed_result_read_leaves_no_lease_held_by_nobody() {
         Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
         other => panic!("{other:?}"),
     };
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
-    assert!(!keys.is_empty(), "the result is stored in a hash");
-    for key in &keys {
-        let _: () = redis::cmd("DEL").arg(key).query(&mut admin).unwrap();
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg("x")
-            .query(&mut admin)
-            .unwrap();
+    let hashes: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
+    assert!(!hashes.is_empty(), "the result is stored in a hash");
+    for hash in &hashes {
+        spoil(&mut admin, hash);
     }
-    let log_before: u64 = log_entries(&mut admin);
-    clock.advance(Duration::from_millis(1));
+    let log_before = log_entries(&mut admin);
+    clock.advance(Duration::from_millis(100));
     let answers = d.claim_batch(&[ClaimRequest::new(1u64), ClaimRequest::new(2u64)]);
     assert!(
         answers.iter().all(|c| matches!(c, Claim::Unavailable)),
@@ -1832,10 +1817,10 @@ fn a_failed_result_read_leaves_no_lease_held_by_nobody() {
     );
     assert!(
         log_entries(&mut admin) > log_before,
-        "the batch reached the log before its results were read"
+        "the batch reached the log before it failed"
     );
     drop(answers);
-    // The failed call dropped the connection, which reconnects after a
+    // A failed request may drop the connection, which reconnects after a
     // backoff (10 ms for a first failure): until then, `Unavailable`.
     clock.advance(Duration::from_millis(1));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

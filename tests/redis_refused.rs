@@ -53,6 +53,16 @@ fn engine(
     (d, stats)
 }
 
+/// `CONFIG SET name value` on the test's server.
+fn config_set(admin: &mut redis::Connection, name: &str, value: impl redis::ToRedisArgs) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query(admin)
+        .unwrap();
+}
+
 /// The distinct fingerprints Redis holds under the engines' mark keys.
 fn stored_in_redis(server: &RedisServer) -> HashSet<Vec<u8>> {
     let mut conn = server.connection();
@@ -152,12 +162,7 @@ fn out_of_memory_marks_are_counted_exactly() {
     // The kept marks are retried by every flush, and stored once there is
     // room.
     let mut admin = server.connection();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut admin)
-        .unwrap();
+    config_set(&mut admin, "maxmemory", "0");
     d.flush().expect("room for every mark now");
     assert_eq!(stored_in_redis(&server).len(), keys.len());
 }
@@ -183,12 +188,7 @@ fn marks_dropped_past_the_retry_buffer_are_reported() {
     assert_exact(&server, &d, &keys, &err);
     // Room again: the kept marks are stored, the dropped ones stay reported.
     let mut admin = server.connection();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut admin)
-        .unwrap();
+    config_set(&mut admin, "maxmemory", "0");
     let err = d.flush().expect_err("dropped marks are still missing");
     assert_eq!(
         (err.unwritten(), err.dropped()),
@@ -350,12 +350,7 @@ fn refused_commits_keep_their_results_until_stored() {
         }
     }
     let mut admin = server.connection();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut admin)
-        .unwrap();
+    config_set(&mut admin, "maxmemory", "0");
     d.flush().expect("room for every commit now");
     let (fresh, _) = engine(&server.url(), &clock, Affinity::Owned, |c| c);
     for chunk in keys.chunks(1_000) {
@@ -392,18 +387,8 @@ fn reading_the_shared_log_goes_on_while_writes_are_refused() {
     for k in 200..400u64 {
         assert!(a.check(&k).is_new());
     }
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
-        .query(&mut admin)
-        .unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .query(&mut admin)
-        .unwrap();
+    config_set(&mut admin, "maxmemory", "1");
+    config_set(&mut admin, "maxmemory-policy", "noeviction");
     b.flush().unwrap_or_else(|e| {
         panic!(
             "reading a's entries writes nothing: {e} (last error {:?})",
@@ -412,10 +397,4 @@ fn reading_the_shared_log_goes_on_while_writes_are_refused() {
     });
     // A write is refused, as the policy says.
     assert!(b.check(&5_000u64).is_unavailable(), "fail closed");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut admin)
-        .unwrap();
 }

@@ -945,9 +945,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn entries_round_trip() {
-        let ops = vec![
+    /// One operation of every kind.
+    fn every_kind_of_op() -> Vec<LogOp> {
+        vec![
             LogOp::Check {
                 fp: Fingerprint(1),
                 at: 5,
@@ -981,7 +981,12 @@ mod tests {
                 from: 1,
                 to: 2,
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let ops = every_kind_of_op();
         let h = Header {
             writer: 1,
             batch: 2,
@@ -1147,41 +1152,7 @@ mod tests {
     /// and what is read applies without one.
     #[test]
     fn damaged_entries_and_snapshot_parts_are_refused_or_read_never_panicking() {
-        let ops = [
-            LogOp::Check {
-                fp: Fingerprint(1),
-                at: 5,
-            },
-            LogOp::Claim {
-                fp: Fingerprint(2),
-                at: 6,
-                until: 9,
-                payload: Some(PayloadFingerprint(3)),
-            },
-            LogOp::Commit {
-                fp: Fingerprint(2),
-                token: 11,
-                now: 7,
-                body: true,
-            },
-            LogOp::Release {
-                fp: Fingerprint(3),
-                token: 1,
-                now: 2,
-            },
-            LogOp::Extend {
-                fp: Fingerprint(2),
-                token: 1,
-                now: 2,
-                until: 3,
-            },
-            LogOp::Forget { fp: Fingerprint(4) },
-            LogOp::Reanchor {
-                fp: Fingerprint(1),
-                from: 5,
-                to: 6,
-            },
-        ];
+        let ops = every_kind_of_op();
         let mut entry = Vec::new();
         encode_entry(&header(3), &ops, &mut entry);
         let mut source = Replica::new(Some(100), Some(20));
