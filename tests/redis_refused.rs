@@ -395,6 +395,10 @@ fn reading_the_shared_log_goes_on_while_writes_are_refused() {
             stats.last_error()
         )
     });
-    // A write is refused, as the policy says.
+    // A write is refused, as the policy says, and the refused transaction
+    // names why (its `EXEC` answers `EXECABORT`, after the queued
+    // command's `OOM`).
     assert!(b.check(&5_000u64).is_unavailable(), "fail closed");
+    let e = stats.last_error().expect("the refusal is remembered");
+    assert_eq!(e.cause(), Some(FailureCause::OutOfMemory), "{e}");
 }
