@@ -2,6 +2,7 @@
 //! item is an sf-string (RFC 8941 §3.3.3; the draft's §2.1), checked without
 //! allocating more than the key itself.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Which spellings of a key the layer accepts.
@@ -90,6 +91,16 @@ impl std::error::Error for KeyError {}
 /// # Errors
 /// [`KeyError`] saying what is wrong.
 pub fn parse_key(value: &[u8], syntax: KeySyntax, max_len: usize) -> Result<Vec<u8>, KeyError> {
+    parse_key_in(value, syntax, max_len).map(Cow::into_owned)
+}
+
+/// [`parse_key`], borrowing the key from `value` when it has no escape
+/// (the usual key: the layer then allocates nothing for it).
+pub(crate) fn parse_key_in(
+    value: &[u8],
+    syntax: KeySyntax,
+    max_len: usize,
+) -> Result<Cow<'_, [u8]>, KeyError> {
     let mut p = Parser { s: value, i: 0 };
     p.skip_spaces();
     let key = match p.peek() {
@@ -126,7 +137,7 @@ struct Parser<'a> {
     i: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn peek(&self) -> Option<u8> {
         self.s.get(self.i).copied()
     }
@@ -139,18 +150,18 @@ impl Parser<'_> {
 
     /// An sf-string at a `"` (RFC 8941 §4.2.5): printable ASCII, `\"` and
     /// `\\` the only escapes.
-    fn string(&mut self) -> Result<Vec<u8>, KeyError> {
+    fn string(&mut self) -> Result<Cow<'a, [u8]>, KeyError> {
         self.i += 1;
         // The usual key: printable, no escape, then the closing quote —
-        // copied whole.
-        let rest = &self.s[self.i..];
+        // borrowed whole.
+        let rest: &'a [u8] = &self.s[self.i..];
         if let Some(end) = rest
             .iter()
             .position(|&c| c == b'"' || c == b'\\' || !(0x20..=0x7e).contains(&c))
         {
             if rest[end] == b'"' {
                 self.i += end + 1;
-                return Ok(rest[..end].to_vec());
+                return Ok(Cow::Borrowed(&rest[..end]));
             }
         }
         // At most the rest of the value: one allocation, no regrowth.
@@ -162,7 +173,7 @@ impl Parser<'_> {
             match c {
                 b'"' => {
                     self.i += 1;
-                    return Ok(out);
+                    return Ok(Cow::Owned(out));
                 }
                 b'\\' => match self.s.get(self.i + 1) {
                     Some(&e @ (b'"' | b'\\')) => {
@@ -181,12 +192,12 @@ impl Parser<'_> {
         }
     }
 
-    fn bare(&mut self) -> Vec<u8> {
+    fn bare(&mut self) -> Cow<'a, [u8]> {
         let start = self.i;
         while self.peek().is_some_and(is_bare) {
             self.i += 1;
         }
-        self.s[start..self.i].to_vec()
+        Cow::Borrowed(&self.s[start..self.i])
     }
 
     /// `*( ";" *SP key [ "=" bare-item ] )` (RFC 8941 §4.2.3.2), values
@@ -375,7 +386,7 @@ mod tests {
             let mut s = vec![b'"'];
             s.extend_from_slice(&tail);
             let mut p = Parser { s: &s, i: 0 };
-            let got = p.string();
+            let got = p.string().map(Cow::into_owned);
             let (want, stop) = reference_string(&s);
             proptest::prop_assert_eq!(&got, &want);
             if want.is_ok() {

@@ -99,36 +99,15 @@ impl StoredResponse {
     /// and headers past the 65 535th, are not stored.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(MAGIC);
-        out.push(RECORD_VERSION);
-        let (kind, body): (u8, &[u8]) = match &self.body {
-            StoredBody::Bytes(b) => (0, b),
-            StoredBody::Omitted => (1, &[]),
+        let body = match &self.body {
+            StoredBody::Bytes(b) => Some(&b[..]),
+            StoredBody::Omitted => None,
         };
-        out.push(kind);
-        out.extend_from_slice(&self.status.as_u16().to_be_bytes());
-        // Counted, then written: no list of them is built.
-        let headers = || {
-            self.headers
-                .iter()
-                .filter(|(n, v)| n.as_str().len() <= 0xffff && v.len() <= 0xffff)
-                .take(0xffff)
-        };
-        out.extend_from_slice(&(headers().count() as u16).to_be_bytes());
-        for (name, value) in headers() {
-            let name = name.as_str().as_bytes();
-            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
-            out.extend_from_slice(name);
-            out.extend_from_slice(&(value.len() as u16).to_be_bytes());
-            out.extend_from_slice(value.as_bytes());
-        }
-        let body_len = u32::try_from(body.len()).expect("bodies are capped far below 4 GiB");
-        out.extend_from_slice(&body_len.to_be_bytes());
-        out.extend_from_slice(body);
-        let sum = xxhash_rust::xxh3::xxh3_64(&out);
-        out.extend_from_slice(&sum.to_le_bytes());
-        out
+        encode_record(
+            self.status,
+            || self.headers.iter().map(|(n, v)| (n, v)),
+            body,
+        )
     }
 
     /// Reads a record from a claim's result; the body shares the result's
@@ -213,6 +192,53 @@ impl Reader<'_> {
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
+}
+
+/// A record of `status`, the headers `headers()` yields (in that order)
+/// and `body` (`None`: omitted), written in one pass over the headers to
+/// count and size them and one to write them: the layer encodes straight
+/// from the response's headers, without a list of copies. Headers whose
+/// name or value exceed 65 535 bytes, and headers past the 65 535th, are
+/// not stored.
+pub(crate) fn encode_record<'h, I>(
+    status: StatusCode,
+    headers: impl Fn() -> I,
+    body: Option<&[u8]>,
+) -> Vec<u8>
+where
+    I: Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+{
+    let kept = || {
+        headers()
+            .filter(|(n, v)| n.as_str().len() <= 0xffff && v.len() <= 0xffff)
+            .take(0xffff)
+    };
+    let (count, header_bytes) = kept().fold((0usize, 0usize), |(c, b), (n, v)| {
+        (c + 1, b + 4 + n.as_str().len() + v.len())
+    });
+    let (kind, body): (u8, &[u8]) = match body {
+        Some(b) => (0, b),
+        None => (1, &[]),
+    };
+    let mut out = Vec::with_capacity(RECORD_OVERHEAD + header_bytes + body.len());
+    out.extend_from_slice(MAGIC);
+    out.push(RECORD_VERSION);
+    out.push(kind);
+    out.extend_from_slice(&status.as_u16().to_be_bytes());
+    out.extend_from_slice(&(count as u16).to_be_bytes());
+    for (name, value) in kept() {
+        let name = name.as_str().as_bytes();
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    let body_len = u32::try_from(body.len()).expect("bodies are capped far below 4 GiB");
+    out.extend_from_slice(&body_len.to_be_bytes());
+    out.extend_from_slice(body);
+    let sum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
 }
 
 #[cfg(test)]

@@ -35,10 +35,10 @@ use tower_service::Service;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::fingerprint::{with_claim_key, Scope};
-use crate::key::{parse_key, KeyError};
+use crate::key::{parse_key_in, KeyError};
 use crate::layer::{InFlight, MissingKey, OnUnavailable, Shared, IDEMPOTENT_REPLAYED};
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{StoredBody, StoredResponse};
+use crate::record::{encode_record, StoredBody, StoredResponse};
 use crate::stats::{IdempotencyStats, Outcome};
 
 /// The service [`crate::IdempotencyLayer`] makes: `S` with
@@ -163,57 +163,62 @@ where
         if !config.methods.contains(request.method()) {
             return passthrough(&mut self.inner, request);
         }
-        let mut values = request.headers().get_all(&config.header).iter();
+        // Taken apart once: the key is read from the headers in place
+        // (borrowed, not copied) and the scope sees the parts.
+        let (parts, body) = request.into_parts();
+        let mut values = parts.headers.get_all(&config.header).iter();
         let parsed = match (values.next(), values.next()) {
             (None, _) => match config.missing_key {
-                MissingKey::PassThrough => return passthrough(&mut self.inner, request),
+                MissingKey::PassThrough => {
+                    return passthrough(&mut self.inner, Request::from_parts(parts, body))
+                }
                 MissingKey::Reject => Err(Problem::new(
                     ProblemKind::MissingKey,
                     format!(
                         "{} {} requires an {} request header: a unique structured-field string per operation, e.g. {}: \"8e03978e-40d5-43e8-bc93-6894a57f9324\"",
-                        request.method(),
-                        request.uri().path(),
+                        parts.method,
+                        parts.uri.path(),
                         header_display(&config.header),
                         header_display(&config.header),
                     ),
                 )),
             },
             (Some(_), Some(_)) => Err(invalid_key(&config.header, &KeyError::Repeated)),
-            (Some(value), None) => parse_key(value.as_bytes(), config.syntax, config.max_key_len)
-                .map_err(|e| invalid_key(&config.header, &e)),
+            (Some(value), None) => {
+                parse_key_in(value.as_bytes(), config.syntax, config.max_key_len)
+                    .map_err(|e| invalid_key(&config.header, &e))
+            }
         };
-        match parsed {
+        let key = match parsed {
+            Ok(key) => key,
             Err(problem) => {
                 let outcome = match problem.kind {
                     ProblemKind::MissingKey => Outcome::MissingKey,
                     _ => Outcome::InvalidKey,
                 };
-                ResponseFuture {
+                return ResponseFuture {
                     kind: FutureKind::Ready {
                         response: Some(answer(shared, outcome, problem)),
                     },
-                }
+                };
             }
-            Ok(key) => {
-                // The key's fingerprint in its scope, here rather than in the
-                // request's future: the key is not kept.
-                let (parts, body) = request.into_parts();
-                let scope = config
-                    .scope
-                    .as_ref()
-                    .map_or_else(Scope::global, |f| f(&parts));
-                let fp = with_claim_key(&scope, &key, |k| shared.store.fingerprint(k));
-                let request = Request::from_parts(parts, body);
-                // The service polled ready is the one that must be called:
-                // take it, leave a clone for the next request.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture {
-                    kind: FutureKind::Claimed {
-                        future: Box::pin(claimed(Arc::clone(shared), inner, request, fp)),
-                    },
-                }
-            }
+        };
+        // The key's fingerprint in its scope, here rather than in the
+        // request's future: the key is not kept.
+        let scope = config
+            .scope
+            .as_ref()
+            .map_or_else(Scope::global, |f| f(&parts));
+        let fp = with_claim_key(&scope, &key, |k| shared.store.fingerprint(k));
+        let request = Request::from_parts(parts, body);
+        // The service polled ready is the one that must be called: take it,
+        // leave a clone for the next request.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            kind: FutureKind::Claimed {
+                future: Box::pin(claimed(Arc::clone(shared), inner, request, fp)),
+            },
         }
     }
 }
@@ -452,12 +457,9 @@ where
         return Ok(response.map(ResponseBody::inner));
     }
     let (head, body) = response.into_parts();
+    // Encoded straight from the response's headers when the body is read.
     let replayed = replayable(&config.replay_headers, &head.headers);
-    let mut record = StoredResponse {
-        status: head.status,
-        headers: replayed,
-        body: StoredBody::Omitted,
-    };
+    let encode = |body: Option<&[u8]>| encode_record(head.status, || replayed.iter(), body);
     // The lease is held again while the body is read: a request dropped now
     // releases it.
     held.lease = Some(lease);
@@ -484,7 +486,7 @@ where
                     // Over the cap: the key completes without a body; the
                     // client gets what was read, then the rest as it comes.
                     let lease = held.lease.take().expect("held");
-                    let outcome = commit_omitted(&shared, lease, &record).await;
+                    let outcome = commit_omitted(&shared, lease, &encode).await;
                     shared.stats.record(outcome);
                     buf.push(data);
                     let spilled = ResponseBody::spill(buf.finish(), body);
@@ -501,8 +503,7 @@ where
     }
     let lease = held.lease.take().expect("held");
     let bytes = buf.finish();
-    record.body = StoredBody::Bytes(bytes.clone());
-    let encoded = record.encode();
+    let encoded = encode(Some(&bytes));
     let len = encoded.len();
     let outcome = match store.commit(lease, encoded).await {
         Ok(()) => {
@@ -510,11 +511,11 @@ where
             Outcome::Stored
         }
         Err(CommitError::ResultTooLarge { lease, .. }) => {
-            commit_omitted(&shared, lease, &record).await
+            commit_omitted(&shared, lease, &encode).await
         }
         Err(CommitError::LeaseLost(_)) => Outcome::NotRecorded,
         Err(CommitError::Unavailable { lease, .. }) => {
-            store.retry_commit(lease, record.encode(), &shared.stats);
+            store.retry_commit(lease, encode(Some(&bytes)), &shared.stats);
             Outcome::NotRecorded
         }
     };
@@ -525,29 +526,73 @@ where
     ))
 }
 
-/// The response's headers named in `names`, in the order of `names` (the
-/// values of one name in the response's order). One pass over the
-/// response's headers (a handful) instead of a hashed lookup per name.
-fn replayable(names: &[HeaderName], headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
-    let rank = |name: &HeaderName| names.iter().position(|n| n == name);
-    let mut found: Vec<(HeaderName, HeaderValue)> = headers
-        .iter()
-        .filter(|(name, _)| rank(name).is_some())
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect();
-    // Stable: the values of one name keep their order.
-    found.sort_by_key(|(name, _)| rank(name));
+/// Replayable headers found without allocating: a response has a handful.
+const INLINE_HEADERS: usize = 8;
+
+/// The replayable headers of a response, borrowed from it, in the order
+/// they are stored: by their name's rank in the configured list, the
+/// values of one name in the response's order.
+struct Replayable<'h> {
+    inline: [Option<(usize, &'h HeaderName, &'h HeaderValue)>; INLINE_HEADERS],
+    len: usize,
+    /// All of them, once there are more than fit inline.
+    spilled: Vec<(usize, &'h HeaderName, &'h HeaderValue)>,
+}
+
+impl<'h> Replayable<'h> {
+    fn iter(&self) -> impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)> + '_ {
+        let inline = self.inline[..self.len].iter().flatten();
+        inline
+            .chain(&self.spilled)
+            .map(|&(_, name, value)| (name, value))
+    }
+}
+
+/// The response's headers named in `names`: one pass over the response's
+/// headers (a handful), ranked by the first position of their name in
+/// `names`, then kept in rank order (stable: the values of one name keep
+/// their order). No hashing, no copies.
+fn replayable<'h>(names: &[HeaderName], headers: &'h HeaderMap) -> Replayable<'h> {
+    let mut found = Replayable {
+        inline: [None; INLINE_HEADERS],
+        len: 0,
+        spilled: Vec::new(),
+    };
+    for (name, value) in headers {
+        let Some(rank) = names.iter().position(|n| n == name) else {
+            continue;
+        };
+        let item = (rank, name, value);
+        if found.spilled.is_empty() && found.len < INLINE_HEADERS {
+            // Inserted after every header of a rank up to its own.
+            let at = found.inline[..found.len]
+                .iter()
+                .flatten()
+                .take_while(|(r, ..)| *r <= rank)
+                .count();
+            found.inline.copy_within(at..found.len, at + 1);
+            found.inline[at] = Some(item);
+            found.len += 1;
+        } else {
+            if found.spilled.is_empty() {
+                found.spilled.extend(found.inline.iter().flatten());
+                found.len = 0;
+            }
+            found.spilled.push(item);
+        }
+    }
+    found.spilled.sort_by_key(|&(rank, ..)| rank);
     found
 }
 
-/// Completes the key with `record`'s status and headers but no body.
-async fn commit_omitted(shared: &Shared, lease: SharedLease, record: &StoredResponse) -> Outcome {
-    let omitted = StoredResponse {
-        status: record.status,
-        headers: record.headers.clone(),
-        body: StoredBody::Omitted,
-    }
-    .encode();
+/// Completes the key with the response's status and headers but no body
+/// (`encode(None)`).
+async fn commit_omitted(
+    shared: &Shared,
+    lease: SharedLease,
+    encode: &impl Fn(Option<&[u8]>) -> Vec<u8>,
+) -> Outcome {
+    let omitted = encode(None);
     let len = omitted.len();
     match shared.store.commit(lease, omitted).await {
         Ok(()) => {
@@ -555,13 +600,9 @@ async fn commit_omitted(shared: &Shared, lease: SharedLease, record: &StoredResp
             Outcome::StoredWithoutBody
         }
         Err(CommitError::Unavailable { lease, .. }) => {
-            let again = StoredResponse {
-                body: StoredBody::Omitted,
-                ..record.clone()
-            };
             shared
                 .store
-                .retry_commit(lease, again.encode(), &shared.stats);
+                .retry_commit(lease, encode(None), &shared.stats);
             Outcome::NotRecorded
         }
         // Even the bodiless record is over the engine's cap, or the lease
@@ -623,7 +664,7 @@ mod tests {
         headers.append(header::LINK, HeaderValue::from_static("<b>"));
         headers.append(header::ETAG, HeaderValue::from_static("\"e\""));
         let got: Vec<(String, String)> = replayable(&names, &headers)
-            .into_iter()
+            .iter()
             .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
             .collect();
         let want = [
@@ -636,6 +677,62 @@ mod tests {
             got,
             want.map(|(n, v)| (n.to_owned(), v.to_owned())).to_vec()
         );
-        assert!(replayable(&[], &headers).is_empty());
+        assert_eq!(replayable(&[], &headers).iter().count(), 0);
+        // A name listed twice counts once.
+        let twice = [header::ETAG, header::ETAG];
+        assert_eq!(replayable(&twice, &headers).iter().count(), 1);
+    }
+
+    #[test]
+    fn replayable_headers_match_a_stable_sort_inline_and_spilled() {
+        // The reference: every named header, stably sorted by the first
+        // position of its name.
+        fn reference(names: &[HeaderName], headers: &HeaderMap) -> Vec<(String, String)> {
+            let rank = |name: &HeaderName| names.iter().position(|n| n == name);
+            let mut found: Vec<_> = headers
+                .iter()
+                .filter(|(name, _)| rank(name).is_some())
+                .collect();
+            found.sort_by_key(|(name, _)| rank(name));
+            found
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+                .collect()
+        }
+        let pool = [
+            header::CONTENT_TYPE,
+            header::ETAG,
+            header::LINK,
+            header::LOCATION,
+            header::SET_COOKIE,
+            HeaderName::from_static("x-a"),
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n) as usize
+        };
+        let mut spilled = 0;
+        for _ in 0..2000 {
+            let mut headers = HeaderMap::new();
+            // Up to 20 values: past 8 named ones the list spills.
+            for i in 0..next(21) {
+                let name = pool[next(pool.len() as u64)].clone();
+                headers.append(name, HeaderValue::from_str(&format!("v{i}")).unwrap());
+            }
+            let names: Vec<HeaderName> = (0..next(6))
+                .map(|_| pool[next(pool.len() as u64)].clone())
+                .collect();
+            let found = replayable(&names, &headers);
+            spilled += usize::from(!found.spilled.is_empty());
+            let got: Vec<(String, String)> = found
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+                .collect();
+            assert_eq!(got, reference(&names, &headers), "names {names:?}");
+        }
+        assert!(spilled > 100, "the spilled path ran {spilled} times");
     }
 }
