@@ -189,15 +189,7 @@ fn a_failing_script_is_a_script_error() {
         Claim::Acquired(lease) => lease.commit(b"result").unwrap(),
         other => panic!("{other:?}"),
     }
-    let hashes: Vec<String> = redis::cmd("KEYS")
-        .arg("td:*:b:*")
-        .query(&mut admin)
-        .unwrap();
-    assert!(!hashes.is_empty());
-    for k in &hashes {
-        let _: () = redis::cmd("DEL").arg(k).query(&mut admin).unwrap();
-        let _: () = redis::cmd("SET").arg(k).arg("x").query(&mut admin).unwrap();
-    }
+    retype_keys(&mut admin, "td:*:b:*", &["SET", "{key}", "x"]);
     assert!(matches!(d.claim("k"), Claim::Unavailable), "fail closed");
     let e = stats.last_error().expect("a failure is remembered");
     assert_eq!(e.server(), Some(server.url().as_str()), "{e}");
@@ -212,20 +204,7 @@ fn an_epoch_of_the_wrong_type_is_an_unexpected_reply() {
     let mut admin = server.connection();
     let (d, stats) = engine(&server.url(), Affinity::Shared);
     assert!(d.check("k").is_new());
-    let epochs: Vec<String> = redis::cmd("KEYS")
-        .arg("td:*:log:epoch")
-        .query(&mut admin)
-        .unwrap();
-    assert!(!epochs.is_empty());
-    for k in &epochs {
-        let _: () = redis::cmd("DEL").arg(k).query(&mut admin).unwrap();
-        let _: () = redis::cmd("HSET")
-            .arg(k)
-            .arg("f")
-            .arg("v")
-            .query(&mut admin)
-            .unwrap();
-    }
+    retype_keys(&mut admin, "td:*:log:epoch", &["HSET", "{key}", "f", "v"]);
     let e = failure_of_a_check(&d, &stats, &server.url());
     assert_eq!(e.cause(), Some(FailureCause::UnexpectedReply), "{e}");
     assert!(e.to_string().contains("WRONGTYPE"), "{e}");
@@ -248,4 +227,20 @@ fn a_log_of_the_wrong_type_is_an_unexpected_reply() {
     let e = failure_of_a_check(&d, &stats, &server.url());
     assert_eq!(e.cause(), Some(FailureCause::UnexpectedReply), "{e}");
     assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+}
+
+/// Replaces every key matching `pattern` (at least one) by the result of
+/// `command` (`{key}` stands for the key): a key of another type than the
+/// tier wrote.
+fn retype_keys(admin: &mut redis::Connection, pattern: &str, command: &[&str]) {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(admin).unwrap();
+    assert!(!keys.is_empty(), "no key matches {pattern}");
+    for k in &keys {
+        let _: () = redis::cmd("DEL").arg(k).query(admin).unwrap();
+        let mut cmd = redis::cmd(command[0]);
+        for a in &command[1..] {
+            cmd.arg(if *a == "{key}" { k.as_str() } else { a });
+        }
+        let _: () = cmd.query(admin).unwrap();
+    }
 }
