@@ -43,9 +43,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::claims::{Claim, ClaimRequest, PayloadFingerprint};
+use crate::claims::{Claim, ClaimRequest, CommitError, Lease, PayloadFingerprint};
 use crate::engine::Deduper;
 use crate::time::Timestamp;
 
@@ -155,6 +155,7 @@ struct Counters {
     unavailable: AtomicU64,
     uncommitted: AtomicU64,
     late: AtomicU64,
+    commit_retries: AtomicU64,
 }
 
 /// A snapshot of a consumer's counters.
@@ -180,6 +181,9 @@ pub struct ConsumerStats {
     pub uncommitted: u64,
     /// Late deliveries (event time).
     pub late: u64,
+    /// Commits tried again after the exact tier failed them (each try of
+    /// each commit counts; most then succeed, the rest are `uncommitted`).
+    pub commit_retries: u64,
 }
 
 impl ConsumerStats {
@@ -205,8 +209,16 @@ impl ConsumerStats {
 pub struct BatchConsumer {
     engine: Arc<Deduper>,
     lease: Option<Duration>,
+    commit_retry: Duration,
     counters: Counters,
 }
+
+/// How long a batch's failed commits are tried again by default.
+pub const DEFAULT_COMMIT_RETRY: Duration = Duration::from_secs(2);
+/// The first pause before trying failed commits again (doubling, at most
+/// [`RETRY_PAUSE_MAX`]).
+const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(25);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(400);
 
 impl BatchConsumer {
     /// A consumer claiming in `engine`, with the engine's lease duration.
@@ -215,8 +227,30 @@ impl BatchConsumer {
         BatchConsumer {
             engine,
             lease: None,
+            commit_retry: DEFAULT_COMMIT_RETRY,
             counters: Counters::default(),
         }
+    }
+
+    /// How long the commits the exact tier failed (a timeout, a dropped
+    /// connection) are tried again before the batch is answered; default
+    /// [`DEFAULT_COMMIT_RETRY`], `Duration::ZERO` never retries.
+    ///
+    /// A commit given up on releases its lease and answers
+    /// [`Disposition::Uncommitted`]: acked, counted, and a later repeat
+    /// of the key may act again. Yet a commit that timed out on a slow
+    /// tier has often been applied all the same (its request was read
+    /// once the tier caught up), and one that was not leaves the key held
+    /// until its lease expires when the release fails as well: every
+    /// repeat meanwhile is `InProgress` and waits the lease out. Trying
+    /// again for a moment settles both: a commit already applied is
+    /// answered as done, one not applied is applied now, and one whose
+    /// lease expired meanwhile is lease-lost (fencing), never stored
+    /// twice.
+    #[must_use]
+    pub fn commit_retry(mut self, budget: Duration) -> Self {
+        self.commit_retry = budget;
+        self
     }
 
     /// Leases of `duration` instead of the engine's default: longer than a
@@ -250,6 +284,7 @@ impl BatchConsumer {
             unavailable: r(&c.unavailable),
             uncommitted: r(&c.uncommitted),
             late: r(&c.late),
+            commit_retries: r(&c.commit_retries),
         }
     }
 
@@ -305,7 +340,8 @@ impl BatchConsumer {
         drop(first_of);
         // 2. Act on the acquired ones, in delivery order.
         let mut out: Vec<Option<Disposition>> = (0..batch.len()).map(|_| None).collect();
-        let mut commits = Vec::with_capacity(batch.len());
+        let mut leases = Vec::with_capacity(batch.len());
+        let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
         let mut committed_at = Vec::with_capacity(batch.len());
         // The claims answer the requests in order, and the requests were
         // made in delivery order: the next claim is the next first delivery's.
@@ -317,7 +353,8 @@ impl BatchConsumer {
             out[i] = Some(match claim {
                 Claim::Acquired(lease) => match handler(&d.message) {
                     Ok(result) => {
-                        commits.push((lease, result));
+                        leases.push(lease);
+                        bodies.push(result);
                         committed_at.push(i);
                         continue;
                     }
@@ -338,29 +375,17 @@ impl BatchConsumer {
         }
         // 3. Commit the successes in one call: the record before the ack.
         // The results a repeat in this batch replays are kept (copied once).
-        let results: Vec<Option<Arc<[u8]>>> = committed_at
-            .iter()
-            .zip(&commits)
-            .map(|(&i, (_, r))| repeated[i].then(|| Arc::from(&r[..])))
-            .collect();
+        let outcomes = self.commit_with_retry(leases, &bodies);
         let mut stored: Vec<Option<Arc<[u8]>>> = vec![None; batch.len()];
-        for ((&i, outcome), result) in committed_at
-            .iter()
-            .zip(self.engine.commit_batch(commits))
-            .zip(results)
-        {
-            out[i] = Some(match outcome {
-                Ok(()) => Disposition::Processed,
-                Err(e) => {
-                    // Lost, or handed back (too large, tier down): the
-                    // effect is done but not recorded; give the key up.
-                    if let Some(lease) = e.into_lease() {
-                        let _ = lease.release();
-                    }
-                    Disposition::Uncommitted
-                }
+        for ((&i, outcome), body) in committed_at.iter().zip(outcomes).zip(&bodies) {
+            out[i] = Some(if outcome {
+                Disposition::Processed
+            } else {
+                Disposition::Uncommitted
             });
-            stored[i] = result;
+            if repeated[i] {
+                stored[i] = Some(Arc::from(&body[..]));
+            }
         }
         // 4. Repeats within the batch follow their first delivery.
         for i in 0..batch.len() {
@@ -389,6 +414,57 @@ impl BatchConsumer {
                 (d.message, o)
             })
             .collect()
+    }
+
+    /// Commits `leases[k]` with `bodies[k]` in one call, then tries the
+    /// ones the exact tier failed again, the whole set in one call per
+    /// try, for up to the consumer's retry budget. Whether each was stored;
+    /// a commit not stored has its lease released (lost, or handed back:
+    /// too large, or the tier still failing).
+    fn commit_with_retry(&self, leases: Vec<Lease<Arc<Deduper>>>, bodies: &[Vec<u8>]) -> Vec<bool> {
+        let mut stored = vec![false; leases.len()];
+        let mut pending: Vec<usize> = (0..leases.len()).collect();
+        let mut leases = leases;
+        let give_up = Instant::now() + self.commit_retry;
+        let mut pause = RETRY_PAUSE_FIRST;
+        loop {
+            let commits: Vec<_> = leases
+                .into_iter()
+                .zip(&pending)
+                .map(|(lease, &k)| (lease, &bodies[k][..]))
+                .collect();
+            let mut again = Vec::new();
+            let mut retry = Vec::new();
+            for (&k, outcome) in pending.iter().zip(self.engine.commit_batch(commits)) {
+                match outcome {
+                    Ok(()) => stored[k] = true,
+                    Err(CommitError::Unavailable { lease, .. })
+                        if Instant::now() + pause < give_up =>
+                    {
+                        again.push(lease);
+                        retry.push(k);
+                    }
+                    // Lost, or handed back (too large, the tier down past
+                    // the budget): the effect is done but not recorded;
+                    // give the key up.
+                    Err(e) => {
+                        if let Some(lease) = e.into_lease() {
+                            let _ = lease.release();
+                        }
+                    }
+                }
+            }
+            if again.is_empty() {
+                return stored;
+            }
+            self.counters
+                .commit_retries
+                .fetch_add(again.len() as u64, Ordering::Relaxed);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            leases = again;
+            pending = retry;
+        }
     }
 }
 

@@ -1850,3 +1850,86 @@ fn log_entries(admin: &mut redis::Connection) -> u64 {
     }
     entries
 }
+
+/// A batch consumer whose commit meets a stopped Redis (`SIGSTOP` while
+/// its handler runs, `SIGCONT` 600 ms later; requests time out after
+/// 200 ms) tries the commit again and learns that it is stored: the
+/// message is `Processed` and a repeat of its key replays the result.
+/// Without the retry the commit answers `Uncommitted` although Redis
+/// applied it once it ran again (the repeat replays it all the same), so
+/// the consumer's counters report an effect unrecorded that is recorded.
+#[test]
+fn a_consumer_commit_rides_out_a_stopped_redis() {
+    use tiered_dedup::consumer::{BatchConsumer, Delivery, Disposition};
+    let server = Arc::new(std::sync::Mutex::new(RedisServer::start()));
+    let url = server.lock().unwrap().url();
+    for (budget, key) in [
+        (Duration::from_secs(3), "retried"),
+        (Duration::ZERO, "not-retried"),
+    ] {
+        let tier = RedisTier::new(RedisConfig {
+            timeout: Duration::from_millis(200),
+            policy: FailurePolicy::FailClosed,
+            ..RedisConfig::new(&url)
+        });
+        let engine = Arc::new(
+            Deduper::builder()
+                .window(Duration::from_secs(600))
+                .expected_keys(1_000)
+                .shards(2)
+                .affinity(Affinity::Shared)
+                .lease_duration(Duration::from_secs(60))
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .build()
+                .unwrap(),
+        );
+        let consumer = BatchConsumer::new(engine).commit_retry(budget);
+        let mut resumer = None;
+        let out = consumer.process(
+            vec![Delivery::new(key, 1u32)],
+            |_| {
+                server.lock().unwrap().pause();
+                let server = Arc::clone(&server);
+                resumer = Some(std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(600));
+                    server.lock().unwrap().resume();
+                }));
+                Ok::<_, ()>(b"effect".to_vec())
+            },
+            |_| panic!("no conflict"),
+        );
+        resumer.take().unwrap().join().unwrap();
+        // Redis answers again; a reconnection may take a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let repeat = loop {
+            let r = consumer.process(
+                vec![Delivery::new(key, 2u32)],
+                |_| Ok::<_, ()>(b"again".to_vec()),
+                |_| panic!("no conflict"),
+            );
+            match &r[0].1 {
+                Disposition::Unavailable if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                d => break d.clone(),
+            }
+        };
+        let stats = consumer.stats();
+        if budget.is_zero() {
+            assert_eq!(out[0].1, Disposition::Uncommitted, "{key}");
+            assert_eq!((stats.commit_retries, stats.uncommitted), (0, 1));
+        } else {
+            assert_eq!(out[0].1, Disposition::Processed, "{key}: {stats:?}");
+            assert!(stats.commit_retries >= 1, "{stats:?}");
+            assert_eq!(stats.uncommitted, 0, "{stats:?}");
+        }
+        // Either way Redis has the commit: the repeat replays it.
+        assert_eq!(
+            repeat,
+            Disposition::Replayed {
+                result: Arc::from(&b"effect"[..])
+            },
+            "{key}"
+        );
+    }
+}
