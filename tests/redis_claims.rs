@@ -1933,3 +1933,62 @@ fn a_consumer_commit_rides_out_a_stopped_redis() {
         );
     }
 }
+
+/// A claim whose answer was lost (Redis stopped past the request timeout,
+/// then resumed: the request ran all the same) leaves a lease nobody
+/// holds. The engine finds it in the log with its next request and
+/// releases it; the retry of that claim, in that same request, acquires
+/// the key rather than meeting the orphaned lease — which answered
+/// `InProgress` until the lease expired (a broker consumer waited the
+/// whole lease out before redelivering).
+#[test]
+fn a_claim_retried_after_its_answer_was_lost_acquires() {
+    let server = RedisServer::start();
+    let tier = RedisTier::new(RedisConfig {
+        timeout: Duration::from_millis(200),
+        policy: FailurePolicy::FailClosed,
+        ..RedisConfig::new(&server.url())
+    });
+    let engine = Deduper::builder()
+        .window(Duration::from_secs(600))
+        .expected_keys(1_000)
+        .shards(1)
+        .affinity(Affinity::Shared)
+        .lease_duration(Duration::from_secs(60))
+        .exact_tier(ExactTier::Custom(Arc::new(tier)))
+        .build()
+        .unwrap();
+    // The log read once, so the replica is current.
+    match engine.claim(&0u64) {
+        Claim::Acquired(lease) => lease.commit(b"").unwrap(),
+        other => panic!("{other:?}"),
+    }
+    server.pause();
+    let lost = engine.claim_batch(&[ClaimRequest::new(1u64), ClaimRequest::new(2u64)]);
+    assert!(
+        lost.iter().all(|c| matches!(c, Claim::Unavailable)),
+        "{lost:?}"
+    );
+    drop(lost);
+    server.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let answers = engine.claim_batch(&[ClaimRequest::new(1u64), ClaimRequest::new(3u64)]);
+        if answers.iter().any(|c| matches!(c, Claim::Unavailable)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        break answers;
+    };
+    for (key, claim) in [1u64, 3].iter().zip(again) {
+        match claim {
+            Claim::Acquired(lease) => lease.commit(b"done").unwrap(),
+            other => panic!("key {key}, claimed by a request whose answer was lost: {other:?}"),
+        }
+    }
+    // Key 2's orphaned lease was released too.
+    match engine.claim(&2u64) {
+        Claim::Acquired(lease) => lease.release().unwrap(),
+        other => panic!("key 2: {other:?}"),
+    };
+}

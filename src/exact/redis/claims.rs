@@ -378,16 +378,77 @@ impl RedisPartition {
         out: &mut Vec<SharedAnswer>,
     ) -> Result<(), ExactTierError> {
         let missing = self.exchange_ops_once(window, ops, out)?;
-        if missing.is_empty() {
-            return Ok(());
+        let mut decided = Ok(());
+        if !missing.is_empty() {
+            decided = self.decide_again(window, ops, out, &missing);
         }
-        let decided = self.decide_again(window, ops, out, &missing);
+        if decided.is_ok() {
+            decided = self.decide_past_orphans(window, ops, out);
+        }
         if decided.is_err() {
             // The call's entries are in the log, but its caller hears
             // `Unavailable` for all of them.
             self.orphan_acquired(ops, out);
         }
         decided
+    }
+
+    /// Claims and checks of this call that met a lease acquired by a lost
+    /// batch of ours (a request that ran although its answer never came
+    /// back), decided again once that lease is released. The call's read
+    /// of the log is what found the lost batch, so the release could not
+    /// go with the call's own entries: without this the caller's retry
+    /// of the very claims whose answer was lost meets the orphaned lease,
+    /// `InProgress` until it expires, and a broker consumer holds the
+    /// message back for the whole lease (a 30 s stall in a JetStream
+    /// bench round). One more request, on this rare path only: the
+    /// orphans' releases go first in it.
+    fn decide_past_orphans(
+        &mut self,
+        window: Option<u64>,
+        ops: &[SharedOp<'_>],
+        out: &mut [SharedAnswer],
+    ) -> Result<(), ExactTierError> {
+        let orphans = &self.log().orphans;
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let held: Vec<usize> = ops
+            .iter()
+            .zip(out.iter())
+            .enumerate()
+            .filter_map(|(i, (op, answer))| {
+                let fp = match (op, answer) {
+                    (
+                        SharedOp::Claim { fingerprint, .. } | SharedOp::Check { fingerprint, .. },
+                        SharedAnswer::InProgress { .. },
+                    ) => *fingerprint,
+                    _ => return None,
+                };
+                orphans.iter().any(|&(o, ..)| o == fp).then_some(i)
+            })
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        crate::trace::event!(
+            debug,
+            claims = held.len(),
+            "keys held by leases of a lost request of ours: decided again after their release"
+        );
+        let again: Vec<SharedOp<'_>> = held.iter().map(|&i| ops[i]).collect();
+        let mut answers = Vec::with_capacity(again.len());
+        if !self
+            .exchange_ops_once(window, &again, &mut answers)?
+            .is_empty()
+        {
+            self.orphan_acquired(&again, &answers);
+            return Err(self.missing_result());
+        }
+        for (&i, answer) in held.iter().zip(answers) {
+            out[i] = answer;
+        }
+        Ok(())
     }
 
     /// The second decision of [`Self::exchange_ops`]: the claims at
