@@ -68,6 +68,7 @@
 mod body;
 pub mod fingerprint;
 mod key;
+mod keyed;
 mod layer;
 mod problem;
 mod record;

@@ -24,22 +24,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
-use tiered_dedup::claims::SharedLease;
-use tiered_dedup::{Claim, ClaimRequest, CommitError, Fingerprint};
 use tower_service::Service;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::fingerprint::{with_claim_key, Scope};
 use crate::key::{parse_key_in, KeyError};
-use crate::layer::{InFlight, MissingKey, OnUnavailable, Shared, IDEMPOTENT_REPLAYED};
+use crate::keyed::{too_large, Keyed};
+use crate::layer::{MissingKey, Shared, IDEMPOTENT_REPLAYED};
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{encode_record, StoredBody, StoredResponse};
-use crate::stats::{IdempotencyStats, Outcome};
+use crate::record::{StoredBody, StoredResponse};
+use crate::stats::Outcome;
 
 /// The service [`crate::IdempotencyLayer`] makes: `S` with
 /// `Idempotency-Key` semantics on the covered methods.
@@ -210,14 +208,27 @@ where
             .as_ref()
             .map_or_else(Scope::global, |f| f(&parts));
         let fp = with_claim_key(&scope, &key, |k| shared.store.fingerprint(k));
-        let request = Request::from_parts(parts, body);
+        // A body declared or known to be over the cap is refused before any
+        // of it is read.
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let cap = config.max_request_body as u64;
+        if declared.is_some_and(|n| n > cap) || body.size_hint().lower() > cap {
+            return ResponseFuture {
+                kind: FutureKind::Ready {
+                    response: Some(answer(shared, Outcome::RequestTooLarge, too_large(shared))),
+                },
+            };
+        }
         // The service polled ready is the one that must be called: take it,
         // leave a clone for the next request.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
             kind: FutureKind::Claimed {
-                future: Box::pin(claimed(Arc::clone(shared), inner, request, fp)),
+                future: Box::pin(Keyed::new(Arc::clone(shared), inner, parts, body, fp)),
             },
         }
     }
@@ -240,290 +251,15 @@ fn header_display(header: &http::HeaderName) -> &str {
 }
 
 /// A problem response, counted as `outcome`.
-fn answer<B>(shared: &Shared, outcome: Outcome, problem: Problem) -> Response<ResponseBody<B>> {
+pub(crate) fn answer<B>(
+    shared: &Shared,
+    outcome: Outcome,
+    problem: Problem,
+) -> Response<ResponseBody<B>> {
     shared.stats.record(outcome);
     problem
         .into_response(&shared.config.problem_base)
         .map(ResponseBody::full)
-}
-
-/// Why a request body was not read whole.
-enum ReadError {
-    TooLarge,
-    Failed(BoxError),
-}
-
-/// The whole body, or [`ReadError::TooLarge`] as soon as it passes `cap`
-/// (never buffering more than `cap` plus one frame).
-async fn read_body<B>(body: B, cap: usize) -> Result<Bytes, ReadError>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    if body.size_hint().lower() > cap as u64 {
-        return Err(ReadError::TooLarge);
-    }
-    let mut body = std::pin::pin!(body);
-    let mut gathered = Gathered::default();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadError::Failed(e.into()))?;
-        if let Ok(data) = frame.into_data() {
-            if gathered.len() + data.len() > cap {
-                return Err(ReadError::TooLarge);
-            }
-            gathered.push(data);
-        }
-    }
-    Ok(gathered.finish())
-}
-
-/// Data frames gathered into one `Bytes`: a single frame (the usual case)
-/// is kept as it is, without a copy.
-#[derive(Default)]
-struct Gathered {
-    first: Option<Bytes>,
-    more: BytesMut,
-}
-
-impl Gathered {
-    fn len(&self) -> usize {
-        self.first.as_ref().map_or(0, Bytes::len) + self.more.len()
-    }
-
-    fn push(&mut self, data: Bytes) {
-        match self.first.take() {
-            None if self.more.is_empty() => self.first = Some(data),
-            None => self.more.extend_from_slice(&data),
-            Some(first) => {
-                self.more.reserve(first.len() + data.len());
-                self.more.extend_from_slice(&first);
-                self.more.extend_from_slice(&data);
-            }
-        }
-    }
-
-    fn finish(self) -> Bytes {
-        match self.first {
-            Some(first) => first,
-            None => self.more.freeze(),
-        }
-    }
-}
-
-/// A request whose key's fingerprint (in its scope) is `fp`: read, claim,
-/// then act or answer.
-async fn claimed<S, ReqB, ResB>(
-    shared: Arc<Shared>,
-    inner: S,
-    request: Request<ReqB>,
-    fp: Fingerprint,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
-where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    ReqB: Body<Data = Bytes>,
-    ReqB::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    let config = &shared.config;
-    let (parts, body) = request.into_parts();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let too_large = || {
-        Problem::new(
-            ProblemKind::RequestTooLarge,
-            format!(
-                "requests with an idempotency key may carry at most {} bytes of body (it is read whole to fingerprint it)",
-                config.max_request_body
-            ),
-        )
-    };
-    if declared.is_some_and(|n| n > config.max_request_body as u64) {
-        return Ok(answer(&shared, Outcome::RequestTooLarge, too_large()));
-    }
-    let body = match read_body(body, config.max_request_body).await {
-        Ok(body) => body,
-        Err(ReadError::TooLarge) => {
-            return Ok(answer(&shared, Outcome::RequestTooLarge, too_large()))
-        }
-        Err(ReadError::Failed(e)) => {
-            let problem = Problem::new(
-                ProblemKind::UnreadableBody,
-                format!("the request body could not be read: {e}"),
-            );
-            return Ok(answer(&shared, Outcome::UnreadableBody, problem));
-        }
-    };
-    let mut claim = ClaimRequest::new(fp).payload((config.fingerprint)(&parts, &body));
-    if let Some(lease) = config.lease {
-        claim = claim.lease(lease);
-    }
-    let (wait, retry_after) = match config.in_flight {
-        InFlight::Reject { retry_after } => (None, retry_after),
-        InFlight::Wait {
-            timeout,
-            retry_after,
-        } => (Some(timeout), retry_after),
-    };
-    match shared.store.claim(claim, wait).await {
-        Claim::Acquired(lease) => {
-            act(shared, inner, Request::from_parts(parts, body), Some(lease)).await
-        }
-        Claim::Completed { result, .. } => Ok(replay(&shared, result)),
-        Claim::InProgress { .. } => {
-            let problem = Problem::new(
-                ProblemKind::InProgress,
-                "a request with this idempotency key is being processed; retry after the Retry-After delay to get its response",
-            )
-            .retry_after(retry_after);
-            Ok(answer(&shared, Outcome::InProgress, problem))
-        }
-        Claim::Conflict => {
-            let problem = Problem::new(
-                ProblemKind::KeyReused,
-                "this idempotency key was used for a different request (method, target or body); use a new key for a new operation",
-            );
-            Ok(answer(&shared, Outcome::KeyReused, problem))
-        }
-        Claim::Unavailable | Claim::Late { .. } => match config.on_unavailable {
-            OnUnavailable::Reject { retry_after } => {
-                let problem = Problem::new(
-                    ProblemKind::StoreUnavailable,
-                    "the idempotency store cannot be reached; nothing was done, retry with the same key",
-                )
-                .retry_after(retry_after);
-                Ok(answer(&shared, Outcome::Unavailable, problem))
-            }
-            OnUnavailable::Proceed => {
-                shared.stats.record(Outcome::Unprotected);
-                act(shared, inner, Request::from_parts(parts, body), None).await
-            }
-        },
-    }
-}
-
-/// A lease held while the handler runs: dropped with the request (the
-/// client went away, the handler panicked), it is released and counted.
-struct Held {
-    lease: Option<SharedLease>,
-    stats: Arc<IdempotencyStats>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if self.lease.is_some() {
-            self.stats.record(Outcome::Cancelled);
-        }
-    }
-}
-
-/// Runs the handler under `lease` (or none: unprotected), then stores or
-/// releases.
-async fn act<S, ReqB, ResB>(
-    shared: Arc<Shared>,
-    mut inner: S,
-    request: Request<Bytes>,
-    lease: Option<SharedLease>,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
-where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    let mut held = Held {
-        lease,
-        stats: Arc::clone(&shared.stats),
-    };
-    shared.stats.handler_ran();
-    let result = inner.call(request.map(RequestBody::buffered)).await;
-    let Some(lease) = held.lease.take() else {
-        return result.map(|r| r.map(ResponseBody::inner));
-    };
-    let store = &shared.store;
-    let config = &shared.config;
-    let response = match result {
-        Ok(response) => response,
-        Err(e) => {
-            let _ = store.release(lease).await;
-            shared.stats.record(Outcome::Released);
-            return Err(e);
-        }
-    };
-    if !(config.stored_status)(response.status()) {
-        let _ = store.release(lease).await;
-        shared.stats.record(Outcome::Released);
-        return Ok(response.map(ResponseBody::inner));
-    }
-    let (head, body) = response.into_parts();
-    // Encoded straight from the response's headers when the body is read.
-    let replayed = replayable(&config.replay_headers, &head.headers);
-    let encode = |body: Option<&[u8]>| encode_record(head.status, || replayed.iter(), body);
-    // The lease is held again while the body is read: a request dropped now
-    // releases it.
-    held.lease = Some(lease);
-    let mut body = Box::pin(body);
-    let mut buf = Gathered::default();
-    let mut trailers = None;
-    loop {
-        // The handler's error type need not be `Send`: boxed at once.
-        let next = body
-            .frame()
-            .await
-            .map(|frame| frame.map_err(Into::<BoxError>::into));
-        match next {
-            None => break,
-            Some(Err(error)) => {
-                let lease = held.lease.take().expect("held");
-                let _ = store.release(lease).await;
-                shared.stats.record(Outcome::Released);
-                let body = ResponseBody::failed(buf.finish(), error);
-                return Ok(Response::from_parts(head, body));
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if buf.len() + data.len() > config.max_response_body => {
-                    // Over the cap: the key completes without a body; the
-                    // client gets what was read, then the rest as it comes.
-                    let lease = held.lease.take().expect("held");
-                    let outcome = commit_omitted(&shared, lease, &encode).await;
-                    shared.stats.record(outcome);
-                    buf.push(data);
-                    let spilled = ResponseBody::spill(buf.finish(), body);
-                    return Ok(Response::from_parts(head, spilled));
-                }
-                Ok(data) => buf.push(data),
-                Err(frame) => {
-                    if let Ok(t) = frame.into_trailers() {
-                        trailers = Some(t);
-                    }
-                }
-            },
-        }
-    }
-    let lease = held.lease.take().expect("held");
-    let bytes = buf.finish();
-    let encoded = encode(Some(&bytes));
-    let len = encoded.len();
-    let outcome = match store.commit(lease, encoded).await {
-        Ok(()) => {
-            shared.stats.stored(len);
-            Outcome::Stored
-        }
-        Err(CommitError::ResultTooLarge { lease, .. }) => {
-            commit_omitted(&shared, lease, &encode).await
-        }
-        Err(CommitError::LeaseLost(_)) => Outcome::NotRecorded,
-        Err(CommitError::Unavailable { lease, .. }) => {
-            store.retry_commit(lease, encode(Some(&bytes)), &shared.stats);
-            Outcome::NotRecorded
-        }
-    };
-    shared.stats.record(outcome);
-    Ok(Response::from_parts(
-        head,
-        ResponseBody::full_with_trailers(bytes, trailers),
-    ))
 }
 
 /// Replayable headers found without allocating: a response has a handful.
@@ -532,7 +268,7 @@ const INLINE_HEADERS: usize = 8;
 /// The replayable headers of a response, borrowed from it, in the order
 /// they are stored: by their name's rank in the configured list, the
 /// values of one name in the response's order.
-struct Replayable<'h> {
+pub(crate) struct Replayable<'h> {
     inline: [Option<(usize, &'h HeaderName, &'h HeaderValue)>; INLINE_HEADERS],
     len: usize,
     /// All of them, once there are more than fit inline.
@@ -540,7 +276,7 @@ struct Replayable<'h> {
 }
 
 impl<'h> Replayable<'h> {
-    fn iter(&self) -> impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)> + '_ {
         let inline = self.inline[..self.len].iter().flatten();
         inline
             .chain(&self.spilled)
@@ -552,7 +288,7 @@ impl<'h> Replayable<'h> {
 /// headers (a handful), ranked by the first position of their name in
 /// `names`, then kept in rank order (stable: the values of one name keep
 /// their order). No hashing, no copies.
-fn replayable<'h>(names: &[HeaderName], headers: &'h HeaderMap) -> Replayable<'h> {
+pub(crate) fn replayable<'h>(names: &[HeaderName], headers: &'h HeaderMap) -> Replayable<'h> {
     let mut found = Replayable {
         inline: [None; INLINE_HEADERS],
         len: 0,
@@ -585,34 +321,8 @@ fn replayable<'h>(names: &[HeaderName], headers: &'h HeaderMap) -> Replayable<'h
     found
 }
 
-/// Completes the key with the response's status and headers but no body
-/// (`encode(None)`).
-async fn commit_omitted(
-    shared: &Shared,
-    lease: SharedLease,
-    encode: &impl Fn(Option<&[u8]>) -> Vec<u8>,
-) -> Outcome {
-    let omitted = encode(None);
-    let len = omitted.len();
-    match shared.store.commit(lease, omitted).await {
-        Ok(()) => {
-            shared.stats.stored(len);
-            Outcome::StoredWithoutBody
-        }
-        Err(CommitError::Unavailable { lease, .. }) => {
-            shared
-                .store
-                .retry_commit(lease, encode(None), &shared.stats);
-            Outcome::NotRecorded
-        }
-        // Even the bodiless record is over the engine's cap, or the lease
-        // is lost: nothing stored (a retry runs the handler again).
-        Err(_) => Outcome::NotRecorded,
-    }
-}
-
 /// The stored response, or `410` when there is none to replay.
-fn replay<B>(shared: &Shared, result: Arc<[u8]>) -> Response<ResponseBody<B>> {
+pub(crate) fn replay<B>(shared: &Shared, result: Arc<[u8]>) -> Response<ResponseBody<B>> {
     match StoredResponse::decode(result) {
         Ok(StoredResponse {
             status,

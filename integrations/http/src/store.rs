@@ -83,6 +83,17 @@ impl Store {
         self.engine.fingerprint(key)
     }
 
+    /// True when a claim (waiting up to `wait`) is an engine call made at
+    /// once, on the caller's thread: [`Self::claim_at_once`].
+    pub(crate) fn claims_at_once(&self, wait: Option<Duration>) -> bool {
+        self.direct && !(wait.is_some() && self.batcher.is_some())
+    }
+
+    /// A claim made at once (see [`Self::claims_at_once`]).
+    pub(crate) fn claim_at_once(&self, request: ClaimRequest<Fingerprint>) -> Claim<Arc<Deduper>> {
+        self.engine.claim_owned(request)
+    }
+
     /// Claims `request`, waiting up to `wait` for an in-flight holder.
     pub(crate) async fn claim(
         &self,

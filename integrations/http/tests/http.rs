@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use app::{eventually, pay, send, start};
 use tiered_dedup::Deduper;
-use tiered_dedup_http::{IdempotencyLayer, InFlight, Outcome, Scope};
+use tiered_dedup_http::{Dispatch, IdempotencyLayer, InFlight, Outcome, Scope};
 
 /// Every test is bounded in time.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -440,8 +440,20 @@ async fn keys_are_scoped_per_principal() {
 /// status. Request bodies over their cap are 413, unread past the cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_caps() {
+    bodies_over_the_caps_with(Dispatch::Direct).await;
+}
+
+/// The same through the batcher (the store's thread commits, the request
+/// awaits it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_caps_batched() {
+    bodies_over_the_caps_with(Dispatch::Batched).await;
+}
+
+async fn bodies_over_the_caps_with(dispatch: Dispatch) {
     bounded(async {
         let layer = IdempotencyLayer::builder(engine())
+            .dispatch(dispatch)
             .max_response_body(1000)
             .max_request_body(2000)
             .build()
@@ -527,8 +539,22 @@ impl http_body::Body for Chunks {
 /// key to the stored (amount, response).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_match_a_reference_model() {
+    random_requests_match_a_reference_model_with(Dispatch::Direct).await;
+}
+
+/// The same through the batcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_match_a_reference_model_batched() {
+    random_requests_match_a_reference_model_with(Dispatch::Batched).await;
+}
+
+async fn random_requests_match_a_reference_model_with(dispatch: Dispatch) {
     bounded(async {
-        let app = start(IdempotencyLayer::new(engine())).await;
+        let layer = IdempotencyLayer::builder(engine())
+            .dispatch(dispatch)
+            .build()
+            .unwrap();
+        let app = start(layer).await;
         let mut model: std::collections::HashMap<u64, (u64, app::Answer)> = Default::default();
         let mut runs = 0;
         let mut state = 0x9e37_79b9_7f4a_7c15_u64;
