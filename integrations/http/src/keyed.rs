@@ -215,7 +215,7 @@ where
                             let lease = take_lease(held);
                             let head = head.take().expect("one response");
                             let bytes = std::mem::take(buf).finish();
-                            store(shared, lease, head, bytes, trailers.take(), cx)
+                            store(shared, lease, head, bytes, Tail::Whole(trailers.take()), cx)
                         }
                         Some(Err(error)) => {
                             let lease = take_lease(held);
@@ -234,14 +234,8 @@ where
                                 let head = head.take().expect("one response");
                                 buf.push(data);
                                 let rest = body.take().expect("read until settled");
-                                store_without_body(
-                                    shared,
-                                    lease,
-                                    head,
-                                    std::mem::take(buf),
-                                    rest,
-                                    cx,
-                                )
+                                let read = std::mem::take(buf).finish();
+                                store(shared, lease, head, read, Tail::Spilled(rest), cx)
                             }
                             Ok(data) => {
                                 buf.push(data);
@@ -481,80 +475,64 @@ fn release<F, ReqB, ResB, E>(
     })
 }
 
-/// Stores the whole response (status, replayable headers, `bytes`), then
-/// answers it.
+/// What follows the bytes of a response read for storing.
+enum Tail<B> {
+    /// Nothing: the body was read whole (then its trailers, if any); it is
+    /// stored and answered whole.
+    Whole(Option<HeaderMap>),
+    /// The rest of a body over the cap: the record is stored without a
+    /// body, and the client gets the bytes read, then the rest as it comes.
+    Spilled(Pin<Box<B>>),
+}
+
+/// Commits the record of the response `head` (with `bytes` when the tail
+/// is [`Tail::Whole`]), then answers it — on a direct store at once, else
+/// once the batcher has committed.
 fn store<F, ReqB, ResB, E>(
     shared: &Arc<Shared>,
     lease: SharedLease,
     head: response::Parts,
     bytes: Bytes,
-    trailers: Option<HeaderMap>,
+    tail: Tail<ResB>,
     cx: &mut Context<'_>,
 ) -> Next<F, ReqB, ResB, E>
 where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    if shared.store.is_direct() {
+    let whole = matches!(tail, Tail::Whole(_));
+    let settle = if shared.store.is_direct() {
         let encode = |body: Option<&[u8]>| encode_head(shared, &head, body);
-        let outcome = at_once(cx, commit_record(shared, lease, Some(&bytes), &encode));
+        let stored = whole.then_some(&bytes[..]);
+        let outcome = at_once(cx, commit_record(shared, lease, stored, &encode));
         shared.stats.record(outcome);
-        let body = ResponseBody::full_with_trailers(bytes, trailers);
-        return Next::Ready(Ok(Response::from_parts(head, body)));
+        None
+    } else {
+        let owner = Arc::clone(shared);
+        let (status, headers) = (head.status, head.headers.clone());
+        let stored = whole.then(|| bytes.clone());
+        let settle: Boxed<()> = Box::pin(async move {
+            let encode = |body: Option<&[u8]>| {
+                let replayed = replayable(&owner.config.replay_headers, &headers);
+                encode_record(status, || replayed.iter(), body)
+            };
+            let outcome = commit_record(&owner, lease, stored.as_deref(), &encode).await;
+            owner.stats.record(outcome);
+        });
+        Some(settle)
+    };
+    let body = match tail {
+        Tail::Whole(trailers) => ResponseBody::full_with_trailers(bytes, trailers),
+        Tail::Spilled(rest) => ResponseBody::spill(bytes, rest),
+    };
+    let output = Ok(Response::from_parts(head, body));
+    match settle {
+        None => Next::Ready(output),
+        Some(settle) => Next::Step(Step::Settling {
+            settle,
+            output: Some(output),
+        }),
     }
-    let owner = Arc::clone(shared);
-    let (status, headers, stored) = (head.status, head.headers.clone(), bytes.clone());
-    let settle = Box::pin(async move {
-        let encode = |body: Option<&[u8]>| {
-            let replayed = replayable(&owner.config.replay_headers, &headers);
-            encode_record(status, || replayed.iter(), body)
-        };
-        let outcome = commit_record(&owner, lease, Some(&stored), &encode).await;
-        owner.stats.record(outcome);
-    });
-    let body = ResponseBody::full_with_trailers(bytes, trailers);
-    Next::Step(Step::Settling {
-        settle,
-        output: Some(Ok(Response::from_parts(head, body))),
-    })
-}
-
-/// A response body over the cap: the key completes with the status and
-/// headers but no body, and the client gets what was read (`read`), then
-/// the `rest` as it comes.
-fn store_without_body<F, ReqB, ResB, E>(
-    shared: &Arc<Shared>,
-    lease: SharedLease,
-    head: response::Parts,
-    read: Gathered,
-    rest: Pin<Box<ResB>>,
-    cx: &mut Context<'_>,
-) -> Next<F, ReqB, ResB, E>
-where
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    let body = ResponseBody::spill(read.finish(), rest);
-    if shared.store.is_direct() {
-        let encode = |body: Option<&[u8]>| encode_head(shared, &head, body);
-        let outcome = at_once(cx, commit_record(shared, lease, None, &encode));
-        shared.stats.record(outcome);
-        return Next::Ready(Ok(Response::from_parts(head, body)));
-    }
-    let owner = Arc::clone(shared);
-    let (status, headers) = (head.status, head.headers.clone());
-    let settle = Box::pin(async move {
-        let encode = |body: Option<&[u8]>| {
-            let replayed = replayable(&owner.config.replay_headers, &headers);
-            encode_record(status, || replayed.iter(), body)
-        };
-        let outcome = commit_record(&owner, lease, None, &encode).await;
-        owner.stats.record(outcome);
-    });
-    Next::Step(Step::Settling {
-        settle,
-        output: Some(Ok(Response::from_parts(head, body))),
-    })
 }
 
 /// The stored record of a response with `head` and `body` (`None`: the
