@@ -437,14 +437,7 @@ impl RedisPartition {
             "keys held by leases of a lost request of ours: decided again after their release"
         );
         let again: Vec<SharedOp<'_>> = held.iter().map(|&i| ops[i]).collect();
-        let mut answers = Vec::with_capacity(again.len());
-        if !self
-            .exchange_ops_once(window, &again, &mut answers)?
-            .is_empty()
-        {
-            self.orphan_acquired(&again, &answers);
-            return Err(self.missing_result());
-        }
+        let answers = self.exchange_again(window, &again)?;
         for (&i, answer) in held.iter().zip(answers) {
             out[i] = answer;
         }
@@ -504,15 +497,7 @@ impl RedisPartition {
             claims = again.len(),
             "committed results of expired slices are gone: claimed again past their window"
         );
-        let mut answers = Vec::with_capacity(again.len());
-        if !self
-            .exchange_ops_once(window, &again, &mut answers)?
-            .is_empty()
-        {
-            // A newer record of the key lost its result too.
-            self.orphan_acquired(&again, &answers);
-            return Err(self.missing_result());
-        }
+        let answers = self.exchange_again(window, &again)?;
         for ((&i, answer), op) in missing.iter().zip(answers).zip(&again) {
             out[i] = match (answer, op) {
                 // The lease reports the record time the store keeps.
@@ -523,6 +508,26 @@ impl RedisPartition {
             };
         }
         Ok(())
+    }
+
+    /// A second exchange of a call (`again`: some of its operations,
+    /// decided anew): their answers, or an error when a claim among them
+    /// finds a newer record whose result is missing too (the leases they
+    /// acquired are orphaned: the caller hears `Unavailable`).
+    fn exchange_again(
+        &mut self,
+        window: Option<u64>,
+        again: &[SharedOp<'_>],
+    ) -> Result<Vec<SharedAnswer>, ExactTierError> {
+        let mut answers = Vec::with_capacity(again.len());
+        if !self
+            .exchange_ops_once(window, again, &mut answers)?
+            .is_empty()
+        {
+            self.orphan_acquired(again, &answers);
+            return Err(self.missing_result());
+        }
+        Ok(answers)
     }
 
     /// True when the log shows that some engine's clock reached the slice
