@@ -303,9 +303,191 @@ impl BatchConsumer {
     pub fn process<M, E>(
         &self,
         batch: Vec<Delivery<M>>,
+        handler: impl FnMut(&M) -> Result<Vec<u8>, E>,
+        on_conflict: impl FnMut(&M),
+    ) -> Vec<(M, Disposition)> {
+        let mut step = self.claim_and_act(Vec::new(), &batch, handler, on_conflict);
+        // 3. Commit the successes in one call: the record before the ack.
+        let outcomes = self.commit_with_retry(std::mem::take(&mut step.leases), &step.bodies);
+        for (&i, outcome) in step.acted.iter().zip(outcomes) {
+            step.out[i] = Some(if outcome {
+                Disposition::Processed
+            } else {
+                Disposition::Uncommitted
+            });
+        }
+        step.follow(&batch);
+        batch
+            .into_iter()
+            .zip(step.out)
+            .map(|(d, o)| {
+                let o = o.expect("every delivery settled");
+                ConsumerStats::count(&self.counters, &o);
+                (d.message, o)
+            })
+            .collect()
+    }
+
+    /// Processes one batch as [`BatchConsumer::process`] does, except that
+    /// the batch's commits are held back in `held` and sent with the
+    /// **next** batch's claims, in one engine call: with shared keys on a
+    /// remote tier, one round trip per batch instead of two.
+    ///
+    /// Returns what to do with the messages settled by this call, to be
+    /// acked (or not) as they come: first the previous batch's handled
+    /// messages, whose commits went with this batch's claims
+    /// ([`Disposition::Processed`] or [`Disposition::Uncommitted`]), then
+    /// this batch's deliveries that were not acted on (replays, keys held
+    /// elsewhere, failures, conflicts), in delivery order. This batch's
+    /// handled messages stay in `held` until the next call, or until
+    /// [`BatchConsumer::flush`].
+    ///
+    /// The order of effect, commit and ack is kept — every ack follows its
+    /// commit — but a handled message waits one more batch for both, and
+    /// its key stays leased meanwhile: call [`BatchConsumer::flush`] when a
+    /// read comes back empty or short (the next one may wait for messages)
+    /// and before stopping. A `held` dropped without a flush releases its
+    /// leases, and its messages, never acked, are delivered again and acted
+    /// on again: a crash between the effect and the commit, which this mode
+    /// widens from one call to one batch.
+    pub fn process_pipelined<M, E>(
+        &self,
+        held: &mut Held<M>,
+        batch: Vec<Delivery<M>>,
+        handler: impl FnMut(&M) -> Result<Vec<u8>, E>,
+        on_conflict: impl FnMut(&M),
+    ) -> Vec<(M, Disposition)> {
+        let carried = std::mem::take(held);
+        let commits: Vec<_> = carried.leases.into_iter().zip(carried.bodies).collect();
+        let mut step = self.claim_and_act(commits, &batch, handler, on_conflict);
+        let mut settled = self.settle_carried(
+            carried.messages,
+            std::mem::take(&mut step.carried),
+            std::mem::take(&mut step.carried_bodies),
+        );
+        // A repeat in this batch of a delivery held here replays its result
+        // whether or not the commit then succeeds, as in `process`.
+        for &i in &step.acted {
+            step.out[i] = Some(Disposition::Processed);
+        }
+        step.follow(&batch);
+        let Step {
+            out,
+            leases,
+            bodies,
+            acted,
+            ..
+        } = step;
+        let mut acted = acted.into_iter().peekable();
+        for (i, (d, o)) in batch.into_iter().zip(out).enumerate() {
+            if acted.peek() == Some(&i) {
+                acted.next();
+                held.messages.push(d.message);
+                continue;
+            }
+            let o = o.expect("every delivery settled");
+            ConsumerStats::count(&self.counters, &o);
+            settled.push((d.message, o));
+        }
+        held.leases = leases;
+        held.bodies = bodies;
+        settled
+    }
+
+    /// Commits what `held` holds (the last batch of
+    /// [`BatchConsumer::process_pipelined`]) on its own, and says what to
+    /// do with those messages: [`Disposition::Processed`] or
+    /// [`Disposition::Uncommitted`], both acked.
+    pub fn flush<M>(&self, held: &mut Held<M>) -> Vec<(M, Disposition)> {
+        let carried = std::mem::take(held);
+        if carried.messages.is_empty() {
+            return Vec::new();
+        }
+        let outcomes = self.commit_with_retry(carried.leases, &carried.bodies);
+        carried
+            .messages
+            .into_iter()
+            .zip(outcomes)
+            .map(|(m, stored)| {
+                let o = if stored {
+                    Disposition::Processed
+                } else {
+                    Disposition::Uncommitted
+                };
+                ConsumerStats::count(&self.counters, &o);
+                (m, o)
+            })
+            .collect()
+    }
+
+    /// The dispositions of the messages whose commits went with a batch's
+    /// claims: failed commits the tier could not answer are tried again
+    /// (as `commit_with_retry` does), the others answered as they came.
+    fn settle_carried<M>(
+        &self,
+        messages: Vec<M>,
+        outcomes: Vec<Result<(), CommitError<Arc<Deduper>>>>,
+        bodies: Vec<Vec<u8>>,
+    ) -> Vec<(M, Disposition)> {
+        let mut stored: Vec<bool> = Vec::with_capacity(outcomes.len());
+        let mut again = Vec::new();
+        let mut again_at = Vec::new();
+        let mut again_bodies = Vec::new();
+        for (k, (outcome, body)) in outcomes.into_iter().zip(bodies).enumerate() {
+            stored.push(match outcome {
+                Ok(()) => true,
+                Err(CommitError::Unavailable { lease, .. }) if !self.commit_retry.is_zero() => {
+                    again.push(lease);
+                    again_at.push(k);
+                    again_bodies.push(body);
+                    false
+                }
+                Err(e) => {
+                    if let Some(lease) = e.into_lease() {
+                        let _ = lease.release();
+                    }
+                    false
+                }
+            });
+        }
+        if !again.is_empty() {
+            self.counters
+                .commit_retries
+                .fetch_add(again.len() as u64, Ordering::Relaxed);
+            std::thread::sleep(RETRY_PAUSE_FIRST);
+            for (k, ok) in again_at
+                .into_iter()
+                .zip(self.commit_with_retry(again, &again_bodies))
+            {
+                stored[k] = ok;
+            }
+        }
+        messages
+            .into_iter()
+            .zip(stored)
+            .map(|(m, stored)| {
+                let o = if stored {
+                    Disposition::Processed
+                } else {
+                    Disposition::Uncommitted
+                };
+                ConsumerStats::count(&self.counters, &o);
+                (m, o)
+            })
+            .collect()
+    }
+
+    /// Steps 1 and 2 of a batch: claims every delivery in one engine call,
+    /// with `commits` (an earlier batch's, pipelined) sent first in the
+    /// same call, and runs `handler` on each acquired delivery in order.
+    /// The successes' leases and results are left in the step, to commit.
+    fn claim_and_act<M, E>(
+        &self,
+        commits: Vec<(Lease<Arc<Deduper>>, Vec<u8>)>,
+        batch: &[Delivery<M>],
         mut handler: impl FnMut(&M) -> Result<Vec<u8>, E>,
         mut on_conflict: impl FnMut(&M),
-    ) -> Vec<(M, Disposition)> {
+    ) -> Step {
         let c = &self.counters;
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -336,13 +518,27 @@ impl BatchConsumer {
             slot.push(Ok(requests.len()));
             requests.push(r);
         }
-        let claims = self.engine.claim_batch_owned(&requests);
+        let (carried, carried_bodies, claims) = if commits.is_empty() {
+            (
+                Vec::new(),
+                Vec::new(),
+                self.engine.claim_batch_owned(&requests),
+            )
+        } else {
+            // The results are moved into the call and back out of it in
+            // the same order (the retry of a failed commit needs them).
+            let (leases, bodies): (Vec<_>, Vec<_>) = commits.into_iter().unzip();
+            let (done, claims) = self
+                .engine
+                .commit_and_claim_batch(leases.into_iter().zip(bodies.iter()).collect(), &requests);
+            (done, bodies, claims)
+        };
         drop(first_of);
         // 2. Act on the acquired ones, in delivery order.
         let mut out: Vec<Option<Disposition>> = (0..batch.len()).map(|_| None).collect();
         let mut leases = Vec::with_capacity(batch.len());
         let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
-        let mut committed_at = Vec::with_capacity(batch.len());
+        let mut acted = Vec::with_capacity(batch.len());
         // The claims answer the requests in order, and the requests were
         // made in delivery order: the next claim is the next first delivery's.
         let mut claims = claims.into_iter();
@@ -355,7 +551,7 @@ impl BatchConsumer {
                     Ok(result) => {
                         leases.push(lease);
                         bodies.push(result);
-                        committed_at.push(i);
+                        acted.push(i);
                         continue;
                     }
                     Err(_) => {
@@ -373,47 +569,35 @@ impl BatchConsumer {
                 Claim::Late { .. } => Disposition::Late,
             });
         }
-        // 3. Commit the successes in one call: the record before the ack.
+        // A repeat with another payload than its first delivery's is a
+        // conflict, whatever the first's outcome.
+        for (i, d) in batch.iter().enumerate() {
+            if let Err(j) = slot[i] {
+                if let (Some(a), Some(b)) = (batch[j].payload, d.payload) {
+                    if a != b {
+                        on_conflict(&d.message);
+                        out[i] = Some(Disposition::Conflict);
+                    }
+                }
+            }
+        }
         // The results a repeat in this batch replays are kept (copied once).
-        let outcomes = self.commit_with_retry(leases, &bodies);
         let mut stored: Vec<Option<Arc<[u8]>>> = vec![None; batch.len()];
-        for ((&i, outcome), body) in committed_at.iter().zip(outcomes).zip(&bodies) {
-            out[i] = Some(if outcome {
-                Disposition::Processed
-            } else {
-                Disposition::Uncommitted
-            });
+        for (&i, body) in acted.iter().zip(&bodies) {
             if repeated[i] {
                 stored[i] = Some(Arc::from(&body[..]));
             }
         }
-        // 4. Repeats within the batch follow their first delivery.
-        for i in 0..batch.len() {
-            if let Err(j) = slot[i] {
-                if let (Some(a), Some(b)) = (batch[j].payload, batch[i].payload) {
-                    if a != b {
-                        on_conflict(&batch[i].message);
-                        out[i] = Some(Disposition::Conflict);
-                        continue;
-                    }
-                }
-                out[i] = Some(match out[j].clone().expect("settled above") {
-                    Disposition::Processed | Disposition::Uncommitted => Disposition::Replayed {
-                        result: stored[j].clone().unwrap_or_else(|| Arc::from(&[][..])),
-                    },
-                    other => other,
-                });
-            }
+        Step {
+            carried,
+            carried_bodies,
+            out,
+            leases,
+            bodies,
+            acted,
+            slot,
+            stored,
         }
-        batch
-            .into_iter()
-            .zip(out)
-            .map(|(d, o)| {
-                let o = o.expect("every delivery settled");
-                ConsumerStats::count(c, &o);
-                (d.message, o)
-            })
-            .collect()
     }
 
     /// Commits `leases[k]` with `bodies[k]` in one call, then tries the
@@ -465,6 +649,88 @@ impl BatchConsumer {
             leases = again;
             pending = retry;
         }
+    }
+}
+
+/// A batch claimed and acted on, not yet committed (see
+/// `BatchConsumer::claim_and_act`).
+struct Step {
+    /// The outcomes of the commits sent with the claims (pipelined), and
+    /// their results, in the order they were given.
+    carried: Vec<Result<(), CommitError<Arc<Deduper>>>>,
+    carried_bodies: Vec<Vec<u8>>,
+    /// Each delivery's disposition; `None` for the ones acted on (until
+    /// committed) and for repeats (until [`Step::follow`]).
+    out: Vec<Option<Disposition>>,
+    /// The handler's successes: their leases and results, and positions.
+    leases: Vec<Lease<Arc<Deduper>>>,
+    bodies: Vec<Vec<u8>>,
+    acted: Vec<usize>,
+    /// Per delivery: `Ok(request)`, or `Err(first)` for a repeat of the
+    /// delivery at `first`.
+    slot: Vec<Result<usize, usize>>,
+    /// The results of first deliveries that a repeat replays.
+    stored: Vec<Option<Arc<[u8]>>>,
+}
+
+impl Step {
+    /// Repeats within the batch follow their first delivery (once the
+    /// first ones are settled): a committed one's result is replayed.
+    fn follow<M>(&mut self, batch: &[Delivery<M>]) {
+        for i in 0..batch.len() {
+            let Err(j) = self.slot[i] else { continue };
+            if self.out[i].is_some() {
+                continue; // a conflict
+            }
+            self.out[i] = Some(match self.out[j].clone().expect("settled first") {
+                Disposition::Processed | Disposition::Uncommitted => Disposition::Replayed {
+                    result: self.stored[j].clone().unwrap_or_else(|| Arc::from(&[][..])),
+                },
+                other => other,
+            });
+        }
+    }
+}
+
+/// The commits [`BatchConsumer::process_pipelined`] holds back to send
+/// with the next batch's claims: the handled messages of the last batch,
+/// their leases and results. Flush it ([`BatchConsumer::flush`]) before
+/// dropping it: dropped, it releases the leases, and the messages (never
+/// acked) are delivered and acted on again.
+#[derive(Debug)]
+pub struct Held<M> {
+    messages: Vec<M>,
+    leases: Vec<Lease<Arc<Deduper>>>,
+    bodies: Vec<Vec<u8>>,
+}
+
+impl<M> Default for Held<M> {
+    fn default() -> Self {
+        Held {
+            messages: Vec::new(),
+            leases: Vec::new(),
+            bodies: Vec::new(),
+        }
+    }
+}
+
+impl<M> Held<M> {
+    /// Nothing held.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many handled messages wait for their commit.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// True when no commit waits.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
     }
 }
 
@@ -576,5 +842,175 @@ mod tests {
                 result: Arc::from(&[1u8, 1, 1][..])
             }
         );
+    }
+
+    #[test]
+    fn pipelined_commits_go_with_the_next_batch() {
+        let c = consumer();
+        let mut held = Held::new();
+        let mut runs = Vec::new();
+        let out = c.process_pipelined(
+            &mut held,
+            vec![
+                Delivery::new("a", 1),
+                Delivery::new("b", 2),
+                Delivery::new("a", 3),
+            ],
+            |m: &i32| {
+                runs.push(*m);
+                Ok::<_, ()>(vec![*m as u8])
+            },
+            |_| {},
+        );
+        // The handled ones wait for their commit; the repeat within the
+        // batch replays the first's result at once.
+        assert_eq!(held.len(), 2);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, 3);
+        assert_eq!(
+            out[0].1,
+            Disposition::Replayed {
+                result: Arc::from(&[1u8][..])
+            }
+        );
+        // Not committed yet: the key is held.
+        assert!(matches!(c.engine().claim("a"), Claim::InProgress { .. }));
+        let out = c.process_pipelined(
+            &mut held,
+            vec![Delivery::new("a", 4), Delivery::new("c", 5)],
+            |m: &i32| {
+                runs.push(*m);
+                Ok::<_, ()>(vec![*m as u8])
+            },
+            |_| {},
+        );
+        // The first batch's commits went first: its messages are settled,
+        // and the repeat of "a" in this batch found it completed.
+        let got: Vec<(i32, Disposition)> = out.into_iter().collect();
+        assert_eq!(got[0], (1, Disposition::Processed));
+        assert_eq!(got[1], (2, Disposition::Processed));
+        assert_eq!(
+            got[2],
+            (
+                4,
+                Disposition::Replayed {
+                    result: Arc::from(&[1u8][..])
+                }
+            )
+        );
+        assert_eq!(got.len(), 3);
+        assert_eq!(held.len(), 1);
+        let out = c.flush(&mut held);
+        assert_eq!(out, vec![(5, Disposition::Processed)]);
+        assert!(held.is_empty());
+        assert!(c.flush(&mut held).is_empty());
+        assert_eq!(runs, vec![1, 2, 5]);
+        let s = c.stats();
+        assert_eq!(
+            (s.batches, s.delivered, s.processed, s.replayed),
+            (2, 5, 3, 2)
+        );
+    }
+
+    #[test]
+    fn held_commits_dropped_unflushed_release_their_keys() {
+        let c = consumer();
+        let mut held = Held::new();
+        let out = c.process_pipelined(
+            &mut held,
+            vec![Delivery::new("a", 1)],
+            |_: &i32| Ok::<_, ()>(vec![]),
+            |_| {},
+        );
+        assert!(out.is_empty());
+        drop(held);
+        // As if never claimed: the redelivery acts again.
+        assert!(matches!(c.engine().claim("a"), Claim::Acquired(_)));
+    }
+
+    /// Random batches through `process` and through `process_pipelined`
+    /// (flushed at the end) on two engines: every message gets the same
+    /// disposition and the handler runs for the same messages.
+    #[test]
+    fn pipelined_matches_one_batch_at_a_time() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let plain = consumer();
+        let piped = consumer();
+        let mut held = Held::new();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut runs_a, mut runs_b) = (Vec::new(), Vec::new());
+        // A message fails its handler when its id says so (the same in
+        // both runs).
+        let fails = |m: &u64| m % 7 == 3;
+        let mut id = 0u64;
+        for round in 0..400 {
+            let len = (next() % 24) as usize;
+            let batch: Vec<(String, Option<u64>, u64)> = (0..len)
+                .map(|_| {
+                    id += 1;
+                    let key = format!("k{}", next() % 60);
+                    let payload = (next() % 5 == 0).then(|| next() % 2);
+                    (key, payload, id)
+                })
+                .collect();
+            let deliveries = || {
+                batch
+                    .iter()
+                    .map(|(k, p, m)| {
+                        let d = Delivery::new(k, *m);
+                        match p {
+                            Some(p) => d.payload(PayloadFingerprint(*p)),
+                            None => d,
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            };
+            a.extend(plain.process(
+                deliveries(),
+                |m| {
+                    runs_a.push(*m);
+                    if fails(m) {
+                        Err(())
+                    } else {
+                        Ok(m.to_le_bytes().to_vec())
+                    }
+                },
+                |_| {},
+            ));
+            b.extend(piped.process_pipelined(
+                &mut held,
+                deliveries(),
+                |m| {
+                    runs_b.push(*m);
+                    if fails(m) {
+                        Err(())
+                    } else {
+                        Ok(m.to_le_bytes().to_vec())
+                    }
+                },
+                |_| {},
+            ));
+            if round % 37 == 0 {
+                b.extend(piped.flush(&mut held));
+            }
+        }
+        b.extend(piped.flush(&mut held));
+        a.sort_by_key(|(m, _)| *m);
+        b.sort_by_key(|(m, _)| *m);
+        assert_eq!(a.len(), id as usize);
+        assert_eq!(a, b);
+        assert_eq!(runs_a, runs_b);
+        let (sa, sb) = (plain.stats(), piped.stats());
+        assert_eq!(sa.processed, sb.processed);
+        assert_eq!(sa.replayed, sb.replayed);
+        assert_eq!(sa.failed, sb.failed);
+        assert_eq!(sa.conflicts, sb.conflicts);
+        assert!(sa.conflicts > 0 && sa.failed > 0 && sa.replayed > 0);
     }
 }

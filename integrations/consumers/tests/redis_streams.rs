@@ -15,7 +15,9 @@ use tiered_dedup::consumer::{BatchConsumer, Delivery, Disposition};
 use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
 use tiered_dedup::{Affinity, Deduper, ExactTier};
 use tiered_dedup_consumers::redis_streams::{publish, RedisStreamConsumer, StreamEntry};
-use tiered_dedup_consumers::{process_blocking, Batching};
+use tiered_dedup_consumers::{
+    flush_blocking, process_blocking, process_pipelined_blocking, Batching,
+};
 
 type Handler = dyn Fn(&StreamEntry) -> Result<Vec<u8>, String> + Send + Sync;
 type OnConflict = dyn Fn(&StreamEntry) + Send + Sync;
@@ -451,4 +453,112 @@ async fn a_connection_that_only_times_out_is_replaced() {
     let mut done = effects.lock().unwrap().clone();
     done.sort();
     assert_eq!(done, vec!["a", "b", "c"]);
+}
+
+/// Pipelined (`process_pipelined_blocking`): each batch's commits go to
+/// Redis with the next batch's claims, one transaction per batch instead
+/// of two; a short read flushes what is held. Every key acted on once,
+/// every entry acked, nothing left pending.
+#[tokio::test]
+async fn a_pipelined_consumer_sends_one_request_per_batch_and_acts_once() {
+    let server = RedisServer::start();
+    let mut source = member(&server, "c1").await;
+    // 600 entries: every third repeats a key one to several batches back.
+    let keys: Vec<String> = (0..600)
+        .map(|i| {
+            if i % 3 == 2 {
+                format!("k{}", i / 3)
+            } else {
+                format!("k{i}")
+            }
+        })
+        .collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    publish_keys(&server, &refs).await;
+    let tier = RedisTier::new(RedisConfig::new(&server.url()));
+    let dedup = Arc::new(BatchConsumer::new(Arc::new(
+        Deduper::builder()
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .affinity(Affinity::Shared)
+            .shards(1)
+            .lease_duration(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    )));
+    let (effects, handler) = recorder();
+    let none: Arc<OnConflict> = Arc::new(|_| panic!("no conflicts"));
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut admin)
+        .unwrap();
+    let mut held = tiered_dedup::consumer::Held::new();
+    let (mut batches, mut flushes) = (0, 0);
+    let start = Instant::now();
+    while source.acked() < 600 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} of 600 acked",
+            source.acked()
+        );
+        let batch = source.next_batch().await.unwrap();
+        let short = batch.len() < 64;
+        if !batch.is_empty() {
+            batches += 1;
+        }
+        let deliveries = batch
+            .into_iter()
+            .map(|e| Delivery::new(key_of(&e).unwrap(), e))
+            .collect();
+        let (mut settled, rest) =
+            process_pipelined_blocking(&dedup, held, deliveries, &handler, &none)
+                .await
+                .unwrap();
+        held = rest;
+        if short && !held.is_empty() {
+            flushes += 1;
+            settled.extend(
+                flush_blocking(&dedup, std::mem::take(&mut held))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert!(settled.iter().all(|(_, d)| d.should_ack()));
+        source
+            .settle(settled.iter().map(|(e, d)| (e, d)), std::iter::empty())
+            .await
+            .unwrap();
+    }
+    let mut distinct = keys.clone();
+    distinct.sort();
+    distinct.dedup();
+    let mut done = effects.lock().unwrap().clone();
+    done.sort();
+    assert_eq!(done, distinct, "each key acted on once");
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg("orders")
+        .arg("dedup")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(pending.0, 0, "nothing left pending");
+    // One transaction per batch (its claims and the last batch's commits)
+    // and one per flush; one batch at a time would take two per batch.
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut admin)
+        .unwrap();
+    let execs: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .expect("EXEC counted");
+    assert!(
+        execs <= batches + flushes + 1,
+        "{execs} transactions for {batches} batches and {flushes} flushes"
+    );
+    assert!(batches >= 9, "{batches} batches of at most 64");
 }
