@@ -90,11 +90,7 @@ impl Conn {
             return None;
         };
         let mut run = || {
-            let mut packed = Vec::new();
-            for cmd in cmds {
-                cmd.write_packed_command(&mut packed);
-            }
-            c.send_packed_command(&packed)?;
+            c.send_packed_command(&packed(cmds))?;
             let mut replies = Vec::with_capacity(cmds.len());
             for _ in cmds {
                 match c.recv_response()? {
@@ -115,11 +111,7 @@ impl Conn {
         let Conn::Single(c) = self else {
             return self.pipeline(cmds.to_vec());
         };
-        let mut packed = Vec::new();
-        for cmd in cmds {
-            cmd.write_packed_command(&mut packed);
-        }
-        c.send_packed_command(&packed)?;
+        c.send_packed_command(&packed(cmds))?;
         cmds.iter().map(|_| c.recv_response()).collect()
     }
 
@@ -129,6 +121,27 @@ impl Conn {
             Conn::Cluster(c) => &mut **c,
         }
     }
+}
+
+/// `cmds` in the protocol's form, one buffer sized for them up front: grown
+/// from empty, a request of a batch's entries (a 10 kB `XADD`) was copied
+/// about ten times, 18 reallocations per request (callgrind).
+fn packed(cmds: &[Cmd]) -> Vec<u8> {
+    // Each argument: `$<len>\r\n<bytes>\r\n`; each command: `*<n>\r\n`.
+    let bytes: usize = cmds
+        .iter()
+        .flat_map(Cmd::args_iter)
+        .map(|a| match a {
+            redis::Arg::Simple(b) => b.len() + 16,
+            _ => 24,
+        })
+        .sum::<usize>()
+        + 16 * cmds.len();
+    let mut packed = Vec::with_capacity(bytes);
+    for cmd in cmds {
+        cmd.write_packed_command(&mut packed);
+    }
+    packed
 }
 
 /// Shortest and longest wait before reconnecting after a failure.
