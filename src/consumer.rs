@@ -117,6 +117,16 @@ pub enum Disposition {
 }
 
 impl Disposition {
+    /// A handled delivery's disposition once its commit was (or was not)
+    /// stored.
+    fn committed(stored: bool) -> Self {
+        if stored {
+            Disposition::Processed
+        } else {
+            Disposition::Uncommitted
+        }
+    }
+
     /// True when the delivery is settled and should be acked; false when
     /// the broker should deliver it again.
     #[must_use]
@@ -309,12 +319,8 @@ impl BatchConsumer {
         let mut step = self.claim_and_act(Vec::new(), &batch, handler, on_conflict);
         // 3. Commit the successes in one call: the record before the ack.
         let outcomes = self.commit_with_retry(std::mem::take(&mut step.leases), &step.bodies);
-        for (&i, outcome) in step.acted.iter().zip(outcomes) {
-            step.out[i] = Some(if outcome {
-                Disposition::Processed
-            } else {
-                Disposition::Uncommitted
-            });
+        for (&i, stored) in step.acted.iter().zip(outcomes) {
+            step.out[i] = Some(Disposition::committed(stored));
         }
         step.follow(&batch);
         batch
@@ -360,11 +366,9 @@ impl BatchConsumer {
         let carried = std::mem::take(held);
         let commits: Vec<_> = carried.leases.into_iter().zip(carried.bodies).collect();
         let mut step = self.claim_and_act(commits, &batch, handler, on_conflict);
-        let mut settled = self.settle_carried(
-            carried.messages,
-            std::mem::take(&mut step.carried),
-            std::mem::take(&mut step.carried_bodies),
-        );
+        let stored =
+            self.retry_unavailable(std::mem::take(&mut step.carried), &step.carried_bodies);
+        let mut settled = self.settle_committed(carried.messages, stored);
         // A repeat in this batch of a delivery held here replays its result
         // whether or not the commit then succeeds, as in `process`.
         for &i in &step.acted {
@@ -403,74 +407,18 @@ impl BatchConsumer {
         if carried.messages.is_empty() {
             return Vec::new();
         }
-        let outcomes = self.commit_with_retry(carried.leases, &carried.bodies);
-        carried
-            .messages
-            .into_iter()
-            .zip(outcomes)
-            .map(|(m, stored)| {
-                let o = if stored {
-                    Disposition::Processed
-                } else {
-                    Disposition::Uncommitted
-                };
-                ConsumerStats::count(&self.counters, &o);
-                (m, o)
-            })
-            .collect()
+        let stored = self.commit_with_retry(carried.leases, &carried.bodies);
+        self.settle_committed(carried.messages, stored)
     }
 
-    /// The dispositions of the messages whose commits went with a batch's
-    /// claims: failed commits the tier could not answer are tried again
-    /// (as `commit_with_retry` does), the others answered as they came.
-    fn settle_carried<M>(
-        &self,
-        messages: Vec<M>,
-        outcomes: Vec<Result<(), CommitError<Arc<Deduper>>>>,
-        bodies: Vec<Vec<u8>>,
-    ) -> Vec<(M, Disposition)> {
-        let mut stored: Vec<bool> = Vec::with_capacity(outcomes.len());
-        let mut again = Vec::new();
-        let mut again_at = Vec::new();
-        let mut again_bodies = Vec::new();
-        for (k, (outcome, body)) in outcomes.into_iter().zip(bodies).enumerate() {
-            stored.push(match outcome {
-                Ok(()) => true,
-                Err(CommitError::Unavailable { lease, .. }) if !self.commit_retry.is_zero() => {
-                    again.push(lease);
-                    again_at.push(k);
-                    again_bodies.push(body);
-                    false
-                }
-                Err(e) => {
-                    if let Some(lease) = e.into_lease() {
-                        let _ = lease.release();
-                    }
-                    false
-                }
-            });
-        }
-        if !again.is_empty() {
-            self.counters
-                .commit_retries
-                .fetch_add(again.len() as u64, Ordering::Relaxed);
-            std::thread::sleep(RETRY_PAUSE_FIRST);
-            for (k, ok) in again_at
-                .into_iter()
-                .zip(self.commit_with_retry(again, &again_bodies))
-            {
-                stored[k] = ok;
-            }
-        }
+    /// Each message with whether its commit was stored, as a disposition
+    /// (counted).
+    fn settle_committed<M>(&self, messages: Vec<M>, stored: Vec<bool>) -> Vec<(M, Disposition)> {
         messages
             .into_iter()
             .zip(stored)
             .map(|(m, stored)| {
-                let o = if stored {
-                    Disposition::Processed
-                } else {
-                    Disposition::Uncommitted
-                };
+                let o = Disposition::committed(stored);
                 ConsumerStats::count(&self.counters, &o);
                 (m, o)
             })
@@ -601,25 +549,37 @@ impl BatchConsumer {
     }
 
     /// Commits `leases[k]` with `bodies[k]` in one call, then tries the
-    /// ones the exact tier failed again, the whole set in one call per
-    /// try, for up to the consumer's retry budget. Whether each was stored;
-    /// a commit not stored has its lease released (lost, or handed back:
-    /// too large, or the tier still failing).
+    /// ones the exact tier failed again ([`BatchConsumer::retry_unavailable`]).
+    /// Whether each was stored.
     fn commit_with_retry(&self, leases: Vec<Lease<Arc<Deduper>>>, bodies: &[Vec<u8>]) -> Vec<bool> {
-        let mut stored = vec![false; leases.len()];
-        let mut pending: Vec<usize> = (0..leases.len()).collect();
-        let mut leases = leases;
+        let commits = leases
+            .into_iter()
+            .zip(bodies)
+            .map(|(lease, body)| (lease, &body[..]))
+            .collect();
+        let outcomes = self.engine.commit_batch(commits);
+        self.retry_unavailable(outcomes, bodies)
+    }
+
+    /// Given the outcomes of commits of `bodies` (in order), tries the ones
+    /// the exact tier failed (`CommitError::Unavailable`) again, the whole
+    /// set in one call per try, for up to the consumer's retry budget.
+    /// Whether each was stored; a commit not stored has its lease released
+    /// (lost, or handed back: too large, or the tier still failing).
+    fn retry_unavailable(
+        &self,
+        outcomes: Vec<Result<(), CommitError<Arc<Deduper>>>>,
+        bodies: &[Vec<u8>],
+    ) -> Vec<bool> {
+        let mut stored = vec![false; outcomes.len()];
+        let mut pending: Vec<usize> = (0..outcomes.len()).collect();
+        let mut outcomes = outcomes;
         let give_up = Instant::now() + self.commit_retry;
         let mut pause = RETRY_PAUSE_FIRST;
         loop {
-            let commits: Vec<_> = leases
-                .into_iter()
-                .zip(&pending)
-                .map(|(lease, &k)| (lease, &bodies[k][..]))
-                .collect();
             let mut again = Vec::new();
             let mut retry = Vec::new();
-            for (&k, outcome) in pending.iter().zip(self.engine.commit_batch(commits)) {
+            for (&k, outcome) in pending.iter().zip(outcomes) {
                 match outcome {
                     Ok(()) => stored[k] = true,
                     Err(CommitError::Unavailable { lease, .. })
@@ -646,7 +606,12 @@ impl BatchConsumer {
                 .fetch_add(again.len() as u64, Ordering::Relaxed);
             std::thread::sleep(pause);
             pause = (pause * 2).min(RETRY_PAUSE_MAX);
-            leases = again;
+            let commits = again
+                .into_iter()
+                .zip(&retry)
+                .map(|(lease, &k)| (lease, &bodies[k][..]))
+                .collect();
+            outcomes = self.engine.commit_batch(commits);
             pending = retry;
         }
     }

@@ -197,23 +197,6 @@ async fn jetstream_pass(
         let batch = source.next_batch().await.unwrap();
         done += batch.len() as u64;
         match variant {
-            Variant::RedisPipelined => {
-                let short = batch.len() < max;
-                let deliveries = batch
-                    .into_iter()
-                    .map(|m| Delivery::new(m.payload.clone(), m))
-                    .collect();
-                let (settled, rest) =
-                    process_pipelined_blocking(&dedup, held, deliveries, &handler, &none)
-                        .await
-                        .unwrap();
-                held = rest;
-                source.settle(settled).await.unwrap();
-                if short || done >= n {
-                    let flushed = flush_blocking(&dedup, std::mem::take(&mut held));
-                    source.settle(flushed.await.unwrap()).await.unwrap();
-                }
-            }
             Variant::NoDedup => {
                 for m in &batch {
                     handler(m).unwrap();
@@ -229,17 +212,33 @@ async fn jetstream_pass(
                     m.ack().await.unwrap();
                 }
             }
-            Variant::Memory | Variant::MemoryBlocking | Variant::Redis => {
+            Variant::Memory
+            | Variant::MemoryBlocking
+            | Variant::Redis
+            | Variant::RedisPipelined => {
+                let short = batch.len() < max;
                 let deliveries = batch
                     .into_iter()
                     .map(|m| Delivery::new(m.payload.clone(), m))
                     .collect();
-                let settled = if variant == Variant::Memory {
-                    dedup.process(deliveries, |m| handler(m), |m| none(m))
-                } else {
-                    process_blocking(&dedup, deliveries, &handler, &none)
+                let settled = match variant {
+                    Variant::Memory => dedup.process(deliveries, |m| handler(m), |m| none(m)),
+                    Variant::RedisPipelined => {
+                        let (mut settled, rest) =
+                            process_pipelined_blocking(&dedup, held, deliveries, &handler, &none)
+                                .await
+                                .unwrap();
+                        held = rest;
+                        // A short read (the next may wait) or the last.
+                        if short || done >= n {
+                            let flushed = flush_blocking(&dedup, std::mem::take(&mut held));
+                            settled.extend(flushed.await.unwrap());
+                        }
+                        settled
+                    }
+                    _ => process_blocking(&dedup, deliveries, &handler, &none)
                         .await
-                        .unwrap()
+                        .unwrap(),
                 };
                 source.settle(settled).await.unwrap();
             }
@@ -288,29 +287,6 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
         let batch = source.next_batch().await.unwrap();
         done += batch.len() as u64;
         match variant {
-            Variant::RedisPipelined => {
-                let short = batch.len() < max;
-                let deliveries = batch
-                    .into_iter()
-                    .map(|m| {
-                        let key = m.field("k").unwrap().to_vec();
-                        Delivery::new(key, m)
-                    })
-                    .collect();
-                let (mut settled, rest) =
-                    process_pipelined_blocking(&dedup, held, deliveries, &handler, &none)
-                        .await
-                        .unwrap();
-                held = rest;
-                if short || done >= n {
-                    let flushed = flush_blocking(&dedup, std::mem::take(&mut held));
-                    settled.extend(flushed.await.unwrap());
-                }
-                source
-                    .settle(settled.iter().map(|(m, d)| (m, d)), std::iter::empty())
-                    .await
-                    .unwrap();
-            }
             Variant::NoDedup => {
                 for m in &batch {
                     handler(m).unwrap();
@@ -326,7 +302,11 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
                 }
                 source.settle(std::iter::empty(), &batch).await.unwrap();
             }
-            Variant::Memory | Variant::MemoryBlocking | Variant::Redis => {
+            Variant::Memory
+            | Variant::MemoryBlocking
+            | Variant::Redis
+            | Variant::RedisPipelined => {
+                let short = batch.len() < max;
                 let deliveries = batch
                     .into_iter()
                     .map(|m| {
@@ -334,12 +314,24 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
                         Delivery::new(key, m)
                     })
                     .collect();
-                let settled = if variant == Variant::Memory {
-                    dedup.process(deliveries, |m| handler(m), |m| none(m))
-                } else {
-                    process_blocking(&dedup, deliveries, &handler, &none)
+                let settled = match variant {
+                    Variant::Memory => dedup.process(deliveries, |m| handler(m), |m| none(m)),
+                    Variant::RedisPipelined => {
+                        let (mut settled, rest) =
+                            process_pipelined_blocking(&dedup, held, deliveries, &handler, &none)
+                                .await
+                                .unwrap();
+                        held = rest;
+                        // A short read (the next may wait) or the last.
+                        if short || done >= n {
+                            let flushed = flush_blocking(&dedup, std::mem::take(&mut held));
+                            settled.extend(flushed.await.unwrap());
+                        }
+                        settled
+                    }
+                    _ => process_blocking(&dedup, deliveries, &handler, &none)
                         .await
-                        .unwrap()
+                        .unwrap(),
                 };
                 source
                     .settle(settled.iter().map(|(m, d)| (m, d)), std::iter::empty())

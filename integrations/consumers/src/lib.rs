@@ -111,7 +111,14 @@ where
     let consumer = Arc::clone(consumer);
     let handler = Arc::clone(handler);
     let on_conflict = Arc::clone(on_conflict);
-    tokio::task::spawn_blocking(move || consumer.process(batch, |m| handler(m), |m| on_conflict(m)))
+    blocking(move || consumer.process(batch, |m| handler(m), |m| on_conflict(m))).await
+}
+
+/// Runs `work` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ConsumerError> {
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| ConsumerError::Task(e.to_string()))
 }
@@ -141,14 +148,13 @@ where
     let consumer = Arc::clone(consumer);
     let handler = Arc::clone(handler);
     let on_conflict = Arc::clone(on_conflict);
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let mut held = held;
         let settled =
             consumer.process_pipelined(&mut held, batch, |m| handler(m), |m| on_conflict(m));
         (settled, held)
     })
     .await
-    .map_err(|e| ConsumerError::Task(e.to_string()))
 }
 
 /// Runs [`BatchConsumer::flush`] on a blocking thread: commits what `held`
@@ -164,12 +170,11 @@ pub async fn flush_blocking<M: Send + 'static>(
         return Ok(Vec::new());
     }
     let consumer = Arc::clone(consumer);
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let mut held = held;
         consumer.flush(&mut held)
     })
     .await
-    .map_err(|e| ConsumerError::Task(e.to_string()))
 }
 
 /// `docs/consumers.md`'s examples, compiled and run as doc-tests.

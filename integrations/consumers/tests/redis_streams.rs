@@ -59,13 +59,17 @@ async fn publish_keys(server: &RedisServer, keys: &[&str]) {
 }
 
 fn shared_engine(server: &RedisServer) -> Arc<BatchConsumer> {
+    shared_engine_leasing(server, Duration::from_millis(250))
+}
+
+fn shared_engine_leasing(server: &RedisServer, lease: Duration) -> Arc<BatchConsumer> {
     let tier = RedisTier::new(RedisConfig::new(&server.url()));
     Arc::new(BatchConsumer::new(Arc::new(
         Deduper::builder()
             .exact_tier(ExactTier::Custom(Arc::new(tier)))
             .affinity(Affinity::Shared)
             .shards(1)
-            .lease_duration(Duration::from_millis(250))
+            .lease_duration(lease)
             .build()
             .unwrap(),
     )))
@@ -475,16 +479,7 @@ async fn a_pipelined_consumer_sends_one_request_per_batch_and_acts_once() {
         .collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     publish_keys(&server, &refs).await;
-    let tier = RedisTier::new(RedisConfig::new(&server.url()));
-    let dedup = Arc::new(BatchConsumer::new(Arc::new(
-        Deduper::builder()
-            .exact_tier(ExactTier::Custom(Arc::new(tier)))
-            .affinity(Affinity::Shared)
-            .shards(1)
-            .lease_duration(Duration::from_secs(30))
-            .build()
-            .unwrap(),
-    )));
+    let dedup = shared_engine_leasing(&server, Duration::from_secs(30));
     let (effects, handler) = recorder();
     let none: Arc<OnConflict> = Arc::new(|_| panic!("no conflicts"));
     let mut admin = redis::Client::open(server.url())
