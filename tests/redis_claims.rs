@@ -1934,6 +1934,102 @@ fn a_consumer_commit_rides_out_a_stopped_redis() {
     }
 }
 
+/// The same for pipelined batches: the held commits go with the next
+/// batch's claims, and Redis is stopped (`SIGSTOP`, 600 ms, 200 ms
+/// timeouts) just before that call. The call fails; with a retry budget
+/// the held commit is tried again and stored (`Processed`), without one it
+/// is `Uncommitted`; either way Redis ends up with it and a repeat
+/// replays the first result.
+#[test]
+fn a_pipelined_consumers_held_commit_rides_out_a_stopped_redis() {
+    use tiered_dedup::consumer::{BatchConsumer, Delivery, Disposition, Held};
+    let server = Arc::new(std::sync::Mutex::new(RedisServer::start()));
+    let url = server.lock().unwrap().url();
+    for (budget, key) in [
+        (Duration::from_secs(3), "retried"),
+        (Duration::ZERO, "not-retried"),
+    ] {
+        let tier = RedisTier::new(RedisConfig {
+            timeout: Duration::from_millis(200),
+            policy: FailurePolicy::FailClosed,
+            ..RedisConfig::new(&url)
+        });
+        let engine = Arc::new(
+            Deduper::builder()
+                .window(Duration::from_secs(600))
+                .expected_keys(1_000)
+                .shards(1)
+                .affinity(Affinity::Shared)
+                .lease_duration(Duration::from_secs(60))
+                .exact_tier(ExactTier::Custom(Arc::new(tier)))
+                .build()
+                .unwrap(),
+        );
+        let consumer = BatchConsumer::new(engine).commit_retry(budget);
+        let mut held = Held::new();
+        let first = consumer.process_pipelined(
+            &mut held,
+            vec![Delivery::new(key, 1u32)],
+            |_| Ok::<_, ()>(b"effect".to_vec()),
+            |_| panic!("no conflict"),
+        );
+        assert!(first.is_empty() && held.len() == 1);
+        server.lock().unwrap().pause();
+        let resumer = {
+            let server = Arc::clone(&server);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(600));
+                server.lock().unwrap().resume();
+            })
+        };
+        let other = format!("{key}-next");
+        let out = consumer.process_pipelined(
+            &mut held,
+            vec![Delivery::new(&other, 2u32)],
+            |_| Ok::<_, ()>(b"next".to_vec()),
+            |_| panic!("no conflict"),
+        );
+        resumer.join().unwrap();
+        let out_first = out
+            .iter()
+            .find(|(m, _)| *m == 1)
+            .expect("settled")
+            .1
+            .clone();
+        let stats = consumer.stats();
+        if budget.is_zero() {
+            assert_eq!(out_first, Disposition::Uncommitted, "{key}");
+            assert_eq!(stats.commit_retries, 0);
+        } else {
+            assert_eq!(out_first, Disposition::Processed, "{key}: {stats:?}");
+            assert!(stats.commit_retries >= 1, "{stats:?}");
+        }
+        let _ = consumer.flush(&mut held);
+        // Redis answers again; a reconnection may take a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let repeat = loop {
+            let r = consumer.process(
+                vec![Delivery::new(key, 3u32)],
+                |_| Ok::<_, ()>(b"again".to_vec()),
+                |_| panic!("no conflict"),
+            );
+            match &r[0].1 {
+                Disposition::Unavailable if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                d => break d.clone(),
+            }
+        };
+        assert_eq!(
+            repeat,
+            Disposition::Replayed {
+                result: Arc::from(&b"effect"[..])
+            },
+            "{key}"
+        );
+    }
+}
+
 /// A claim whose answer was lost (Redis stopped past the request timeout,
 /// then resumed: the request ran all the same) leaves a lease nobody
 /// holds. The engine finds it in the log with its next request and
