@@ -1708,6 +1708,58 @@ fn a_claim_at_the_window_edge_after_another_engine_rotated() {
     };
 }
 
+/// Shared keys: an engine whose shard rotates without appending to the
+/// log (idle upkeep, `maintain`) leaves no proof there that its clock
+/// passed a record's window, so it deletes no result yet: an engine whose
+/// clock is behind, a millisecond inside the window, replays the result
+/// (it used to answer `Unavailable`, "a committed result is missing").
+/// The results go once the rotating engine appends an entry that carries
+/// its clock; a claim behind it then finds the proof and acquires.
+#[test]
+fn a_rotation_that_appends_nothing_deletes_no_result() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let start = Timestamp::from_secs(1_000);
+    let behind = ManualClock::new(start);
+    let ahead = ManualClock::new(start);
+    let (a, a_stats) = edge_engine(&server, &behind);
+    let (b, _) = edge_engine(&server, &ahead);
+    // Committed at 1 000.049 s, the last millisecond of slice 20 000.
+    behind.advance(Duration::from_millis(49));
+    ahead.advance(Duration::from_millis(49));
+    for key in [1u64, 2] {
+        match a.claim(&key) {
+            Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+            other => panic!("{other:?}"),
+        };
+    }
+    // B names slice 20 000 to its tier, then idles to 1 000.350 s (slice
+    // 20 007): its upkeep rotates past slice 20 000 without appending.
+    assert!(matches!(b.claim(&9u64), Claim::Acquired(_)));
+    ahead.advance(Duration::from_millis(301));
+    b.maintain();
+    let hashes = |admin: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("KEYS").arg("*b:*").query(admin).unwrap()
+    };
+    assert_eq!(hashes(&mut admin).len(), 1, "kept until a clock is proven");
+    // A at 1 000.348 s: inside the window by its clock, and the result is
+    // there to replay.
+    behind.advance(Duration::from_millis(299));
+    match a.claim(&1u64) {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"first"),
+        other => panic!("{other:?} ({:?})", a_stats.last_error()),
+    };
+    // B's next claim appends its clock; the results go with the proof in
+    // the log, and A's claim of the other key behind it acquires.
+    assert!(matches!(b.claim(&10u64), Claim::Acquired(_)));
+    assert!(hashes(&mut admin).is_empty(), "{:?}", hashes(&mut admin));
+    match a.claim(&2u64) {
+        Claim::Acquired(lease) => lease.release().unwrap(),
+        other => panic!("{other:?} ({:?})", a_stats.last_error()),
+    };
+    assert_eq!(a_stats.last_error(), None);
+}
+
 /// Shared keys: a result missing from Redis that no engine's rotation
 /// explains (its hash deleted behind the engines' backs, well inside the
 /// window by every clock) is still an error: the claim answers

@@ -31,10 +31,9 @@ use crate::time::{slot_of, Timestamp, GENERATIONS};
 
 /// Entries one read returns at most.
 const READ_COUNT: usize = 256;
-/// Reads of the log, 1 ms apart, for the proof that a missing result was
-/// retired (`RedisPartition::retired_by_the_log`): the rare path of a
-/// claim at a window's edge, so at most 4 ms more.
-const READS_FOR_PROOF: usize = 5;
+/// Retired slices whose result hashes wait for a proven clock at most
+/// (`SharedLog::retired`).
+const MAX_RETIRED: usize = 4 * GENERATIONS;
 /// Bytes of one snapshot part (a Redis string of its own).
 const SNAPSHOT_PART: usize = 1 << 20;
 /// Reads one call makes at most while catching up (a replica far behind
@@ -76,6 +75,11 @@ pub(super) struct SharedLog {
     /// Leases acquired by claims of lost batches: nobody holds them;
     /// released with the next request.
     orphans: Vec<(Fingerprint, u64, u64)>,
+    /// Slices whose result hashes this shard's rotation retired, not yet
+    /// deleted: a hash goes only once the log shows a clock that reached
+    /// its retiring slice ([`RedisPartition::unlink_retired`]), so a
+    /// claim that finds a result missing always finds that proof too.
+    retired: Vec<u64>,
     cluster_script: redis::Script,
     snapshot_script: redis::Script,
     scratch: Vec<LogOp>,
@@ -120,6 +124,7 @@ impl SharedLog {
             lost_ops: 0,
             reclaim: FingerprintMap::default(),
             orphans: Vec::new(),
+            retired: Vec::new(),
             cluster_script: redis::Script::new(super::scripts::CLUSTER_LOG_SCRIPT),
             snapshot_script: redis::Script::new(super::scripts::SNAPSHOT_SCRIPT),
             scratch: Vec::new(),
@@ -390,7 +395,58 @@ impl RedisPartition {
             // `Unavailable` for all of them.
             self.orphan_acquired(ops, out);
         }
+        self.unlink_retired();
         decided
+    }
+
+    /// Queues the result hashes of `slices` (retired by this shard's
+    /// rotation) for deletion once the log proves a clock reached their
+    /// retiring slice ([`Self::unlink_retired`]).
+    /// An engine that only idles queues one slice per rotation: the
+    /// oldest beyond [`MAX_RETIRED`] are left to their hashes' TTL.
+    pub(super) fn retire_results(&mut self, slices: &[u64]) {
+        let log = self.log();
+        for &slice in slices {
+            if !log.retired.contains(&slice) {
+                log.retired.push(slice);
+            }
+        }
+        let over = log.retired.len().saturating_sub(MAX_RETIRED);
+        log.retired.drain(..over);
+    }
+
+    /// Deletes the retired result hashes whose retiring slice the replica
+    /// has seen a clock reach (an entry with a record time in it or
+    /// later): the proof [`Self::retired_by_the_log`] looks for is in the
+    /// log before the result is gone. A rotation alone (idle upkeep, or a
+    /// call that appends only commits) proves nothing, and its hashes wait
+    /// for an entry that does (or for their TTL). Best effort: a hash
+    /// whose delete fails is left to its TTL.
+    fn unlink_retired(&mut self) {
+        let Some(d) = self.slice_nanos else { return };
+        let log = self.log();
+        if log.retired.is_empty() {
+            return;
+        }
+        let newest = log.replica.newest_at();
+        let due: Vec<u64> = log
+            .retired
+            .iter()
+            .copied()
+            .filter(|&slice| retiring_start(d, slice) <= newest)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        log.retired.retain(|slice| !due.contains(slice));
+        let keys: Vec<String> = due.iter().map(|&slice| self.body_key(slice)).collect();
+        let _ = self.with_conn(|c, _| {
+            let mut del = redis::cmd("UNLINK");
+            for key in &keys {
+                del.arg(key);
+            }
+            c.pipeline(vec![del])
+        });
     }
 
     /// Claims and checks of this call that met a lease acquired by a lost
@@ -533,26 +589,17 @@ impl RedisPartition {
     /// True when the log shows that some engine's clock reached the slice
     /// whose rotation deletes the results of a record at `first_seen` (an
     /// entry with a record time in it or later): the proof that a missing
-    /// result was retired, not lost. Read again, up to
-    /// [`READS_FOR_PROOF`] times 1 ms apart, while the log does not show it
-    /// yet (the retiring engine deletes the slice before it appends the
-    /// entry of the call that moved its clock; one read again left 1 claim
-    /// in 15 runs of the racing-engines test without its proof). An engine
-    /// that rotated without appending anything (idle upkeep) leaves no
-    /// proof: the missing result is then the error.
+    /// result was retired, not lost. An engine deletes a retired slice's
+    /// results only once its replica holds that proof
+    /// ([`Self::unlink_retired`]), so a result found missing has its proof
+    /// in the log already: one catch-up reads it.
     fn retired_by_the_log(&mut self, first_seen: u64) -> Result<bool, ExactTierError> {
         let Some(d) = self.slice_nanos else {
             return Ok(false);
         };
         let retiring = retiring_slice(d, first_seen).saturating_mul(d);
         let newest = |p: &Self| p.log.as_ref().map_or(0, |l| l.replica.newest_at());
-        for read in 0..READS_FOR_PROOF {
-            if newest(self) >= retiring {
-                return Ok(true);
-            }
-            if read > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+        if newest(self) < retiring {
             self.catch_up()?;
         }
         Ok(newest(self) >= retiring)
@@ -1502,6 +1549,15 @@ fn retired_within_a_slice(slice_nanos: Option<u64>, at: u64, first_seen: u64) ->
 /// clears slice `c − 7` (`clear_slots`).
 fn retiring_slice(d: u64, first_seen: u64) -> u64 {
     slice_of(Some(d), first_seen) + GENERATIONS as u64 - 1
+}
+
+/// Where the slice retiring the results of acquisition slice `slice`
+/// begins (slices of `d` nanoseconds): the record time an entry must
+/// reach to prove a clock retired them.
+fn retiring_start(d: u64, slice: u64) -> u64 {
+    slice
+        .saturating_add(GENERATIONS as u64 - 1)
+        .saturating_mul(d)
 }
 
 /// True when the `sent` entries appended as `appended` (their sequence

@@ -188,15 +188,9 @@ impl ExactPartition for RedisPartition {
             .collect();
         if !expired.is_empty() && self.log.is_some() {
             // Shared mode: the log is trimmed as it is read; the retired
-            // slices' result hashes go now (best effort: the TTL is the
-            // backstop).
-            let _ = self.with_conn(|c, p| {
-                let mut del = redis::cmd("UNLINK");
-                for &slice in &expired {
-                    del.arg(p.body_key(slice));
-                }
-                c.pipeline(vec![del])
-            });
+            // slices' result hashes go once the log proves this clock
+            // (`unlink_retired`; the TTL is the backstop).
+            self.retire_results(&expired);
         } else if !expired.is_empty() {
             self.expiring.retain(|(slice, _)| !expired.contains(slice));
             if self.config.cluster {
