@@ -1708,6 +1708,60 @@ fn a_claim_at_the_window_edge_after_another_engine_rotated() {
     };
 }
 
+/// Shared keys, clocks three slices apart (150 ms, for 50 ms slices): the
+/// engine ahead retires a record's result when its clock passes the
+/// window; the engines behind, 151 ms after the commit by their clocks,
+/// find the record inside the window and its result gone. The log shows
+/// the clock that retired it, so the claim is decided again past the
+/// window, as for a skew under a slice: acquired once (it used to answer
+/// `Unavailable` beyond a slice of skew).
+#[test]
+fn a_claim_slices_behind_the_clock_that_retired_its_result_acquires() {
+    let server = RedisServer::start();
+    let start = Timestamp::from_secs(1_000);
+    let behind = ManualClock::new(start);
+    let ahead = ManualClock::new(start);
+    let (a, a_stats) = edge_engine(&server, &behind);
+    let (c, c_stats) = edge_engine(&server, &behind);
+    let (b, _) = edge_engine(&server, &ahead);
+    // Committed at 1 000.049 s, the last millisecond of slice 20 000.
+    behind.advance(Duration::from_millis(49));
+    ahead.advance(Duration::from_millis(49));
+    match a.claim(&1u64) {
+        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(b.claim(&9u64), Claim::Acquired(_)));
+    // B at 1 000.350 s retires slice 20 000 and proves its clock.
+    ahead.advance(Duration::from_millis(301));
+    assert!(matches!(b.claim(&10u64), Claim::Acquired(_)));
+    // A and C at 1 000.200 s.
+    behind.advance(Duration::from_millis(151));
+    let lease = match a.claim(&1u64) {
+        Claim::Acquired(lease) => lease,
+        other => panic!("{other:?} ({:?})", a_stats.last_error()),
+    };
+    match c.claim(&1u64) {
+        Claim::InProgress { .. } => {}
+        other => panic!("acquired twice? {other:?} ({:?})", c_stats.last_error()),
+    };
+    // Anchored where the record left the window, as the clock ahead saw.
+    let anchor = start.saturating_add(Duration::from_millis(349));
+    assert_eq!(lease.info().acquired_at, anchor);
+    lease.commit(b"second").unwrap();
+    for d in [&b, &c] {
+        match d.claim(&1u64) {
+            Claim::Completed { result, first_seen } => {
+                assert_eq!(&result[..], b"second");
+                assert_eq!(first_seen, anchor);
+            }
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_eq!(a_stats.last_error(), None);
+    assert_eq!(c_stats.last_error(), None);
+}
+
 /// Shared keys: an engine whose shard rotates without appending to the
 /// log (idle upkeep, `maintain`) leaves no proof there that its clock
 /// passed a record's window, so it deletes no result yet: an engine whose

@@ -523,12 +523,7 @@ impl RedisPartition {
                     },
                     SharedAnswer::Completed { first_seen, .. },
                     Some(w),
-                ) if retired_within_a_slice(
-                    self.slice_nanos,
-                    at.as_nanos(),
-                    first_seen.as_nanos(),
-                ) && self.retired_by_the_log(first_seen.as_nanos())? =>
-                {
+                ) if self.retired_by_the_log(first_seen.as_nanos())? => {
                     again.push(SharedOp::Claim {
                         fingerprint,
                         at: Timestamp::from_nanos(past_window(
@@ -541,10 +536,10 @@ impl RedisPartition {
                         payload,
                     });
                 }
-                // Without a window nothing expires; a slice retired by a
-                // clock more than a slice ahead of this claim's is not
-                // taken for granted (evicted, a TTL shorter than the
-                // span, lost): the error, as it was.
+                // Without a window nothing expires; a result missing
+                // while no clock in the log explains it (evicted, its TTL
+                // too short, deleted by hand) is not taken for granted:
+                // the error, as it was.
                 _ => return Err(self.missing_result()),
             }
         }
@@ -1534,16 +1529,6 @@ fn past_window(at: u64, first_seen: u64, window: u64) -> u64 {
     at.max(first_seen.saturating_add(window))
 }
 
-/// True when the slice of a record at `first_seen` is one an engine whose
-/// clock is at most a slice ahead of this claim's reading `at` may have
-/// retired: a shard entering slice `c` deletes the results of slice
-/// `c − 7` (`clear_slots`), so `at` is in the slice just before that, or
-/// later. The replica keeps the same one-slice margin for clocks that
-/// differ.
-fn retired_within_a_slice(slice_nanos: Option<u64>, at: u64, first_seen: u64) -> bool {
-    slice_nanos.is_some_and(|d| slice_of(slice_nanos, at) + 1 >= retiring_slice(d, first_seen))
-}
-
 /// The slice whose rotation deletes the results of a record at
 /// `first_seen` (slices of `d` nanoseconds): a shard entering slice `c`
 /// clears slice `c − 7` (`clear_slots`).
@@ -1648,9 +1633,7 @@ fn push(
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        entry_len, follows, past_window, push, retired_within_a_slice, Item, Outgoing, MAX_OPS,
-    };
+    use super::{entry_len, follows, past_window, push, Item, Outgoing, MAX_OPS};
     use crate::exact::redis::log::{token, Header, LogOp, Outcome, Replica};
     use crate::fingerprint::Fingerprint;
 
@@ -1776,7 +1759,6 @@ mod tests {
         };
         assert_eq!(apply(&mut r, 3, 2, claim(158)), found);
         assert_eq!(apply(&mut r, 4, 3, claim(158)), found);
-        assert!(retired_within_a_slice(Some(20), 158, 39));
         // Its result is gone: each claims again past the window, and the
         // log's order decides: the first acquires, the second finds it
         // held.
@@ -1792,20 +1774,6 @@ mod tests {
         );
         // A claim already past the window keeps its own time.
         assert_eq!(past_window(170, 39, window), 170);
-    }
-
-    #[test]
-    fn only_a_clock_a_slice_ahead_explains_a_missing_result() {
-        // Slices of 20: a record of slice 1 is retired when a shard
-        // enters slice 8 (time 160); a claim of slice 7 (140..160) is at
-        // most a slice behind that clock.
-        let d = Some(20);
-        assert!(retired_within_a_slice(d, 140, 39));
-        assert!(retired_within_a_slice(d, 159, 20));
-        assert!(!retired_within_a_slice(d, 139, 39));
-        assert!(!retired_within_a_slice(d, 60, 39));
-        // Without a window, nothing is retired.
-        assert!(!retired_within_a_slice(None, 1_000, 39));
     }
 
     #[test]
