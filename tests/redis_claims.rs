@@ -1762,6 +1762,78 @@ fn a_claim_slices_behind_the_clock_that_retired_its_result_acquires() {
     assert_eq!(c_stats.last_error(), None);
 }
 
+/// Shared keys under event time with a lateness of a slice or more: an
+/// engine whose events ran ahead retires a record's result, and a claim of
+/// an engine behind it (inside the window by its event time, more than a
+/// slice behind the events that retired it, as a lateness of a slice or
+/// more allows) finds the proof in the log and is decided again past the
+/// window: acquired once (it used to answer `Unavailable` whenever the
+/// lateness was a slice or more).
+#[test]
+fn an_event_time_claim_a_lateness_behind_is_decided_again() {
+    let server = RedisServer::start();
+    let engine = || {
+        let tier = RedisTier::new(RedisConfig {
+            policy: FailurePolicy::FailClosed,
+            ..RedisConfig::new(&server.url())
+        });
+        let stats = tier.stats();
+        let d = Deduper::builder()
+            .window(Duration::from_millis(300))
+            .allowed_lateness(Duration::from_millis(300))
+            .expected_keys(1_000)
+            .shards(1)
+            .affinity(Affinity::Shared)
+            .lease_duration(Duration::from_secs(60))
+            .clock(Clock::EventTime)
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap();
+        (d, stats)
+    };
+    let (a, a_stats) = engine();
+    let (c, c_stats) = engine();
+    let (b, _) = engine();
+    let at = |ms: u64| Timestamp::from_secs(1_000).saturating_add(Duration::from_millis(ms));
+    // Span 600 ms: slices of 100 ms. Committed at 1 000.050 s; B names
+    // that slice to its tier too.
+    assert!(matches!(
+        b.claim_with(ClaimRequest::new(8u64).at(at(50))),
+        Claim::Acquired(_)
+    ));
+    match a.claim_with(ClaimRequest::new(1u64).at(at(50))) {
+        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    // B's events reach 1 000.700 s (slice 10 007): its rotation retires
+    // slice 10 000, and its claim there proves that clock.
+    match b.claim_with(ClaimRequest::new(9u64).at(at(700))) {
+        Claim::Acquired(lease) => lease.release().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        b.claim_with(ClaimRequest::new(10u64).at(at(701))),
+        Claim::Acquired(_)
+    ));
+    // A and C at event time 1 000.340 s, 290 ms after the commit.
+    let lease = match a.claim_with(ClaimRequest::new(1u64).at(at(340))) {
+        Claim::Acquired(lease) => lease,
+        other => panic!("{other:?} ({:?})", a_stats.last_error()),
+    };
+    match c.claim_with(ClaimRequest::new(1u64).at(at(340))) {
+        Claim::InProgress { .. } => {}
+        other => panic!("acquired twice? {other:?} ({:?})", c_stats.last_error()),
+    };
+    assert_eq!(lease.info().acquired_at, at(350));
+    lease.commit(b"second").unwrap();
+    match c.claim_with(ClaimRequest::new(1u64).at(at(345))) {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"second"),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(a_stats.last_error(), None);
+    assert_eq!(c_stats.last_error(), None);
+}
+
 /// Shared keys: an engine whose shard rotates without appending to the
 /// log (idle upkeep, `maintain`) leaves no proof there that its clock
 /// passed a record's window, so it deletes no result yet: an engine whose
