@@ -316,7 +316,12 @@ impl RedisPartition {
         out.clear();
         let window = window.or(self.window);
         match self.exchange_ops(window, ops, out) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // Once the call is answered: a failing delete never
+                // fails it.
+                self.unlink_retired();
+                Ok(())
+            }
             Err(e) => {
                 out.clear();
                 let checks_only = ops
@@ -395,7 +400,6 @@ impl RedisPartition {
             // `Unavailable` for all of them.
             self.orphan_acquired(ops, out);
         }
-        self.unlink_retired();
         decided
     }
 
@@ -420,8 +424,10 @@ impl RedisPartition {
     /// later): the proof [`Self::retired_by_the_log`] looks for is in the
     /// log before the result is gone. A rotation alone (idle upkeep, or a
     /// call that appends only commits) proves nothing, and its hashes wait
-    /// for an entry that does (or for their TTL). Best effort: a hash
-    /// whose delete fails is left to its TTL.
+    /// for an entry that does (or for their TTL). Best effort, on the
+    /// mark connection (the log's upkeep, as snapshots), so a delete that
+    /// fails (a timeout, an ACL without `UNLINK`) never holds back claims
+    /// on the lookup connection: its hashes are left to their TTL.
     fn unlink_retired(&mut self) {
         let Some(d) = self.slice_nanos else { return };
         let log = self.log();
@@ -440,7 +446,7 @@ impl RedisPartition {
         }
         log.retired.retain(|slice| !due.contains(slice));
         let keys: Vec<String> = due.iter().map(|&slice| self.body_key(slice)).collect();
-        let _ = self.with_conn(|c, _| {
+        let _ = self.with_mark_conn(|c, _| {
             let mut del = redis::cmd("UNLINK");
             for key in &keys {
                 del.arg(key);
