@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream, Message};
 use tiered_dedup::consumer::Held;
-use tiered_dedup::consumer::{BatchConsumer, Delivery};
+use tiered_dedup::consumer::{BatchConsumer, Delivery, Disposition};
 use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
 use tiered_dedup::{Affinity, Deduper, ExactTier};
 use tiered_dedup_consumers::jetstream::{consumer_config, JetStreamConsumer};
@@ -156,6 +156,38 @@ async fn set_nx(redis: &mut redis::aio::MultiplexedConnection, key: String) -> b
     fresh.is_some()
 }
 
+/// One batch through a dedup variant: on the runtime's worker (memory),
+/// through `process_blocking`, or pipelined, its commits held for the next
+/// batch and flushed when `flush` (a short read, after which the next may
+/// wait, or the last batch).
+async fn dedup_batch<M: Send + 'static>(
+    variant: Variant,
+    dedup: &Arc<BatchConsumer>,
+    held: &mut Held<M>,
+    deliveries: Vec<Delivery<M>>,
+    (handler, none): (&Arc<Handler<M>>, &Arc<OnConflict<M>>),
+    flush: bool,
+) -> Vec<(M, Disposition)> {
+    match variant {
+        Variant::Memory => dedup.process(deliveries, |m| handler(m), |m| none(m)),
+        Variant::RedisPipelined => {
+            let (mut settled, rest) =
+                process_pipelined_blocking(dedup, std::mem::take(held), deliveries, handler, none)
+                    .await
+                    .unwrap();
+            *held = rest;
+            if flush {
+                let flushed = flush_blocking(dedup, std::mem::take(held));
+                settled.extend(flushed.await.unwrap());
+            }
+            settled
+        }
+        _ => process_blocking(dedup, deliveries, handler, none)
+            .await
+            .unwrap(),
+    }
+}
+
 /// What one measured pass did: messages/s and handler runs.
 struct Pass {
     rate: f64,
@@ -221,25 +253,15 @@ async fn jetstream_pass(
                     .into_iter()
                     .map(|m| Delivery::new(m.payload.clone(), m))
                     .collect();
-                let settled = match variant {
-                    Variant::Memory => dedup.process(deliveries, |m| handler(m), |m| none(m)),
-                    Variant::RedisPipelined => {
-                        let (mut settled, rest) =
-                            process_pipelined_blocking(&dedup, held, deliveries, &handler, &none)
-                                .await
-                                .unwrap();
-                        held = rest;
-                        // A short read (the next may wait) or the last.
-                        if short || done >= n {
-                            let flushed = flush_blocking(&dedup, std::mem::take(&mut held));
-                            settled.extend(flushed.await.unwrap());
-                        }
-                        settled
-                    }
-                    _ => process_blocking(&dedup, deliveries, &handler, &none)
-                        .await
-                        .unwrap(),
-                };
+                let settled = dedup_batch(
+                    variant,
+                    &dedup,
+                    &mut held,
+                    deliveries,
+                    (&handler, &none),
+                    short || done >= n,
+                )
+                .await;
                 source.settle(settled).await.unwrap();
             }
         }
@@ -314,25 +336,15 @@ async fn streams_pass(redis_url: &str, variant: Variant, n: u64, run: &str) -> P
                         Delivery::new(key, m)
                     })
                     .collect();
-                let settled = match variant {
-                    Variant::Memory => dedup.process(deliveries, |m| handler(m), |m| none(m)),
-                    Variant::RedisPipelined => {
-                        let (mut settled, rest) =
-                            process_pipelined_blocking(&dedup, held, deliveries, &handler, &none)
-                                .await
-                                .unwrap();
-                        held = rest;
-                        // A short read (the next may wait) or the last.
-                        if short || done >= n {
-                            let flushed = flush_blocking(&dedup, std::mem::take(&mut held));
-                            settled.extend(flushed.await.unwrap());
-                        }
-                        settled
-                    }
-                    _ => process_blocking(&dedup, deliveries, &handler, &none)
-                        .await
-                        .unwrap(),
-                };
+                let settled = dedup_batch(
+                    variant,
+                    &dedup,
+                    &mut held,
+                    deliveries,
+                    (&handler, &none),
+                    short || done >= n,
+                )
+                .await;
                 source
                     .settle(settled.iter().map(|(m, d)| (m, d)), std::iter::empty())
                     .await
