@@ -1620,22 +1620,37 @@ fn edge_engine(
     server: &RedisServer,
     clock: &ManualClock,
 ) -> (Deduper, Arc<tiered_dedup::exact::redis::RedisStats>) {
+    edge_engine_on(server, Clock::Manual(clock.clone()), |b| b)
+}
+
+/// [`edge_engine`] on `clock`, its builder changed by `tweak`.
+fn edge_engine_on(
+    server: &RedisServer,
+    clock: Clock,
+    tweak: impl FnOnce(DeduperBuilder) -> DeduperBuilder,
+) -> (Deduper, Arc<tiered_dedup::exact::redis::RedisStats>) {
     let tier = RedisTier::new(RedisConfig {
         policy: FailurePolicy::FailClosed,
         ..RedisConfig::new(&server.url())
     });
     let stats = tier.stats();
-    let d = Deduper::builder()
+    let builder = Deduper::builder()
         .window(Duration::from_millis(300))
         .expected_keys(1_000)
         .shards(1)
         .affinity(Affinity::Shared)
         .lease_duration(Duration::from_secs(60))
-        .clock(Clock::Manual(clock.clone()))
-        .exact_tier(ExactTier::Custom(Arc::new(tier)))
-        .build()
-        .unwrap();
-    (d, stats)
+        .clock(clock)
+        .exact_tier(ExactTier::Custom(Arc::new(tier)));
+    (tweak(builder).build().unwrap(), stats)
+}
+
+/// Claims `request` on `d`, which must acquire it, and commits `result`.
+fn commit_first<K: tiered_dedup::Key>(d: &Deduper, request: ClaimRequest<K>, result: &[u8]) {
+    match d.claim_with(request) {
+        Claim::Acquired(lease) => lease.commit(result).unwrap(),
+        other => panic!("{other:?}"),
+    };
 }
 
 /// Shared keys, engines on clocks a few milliseconds apart: keys
@@ -1666,18 +1681,12 @@ fn a_claim_at_the_window_edge_after_another_engine_rotated() {
     behind.advance(Duration::from_millis(49));
     ahead.advance(Duration::from_millis(49));
     for (d, key) in [(&a, 1u64), (&a, 2), (&b, 3)] {
-        match d.claim(&key) {
-            Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-            other => panic!("{other:?}"),
-        };
+        commit_first(d, ClaimRequest::new(key), b"first");
     }
     // B at 1 000.350 s, slice 20 007: its rotation deletes slice 20 000's
     // results.
     ahead.advance(Duration::from_millis(301));
-    match b.claim(&4u64) {
-        Claim::Acquired(lease) => lease.commit(b"other").unwrap(),
-        other => panic!("{other:?}"),
-    };
+    commit_first(&b, ClaimRequest::new(4u64), b"other");
     // A and C at 1 000.348 s: 299 ms after the commits.
     behind.advance(Duration::from_millis(299));
     let lease = match a.claim(&1u64) {
@@ -1742,10 +1751,7 @@ fn a_claim_slices_behind_the_clock_that_retired_its_result_acquires() {
     // Committed at 1 000.049 s, the last millisecond of slice 20 000.
     behind.advance(Duration::from_millis(49));
     ahead.advance(Duration::from_millis(49));
-    match a.claim(&1u64) {
-        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-        other => panic!("{other:?}"),
-    };
+    commit_first(&a, ClaimRequest::new(1u64), b"first");
     assert!(matches!(b.claim(&9u64), Claim::Acquired(_)));
     // B at 1 000.350 s retires slice 20 000 and proves its clock.
     ahead.advance(Duration::from_millis(301));
@@ -1788,23 +1794,9 @@ fn a_claim_slices_behind_the_clock_that_retired_its_result_acquires() {
 fn an_event_time_claim_a_lateness_behind_is_decided_again() {
     let server = RedisServer::start();
     let engine = || {
-        let tier = RedisTier::new(RedisConfig {
-            policy: FailurePolicy::FailClosed,
-            ..RedisConfig::new(&server.url())
-        });
-        let stats = tier.stats();
-        let d = Deduper::builder()
-            .window(Duration::from_millis(300))
-            .allowed_lateness(Duration::from_millis(300))
-            .expected_keys(1_000)
-            .shards(1)
-            .affinity(Affinity::Shared)
-            .lease_duration(Duration::from_secs(60))
-            .clock(Clock::EventTime)
-            .exact_tier(ExactTier::Custom(Arc::new(tier)))
-            .build()
-            .unwrap();
-        (d, stats)
+        edge_engine_on(&server, Clock::EventTime, |b| {
+            b.allowed_lateness(Duration::from_millis(300))
+        })
     };
     let (a, a_stats) = engine();
     let (c, c_stats) = engine();
@@ -1816,10 +1808,7 @@ fn an_event_time_claim_a_lateness_behind_is_decided_again() {
         b.claim_with(ClaimRequest::new(8u64).at(at(50))),
         Claim::Acquired(_)
     ));
-    match a.claim_with(ClaimRequest::new(1u64).at(at(50))) {
-        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-        other => panic!("{other:?}"),
-    };
+    commit_first(&a, ClaimRequest::new(1u64).at(at(50)), b"first");
     // B's events reach 1 000.700 s (slice 10 007): its rotation retires
     // slice 10 000, and its claim there proves that clock.
     match b.claim_with(ClaimRequest::new(9u64).at(at(700))) {
@@ -1869,10 +1858,7 @@ fn a_rotation_that_appends_nothing_deletes_no_result() {
     behind.advance(Duration::from_millis(49));
     ahead.advance(Duration::from_millis(49));
     for key in [1u64, 2] {
-        match a.claim(&key) {
-            Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-            other => panic!("{other:?}"),
-        };
+        commit_first(&a, ClaimRequest::new(key), b"first");
     }
     // B names slice 20 000 to its tier, then idles to 1 000.350 s (slice
     // 20 007): its upkeep rotates past slice 20 000 without appending.
@@ -1911,10 +1897,7 @@ fn a_result_lost_inside_the_window_is_not_taken_for_expired() {
     let mut admin = server.connection();
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
     let (d, stats) = edge_engine(&server, &clock);
-    match d.claim(&1u64) {
-        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-        other => panic!("{other:?}"),
-    };
+    commit_first(&d, ClaimRequest::new(1u64), b"first");
     let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
     let _: () = redis::cmd("DEL").arg(&keys).query(&mut admin).unwrap();
@@ -1939,10 +1922,7 @@ fn a_result_lost_in_the_last_slice_is_not_taken_for_expired() {
     let (d, stats) = edge_engine(&server, &clock);
     // Committed at 1 000.049 s, the last millisecond of slice 20 000.
     clock.advance(Duration::from_millis(49));
-    match d.claim(&1u64) {
-        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-        other => panic!("{other:?}"),
-    };
+    commit_first(&d, ClaimRequest::new(1u64), b"first");
     let keys: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
     let _: () = redis::cmd("DEL").arg(&keys).query(&mut admin).unwrap();
@@ -1992,10 +1972,7 @@ fn a_failing_batch_leaves_no_lease_held_by_nobody(spoil: impl Fn(&mut redis::Con
     let mut admin = server.connection();
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
     let (d, _) = edge_engine(&server, &clock);
-    match d.claim(&1u64) {
-        Claim::Acquired(lease) => lease.commit(b"first").unwrap(),
-        other => panic!("{other:?}"),
-    };
+    commit_first(&d, ClaimRequest::new(1u64), b"first");
     let hashes: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
     assert!(!hashes.is_empty(), "the result is stored in a hash");
     for hash in &hashes {
@@ -2044,6 +2021,27 @@ fn log_entries(admin: &mut redis::Connection) -> u64 {
     entries
 }
 
+/// An engine of the stopped-Redis consumer tests: shared keys on `url`,
+/// 200 ms timeouts, fail-closed, `shards` shards, 60 s leases.
+fn pausable_engine(url: &str, shards: usize) -> Arc<Deduper> {
+    let tier = RedisTier::new(RedisConfig {
+        timeout: Duration::from_millis(200),
+        policy: FailurePolicy::FailClosed,
+        ..RedisConfig::new(url)
+    });
+    Arc::new(
+        Deduper::builder()
+            .window(Duration::from_secs(600))
+            .expected_keys(1_000)
+            .shards(shards)
+            .affinity(Affinity::Shared)
+            .lease_duration(Duration::from_secs(60))
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+            .unwrap(),
+    )
+}
+
 /// A batch consumer whose commit meets a stopped Redis (`SIGSTOP` while
 /// its handler runs, `SIGCONT` 600 ms later; requests time out after
 /// 200 ms) tries the commit again and learns that it is stored: the
@@ -2060,22 +2058,7 @@ fn a_consumer_commit_rides_out_a_stopped_redis() {
         (Duration::from_secs(3), "retried"),
         (Duration::ZERO, "not-retried"),
     ] {
-        let tier = RedisTier::new(RedisConfig {
-            timeout: Duration::from_millis(200),
-            policy: FailurePolicy::FailClosed,
-            ..RedisConfig::new(&url)
-        });
-        let engine = Arc::new(
-            Deduper::builder()
-                .window(Duration::from_secs(600))
-                .expected_keys(1_000)
-                .shards(2)
-                .affinity(Affinity::Shared)
-                .lease_duration(Duration::from_secs(60))
-                .exact_tier(ExactTier::Custom(Arc::new(tier)))
-                .build()
-                .unwrap(),
-        );
+        let engine = pausable_engine(&url, 2);
         let consumer = BatchConsumer::new(engine).commit_retry(budget);
         let mut resumer = None;
         let out = consumer.process(
@@ -2142,22 +2125,7 @@ fn a_pipelined_consumers_held_commit_rides_out_a_stopped_redis() {
         (Duration::from_secs(3), "retried"),
         (Duration::ZERO, "not-retried"),
     ] {
-        let tier = RedisTier::new(RedisConfig {
-            timeout: Duration::from_millis(200),
-            policy: FailurePolicy::FailClosed,
-            ..RedisConfig::new(&url)
-        });
-        let engine = Arc::new(
-            Deduper::builder()
-                .window(Duration::from_secs(600))
-                .expected_keys(1_000)
-                .shards(1)
-                .affinity(Affinity::Shared)
-                .lease_duration(Duration::from_secs(60))
-                .exact_tier(ExactTier::Custom(Arc::new(tier)))
-                .build()
-                .unwrap(),
-        );
+        let engine = pausable_engine(&url, 1);
         let consumer = BatchConsumer::new(engine).commit_retry(budget);
         let mut held = Held::new();
         let first = consumer.process_pipelined(
