@@ -1620,18 +1620,18 @@ fn edge_engine(
     server: &RedisServer,
     clock: &ManualClock,
 ) -> (Deduper, Arc<tiered_dedup::exact::redis::RedisStats>) {
-    edge_engine_on(server, Clock::Manual(clock.clone()), |b| b)
+    edge_engine_on(&server.url(), Clock::Manual(clock.clone()), |b| b)
 }
 
 /// [`edge_engine`] on `clock`, its builder changed by `tweak`.
 fn edge_engine_on(
-    server: &RedisServer,
+    url: &str,
     clock: Clock,
     tweak: impl FnOnce(DeduperBuilder) -> DeduperBuilder,
 ) -> (Deduper, Arc<tiered_dedup::exact::redis::RedisStats>) {
     let tier = RedisTier::new(RedisConfig {
         policy: FailurePolicy::FailClosed,
-        ..RedisConfig::new(&server.url())
+        ..RedisConfig::new(url)
     });
     let stats = tier.stats();
     let builder = Deduper::builder()
@@ -1794,7 +1794,7 @@ fn a_claim_slices_behind_the_clock_that_retired_its_result_acquires() {
 fn an_event_time_claim_a_lateness_behind_is_decided_again() {
     let server = RedisServer::start();
     let engine = || {
-        edge_engine_on(&server, Clock::EventTime, |b| {
+        edge_engine_on(&server.url(), Clock::EventTime, |b| {
             b.allowed_lateness(Duration::from_millis(300))
         })
     };
@@ -1836,6 +1836,52 @@ fn an_event_time_claim_a_lateness_behind_is_decided_again() {
     };
     assert_eq!(a_stats.last_error(), None);
     assert_eq!(c_stats.last_error(), None);
+}
+
+/// Shared keys under an ACL user that may not `UNLINK` (a real server's
+/// `NOPERM`): deleting retired results is upkeep, so its refusal never
+/// fails a call. The engine that retired a slice goes on claiming, the
+/// hash stays (left to its TTL), and an engine behind replays the result.
+#[test]
+fn a_refused_delete_of_retired_results_fails_no_claim() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nounlink")
+        .arg("on")
+        .arg(">nounlink-pw")
+        .arg("~*")
+        .arg("+@all")
+        .arg("-unlink")
+        .query(&mut admin)
+        .unwrap();
+    let url = format!("redis://nounlink:nounlink-pw@127.0.0.1:{}", server.port);
+    let start = Timestamp::from_secs(1_000);
+    let behind = ManualClock::new(start);
+    let ahead = ManualClock::new(start);
+    let (a, a_stats) = edge_engine_on(&url, Clock::Manual(behind.clone()), |b| b);
+    let (b, b_stats) = edge_engine_on(&url, Clock::Manual(ahead.clone()), |b| b);
+    behind.advance(Duration::from_millis(49));
+    ahead.advance(Duration::from_millis(49));
+    commit_first(&a, ClaimRequest::new(1u64), b"first");
+    assert!(matches!(b.claim(&9u64), Claim::Acquired(_)));
+    // B at 1 000.350 s retires slice 20 000 and proves its clock; its
+    // delete is refused, and each of its claims is still answered.
+    ahead.advance(Duration::from_millis(301));
+    for key in 10u64..20 {
+        match b.claim(&key) {
+            Claim::Acquired(lease) => lease.commit(b"b").unwrap(),
+            other => panic!("{key}: {other:?} ({:?})", b_stats.last_error()),
+        }
+    }
+    let hashes: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
+    assert!(hashes.len() >= 2, "the retired hash stays: {hashes:?}");
+    behind.advance(Duration::from_millis(299));
+    match a.claim(&1u64) {
+        Claim::Completed { result, .. } => assert_eq!(&result[..], b"first"),
+        other => panic!("{other:?} ({:?})", a_stats.last_error()),
+    };
 }
 
 /// Shared keys: an engine whose shard rotates without appending to the
