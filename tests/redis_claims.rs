@@ -1884,6 +1884,55 @@ fn a_refused_delete_of_retired_results_fails_no_claim() {
     };
 }
 
+/// Shared keys: a commit's result goes to its slice's hash before the
+/// transaction that appends the commit to the log. When that transaction
+/// never runs (here the server refuses its `XADD`: the user lost the
+/// right between the claim and the commit), the commit fails, and the
+/// hash it wrote still carries a TTL: it expires even if no engine ever
+/// retires its slice (the TTL used to be set inside the transaction, so
+/// such a hash stayed forever).
+#[test]
+fn a_result_whose_append_never_ran_still_expires() {
+    let server = RedisServer::start();
+    let mut admin = server.connection();
+    let acl = |admin: &mut redis::Connection, rule: &str| {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("writer")
+            .arg("on")
+            .arg(">writer-pw")
+            .arg("~*")
+            .arg("+@all")
+            .arg(rule)
+            .query(admin)
+            .unwrap();
+    };
+    acl(&mut admin, "+xadd");
+    let url = format!("redis://writer:writer-pw@127.0.0.1:{}", server.port);
+    let clock = ManualClock::new(Timestamp::from_secs(1_000));
+    let (d, stats) = edge_engine_on(&url, Clock::Manual(clock.clone()), |b| b);
+    let Claim::Acquired(lease) = d.claim(&1u64) else {
+        panic!("a fresh key ({:?})", stats.last_error());
+    };
+    acl(&mut admin, "-xadd");
+    let err = lease.commit(b"result").expect_err("the append is refused");
+    assert!(
+        err.to_string().contains("permission denied"),
+        "{err} ({:?})",
+        stats.last_error()
+    );
+    let hashes: Vec<String> = redis::cmd("KEYS").arg("*b:*").query(&mut admin).unwrap();
+    assert_eq!(hashes.len(), 1, "the result was written: {hashes:?}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&hashes[0])
+        .query(&mut admin)
+        .unwrap();
+    assert!(
+        ttl > 0,
+        "the hash of a commit never appended expires: {ttl}"
+    );
+}
+
 /// Shared keys: an engine whose shard rotates without appending to the
 /// log (idle upkeep, `maintain`) leaves no proof there that its clock
 /// passed a record's window, so it deletes no result yet: an engine whose

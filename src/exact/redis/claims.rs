@@ -161,9 +161,10 @@ fn parse_seq(id: &[u8]) -> Option<u64> {
         .ok()
 }
 
-/// The replies of a single server's log request — the bodies' `HSET`s, the
-/// `XRANGE`, then `MULTI`, the queued commands and `EXEC` — as the cluster
-/// script answers: `[epoch, ids of the entries appended, entries read]`.
+/// The replies of a single server's log request — the bodies' `HSET`s and
+/// `PEXPIRE`s, the `XRANGE`, then `MULTI`, the queued commands and `EXEC` —
+/// as the cluster script answers: `[epoch, ids of the entries appended,
+/// entries read]`.
 /// `appended` entries were added and `expiring` keys given their TTL.
 fn log_reply(mut replies: Vec<Value>, appended: usize, expiring: usize) -> Result<Value, String> {
     let Some(Value::Array(mut done)) = replies.pop() else {
@@ -926,9 +927,9 @@ impl RedisPartition {
                 })
                 .map_err(|e| (e, sent))?
             } else {
-                // One pipeline: the bodies, the log read from where this
-                // replica stopped, then a transaction appending the
-                // entries. The read comes first so that it returns other
+                // One pipeline: the bodies (each hash's `HSET`, then its
+                // `PEXPIRE`), the log read from where this replica
+                // stopped, then a transaction appending the entries. The read comes first so that it returns other
                 // engines' entries only: this call's own are applied from
                 // what it sent ([`own_entries_follow`]), not read back and
                 // decoded (about 400 instructions per operation in the
@@ -937,8 +938,8 @@ impl RedisPartition {
                 // the next read fetches both.
                 //
                 // The append is `MULTI`, the epoch set if there is none
-                // and read, the entries' `XADD`s and the keys' `PEXPIRE`s,
-                // `EXEC`: isolated as a script was, without the script's
+                // and read, the entries' `XADD`s, the log's and epoch's
+                // `PEXPIRE`s, `EXEC`: isolated as a script was, without the script's
                 // cost (Redis spent 13 µs on a script call appending one
                 // small entry, 9 of them in Lua, and 38 µs on one of
                 // 10 kB, 23 of them copying the argument into Lua and
@@ -973,6 +974,15 @@ impl RedisPartition {
                             hset.arg(*f).arg(*v);
                         }
                         cmds.push(hset);
+                        // The hash's TTL right behind its write, outside
+                        // the transaction: a hash whose transaction never
+                        // runs (the connection cut, a refused command)
+                        // still expires.
+                        if ttl > 0 {
+                            let mut pexpire = redis::cmd("PEXPIRE");
+                            pexpire.arg(key).arg(ttl);
+                            cmds.push(pexpire);
+                        }
                     }
                 }
                 cmds.push(xrange);
@@ -994,7 +1004,7 @@ impl RedisPartition {
                         cmds.push(xadd);
                     }
                     if ttl > 0 {
-                        for key in [&log.log_key, &log.epoch_key].into_iter().chain(&body_keys) {
+                        for key in [&log.log_key, &log.epoch_key] {
                             let mut pexpire = redis::cmd("PEXPIRE");
                             pexpire.arg(key).arg(ttl);
                             cmds.push(pexpire);
