@@ -93,6 +93,15 @@ pub enum ConfigError {
     /// needs them, or for a tier that cannot drop them.
     #[error("first_seen_times(false) keeps fingerprints alone, so it needs no window (expiry needs the times), Mode::Exact, Affinity::Owned and the memory tier: {0}")]
     UntimedNeeds(&'static str),
+    /// The exact tier's own configuration cannot keep the engine's
+    /// contract ([`crate::exact::ExactBackend::check_spec`]).
+    #[error("the {tier} tier's configuration is refused: {reason}")]
+    ExactTierRefused {
+        /// The backend's name.
+        tier: &'static str,
+        /// What to change.
+        reason: String,
+    },
 }
 
 /// `bytes` in the largest binary unit under which it is at least 1.

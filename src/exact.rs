@@ -19,7 +19,7 @@ pub(crate) mod table;
 use std::sync::Arc;
 
 use crate::claims::PayloadFingerprint;
-use crate::error::ExactTierError;
+use crate::error::{ConfigError, ExactTierError};
 use crate::fingerprint::Fingerprint;
 use crate::time::Timestamp;
 
@@ -540,6 +540,19 @@ pub trait ExactBackend: Send + Sync {
     /// The partition of one shard.
     fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition>;
 
+    /// Refuses a configuration of the backend that cannot keep the
+    /// engine's contract for `spec` (e.g. a retention shorter than the
+    /// window): the engine's builder fails with
+    /// [`crate::ConfigError::ExactTierRefused`] and this reason, before any
+    /// partition is made. Default: everything is accepted.
+    ///
+    /// # Errors
+    /// What to change, in a sentence.
+    fn check_spec(&self, spec: &PartitionSpec) -> Result<(), String> {
+        let _ = spec;
+        Ok(())
+    }
+
     /// Hands each of the backend's own counters and gauges to `report`.
     /// Called once per `Deduper::publish_metrics` (feature `metrics`), never per key,
     /// so it may read atomics or take a lock; it must not block on I/O.
@@ -604,6 +617,21 @@ impl ExactTier {
         match self {
             ExactTier::Memory | ExactTier::DashMap => {}
             ExactTier::Custom(b) => b.report_metrics(report),
+        }
+    }
+
+    /// The backend's [`ExactBackend::check_spec`]; the built-in tiers
+    /// accept every spec.
+    pub(crate) fn check_spec(&self, spec: &PartitionSpec) -> Result<(), ConfigError> {
+        match self {
+            ExactTier::Memory | ExactTier::DashMap => Ok(()),
+            ExactTier::Custom(b) => {
+                b.check_spec(spec)
+                    .map_err(|reason| ConfigError::ExactTierRefused {
+                        tier: b.name(),
+                        reason,
+                    })
+            }
         }
     }
 

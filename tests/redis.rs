@@ -18,7 +18,8 @@ use redis_server::RedisServer;
 use rng::Rng;
 use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
 use tiered_dedup::{
-    Affinity, Clock, Deduper, DeduperBuilder, ExactTier, ManualClock, Timestamp, Verdict,
+    Affinity, Clock, ConfigError, Deduper, DeduperBuilder, ExactTier, ManualClock, Timestamp,
+    Verdict,
 };
 
 fn engine(
@@ -580,6 +581,40 @@ fn without_a_window_keys_never_expire() {
         assert!(!ttls.is_empty());
         assert!(ttls.iter().all(|&t| t == -1), "{affinity:?}: {ttls:?}");
     }
+}
+
+/// With a window, a TTL shorter than the window plus lateness plus a slice
+/// would let Redis drop keys still inside their window (a key accepted at
+/// the end of its bucket's slice lives a slice longer than the bucket's
+/// first write): the builder refuses it, naming the least it accepts.
+#[test]
+fn a_ttl_shorter_than_the_window_is_refused() {
+    let server = RedisServer::start();
+    let engine = |ttl: Duration| {
+        let tier = RedisTier::new(RedisConfig {
+            ttl: Some(ttl),
+            ..RedisConfig::new(&server.url())
+        });
+        Deduper::builder()
+            .window(Duration::from_secs(600))
+            .expected_keys(1_000)
+            .shards(2)
+            .exact_tier(ExactTier::Custom(Arc::new(tier)))
+            .build()
+    };
+    for ttl in [Duration::from_secs(300), Duration::from_secs(600)] {
+        match engine(ttl) {
+            Err(ConfigError::ExactTierRefused { tier, reason }) => {
+                assert_eq!(tier, "redis");
+                assert!(reason.contains("shorter than the window"), "{reason}");
+            }
+            Err(other) => panic!("{ttl:?}: {other}"),
+            Ok(_) => panic!("{ttl:?}: accepted"),
+        }
+    }
+    let d = engine(Duration::from_secs(900)).expect("a TTL past the window and a slice");
+    assert!(d.check(&1u64).is_new());
+    d.flush().unwrap();
 }
 
 /// Without a window, `ttl` is a retention: every write of a bucket renews

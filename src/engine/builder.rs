@@ -689,8 +689,8 @@ impl Plan {
         let direct = self.is_direct() && matches!(exact, ExactTier::Memory);
         let one_table_keys = self.one_table_keys();
         let mut partition = match self.mode {
-            Mode::Exact => Some(
-                exact.partition(&crate::exact::PartitionSpec {
+            Mode::Exact => Some({
+                let spec = crate::exact::PartitionSpec {
                     shard: index,
                     shards: self.shards,
                     // A windowed slot takes a quarter more than its sizing
@@ -714,8 +714,10 @@ impl Plan {
                     span_nanos: self.window.map(|w| w.saturating_add(self.lateness)),
                     namespace_seed: self.namespace.seed(),
                     shared: self.trust == Trust::Shared,
-                }),
-            ),
+                };
+                exact.check_spec(&spec)?;
+                exact.partition(&spec)
+            }),
             Mode::Probabilistic => None,
         };
         let direct = direct && matches!(partition, Some(Partition::Memory(_)));

@@ -128,6 +128,7 @@ mod stats;
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::table::FingerprintTable;
 use super::{
@@ -251,6 +252,26 @@ impl ExactBackend for RedisTier {
             name: "tiered_dedup_redis_marks_unsent",
             value: s.marks_unsent.load(Ordering::Relaxed) as f64,
         });
+    }
+
+    /// A TTL ([`RedisConfig::ttl`]) under the window plus lateness plus a
+    /// slice is refused: a key accepted at the end of a bucket's slice
+    /// would leave Redis while still inside the window, and be accepted
+    /// twice.
+    fn check_spec(&self, spec: &PartitionSpec) -> Result<(), String> {
+        let (Some(ttl), Some(span)) = (self.config.ttl, spec.span_nanos) else {
+            return Ok(());
+        };
+        let needed = Duration::from_nanos(span.saturating_add(spec.slice_nanos.unwrap_or(0)));
+        if ttl < needed {
+            return Err(format!(
+                "RedisConfig::ttl of {ttl:?} is shorter than the window plus lateness plus \
+                 one slice ({needed:?}): keys would leave Redis inside their window and be \
+                 accepted twice; set at least {needed:?}, or leave it None (twice that, at \
+                 least an hour)"
+            ));
+        }
+        Ok(())
     }
 
     fn partition(&self, spec: &PartitionSpec) -> Box<dyn ExactPartition> {

@@ -74,10 +74,11 @@ pub struct RedisConfig {
     pub keys_per_hash: Option<usize>,
     /// With a window: the TTL of a slice's buckets, set when this process
     /// first writes each (and of a shared-mode log, renewed by every
-    /// append); a backstop,
-    /// since slices are deleted when they expire in engine time (shorter
-    /// than the window plus lateness, it forgets keys early). Default:
-    /// twice the span plus two slices, at least one hour.
+    /// append); a backstop, since slices are deleted when they expire in
+    /// engine time. One shorter than the window plus lateness plus a slice
+    /// would forget keys inside their window: the builder refuses it
+    /// ([`crate::ConfigError::ExactTierRefused`]). Default: twice the span
+    /// plus two slices, at least one hour.
     ///
     /// Without a window keys never expire by default: no TTL. `Some(d)`
     /// is a retention instead: every write of a bucket renews its TTL to
