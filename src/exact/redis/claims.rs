@@ -599,7 +599,7 @@ impl RedisPartition {
         let Some(d) = self.slice_nanos else {
             return Ok(false);
         };
-        let retiring = retiring_slice(d, first_seen).saturating_mul(d);
+        let retiring = retiring_start(d, slice_of(Some(d), first_seen));
         let newest = |p: &Self| p.log.as_ref().map_or(0, |l| l.replica.newest_at());
         if newest(self) < retiring {
             self.catch_up()?;
@@ -1545,16 +1545,10 @@ fn past_window(at: u64, first_seen: u64, window: u64) -> u64 {
     at.max(first_seen.saturating_add(window))
 }
 
-/// The slice whose rotation deletes the results of a record at
-/// `first_seen` (slices of `d` nanoseconds): a shard entering slice `c`
-/// clears slice `c − 7` (`clear_slots`).
-fn retiring_slice(d: u64, first_seen: u64) -> u64 {
-    slice_of(Some(d), first_seen) + GENERATIONS as u64 - 1
-}
-
 /// Where the slice retiring the results of acquisition slice `slice`
-/// begins (slices of `d` nanoseconds): the record time an entry must
-/// reach to prove a clock retired them.
+/// begins (slices of `d` nanoseconds; a shard entering slice `c` clears
+/// slice `c − 7`, `clear_slots`): the record time an entry must reach to
+/// prove a clock retired them.
 fn retiring_start(d: u64, slice: u64) -> u64 {
     slice
         .saturating_add(GENERATIONS as u64 - 1)
