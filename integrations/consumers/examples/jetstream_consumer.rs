@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 use app::{Args, Effects, Keyed};
 use async_nats::jetstream::{self, stream};
 use clap::Parser;
+use tiered_dedup::consumer::Held;
 use tiered_dedup_consumers::jetstream::{consumer_config, JetStreamConsumer};
 use tiered_dedup_consumers::Batching;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    args.check()?;
     let client = async_nats::connect(&args.server).await?;
     let js = jetstream::new(client.clone());
     let stream = js
@@ -73,6 +75,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut source = JetStreamConsumer::new(&consumer, batching).await?;
     let mut bad = 0u64;
+    // Pipelined: the last batch's messages, acked once their commits ride
+    // with the next batch's claims (or are flushed by an empty pull).
+    let mut held = Held::new();
     // Acks of pulls replaced after they ended.
     let mut acked_before = 0u64;
     let mut last = Instant::now();
@@ -100,6 +105,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         if batch.is_empty() {
+            match effects.flush(&mut held).await {
+                Ok(settled) => {
+                    if let Err(e) = source
+                        .settle(settled.into_iter().map(|(k, d)| (k.message, d)))
+                        .await
+                    {
+                        eprintln!("ack failed, left for redelivery: {e}");
+                    }
+                }
+                Err(e) => eprintln!("flush failed, left for redelivery: {e}"),
+            }
             if args
                 .idle_exit_ms
                 .is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms))
@@ -131,7 +147,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         match effects
-            .run_batch(keyed, &args.consumer, args.effect_delay_us)
+            .run_batch(keyed, &mut held, &args.consumer, args.effect_delay_us)
             .await
         {
             // An ack that could not be sent: redelivered after AckWait,

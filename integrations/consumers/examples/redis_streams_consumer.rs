@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use app::{Args, Effects, Keyed};
 use clap::Parser;
+use tiered_dedup::consumer::Held;
 use tiered_dedup_consumers::redis_streams::{RedisStreamConsumer, StreamEntry};
 use tiered_dedup_consumers::Batching;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    args.check()?;
     let client = redis::Client::open(args.server.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     if let Some(n) = args.publish {
@@ -65,6 +67,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A restarted broker: reconnect, and create the group again if lost.
     .reconnect_with(client);
     let mut bad = 0u64;
+    // Pipelined: the last batch's messages, acked once their commits ride
+    // with the next batch's claims (or are flushed by an empty read).
+    let mut held = Held::new();
     let mut last = Instant::now();
     loop {
         let batch = match source.next_batch().await {
@@ -76,6 +81,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         if batch.is_empty() {
+            match effects.flush(&mut held).await {
+                Ok(settled) => {
+                    if let Err(e) = source
+                        .settle(settled.iter().map(|(k, d)| (&k.message, d)), &[])
+                        .await
+                    {
+                        eprintln!("ack failed, left pending: {e}");
+                    }
+                }
+                Err(e) => eprintln!("flush failed, left pending: {e}"),
+            }
             if args
                 .idle_exit_ms
                 .is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms))
@@ -109,7 +125,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         match effects
-            .run_batch(keyed, &args.consumer, args.effect_delay_us)
+            .run_batch(keyed, &mut held, &args.consumer, args.effect_delay_us)
             .await
         {
             // A failed XACK (the broker went away) leaves the entries

@@ -7,7 +7,8 @@
 //! in one transaction): every business key's effect exactly once, none
 //! missing. With file effects and Redis claims: none missing, and every
 //! duplicated effect accounted for by a kill between the effect and the
-//! commit (the documented window).
+//! commit (the documented window); the same again with `--pipelined`
+//! (each batch's commits sent with the next batch's claims).
 //!
 //! `TD_KILL_MESSAGES` sets the number of messages (default 2000; the issue's
 //! by-hand run is 100000). The example binaries are the ones `cargo test`
@@ -202,25 +203,22 @@ fn check_postgres(pg: &pg_server::PgServer, distinct: u64) {
 }
 
 /// Every key has an effect; every duplicate is in a killed process's
-/// effects after its last commit mark.
+/// effect-to-commit window: an effect whose message no commit mark
+/// (`C <pid> <message id>…`) of its process names.
 fn check_file(path: &PathBuf, distinct: u64, killed: &HashSet<u32>) {
     let text = std::fs::read_to_string(path).unwrap();
-    // Per pid, the index of its last commit mark.
     let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
-    let mut last_commit: HashMap<&str, usize> = HashMap::new();
-    for (i, l) in lines.iter().enumerate() {
-        if l[0] == "C" {
-            last_commit.insert(l[1], i);
-        }
-    }
+    // (pid, message id) of every committed effect.
+    let committed: HashSet<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l[0] == "C")
+        .flat_map(|l| l[2..].iter().map(|id| (l[1], *id)))
+        .collect();
     let mut by_key: HashMap<&str, Vec<bool>> = HashMap::new();
-    for (i, l) in lines.iter().enumerate() {
-        if l[0] == "E" {
-            let pid = l[1];
-            let in_window = killed.contains(&pid.parse().unwrap())
-                && last_commit.get(pid).is_none_or(|&c| i > c);
-            by_key.entry(l[2]).or_default().push(in_window);
-        }
+    for l in lines.iter().filter(|l| l[0] == "E") {
+        let (pid, key, id) = (l[1], l[2], l[3]);
+        let in_window = killed.contains(&pid.parse().unwrap()) && !committed.contains(&(pid, id));
+        by_key.entry(key).or_default().push(in_window);
     }
     let mut duplicates = 0;
     for (key, effects) in &by_key {
@@ -335,6 +333,24 @@ fn jetstream_file_effects_with_redis_claims_lose_nothing_through_kills() {
     let _ = std::fs::remove_file(&file);
 }
 
+/// The same with each batch's commits sent with the next batch's claims
+/// (`--pipelined`): a batch's effects stay in the window until the next
+/// batch is claimed, and every duplicate must still be one of them.
+#[test]
+fn jetstream_pipelined_file_effects_lose_nothing_through_kills() {
+    let program = example("jetstream_consumer");
+    let nats = nats_server::NatsServer::start();
+    let redis = redis_server::RedisServer::start();
+    let file = scratch("js-pipelined");
+    let mut args = common(nats.url(), file.display().to_string(), Some(redis.url()));
+    args.push("--pipelined".into());
+    let distinct = publish(&program, &args, messages());
+    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
+    assert!(killed.len() >= 10);
+    check_file(&file, distinct, &killed);
+    let _ = std::fs::remove_file(&file);
+}
+
 #[test]
 fn redis_streams_postgres_effects_exactly_once_through_kills() {
     let program = example("redis_streams_consumer");
@@ -358,4 +374,37 @@ fn redis_streams_file_effects_with_redis_claims_lose_nothing_through_kills() {
     assert!(killed.len() >= 10);
     check_file(&file, distinct, &killed);
     let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn redis_streams_pipelined_file_effects_lose_nothing_through_kills() {
+    let program = example("redis_streams_consumer");
+    let redis = redis_server::RedisServer::start();
+    let file = scratch("rs-pipelined");
+    let mut args = common(redis.url(), file.display().to_string(), Some(redis.url()));
+    args.push("--pipelined".into());
+    let distinct = publish(&program, &args, messages());
+    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
+    assert!(killed.len() >= 10);
+    check_file(&file, distinct, &killed);
+    let _ = std::fs::remove_file(&file);
+}
+
+/// `--pipelined` is refused with PostgreSQL effects (each batch commits in
+/// its own transaction), with a reason.
+#[test]
+fn pipelined_postgres_effects_are_refused() {
+    let out = Command::new(example("redis_streams_consumer"))
+        .args([
+            "--server",
+            "redis://127.0.0.1:1",
+            "--effects",
+            "postgres://127.0.0.1:1/x",
+            "--pipelined",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--pipelined applies to file effects"), "{err}");
 }

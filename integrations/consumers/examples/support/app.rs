@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use tiered_dedup::consumer::{BatchConsumer, ConsumerStats, Delivery};
+use tiered_dedup::consumer::{BatchConsumer, ConsumerStats, Delivery, Disposition, Held};
 use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
 use tiered_dedup::{Affinity, Deduper, ExactTier};
 use tiered_dedup_consumers::transactional::TxConsumer;
@@ -77,6 +77,30 @@ pub struct Args {
     /// Sleep this long in the handler per message, µs (a slower effect).
     #[arg(long, default_value_t = 0)]
     pub effect_delay_us: u64,
+    /// File effects: send each batch's commits with the next batch's
+    /// claims (one request to the claims' tier per batch instead of two);
+    /// a batch is acked once the next batch is claimed, or when a read
+    /// comes back empty.
+    #[arg(long)]
+    pub pipelined: bool,
+}
+
+impl Args {
+    /// Refuses flags that do not go together, before any connection.
+    pub fn check(&self) -> Result<(), String> {
+        let postgres = self
+            .effects
+            .as_deref()
+            .is_some_and(|e| e.starts_with("postgres://") || e.starts_with("postgresql://"));
+        if self.pipelined && postgres {
+            return Err(
+                "--pipelined applies to file effects: PostgreSQL commits each \
+                        batch's claims in its own transaction"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The business key of a JSON message, or why there is none.
@@ -124,14 +148,17 @@ pub fn workload(n: u64, seed: u64) -> (Vec<(String, String, Vec<u8>)>, u64) {
 /// Where the handler records its effect.
 pub enum Effects {
     /// Append-only lines: `E <pid> <key> <message id>` per effect, and
-    /// `C <pid>` once a batch's claims are committed (before its acks): a
-    /// process killed after an `E` and before the next `C` is the documented
+    /// `C <pid> <message id>…` once those messages' claims are committed
+    /// (before their acks): an effect whose message no `C` of its process
+    /// names, in a process that was killed, is in the documented
     /// effect-to-commit window.
     File {
         /// The file, opened for appending.
         file: Arc<Mutex<File>>,
         /// The engine's consumer (memory or Redis claims).
         consumer: Arc<BatchConsumer>,
+        /// Commits ride with the next batch's claims (`--pipelined`).
+        pipelined: bool,
     },
     /// An effect row per message, in the claim's transaction.
     Postgres(Box<TxConsumer>),
@@ -176,6 +203,7 @@ impl Effects {
         Ok(Effects::File {
             file: Arc::new(Mutex::new(file)),
             consumer: Arc::new(consumer),
+            pipelined: args.pipelined,
         })
     }
 }
@@ -186,6 +214,23 @@ pub fn append(file: &Mutex<File>, line: &str) -> std::io::Result<()> {
     file.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .write_all(line.as_bytes())
+}
+
+/// Appends `C <pid> <message id>…` naming the messages whose commits were
+/// stored (before they are acked); nothing when there are none.
+fn mark_committed<M>(file: &Mutex<File>, pid: u32, settled: &[(Keyed<M>, Disposition)]) {
+    let mut line = format!("C {pid}");
+    let before = line.len();
+    for (k, d) in settled {
+        if matches!(d, Disposition::Processed) {
+            line.push(' ');
+            line.push_str(&k.id);
+        }
+    }
+    if line.len() > before {
+        line.push('\n');
+        let _ = append(file, &line);
+    }
 }
 
 /// What a consumer did, printed as one JSON line at exit.
@@ -230,16 +275,17 @@ fn pause(us: u64) {
 
 impl Effects {
     /// Claims, acts and commits one batch on a blocking thread; answers each
-    /// message with its disposition (ack after this returns).
+    /// message with its disposition (ack after this returns). Pipelined
+    /// (file effects), the batch's commits wait in `held` for the next call
+    /// (or [`Effects::flush`]), and the messages answered now are the
+    /// previous batch's with this batch's repeats.
     pub async fn run_batch<M: Send + 'static>(
         &mut self,
         batch: Vec<Keyed<M>>,
+        held: &mut Held<Keyed<M>>,
         consumer_name: &str,
         delay_us: u64,
-    ) -> Result<
-        Vec<(Keyed<M>, tiered_dedup::consumer::Disposition)>,
-        tiered_dedup_consumers::ConsumerError,
-    > {
+    ) -> Result<Vec<(Keyed<M>, Disposition)>, tiered_dedup_consumers::ConsumerError> {
         let deliveries: Vec<Delivery<Keyed<M>>> = batch
             .into_iter()
             .map(|k| Delivery::new(k.key.clone(), k))
@@ -247,25 +293,35 @@ impl Effects {
         let name = consumer_name.to_owned();
         let pid = std::process::id();
         match self {
-            Effects::File { file, consumer } => {
+            Effects::File {
+                file,
+                consumer,
+                pipelined,
+            } => {
                 let file = Arc::clone(file);
                 let consumer = Arc::clone(consumer);
-                tokio::task::spawn_blocking(move || {
-                    let out = consumer.process(
-                        deliveries,
-                        |k: &Keyed<M>| {
-                            pause(delay_us);
-                            append(&file, &format!("E {pid} {} {}\n", k.key, k.id))
-                                .map(|()| k.id.clone().into_bytes())
-                        },
-                        |k: &Keyed<M>| eprintln!("conflict: key {} (message {})", k.key, k.id),
-                    );
-                    // The batch's claims are committed: mark it before the acks.
-                    let _ = append(&file, &format!("C {pid}\n"));
-                    out
+                let pipelined = *pipelined;
+                let mut carried = std::mem::take(held);
+                let (out, rest) = tokio::task::spawn_blocking(move || {
+                    let handler = |k: &Keyed<M>| {
+                        pause(delay_us);
+                        append(&file, &format!("E {pid} {} {}\n", k.key, k.id))
+                            .map(|()| k.id.clone().into_bytes())
+                    };
+                    let on_conflict =
+                        |k: &Keyed<M>| eprintln!("conflict: key {} (message {})", k.key, k.id);
+                    let out = if pipelined {
+                        consumer.process_pipelined(&mut carried, deliveries, handler, on_conflict)
+                    } else {
+                        consumer.process(deliveries, handler, on_conflict)
+                    };
+                    mark_committed(&file, pid, &out);
+                    (out, carried)
                 })
                 .await
-                .map_err(|e| tiered_dedup_consumers::ConsumerError::Task(e.to_string()))
+                .map_err(|e| tiered_dedup_consumers::ConsumerError::Task(e.to_string()))?;
+                *held = rest;
+                Ok(out)
             }
             Effects::Postgres(_) => {
                 let Effects::Postgres(mut tx) = std::mem::replace(self, Effects::Taken) else {
@@ -293,6 +349,30 @@ impl Effects {
             }
             Effects::Taken => unreachable!("a batch at a time"),
         }
+    }
+
+    /// Commits what `held` holds (pipelined file effects: the last batch)
+    /// on its own; those messages with their dispositions, to ack.
+    pub async fn flush<M: Send + 'static>(
+        &mut self,
+        held: &mut Held<Keyed<M>>,
+    ) -> Result<Vec<(Keyed<M>, Disposition)>, tiered_dedup_consumers::ConsumerError> {
+        let Effects::File { file, consumer, .. } = self else {
+            return Ok(Vec::new());
+        };
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let file = Arc::clone(file);
+        let consumer = Arc::clone(consumer);
+        let mut carried = std::mem::take(held);
+        tokio::task::spawn_blocking(move || {
+            let out = consumer.flush(&mut carried);
+            mark_committed(&file, std::process::id(), &out);
+            out
+        })
+        .await
+        .map_err(|e| tiered_dedup_consumers::ConsumerError::Task(e.to_string()))
     }
 
     /// The counters so far.
