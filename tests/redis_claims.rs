@@ -1645,6 +1645,23 @@ fn edge_engine_on(
     (tweak(builder).build().unwrap(), stats)
 }
 
+/// Sets ACL user `user` (password `<user>-pw`) to every key and command,
+/// then `rule` (e.g. `-unlink`; a user already connected is held to it at
+/// once); the URL that logs in as it.
+fn all_but(server: &RedisServer, admin: &mut redis::Connection, user: &str, rule: &str) -> String {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(user)
+        .arg("on")
+        .arg(format!(">{user}-pw"))
+        .arg("~*")
+        .arg("+@all")
+        .arg(rule)
+        .query(admin)
+        .unwrap();
+    format!("redis://{user}:{user}-pw@127.0.0.1:{}", server.port)
+}
+
 /// Claims `request` on `d`, which must acquire it, and commits `result`.
 fn commit_first<K: tiered_dedup::Key>(d: &Deduper, request: ClaimRequest<K>, result: &[u8]) {
     match d.claim_with(request) {
@@ -1846,17 +1863,7 @@ fn an_event_time_claim_a_lateness_behind_is_decided_again() {
 fn a_refused_delete_of_retired_results_fails_no_claim() {
     let server = RedisServer::start();
     let mut admin = server.connection();
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("nounlink")
-        .arg("on")
-        .arg(">nounlink-pw")
-        .arg("~*")
-        .arg("+@all")
-        .arg("-unlink")
-        .query(&mut admin)
-        .unwrap();
-    let url = format!("redis://nounlink:nounlink-pw@127.0.0.1:{}", server.port);
+    let url = all_but(&server, &mut admin, "nounlink", "-unlink");
     let start = Timestamp::from_secs(1_000);
     let behind = ManualClock::new(start);
     let ahead = ManualClock::new(start);
@@ -1895,26 +1902,13 @@ fn a_refused_delete_of_retired_results_fails_no_claim() {
 fn a_result_whose_append_never_ran_still_expires() {
     let server = RedisServer::start();
     let mut admin = server.connection();
-    let acl = |admin: &mut redis::Connection, rule: &str| {
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("writer")
-            .arg("on")
-            .arg(">writer-pw")
-            .arg("~*")
-            .arg("+@all")
-            .arg(rule)
-            .query(admin)
-            .unwrap();
-    };
-    acl(&mut admin, "+xadd");
-    let url = format!("redis://writer:writer-pw@127.0.0.1:{}", server.port);
+    let url = all_but(&server, &mut admin, "writer", "+xadd");
     let clock = ManualClock::new(Timestamp::from_secs(1_000));
     let (d, stats) = edge_engine_on(&url, Clock::Manual(clock.clone()), |b| b);
     let Claim::Acquired(lease) = d.claim(&1u64) else {
         panic!("a fresh key ({:?})", stats.last_error());
     };
-    acl(&mut admin, "-xadd");
+    all_but(&server, &mut admin, "writer", "-xadd");
     let err = lease.commit(b"result").expect_err("the append is refused");
     assert!(
         err.to_string().contains("permission denied"),
