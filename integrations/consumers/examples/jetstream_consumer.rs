@@ -104,52 +104,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Vec::new()
             }
         };
-        if batch.is_empty() {
-            match effects.flush(&mut held).await {
-                Ok(settled) => {
-                    if let Err(e) = source
-                        .settle(settled.into_iter().map(|(k, d)| (k.message, d)))
-                        .await
-                    {
-                        eprintln!("ack failed, left for redelivery: {e}");
+        let idle = batch.is_empty();
+        let outcome = if idle {
+            // Pipelined: the last batch's commits go now, then its acks.
+            effects.flush(&mut held).await
+        } else {
+            last = Instant::now();
+            let mut keyed = Vec::with_capacity(batch.len());
+            for m in batch {
+                let id = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                match app::key_of(&m.payload, &args.key) {
+                    Ok(key) => keyed.push(Keyed {
+                        message: m,
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        id,
+                    }),
+                    Err(e) => {
+                        bad += 1;
+                        eprintln!("message {id}: {e}: terminated");
+                        source.reject(&m).await?;
                     }
                 }
-                Err(e) => eprintln!("flush failed, left for redelivery: {e}"),
             }
-            if args
-                .idle_exit_ms
-                .is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms))
-            {
-                break;
-            }
-            continue;
-        }
-        last = Instant::now();
-        let mut keyed = Vec::with_capacity(batch.len());
-        for m in batch {
-            let id = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
-            match app::key_of(&m.payload, &args.key) {
-                Ok(key) => keyed.push(Keyed {
-                    message: m,
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    id,
-                }),
-                Err(e) => {
-                    bad += 1;
-                    eprintln!("message {id}: {e}: terminated");
-                    source.reject(&m).await?;
-                }
-            }
-        }
-        match effects
-            .run_batch(keyed, &mut held, &args.consumer, args.effect_delay_us)
-            .await
-        {
+            effects
+                .run_batch(keyed, &mut held, &args.consumer, args.effect_delay_us)
+                .await
+        };
+        match outcome {
             // An ack that could not be sent: redelivered after AckWait,
             // answered `Completed`.
             Ok(settled) => {
@@ -162,6 +148,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             // Nothing committed and nothing acked: redelivered after AckWait.
             Err(e) => eprintln!("batch failed, left for redelivery: {e}"),
+        }
+        if idle
+            && args
+                .idle_exit_ms
+                .is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms))
+        {
+            break;
         }
     }
     client.flush().await?;

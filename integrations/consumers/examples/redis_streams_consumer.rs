@@ -80,71 +80,58 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Vec::new()
             }
         };
-        if batch.is_empty() {
-            match effects.flush(&mut held).await {
-                Ok(settled) => {
-                    if let Err(e) = source
-                        .settle(settled.iter().map(|(k, d)| (&k.message, d)), &[])
-                        .await
-                    {
-                        eprintln!("ack failed, left pending: {e}");
+        let idle = batch.is_empty();
+        let mut rejected: Vec<StreamEntry> = Vec::new();
+        let outcome = if idle {
+            // Pipelined: the last batch's commits go now, then its acks.
+            effects.flush(&mut held).await
+        } else {
+            last = Instant::now();
+            let mut keyed = Vec::with_capacity(batch.len());
+            for e in batch {
+                let id = e
+                    .field("id")
+                    .map_or_else(|| e.id.clone(), |v| String::from_utf8_lossy(v).into_owned());
+                match e
+                    .field("data")
+                    .ok_or_else(|| tiered_dedup_consumers::BadMessage("no field \"data\"".into()))
+                    .and_then(|data| app::key_of(data, &args.key))
+                {
+                    Ok(key) => keyed.push(Keyed {
+                        message: e,
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        id,
+                    }),
+                    Err(err) => {
+                        bad += 1;
+                        eprintln!("entry {}: {err}: acked without processing", e.id);
+                        rejected.push(e);
                     }
                 }
-                Err(e) => eprintln!("flush failed, left pending: {e}"),
             }
-            if args
-                .idle_exit_ms
-                .is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms))
-            {
-                break;
-            }
-            continue;
-        }
-        last = Instant::now();
-        let mut keyed = Vec::with_capacity(batch.len());
-        let mut rejected: Vec<StreamEntry> = Vec::new();
-        for e in batch {
-            let id = e
-                .field("id")
-                .map_or_else(|| e.id.clone(), |v| String::from_utf8_lossy(v).into_owned());
-            match e
-                .field("data")
-                .ok_or_else(|| tiered_dedup_consumers::BadMessage("no field \"data\"".into()))
-                .and_then(|data| app::key_of(data, &args.key))
-            {
-                Ok(key) => keyed.push(Keyed {
-                    message: e,
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    id,
-                }),
-                Err(err) => {
-                    bad += 1;
-                    eprintln!("entry {}: {err}: acked without processing", e.id);
-                    rejected.push(e);
-                }
-            }
-        }
-        match effects
-            .run_batch(keyed, &mut held, &args.consumer, args.effect_delay_us)
+            effects
+                .run_batch(keyed, &mut held, &args.consumer, args.effect_delay_us)
+                .await
+        };
+        // Nothing committed and nothing acked on a failure: reclaimed after
+        // the idle time. A failed XACK (the broker went away) leaves the
+        // entries pending too: reclaimed, answered `Completed`.
+        let settled = outcome.unwrap_or_else(|e| {
+            eprintln!("batch failed, left pending: {e}");
+            Vec::new()
+        });
+        if let Err(e) = source
+            .settle(settled.iter().map(|(k, d)| (&k.message, d)), &rejected)
             .await
         {
-            // A failed XACK (the broker went away) leaves the entries
-            // pending: reclaimed after the idle time, answered `Completed`.
-            Ok(settled) => {
-                if let Err(e) = source
-                    .settle(settled.iter().map(|(k, d)| (&k.message, d)), &rejected)
-                    .await
-                {
-                    eprintln!("ack failed, left pending: {e}");
-                }
-            }
-            // Nothing committed and nothing acked: reclaimed after the idle time.
-            Err(e) => {
-                eprintln!("batch failed, left pending: {e}");
-                if let Err(e) = source.settle(std::iter::empty(), &rejected).await {
-                    eprintln!("ack failed, left pending: {e}");
-                }
-            }
+            eprintln!("ack failed, left pending: {e}");
+        }
+        if idle
+            && args
+                .idle_exit_ms
+                .is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms))
+        {
+            break;
         }
     }
     println!("{}", app::summary(effects.stats(), bad, source.acked()));

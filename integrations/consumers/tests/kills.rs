@@ -295,6 +295,28 @@ fn common(server: String, effects: String, redis: Option<String>) -> Vec<String>
     v
 }
 
+/// File effects with claims in Redis at `redis`, consumers of `broker`
+/// (`--pipelined` if asked) killed ten times: none missing, every
+/// duplicate in a kill's window.
+fn file_effects_through_kills(
+    program: &PathBuf,
+    broker: String,
+    redis: String,
+    tag: &str,
+    pipelined: bool,
+) {
+    let file = scratch(tag);
+    let mut args = common(broker, file.display().to_string(), Some(redis));
+    if pipelined {
+        args.push("--pipelined".into());
+    }
+    let distinct = publish(program, &args, messages());
+    let killed = run_with_kills(program, &args, 10, distinct, &mut file_progress(&file));
+    assert!(killed.len() >= 10);
+    check_file(&file, distinct, &killed);
+    let _ = std::fs::remove_file(&file);
+}
+
 fn scratch(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("td-kills-{tag}-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&p);
@@ -324,13 +346,7 @@ fn jetstream_file_effects_with_redis_claims_lose_nothing_through_kills() {
     let program = example("jetstream_consumer");
     let nats = nats_server::NatsServer::start();
     let redis = redis_server::RedisServer::start();
-    let file = scratch("js");
-    let args = common(nats.url(), file.display().to_string(), Some(redis.url()));
-    let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
-    assert!(killed.len() >= 10);
-    check_file(&file, distinct, &killed);
-    let _ = std::fs::remove_file(&file);
+    file_effects_through_kills(&program, nats.url(), redis.url(), "js", false);
 }
 
 /// The same with each batch's commits sent with the next batch's claims
@@ -341,14 +357,7 @@ fn jetstream_pipelined_file_effects_lose_nothing_through_kills() {
     let program = example("jetstream_consumer");
     let nats = nats_server::NatsServer::start();
     let redis = redis_server::RedisServer::start();
-    let file = scratch("js-pipelined");
-    let mut args = common(nats.url(), file.display().to_string(), Some(redis.url()));
-    args.push("--pipelined".into());
-    let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
-    assert!(killed.len() >= 10);
-    check_file(&file, distinct, &killed);
-    let _ = std::fs::remove_file(&file);
+    file_effects_through_kills(&program, nats.url(), redis.url(), "js-pipelined", true);
 }
 
 #[test]
@@ -367,27 +376,14 @@ fn redis_streams_postgres_effects_exactly_once_through_kills() {
 fn redis_streams_file_effects_with_redis_claims_lose_nothing_through_kills() {
     let program = example("redis_streams_consumer");
     let redis = redis_server::RedisServer::start();
-    let file = scratch("rs");
-    let args = common(redis.url(), file.display().to_string(), Some(redis.url()));
-    let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
-    assert!(killed.len() >= 10);
-    check_file(&file, distinct, &killed);
-    let _ = std::fs::remove_file(&file);
+    file_effects_through_kills(&program, redis.url(), redis.url(), "rs", false);
 }
 
 #[test]
 fn redis_streams_pipelined_file_effects_lose_nothing_through_kills() {
     let program = example("redis_streams_consumer");
     let redis = redis_server::RedisServer::start();
-    let file = scratch("rs-pipelined");
-    let mut args = common(redis.url(), file.display().to_string(), Some(redis.url()));
-    args.push("--pipelined".into());
-    let distinct = publish(&program, &args, messages());
-    let killed = run_with_kills(&program, &args, 10, distinct, &mut file_progress(&file));
-    assert!(killed.len() >= 10);
-    check_file(&file, distinct, &killed);
-    let _ = std::fs::remove_file(&file);
+    file_effects_through_kills(&program, redis.url(), redis.url(), "rs-pipelined", true);
 }
 
 /// `--pipelined` is refused with PostgreSQL effects (each batch commits in
