@@ -14,7 +14,9 @@ use tiered_dedup::consumer::{BatchConsumer, ConsumerStats, Delivery, Disposition
 use tiered_dedup::exact::redis::{RedisConfig, RedisTier};
 use tiered_dedup::{Affinity, Deduper, ExactTier};
 use tiered_dedup_consumers::transactional::TxConsumer;
-use tiered_dedup_consumers::BadMessage;
+use tiered_dedup_consumers::{
+    flush_blocking, process_blocking, process_pipelined_blocking, BadMessage,
+};
 use tiered_dedup_postgres::{PgClaims, PgConfig};
 
 /// Consumes JSON messages keyed by a field, effectively once: claim, act
@@ -298,29 +300,31 @@ impl Effects {
                 consumer,
                 pipelined,
             } => {
-                let file = Arc::clone(file);
-                let consumer = Arc::clone(consumer);
-                let pipelined = *pipelined;
-                let mut carried = std::mem::take(held);
-                let (out, rest) = tokio::task::spawn_blocking(move || {
-                    let handler = |k: &Keyed<M>| {
-                        pause(delay_us);
-                        append(&file, &format!("E {pid} {} {}\n", k.key, k.id))
-                            .map(|()| k.id.clone().into_bytes())
-                    };
-                    let on_conflict =
-                        |k: &Keyed<M>| eprintln!("conflict: key {} (message {})", k.key, k.id);
-                    let out = if pipelined {
-                        consumer.process_pipelined(&mut carried, deliveries, handler, on_conflict)
-                    } else {
-                        consumer.process(deliveries, handler, on_conflict)
-                    };
-                    mark_committed(&file, pid, &out);
-                    (out, carried)
-                })
-                .await
-                .map_err(|e| tiered_dedup_consumers::ConsumerError::Task(e.to_string()))?;
-                *held = rest;
+                let writer = Arc::clone(file);
+                let handler = Arc::new(move |k: &Keyed<M>| {
+                    pause(delay_us);
+                    append(&writer, &format!("E {pid} {} {}\n", k.key, k.id))
+                        .map(|()| k.id.clone().into_bytes())
+                });
+                let on_conflict = Arc::new(|k: &Keyed<M>| {
+                    eprintln!("conflict: key {} (message {})", k.key, k.id);
+                });
+                let out = if *pipelined {
+                    let carried = std::mem::take(held);
+                    let (out, rest) = process_pipelined_blocking(
+                        consumer,
+                        carried,
+                        deliveries,
+                        &handler,
+                        &on_conflict,
+                    )
+                    .await?;
+                    *held = rest;
+                    out
+                } else {
+                    process_blocking(consumer, deliveries, &handler, &on_conflict).await?
+                };
+                tokio::task::block_in_place(|| mark_committed(file, pid, &out));
                 Ok(out)
             }
             Effects::Postgres(_) => {
@@ -360,19 +364,9 @@ impl Effects {
         let Effects::File { file, consumer, .. } = self else {
             return Ok(Vec::new());
         };
-        if held.is_empty() {
-            return Ok(Vec::new());
-        }
-        let file = Arc::clone(file);
-        let consumer = Arc::clone(consumer);
-        let mut carried = std::mem::take(held);
-        tokio::task::spawn_blocking(move || {
-            let out = consumer.flush(&mut carried);
-            mark_committed(&file, std::process::id(), &out);
-            out
-        })
-        .await
-        .map_err(|e| tiered_dedup_consumers::ConsumerError::Task(e.to_string()))
+        let out = flush_blocking(consumer, std::mem::take(held)).await?;
+        tokio::task::block_in_place(|| mark_committed(file, std::process::id(), &out));
+        Ok(out)
     }
 
     /// The counters so far.
