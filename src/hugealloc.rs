@@ -56,8 +56,9 @@ impl<T> ZeroedArray<T> {
 
     /// `len` zeroed elements for an array that is read before it is
     /// written at random places (a hash table's probe reads a bucket, then
-    /// fills it): the part past its last whole 2 MiB, mapped in 4 KiB
-    /// pages, is faulted in for writing now (`MADV_POPULATE_WRITE`).
+    /// fills it): the part past its last whole 2 MiB (all of an array
+    /// under 2 MiB), mapped in 4 KiB pages, is faulted in for writing now
+    /// (`MADV_POPULATE_WRITE`, or a write per page).
     /// Lazily, each such page's first read maps the shared zero page and
     /// the write after it copies the page and flushes the other CPUs'
     /// TLBs: `dedup`'s tables (6.3 MB each, a third of them past their last
@@ -115,11 +116,27 @@ impl<T> ZeroedArray<T> {
         }
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
-        Some(ZeroedArray {
+        let array = ZeroedArray {
             ptr: NonNull::new(raw.cast::<T>())?,
             len,
             mapped: false,
-        })
+        };
+        if populate_tail {
+            // All of it is 4 KiB pages. The allocator hands large zeroed
+            // blocks out as fresh mappings, whose pages a probe would read
+            // (mapping the zero page) before writing (copying it and
+            // flushing the other CPUs' TLBs): the claims bench's body
+            // indexes, 0.5 MB per slot and shard, spent 8% of its samples
+            // in those flushes. A write alone faults a page in once; the
+            // array is all zero, so zero is written.
+            let base = array.ptr.as_ptr().cast::<u8>();
+            for offset in (0..layout.size()).step_by(4096) {
+                // SAFETY: `offset` lies inside the array, which no one
+                // else holds yet; its bytes are zero already.
+                unsafe { base.add(offset).write_volatile(0) };
+            }
+        }
+        Some(array)
     }
 
     /// Faults every page of the array in for writing now, so that no later
@@ -493,6 +510,27 @@ mod tests {
             assert!(taken < 4, "{taken} faults in a populated array of {len}");
             assert_eq!(a[0], 42);
         }
+    }
+
+    /// An array made for probing that is too small for huge pages (here
+    /// 1 MiB, which the C library hands out as a fresh mapping) is faulted
+    /// in whole when made: probing it takes no fault. Lazily each page
+    /// faults twice, the second time flushing the other CPUs' TLBs.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_small_array_for_probing_takes_no_faults() {
+        let len = (1 << 20) / 8;
+        // SAFETY: zero is a valid u64.
+        let mut a = unsafe { ZeroedArray::<u64>::for_probing(len) };
+        let probed = probe(&mut a);
+        assert!(
+            probed < 8,
+            "{probed} faults probing a small array made for probing"
+        );
+        assert!(a
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == u64::from(i % 512 == 0)));
     }
 
     /// An array made for probing has its 4 KiB tail (here the 1 MiB past
