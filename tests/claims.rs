@@ -353,8 +353,10 @@ fn run(s: &Setting, seed: u64) {
         match rng.below(100) {
             // Claims, one at a time or in a batch.
             0..=29 => {
+                // Batches up to 24 give each shard several claims, with
+                // copies of one key among them.
                 let n = if rng.chance(0.3) {
-                    1 + rng.below(8) as usize
+                    1 + rng.below(24) as usize
                 } else {
                     1
                 };

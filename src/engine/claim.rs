@@ -181,12 +181,90 @@ impl Shard {
         }
     }
 
-    /// Starts loading what a claim of `fp` reads: on the memory tier
-    /// without a filter, its table bucket.
+    /// True on the memory tier without a filter (one table for the
+    /// window, or no window), which [`Shard::claim_direct`] answers.
     #[inline]
-    pub(crate) fn prefetch_claim(&self, fp: Fingerprint) {
-        if let (ShardFilter::Direct, Some(Partition::Memory(table))) = (&self.filter, &self.exact) {
-            crate::exact::ExactPartition::prefetch(table.as_ref(), fp, 0);
+    pub(crate) fn claims_direct(&self) -> bool {
+        matches!(
+            (&self.filter, &self.exact),
+            (ShardFilter::Direct, Some(Partition::Memory(_)))
+        )
+    }
+
+    /// Claims `items` (as [`Shard::claim_batched`]) on the memory tier
+    /// without a filter, in three passes: every key's record is looked up,
+    /// its table bucket loaded `ahead` keys before; the bodies of the
+    /// records found within the window are read in one batch, loaded
+    /// ahead too ([`ExactPartition::bodies_batch`]); then each claim is
+    /// settled in order, the lease book first, so a copy of a key acquired
+    /// earlier in the batch meets its lease. A claim writes nothing to the
+    /// table (a commit does), so reading it first answers as reading it
+    /// claim by claim would.
+    ///
+    /// [`ExactPartition::bodies_batch`]: crate::exact::ExactPartition::bodies_batch
+    pub(crate) fn claim_direct(
+        &mut self,
+        items: &[(
+            usize,
+            Fingerprint,
+            Option<PayloadFingerprint>,
+            Timestamp,
+            u64,
+        )],
+        now: u64,
+        rules: &ShardRules,
+        ahead: usize,
+        out: &mut [Option<ShardClaim>],
+    ) {
+        let Some(Partition::Memory(table)) = &mut self.exact else {
+            unreachable!("claim_direct is for the memory tier without a filter");
+        };
+        let mut records: Vec<Option<Timestamp>> = Vec::with_capacity(items.len());
+        let mut wanted = Vec::new();
+        for (j, &(_, fp, _, t, _)) in items.iter().enumerate() {
+            if let Some(&(_, next, ..)) = items.get(j + ahead) {
+                crate::exact::ExactPartition::prefetch(table.as_ref(), next, 0);
+            }
+            let first_seen = match table.first_seen(fp) {
+                Seen::At(first_seen) => Some(first_seen),
+                // No times kept: its body knows when, if it has one.
+                Seen::Untimed => Some(Timestamp::ZERO),
+                Seen::No => None,
+            }
+            .filter(|&first_seen| {
+                rules
+                    .window
+                    .is_none_or(|w| t.as_nanos().saturating_sub(first_seen.as_nanos()) < w)
+            });
+            if let Some(first_seen) = first_seen {
+                wanted.push((fp, 0, first_seen));
+            }
+            records.push(first_seen);
+        }
+        let mut bodies = Vec::with_capacity(wanted.len());
+        let read = if wanted.is_empty() {
+            Ok(())
+        } else {
+            crate::exact::ExactPartition::bodies_batch(table.as_mut(), &wanted, &mut bodies)
+        };
+        let mut bodies = bodies.into_iter();
+        for (&(pos, fp, payload, t, ttl), first_seen) in items.iter().zip(records) {
+            // Taken in order whatever the lease book answers.
+            let body = first_seen.map(|_| bodies.next().flatten());
+            self.advance(t);
+            self.counters.claims += 1;
+            if let Some(answer) = self.claim_held(fp, payload, now) {
+                out[pos] = Some(answer);
+                continue;
+            }
+            let found = match &read {
+                Err(e) => Err(ExactTierError::Unavailable(e.to_string())),
+                Ok(()) => Ok(first_seen.map(|first_seen| Found {
+                    first_seen,
+                    body: body.flatten(),
+                })),
+            };
+            out[pos] = Some(self.settle_claim(fp, payload, t, ttl, now, found));
         }
     }
 

@@ -452,14 +452,12 @@ impl Deduper {
         }
         if shard.wants_batches(self.plan.trust) {
             shard.claim_batched(items, now, &self.plan.rules, self.plan.span, out);
+        } else if items.len() > 1 && shard.claims_direct() {
+            // (One claim, as an HTTP request makes, is answered without
+            // the passes' vectors.)
+            shard.claim_direct(items, now, &self.plan.rules, PREFETCH_AHEAD, out);
         } else {
-            for &(_, fp, ..) in items.iter().take(PREFETCH_AHEAD) {
-                shard.prefetch_claim(fp);
-            }
-            for (j, &(pos, fp, payload, t, ttl)) in items.iter().enumerate() {
-                if let Some(&(_, ahead, ..)) = items.get(j + PREFETCH_AHEAD) {
-                    shard.prefetch_claim(ahead);
-                }
+            for &(pos, fp, payload, t, ttl) in items {
                 out[pos] = Some(shard.claim_one(fp, payload, t, ttl, now, &self.plan.rules));
             }
         }

@@ -91,6 +91,39 @@ impl Slot {
         ((chunk as u64) << 32) | self.chunks[chunk].len() as u64
     }
 
+    /// Starts loading the header of the body at `position` (and the line
+    /// after it: a 100-byte result spans two or three).
+    #[inline]
+    fn prefetch_body(&self, position: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(chunk) = self.chunks.get((position >> 32) as usize) {
+            let ptr = chunk
+                .as_ptr()
+                .wrapping_add((position & 0xFFFF_FFFF) as usize)
+                .cast::<i8>();
+            // SAFETY: prefetch is a hint and never faults.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(ptr, std::arch::x86_64::_MM_HINT_T0);
+                std::arch::x86_64::_mm_prefetch(
+                    ptr.wrapping_add(64),
+                    std::arch::x86_64::_MM_HINT_T0,
+                );
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = position;
+    }
+
+    /// The body at `position` if it belongs to the record accepted at `at`
+    /// (`None`: any record).
+    fn body_at(&self, position: u64, at: Option<u64>) -> Option<RecordBody> {
+        let (stored_at, payload, result) = self.read(position);
+        at.is_none_or(|at| stored_at == at).then(|| RecordBody {
+            payload,
+            result: Arc::from(result),
+        })
+    }
+
     /// The body at `position`: its record's time and the body.
     fn read(&self, position: u64) -> (u64, Option<PayloadFingerprint>, &[u8]) {
         let chunk = &self.chunks[(position >> 32) as usize];
@@ -178,17 +211,48 @@ impl BodyStore {
         let order = std::iter::once(slot).chain((0..GENERATIONS).filter(move |&s| s != slot));
         for s in order {
             let slot = &self.slots[s];
-            if let Some(position) = slot.index.get(fp) {
-                let (stored_at, payload, result) = slot.read(position);
-                if at.is_none_or(|at| stored_at == at) {
-                    return Some(RecordBody {
-                        payload,
-                        result: Arc::from(result),
-                    });
-                }
+            if let Some(body) = slot.index.get(fp).and_then(|p| slot.body_at(p, at)) {
+                return Some(body);
             }
         }
         None
+    }
+
+    /// [`BodyStore::get`] of each of `wanted` (`(slot, fingerprint, at)`),
+    /// in order, into `out`, with what each reads loaded ahead: every index
+    /// bucket first, then the first lines of every body found in its slot.
+    /// One by one, each body cost two cache misses in a row (its index
+    /// bucket, then its header): 14% of the claims bench's samples for
+    /// the tenth of its claims that answer completed.
+    pub(crate) fn get_batch(
+        &self,
+        wanted: &[(usize, Fingerprint, Option<u64>)],
+        out: &mut Vec<Option<RecordBody>>,
+    ) {
+        out.clear();
+        if self.len == 0 {
+            out.resize(wanted.len(), None);
+            return;
+        }
+        for &(slot, fp, _) in wanted {
+            self.prefetch(slot, fp);
+        }
+        let positions: Vec<Option<u64>> = wanted
+            .iter()
+            .map(|&(slot, fp, _)| {
+                let slot = &self.slots[slot];
+                let position = slot.index.get(fp);
+                if let Some(p) = position {
+                    slot.prefetch_body(p);
+                }
+                position
+            })
+            .collect();
+        for (&(slot, fp, at), position) in wanted.iter().zip(positions) {
+            let body = position.and_then(|p| self.slots[slot].body_at(p, at));
+            // Elsewhere, or another record's: searched the slow way.
+            out.push(body.or_else(|| self.get(slot, fp, at)));
+        }
     }
 
     /// Removes whatever is stored for `fp`; true if something was.

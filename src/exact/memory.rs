@@ -497,6 +497,21 @@ impl ExactPartition for MemoryPartition {
         Ok(self.bodies.get(self.body_slot(slot, at), fp, at_filter))
     }
 
+    fn bodies_batch(
+        &mut self,
+        records: &[(Fingerprint, usize, Timestamp)],
+        out: &mut Vec<Option<RecordBody>>,
+    ) -> Result<(), ExactTierError> {
+        // An engine without times keeps a key's one record forever.
+        let timed = self.untimed.is_none();
+        let wanted: Vec<(usize, Fingerprint, Option<u64>)> = records
+            .iter()
+            .map(|&(fp, slot, at)| (self.body_slot(slot, at), fp, timed.then_some(at.as_nanos())))
+            .collect();
+        self.bodies.get_batch(&wanted, out);
+        Ok(())
+    }
+
     fn bodies(&self) -> Vec<(usize, Fingerprint, Timestamp, RecordBody)> {
         self.bodies
             .iter()
