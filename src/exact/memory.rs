@@ -104,6 +104,8 @@ impl MemoryPartition {
     /// before the table grows.
     pub(crate) fn use_one_table(&mut self, window: u64, span: u64, expected: usize) {
         self.expected_per_slot = expected;
+        // `body_slot` files each body by its record's time.
+        self.bodies.file_by_time();
         self.expiry = Some(Expiry {
             window,
             span,
