@@ -35,10 +35,28 @@ pub(crate) enum ShardClaim {
     Unavailable,
 }
 
+/// One claim routed to its shard: `(position, fingerprint, payload, time,
+/// lease nanoseconds)`.
+pub(crate) type Routed = (
+    usize,
+    Fingerprint,
+    Option<PayloadFingerprint>,
+    Timestamp,
+    u64,
+);
+
 /// A committed record found within the window.
 struct Found {
     first_seen: Timestamp,
     body: Option<RecordBody>,
+}
+
+/// `t − first_seen < window` (a repeat before its record is inside).
+#[inline]
+fn inside(first_seen: Timestamp, t: Timestamp, rules: &ShardRules) -> bool {
+    rules
+        .window
+        .is_none_or(|w| t.as_nanos().saturating_sub(first_seen.as_nanos()) < w)
 }
 
 /// True when both sides carry a payload fingerprint and they differ.
@@ -92,13 +110,7 @@ impl Shard {
     /// A copy of a key acquired earlier in the batch meets its lease.
     pub(crate) fn claim_batched(
         &mut self,
-        items: &[(
-            usize,
-            Fingerprint,
-            Option<PayloadFingerprint>,
-            Timestamp,
-            u64,
-        )],
+        items: &[Routed],
         now: u64,
         rules: &ShardRules,
         span: u64,
@@ -150,7 +162,7 @@ impl Shard {
         if looked_up.is_ok() {
             for (j, &(_, fp, _, t)) in waiting.iter().enumerate() {
                 let newest = self.pending.get(fp).or(answers.get(j).copied().flatten());
-                if let Some(first_seen) = newest.filter(|&t0| self.inside(t0, t, rules)) {
+                if let Some(first_seen) = newest.filter(|&t0| inside(t0, t, rules)) {
                     found[j] = Some(first_seen);
                     wanted.push((fp, slot_of(current), first_seen));
                 }
@@ -204,13 +216,7 @@ impl Shard {
     /// [`ExactPartition::bodies_batch`]: crate::exact::ExactPartition::bodies_batch
     pub(crate) fn claim_direct(
         &mut self,
-        items: &[(
-            usize,
-            Fingerprint,
-            Option<PayloadFingerprint>,
-            Timestamp,
-            u64,
-        )],
+        items: &[Routed],
         now: u64,
         rules: &ShardRules,
         ahead: usize,
@@ -231,11 +237,7 @@ impl Shard {
                 Seen::Untimed => Some(Timestamp::ZERO),
                 Seen::No => None,
             }
-            .filter(|&first_seen| {
-                rules
-                    .window
-                    .is_none_or(|w| t.as_nanos().saturating_sub(first_seen.as_nanos()) < w)
-            });
+            .filter(|&first_seen| inside(first_seen, t, rules));
             if let Some(first_seen) = first_seen {
                 wanted.push((fp, 0, first_seen));
             }
@@ -429,20 +431,12 @@ impl Shard {
         let Some((first_seen, slot)) = newest else {
             return Ok(None);
         };
-        if !self.inside(first_seen, t, rules) {
+        if !inside(first_seen, t, rules) {
             return Ok(None);
         }
         // (An engine without first-seen times answers the epoch.)
         let body = self.body_of(fp, slot, first_seen)?;
         Ok(Some(Found { first_seen, body }))
-    }
-
-    /// `t − first_seen < window` (a repeat before its record is inside).
-    #[inline]
-    fn inside(&self, first_seen: Timestamp, t: Timestamp, rules: &ShardRules) -> bool {
-        rules
-            .window
-            .is_none_or(|w| t.as_nanos().saturating_sub(first_seen.as_nanos()) < w)
     }
 
     fn body_of(
@@ -659,7 +653,7 @@ impl Shard {
         // swept or not; other tiers answer for any record they removed.
         let live = match (&self.filter, &self.exact) {
             (ShardFilter::Direct, Some(Partition::Memory(table))) => match table.first_seen(fp) {
-                Seen::At(first_seen) => Some(self.inside(first_seen, t, rules)),
+                Seen::At(first_seen) => Some(inside(first_seen, t, rules)),
                 Seen::Untimed => Some(true),
                 Seen::No => Some(false),
             },

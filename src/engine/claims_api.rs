@@ -10,19 +10,10 @@ use crate::exact::SharedOp;
 use crate::fingerprint::{Fingerprint, Key};
 use crate::time::{duration_nanos, Timestamp};
 
+use super::claim::Routed;
 use super::claim::ShardClaim;
 use super::shard::{Shard, Trust};
 use super::{group_by, Deduper};
-
-/// One claim routed to its shard: `(position, fingerprint, payload, time,
-/// lease nanoseconds)`.
-type Routed = (
-    usize,
-    Fingerprint,
-    Option<crate::claims::PayloadFingerprint>,
-    Timestamp,
-    u64,
-);
 
 /// What [`Deduper::commit_and_claim_batch`] answers: the commits' outcomes
 /// and the claims, each in the order given.
