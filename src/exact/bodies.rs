@@ -263,8 +263,10 @@ impl BodyStore {
             .collect();
         for (&(slot, fp, at), position) in wanted.iter().zip(positions) {
             let body = position.and_then(|p| self.slots[slot].body_at(p, at));
-            // Elsewhere, or another record's: searched the slow way.
-            out.push(body.or_else(|| self.get(slot, fp, at)));
+            // Elsewhere, or another record's: searched the slow way, where
+            // there is an elsewhere (filed by time, its slot was all).
+            let search = body.is_none() && !self.slot_from_time;
+            out.push(if search { self.get(slot, fp, at) } else { body });
         }
     }
 
